@@ -1,0 +1,504 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn spec(range: &str, exclude: &[&str], gateway: &str) -> RangeSpec {
+    RangeSpec::parse(
+        &RangeInput {
+            range: range.into(),
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+            gateway: gateway.into(),
+            ..Default::default()
+        },
+        FieldPrefix(""),
+    )
+    .expect("valid test range")
+}
+
+fn att(cid: &str, ifname: &str, pod: &str) -> Attachment {
+    Attachment {
+        container_id: cid.into(),
+        ifname: ifname.into(),
+        pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: format!("uid-{cid}") },
+        node: "node-a".into(),
+    }
+}
+
+fn req(a: Attachment, network: &str, ranges: Vec<RangeSpec>, requested: &[&str]) -> AllocateRequest {
+    AllocateRequest { attachment: a, network: network.into(), ranges, requested: requested.iter().map(|s| parse_address("requested_addresses", s).expect("test address")).collect() }
+}
+
+fn addrs(v: &[Allocated]) -> Vec<IpAddr> {
+    v.iter().map(|a| a.lease.address).collect()
+}
+
+#[test]
+fn hands_out_lowest_free_skipping_exclusions_and_gateway() {
+    let mut al = Allocator::new();
+    let r = spec("192.168.100.0/24", &["192.168.100.0/28"], "192.168.100.16");
+    let got = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("192.168.100.17")]);
+    assert_eq!(got[0].prefix_len, 24);
+    assert_eq!(got[0].gateway, Some(ip("192.168.100.16")));
+    assert_eq!(got[0].lease.range, "192.168.100.0/24");
+    let got = al.allocate(&req(att("c2", "net1", "p2"), "", vec![r], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("192.168.100.18")]);
+}
+
+#[test]
+fn same_attachment_gets_same_lease_and_journal_is_empty() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    let first = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    assert_eq!(al.take_journal().len(), 2, "pool and lease persisted");
+    let again = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r], &[]), 2).expect("allocate");
+    assert_eq!(first, again);
+    assert!(al.take_journal().is_empty(), "an idempotent allocate changes nothing");
+    assert_eq!(al.lease_count(), 1);
+}
+
+#[test]
+fn pod_back_with_new_container_keeps_its_address() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.allocate(&req(att("c2", "net1", "p2"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.take_journal();
+    let back = al.allocate(&req(att("c9", "net1", "p1"), "", vec![r], &[]), 5).expect("allocate");
+    assert_eq!(addrs(&back), vec![ip("10.0.0.1")]);
+    assert_eq!(back[0].lease.container_id, "c9");
+    assert_eq!(back[0].lease.created_unix_ms, 1, "the lease keeps its age");
+    assert!(al.check("", "c1", "net1").is_empty(), "old container no longer holds it");
+    assert_eq!(al.take_journal(), vec![Change::PutLease(back[0].lease.clone())]);
+}
+
+#[test]
+fn overlapping_ranges_in_a_network_never_share_an_address() {
+    let mut al = Allocator::new();
+    let wide = spec("192.168.100.0/24", &["192.168.100.0/28"], "");
+    let narrow = spec("192.168.100.0/25", &[], "");
+    al.allocate(&req(att("a", "net1", "p1"), "", vec![wide.clone()], &[]), 1).expect("allocate");
+    let got = al.allocate(&req(att("b", "net1", "p2"), "", vec![narrow.clone()], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("192.168.100.1")]);
+    // Take .2-.16 through the narrow range; the wide one must skip what it sees held.
+    // Take .2-.15 and .17 through the narrow range (.16 is held by "a").
+    for i in 2..=16 {
+        al.allocate(&req(att(&format!("n{i}"), "net1", ""), "", vec![narrow.clone()], &[]), 1).expect("allocate");
+    }
+    let got = al.allocate(&req(att("c", "net1", "p3"), "", vec![wide], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("192.168.100.18")]);
+    // Another network is independent.
+    let got = al.allocate(&req(att("d", "net1", "p4"), "rail0", vec![narrow], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("192.168.100.1")]);
+}
+
+#[test]
+fn exhaustion_reports_counts_and_holds_nothing_new() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/29", &["10.0.0.1"], "10.0.0.2");
+    for c in ["a", "b", "c", "d"] {
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
+    }
+    let v6 = spec("fd00::/64", &[], "");
+    let err = al.allocate(&req(att("e", "net1", ""), "", vec![v6, r], &[]), 1).expect_err("exhausted");
+    assert_eq!(err.to_string(), "range 10.0.0.0/29 is exhausted: size 6, held 4, excluded 2");
+    assert!(al.check("", "e", "net1").is_empty(), "the v6 address taken first was rolled back");
+    assert_eq!(al.lease_count(), 4);
+}
+
+#[test]
+fn dual_stack_request_gets_one_address_per_range() {
+    let mut al = Allocator::new();
+    let got = al
+        .allocate(&req(att("a", "net1", "p"), "", vec![spec("10.1.0.0/16", &[], ""), spec("fd00:50::/64", &[], "")], &[]), 1)
+        .expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.1.0.1"), ip("fd00:50::1")]);
+    assert_eq!(al.release("", "a", "net1").len(), 2);
+    assert!(al.release("", "a", "net1").is_empty(), "release is idempotent");
+}
+
+#[test]
+fn static_addresses_are_given_exactly_or_refused_clearly() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &["10.0.0.0/28"], "10.0.0.254");
+    let got = al.allocate(&req(att("a", "net1", "pa"), "", vec![r.clone()], &["10.0.0.77/24"]), 1).expect("static");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.77")]);
+    let err = |al: &mut Allocator, cid: &str, want: &str| {
+        al.allocate(&req(att(cid, "net1", ""), "", vec![r.clone()], &[want]), 1).expect_err("refused").to_string()
+    };
+    assert_eq!(
+        err(&mut al, "b", "10.0.0.77"),
+        "address 10.0.0.77 in network \"\" is already held by pod ns/pa (container a interface net1)"
+    );
+    assert_eq!(err(&mut al, "b", "10.0.0.5"), "requested_addresses \"10.0.0.5\" is excluded (or the gateway) in range 10.0.0.0/24");
+    assert_eq!(err(&mut al, "b", "10.0.0.254"), "requested_addresses \"10.0.0.254\" is excluded (or the gateway) in range 10.0.0.0/24");
+    assert_eq!(
+        err(&mut al, "b", "10.9.0.1"),
+        "requested_addresses \"10.9.0.1\" is not in any requested range (or two addresses were requested in one range)"
+    );
+    assert_eq!(
+        err(&mut al, "a", "10.0.0.78"),
+        "container a interface net1 already holds 10.0.0.77 in range 10.0.0.0/24, not the requested 10.0.0.78"
+    );
+    assert_eq!(al.lease_count(), 1);
+}
+
+#[test]
+fn gc_keeps_valid_attachments_and_manual_reservations() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    for c in ["a", "b", "c"] {
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
+    }
+    al.reserve("", ip("10.0.0.100"), "router", 1).expect("reserve");
+    let valid: HashSet<(String, String)> = [("b".to_string(), "net1".to_string())].into();
+    let freed: Vec<String> = al.gc("", &valid).iter().map(|l| l.container_id.clone()).collect();
+    assert_eq!(freed, vec!["a", "c"]);
+    let left: Vec<IpAddr> = al.leases(&LeaseFilter::default()).iter().map(|l| l.address).collect();
+    assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.100")]);
+}
+
+#[test]
+fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/30", &[], "");
+    al.reserve("", ip("10.0.0.1"), "broken NIC", 1).expect("reserve");
+    let err = al.reserve("", ip("10.0.0.1"), "again", 1).expect_err("held");
+    assert_eq!(err.to_string(), "address 10.0.0.1 in network \"\" is already held by a manual reservation (broken NIC)");
+    let got = al.allocate(&req(att("a", "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
+    let pools = al.pools(None);
+    assert_eq!((pools[0].size, pools[0].used, pools[0].free), (2, 2, 0));
+    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC");
+    assert_eq!(
+        al.release_address("", ip("10.0.0.1")).expect_err("gone").to_string(),
+        "address 10.0.0.1 is not held in network \"\""
+    );
+    assert_eq!(al.pools(Some(""))[0].free, 1);
+}
+
+#[test]
+fn restore_rebuilds_bitmaps_and_reports_bad_records() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    for c in ["a", "b"] {
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
+    }
+    let leases = al.leases(&LeaseFilter::default());
+    let mut dup = leases[0].clone();
+    dup.container_id = "intruder".into();
+    let pools = vec![
+        ("".to_string(), r.input().clone()),
+        ("".to_string(), RangeInput { range: "garbage".into(), ..Default::default() }),
+    ];
+    let (mut back, problems) = Allocator::restore(pools, leases.iter().cloned().chain([dup]));
+    assert_eq!(problems.len(), 2);
+    assert_eq!(problems[0].error, "address already held by container a interface net1");
+    assert_eq!(problems[1].error, "range \"garbage\" is not a CIDR or first-last/prefix range");
+    assert_eq!(back.pools(None)[0].used, 2);
+    let got = back.allocate(&req(att("c", "net1", ""), "", vec![r], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.3")]);
+}
+
+#[test]
+fn ipv6_64_and_ipv4_8_work_end_to_end() {
+    let mut al = Allocator::new();
+    let v6 = spec("fd00:50::/64", &["fd00:50::/120"], "");
+    let got = al.allocate(&req(att("a", "net1", ""), "", vec![v6.clone()], &["fd00:50::ffff:ffff:ffff:fffe"]), 1);
+    assert_eq!(addrs(&got.expect("static at the top")), vec![ip("fd00:50::ffff:ffff:ffff:fffe")]);
+    let got = al.allocate(&req(att("b", "net1", ""), "", vec![v6], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("fd00:50::100")]);
+    let pools = al.pools(None);
+    assert_eq!(pools[0].size, (1u128 << 64) - 2);
+    assert_eq!(pools[0].free, (1u128 << 64) - 2 - 255 - 2);
+    let v4 = spec("10.0.0.0/8", &[], "");
+    let got = al.allocate(&req(att("c", "net1", ""), "x", vec![v4], &["10.255.255.254"]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.255.255.254")]);
+}
+
+// --- Property test against a naive model -------------------------------------------------
+
+/// A test range with, written out by hand, the addresses it may hand out and every address
+/// between its first and last.
+struct ModelRange {
+    spec: RangeSpec,
+    allowed: Vec<IpAddr>,
+    span: Vec<IpAddr>,
+}
+
+fn model_ranges() -> Vec<ModelRange> {
+    let v4 = |first: u8, last: u8, skip: &[u8]| -> Vec<IpAddr> {
+        (first..=last).filter(|o| !skip.contains(o)).map(|o| IpAddr::from([198, 18, 0, o])).collect()
+    };
+    let v6 = |v: &[&str]| v.iter().map(|s| ip(s)).collect::<Vec<_>>();
+    vec![
+        // .1-.14, minus .4-.5 and the gateway .1
+        ModelRange {
+            spec: spec("198.18.0.0/28", &["198.18.0.4/31"], "198.18.0.1"),
+            allowed: v4(1, 14, &[1, 4, 5]),
+            span: v4(1, 14, &[]),
+        },
+        // .8-.12
+        ModelRange {
+            spec: RangeSpec::parse(
+                &RangeInput { range: "198.18.0.8-198.18.0.12/27".into(), ..Default::default() },
+                FieldPrefix(""),
+            )
+            .expect("valid"),
+            allowed: v4(8, 12, &[]),
+            span: v4(8, 12, &[]),
+        },
+        // same CIDR as the first, nothing excluded
+        ModelRange { spec: spec("198.18.0.0/28", &[], ""), allowed: v4(1, 14, &[]), span: v4(1, 14, &[]) },
+        ModelRange {
+            spec: spec("fd00::/125", &["fd00::3"], ""),
+            allowed: v6(&["fd00::1", "fd00::2", "fd00::4", "fd00::5", "fd00::6"]),
+            span: v6(&["fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::6"]),
+        },
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Allocate { net: u8, cid: u8, ifname: u8, pod: u8, ranges: Vec<usize>, requested: Option<usize> },
+    Release { net: u8, cid: u8, ifname: u8 },
+    Gc { net: u8, valid: Vec<(u8, u8)> },
+    Reserve { net: u8, addr: usize },
+    ReleaseAddress { net: u8, addr: usize },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let net = 0u8..2;
+    prop_oneof![
+        6 => (net.clone(), 0u8..5, 0u8..2, 0u8..3, proptest::sample::subsequence(vec![0, 1, 2, 3], 1..=3), proptest::option::of(0usize..30))
+            .prop_map(|(net, cid, ifname, pod, ranges, requested)| Op::Allocate { net, cid, ifname, pod, ranges, requested }),
+        2 => (net.clone(), 0u8..5, 0u8..2).prop_map(|(net, cid, ifname)| Op::Release { net, cid, ifname }),
+        1 => (net.clone(), proptest::collection::vec((0u8..5, 0u8..2), 0..6)).prop_map(|(net, valid)| Op::Gc { net, valid }),
+        1 => (net.clone(), 0usize..30).prop_map(|(net, addr)| Op::Reserve { net, addr }),
+        1 => (net, 0usize..30).prop_map(|(net, addr)| Op::ReleaseAddress { net, addr }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// Holder in the model: (container id, ifname, pod) or a manual reservation (None).
+type Holder = Option<(String, String, String)>;
+
+fn candidates() -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = (0..=20u8).map(|o| IpAddr::from([198, 18, 0, o])).collect();
+    v.extend(["fd00::", "fd00::1", "fd00::3", "fd00::6", "fd00::7", "fd00::9", "fd00::2", "fd00::5", "fd00::4"].map(ip));
+    v
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Invalid,
+    Held,
+    Conflict,
+    Exhausted,
+}
+
+fn outcome(e: &AllocError) -> Outcome {
+    match e {
+        AllocError::Invalid { .. } => Outcome::Invalid,
+        AllocError::Held { .. } => Outcome::Held,
+        AllocError::Conflict { .. } => Outcome::Conflict,
+        AllocError::Exhausted { .. } => Outcome::Exhausted,
+        AllocError::NotFound(_) => unreachable!("allocate never answers NotFound"),
+    }
+}
+
+/// The model's answer to an allocate, and its new state on success.
+fn model_allocate(
+    state: &BTreeMap<(String, IpAddr), Holder>,
+    ranges: &[ModelRange],
+    net: &str,
+    (cid, ifname, pod): (&str, &str, &str),
+    picks: &[usize],
+    requested: Option<IpAddr>,
+) -> Result<(Vec<IpAddr>, BTreeMap<(String, IpAddr), Holder>), Outcome> {
+    let in_range = |r: usize, a: IpAddr| ranges[r].span.contains(&a);
+    let allowed = |r: usize, a: IpAddr| ranges[r].allowed.contains(&a);
+    let mut wanted = vec![None; picks.len()];
+    if let Some(a) = requested {
+        let slot = picks.iter().position(|r| in_range(*r, a)).ok_or(Outcome::Invalid)?;
+        wanted[slot] = Some(a);
+    }
+    let held_by = |st: &BTreeMap<(String, IpAddr), Holder>, f: &dyn Fn(&(String, String, String)) -> bool| {
+        st.iter()
+            .filter(|((n, _), h)| n == net && h.as_ref().is_some_and(f))
+            .map(|((_, a), _)| *a)
+            .collect::<Vec<_>>()
+    };
+    let mut existing = held_by(state, &|h| h.0 == cid && h.1 == ifname);
+    let mut moved = false;
+    if existing.is_empty() && !pod.is_empty() {
+        existing = held_by(state, &|h| h.2 == pod && h.1 == ifname);
+        moved = !existing.is_empty();
+    }
+    let mut st = state.clone();
+    let mut chosen: Vec<IpAddr> = Vec::new();
+    for (slot, r) in picks.iter().enumerate() {
+        let reuse = existing.iter().copied().find(|a| allowed(*r, *a) && !chosen.contains(a));
+        let a = match (reuse, wanted[slot]) {
+            (Some(h), Some(w)) if h != w => return Err(Outcome::Conflict),
+            (Some(h), _) => {
+                chosen.push(h);
+                continue;
+            }
+            (None, Some(w)) => {
+                if !allowed(*r, w) {
+                    return Err(Outcome::Invalid);
+                }
+                if st.contains_key(&(net.to_string(), w)) {
+                    return Err(Outcome::Held);
+                }
+                w
+            }
+            (None, None) => ranges[*r]
+                .allowed
+                .iter()
+                .copied()
+                .find(|a| !st.contains_key(&(net.to_string(), *a)))
+                .ok_or(Outcome::Exhausted)?,
+        };
+        st.insert((net.to_string(), a), Some((cid.into(), ifname.into(), pod.into())));
+        chosen.push(a);
+    }
+    if moved {
+        for a in existing {
+            st.insert((net.to_string(), a), Some((cid.into(), ifname.into(), pod.into())));
+        }
+    }
+    Ok((chosen, st))
+}
+
+fn snapshot(al: &Allocator) -> BTreeMap<(String, IpAddr), Holder> {
+    al.leases(&LeaseFilter::default())
+        .into_iter()
+        .map(|l| {
+            let h = (!l.is_manual()).then(|| (l.container_id.clone(), l.ifname.clone(), l.pod.name.clone()));
+            ((l.network, l.address), h)
+        })
+        .collect()
+}
+
+/// What a store holds after applying the journal.
+#[derive(Default)]
+struct FakeStore {
+    pools: BTreeSet<(String, String)>,
+    pool_inputs: Vec<(String, RangeInput)>,
+    leases: BTreeMap<(String, IpAddr), Lease>,
+}
+
+impl FakeStore {
+    fn apply(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::PutLease(l) => {
+                    self.leases.insert((l.network.clone(), l.address), l);
+                }
+                Change::DeleteLease { network, address } => {
+                    self.leases.remove(&(network, address));
+                }
+                Change::PutPool { network, range } => {
+                    if self.pools.insert((network.clone(), format!("{range:?}"))) {
+                        self.pool_inputs.push((network, range));
+                    }
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn allocator_matches_naive_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let ranges = model_ranges();
+        let cands = candidates();
+        let nets = ["", "rail0"];
+        let pods = ["", "pod-a", "pod-b"];
+        let mut al = Allocator::new();
+        let mut model: BTreeMap<(String, IpAddr), Holder> = BTreeMap::new();
+        let mut store = FakeStore::default();
+        for op in ops {
+            match op {
+                Op::Allocate { net, cid, ifname, pod, ranges: picks, requested } => {
+                    let (net, cid, ifname, pod) = (nets[net as usize], format!("c{cid}"), format!("net{ifname}"), pods[pod as usize]);
+                    let requested = requested.map(|i| cands[i % cands.len()]);
+                    let a = Attachment {
+                        container_id: cid.clone(),
+                        ifname: ifname.clone(),
+                        pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: String::new() },
+                        node: String::new(),
+                    };
+                    let r = AllocateRequest {
+                        attachment: a,
+                        network: net.into(),
+                        ranges: picks.iter().map(|i| ranges[*i].spec.clone()).collect(),
+                        requested: requested.into_iter().collect(),
+                    };
+                    let got = al.allocate(&r, 7);
+                    let want = model_allocate(&model, &ranges, net, (&cid, &ifname, pod), &picks, requested);
+                    match (got, want) {
+                        (Ok(got), Ok((addrs, st))) => {
+                            prop_assert_eq!(got.iter().map(|g| g.lease.address).collect::<Vec<_>>(), addrs);
+                            for (g, r) in got.iter().zip(&picks) {
+                                prop_assert!(ranges[*r].allowed.contains(&g.lease.address), "outside range or excluded");
+                            }
+                            model = st;
+                        }
+                        (Err(e), Err(o)) => prop_assert_eq!(outcome(&e), o, "{}", e),
+                        (got, want) => prop_assert!(false, "allocator {:?} but model {:?}", got, want),
+                    }
+                }
+                Op::Release { net, cid, ifname } => {
+                    let (net, cid, ifname) = (nets[net as usize], format!("c{cid}"), format!("net{ifname}"));
+                    al.release(net, &cid, &ifname);
+                    model.retain(|(n, _), h| !(n == net && h.as_ref().is_some_and(|h| h.0 == cid && h.1 == ifname)));
+                }
+                Op::Gc { net, valid } => {
+                    let net = nets[net as usize];
+                    let valid: HashSet<(String, String)> = valid.iter().map(|(c, i)| (format!("c{c}"), format!("net{i}"))).collect();
+                    al.gc(net, &valid);
+                    model.retain(|(n, _), h| n != net || h.as_ref().is_none_or(|h| valid.contains(&(h.0.clone(), h.1.clone()))));
+                }
+                Op::Reserve { net, addr } => {
+                    let (net, a) = (nets[net as usize], cands[addr % cands.len()]);
+                    let got = al.reserve(net, a, "test", 7);
+                    let free = !model.contains_key(&(net.to_string(), a));
+                    prop_assert_eq!(got.is_ok(), free);
+                    if free {
+                        model.insert((net.to_string(), a), None);
+                    }
+                }
+                Op::ReleaseAddress { net, addr } => {
+                    let (net, a) = (nets[net as usize], cands[addr % cands.len()]);
+                    let got = al.release_address(net, a);
+                    prop_assert_eq!(got.is_ok(), model.remove(&(net.to_string(), a)).is_some());
+                }
+                Op::Restart => {
+                    let (back, problems) = Allocator::restore(store.pool_inputs.clone(), store.leases.values().cloned());
+                    prop_assert!(problems.is_empty(), "{:?}", problems);
+                    al = back;
+                }
+            }
+            store.apply(al.take_journal());
+            let now = snapshot(&al);
+            prop_assert_eq!(&now, &model);
+            let persisted: BTreeMap<_, _> = store.leases.values().map(|l| ((l.network.clone(), l.address), l.clone())).collect();
+            prop_assert_eq!(persisted.values().cloned().collect::<Vec<_>>(), al.leases(&LeaseFilter::default()), "journal and memory differ");
+            prop_assert_eq!(al.lease_count(), model.len());
+            for p in al.pools(None) {
+                prop_assert_eq!(p.size, p.used + p.excluded + p.free);
+            }
+        }
+    }
+}

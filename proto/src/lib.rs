@@ -1,0 +1,11 @@
+//! Generated `rustipam.v1` messages, clients and servers.
+#![allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+
+/// Package `rustipam.v1`.
+pub mod v1 {
+    tonic::include_proto!("rustipam.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every file in `proto/`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rustipam_v1_descriptor.bin"));
