@@ -2,3 +2,8 @@
 //! them.
 
 pub mod allocator;
+pub mod client;
+pub mod engine;
+pub mod grpc;
+pub mod server;
+pub mod store;

@@ -46,15 +46,27 @@ fn child_shift(level: u32) -> u32 {
 
 /// Clears the low `bits` bits of `x` (all of them when `bits >= 128`).
 fn align_down(x: u128, bits: u32) -> u128 {
-    if bits >= 128 { 0 } else { x & !((1u128 << bits) - 1) }
+    if bits >= 128 {
+        0
+    } else {
+        x & !((1u128 << bits) - 1)
+    }
 }
 
 impl Node {
     fn new(level: u32) -> Node {
         if level == 0 {
-            Node::Leaf(Leaf { words: [0; 64], full: 0, count: 0 })
+            Node::Leaf(Leaf {
+                words: [0; 64],
+                full: 0,
+                count: 0,
+            })
         } else {
-            Node::Inner(Inner { children: std::array::from_fn(|_| None), present: 0, full: 0 })
+            Node::Inner(Inner {
+                children: std::array::from_fn(|_| None),
+                present: 0,
+                full: 0,
+            })
         }
     }
 
@@ -80,7 +92,9 @@ impl Node {
             }
             Node::Inner(n) => {
                 let c = ((i >> child_shift(level)) & 63) as usize;
-                n.children[c].as_ref().is_some_and(|ch| ch.contains(level - 1, i))
+                n.children[c]
+                    .as_ref()
+                    .is_some_and(|ch| ch.contains(level - 1, i))
             }
         }
     }
@@ -217,9 +231,19 @@ impl SparseBitmap {
             ALL
         } else {
             let last = (len.saturating_sub(1) >> child_shift(levels)) as u32;
-            if last >= 63 { ALL } else { (1u64 << (last + 1)) - 1 }
+            if last >= 63 {
+                ALL
+            } else {
+                (1u64 << (last + 1)) - 1
+            }
         };
-        SparseBitmap { root: None, levels, len, count: 0, root_limit }
+        SparseBitmap {
+            root: None,
+            levels,
+            len,
+            count: 0,
+            root_limit,
+        }
     }
 
     /// The capacity: valid offsets are `0..len`.
@@ -234,7 +258,11 @@ impl SparseBitmap {
 
     /// Whether `i` is set.
     pub fn contains(&self, i: u128) -> bool {
-        i < self.len && self.root.as_ref().is_some_and(|r| r.contains(self.levels, i))
+        i < self.len
+            && self
+                .root
+                .as_ref()
+                .is_some_and(|r| r.contains(self.levels, i))
     }
 
     /// Sets `i`; returns whether it was clear. Offsets outside `0..len` are ignored.

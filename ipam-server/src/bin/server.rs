@@ -1,1 +1,102 @@
-fn main() {}
+//! `rust-ipam-server`: the allocation server.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use ipam_server::engine::Engine;
+use ipam_server::server::{self, Bound, Listen};
+use ipam_server::store::embedded::EmbeddedStore;
+use tracing::info;
+
+/// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Where to serve gRPC: `ip:port` or `unix:/path`. Repeat for several listeners.
+    #[arg(
+        long = "listen",
+        env = "RUST_IPAM_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50051"
+    )]
+    listen: Vec<Listen>,
+    /// Directory of the embedded lease database. Default: /var/lib/rust-ipam as root,
+    /// else $XDG_DATA_HOME/rust-ipam or ~/.local/share/rust-ipam.
+    #[arg(long, env = "RUST_IPAM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Name of this replica in Status answers. Default: the pod name ($POD_NAME), else the
+    /// host name.
+    #[arg(long, env = "RUST_IPAM_IDENTITY")]
+    identity: Option<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if is_root {
+        return PathBuf::from("/var/lib/rust-ipam");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("rust-ipam");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/rust-ipam"),
+        None => PathBuf::from("rust-ipam-data"),
+    }
+}
+
+fn default_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "rust-ipam-server".into())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
+    let engine = Engine::start(Box::new(store)).context("loading leases")?;
+    let mut listeners = Vec::new();
+    for l in &args.listen {
+        listeners.push(Bound::bind(l).await?);
+    }
+    let identity = args.identity.unwrap_or_else(default_identity);
+    info!(%identity, store = engine.store(), "rust-ipam-server ready");
+    server::serve(engine, identity, listeners, shutdown_signal()).await
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}

@@ -1,0 +1,411 @@
+//! gRPC services: protobuf in, domain types to the engine, protobuf or a status out.
+//!
+//! Requests are checked and converted in the `check_*` functions; domain errors become
+//! status codes in [`status`]. Nothing else here decides anything.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use rust_ipam_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::allocator::{
+    self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, PoolUsage,
+    RangeInput, RangeSpec,
+};
+use crate::engine::{Engine, EngineError};
+
+/// Maps an allocator error to the status a client can act on.
+pub fn status(e: AllocError) -> Status {
+    let msg = e.to_string();
+    match e {
+        AllocError::Invalid { .. } => Status::invalid_argument(msg),
+        AllocError::Exhausted { .. } => Status::resource_exhausted(msg),
+        AllocError::Held { .. } => Status::already_exists(msg),
+        AllocError::Conflict { .. } => Status::failed_precondition(msg),
+        AllocError::NotFound(_) => Status::not_found(msg),
+    }
+}
+
+fn engine_status(e: EngineError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn invalid(field: &str, value: &str, reason: &str) -> Status {
+    status(AllocError::Invalid {
+        field: field.into(),
+        value: value.into(),
+        reason: reason.into(),
+    })
+}
+
+fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
+    let a = a.ok_or_else(|| invalid("attachment", "", "is missing"))?;
+    if a.container_id.trim().is_empty() {
+        return Err(invalid(
+            "attachment.container_id",
+            &a.container_id,
+            "is empty",
+        ));
+    }
+    if a.ifname.trim().is_empty() {
+        return Err(invalid("attachment.ifname", &a.ifname, "is empty"));
+    }
+    let pod = a.pod.unwrap_or_default();
+    Ok(Attachment {
+        container_id: a.container_id,
+        ifname: a.ifname,
+        pod: PodRef {
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+        },
+        node: a.node,
+    })
+}
+
+fn range_input(r: pb::Range) -> RangeInput {
+    RangeInput {
+        range: r.range,
+        range_start: r.range_start,
+        range_end: r.range_end,
+        exclude: r.exclude,
+        gateway: r.gateway,
+    }
+}
+
+fn check_ranges(ranges: Vec<pb::Range>) -> Result<Vec<RangeSpec>, Status> {
+    if ranges.is_empty() {
+        return Err(invalid(
+            "ranges",
+            "",
+            "is empty: at least one range is required",
+        ));
+    }
+    let single = ranges.len() == 1;
+    ranges
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let prefix = if single {
+                String::new()
+            } else {
+                format!("ranges[{i}].")
+            };
+            RangeSpec::parse(&range_input(r), FieldPrefix(&prefix)).map_err(status)
+        })
+        .collect()
+}
+
+fn check_address(field: &str, value: &str) -> Result<IpAddr, Status> {
+    allocator::parse_address(field, value).map_err(status)
+}
+
+fn check_allocate(r: pb::AllocateRequest) -> Result<AllocateRequest, Status> {
+    let attachment = check_attachment(r.attachment)?;
+    let ranges = check_ranges(r.ranges)?;
+    let requested = r
+        .requested_addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| check_address(&format!("requested_addresses[{i}]"), a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AllocateRequest {
+        attachment,
+        network: r.network,
+        ranges,
+        requested,
+    })
+}
+
+fn pb_lease(l: allocator::Lease) -> pb::Lease {
+    pb::Lease {
+        address: l.address.to_string(),
+        prefix_len: l.prefix_len.into(),
+        gateway: l.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        network: l.network,
+        range: l.range,
+        container_id: l.container_id,
+        ifname: l.ifname,
+        pod: Some(pb::PodRef {
+            namespace: l.pod.namespace,
+            name: l.pod.name,
+            uid: l.pod.uid,
+        }),
+        node: l.node,
+        created_unix_ms: l.created_unix_ms,
+        note: l.note,
+    }
+}
+
+fn pb_pool(p: PoolUsage) -> pb::Pool {
+    let r = p.range;
+    pb::Pool {
+        network: p.network,
+        range: Some(pb::Range {
+            range: r.range,
+            range_start: r.range_start,
+            range_end: r.range_end,
+            exclude: r.exclude,
+            gateway: r.gateway,
+        }),
+        size: p.size.to_string(),
+        used: p.used.to_string(),
+        excluded: p.excluded.to_string(),
+        free: p.free.to_string(),
+    }
+}
+
+fn attachment_key(a: Option<pb::Attachment>) -> Result<(String, String), Status> {
+    let a = check_attachment(a)?;
+    Ok((a.container_id, a.ifname))
+}
+
+/// The `rustipam.v1.Ipam` service.
+#[derive(Debug, Clone)]
+pub struct IpamService {
+    engine: Engine,
+    identity: String,
+}
+
+impl IpamService {
+    /// Serves allocation through `engine`; `identity` names this replica in Status.
+    pub fn new(engine: Engine, identity: String) -> IpamService {
+        IpamService { engine, identity }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ipam_server::Ipam for IpamService {
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let req = check_allocate(request.into_inner())?;
+        let got = self
+            .engine
+            .call(move |a, now| a.allocate(&req, now))
+            .await
+            .map_err(engine_status)?
+            .map_err(status)?;
+        for l in &got {
+            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname,
+                pod = %format_args!("{}/{}", l.pod.namespace, l.pod.name), "allocated");
+        }
+        let leases = got.into_iter().map(pb_lease).collect();
+        Ok(Response::new(pb::AllocateResponse { leases }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let (cid, ifname) = attachment_key(r.attachment)?;
+        let network = r.network;
+        let released = self
+            .engine
+            .call(move |a, _| a.release(&network, &cid, &ifname))
+            .await
+            .map_err(engine_status)?;
+        for l in &released {
+            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released");
+        }
+        Ok(Response::new(pb::ReleaseResponse {
+            released: released.into_iter().map(pb_lease).collect(),
+        }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let r = request.into_inner();
+        let (cid, ifname) = attachment_key(r.attachment)?;
+        let network = r.network;
+        let (c2, i2, n2) = (cid.clone(), ifname.clone(), network.clone());
+        let leases = self
+            .engine
+            .call(move |a, _| a.check(&n2, &c2, &i2))
+            .await
+            .map_err(engine_status)?;
+        if leases.is_empty() {
+            return Err(Status::not_found(format!(
+                "container {cid} interface {ifname} holds no address in network \"{network}\""
+            )));
+        }
+        Ok(Response::new(pb::CheckResponse {
+            leases: leases.into_iter().map(pb_lease).collect(),
+        }))
+    }
+
+    async fn gc(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcResponse>, Status> {
+        let r = request.into_inner();
+        let mut valid = HashSet::new();
+        for (i, k) in r.valid_attachments.into_iter().enumerate() {
+            if k.container_id.is_empty() || k.ifname.is_empty() {
+                return Err(invalid(
+                    &format!("valid_attachments[{i}]"),
+                    &format!("{}/{}", k.container_id, k.ifname),
+                    "needs both container_id and ifname",
+                ));
+            }
+            valid.insert((k.container_id, k.ifname));
+        }
+        let network = r.network;
+        let released = self
+            .engine
+            .call(move |a, _| a.gc(&network, &valid))
+            .await
+            .map_err(engine_status)?;
+        for l in &released {
+            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released by gc");
+        }
+        Ok(Response::new(pb::GcResponse {
+            released: released.into_iter().map(pb_lease).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (leases, pools) = self
+            .engine
+            .call(|a, _| (a.lease_count(), a.pool_count()))
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::StatusResponse {
+            serving: true,
+            leader: self.identity.clone(),
+            store: self.engine.store().to_string(),
+            leases: leases as u64,
+            pools: pools as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+/// The `rustipam.v1.Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    engine: Engine,
+}
+
+impl AdminService {
+    /// Serves operator queries and changes through `engine`.
+    pub fn new(engine: Engine) -> AdminService {
+        AdminService { engine }
+    }
+}
+
+fn check_note(field: &str, v: &str) -> Result<String, Status> {
+    if v.trim().is_empty() {
+        return Err(invalid(
+            field,
+            v,
+            "is empty: say why, it is kept and logged",
+        ));
+    }
+    Ok(v.to_string())
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_pools(
+        &self,
+        request: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let network = request.into_inner().network;
+        let pools = self
+            .engine
+            .call(move |a, _| a.pools((!network.is_empty()).then_some(network.as_str())))
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: pools.into_iter().map(pb_pool).collect(),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let r = request.into_inner();
+        let filter = LeaseFilter {
+            network: r.network,
+            pod_namespace: r.pod_namespace,
+            pod_name: r.pod_name,
+            node: r.node,
+            range: r.range,
+            container_id: r.container_id,
+        };
+        let leases = self
+            .engine
+            .call(move |a, _| a.leases(&filter))
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases.into_iter().map(pb_lease).collect(),
+        }))
+    }
+
+    async fn get_lease(
+        &self,
+        request: Request<pb::GetLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = request.into_inner();
+        let ip = check_address("address", &r.address)?;
+        let network = r.network;
+        let lease = self
+            .engine
+            .call(move |a, _| a.get(&network, ip))
+            .await
+            .map_err(engine_status)?
+            .map_err(status)?;
+        Ok(Response::new(pb_lease(lease)))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = request.into_inner();
+        let ip = check_address("address", &r.address)?;
+        let note = check_note("note", &r.note)?;
+        let network = r.network;
+        let lease = self
+            .engine
+            .call(move |a, now| a.reserve(&network, ip, &note, now))
+            .await
+            .map_err(engine_status)?
+            .map_err(status)?;
+        info!(address = %lease.address, network = %lease.network, note = %lease.note, "reserved by hand");
+        Ok(Response::new(pb_lease(lease)))
+    }
+
+    async fn release_address(
+        &self,
+        request: Request<pb::ReleaseAddressRequest>,
+    ) -> Result<Response<pb::ReleaseAddressResponse>, Status> {
+        let r = request.into_inner();
+        let ip = check_address("address", &r.address)?;
+        let reason = check_note("reason", &r.reason)?;
+        let network = r.network;
+        let lease = self
+            .engine
+            .call(move |a, _| a.release_address(&network, ip))
+            .await
+            .map_err(engine_status)?
+            .map_err(status)?;
+        info!(address = %lease.address, network = %lease.network, container_id = %lease.container_id,
+            pod = %format_args!("{}/{}", lease.pod.namespace, lease.pod.name), reason = %reason, "released by hand");
+        Ok(Response::new(pb::ReleaseAddressResponse {
+            released: Some(pb_lease(lease)),
+        }))
+    }
+}

@@ -1,0 +1,200 @@
+//! Wiring: listeners, the gRPC services, reflection and health.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use rust_ipam_proto::v1::{admin_server::AdminServer, ipam_server::IpamServer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
+use tracing::{Instrument as _, info, info_span};
+
+use crate::engine::Engine;
+use crate::grpc::{AdminService, IpamService};
+
+/// Where to listen: `host:port` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(format!(
+                    "listen address {s:?} has an empty unix socket path"
+                ));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+            format!("listen address {s:?} is neither ip:port (e.g. 127.0.0.1:50051) nor unix:/path")
+        })
+    }
+}
+
+/// A bound listener, ready to serve.
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Bound {
+    /// Binds `listen`. A stale unix socket file left by an earlier run is replaced.
+    pub async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
+        match listen {
+            Listen::Tcp(addr) => Ok(Bound::Tcp(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?,
+            )),
+            Listen::Unix(path) => {
+                remove_stale_socket(path)?;
+                let l = UnixListener::bind(path)
+                    .with_context(|| format!("binding unix socket {}", path.display()))?;
+                Ok(Bound::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// The address clients use, e.g. `http://127.0.0.1:50051` or `unix:///run/x.sock`.
+    pub fn endpoint(&self) -> String {
+        match self {
+            Bound::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("tcp(?): {e}"), |a| format!("http://{a}")),
+            Bound::Unix(_, p) => format!("unix://{}", p.display()),
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display())),
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Serves the Ipam and Admin services, health and reflection on every listener until
+/// `shutdown` resolves.
+pub async fn serve(
+    engine: Engine,
+    identity: String,
+    listeners: Vec<Bound>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<IpamServer<IpamService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(rust_ipam_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+    let ipam = IpamServer::new(IpamService::new(engine.clone(), identity));
+    let admin = AdminServer::new(AdminService::new(engine));
+    let router = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ipam)
+        .add_service(admin);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for bound in listeners {
+        let endpoint = bound.endpoint();
+        let router = router.clone();
+        let mut stop = stop_rx.clone();
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let span = info_span!("listener", %endpoint);
+        info!(%endpoint, "serving");
+        match bound {
+            Bound::Tcp(l) => {
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                tasks.spawn(
+                    async move { router.serve_with_incoming_shutdown(incoming, signal).await }
+                        .instrument(span),
+                );
+            }
+            Bound::Unix(l, path) => {
+                tasks.spawn(
+                    async move {
+                        let r = router
+                            .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                            .await;
+                        let _ = std::fs::remove_file(&path);
+                        r
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            r.context("listener task panicked")?.context("listener failed")?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        r.context("listener task panicked")?
+            .context("listener failed")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:50051".parse(),
+            Ok(Listen::Tcp("127.0.0.1:50051".parse().expect("addr")))
+        );
+        assert_eq!(
+            "[::1]:7".parse(),
+            Ok(Listen::Tcp("[::1]:7".parse().expect("addr")))
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(Listen::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "unix:///run/x.sock".parse(),
+            Ok(Listen::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "localhost".parse::<Listen>(),
+            Err("listen address \"localhost\" is neither ip:port (e.g. 127.0.0.1:50051) nor unix:/path".into())
+        );
+        assert_eq!(
+            "unix:".parse::<Listen>(),
+            Err("listen address \"unix:\" has an empty unix socket path".into())
+        );
+    }
+}
