@@ -7,10 +7,7 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
 /// Opens a channel to `endpoint`, failing after `timeout` if the server does not answer.
-pub async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
     if let Some(path) = endpoint.strip_prefix("unix://") {
         let path = path.to_string();
         // The URI is required by the builder but unused: the connector dials the socket.
@@ -19,11 +16,7 @@ pub async fn connect(
             .timeout(timeout)
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(TokioIo::new)
-                }
+                async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
             }))
             .await;
     }

@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::allocator::Allocator;
@@ -39,12 +39,12 @@ type Job = Box<dyn FnOnce(&mut Allocator, i64) -> Reply + Send>;
 pub struct Engine {
     tx: mpsc::Sender<Job>,
     store: String,
+    /// Turns true when the thread has exited and closed the store.
+    stopped: watch::Receiver<bool>,
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
@@ -66,15 +66,26 @@ impl Engine {
         let alloc = restore(store.as_ref())?;
         info!(store = %describe, leases = alloc.lease_count(), pools = alloc.pool_count(), "state loaded");
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (stopped_tx, stopped) = watch::channel(false);
         let span = tracing::info_span!("engine", store = %describe);
         std::thread::Builder::new()
             .name("ipam-engine".into())
-            .spawn(move || span.in_scope(|| run(alloc, store, rx)))
+            .spawn(move || {
+                span.in_scope(|| run(alloc, store, rx));
+                let _ = stopped_tx.send(true);
+            })
             .map_err(|e| StoreError::new("start engine thread", e))?;
-        Ok(Engine {
-            tx,
-            store: describe,
-        })
+        Ok(Engine { tx, store: describe, stopped })
+    }
+
+    /// Resolves once every handle is dropped, the queued requests are answered and the store
+    /// is closed (so another engine may open it).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.clone();
+        async move {
+            // An error means the thread is gone, which is what we wait for.
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 
     /// Description of the store behind the engine.
@@ -95,15 +106,12 @@ impl Engine {
                 let _ = done.send(committed.map(|()| out));
             })
         });
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| EngineError::Stopped("engine thread exited".into()))?;
-        wait.await
-            .map_err(|_| EngineError::Stopped("engine dropped the request".into()))?
+        self.tx.send(job).await.map_err(|_| EngineError::Stopped("engine thread exited".into()))?;
+        wait.await.map_err(|_| EngineError::Stopped("engine dropped the request".into()))?
     }
 }
 
+/// The engine thread's loop; returns (dropping the store) when every sender is gone.
 fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -165,12 +173,10 @@ mod tests {
             for c in self.commits.lock().expect("lock").iter().flatten() {
                 match c {
                     Change::PutLease(l) => loaded.leases.push(l.clone()),
-                    Change::DeleteLease { network, address } => loaded
-                        .leases
-                        .retain(|l| !(l.network == *network && l.address == *address)),
-                    Change::PutPool { network, range } => {
-                        loaded.pools.push((network.clone(), range.clone()))
+                    Change::DeleteLease { network, address } => {
+                        loaded.leases.retain(|l| !(l.network == *network && l.address == *address))
                     }
+                    Change::PutPool { network, range } => loaded.pools.push((network.clone(), range.clone())),
                 }
             }
             Ok(loaded)
@@ -192,9 +198,7 @@ mod tests {
         async move {
             engine
                 .call(move |a, now| {
-                    a.reserve("", ip.parse().expect("ip"), "t", now)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
+                    a.reserve("", ip.parse().expect("ip"), "t", now).map(|_| ()).map_err(|e| e.to_string())
                 })
                 .await
         }
@@ -209,8 +213,7 @@ mod tests {
             let e = engine.clone();
             tasks.push(tokio::spawn(async move {
                 let ip: std::net::IpAddr = [10, 0, (i / 250) as u8, (i % 250) as u8 + 1].into();
-                e.call(move |a, now| a.reserve("", ip, "t", now).is_ok())
-                    .await
+                e.call(move |a, now| a.reserve("", ip, "t", now).is_ok()).await
             }));
         }
         for t in tasks {
@@ -226,27 +229,13 @@ mod tests {
     async fn failed_commit_answers_error_and_rolls_memory_back() {
         let rec = Recorder::default();
         let engine = Engine::start(Box::new(rec.clone())).expect("start");
-        reserve(&engine, "10.0.0.1")
-            .await
-            .expect("engine")
-            .expect("reserve");
+        reserve(&engine, "10.0.0.1").await.expect("engine").expect("reserve");
         *rec.fail_next.lock().expect("lock") = true;
-        let err = reserve(&engine, "10.0.0.2")
-            .await
-            .expect_err("commit fails");
-        assert_eq!(
-            err.to_string(),
-            "lease store commit failed, nothing was changed: commit: disk full"
-        );
+        let err = reserve(&engine, "10.0.0.2").await.expect_err("commit fails");
+        assert_eq!(err.to_string(), "lease store commit failed, nothing was changed: commit: disk full");
         // 10.0.0.2 was rolled back, so it can be reserved now; 10.0.0.1 is still held.
-        reserve(&engine, "10.0.0.2")
-            .await
-            .expect("engine")
-            .expect("reserve after rollback");
-        let held = reserve(&engine, "10.0.0.1")
-            .await
-            .expect("engine")
-            .expect_err("still held");
+        reserve(&engine, "10.0.0.2").await.expect("engine").expect("reserve after rollback");
+        let held = reserve(&engine, "10.0.0.1").await.expect("engine").expect_err("still held");
         assert!(held.contains("already held"), "{held}");
         let pools = engine.call(|a, _| a.pool_count()).await.expect("engine");
         assert_eq!(pools, 0);

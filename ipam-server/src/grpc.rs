@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::allocator::{
-    self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, PoolUsage,
-    RangeInput, RangeSpec,
+    self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, PoolUsage, RangeInput,
+    RangeSpec,
 };
 use crate::engine::{Engine, EngineError};
 
@@ -33,21 +33,13 @@ fn engine_status(e: EngineError) -> Status {
 }
 
 fn invalid(field: &str, value: &str, reason: &str) -> Status {
-    status(AllocError::Invalid {
-        field: field.into(),
-        value: value.into(),
-        reason: reason.into(),
-    })
+    status(AllocError::Invalid { field: field.into(), value: value.into(), reason: reason.into() })
 }
 
 fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
     let a = a.ok_or_else(|| invalid("attachment", "", "is missing"))?;
     if a.container_id.trim().is_empty() {
-        return Err(invalid(
-            "attachment.container_id",
-            &a.container_id,
-            "is empty",
-        ));
+        return Err(invalid("attachment.container_id", &a.container_id, "is empty"));
     }
     if a.ifname.trim().is_empty() {
         return Err(invalid("attachment.ifname", &a.ifname, "is empty"));
@@ -56,11 +48,7 @@ fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
     Ok(Attachment {
         container_id: a.container_id,
         ifname: a.ifname,
-        pod: PodRef {
-            namespace: pod.namespace,
-            name: pod.name,
-            uid: pod.uid,
-        },
+        pod: PodRef { namespace: pod.namespace, name: pod.name, uid: pod.uid },
         node: a.node,
     })
 }
@@ -77,22 +65,14 @@ fn range_input(r: pb::Range) -> RangeInput {
 
 fn check_ranges(ranges: Vec<pb::Range>) -> Result<Vec<RangeSpec>, Status> {
     if ranges.is_empty() {
-        return Err(invalid(
-            "ranges",
-            "",
-            "is empty: at least one range is required",
-        ));
+        return Err(invalid("ranges", "", "is empty: at least one range is required"));
     }
     let single = ranges.len() == 1;
     ranges
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let prefix = if single {
-                String::new()
-            } else {
-                format!("ranges[{i}].")
-            };
+            let prefix = if single { String::new() } else { format!("ranges[{i}].") };
             RangeSpec::parse(&range_input(r), FieldPrefix(&prefix)).map_err(status)
         })
         .collect()
@@ -111,12 +91,7 @@ fn check_allocate(r: pb::AllocateRequest) -> Result<AllocateRequest, Status> {
         .enumerate()
         .map(|(i, a)| check_address(&format!("requested_addresses[{i}]"), a))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(AllocateRequest {
-        attachment,
-        network: r.network,
-        ranges,
-        requested,
-    })
+    Ok(AllocateRequest { attachment, network: r.network, ranges, requested })
 }
 
 fn pb_lease(l: allocator::Lease) -> pb::Lease {
@@ -128,11 +103,7 @@ fn pb_lease(l: allocator::Lease) -> pb::Lease {
         range: l.range,
         container_id: l.container_id,
         ifname: l.ifname,
-        pod: Some(pb::PodRef {
-            namespace: l.pod.namespace,
-            name: l.pod.name,
-            uid: l.pod.uid,
-        }),
+        pod: Some(pb::PodRef { namespace: l.pod.namespace, name: l.pod.name, uid: l.pod.uid }),
         node: l.node,
         created_unix_ms: l.created_unix_ms,
         note: l.note,
@@ -204,46 +175,29 @@ impl pb::ipam_server::Ipam for IpamService {
         let r = request.into_inner();
         let (cid, ifname) = attachment_key(r.attachment)?;
         let network = r.network;
-        let released = self
-            .engine
-            .call(move |a, _| a.release(&network, &cid, &ifname))
-            .await
-            .map_err(engine_status)?;
+        let released =
+            self.engine.call(move |a, _| a.release(&network, &cid, &ifname)).await.map_err(engine_status)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released");
         }
-        Ok(Response::new(pb::ReleaseResponse {
-            released: released.into_iter().map(pb_lease).collect(),
-        }))
+        Ok(Response::new(pb::ReleaseResponse { released: released.into_iter().map(pb_lease).collect() }))
     }
 
-    async fn check(
-        &self,
-        request: Request<pb::CheckRequest>,
-    ) -> Result<Response<pb::CheckResponse>, Status> {
+    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
         let r = request.into_inner();
         let (cid, ifname) = attachment_key(r.attachment)?;
         let network = r.network;
         let (c2, i2, n2) = (cid.clone(), ifname.clone(), network.clone());
-        let leases = self
-            .engine
-            .call(move |a, _| a.check(&n2, &c2, &i2))
-            .await
-            .map_err(engine_status)?;
+        let leases = self.engine.call(move |a, _| a.check(&n2, &c2, &i2)).await.map_err(engine_status)?;
         if leases.is_empty() {
             return Err(Status::not_found(format!(
                 "container {cid} interface {ifname} holds no address in network \"{network}\""
             )));
         }
-        Ok(Response::new(pb::CheckResponse {
-            leases: leases.into_iter().map(pb_lease).collect(),
-        }))
+        Ok(Response::new(pb::CheckResponse { leases: leases.into_iter().map(pb_lease).collect() }))
     }
 
-    async fn gc(
-        &self,
-        request: Request<pb::GcRequest>,
-    ) -> Result<Response<pb::GcResponse>, Status> {
+    async fn gc(&self, request: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
         let r = request.into_inner();
         let mut valid = HashSet::new();
         for (i, k) in r.valid_attachments.into_iter().enumerate() {
@@ -257,28 +211,16 @@ impl pb::ipam_server::Ipam for IpamService {
             valid.insert((k.container_id, k.ifname));
         }
         let network = r.network;
-        let released = self
-            .engine
-            .call(move |a, _| a.gc(&network, &valid))
-            .await
-            .map_err(engine_status)?;
+        let released = self.engine.call(move |a, _| a.gc(&network, &valid)).await.map_err(engine_status)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released by gc");
         }
-        Ok(Response::new(pb::GcResponse {
-            released: released.into_iter().map(pb_lease).collect(),
-        }))
+        Ok(Response::new(pb::GcResponse { released: released.into_iter().map(pb_lease).collect() }))
     }
 
-    async fn status(
-        &self,
-        _: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        let (leases, pools) = self
-            .engine
-            .call(|a, _| (a.lease_count(), a.pool_count()))
-            .await
-            .map_err(engine_status)?;
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let (leases, pools) =
+            self.engine.call(|a, _| (a.lease_count(), a.pool_count())).await.map_err(engine_status)?;
         Ok(Response::new(pb::StatusResponse {
             serving: true,
             leader: self.identity.clone(),
@@ -305,11 +247,7 @@ impl AdminService {
 
 fn check_note(field: &str, v: &str) -> Result<String, Status> {
     if v.trim().is_empty() {
-        return Err(invalid(
-            field,
-            v,
-            "is empty: say why, it is kept and logged",
-        ));
+        return Err(invalid(field, v, "is empty: say why, it is kept and logged"));
     }
     Ok(v.to_string())
 }
@@ -326,9 +264,7 @@ impl pb::admin_server::Admin for AdminService {
             .call(move |a, _| a.pools((!network.is_empty()).then_some(network.as_str())))
             .await
             .map_err(engine_status)?;
-        Ok(Response::new(pb::ListPoolsResponse {
-            pools: pools.into_iter().map(pb_pool).collect(),
-        }))
+        Ok(Response::new(pb::ListPoolsResponse { pools: pools.into_iter().map(pb_pool).collect() }))
     }
 
     async fn list_leases(
@@ -344,20 +280,11 @@ impl pb::admin_server::Admin for AdminService {
             range: r.range,
             container_id: r.container_id,
         };
-        let leases = self
-            .engine
-            .call(move |a, _| a.leases(&filter))
-            .await
-            .map_err(engine_status)?;
-        Ok(Response::new(pb::ListLeasesResponse {
-            leases: leases.into_iter().map(pb_lease).collect(),
-        }))
+        let leases = self.engine.call(move |a, _| a.leases(&filter)).await.map_err(engine_status)?;
+        Ok(Response::new(pb::ListLeasesResponse { leases: leases.into_iter().map(pb_lease).collect() }))
     }
 
-    async fn get_lease(
-        &self,
-        request: Request<pb::GetLeaseRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn get_lease(&self, request: Request<pb::GetLeaseRequest>) -> Result<Response<pb::Lease>, Status> {
         let r = request.into_inner();
         let ip = check_address("address", &r.address)?;
         let network = r.network;
@@ -370,10 +297,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb_lease(lease)))
     }
 
-    async fn reserve(
-        &self,
-        request: Request<pb::ReserveRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
+    async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::Lease>, Status> {
         let r = request.into_inner();
         let ip = check_address("address", &r.address)?;
         let note = check_note("note", &r.note)?;
@@ -404,8 +328,6 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(status)?;
         info!(address = %lease.address, network = %lease.network, container_id = %lease.container_id,
             pod = %format_args!("{}/{}", lease.pod.namespace, lease.pod.name), reason = %reason, "released by hand");
-        Ok(Response::new(pb::ReleaseAddressResponse {
-            released: Some(pb_lease(lease)),
-        }))
+        Ok(Response::new(pb::ReleaseAddressResponse { released: Some(pb_lease(lease)) }))
     }
 }

@@ -15,6 +15,9 @@ use tracing::{Instrument as _, info, info_span};
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 
+/// How long shutdown waits for the engine to finish its last batch.
+const ENGINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where to listen: `host:port` or `unix:/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -29,9 +32,7 @@ impl FromStr for Listen {
         if let Some(path) = s.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if path.is_empty() {
-                return Err(format!(
-                    "listen address {s:?} has an empty unix socket path"
-                ));
+                return Err(format!("listen address {s:?} has an empty unix socket path"));
             }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
@@ -52,11 +53,9 @@ impl Bound {
     /// Binds `listen`. A stale unix socket file left by an earlier run is replaced.
     pub async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
         match listen {
-            Listen::Tcp(addr) => Ok(Bound::Tcp(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding {addr}"))?,
-            )),
+            Listen::Tcp(addr) => {
+                Ok(Bound::Tcp(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?))
+            }
             Listen::Unix(path) => {
                 remove_stale_socket(path)?;
                 let l = UnixListener::bind(path)
@@ -69,9 +68,9 @@ impl Bound {
     /// The address clients use, e.g. `http://127.0.0.1:50051` or `unix:///run/x.sock`.
     pub fn endpoint(&self) -> String {
         match self {
-            Bound::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|e| format!("tcp(?): {e}"), |a| format!("http://{a}")),
+            Bound::Tcp(l) => {
+                l.local_addr().map_or_else(|e| format!("tcp(?): {e}"), |a| format!("http://{a}"))
+            }
             Bound::Unix(_, p) => format!("unix://{}", p.display()),
         }
     }
@@ -80,18 +79,17 @@ impl Bound {
 fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display())),
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display()),
         Err(_) => Ok(()),
     }
 }
 
 /// Serves the Ipam and Admin services, health and reflection on every listener until
-/// `shutdown` resolves.
+/// `shutdown` resolves, then waits for the engine to answer what it holds and close the
+/// store.
 pub async fn serve(
     engine: Engine,
     identity: String,
@@ -107,9 +105,8 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .context("building reflection v1alpha")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+    let engine_stopped = engine.stopped();
     let ipam = IpamServer::new(IpamService::new(engine.clone(), identity));
     let admin = AdminServer::new(AdminService::new(engine));
     let router = tonic::transport::Server::builder()
@@ -141,9 +138,7 @@ pub async fn serve(
             Bound::Unix(l, path) => {
                 tasks.spawn(
                     async move {
-                        let r = router
-                            .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
-                            .await;
+                        let r = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal).await;
                         let _ = std::fs::remove_file(&path);
                         r
                     }
@@ -160,8 +155,12 @@ pub async fn serve(
     }
     let _ = stop_tx.send(true);
     while let Some(r) = tasks.join_next().await {
-        r.context("listener task panicked")?
-            .context("listener failed")?;
+        r.context("listener task panicked")?.context("listener failed")?;
+    }
+    // The services hold the last engine handles; once they are gone the engine drains.
+    drop(router);
+    if tokio::time::timeout(ENGINE_DRAIN, engine_stopped).await.is_err() {
+        anyhow::bail!("the engine did not stop within {ENGINE_DRAIN:?}; a handle is still held elsewhere");
     }
     Ok(())
 }
@@ -172,25 +171,14 @@ mod tests {
 
     #[test]
     fn parses_listen_addresses() {
-        assert_eq!(
-            "127.0.0.1:50051".parse(),
-            Ok(Listen::Tcp("127.0.0.1:50051".parse().expect("addr")))
-        );
-        assert_eq!(
-            "[::1]:7".parse(),
-            Ok(Listen::Tcp("[::1]:7".parse().expect("addr")))
-        );
-        assert_eq!(
-            "unix:/run/x.sock".parse(),
-            Ok(Listen::Unix("/run/x.sock".into()))
-        );
-        assert_eq!(
-            "unix:///run/x.sock".parse(),
-            Ok(Listen::Unix("/run/x.sock".into()))
-        );
+        assert_eq!("127.0.0.1:50051".parse(), Ok(Listen::Tcp("127.0.0.1:50051".parse().expect("addr"))));
+        assert_eq!("[::1]:7".parse(), Ok(Listen::Tcp("[::1]:7".parse().expect("addr"))));
+        assert_eq!("unix:/run/x.sock".parse(), Ok(Listen::Unix("/run/x.sock".into())));
+        assert_eq!("unix:///run/x.sock".parse(), Ok(Listen::Unix("/run/x.sock".into())));
         assert_eq!(
             "localhost".parse::<Listen>(),
-            Err("listen address \"localhost\" is neither ip:port (e.g. 127.0.0.1:50051) nor unix:/path".into())
+            Err("listen address \"localhost\" is neither ip:port (e.g. 127.0.0.1:50051) nor unix:/path"
+                .into())
         );
         assert_eq!(
             "unix:".parse::<Listen>(),

@@ -46,27 +46,15 @@ fn child_shift(level: u32) -> u32 {
 
 /// Clears the low `bits` bits of `x` (all of them when `bits >= 128`).
 fn align_down(x: u128, bits: u32) -> u128 {
-    if bits >= 128 {
-        0
-    } else {
-        x & !((1u128 << bits) - 1)
-    }
+    if bits >= 128 { 0 } else { x & !((1u128 << bits) - 1) }
 }
 
 impl Node {
     fn new(level: u32) -> Node {
         if level == 0 {
-            Node::Leaf(Leaf {
-                words: [0; 64],
-                full: 0,
-                count: 0,
-            })
+            Node::Leaf(Leaf { words: [0; 64], full: 0, count: 0 })
         } else {
-            Node::Inner(Inner {
-                children: std::array::from_fn(|_| None),
-                present: 0,
-                full: 0,
-            })
+            Node::Inner(Inner { children: std::array::from_fn(|_| None), present: 0, full: 0 })
         }
     }
 
@@ -92,9 +80,7 @@ impl Node {
             }
             Node::Inner(n) => {
                 let c = ((i >> child_shift(level)) & 63) as usize;
-                n.children[c]
-                    .as_ref()
-                    .is_some_and(|ch| ch.contains(level - 1, i))
+                n.children[c].as_ref().is_some_and(|ch| ch.contains(level - 1, i))
             }
         }
     }
@@ -187,10 +173,10 @@ impl Node {
                 match &n.children[c as usize] {
                     None => return Some(from),
                     Some(child) => {
-                        if n.full & (1 << c) == 0 {
-                            if let Some(p) = child.first_zero(level - 1, from, ALL) {
-                                return Some(p);
-                            }
+                        if n.full & (1 << c) == 0
+                            && let Some(p) = child.first_zero(level - 1, from, ALL)
+                        {
+                            return Some(p);
                         }
                     }
                 }
@@ -231,23 +217,13 @@ impl SparseBitmap {
             ALL
         } else {
             let last = (len.saturating_sub(1) >> child_shift(levels)) as u32;
-            if last >= 63 {
-                ALL
-            } else {
-                (1u64 << (last + 1)) - 1
-            }
+            if last >= 63 { ALL } else { (1u64 << (last + 1)) - 1 }
         };
-        SparseBitmap {
-            root: None,
-            levels,
-            len,
-            count: 0,
-            root_limit,
-        }
+        SparseBitmap { root: None, levels, len, count: 0, root_limit }
     }
 
-    /// The capacity: valid offsets are `0..len`.
-    pub fn len(&self) -> u128 {
+    /// The capacity: valid offsets are `0..capacity`.
+    pub fn capacity(&self) -> u128 {
         self.len
     }
 
@@ -258,11 +234,7 @@ impl SparseBitmap {
 
     /// Whether `i` is set.
     pub fn contains(&self, i: u128) -> bool {
-        i < self.len
-            && self
-                .root
-                .as_ref()
-                .is_some_and(|r| r.contains(self.levels, i))
+        i < self.len && self.root.as_ref().is_some_and(|r| r.contains(self.levels, i))
     }
 
     /// Sets `i`; returns whether it was clear. Offsets outside `0..len` are ignored.

@@ -21,34 +21,16 @@ pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, parse_address};
 pub enum AllocError {
     /// A request field is unusable.
     #[error("{field} \"{value}\" {reason}")]
-    Invalid {
-        field: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { field: String, value: String, reason: String },
     /// No free address is left in a range.
     #[error("range {range} is exhausted: size {size}, held {held}, excluded {excluded}")]
-    Exhausted {
-        range: String,
-        size: u128,
-        held: u128,
-        excluded: u128,
-    },
+    Exhausted { range: String, size: u128, held: u128, excluded: u128 },
     /// A specific address is held by someone else.
     #[error("address {address} in network \"{network}\" is already held by {holder}")]
-    Held {
-        network: String,
-        address: IpAddr,
-        holder: String,
-    },
+    Held { network: String, address: IpAddr, holder: String },
     /// The attachment holds another address in the range than the one it asks for.
     #[error("{attachment} already holds {held} in range {range}, not the requested {requested}")]
-    Conflict {
-        attachment: String,
-        range: String,
-        held: IpAddr,
-        requested: IpAddr,
-    },
+    Conflict { attachment: String, range: String, held: IpAddr, requested: IpAddr },
     /// Nothing matched.
     #[error("{0}")]
     NotFound(String),
@@ -181,11 +163,7 @@ impl Pool {
     /// Marks `ip` held if it is in the range and not excluded (excluded addresses are never
     /// handed out, so they need no bit).
     fn mark(&mut self, ip: IpAddr, held: bool) {
-        if let Some(off) = self
-            .spec
-            .offset(ip)
-            .filter(|o| self.spec.exclusion_at(*o).is_none())
-        {
+        if let Some(off) = self.spec.offset(ip).filter(|o| self.spec.exclusion_at(*o).is_none()) {
             if held {
                 self.held.insert(off);
             } else {
@@ -207,11 +185,7 @@ impl Pool {
     }
 
     fn usage(&self, network: &str) -> PoolUsage {
-        let (size, used, excluded) = (
-            self.spec.size(),
-            self.held.count(),
-            self.spec.excluded_count(),
-        );
+        let (size, used, excluded) = (self.spec.size(), self.held.count(), self.spec.excluded_count());
         PoolUsage {
             network: network.to_string(),
             range: self.spec.input().clone(),
@@ -239,13 +213,7 @@ fn attach_key(container_id: &str, ifname: &str) -> AttachKey {
 }
 
 fn pod_key(l: &Lease) -> Option<PodKey> {
-    (!l.pod.name.is_empty()).then(|| {
-        (
-            l.pod.namespace.clone(),
-            l.pod.name.clone(),
-            l.ifname.clone(),
-        )
-    })
+    (!l.pod.name.is_empty()).then(|| (l.pod.namespace.clone(), l.pod.name.clone(), l.ifname.clone()))
 }
 
 fn unindex<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<IpAddr>>, key: K, ip: IpAddr) {
@@ -264,10 +232,7 @@ impl Network {
             pool.mark(ip, true);
         }
         if !lease.is_manual() {
-            self.by_attachment
-                .entry(attach_key(&lease.container_id, &lease.ifname))
-                .or_default()
-                .push(ip);
+            self.by_attachment.entry(attach_key(&lease.container_id, &lease.ifname)).or_default().push(ip);
             if let Some(k) = pod_key(&lease) {
                 self.by_pod.entry(k).or_default().push(ip);
             }
@@ -281,11 +246,7 @@ impl Network {
             pool.mark(ip, false);
         }
         if !lease.is_manual() {
-            unindex(
-                &mut self.by_attachment,
-                attach_key(&lease.container_id, &lease.ifname),
-                ip,
-            );
+            unindex(&mut self.by_attachment, attach_key(&lease.container_id, &lease.ifname), ip);
             if let Some(k) = pod_key(&lease) {
                 unindex(&mut self.by_pod, k, ip);
             }
@@ -385,38 +346,24 @@ impl Allocator {
 
     fn put(&mut self, network: &str, lease: Lease) {
         self.journal.push(Change::PutLease(lease.clone()));
-        self.networks
-            .entry(network.to_string())
-            .or_default()
-            .insert(lease);
+        self.networks.entry(network.to_string()).or_default().insert(lease);
         self.lease_count += 1;
     }
 
     fn delete(&mut self, network: &str, ip: IpAddr) -> Option<Lease> {
         let lease = self.networks.get_mut(network)?.remove(ip)?;
         self.lease_count -= 1;
-        self.journal.push(Change::DeleteLease {
-            network: network.to_string(),
-            address: ip,
-        });
+        self.journal.push(Change::DeleteLease { network: network.to_string(), address: ip });
         Some(lease)
     }
 
     /// Gives the attachment one address from each range: what it (or its pod, under the
     /// same interface name) already holds there, else the requested address, else the
     /// lowest free one. All or nothing.
-    pub fn allocate(
-        &mut self,
-        req: &AllocateRequest,
-        now_unix_ms: i64,
-    ) -> Result<Vec<Lease>, AllocError> {
+    pub fn allocate(&mut self, req: &AllocateRequest, now_unix_ms: i64) -> Result<Vec<Lease>, AllocError> {
         let network = req.network.as_str();
         let a = &req.attachment;
-        let Allocator {
-            networks,
-            journal,
-            lease_count,
-        } = self;
+        let Allocator { networks, journal, lease_count } = self;
         let net = networks.entry(network.to_string()).or_default();
 
         // Which range each requested address belongs to.
@@ -440,10 +387,7 @@ impl Allocator {
         for spec in &req.ranges {
             let (key, created) = net.ensure_pool(spec);
             if created {
-                journal.push(Change::PutPool {
-                    network: network.to_string(),
-                    range: spec.input().clone(),
-                });
+                journal.push(Change::PutPool { network: network.to_string(), range: spec.input().clone() });
             }
             pool_keys.push(key);
         }
@@ -451,11 +395,7 @@ impl Allocator {
         let mut existing = net.take(&attach_key(&a.container_id, &a.ifname));
         let mut moved_from_pod = false;
         if existing.is_empty() && !a.pod.name.is_empty() {
-            let key = (
-                a.pod.namespace.clone(),
-                a.pod.name.clone(),
-                a.ifname.clone(),
-            );
+            let key = (a.pod.namespace.clone(), a.pod.name.clone(), a.ifname.clone());
             if let Some(v) = net.by_pod.get(&key) {
                 existing = v.clone();
                 moved_from_pod = true;
@@ -477,10 +417,7 @@ impl Allocator {
                 let ip = match (reuse, wanted[i]) {
                     (Some(held), Some(req_ip)) if held != req_ip => {
                         return Err(AllocError::Conflict {
-                            attachment: format!(
-                                "container {} interface {}",
-                                a.container_id, a.ifname
-                            ),
+                            attachment: format!("container {} interface {}", a.container_id, a.ifname),
                             range: spec.display(),
                             held,
                             requested: req_ip,
@@ -495,10 +432,7 @@ impl Allocator {
                             return Err(AllocError::Invalid {
                                 field: "requested_addresses".into(),
                                 value: req_ip.to_string(),
-                                reason: format!(
-                                    "is excluded (or the gateway) in range {}",
-                                    spec.display()
-                                ),
+                                reason: format!("is excluded (or the gateway) in range {}", spec.display()),
                             });
                         }
                         if let Some(holder) = net.leases.get(&req_ip) {
@@ -561,22 +495,14 @@ impl Allocator {
         for ip in &new_leases {
             journal.push(Change::PutLease(net.leases[ip].clone()));
         }
-        Ok(chosen
-            .iter()
-            .map(|(ip, _)| net.leases[ip].clone())
-            .collect())
+        Ok(chosen.iter().map(|(ip, _)| net.leases[ip].clone()).collect())
     }
 
     /// Releases what an attachment holds in a network; nothing held is not an error.
     pub fn release(&mut self, network: &str, container_id: &str, ifname: &str) -> Vec<Lease> {
-        let held = self
-            .networks
-            .get(network)
-            .map(|n| n.take(&attach_key(container_id, ifname)))
-            .unwrap_or_default();
-        held.into_iter()
-            .filter_map(|ip| self.delete(network, ip))
-            .collect()
+        let held =
+            self.networks.get(network).map(|n| n.take(&attach_key(container_id, ifname))).unwrap_or_default();
+        held.into_iter().filter_map(|ip| self.delete(network, ip)).collect()
     }
 
     /// What an attachment holds in a network.
@@ -584,10 +510,7 @@ impl Allocator {
         let Some(net) = self.networks.get(network) else {
             return Vec::new();
         };
-        net.take(&attach_key(container_id, ifname))
-            .iter()
-            .map(|ip| net.leases[ip].clone())
-            .collect()
+        net.take(&attach_key(container_id, ifname)).iter().map(|ip| net.leases[ip].clone()).collect()
     }
 
     /// Releases every attachment lease of `network` whose attachment is not in `valid`.
@@ -603,10 +526,7 @@ impl Allocator {
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();
-        stale
-            .into_iter()
-            .filter_map(|ip| self.delete(network, ip))
-            .collect()
+        stale.into_iter().filter_map(|ip| self.delete(network, ip)).collect()
     }
 
     /// Holds an address by hand so it is never handed out.
@@ -619,17 +539,9 @@ impl Allocator {
     ) -> Result<Lease, AllocError> {
         let net = self.networks.entry(network.to_string()).or_default();
         if let Some(l) = net.leases.get(&ip) {
-            return Err(AllocError::Held {
-                network: network.to_string(),
-                address: ip,
-                holder: l.holder(),
-            });
+            return Err(AllocError::Held { network: network.to_string(), address: ip, holder: l.holder() });
         }
-        let pool = net
-            .pools
-            .values()
-            .find(|p| p.spec.offset(ip).is_some())
-            .map(|p| &p.spec);
+        let pool = net.pools.values().find(|p| p.spec.offset(ip).is_some()).map(|p| &p.spec);
         let lease = Lease {
             address: ip,
             network: network.to_string(),
@@ -649,9 +561,8 @@ impl Allocator {
 
     /// Frees one address whoever holds it.
     pub fn release_address(&mut self, network: &str, ip: IpAddr) -> Result<Lease, AllocError> {
-        self.delete(network, ip).ok_or_else(|| {
-            AllocError::NotFound(format!("address {ip} is not held in network \"{network}\""))
-        })
+        self.delete(network, ip)
+            .ok_or_else(|| AllocError::NotFound(format!("address {ip} is not held in network \"{network}\"")))
     }
 
     /// Who holds an address.
@@ -660,9 +571,7 @@ impl Allocator {
             .get(network)
             .and_then(|n| n.leases.get(&ip))
             .cloned()
-            .ok_or_else(|| {
-                AllocError::NotFound(format!("address {ip} is not held in network \"{network}\""))
-            })
+            .ok_or_else(|| AllocError::NotFound(format!("address {ip} is not held in network \"{network}\"")))
     }
 
     /// Pools of one network (or all, for `None`), by network then range.

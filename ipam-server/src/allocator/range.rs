@@ -89,11 +89,7 @@ impl FieldPrefix<'_> {
 }
 
 fn invalid(field: String, value: &str, reason: impl Into<String>) -> AllocError {
-    AllocError::Invalid {
-        field,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
+    AllocError::Invalid { field, value: value.to_string(), reason: reason.into() }
 }
 
 /// Parses a bare address or an address with a prefix (the prefix is dropped).
@@ -112,19 +108,10 @@ impl RangeSpec {
         let range_field = prefix.field("range");
         let raw = input.range.trim();
         if raw.is_empty() {
-            return Err(invalid(
-                range_field,
-                raw,
-                "is empty: a CIDR or first-last/prefix is required",
-            ));
+            return Err(invalid(range_field, raw, "is empty: a CIDR or first-last/prefix is required"));
         }
-        let (network, dash_bounds) = parse_range(raw).ok_or_else(|| {
-            invalid(
-                range_field.clone(),
-                raw,
-                "is not a CIDR or first-last/prefix range",
-            )
-        })?;
+        let (network, dash_bounds) = parse_range(raw)
+            .ok_or_else(|| invalid(range_field.clone(), raw, "is not a CIDR or first-last/prefix range"))?;
         let family = Family::of(network.ip());
         let net_first = ip_to_u128(network.network());
         let net_last = ip_to_u128(network.broadcast());
@@ -290,15 +277,12 @@ impl RangeSpec {
             return None;
         }
         let v = ip_to_u128(ip);
-        (self.first..=self.last)
-            .contains(&v)
-            .then(|| v - self.first)
+        (self.first..=self.last).contains(&v).then(|| v - self.first)
     }
 
     /// Whether `ip` may be handed out from this range: between first and last, not excluded.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        self.offset(ip)
-            .is_some_and(|o| self.exclusion_at(o).is_none())
+        self.offset(ip).is_some_and(|o| self.exclusion_at(o).is_none())
     }
 
     /// The address at `offset`.
@@ -312,10 +296,7 @@ impl RangeSpec {
             return None;
         }
         let i = self.excluded.partition_point(|(_, hi)| *hi < offset);
-        self.excluded
-            .get(i)
-            .copied()
-            .filter(|(lo, _)| *lo <= offset)
+        self.excluded.get(i).copied().filter(|(lo, _)| *lo <= offset)
     }
 }
 
@@ -371,13 +352,7 @@ mod tests {
     use super::*;
 
     fn spec(range: &str) -> Result<RangeSpec, AllocError> {
-        RangeSpec::parse(
-            &RangeInput {
-                range: range.into(),
-                ..Default::default()
-            },
-            FieldPrefix(""),
-        )
+        RangeSpec::parse(&RangeInput { range: range.into(), ..Default::default() }, FieldPrefix(""))
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -422,42 +397,22 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_value() {
         let err = |input: RangeInput| {
-            RangeSpec::parse(&input, FieldPrefix(""))
-                .expect_err("must be rejected")
-                .to_string()
+            RangeSpec::parse(&input, FieldPrefix("")).expect_err("must be rejected").to_string()
         };
-        let r = |range: &str| RangeInput {
-            range: range.into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            err(r("10.0.0.0/33")),
-            r#"range "10.0.0.0/33" is not a CIDR or first-last/prefix range"#
-        );
-        assert_eq!(
-            err(r("banana")),
-            r#"range "banana" is not a CIDR or first-last/prefix range"#
-        );
-        assert_eq!(
-            err(r("")),
-            r#"range "" is empty: a CIDR or first-last/prefix is required"#
-        );
+        let r = |range: &str| RangeInput { range: range.into(), ..Default::default() };
+        assert_eq!(err(r("10.0.0.0/33")), r#"range "10.0.0.0/33" is not a CIDR or first-last/prefix range"#);
+        assert_eq!(err(r("banana")), r#"range "banana" is not a CIDR or first-last/prefix range"#);
+        assert_eq!(err(r("")), r#"range "" is empty: a CIDR or first-last/prefix is required"#);
         assert_eq!(
             err(r("10.0.0.0/31")),
             r#"range "10.0.0.0/31" has no usable addresses (the network and last addresses are never handed out)"#
         );
         assert_eq!(
-            err(RangeInput {
-                range_start: "10.0.1.5".into(),
-                ..r("10.0.0.0/24")
-            }),
+            err(RangeInput { range_start: "10.0.1.5".into(), ..r("10.0.0.0/24") }),
             r#"range_start "10.0.1.5" is outside range 10.0.0.0/24"#
         );
         assert_eq!(
-            err(RangeInput {
-                range_end: "fd00::1".into(),
-                ..r("10.0.0.0/24")
-            }),
+            err(RangeInput { range_end: "fd00::1".into(), ..r("10.0.0.0/24") }),
             r#"range_end "fd00::1" is not an IPv4 address (range 10.0.0.0/24 is IPv4)"#
         );
         assert_eq!(
@@ -469,31 +424,19 @@ mod tests {
             r#"range_start "10.0.0.9" is after range_end 10.0.0.8"#
         );
         assert_eq!(
-            err(RangeInput {
-                exclude: vec!["10.0.0.0/25".into(), "nope".into()],
-                ..r("10.0.0.0/24")
-            }),
+            err(RangeInput { exclude: vec!["10.0.0.0/25".into(), "nope".into()], ..r("10.0.0.0/24") }),
             r#"exclude[1] "nope" is not an IP address or CIDR"#
         );
         assert_eq!(
-            err(RangeInput {
-                exclude: vec!["10.0.0.0/24".into()],
-                ..r("10.0.0.0/24")
-            }),
+            err(RangeInput { exclude: vec!["10.0.0.0/24".into()], ..r("10.0.0.0/24") }),
             r#"exclude "10.0.0.0/24" leaves no usable address in range 10.0.0.0/24 (254 addresses, all excluded)"#
         );
         assert_eq!(
-            err(RangeInput {
-                gateway: "10.0.0.1/24x".into(),
-                ..r("10.0.0.0/24")
-            }),
+            err(RangeInput { gateway: "10.0.0.1/24x".into(), ..r("10.0.0.0/24") }),
             r#"gateway "10.0.0.1/24x" is not an IP address"#
         );
         let prefixed = RangeSpec::parse(&r("x"), FieldPrefix("ranges[1].")).expect_err("bad");
-        assert_eq!(
-            prefixed.to_string(),
-            r#"ranges[1].range "x" is not a CIDR or first-last/prefix range"#
-        );
+        assert_eq!(prefixed.to_string(), r#"ranges[1].range "x" is not a CIDR or first-last/prefix range"#);
     }
 
     #[test]
@@ -501,11 +444,7 @@ mod tests {
         let s = RangeSpec::parse(
             &RangeInput {
                 range: "10.0.0.0/24".into(),
-                exclude: vec![
-                    "10.0.0.0/28".into(),
-                    "10.0.0.16".into(),
-                    "10.0.1.0/24".into(),
-                ],
+                exclude: vec!["10.0.0.0/28".into(), "10.0.0.16".into(), "10.0.1.0/24".into()],
                 gateway: "10.0.0.254".into(),
                 ..Default::default()
             },

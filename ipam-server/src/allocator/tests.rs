@@ -25,21 +25,12 @@ fn att(cid: &str, ifname: &str, pod: &str) -> Attachment {
     Attachment {
         container_id: cid.into(),
         ifname: ifname.into(),
-        pod: PodRef {
-            namespace: "ns".into(),
-            name: pod.into(),
-            uid: format!("uid-{cid}"),
-        },
+        pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: format!("uid-{cid}") },
         node: "node-a".into(),
     }
 }
 
-fn req(
-    a: Attachment,
-    network: &str,
-    ranges: Vec<RangeSpec>,
-    requested: &[&str],
-) -> AllocateRequest {
+fn req(a: Attachment, network: &str, ranges: Vec<RangeSpec>, requested: &[&str]) -> AllocateRequest {
     AllocateRequest {
         attachment: a,
         network: network.into(),
@@ -59,16 +50,12 @@ fn addrs(v: &[Lease]) -> Vec<IpAddr> {
 fn hands_out_lowest_free_skipping_exclusions_and_gateway() {
     let mut al = Allocator::new();
     let r = spec("192.168.100.0/24", &["192.168.100.0/28"], "192.168.100.16");
-    let got = al
-        .allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1)
-        .expect("allocate");
+    let got = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.17")]);
     assert_eq!(got[0].prefix_len, 24);
     assert_eq!(got[0].gateway, Some(ip("192.168.100.16")));
     assert_eq!(got[0].range, "192.168.100.0/24");
-    let got = al
-        .allocate(&req(att("c2", "net1", "p2"), "", vec![r], &[]), 1)
-        .expect("allocate");
+    let got = al.allocate(&req(att("c2", "net1", "p2"), "", vec![r], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.18")]);
 }
 
@@ -76,18 +63,11 @@ fn hands_out_lowest_free_skipping_exclusions_and_gateway() {
 fn same_attachment_gets_same_lease_and_journal_is_empty() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");
-    let first = al
-        .allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1)
-        .expect("allocate");
+    let first = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
     assert_eq!(al.take_journal().len(), 2, "pool and lease persisted");
-    let again = al
-        .allocate(&req(att("c1", "net1", "p1"), "", vec![r], &[]), 2)
-        .expect("allocate");
+    let again = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r], &[]), 2).expect("allocate");
     assert_eq!(first, again);
-    assert!(
-        al.take_journal().is_empty(),
-        "an idempotent allocate changes nothing"
-    );
+    assert!(al.take_journal().is_empty(), "an idempotent allocate changes nothing");
     assert_eq!(al.lease_count(), 1);
 }
 
@@ -95,21 +75,14 @@ fn same_attachment_gets_same_lease_and_journal_is_empty() {
 fn pod_back_with_new_container_keeps_its_address() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");
-    al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1)
-        .expect("allocate");
-    al.allocate(&req(att("c2", "net1", "p2"), "", vec![r.clone()], &[]), 1)
-        .expect("allocate");
+    al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.allocate(&req(att("c2", "net1", "p2"), "", vec![r.clone()], &[]), 1).expect("allocate");
     al.take_journal();
-    let back = al
-        .allocate(&req(att("c9", "net1", "p1"), "", vec![r], &[]), 5)
-        .expect("allocate");
+    let back = al.allocate(&req(att("c9", "net1", "p1"), "", vec![r], &[]), 5).expect("allocate");
     assert_eq!(addrs(&back), vec![ip("10.0.0.1")]);
     assert_eq!(back[0].container_id, "c9");
     assert_eq!(back[0].created_unix_ms, 1, "the lease keeps its age");
-    assert!(
-        al.check("", "c1", "net1").is_empty(),
-        "old container no longer holds it"
-    );
+    assert!(al.check("", "c1", "net1").is_empty(), "old container no longer holds it");
     assert_eq!(al.take_journal(), vec![Change::PutLease(back[0].clone())]);
 }
 
@@ -118,37 +91,19 @@ fn overlapping_ranges_in_a_network_never_share_an_address() {
     let mut al = Allocator::new();
     let wide = spec("192.168.100.0/24", &["192.168.100.0/28"], "");
     let narrow = spec("192.168.100.0/25", &[], "");
-    al.allocate(&req(att("a", "net1", "p1"), "", vec![wide.clone()], &[]), 1)
-        .expect("allocate");
-    let got = al
-        .allocate(
-            &req(att("b", "net1", "p2"), "", vec![narrow.clone()], &[]),
-            1,
-        )
-        .expect("allocate");
+    al.allocate(&req(att("a", "net1", "p1"), "", vec![wide.clone()], &[]), 1).expect("allocate");
+    let got = al.allocate(&req(att("b", "net1", "p2"), "", vec![narrow.clone()], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.1")]);
     // Take .2-.16 through the narrow range; the wide one must skip what it sees held.
     // Take .2-.15 and .17 through the narrow range (.16 is held by "a").
     for i in 2..=16 {
-        al.allocate(
-            &req(
-                att(&format!("n{i}"), "net1", ""),
-                "",
-                vec![narrow.clone()],
-                &[],
-            ),
-            1,
-        )
-        .expect("allocate");
+        al.allocate(&req(att(&format!("n{i}"), "net1", ""), "", vec![narrow.clone()], &[]), 1)
+            .expect("allocate");
     }
-    let got = al
-        .allocate(&req(att("c", "net1", "p3"), "", vec![wide], &[]), 1)
-        .expect("allocate");
+    let got = al.allocate(&req(att("c", "net1", "p3"), "", vec![wide], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.18")]);
     // Another network is independent.
-    let got = al
-        .allocate(&req(att("d", "net1", "p4"), "rail0", vec![narrow], &[]), 1)
-        .expect("allocate");
+    let got = al.allocate(&req(att("d", "net1", "p4"), "rail0", vec![narrow], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.1")]);
 }
 
@@ -157,21 +112,12 @@ fn exhaustion_reports_counts_and_holds_nothing_new() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/29", &["10.0.0.1"], "10.0.0.2");
     for c in ["a", "b", "c", "d"] {
-        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1)
-            .expect("allocate");
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     }
     let v6 = spec("fd00::/64", &[], "");
-    let err = al
-        .allocate(&req(att("e", "net1", ""), "", vec![v6, r], &[]), 1)
-        .expect_err("exhausted");
-    assert_eq!(
-        err.to_string(),
-        "range 10.0.0.0/29 is exhausted: size 6, held 4, excluded 2"
-    );
-    assert!(
-        al.check("", "e", "net1").is_empty(),
-        "the v6 address taken first was rolled back"
-    );
+    let err = al.allocate(&req(att("e", "net1", ""), "", vec![v6, r], &[]), 1).expect_err("exhausted");
+    assert_eq!(err.to_string(), "range 10.0.0.0/29 is exhausted: size 6, held 4, excluded 2");
+    assert!(al.check("", "e", "net1").is_empty(), "the v6 address taken first was rolled back");
     assert_eq!(al.lease_count(), 4);
 }
 
@@ -191,27 +137,15 @@ fn dual_stack_request_gets_one_address_per_range() {
         .expect("allocate");
     assert_eq!(addrs(&got), vec![ip("10.1.0.1"), ip("fd00:50::1")]);
     assert_eq!(al.release("", "a", "net1").len(), 2);
-    assert!(
-        al.release("", "a", "net1").is_empty(),
-        "release is idempotent"
-    );
+    assert!(al.release("", "a", "net1").is_empty(), "release is idempotent");
 }
 
 #[test]
 fn static_addresses_are_given_exactly_or_refused_clearly() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &["10.0.0.0/28"], "10.0.0.254");
-    let got = al
-        .allocate(
-            &req(
-                att("a", "net1", "pa"),
-                "",
-                vec![r.clone()],
-                &["10.0.0.77/24"],
-            ),
-            1,
-        )
-        .expect("static");
+    let got =
+        al.allocate(&req(att("a", "net1", "pa"), "", vec![r.clone()], &["10.0.0.77/24"]), 1).expect("static");
     assert_eq!(addrs(&got), vec![ip("10.0.0.77")]);
     let err = |al: &mut Allocator, cid: &str, want: &str| {
         al.allocate(&req(att(cid, "net1", ""), "", vec![r.clone()], &[want]), 1)
@@ -246,23 +180,13 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");
     for c in ["a", "b", "c"] {
-        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1)
-            .expect("allocate");
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     }
-    al.reserve("", ip("10.0.0.100"), "router", 1)
-        .expect("reserve");
+    al.reserve("", ip("10.0.0.100"), "router", 1).expect("reserve");
     let valid: HashSet<(String, String)> = [("b".to_string(), "net1".to_string())].into();
-    let freed: Vec<String> = al
-        .gc("", &valid)
-        .iter()
-        .map(|l| l.container_id.clone())
-        .collect();
+    let freed: Vec<String> = al.gc("", &valid).iter().map(|l| l.container_id.clone()).collect();
     assert_eq!(freed, vec!["a", "c"]);
-    let left: Vec<IpAddr> = al
-        .leases(&LeaseFilter::default())
-        .iter()
-        .map(|l| l.address)
-        .collect();
+    let left: Vec<IpAddr> = al.leases(&LeaseFilter::default()).iter().map(|l| l.address).collect();
     assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.100")]);
 }
 
@@ -270,29 +194,19 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
 fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/30", &[], "");
-    al.reserve("", ip("10.0.0.1"), "broken NIC", 1)
-        .expect("reserve");
-    let err = al
-        .reserve("", ip("10.0.0.1"), "again", 1)
-        .expect_err("held");
+    al.reserve("", ip("10.0.0.1"), "broken NIC", 1).expect("reserve");
+    let err = al.reserve("", ip("10.0.0.1"), "again", 1).expect_err("held");
     assert_eq!(
         err.to_string(),
         "address 10.0.0.1 in network \"\" is already held by a manual reservation (broken NIC)"
     );
-    let got = al
-        .allocate(&req(att("a", "net1", ""), "", vec![r.clone()], &[]), 1)
-        .expect("allocate");
+    let got = al.allocate(&req(att("a", "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
     let pools = al.pools(None);
     assert_eq!((pools[0].size, pools[0].used, pools[0].free), (2, 2, 0));
+    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC");
     assert_eq!(
-        al.release_address("", ip("10.0.0.1")).expect("held").note,
-        "broken NIC"
-    );
-    assert_eq!(
-        al.release_address("", ip("10.0.0.1"))
-            .expect_err("gone")
-            .to_string(),
+        al.release_address("", ip("10.0.0.1")).expect_err("gone").to_string(),
         "address 10.0.0.1 is not held in network \"\""
     );
     assert_eq!(al.pools(Some(""))[0].free, 1);
@@ -303,36 +217,21 @@ fn restore_rebuilds_bitmaps_and_reports_bad_records() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");
     for c in ["a", "b"] {
-        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1)
-            .expect("allocate");
+        al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     }
     let leases = al.leases(&LeaseFilter::default());
     let mut dup = leases[0].clone();
     dup.container_id = "intruder".into();
     let pools = vec![
         ("".to_string(), r.input().clone()),
-        (
-            "".to_string(),
-            RangeInput {
-                range: "garbage".into(),
-                ..Default::default()
-            },
-        ),
+        ("".to_string(), RangeInput { range: "garbage".into(), ..Default::default() }),
     ];
     let (mut back, problems) = Allocator::restore(pools, leases.iter().cloned().chain([dup]));
     assert_eq!(problems.len(), 2);
-    assert_eq!(
-        problems[0].error,
-        "address already held by container a interface net1"
-    );
-    assert_eq!(
-        problems[1].error,
-        "range \"garbage\" is not a CIDR or first-last/prefix range"
-    );
+    assert_eq!(problems[0].error, "address already held by container a interface net1");
+    assert_eq!(problems[1].error, "range \"garbage\" is not a CIDR or first-last/prefix range");
     assert_eq!(back.pools(None)[0].used, 2);
-    let got = back
-        .allocate(&req(att("c", "net1", ""), "", vec![r], &[]), 1)
-        .expect("allocate");
+    let got = back.allocate(&req(att("c", "net1", ""), "", vec![r], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("10.0.0.3")]);
 }
 
@@ -340,33 +239,17 @@ fn restore_rebuilds_bitmaps_and_reports_bad_records() {
 fn ipv6_64_and_ipv4_8_work_end_to_end() {
     let mut al = Allocator::new();
     let v6 = spec("fd00:50::/64", &["fd00:50::/120"], "");
-    let got = al.allocate(
-        &req(
-            att("a", "net1", ""),
-            "",
-            vec![v6.clone()],
-            &["fd00:50::ffff:ffff:ffff:fffe"],
-        ),
-        1,
-    );
-    assert_eq!(
-        addrs(&got.expect("static at the top")),
-        vec![ip("fd00:50::ffff:ffff:ffff:fffe")]
-    );
-    let got = al
-        .allocate(&req(att("b", "net1", ""), "", vec![v6], &[]), 1)
-        .expect("allocate");
+    let got =
+        al.allocate(&req(att("a", "net1", ""), "", vec![v6.clone()], &["fd00:50::ffff:ffff:ffff:fffe"]), 1);
+    assert_eq!(addrs(&got.expect("static at the top")), vec![ip("fd00:50::ffff:ffff:ffff:fffe")]);
+    let got = al.allocate(&req(att("b", "net1", ""), "", vec![v6], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("fd00:50::100")]);
     let pools = al.pools(None);
     assert_eq!(pools[0].size, (1u128 << 64) - 2);
     assert_eq!(pools[0].free, (1u128 << 64) - 2 - 255 - 2);
     let v4 = spec("10.0.0.0/8", &[], "");
-    let got = al
-        .allocate(
-            &req(att("c", "net1", ""), "x", vec![v4], &["10.255.255.254"]),
-            1,
-        )
-        .expect("allocate");
+    let got =
+        al.allocate(&req(att("c", "net1", ""), "x", vec![v4], &["10.255.255.254"]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("10.255.255.254")]);
 }
 
@@ -382,10 +265,7 @@ struct ModelRange {
 
 fn model_ranges() -> Vec<ModelRange> {
     let v4 = |first: u8, last: u8, skip: &[u8]| -> Vec<IpAddr> {
-        (first..=last)
-            .filter(|o| !skip.contains(o))
-            .map(|o| IpAddr::from([198, 18, 0, o]))
-            .collect()
+        (first..=last).filter(|o| !skip.contains(o)).map(|o| IpAddr::from([198, 18, 0, o])).collect()
     };
     let v6 = |v: &[&str]| v.iter().map(|s| ip(s)).collect::<Vec<_>>();
     vec![
@@ -398,10 +278,7 @@ fn model_ranges() -> Vec<ModelRange> {
         // .8-.12
         ModelRange {
             spec: RangeSpec::parse(
-                &RangeInput {
-                    range: "198.18.0.8-198.18.0.12/27".into(),
-                    ..Default::default()
-                },
+                &RangeInput { range: "198.18.0.8-198.18.0.12/27".into(), ..Default::default() },
                 FieldPrefix(""),
             )
             .expect("valid"),
@@ -409,48 +286,22 @@ fn model_ranges() -> Vec<ModelRange> {
             span: v4(8, 12, &[]),
         },
         // same CIDR as the first, nothing excluded
-        ModelRange {
-            spec: spec("198.18.0.0/28", &[], ""),
-            allowed: v4(1, 14, &[]),
-            span: v4(1, 14, &[]),
-        },
+        ModelRange { spec: spec("198.18.0.0/28", &[], ""), allowed: v4(1, 14, &[]), span: v4(1, 14, &[]) },
         ModelRange {
             spec: spec("fd00::/125", &["fd00::3"], ""),
             allowed: v6(&["fd00::1", "fd00::2", "fd00::4", "fd00::5", "fd00::6"]),
-            span: v6(&[
-                "fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::6",
-            ]),
+            span: v6(&["fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::6"]),
         },
     ]
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Allocate {
-        net: u8,
-        cid: u8,
-        ifname: u8,
-        pod: u8,
-        ranges: Vec<usize>,
-        requested: Option<usize>,
-    },
-    Release {
-        net: u8,
-        cid: u8,
-        ifname: u8,
-    },
-    Gc {
-        net: u8,
-        valid: Vec<(u8, u8)>,
-    },
-    Reserve {
-        net: u8,
-        addr: usize,
-    },
-    ReleaseAddress {
-        net: u8,
-        addr: usize,
-    },
+    Allocate { net: u8, cid: u8, ifname: u8, pod: u8, ranges: Vec<usize>, requested: Option<usize> },
+    Release { net: u8, cid: u8, ifname: u8 },
+    Gc { net: u8, valid: Vec<(u8, u8)> },
+    Reserve { net: u8, addr: usize },
+    ReleaseAddress { net: u8, addr: usize },
     Restart,
 }
 
@@ -469,15 +320,14 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Holder in the model: (container id, ifname, pod) or a manual reservation (None).
 type Holder = Option<(String, String, String)>;
+/// The model's state: who holds each (network, address).
+type ModelState = BTreeMap<(String, IpAddr), Holder>;
 
 fn candidates() -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = (0..=20u8).map(|o| IpAddr::from([198, 18, 0, o])).collect();
     v.extend(
-        [
-            "fd00::", "fd00::1", "fd00::3", "fd00::6", "fd00::7", "fd00::9", "fd00::2", "fd00::5",
-            "fd00::4",
-        ]
-        .map(ip),
+        ["fd00::", "fd00::1", "fd00::3", "fd00::6", "fd00::7", "fd00::9", "fd00::2", "fd00::5", "fd00::4"]
+            .map(ip),
     );
     v
 }
@@ -502,25 +352,21 @@ fn outcome(e: &AllocError) -> Outcome {
 
 /// The model's answer to an allocate, and its new state on success.
 fn model_allocate(
-    state: &BTreeMap<(String, IpAddr), Holder>,
+    state: &ModelState,
     ranges: &[ModelRange],
     net: &str,
     (cid, ifname, pod): (&str, &str, &str),
     picks: &[usize],
     requested: Option<IpAddr>,
-) -> Result<(Vec<IpAddr>, BTreeMap<(String, IpAddr), Holder>), Outcome> {
+) -> Result<(Vec<IpAddr>, ModelState), Outcome> {
     let in_range = |r: usize, a: IpAddr| ranges[r].span.contains(&a);
     let allowed = |r: usize, a: IpAddr| ranges[r].allowed.contains(&a);
     let mut wanted = vec![None; picks.len()];
     if let Some(a) = requested {
-        let slot = picks
-            .iter()
-            .position(|r| in_range(*r, a))
-            .ok_or(Outcome::Invalid)?;
+        let slot = picks.iter().position(|r| in_range(*r, a)).ok_or(Outcome::Invalid)?;
         wanted[slot] = Some(a);
     }
-    let held_by = |st: &BTreeMap<(String, IpAddr), Holder>,
-                   f: &dyn Fn(&(String, String, String)) -> bool| {
+    let held_by = |st: &ModelState, f: &dyn Fn(&(String, String, String)) -> bool| {
         st.iter()
             .filter(|((n, _), h)| n == net && h.as_ref().is_some_and(f))
             .map(|((_, a), _)| *a)
@@ -535,10 +381,7 @@ fn model_allocate(
     let mut st = state.clone();
     let mut chosen: Vec<IpAddr> = Vec::new();
     for (slot, r) in picks.iter().enumerate() {
-        let reuse = existing
-            .iter()
-            .copied()
-            .find(|a| allowed(*r, *a) && !chosen.contains(a));
+        let reuse = existing.iter().copied().find(|a| allowed(*r, *a) && !chosen.contains(a));
         let a = match (reuse, wanted[slot]) {
             (Some(h), Some(w)) if h != w => return Err(Outcome::Conflict),
             (Some(h), _) => {
@@ -561,29 +404,22 @@ fn model_allocate(
                 .find(|a| !st.contains_key(&(net.to_string(), *a)))
                 .ok_or(Outcome::Exhausted)?,
         };
-        st.insert(
-            (net.to_string(), a),
-            Some((cid.into(), ifname.into(), pod.into())),
-        );
+        st.insert((net.to_string(), a), Some((cid.into(), ifname.into(), pod.into())));
         chosen.push(a);
     }
     if moved {
         for a in existing {
-            st.insert(
-                (net.to_string(), a),
-                Some((cid.into(), ifname.into(), pod.into())),
-            );
+            st.insert((net.to_string(), a), Some((cid.into(), ifname.into(), pod.into())));
         }
     }
     Ok((chosen, st))
 }
 
-fn snapshot(al: &Allocator) -> BTreeMap<(String, IpAddr), Holder> {
+fn snapshot(al: &Allocator) -> ModelState {
     al.leases(&LeaseFilter::default())
         .into_iter()
         .map(|l| {
-            let h = (!l.is_manual())
-                .then(|| (l.container_id.clone(), l.ifname.clone(), l.pod.name.clone()));
+            let h = (!l.is_manual()).then(|| (l.container_id.clone(), l.ifname.clone(), l.pod.name.clone()));
             ((l.network, l.address), h)
         })
         .collect()
@@ -626,7 +462,7 @@ proptest! {
         let nets = ["", "rail0"];
         let pods = ["", "pod-a", "pod-b"];
         let mut al = Allocator::new();
-        let mut model: BTreeMap<(String, IpAddr), Holder> = BTreeMap::new();
+        let mut model: ModelState = BTreeMap::new();
         let mut store = FakeStore::default();
         for op in ops {
             match op {

@@ -13,11 +13,7 @@ use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
 #[command(version)]
 struct Args {
     /// Server endpoint: http://host:port or unix:///path.
-    #[arg(
-        long,
-        env = "RUST_IPAM_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, env = "RUST_IPAM_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
     /// Give up on a call after this many milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -83,10 +79,8 @@ enum Cmd {
 }
 
 fn split_pod(pod: &str) -> (String, String) {
-    pod.split_once('/').map_or_else(
-        || (String::new(), pod.to_string()),
-        |(ns, n)| (ns.to_string(), n.to_string()),
-    )
+    pod.split_once('/')
+        .map_or_else(|| (String::new(), pod.to_string()), |(ns, n)| (ns.to_string(), n.to_string()))
 }
 
 fn attachment(who: &Who, pod: &str) -> pb::Attachment {
@@ -94,30 +88,19 @@ fn attachment(who: &Who, pod: &str) -> pb::Attachment {
     pb::Attachment {
         container_id: who.container_id.clone(),
         ifname: who.ifname.clone(),
-        pod: Some(pb::PodRef {
-            namespace,
-            name,
-            uid: String::new(),
-        }),
+        pod: Some(pb::PodRef { namespace, name, uid: String::new() }),
         node: String::new(),
     }
 }
 
 fn print_lease(l: &pb::Lease) {
-    let pod = l
-        .pod
-        .as_ref()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .unwrap_or_default();
+    let pod = l.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
     let holder = if l.container_id.is_empty() {
         format!("reserved: {}", l.note)
     } else {
         format!("pod={pod} container={} ifname={}", l.container_id, l.ifname)
     };
-    println!(
-        "{}/{}\tnetwork={:?}\trange={}\t{holder}",
-        l.address, l.prefix_len, l.network, l.range
-    );
+    println!("{}/{}\tnetwork={:?}\trange={}\t{holder}", l.address, l.prefix_len, l.network, l.range);
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -127,20 +110,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut ipam = IpamClient::new(channel.clone());
     let mut admin = AdminClient::new(channel);
     match args.cmd {
-        Cmd::Allocate {
-            who,
-            range,
-            exclude,
-            pod,
-            ip,
-        } => {
+        Cmd::Allocate { who, range, exclude, pod, ip } => {
             let ranges = range
                 .into_iter()
-                .map(|r| pb::Range {
-                    range: r,
-                    exclude: exclude.clone(),
-                    ..Default::default()
-                })
+                .map(|r| pb::Range { range: r, exclude: exclude.clone(), ..Default::default() })
                 .collect();
             let req = pb::AllocateRequest {
                 attachment: Some(attachment(&who, &pod)),
@@ -153,42 +126,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Cmd::Release { who } => {
-            let req = pb::ReleaseRequest {
-                attachment: Some(attachment(&who, "")),
-                network: who.network.clone(),
-            };
+            let req =
+                pb::ReleaseRequest { attachment: Some(attachment(&who, "")), network: who.network.clone() };
             let released = ipam.release(req).await?.into_inner().released;
             println!("released {} address(es)", released.len());
             released.iter().for_each(print_lease);
         }
         Cmd::Leases { network, pod, node } => {
             let (pod_namespace, pod_name) = split_pod(&pod);
-            let req = pb::ListLeasesRequest {
-                network,
-                pod_namespace,
-                pod_name,
-                node,
-                ..Default::default()
-            };
-            admin
-                .list_leases(req)
-                .await?
-                .into_inner()
-                .leases
-                .iter()
-                .for_each(print_lease);
+            let req = pb::ListLeasesRequest { network, pod_namespace, pod_name, node, ..Default::default() };
+            admin.list_leases(req).await?.into_inner().leases.iter().for_each(print_lease);
         }
         Cmd::Pools { network } => {
             println!(
                 "{:<10} {:<28} {:>12} {:>12} {:>12} {:>12}",
                 "NETWORK", "RANGE", "SIZE", "USED", "EXCLUDED", "FREE"
             );
-            for p in admin
-                .list_pools(pb::ListPoolsRequest { network })
-                .await?
-                .into_inner()
-                .pools
-            {
+            for p in admin.list_pools(pb::ListPoolsRequest { network }).await?.into_inner().pools {
                 let range = p.range.map(|r| r.range).unwrap_or_default();
                 println!(
                     "{:<10} {:<28} {:>12} {:>12} {:>12} {:>12}",

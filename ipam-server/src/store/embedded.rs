@@ -25,21 +25,15 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) `dir/leases.redb`, creating `dir` if needed.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::new("create data directory", format!("{}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::new("create data directory", format!("{}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path)
             .map_err(|e| StoreError::new("open database", format!("{}: {e}", path.display())))?;
-        let txn = db
-            .begin_write()
-            .map_err(|e| StoreError::new("open tables", e))?;
-        txn.open_table(LEASES)
-            .map_err(|e| StoreError::new("open tables", e))?;
-        txn.open_table(POOLS)
-            .map_err(|e| StoreError::new("open tables", e))?;
-        txn.commit()
-            .map_err(|e| StoreError::new("open tables", e))?;
+        let txn = db.begin_write().map_err(|e| StoreError::new("open tables", e))?;
+        txn.open_table(LEASES).map_err(|e| StoreError::new("open tables", e))?;
+        txn.open_table(POOLS).map_err(|e| StoreError::new("open tables", e))?;
+        txn.commit().map_err(|e| StoreError::new("open tables", e))?;
         Ok(EmbeddedStore { db, path })
     }
 }
@@ -70,9 +64,7 @@ impl LeaseStore for EmbeddedStore {
             let (k, v) = row.map_err(|e| err(&e))?;
             let (network, address) = k.value();
             match serde_json::from_slice::<Lease>(v.value()) {
-                Ok(l) if l.network == network && l.address.to_string() == address => {
-                    out.leases.push(l)
-                }
+                Ok(l) if l.network == network && l.address.to_string() == address => out.leases.push(l),
                 Ok(l) => out.problems.push(LoadProblem {
                     what: format!("lease record {address} in network \"{network}\""),
                     error: format!("holds {} in network \"{}\"", l.address, l.network),
@@ -103,16 +95,12 @@ impl LeaseStore for EmbeddedStore {
                     }
                     Change::DeleteLease { network, address } => {
                         let addr = address.to_string();
-                        leases
-                            .remove((network.as_str(), addr.as_str()))
-                            .map_err(|e| err(&e))?;
+                        leases.remove((network.as_str(), addr.as_str())).map_err(|e| err(&e))?;
                     }
                     Change::PutPool { network, range } => {
                         let v = serde_json::to_vec(range).map_err(|e| err(&e))?;
                         let k = String::from_utf8_lossy(&v).into_owned();
-                        pools
-                            .insert((network.as_str(), k.as_str()), v.as_slice())
-                            .map_err(|e| err(&e))?;
+                        pools.insert((network.as_str(), k.as_str()), v.as_slice()).map_err(|e| err(&e))?;
                     }
                 }
             }
@@ -135,11 +123,7 @@ mod tests {
             gateway: None,
             container_id: "c1".into(),
             ifname: "net1".into(),
-            pod: PodRef {
-                namespace: "ns".into(),
-                name: "p".into(),
-                uid: "u".into(),
-            },
+            pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
             node: "n1".into(),
             created_unix_ms: 42,
             note: String::new(),
@@ -149,17 +133,11 @@ mod tests {
     #[test]
     fn commits_survive_reopen_and_deletes_apply() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let range = RangeInput {
-            range: "10.0.0.0/24".into(),
-            ..Default::default()
-        };
+        let range = RangeInput { range: "10.0.0.0/24".into(), ..Default::default() };
         {
             let mut s = EmbeddedStore::open(dir.path()).expect("open");
             s.commit(&[
-                Change::PutPool {
-                    network: "rail0".into(),
-                    range: range.clone(),
-                },
+                Change::PutPool { network: "rail0".into(), range: range.clone() },
                 Change::PutLease(lease("10.0.0.1")),
                 Change::PutLease(lease("10.0.0.2")),
             ])
@@ -184,25 +162,16 @@ mod tests {
         let txn = s.db.begin_write().expect("txn");
         {
             let mut t = txn.open_table(LEASES).expect("table");
-            t.insert(("", "10.0.0.9"), b"{not json".as_slice())
-                .expect("insert");
+            t.insert(("", "10.0.0.9"), b"{not json".as_slice()).expect("insert");
             let moved = serde_json::to_vec(&lease("10.0.0.7")).expect("json");
-            t.insert(("", "10.0.0.8"), moved.as_slice())
-                .expect("insert");
+            t.insert(("", "10.0.0.8"), moved.as_slice()).expect("insert");
         }
         txn.commit().expect("commit");
         let loaded = s.load().expect("load");
         assert!(loaded.leases.is_empty());
-        let what: Vec<_> = loaded
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", p.what, p.error))
-            .collect();
+        let what: Vec<_> = loaded.problems.iter().map(|p| format!("{}: {}", p.what, p.error)).collect();
         assert_eq!(what.len(), 2);
-        assert_eq!(
-            what[0],
-            "lease record 10.0.0.8 in network \"\": holds 10.0.0.7 in network \"rail0\""
-        );
+        assert_eq!(what[0], "lease record 10.0.0.8 in network \"\": holds 10.0.0.7 in network \"rail0\"");
         assert!(
             what[1].starts_with("lease record 10.0.0.9 in network \"\": key must be a string"),
             "{}",

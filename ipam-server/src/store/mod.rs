@@ -15,10 +15,7 @@ pub struct StoreError {
 
 impl StoreError {
     pub(crate) fn new(op: &'static str, e: impl std::fmt::Display) -> StoreError {
-        StoreError {
-            op,
-            reason: e.to_string(),
-        }
+        StoreError { op, reason: e.to_string() }
     }
 }
 
