@@ -123,9 +123,20 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
             }
         }
         let now = now_unix_ms();
-        let replies: Vec<Reply> = batch.drain(..).map(|job| job(&mut alloc, now)).collect();
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        let mut panicked = false;
+        for job in batch.drain(..) {
+            // A panic here is a bug; it must cost this batch, not the whole service.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut alloc, now))) {
+                Ok(reply) => replies.push(reply),
+                Err(_) => panicked = true,
+            }
+        }
         let changes = alloc.take_journal();
-        let outcome = if changes.is_empty() {
+        let outcome = if panicked {
+            error!("a request panicked; discarding the batch and reloading state from the store");
+            Err(EngineError::Commit("internal error while handling the batch".into()))
+        } else if changes.is_empty() {
             Ok(())
         } else {
             store.commit(&changes).map_err(|e| {
@@ -137,7 +148,7 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
             match restore(store.as_ref()) {
                 Ok(a) => alloc = a,
                 Err(e) => {
-                    error!(error = %e, "cannot reload state after a failed commit; stopping");
+                    error!(error = %e, "cannot reload state after a failed batch; stopping");
                     let stop = EngineError::Stopped(format!("state could not be reloaded: {e}"));
                     replies.into_iter().for_each(|r| r(Err(stop.clone())));
                     return;
@@ -223,6 +234,23 @@ mod tests {
         let changes: usize = commits.iter().map(Vec::len).sum();
         assert_eq!(changes, 200);
         assert!(commits.len() <= 200);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_request_costs_its_batch_not_the_engine() {
+        let rec = Recorder::default();
+        let engine = Engine::start(Box::new(rec.clone())).expect("start");
+        let err = engine
+            .call(|a, now| {
+                let _ = a.reserve("", "10.0.0.3".parse().expect("ip"), "t", now);
+                panic!("bug in a request handler")
+            })
+            .await
+            .map(|()| ())
+            .expect_err("the panicking request fails");
+        assert!(matches!(err, EngineError::Stopped(_)), "{err}");
+        // Its half-done change was discarded and the engine still serves.
+        reserve(&engine, "10.0.0.3").await.expect("engine").expect("10.0.0.3 is free");
     }
 
     #[tokio::test]
