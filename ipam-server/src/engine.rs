@@ -246,7 +246,6 @@ mod tests {
                 panic!("bug in a request handler")
             })
             .await
-            .map(|()| ())
             .expect_err("the panicking request fails");
         assert!(matches!(err, EngineError::Stopped(_)), "{err}");
         // Its half-done change was discarded and the engine still serves.

@@ -1,0 +1,489 @@
+//! `grpc-load`: drives gRPC Allocate against a rust-ipam server at several concurrency
+//! levels and prints a markdown table of throughput and latency.
+//!
+//! By default it starts the real `rust-ipam-server` binary found next to its own executable,
+//! on a free 127.0.0.1 port with a fresh temporary data directory (so every Allocate is a
+//! durable redb commit), and kills it at the end. It only ever talks to a loopback address
+//! or a unix socket.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::ipam_client::IpamClient;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tracing::{Instrument as _, info, info_span, warn};
+
+/// Load a rust-ipam server with concurrent gRPC Allocate calls and print a latency table.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Server to load instead of starting one: `http://127.0.0.1:PORT` (any loopback
+    /// address) or `unix:///path`. Nothing else is accepted.
+    #[arg(long, env = "GRPC_LOAD_SERVER")]
+    server: Option<String>,
+    /// Server binary to start. Default: `rust-ipam-server` in this executable's directory.
+    #[arg(long, conflicts_with = "server")]
+    server_bin: Option<PathBuf>,
+    /// RUST_LOG of the started server. Its default `info` logs every allocation, as a
+    /// deployed server does.
+    #[arg(long, default_value = "info", conflicts_with = "server")]
+    server_log: String,
+    /// Concurrency levels, run one after another; each client has its own HTTP/2 connection.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Length of each level.
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
+    /// Also stop a level after this many calls in all (the duration still bounds it).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Release each address right after allocating it; one op is then allocate + release.
+    #[arg(long)]
+    release_after: bool,
+    /// Range to allocate from; a /8 is not exhausted by any run of reasonable length.
+    #[arg(long, default_value = "10.0.0.0/8")]
+    range: String,
+    /// Network the leases are taken in. With `--server`, every attachment lease of this
+    /// network is released at the end (GC with no valid attachments) unless `--keep-leases`.
+    #[arg(long, default_value = "grpc-load")]
+    network: String,
+    /// With `--server`, leave the leases this run took in place.
+    #[arg(long, requires = "server")]
+    keep_leases: bool,
+    /// Connect timeout and per-call deadline.
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+}
+
+/// Histogram bounds: 1 µs to 60 s at 3 significant digits.
+const HIST_MAX_US: u64 = 60_000_000;
+/// How long a started server may take to answer Status.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+const IFNAME: &str = "net1";
+
+/// Accepts only endpoints that stay on this host.
+fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        if path.is_empty() {
+            bail!("--server {endpoint:?} has an empty unix socket path");
+        }
+        return Ok(());
+    }
+    let uri: tonic::transport::Uri =
+        endpoint.parse().with_context(|| format!("--server {endpoint:?} is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("--server {endpoint:?} must start with http:// or unix://");
+    }
+    let host = uri.host().unwrap_or_default();
+    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--server {endpoint:?}: host {host:?} is not an IP address; give a loopback address \
+             such as 127.0.0.1 (this tool sends traffic nowhere else)"
+        )
+    })?;
+    if !ip.is_loopback() {
+        bail!("--server {endpoint:?}: {ip} is not a loopback address; this tool only loads local servers");
+    }
+    if uri.port_u16().is_none() {
+        bail!("--server {endpoint:?} has no port");
+    }
+    Ok(())
+}
+
+/// A server this tool started; killed when dropped, then its data directory is removed.
+#[derive(Debug)]
+struct SpawnedServer {
+    // Field order matters: the process goes before its directory.
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Last lines of the started server's log, for error messages.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn free_loopback_port() -> anyhow::Result<u16> {
+    // The port is free when we look; the server binds it a moment later. Another process
+    // taking it in between makes the server fail to start, which is reported.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("finding a free port")?.port())
+}
+
+fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let bin = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let dir = exe.parent().context("this executable has no parent directory")?;
+            dir.join("rust-ipam-server")
+        }
+    };
+    if !bin.is_file() {
+        bail!(
+            "server binary {} not found; build it first with `cargo build --release -p ipam-server` \
+             (same profile as this tool), or pass --server-bin PATH or --server URL",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+async fn spawn_server(args: &Args, timeout: Duration) -> anyhow::Result<SpawnedServer> {
+    let bin = server_binary(args.server_bin.as_deref())?;
+    let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir().context("creating a temp dir")?;
+    let listen = format!("127.0.0.1:{}", free_loopback_port()?);
+    let log = dir.path().join("server.log");
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(&bin)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(&listen)
+        .arg("--identity")
+        .arg("grpc-load")
+        .env("RUST_LOG", &args.server_log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    info!(binary = %bin.display(), %listen, data_dir = %dir.path().display(), "started server");
+    let mut server = SpawnedServer { child, endpoint: format!("http://{listen}"), log, _dir: dir };
+    wait_ready(&mut server, timeout).await?;
+    Ok(server)
+}
+
+/// Whether the server at `endpoint` answers Status as the allocating replica.
+async fn serving(endpoint: &str, timeout: Duration) -> bool {
+    let Ok(channel) = ipam_server::client::connect(endpoint, timeout).await else {
+        return false;
+    };
+    IpamClient::new(channel).status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
+}
+
+/// Waits until the started server answers Status, or fails with its log if it exits.
+async fn wait_ready(server: &mut SpawnedServer, timeout: Duration) -> anyhow::Result<()> {
+    let give_up = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Some(status) = server.child.try_wait().context("checking the server process")? {
+            bail!("server exited during startup ({status}); its log:\n{}", log_tail(&server.log));
+        }
+        if serving(&server.endpoint, timeout).await {
+            return Ok(());
+        }
+        if Instant::now() > give_up {
+            bail!(
+                "server at {} did not answer Status within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                server.endpoint,
+                log_tail(&server.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What every client of one level shares.
+#[derive(Debug)]
+struct Plan {
+    /// Prefix that makes container IDs unique across runs and levels.
+    id_prefix: String,
+    network: String,
+    range: String,
+    release_after: bool,
+    deadline: Instant,
+    max_requests: Option<u64>,
+    /// Calls started so far, for `max_requests`.
+    started: AtomicU64,
+}
+
+/// What one client measured.
+#[derive(Debug)]
+struct Tally {
+    /// Latency of each successful op, in microseconds.
+    hist: Histogram<u64>,
+    errors: u64,
+    first_error: Option<tonic::Status>,
+}
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("creating a latency histogram")
+}
+
+fn attachment(container_id: &str) -> pb::Attachment {
+    pb::Attachment {
+        container_id: container_id.to_string(),
+        ifname: IFNAME.to_string(),
+        pod: Some(pb::PodRef {
+            namespace: "grpc-load".into(),
+            name: container_id.to_string(),
+            uid: String::new(),
+        }),
+        node: "grpc-load".into(),
+    }
+}
+
+/// One op: Allocate, and Release too with `--release-after`.
+async fn op(ipam: &mut IpamClient<Channel>, plan: &Plan, container_id: &str) -> Result<(), tonic::Status> {
+    let req = pb::AllocateRequest {
+        attachment: Some(attachment(container_id)),
+        network: plan.network.clone(),
+        ranges: vec![pb::Range { range: plan.range.clone(), ..Default::default() }],
+        requested_addresses: Vec::new(),
+    };
+    let got = ipam.allocate(req).await?.into_inner();
+    if got.leases.len() != 1 {
+        return Err(tonic::Status::internal(format!(
+            "Allocate answered {} leases for one range",
+            got.leases.len()
+        )));
+    }
+    if plan.release_after {
+        let req =
+            pb::ReleaseRequest { attachment: Some(attachment(container_id)), network: plan.network.clone() };
+        ipam.release(req).await?;
+    }
+    Ok(())
+}
+
+async fn client(mut ipam: IpamClient<Channel>, plan: Arc<Plan>, id: usize) -> anyhow::Result<Tally> {
+    let mut tally = Tally { hist: new_histogram()?, errors: 0, first_error: None };
+    for seq in 0u64.. {
+        if Instant::now() >= plan.deadline {
+            break;
+        }
+        if plan.max_requests.is_some_and(|max| plan.started.fetch_add(1, Ordering::Relaxed) >= max) {
+            break;
+        }
+        let container_id = format!("{}-{id}-{seq}", plan.id_prefix);
+        let t = Instant::now();
+        match op(&mut ipam, &plan, &container_id).await {
+            Ok(()) => {
+                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                tally.hist.saturating_record(us.max(1));
+            }
+            Err(status) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(status);
+            }
+        }
+    }
+    Ok(tally)
+}
+
+/// One row of the table.
+#[derive(Debug)]
+struct Row {
+    clients: usize,
+    requests: u64,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    errors: u64,
+}
+
+async fn run_level(
+    endpoint: &str,
+    args: &Args,
+    level: usize,
+    clients: usize,
+    run_id: &str,
+) -> anyhow::Result<Row> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    // Connect every client before the clock starts: connection setup is not what we measure.
+    let mut channels = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let ch = ipam_server::client::connect(endpoint, timeout)
+            .await
+            .with_context(|| format!("connecting client {i} to {endpoint}"))?;
+        channels.push(IpamClient::new(ch));
+    }
+    let started = Instant::now();
+    let plan = Arc::new(Plan {
+        id_prefix: format!("load-{run_id}-{level}"),
+        network: args.network.clone(),
+        range: args.range.clone(),
+        release_after: args.release_after,
+        deadline: started + Duration::from_secs(args.duration_secs),
+        max_requests: args.requests,
+        started: AtomicU64::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, ipam) in channels.into_iter().enumerate() {
+        let span = info_span!("client", clients, id = i);
+        tasks.spawn(client(ipam, plan.clone(), i).instrument(span));
+    }
+    let mut hist = new_histogram()?;
+    let mut errors = 0;
+    let mut first_error = None;
+    while let Some(t) = tasks.join_next().await {
+        let t = t.context("client task panicked")??;
+        hist.add(&t.hist).context("merging latency histograms")?;
+        errors += t.errors;
+        first_error = first_error.or(t.first_error);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(e) = first_error {
+        warn!(clients, errors, code = ?e.code(), message = e.message(), "calls failed; first error shown");
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    let ok = hist.len();
+    Ok(Row {
+        clients,
+        requests: ok + errors,
+        ops_per_sec: ok as f64 / elapsed,
+        p50_ms: ms(hist.value_at_quantile(0.50)),
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        max_ms: ms(hist.max()),
+        errors,
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| clients | requests | ops/s | p50 ms | p99 ms | max ms | errors |");
+    println!("|--------:|---------:|------:|-------:|-------:|-------:|-------:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            r.clients, r.requests, r.ops_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+        );
+    }
+}
+
+/// Releases what this run left in `--network` on a server it did not start.
+async fn clean_up(endpoint: &str, network: &str, timeout: Duration) -> anyhow::Result<()> {
+    let ch = ipam_server::client::connect(endpoint, timeout).await.context("connecting for cleanup")?;
+    let released = IpamClient::new(ch)
+        .gc(pb::GcRequest { network: network.to_string(), valid_attachments: Vec::new() })
+        .await
+        .context("releasing the run's leases (GC)")?
+        .into_inner()
+        .released
+        .len();
+    info!(network, released, "released the leases of this run");
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.clients.is_empty() || args.clients.contains(&0) {
+        bail!("--clients {:?} must list positive counts, e.g. 1,16,64", args.clients);
+    }
+    if args.duration_secs == 0 {
+        bail!("--duration-secs must be at least 1");
+    }
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut spawned = None;
+    let endpoint = match &args.server {
+        Some(url) => {
+            check_local_endpoint(url)?;
+            url.clone()
+        }
+        None => spawned.insert(spawn_server(&args, timeout).await?).endpoint.clone(),
+    };
+    let run_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
+    info!(%endpoint, range = %args.range, network = %args.network, release_after = args.release_after,
+        duration_secs = args.duration_secs, "load run");
+
+    let mut rows = Vec::new();
+    let levels = async {
+        for (level, &clients) in args.clients.iter().enumerate() {
+            let row = run_level(&endpoint, &args, level, clients, &run_id).await?;
+            info!(clients, ops_per_sec = row.ops_per_sec as u64, p99_ms = row.p99_ms, "level done");
+            rows.push(row);
+        }
+        anyhow::Ok(())
+    };
+    // On Ctrl-C, still print what was measured and stop the server this tool started.
+    let mut outcome = tokio::select! {
+        r = levels => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if !rows.is_empty() {
+        print_table(&rows);
+    }
+
+    match spawned {
+        Some(mut s) => {
+            // Killing it is fine: every answered Allocate is already durable, and the data
+            // directory is discarded.
+            if let Err(e) = s.child.kill().await {
+                warn!(error = %e, "could not kill the server");
+            }
+        }
+        None if !args.keep_leases && !args.release_after => {
+            let cleaned = clean_up(&endpoint, &args.network, timeout).await;
+            // A failed level's error matters more than the cleanup's.
+            match (&outcome, cleaned) {
+                (Ok(()), Err(e)) => outcome = Err(e),
+                (Err(_), Err(e)) => warn!(error = %format!("{e:#}"), "cleanup failed too"),
+                (_, Ok(())) => {}
+            }
+        }
+        None => {}
+    }
+    outcome
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(endpoint: &str) -> String {
+        check_local_endpoint(endpoint).expect_err(endpoint).to_string()
+    }
+
+    #[test]
+    fn accepts_only_local_endpoints() {
+        for ok in ["http://127.0.0.1:50051", "http://127.0.0.2:1", "http://[::1]:50051", "unix:///run/x.sock"]
+        {
+            check_local_endpoint(ok).expect(ok);
+        }
+        assert_eq!(
+            err("http://10.1.2.3:50051"),
+            "--server \"http://10.1.2.3:50051\": 10.1.2.3 is not a loopback address; this tool only \
+             loads local servers"
+        );
+        assert_eq!(
+            err("http://localhost:50051"),
+            "--server \"http://localhost:50051\": host \"localhost\" is not an IP address; give a \
+             loopback address such as 127.0.0.1 (this tool sends traffic nowhere else)"
+        );
+        assert_eq!(
+            err("https://127.0.0.1:50051"),
+            "--server \"https://127.0.0.1:50051\" must start with http:// or unix://"
+        );
+        assert_eq!(err("127.0.0.1:50051"), "--server \"127.0.0.1:50051\" must start with http:// or unix://");
+        assert_eq!(err("http://127.0.0.1"), "--server \"http://127.0.0.1\" has no port");
+        assert_eq!(err("unix://"), "--server \"unix://\" has an empty unix socket path");
+    }
+}
