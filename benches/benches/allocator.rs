@@ -2,7 +2,7 @@
 //!
 //! One iteration of the `allocator:` groups is what the engine thread does for a CNI ADD
 //! followed by a DEL of the same attachment: `Allocator::allocate` of one address, then
-//! `Allocator::release`, then `take_journal` (the engine drains the journal once per batch;
+//! `Allocator::release`, then `drain_journal` (the engine drains the journal once per batch;
 //! draining it here keeps memory flat). The request is reused with a fixed container ID: it
 //! is released every iteration, so each allocate finds and takes the first free address.
 //!
@@ -16,22 +16,22 @@
 //!   attachment index entries). Even so the 99% fill takes about 70 s and ~15 GB of memory
 //!   at its peak; the fill time and memory are printed to stderr.
 //!
-//! The `bitmap:` groups measure `SparseBitmap` alone at the same fill levels
-//! (`first_zero_from(0)` + `insert` + `remove`), to separate the core bitmap cost from the
-//! allocator's indexes, lease records and strings.
+//! The `range:` groups measure one `RangePool` alone at the same fill levels (first free
+//! address, mark it held, mark it free): the address-level core (bitmap, exclusions,
+//! address arithmetic) without the allocator's networks, attachment indexes and lease
+//! records.
 //!
 //! Under `cargo test --benches` (criterion's test mode) every routine runs once and the
 //! fills are capped at [`SMOKE_MAX_HELD`], so a test run never builds the 15 GB /8.
 
-use std::fmt::Write as _;
 use std::hint::black_box;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ipam_server::allocator::bitmap::SparseBitmap;
 use ipam_server::allocator::{
-    AllocateRequest, Allocator, Attachment, FieldPrefix, Lease, PodRef, RangeInput, RangeSpec,
+    AllocateRequest, Allocator, Attachment, FieldPrefix, Leases, PodRef, RangeInput, RangePool, RangeSpec,
 };
 
 const NETWORK: &str = "bench";
@@ -125,13 +125,13 @@ fn memory() -> String {
 
 fn request(spec: &RangeSpec, container_id: &str, pod: &str) -> AllocateRequest {
     AllocateRequest {
-        attachment: Attachment {
-            container_id: container_id.to_string(),
-            ifname: IFNAME.to_string(),
-            pod: PodRef { namespace: "bench".into(), name: pod.to_string(), uid: String::new() },
+        attachment: Arc::new(Attachment {
+            container_id: container_id.into(),
+            ifname: IFNAME.into(),
+            pod: PodRef { namespace: "bench".into(), name: pod.into(), uid: String::new() },
             node: "node-1".into(),
-        },
-        network: NETWORK.to_string(),
+        }),
+        network: NETWORK.into(),
         ranges: vec![spec.clone()],
         requested: Vec::new(),
     }
@@ -159,10 +159,10 @@ impl Filled {
 
     /// The measured work: allocate the first free address, release it, drain the journal.
     /// Returns the allocated leases (dropping them is part of the work, as in the server).
-    fn cycle(&mut self) -> Vec<Lease> {
+    fn cycle(&mut self) -> Leases {
         let leases = self.alloc.allocate(&self.hot, NOW_UNIX_MS).expect("the range has room");
         black_box(self.alloc.release(NETWORK, HOT_CONTAINER, IFNAME));
-        black_box(self.alloc.take_journal());
+        self.alloc.drain_journal().for_each(drop);
         leases
     }
 
@@ -177,13 +177,15 @@ impl Filled {
             Fill::Allocate => {
                 let mut req = request(&self.spec, "", "");
                 for i in from..target {
-                    let a = &mut req.attachment;
-                    a.container_id.clear();
-                    let _ = write!(a.container_id, "fill-{i}");
-                    a.pod.name.clone_from(&a.container_id);
+                    let id = format!("fill-{i}");
+                    req.attachment = Arc::new(Attachment {
+                        container_id: id.clone(),
+                        pod: PodRef { name: id, ..req.attachment.pod.clone() },
+                        ..(*req.attachment).clone()
+                    });
                     self.alloc.allocate(&req, NOW_UNIX_MS).expect("fill allocate");
                     if i % JOURNAL_DRAIN_EVERY == 0 {
-                        self.alloc.take_journal();
+                        self.alloc.drain_journal().for_each(drop);
                     }
                 }
             }
@@ -193,12 +195,12 @@ impl Filled {
                         .reserve(NETWORK, self.spec.addr(off), "bench fill", NOW_UNIX_MS)
                         .expect("fill reserve");
                     if off % JOURNAL_DRAIN_EVERY == 0 {
-                        self.alloc.take_journal();
+                        self.alloc.drain_journal().for_each(drop);
                     }
                 }
             }
         }
-        self.alloc.take_journal();
+        self.alloc.drain_journal().for_each(drop);
         self.held = target;
         eprintln!(
             "fill {}: {from} -> {target} held via {:?} in {:.1?}, {}",
@@ -236,25 +238,25 @@ fn allocator(c: &mut Criterion) {
     }
 }
 
-fn bitmap(c: &mut Criterion) {
+fn range(c: &mut Criterion) {
     for case in CASES {
-        let mut group = c.benchmark_group(format!("bitmap: {}", case.title));
+        let mut group = c.benchmark_group(format!("range: {}", case.title));
         group.throughput(Throughput::Elements(1));
-        let size = spec(case.cidr).size();
-        let mut state: Option<(SparseBitmap, u128)> = None;
+        let spec = spec(case.cidr);
+        let mut state: Option<(RangePool, u128)> = None;
         for (held, id) in case.levels() {
             group.bench_function(id, |b| {
-                let (bm, filled) = state.get_or_insert_with(|| (SparseBitmap::new(size), 0));
+                let (pool, filled) = state.get_or_insert_with(|| (RangePool::new(spec.clone()), 0));
                 for off in *filled..held {
-                    bm.insert(off);
+                    pool.mark(spec.addr(off), true);
                 }
                 *filled = (*filled).max(held);
-                assert_eq!(bm.first_zero_from(0), Some(held), "first zero after the fill");
+                assert_eq!(pool.first_free(), Some(spec.addr(held)), "first free after the fill");
                 b.iter(|| {
-                    let off = bm.first_zero_from(0).expect("the range has room");
-                    bm.insert(off);
-                    bm.remove(off);
-                    off
+                    let ip = pool.first_free().expect("the range has room");
+                    pool.mark(ip, true);
+                    pool.mark(ip, false);
+                    ip
                 });
             });
         }
@@ -276,6 +278,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = allocator, bitmap
+    targets = allocator, range
 }
 criterion_main!(benches);

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::allocator::Allocator;
+use crate::allocator::{Allocator, Change};
 use crate::store::{LeaseStore, StoreError};
 
 /// Most requests answered by one commit.
@@ -132,7 +132,7 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
                 Err(_) => panicked = true,
             }
         }
-        let changes = alloc.take_journal();
+        let changes: Vec<Change> = alloc.drain_journal().collect();
         let outcome = if panicked {
             error!("a request panicked; discarding the batch and reloading state from the store");
             Err(EngineError::Commit("internal error while handling the batch".into()))
@@ -164,7 +164,7 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocator::Change;
+
     use crate::store::Loaded;
     use std::sync::{Arc, Mutex};
 
@@ -183,11 +183,13 @@ mod tests {
             let mut loaded = Loaded::default();
             for c in self.commits.lock().expect("lock").iter().flatten() {
                 match c {
-                    Change::PutLease(l) => loaded.leases.push(l.clone()),
+                    Change::PutLease(l) => loaded.leases.push((**l).clone()),
                     Change::DeleteLease { network, address } => {
                         loaded.leases.retain(|l| !(l.network == *network && l.address == *address))
                     }
-                    Change::PutPool { network, range } => loaded.pools.push((network.clone(), range.clone())),
+                    Change::PutPool { network, range } => {
+                        loaded.pools.push((network.to_string(), range.clone()))
+                    }
                 }
             }
             Ok(loaded)

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use rust_ipam_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -91,29 +92,33 @@ fn check_allocate(r: pb::AllocateRequest) -> Result<AllocateRequest, Status> {
         .enumerate()
         .map(|(i, a)| check_address(&format!("requested_addresses[{i}]"), a))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(AllocateRequest { attachment, network: r.network, ranges, requested })
+    Ok(AllocateRequest { attachment: Arc::new(attachment), network: r.network.into(), ranges, requested })
 }
 
-fn pb_lease(l: allocator::Lease) -> pb::Lease {
+fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
     pb::Lease {
         address: l.address.to_string(),
         prefix_len: l.prefix_len.into(),
         gateway: l.gateway.map(|g| g.to_string()).unwrap_or_default(),
-        network: l.network,
-        range: l.range,
-        container_id: l.container_id,
-        ifname: l.ifname,
-        pod: Some(pb::PodRef { namespace: l.pod.namespace, name: l.pod.name, uid: l.pod.uid }),
-        node: l.node,
+        network: l.network.to_string(),
+        range: l.range.to_string(),
+        container_id: l.holder.container_id.clone(),
+        ifname: l.holder.ifname.clone(),
+        pod: Some(pb::PodRef {
+            namespace: l.holder.pod.namespace.clone(),
+            name: l.holder.pod.name.clone(),
+            uid: l.holder.pod.uid.clone(),
+        }),
+        node: l.holder.node.clone(),
         created_unix_ms: l.created_unix_ms,
-        note: l.note,
+        note: l.note.to_string(),
     }
 }
 
 fn pb_pool(p: PoolUsage) -> pb::Pool {
     let r = p.range;
     pb::Pool {
-        network: p.network,
+        network: p.network.to_string(),
         range: Some(pb::Range {
             range: r.range,
             range_start: r.range_start,
@@ -161,8 +166,8 @@ impl pb::ipam_server::Ipam for IpamService {
             .map_err(engine_status)?
             .map_err(status)?;
         for l in &got {
-            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname,
-                pod = %format_args!("{}/{}", l.pod.namespace, l.pod.name), "allocated");
+            info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname,
+                pod = %format_args!("{}/{}", l.holder.pod.namespace, l.holder.pod.name), "allocated");
         }
         let leases = got.into_iter().map(pb_lease).collect();
         Ok(Response::new(pb::AllocateResponse { leases }))
@@ -178,7 +183,7 @@ impl pb::ipam_server::Ipam for IpamService {
         let released =
             self.engine.call(move |a, _| a.release(&network, &cid, &ifname)).await.map_err(engine_status)?;
         for l in &released {
-            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released");
+            info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released");
         }
         Ok(Response::new(pb::ReleaseResponse { released: released.into_iter().map(pb_lease).collect() }))
     }
@@ -213,7 +218,7 @@ impl pb::ipam_server::Ipam for IpamService {
         let network = r.network;
         let released = self.engine.call(move |a, _| a.gc(&network, &valid)).await.map_err(engine_status)?;
         for l in &released {
-            info!(address = %l.address, network = %l.network, container_id = %l.container_id, ifname = %l.ifname, "released by gc");
+            info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released by gc");
         }
         Ok(Response::new(pb::GcResponse { released: released.into_iter().map(pb_lease).collect() }))
     }
@@ -326,8 +331,8 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(engine_status)?
             .map_err(status)?;
-        info!(address = %lease.address, network = %lease.network, container_id = %lease.container_id,
-            pod = %format_args!("{}/{}", lease.pod.namespace, lease.pod.name), reason = %reason, "released by hand");
+        info!(address = %lease.address, network = %lease.network, container_id = %lease.holder.container_id,
+            pod = %format_args!("{}/{}", lease.holder.pod.namespace, lease.holder.pod.name), reason = %reason, "released by hand");
         Ok(Response::new(pb::ReleaseAddressResponse { released: Some(pb_lease(lease)) }))
     }
 }

@@ -86,7 +86,7 @@ impl Node {
     }
 
     /// Sets bit `i`; returns whether it was clear.
-    fn insert(&mut self, level: u32, i: u128) -> bool {
+    fn insert(&mut self, level: u32, i: u128, spares: &mut Spares) -> bool {
         match self {
             Node::Leaf(l) => {
                 let w = ((i >> 6) & 63) as usize;
@@ -103,9 +103,9 @@ impl Node {
             }
             Node::Inner(n) => {
                 let c = ((i >> child_shift(level)) & 63) as usize;
-                let child = n.children[c].get_or_insert_with(|| Box::new(Node::new(level - 1)));
+                let child = n.children[c].get_or_insert_with(|| spares.take(level - 1));
                 n.present |= 1 << c;
-                let added = child.insert(level - 1, i);
+                let added = child.insert(level - 1, i, spares);
                 if child.is_full() {
                     n.full |= 1 << c;
                 }
@@ -115,7 +115,7 @@ impl Node {
     }
 
     /// Clears bit `i`; returns whether it was set. Frees children that become empty.
-    fn remove(&mut self, level: u32, i: u128) -> bool {
+    fn remove(&mut self, level: u32, i: u128, spares: &mut Spares) -> bool {
         match self {
             Node::Leaf(l) => {
                 let w = ((i >> 6) & 63) as usize;
@@ -133,11 +133,13 @@ impl Node {
                 let Some(child) = n.children[c].as_mut() else {
                     return false;
                 };
-                let removed = child.remove(level - 1, i);
+                let removed = child.remove(level - 1, i, spares);
                 if removed {
                     n.full &= !(1 << c);
                     if child.is_empty() {
-                        n.children[c] = None;
+                        if let Some(empty) = n.children[c].take() {
+                            spares.keep(level - 1, empty);
+                        }
                         n.present &= !(1 << c);
                     }
                 }
@@ -196,6 +198,31 @@ impl Node {
     }
 }
 
+/// Emptied nodes kept for reuse, at most one per level: a range that hovers around empty
+/// would otherwise allocate and free a whole path on every insert and remove.
+#[derive(Debug, Clone, Default)]
+struct Spares {
+    by_level: Vec<Option<Box<Node>>>,
+}
+
+impl Spares {
+    fn take(&mut self, level: u32) -> Box<Node> {
+        self.by_level
+            .get_mut(level as usize)
+            .and_then(Option::take)
+            .unwrap_or_else(|| Box::new(Node::new(level)))
+    }
+
+    /// `node` must be empty (all zero), as a freshly made one.
+    fn keep(&mut self, level: u32, node: Box<Node>) {
+        let l = level as usize;
+        if self.by_level.len() <= l {
+            self.by_level.resize_with(l + 1, || None);
+        }
+        self.by_level[l].get_or_insert(node);
+    }
+}
+
 /// A set of offsets in `0..len`, stored as a sparse hierarchical bitmap.
 #[derive(Debug, Clone)]
 pub struct SparseBitmap {
@@ -206,6 +233,7 @@ pub struct SparseBitmap {
     count: u128,
     /// Children of the root that start below `len`.
     root_limit: u64,
+    spares: Spares,
 }
 
 impl SparseBitmap {
@@ -219,7 +247,7 @@ impl SparseBitmap {
             let last = (len.saturating_sub(1) >> child_shift(levels)) as u32;
             if last >= 63 { ALL } else { (1u64 << (last + 1)) - 1 }
         };
-        SparseBitmap { root: None, levels, len, count: 0, root_limit }
+        SparseBitmap { root: None, levels, len, count: 0, root_limit, spares: Spares::default() }
     }
 
     /// The capacity: valid offsets are `0..capacity`.
@@ -243,8 +271,9 @@ impl SparseBitmap {
             return false;
         }
         let levels = self.levels;
-        let root = self.root.get_or_insert_with(|| Box::new(Node::new(levels)));
-        let added = root.insert(levels, i);
+        let spares = &mut self.spares;
+        let root = self.root.get_or_insert_with(|| spares.take(levels));
+        let added = root.insert(levels, i, spares);
         if added {
             self.count += 1;
         }
@@ -256,12 +285,14 @@ impl SparseBitmap {
         let Some(root) = self.root.as_mut() else {
             return false;
         };
-        if i >= self.len || !root.remove(self.levels, i) {
+        if i >= self.len || !root.remove(self.levels, i, &mut self.spares) {
             return false;
         }
         self.count -= 1;
-        if root.is_empty() {
-            self.root = None;
+        if root.is_empty()
+            && let Some(empty) = self.root.take()
+        {
+            self.spares.keep(self.levels, empty);
         }
         true
     }
@@ -307,6 +338,7 @@ mod tests {
         assert!(b.remove(3));
         assert!(!b.remove(3));
         assert!(b.root.is_none(), "empty bitmap frees its nodes");
+        assert_eq!(b.spares.by_level.iter().flatten().count(), 1, "keeping one spare per level");
     }
 
     #[test]

@@ -8,10 +8,14 @@
 pub mod bitmap;
 pub mod range;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
 
+use hashbrown::hash_map::EntryRef;
+use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
 pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, parse_address};
@@ -36,6 +40,15 @@ pub enum AllocError {
     NotFound(String),
 }
 
+/// A shared, immutable string: leases share their network, range and pod strings.
+pub type Str = Arc<str>;
+
+/// The empty [`Str`], shared.
+pub fn empty_str() -> Str {
+    static EMPTY: LazyLock<Str> = LazyLock::new(|| Str::from(""));
+    EMPTY.clone()
+}
+
 /// The pod an attachment belongs to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PodRef {
@@ -45,8 +58,9 @@ pub struct PodRef {
     pub uid: String,
 }
 
-/// One interface of one sandbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One interface of one sandbox: who holds a lease. One allocation is shared by the leases
+/// it holds and by the indexes that find them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub container_id: String,
     pub ifname: String,
@@ -54,54 +68,63 @@ pub struct Attachment {
     pub node: String,
 }
 
+/// The holder of manual reservations: nobody.
+fn nobody() -> Arc<Attachment> {
+    static NOBODY: LazyLock<Arc<Attachment>> = LazyLock::new(Arc::default);
+    NOBODY.clone()
+}
+
 /// A held address and who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub address: IpAddr,
-    pub network: String,
+    pub network: Str,
     /// Short form of the range it came from ("" for a manual reservation outside any range).
-    pub range: String,
+    pub range: Str,
     /// Prefix length of that range (the host length outside any range).
     pub prefix_len: u8,
     /// Gateway of that range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<IpAddr>,
-    /// Empty for a manual reservation.
-    pub container_id: String,
-    pub ifname: String,
-    pub pod: PodRef,
-    pub node: String,
+    /// Who holds it; an empty container ID for a manual reservation.
+    #[serde(flatten)]
+    pub holder: Arc<Attachment>,
     pub created_unix_ms: i64,
     /// Reason of a manual reservation.
-    #[serde(default)]
-    pub note: String,
+    #[serde(default = "empty_str")]
+    pub note: Str,
 }
 
 impl Lease {
     /// Whether an operator reserved it by hand.
     pub fn is_manual(&self) -> bool {
-        self.container_id.is_empty()
+        self.holder.container_id.is_empty()
     }
 
-    fn holder(&self) -> String {
+    /// Who holds it, for messages.
+    pub fn who(&self) -> String {
+        let h = &self.holder;
         if self.is_manual() {
             format!("a manual reservation ({})", self.note)
-        } else if self.pod.name.is_empty() {
-            format!("container {} interface {}", self.container_id, self.ifname)
+        } else if h.pod.name.is_empty() {
+            format!("container {} interface {}", h.container_id, h.ifname)
         } else {
             format!(
                 "pod {}/{} (container {} interface {})",
-                self.pod.namespace, self.pod.name, self.container_id, self.ifname
+                h.pod.namespace, h.pod.name, h.container_id, h.ifname
             )
         }
     }
 }
 
+/// The leases of one attachment: usually one, two for dual stack.
+pub type Leases = SmallVec<[Arc<Lease>; 2]>;
+
 /// What a request asks for, already validated.
 #[derive(Debug, Clone)]
 pub struct AllocateRequest {
-    pub attachment: Attachment,
-    pub network: String,
+    pub attachment: Arc<Attachment>,
+    pub network: Str,
     pub ranges: Vec<RangeSpec>,
     /// Specific addresses wanted; each must fall in one of `ranges`.
     pub requested: Vec<IpAddr>,
@@ -110,15 +133,15 @@ pub struct AllocateRequest {
 /// A change to persist, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    PutLease(Lease),
-    DeleteLease { network: String, address: IpAddr },
-    PutPool { network: String, range: RangeInput },
+    PutLease(Arc<Lease>),
+    DeleteLease { network: Str, address: IpAddr },
+    PutPool { network: Str, range: RangeInput },
 }
 
 /// Size and use of one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolUsage {
-    pub network: String,
+    pub network: Str,
     pub range: RangeInput,
     pub size: u128,
     pub used: u128,
@@ -140,29 +163,33 @@ pub struct LeaseFilter {
 impl LeaseFilter {
     fn matches(&self, l: &Lease) -> bool {
         let eq = |want: &str, have: &str| want.is_empty() || want == have;
-        eq(&self.pod_namespace, &l.pod.namespace)
-            && eq(&self.pod_name, &l.pod.name)
-            && eq(&self.node, &l.node)
+        let h = &l.holder;
+        eq(&self.pod_namespace, &h.pod.namespace)
+            && eq(&self.pod_name, &h.pod.name)
+            && eq(&self.node, &h.node)
             && eq(&self.range, &l.range)
-            && eq(&self.container_id, &l.container_id)
+            && eq(&self.container_id, &h.container_id)
     }
 }
 
+/// One range and the addresses held in it: the address-level core that [`Allocator`]
+/// composes with networks, attachments and the journal.
 #[derive(Debug)]
-struct Pool {
+pub struct RangePool {
     spec: RangeSpec,
     held: SparseBitmap,
 }
 
-impl Pool {
-    fn new(spec: RangeSpec) -> Pool {
+impl RangePool {
+    /// An empty pool for `spec`.
+    pub fn new(spec: RangeSpec) -> RangePool {
         let held = SparseBitmap::new(spec.size());
-        Pool { spec, held }
+        RangePool { spec, held }
     }
 
-    /// Marks `ip` held if it is in the range and not excluded (excluded addresses are never
-    /// handed out, so they need no bit).
-    fn mark(&mut self, ip: IpAddr, held: bool) {
+    /// Marks `ip` held (or free) if it is in the range and not excluded (excluded addresses
+    /// are never handed out, so they need no bit).
+    pub fn mark(&mut self, ip: IpAddr, held: bool) {
         if let Some(off) = self.spec.offset(ip).filter(|o| self.spec.exclusion_at(*o).is_none()) {
             if held {
                 self.held.insert(off);
@@ -173,7 +200,7 @@ impl Pool {
     }
 
     /// Lowest address that is neither held nor excluded.
-    fn first_free(&self) -> Option<IpAddr> {
+    pub fn first_free(&self) -> Option<IpAddr> {
         let mut from = 0;
         loop {
             let off = self.held.first_zero_from(from)?;
@@ -184,10 +211,11 @@ impl Pool {
         }
     }
 
-    fn usage(&self, network: &str) -> PoolUsage {
+    /// Size and use, reported under `network`.
+    pub fn usage(&self, network: &Str) -> PoolUsage {
         let (size, used, excluded) = (self.spec.size(), self.held.count(), self.spec.excluded_count());
         PoolUsage {
-            network: network.to_string(),
+            network: network.clone(),
             range: self.spec.input().clone(),
             size,
             used,
@@ -197,80 +225,152 @@ impl Pool {
     }
 }
 
-type AttachKey = (String, String);
-type PodKey = (String, String, String);
+/// Index key of an attachment: its (container ID, interface).
+#[derive(Debug)]
+struct AttachKey(Arc<Attachment>);
+/// Borrowed form of [`AttachKey`], for lookups that allocate nothing. Hashes the same.
+#[derive(Hash)]
+struct AttachRef<'a>(&'a str, &'a str);
 
-#[derive(Debug, Default)]
+impl AttachKey {
+    fn borrowed(&self) -> AttachRef<'_> {
+        AttachRef(&self.0.container_id, &self.0.ifname)
+    }
+}
+
+impl std::hash::Hash for AttachKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.borrowed().hash(h);
+    }
+}
+
+impl PartialEq for AttachKey {
+    fn eq(&self, other: &AttachKey) -> bool {
+        other.borrowed().equivalent(self)
+    }
+}
+
+impl Eq for AttachKey {}
+
+impl Equivalent<AttachKey> for AttachRef<'_> {
+    fn equivalent(&self, k: &AttachKey) -> bool {
+        k.0.container_id == self.0 && k.0.ifname == self.1
+    }
+}
+
+/// Index key of a pod's interface: its (namespace, name, interface).
+#[derive(Debug)]
+struct PodKey(Arc<Attachment>);
+#[derive(Hash)]
+struct PodIfRef<'a>(&'a str, &'a str, &'a str);
+
+impl PodKey {
+    fn borrowed(&self) -> PodIfRef<'_> {
+        PodIfRef(&self.0.pod.namespace, &self.0.pod.name, &self.0.ifname)
+    }
+}
+
+impl std::hash::Hash for PodKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.borrowed().hash(h);
+    }
+}
+
+impl PartialEq for PodKey {
+    fn eq(&self, other: &PodKey) -> bool {
+        other.borrowed().equivalent(self)
+    }
+}
+
+impl Eq for PodKey {}
+
+impl Equivalent<PodKey> for PodIfRef<'_> {
+    fn equivalent(&self, k: &PodKey) -> bool {
+        k.0.pod.namespace == self.0 && k.0.pod.name == self.1 && k.0.ifname == self.2
+    }
+}
+
+/// Addresses one attachment (or pod interface) holds: usually one, two for dual stack.
+type Held = SmallVec<[IpAddr; 2]>;
+
+#[derive(Debug)]
 struct Network {
-    pools: BTreeMap<String, Pool>,
-    leases: HashMap<IpAddr, Lease>,
-    by_attachment: HashMap<AttachKey, Vec<IpAddr>>,
-    by_pod: HashMap<PodKey, Vec<IpAddr>>,
+    name: Str,
+    pools: BTreeMap<Str, RangePool>,
+    leases: HashMap<IpAddr, Arc<Lease>>,
+    by_attachment: HashMap<AttachKey, Held>,
+    by_pod: HashMap<PodKey, Held>,
 }
 
-fn attach_key(container_id: &str, ifname: &str) -> AttachKey {
-    (container_id.to_string(), ifname.to_string())
-}
-
-fn pod_key(l: &Lease) -> Option<PodKey> {
-    (!l.pod.name.is_empty()).then(|| (l.pod.namespace.clone(), l.pod.name.clone(), l.ifname.clone()))
-}
-
-fn unindex<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<IpAddr>>, key: K, ip: IpAddr) {
-    if let Some(v) = map.get_mut(&key) {
-        v.retain(|a| *a != ip);
-        if v.is_empty() {
-            map.remove(&key);
+fn unindex<K, Q>(map: &mut HashMap<K, Held>, key: &Q, ip: IpAddr)
+where
+    K: std::hash::Hash + Eq,
+    Q: std::hash::Hash + Equivalent<K> + ?Sized,
+{
+    if let EntryRef::Occupied(mut e) = map.entry_ref(key) {
+        e.get_mut().retain(|a| *a != ip);
+        if e.get().is_empty() {
+            e.remove();
         }
     }
 }
 
 impl Network {
-    fn insert(&mut self, lease: Lease) {
+    fn new(name: Str) -> Network {
+        Network {
+            name,
+            pools: BTreeMap::new(),
+            leases: HashMap::new(),
+            by_attachment: HashMap::new(),
+            by_pod: HashMap::new(),
+        }
+    }
+
+    fn insert(&mut self, lease: Arc<Lease>) {
         let ip = lease.address;
         for pool in self.pools.values_mut() {
             pool.mark(ip, true);
         }
         if !lease.is_manual() {
-            self.by_attachment.entry(attach_key(&lease.container_id, &lease.ifname)).or_default().push(ip);
-            if let Some(k) = pod_key(&lease) {
-                self.by_pod.entry(k).or_default().push(ip);
+            self.by_attachment.entry(AttachKey(lease.holder.clone())).or_default().push(ip);
+            if !lease.holder.pod.name.is_empty() {
+                self.by_pod.entry(PodKey(lease.holder.clone())).or_default().push(ip);
             }
         }
         self.leases.insert(ip, lease);
     }
 
-    fn remove(&mut self, ip: IpAddr) -> Option<Lease> {
+    fn remove(&mut self, ip: IpAddr) -> Option<Arc<Lease>> {
         let lease = self.leases.remove(&ip)?;
         for pool in self.pools.values_mut() {
             pool.mark(ip, false);
         }
         if !lease.is_manual() {
-            unindex(&mut self.by_attachment, attach_key(&lease.container_id, &lease.ifname), ip);
-            if let Some(k) = pod_key(&lease) {
-                unindex(&mut self.by_pod, k, ip);
+            let h = &lease.holder;
+            unindex(&mut self.by_attachment, &AttachRef(&h.container_id, &h.ifname), ip);
+            if !h.pod.name.is_empty() {
+                unindex(&mut self.by_pod, &PodIfRef(&h.pod.namespace, &h.pod.name, &h.ifname), ip);
             }
         }
         Some(lease)
     }
 
-    /// Returns the pool's key; creates the pool (and marks what the network holds in it)
-    /// when it is new.
-    fn ensure_pool(&mut self, spec: &RangeSpec) -> (String, bool) {
-        let key = spec.key();
-        if self.pools.contains_key(&key) {
-            return (key, false);
+    /// Creates the pool of `spec` (marking what the network holds in it) unless it exists;
+    /// returns whether it was created.
+    fn ensure_pool(&mut self, spec: &RangeSpec) -> bool {
+        if self.pools.contains_key(spec.key()) {
+            return false;
         }
-        let mut pool = Pool::new(spec.clone());
+        let mut pool = RangePool::new(spec.clone());
         for ip in self.leases.keys() {
             pool.mark(*ip, true);
         }
-        self.pools.insert(key.clone(), pool);
-        (key, true)
+        self.pools.insert(spec.key_str().clone(), pool);
+        true
     }
 
-    fn take(&self, key: &AttachKey) -> Vec<IpAddr> {
-        self.by_attachment.get(key).cloned().unwrap_or_default()
+    fn held_by(&self, container_id: &str, ifname: &str) -> Held {
+        self.by_attachment.get(&AttachRef(container_id, ifname)).cloned().unwrap_or_default()
     }
 }
 
@@ -284,9 +384,26 @@ pub struct LoadProblem {
 /// All networks, pools and leases.
 #[derive(Debug, Default)]
 pub struct Allocator {
-    networks: HashMap<String, Network>,
+    networks: HashMap<Str, Network>,
     journal: Vec<Change>,
     lease_count: usize,
+}
+
+/// The network named `name`, created empty if new.
+fn network_mut<'a>(networks: &'a mut HashMap<Str, Network>, name: &str) -> &'a mut Network {
+    if !networks.contains_key(name) {
+        let name = Str::from(name);
+        networks.insert(name.clone(), Network::new(name));
+    }
+    networks.get_mut(name).expect("network inserted above")
+}
+
+/// Removes one lease and journals it.
+fn delete(net: &mut Network, journal: &mut Vec<Change>, count: &mut usize, ip: IpAddr) -> Option<Arc<Lease>> {
+    let lease = net.remove(ip)?;
+    *count -= 1;
+    journal.push(Change::DeleteLease { network: net.name.clone(), address: ip });
+    Some(lease)
 }
 
 impl Allocator {
@@ -303,22 +420,24 @@ impl Allocator {
     ) -> (Allocator, Vec<LoadProblem>) {
         let mut a = Allocator::new();
         let mut problems = Vec::new();
-        for lease in leases {
-            let net = a.networks.entry(lease.network.clone()).or_default();
+        for mut lease in leases {
+            let net = network_mut(&mut a.networks, &lease.network);
             if let Some(old) = net.leases.get(&lease.address) {
                 problems.push(LoadProblem {
                     what: format!("lease {} in network \"{}\"", lease.address, lease.network),
-                    error: format!("address already held by {}", old.holder()),
+                    error: format!("address already held by {}", old.who()),
                 });
                 continue;
             }
-            net.insert(lease);
+            // Share the network name instead of one copy per lease.
+            lease.network = net.name.clone();
+            net.insert(Arc::new(lease));
             a.lease_count += 1;
         }
         for (network, input) in pools {
             match RangeSpec::parse(&input, FieldPrefix("")) {
                 Ok(spec) => {
-                    a.networks.entry(network).or_default().ensure_pool(&spec);
+                    network_mut(&mut a.networks, &network).ensure_pool(&spec);
                 }
                 Err(e) => problems.push(LoadProblem {
                     what: format!("pool {:?} in network \"{network}\"", input.range),
@@ -329,9 +448,10 @@ impl Allocator {
         (a, problems)
     }
 
-    /// Takes the changes made since the last call, to persist them.
-    pub fn take_journal(&mut self) -> Vec<Change> {
-        std::mem::take(&mut self.journal)
+    /// Takes the changes made since the last call, to persist them. The journal keeps its
+    /// buffer for the next batch.
+    pub fn drain_journal(&mut self) -> std::vec::Drain<'_, Change> {
+        self.journal.drain(..)
     }
 
     /// Number of held addresses across all networks.
@@ -344,30 +464,16 @@ impl Allocator {
         self.networks.values().map(|n| n.pools.len()).sum()
     }
 
-    fn put(&mut self, network: &str, lease: Lease) {
-        self.journal.push(Change::PutLease(lease.clone()));
-        self.networks.entry(network.to_string()).or_default().insert(lease);
-        self.lease_count += 1;
-    }
-
-    fn delete(&mut self, network: &str, ip: IpAddr) -> Option<Lease> {
-        let lease = self.networks.get_mut(network)?.remove(ip)?;
-        self.lease_count -= 1;
-        self.journal.push(Change::DeleteLease { network: network.to_string(), address: ip });
-        Some(lease)
-    }
-
     /// Gives the attachment one address from each range: what it (or its pod, under the
     /// same interface name) already holds there, else the requested address, else the
     /// lowest free one. All or nothing.
-    pub fn allocate(&mut self, req: &AllocateRequest, now_unix_ms: i64) -> Result<Vec<Lease>, AllocError> {
-        let network = req.network.as_str();
+    pub fn allocate(&mut self, req: &AllocateRequest, now_unix_ms: i64) -> Result<Leases, AllocError> {
         let a = &req.attachment;
         let Allocator { networks, journal, lease_count } = self;
-        let net = networks.entry(network.to_string()).or_default();
+        let net = network_mut(networks, &req.network);
 
         // Which range each requested address belongs to.
-        let mut wanted: Vec<Option<IpAddr>> = vec![None; req.ranges.len()];
+        let mut wanted: SmallVec<[Option<IpAddr>; 4]> = smallvec::smallvec![None; req.ranges.len()];
         for ip in &req.requested {
             let slot = req
                 .ranges
@@ -383,48 +489,40 @@ impl Allocator {
             wanted[slot] = Some(*ip);
         }
 
-        let mut pool_keys = Vec::with_capacity(req.ranges.len());
         for spec in &req.ranges {
-            let (key, created) = net.ensure_pool(spec);
-            if created {
-                journal.push(Change::PutPool { network: network.to_string(), range: spec.input().clone() });
+            if net.ensure_pool(spec) {
+                journal.push(Change::PutPool { network: net.name.clone(), range: spec.input().clone() });
             }
-            pool_keys.push(key);
         }
 
-        let mut existing = net.take(&attach_key(&a.container_id, &a.ifname));
+        let mut existing = net.held_by(&a.container_id, &a.ifname);
         let mut moved_from_pod = false;
-        if existing.is_empty() && !a.pod.name.is_empty() {
-            let key = (a.pod.namespace.clone(), a.pod.name.clone(), a.ifname.clone());
-            if let Some(v) = net.by_pod.get(&key) {
-                existing = v.clone();
-                moved_from_pod = true;
-            }
+        if existing.is_empty()
+            && !a.pod.name.is_empty()
+            && let Some(v) = net.by_pod.get(&PodIfRef(&a.pod.namespace, &a.pod.name, &a.ifname))
+        {
+            existing = v.clone();
+            moved_from_pod = true;
         }
         // Lowest first, so the choice does not depend on the order leases were taken.
         existing.sort_unstable();
 
-        let mut chosen: Vec<(IpAddr, bool)> = Vec::with_capacity(req.ranges.len());
-        let mut new_leases: Vec<IpAddr> = Vec::new();
+        let mut chosen: SmallVec<[IpAddr; 4]> = SmallVec::new();
+        let mut new_leases: SmallVec<[IpAddr; 4]> = SmallVec::new();
         let result = (|| {
-            for (i, key) in pool_keys.iter().enumerate() {
-                let pool = &net.pools[key];
-                let spec = &pool.spec;
-                let reuse = existing
-                    .iter()
-                    .copied()
-                    .find(|ip| spec.allows(*ip) && !chosen.iter().any(|(c, _)| c == ip));
+            for (i, spec) in req.ranges.iter().enumerate() {
+                let reuse = existing.iter().copied().find(|ip| spec.allows(*ip) && !chosen.contains(ip));
                 let ip = match (reuse, wanted[i]) {
                     (Some(held), Some(req_ip)) if held != req_ip => {
                         return Err(AllocError::Conflict {
                             attachment: format!("container {} interface {}", a.container_id, a.ifname),
-                            range: spec.display(),
+                            range: spec.display().to_string(),
                             held,
                             requested: req_ip,
                         });
                     }
                     (Some(held), _) => {
-                        chosen.push((held, false));
+                        chosen.push(held);
                         continue;
                     }
                     (None, Some(req_ip)) => {
@@ -437,38 +535,38 @@ impl Allocator {
                         }
                         if let Some(holder) = net.leases.get(&req_ip) {
                             return Err(AllocError::Held {
-                                network: network.to_string(),
+                                network: net.name.to_string(),
                                 address: req_ip,
-                                holder: holder.holder(),
+                                holder: holder.who(),
                             });
                         }
                         req_ip
                     }
-                    (None, None) => pool.first_free().ok_or_else(|| {
-                        let u = pool.usage(network);
-                        AllocError::Exhausted {
-                            range: spec.display(),
-                            size: u.size,
-                            held: u.used,
-                            excluded: u.excluded,
-                        }
-                    })?,
+                    (None, None) => {
+                        let pool = &net.pools[spec.key()];
+                        pool.first_free().ok_or_else(|| {
+                            let u = pool.usage(&net.name);
+                            AllocError::Exhausted {
+                                range: spec.display().to_string(),
+                                size: u.size,
+                                held: u.used,
+                                excluded: u.excluded,
+                            }
+                        })?
+                    }
                 };
-                net.insert(Lease {
+                net.insert(Arc::new(Lease {
                     address: ip,
-                    network: network.to_string(),
-                    range: spec.display(),
+                    network: net.name.clone(),
+                    range: spec.display_str().clone(),
                     prefix_len: spec.prefix_len(),
                     gateway: spec.gateway(),
-                    container_id: a.container_id.clone(),
-                    ifname: a.ifname.clone(),
-                    pod: a.pod.clone(),
-                    node: a.node.clone(),
+                    holder: req.attachment.clone(),
                     created_unix_ms: now_unix_ms,
-                    note: String::new(),
-                });
+                    note: empty_str(),
+                }));
                 new_leases.push(ip);
-                chosen.push((ip, true));
+                chosen.push(ip);
             }
             Ok(())
         })();
@@ -483,10 +581,10 @@ impl Allocator {
         if moved_from_pod {
             // The pod came back in a new sandbox: its leases follow it.
             for ip in existing {
-                if let Some(mut lease) = net.remove(ip) {
-                    lease.container_id = a.container_id.clone();
-                    lease.pod.uid = a.pod.uid.clone();
-                    lease.node = a.node.clone();
+                if let Some(old) = net.remove(ip) {
+                    let mut lease = (*old).clone();
+                    lease.holder = req.attachment.clone();
+                    let lease = Arc::new(lease);
                     journal.push(Change::PutLease(lease.clone()));
                     net.insert(lease);
                 }
@@ -495,38 +593,40 @@ impl Allocator {
         for ip in &new_leases {
             journal.push(Change::PutLease(net.leases[ip].clone()));
         }
-        Ok(chosen.iter().map(|(ip, _)| net.leases[ip].clone()).collect())
+        Ok(chosen.iter().map(|ip| net.leases[ip].clone()).collect())
     }
 
     /// Releases what an attachment holds in a network; nothing held is not an error.
-    pub fn release(&mut self, network: &str, container_id: &str, ifname: &str) -> Vec<Lease> {
-        let held =
-            self.networks.get(network).map(|n| n.take(&attach_key(container_id, ifname))).unwrap_or_default();
-        held.into_iter().filter_map(|ip| self.delete(network, ip)).collect()
+    pub fn release(&mut self, network: &str, container_id: &str, ifname: &str) -> Leases {
+        let Some(net) = self.networks.get_mut(network) else {
+            return Leases::new();
+        };
+        let held = net.held_by(container_id, ifname);
+        held.into_iter().filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip)).collect()
     }
 
     /// What an attachment holds in a network.
-    pub fn check(&self, network: &str, container_id: &str, ifname: &str) -> Vec<Lease> {
+    pub fn check(&self, network: &str, container_id: &str, ifname: &str) -> Leases {
         let Some(net) = self.networks.get(network) else {
-            return Vec::new();
+            return Leases::new();
         };
-        net.take(&attach_key(container_id, ifname)).iter().map(|ip| net.leases[ip].clone()).collect()
+        net.held_by(container_id, ifname).iter().map(|ip| net.leases[ip].clone()).collect()
     }
 
     /// Releases every attachment lease of `network` whose attachment is not in `valid`.
     /// Manual reservations stay.
-    pub fn gc(&mut self, network: &str, valid: &HashSet<(String, String)>) -> Vec<Lease> {
-        let Some(net) = self.networks.get(network) else {
+    pub fn gc(&mut self, network: &str, valid: &HashSet<(String, String)>) -> Vec<Arc<Lease>> {
+        let Some(net) = self.networks.get_mut(network) else {
             return Vec::new();
         };
         let mut stale: Vec<IpAddr> = net
             .by_attachment
             .iter()
-            .filter(|(k, _)| !valid.contains(*k))
+            .filter(|(k, _)| !valid.contains(&(k.0.container_id.clone(), k.0.ifname.clone())))
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();
-        stale.into_iter().filter_map(|ip| self.delete(network, ip)).collect()
+        stale.into_iter().filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip)).collect()
     }
 
     /// Holds an address by hand so it is never handed out.
@@ -536,37 +636,38 @@ impl Allocator {
         ip: IpAddr,
         note: &str,
         now_unix_ms: i64,
-    ) -> Result<Lease, AllocError> {
-        let net = self.networks.entry(network.to_string()).or_default();
+    ) -> Result<Arc<Lease>, AllocError> {
+        let net = network_mut(&mut self.networks, network);
         if let Some(l) = net.leases.get(&ip) {
-            return Err(AllocError::Held { network: network.to_string(), address: ip, holder: l.holder() });
+            return Err(AllocError::Held { network: network.to_string(), address: ip, holder: l.who() });
         }
         let pool = net.pools.values().find(|p| p.spec.offset(ip).is_some()).map(|p| &p.spec);
-        let lease = Lease {
+        let lease = Arc::new(Lease {
             address: ip,
-            network: network.to_string(),
-            range: pool.map(|s| s.display()).unwrap_or_default(),
+            network: net.name.clone(),
+            range: pool.map_or_else(empty_str, |s| s.display_str().clone()),
             prefix_len: pool.map_or(if ip.is_ipv4() { 32 } else { 128 }, |s| s.prefix_len()),
             gateway: pool.and_then(|s| s.gateway()),
-            container_id: String::new(),
-            ifname: String::new(),
-            pod: PodRef::default(),
-            node: String::new(),
+            holder: nobody(),
             created_unix_ms: now_unix_ms,
-            note: note.to_string(),
-        };
-        self.put(network, lease.clone());
+            note: note.into(),
+        });
+        net.insert(lease.clone());
+        self.lease_count += 1;
+        self.journal.push(Change::PutLease(lease.clone()));
         Ok(lease)
     }
 
     /// Frees one address whoever holds it.
-    pub fn release_address(&mut self, network: &str, ip: IpAddr) -> Result<Lease, AllocError> {
-        self.delete(network, ip)
+    pub fn release_address(&mut self, network: &str, ip: IpAddr) -> Result<Arc<Lease>, AllocError> {
+        self.networks
+            .get_mut(network)
+            .and_then(|net| delete(net, &mut self.journal, &mut self.lease_count, ip))
             .ok_or_else(|| AllocError::NotFound(format!("address {ip} is not held in network \"{network}\"")))
     }
 
     /// Who holds an address.
-    pub fn get(&self, network: &str, ip: IpAddr) -> Result<Lease, AllocError> {
+    pub fn get(&self, network: &str, ip: IpAddr) -> Result<Arc<Lease>, AllocError> {
         self.networks
             .get(network)
             .and_then(|n| n.leases.get(&ip))
@@ -578,21 +679,21 @@ impl Allocator {
     pub fn pools(&self, network: Option<&str>) -> Vec<PoolUsage> {
         let mut out: Vec<PoolUsage> = self
             .networks
-            .iter()
-            .filter(|(name, _)| network.is_none_or(|n| n == name.as_str()))
-            .flat_map(|(name, net)| net.pools.values().map(|p| p.usage(name)))
+            .values()
+            .filter(|net| network.is_none_or(|n| n == &*net.name))
+            .flat_map(|net| net.pools.values().map(|p| p.usage(&net.name)))
             .collect();
         out.sort_by(|a, b| (&a.network, &a.range.range).cmp(&(&b.network, &b.range.range)));
         out
     }
 
     /// Leases that match the filter, by network then address.
-    pub fn leases(&self, filter: &LeaseFilter) -> Vec<Lease> {
-        let mut out: Vec<Lease> = self
+    pub fn leases(&self, filter: &LeaseFilter) -> Vec<Arc<Lease>> {
+        let mut out: Vec<Arc<Lease>> = self
             .networks
-            .iter()
-            .filter(|(name, _)| filter.network.as_deref().is_none_or(|n| n == name.as_str()))
-            .flat_map(|(_, net)| net.leases.values().filter(|l| filter.matches(l)).cloned())
+            .values()
+            .filter(|net| filter.network.as_deref().is_none_or(|n| n == &*net.name))
+            .flat_map(|net| net.leases.values().filter(|l| filter.matches(l)).cloned())
             .collect();
         out.sort_by(|a, b| (&a.network, a.address).cmp(&(&b.network, b.address)));
         out

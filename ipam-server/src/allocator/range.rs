@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use super::AllocError;
+use super::{AllocError, Str, empty_str};
 
 /// A range exactly as configured (Whereabouts' keys). Stored as given, parsed on load.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,10 @@ pub struct RangeSpec {
     excluded: Vec<(u128, u128)>,
     excluded_count: u128,
     gateway: Option<IpAddr>,
+    /// Cached [`RangeSpec::key`] and [`RangeSpec::display`]: the allocator looks them up on
+    /// every request.
+    key: Str,
+    display: Str,
 }
 
 /// Names fields in error messages: `range_start` for a single range, `ranges[1].range_start`
@@ -199,7 +203,7 @@ impl RangeSpec {
                 format!("leaves no usable address in range {raw} ({size} addresses, all excluded)"),
             ));
         }
-        Ok(RangeSpec {
+        let mut spec = RangeSpec {
             input: input.clone(),
             network,
             family,
@@ -208,7 +212,12 @@ impl RangeSpec {
             excluded,
             excluded_count,
             gateway,
-        })
+            key: empty_str(),
+            display: empty_str(),
+        };
+        spec.display = spec.render_display().into();
+        spec.key = spec.render_key().into();
+        Ok(spec)
     }
 
     /// The range as configured.
@@ -217,8 +226,25 @@ impl RangeSpec {
     }
 
     /// Identity of the pool: every setting that changes which addresses it hands out.
-    pub fn key(&self) -> String {
-        let mut k = self.display();
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(super) fn key_str(&self) -> &Str {
+        &self.key
+    }
+
+    /// Short form recorded on leases: the CIDR, or `first-last/prefix` when narrowed.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    pub(super) fn display_str(&self) -> &Str {
+        &self.display
+    }
+
+    fn render_key(&self) -> String {
+        let mut k = self.display.to_string();
         for (a, b) in &self.excluded {
             k.push_str(&format!(" -{}", self.addr(*a)));
             if a != b {
@@ -228,8 +254,7 @@ impl RangeSpec {
         k
     }
 
-    /// Short form recorded on leases: the CIDR, or `first-last/prefix` when narrowed.
-    pub fn display(&self) -> String {
+    fn render_display(&self) -> String {
         let nf = ip_to_u128(self.network.network()) + 1;
         let nl = ip_to_u128(self.network.broadcast()) - 1;
         let net = IpNetwork::new(self.network.network(), self.network.prefix())

@@ -2,6 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
+use std::sync::Arc;
+
 use super::*;
 
 fn ip(s: &str) -> IpAddr {
@@ -32,7 +34,7 @@ fn att(cid: &str, ifname: &str, pod: &str) -> Attachment {
 
 fn req(a: Attachment, network: &str, ranges: Vec<RangeSpec>, requested: &[&str]) -> AllocateRequest {
     AllocateRequest {
-        attachment: a,
+        attachment: Arc::new(a),
         network: network.into(),
         ranges,
         requested: requested
@@ -42,7 +44,7 @@ fn req(a: Attachment, network: &str, ranges: Vec<RangeSpec>, requested: &[&str])
     }
 }
 
-fn addrs(v: &[Lease]) -> Vec<IpAddr> {
+fn addrs(v: &[Arc<Lease>]) -> Vec<IpAddr> {
     v.iter().map(|a| a.address).collect()
 }
 
@@ -54,7 +56,7 @@ fn hands_out_lowest_free_skipping_exclusions_and_gateway() {
     assert_eq!(addrs(&got), vec![ip("192.168.100.17")]);
     assert_eq!(got[0].prefix_len, 24);
     assert_eq!(got[0].gateway, Some(ip("192.168.100.16")));
-    assert_eq!(got[0].range, "192.168.100.0/24");
+    assert_eq!(&*got[0].range, "192.168.100.0/24");
     let got = al.allocate(&req(att("c2", "net1", "p2"), "", vec![r], &[]), 1).expect("allocate");
     assert_eq!(addrs(&got), vec![ip("192.168.100.18")]);
 }
@@ -64,10 +66,10 @@ fn same_attachment_gets_same_lease_and_journal_is_empty() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");
     let first = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
-    assert_eq!(al.take_journal().len(), 2, "pool and lease persisted");
+    assert_eq!(al.drain_journal().collect::<Vec<_>>().len(), 2, "pool and lease persisted");
     let again = al.allocate(&req(att("c1", "net1", "p1"), "", vec![r], &[]), 2).expect("allocate");
     assert_eq!(first, again);
-    assert!(al.take_journal().is_empty(), "an idempotent allocate changes nothing");
+    assert!(al.drain_journal().collect::<Vec<_>>().is_empty(), "an idempotent allocate changes nothing");
     assert_eq!(al.lease_count(), 1);
 }
 
@@ -77,13 +79,13 @@ fn pod_back_with_new_container_keeps_its_address() {
     let r = spec("10.0.0.0/24", &[], "");
     al.allocate(&req(att("c1", "net1", "p1"), "", vec![r.clone()], &[]), 1).expect("allocate");
     al.allocate(&req(att("c2", "net1", "p2"), "", vec![r.clone()], &[]), 1).expect("allocate");
-    al.take_journal();
+    al.drain_journal().for_each(drop);
     let back = al.allocate(&req(att("c9", "net1", "p1"), "", vec![r], &[]), 5).expect("allocate");
     assert_eq!(addrs(&back), vec![ip("10.0.0.1")]);
-    assert_eq!(back[0].container_id, "c9");
+    assert_eq!(&*back[0].holder.container_id, "c9");
     assert_eq!(back[0].created_unix_ms, 1, "the lease keeps its age");
     assert!(al.check("", "c1", "net1").is_empty(), "old container no longer holds it");
-    assert_eq!(al.take_journal(), vec![Change::PutLease(back[0].clone())]);
+    assert_eq!(al.drain_journal().collect::<Vec<_>>(), vec![Change::PutLease(back[0].clone())]);
 }
 
 #[test]
@@ -184,7 +186,7 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
     }
     al.reserve("", ip("10.0.0.100"), "router", 1).expect("reserve");
     let valid: HashSet<(String, String)> = [("b".to_string(), "net1".to_string())].into();
-    let freed: Vec<String> = al.gc("", &valid).iter().map(|l| l.container_id.clone()).collect();
+    let freed: Vec<String> = al.gc("", &valid).iter().map(|l| l.holder.container_id.to_string()).collect();
     assert_eq!(freed, vec!["a", "c"]);
     let left: Vec<IpAddr> = al.leases(&LeaseFilter::default()).iter().map(|l| l.address).collect();
     assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.100")]);
@@ -204,7 +206,7 @@ fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
     assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
     let pools = al.pools(None);
     assert_eq!((pools[0].size, pools[0].used, pools[0].free), (2, 2, 0));
-    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC");
+    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC".into());
     assert_eq!(
         al.release_address("", ip("10.0.0.1")).expect_err("gone").to_string(),
         "address 10.0.0.1 is not held in network \"\""
@@ -220,13 +222,13 @@ fn restore_rebuilds_bitmaps_and_reports_bad_records() {
         al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     }
     let leases = al.leases(&LeaseFilter::default());
-    let mut dup = leases[0].clone();
-    dup.container_id = "intruder".into();
+    let mut dup = (*leases[0]).clone();
+    dup.holder = Arc::new(Attachment { container_id: "intruder".into(), ..(*dup.holder).clone() });
     let pools = vec![
         ("".to_string(), r.input().clone()),
         ("".to_string(), RangeInput { range: "garbage".into(), ..Default::default() }),
     ];
-    let (mut back, problems) = Allocator::restore(pools, leases.iter().cloned().chain([dup]));
+    let (mut back, problems) = Allocator::restore(pools, leases.iter().map(|l| (**l).clone()).chain([dup]));
     assert_eq!(problems.len(), 2);
     assert_eq!(problems[0].error, "address already held by container a interface net1");
     assert_eq!(problems[1].error, "range \"garbage\" is not a CIDR or first-last/prefix range");
@@ -419,8 +421,14 @@ fn snapshot(al: &Allocator) -> ModelState {
     al.leases(&LeaseFilter::default())
         .into_iter()
         .map(|l| {
-            let h = (!l.is_manual()).then(|| (l.container_id.clone(), l.ifname.clone(), l.pod.name.clone()));
-            ((l.network, l.address), h)
+            let h = (!l.is_manual()).then(|| {
+                (
+                    l.holder.container_id.to_string(),
+                    l.holder.ifname.to_string(),
+                    l.holder.pod.name.to_string(),
+                )
+            });
+            ((l.network.to_string(), l.address), h)
         })
         .collect()
 }
@@ -430,7 +438,7 @@ fn snapshot(al: &Allocator) -> ModelState {
 struct FakeStore {
     pools: BTreeSet<(String, String)>,
     pool_inputs: Vec<(String, RangeInput)>,
-    leases: BTreeMap<(String, IpAddr), Lease>,
+    leases: BTreeMap<(String, IpAddr), Arc<Lease>>,
 }
 
 impl FakeStore {
@@ -438,14 +446,14 @@ impl FakeStore {
         for c in changes {
             match c {
                 Change::PutLease(l) => {
-                    self.leases.insert((l.network.clone(), l.address), l);
+                    self.leases.insert((l.network.to_string(), l.address), l);
                 }
                 Change::DeleteLease { network, address } => {
-                    self.leases.remove(&(network, address));
+                    self.leases.remove(&(network.to_string(), address));
                 }
                 Change::PutPool { network, range } => {
-                    if self.pools.insert((network.clone(), format!("{range:?}"))) {
-                        self.pool_inputs.push((network, range));
+                    if self.pools.insert((network.to_string(), format!("{range:?}"))) {
+                        self.pool_inputs.push((network.to_string(), range));
                     }
                 }
             }
@@ -476,7 +484,7 @@ proptest! {
                         node: String::new(),
                     };
                     let r = AllocateRequest {
-                        attachment: a,
+                        attachment: Arc::new(a),
                         network: net.into(),
                         ranges: picks.iter().map(|i| ranges[*i].spec.clone()).collect(),
                         requested: requested.into_iter().collect(),
@@ -521,12 +529,12 @@ proptest! {
                     prop_assert_eq!(got.is_ok(), model.remove(&(net.to_string(), a)).is_some());
                 }
                 Op::Restart => {
-                    let (back, problems) = Allocator::restore(store.pool_inputs.clone(), store.leases.values().cloned());
+                    let (back, problems) = Allocator::restore(store.pool_inputs.clone(), store.leases.values().map(|l| (**l).clone()));
                     prop_assert!(problems.is_empty(), "{:?}", problems);
                     al = back;
                 }
             }
-            store.apply(al.take_journal());
+            store.apply(al.drain_journal().collect::<Vec<_>>());
             let now = snapshot(&al);
             prop_assert_eq!(&now, &model);
             let persisted: BTreeMap<_, _> = store.leases.values().map(|l| ((l.network.clone(), l.address), l.clone())).collect();

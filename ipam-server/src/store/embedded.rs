@@ -64,7 +64,7 @@ impl LeaseStore for EmbeddedStore {
             let (k, v) = row.map_err(|e| err(&e))?;
             let (network, address) = k.value();
             match serde_json::from_slice::<Lease>(v.value()) {
-                Ok(l) if l.network == network && l.address.to_string() == address => out.leases.push(l),
+                Ok(l) if &*l.network == network && l.address.to_string() == address => out.leases.push(l),
                 Ok(l) => out.problems.push(LoadProblem {
                     what: format!("lease record {address} in network \"{network}\""),
                     error: format!("holds {} in network \"{}\"", l.address, l.network),
@@ -89,18 +89,16 @@ impl LeaseStore for EmbeddedStore {
                     Change::PutLease(l) => {
                         let v = serde_json::to_vec(l).map_err(|e| err(&e))?;
                         let addr = l.address.to_string();
-                        leases
-                            .insert((l.network.as_str(), addr.as_str()), v.as_slice())
-                            .map_err(|e| err(&e))?;
+                        leases.insert((&*l.network, addr.as_str()), v.as_slice()).map_err(|e| err(&e))?;
                     }
                     Change::DeleteLease { network, address } => {
                         let addr = address.to_string();
-                        leases.remove((network.as_str(), addr.as_str())).map_err(|e| err(&e))?;
+                        leases.remove((&**network, addr.as_str())).map_err(|e| err(&e))?;
                     }
                     Change::PutPool { network, range } => {
                         let v = serde_json::to_vec(range).map_err(|e| err(&e))?;
                         let k = String::from_utf8_lossy(&v).into_owned();
-                        pools.insert((network.as_str(), k.as_str()), v.as_slice()).map_err(|e| err(&e))?;
+                        pools.insert((&**network, k.as_str()), v.as_slice()).map_err(|e| err(&e))?;
                     }
                 }
             }
@@ -112,7 +110,9 @@ impl LeaseStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocator::PodRef;
+    use std::sync::Arc;
+
+    use crate::allocator::{Attachment, PodRef};
 
     fn lease(addr: &str) -> Lease {
         Lease {
@@ -121,12 +121,14 @@ mod tests {
             range: "10.0.0.0/24".into(),
             prefix_len: 24,
             gateway: None,
-            container_id: "c1".into(),
-            ifname: "net1".into(),
-            pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
-            node: "n1".into(),
+            holder: Arc::new(Attachment {
+                container_id: "c1".into(),
+                ifname: "net1".into(),
+                pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
+                node: "n1".into(),
+            }),
             created_unix_ms: 42,
-            note: String::new(),
+            note: "".into(),
         }
     }
 
@@ -138,8 +140,8 @@ mod tests {
             let mut s = EmbeddedStore::open(dir.path()).expect("open");
             s.commit(&[
                 Change::PutPool { network: "rail0".into(), range: range.clone() },
-                Change::PutLease(lease("10.0.0.1")),
-                Change::PutLease(lease("10.0.0.2")),
+                Change::PutLease(lease("10.0.0.1").into()),
+                Change::PutLease(lease("10.0.0.2").into()),
             ])
             .expect("commit");
             s.commit(&[Change::DeleteLease {
