@@ -4,8 +4,8 @@
 //! `full` mask with one bit per word or child, so "first zero from here" descends one path
 //! and never scans a full region: the cost grows with the depth (3 levels for a /8,
 //! 10 for an IPv6 /64), not with how full the range is. Absent children are all-zero and
-//! nodes are freed when they empty, so memory follows the number of set bits, not the
-//! capacity.
+//! nodes are freed when they empty (but for one spare per level, kept for reuse), so memory
+//! follows the number of set bits, not the capacity.
 
 const LEAF_SHIFT: u32 = 12;
 const FANOUT_SHIFT: u32 = 6;
