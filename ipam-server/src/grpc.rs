@@ -111,7 +111,7 @@ fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
         }),
         node: l.holder.node.clone(),
         created_unix_ms: l.created_unix_ms,
-        note: l.note.to_string(),
+        note: l.note.clone(),
     }
 }
 

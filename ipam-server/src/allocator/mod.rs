@@ -91,8 +91,8 @@ pub struct Lease {
     pub holder: Arc<Attachment>,
     pub created_unix_ms: i64,
     /// Reason of a manual reservation.
-    #[serde(default = "empty_str")]
-    pub note: Str,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
 }
 
 impl Lease {
@@ -384,18 +384,14 @@ pub struct LoadProblem {
 /// All networks, pools and leases.
 #[derive(Debug, Default)]
 pub struct Allocator {
-    networks: HashMap<Str, Network>,
+    networks: HashMap<String, Network>,
     journal: Vec<Change>,
     lease_count: usize,
 }
 
 /// The network named `name`, created empty if new.
-fn network_mut<'a>(networks: &'a mut HashMap<Str, Network>, name: &str) -> &'a mut Network {
-    if !networks.contains_key(name) {
-        let name = Str::from(name);
-        networks.insert(name.clone(), Network::new(name));
-    }
-    networks.get_mut(name).expect("network inserted above")
+fn network_mut<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> &'a mut Network {
+    networks.entry_ref(name).or_insert_with(|| Network::new(name.into()))
 }
 
 /// Removes one lease and journals it.
@@ -508,7 +504,7 @@ impl Allocator {
         existing.sort_unstable();
 
         let mut chosen: SmallVec<[IpAddr; 4]> = SmallVec::new();
-        let mut new_leases: SmallVec<[IpAddr; 4]> = SmallVec::new();
+        let mut new_leases: SmallVec<[Arc<Lease>; 4]> = SmallVec::new();
         let result = (|| {
             for (i, spec) in req.ranges.iter().enumerate() {
                 let reuse = existing.iter().copied().find(|ip| spec.allows(*ip) && !chosen.contains(ip));
@@ -555,7 +551,7 @@ impl Allocator {
                         })?
                     }
                 };
-                net.insert(Arc::new(Lease {
+                let lease = Arc::new(Lease {
                     address: ip,
                     network: net.name.clone(),
                     range: spec.display_str().clone(),
@@ -563,16 +559,17 @@ impl Allocator {
                     gateway: spec.gateway(),
                     holder: req.attachment.clone(),
                     created_unix_ms: now_unix_ms,
-                    note: empty_str(),
-                }));
-                new_leases.push(ip);
+                    note: String::new(),
+                });
+                net.insert(lease.clone());
+                new_leases.push(lease);
                 chosen.push(ip);
             }
             Ok(())
         })();
         if let Err(e) = result {
-            for ip in new_leases {
-                net.remove(ip);
+            for lease in new_leases {
+                net.remove(lease.address);
             }
             return Err(e);
         }
@@ -590,9 +587,7 @@ impl Allocator {
                 }
             }
         }
-        for ip in &new_leases {
-            journal.push(Change::PutLease(net.leases[ip].clone()));
-        }
+        journal.extend(new_leases.into_iter().map(Change::PutLease));
         Ok(chosen.iter().map(|ip| net.leases[ip].clone()).collect())
     }
 
@@ -650,7 +645,7 @@ impl Allocator {
             gateway: pool.and_then(|s| s.gateway()),
             holder: nobody(),
             created_unix_ms: now_unix_ms,
-            note: note.into(),
+            note: note.to_string(),
         });
         net.insert(lease.clone());
         self.lease_count += 1;

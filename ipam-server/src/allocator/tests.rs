@@ -206,7 +206,7 @@ fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
     assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
     let pools = al.pools(None);
     assert_eq!((pools[0].size, pools[0].used, pools[0].free), (2, 2, 0));
-    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC".into());
+    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC");
     assert_eq!(
         al.release_address("", ip("10.0.0.1")).expect_err("gone").to_string(),
         "address 10.0.0.1 is not held in network \"\""
