@@ -1,5 +1,5 @@
-//! Helpers for end-to-end tests: find the workspace's binaries and run the server as a real
-//! process.
+//! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
+//! load driver use them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,35 +8,69 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use rust_ipam_proto::v1::{StatusRequest, ipam_client::IpamClient};
 
-/// Path of a binary built from this workspace, building it first if it is missing
-/// (`cargo test --workspace` has already built it; `cargo test -p rust-ipam-e2e` has not).
+/// Path of a binary built from this workspace, next to the running executable (a test in
+/// `target/<profile>/deps/` or a binary in `target/<profile>/`), building it first if it is
+/// missing (`cargo test --workspace` has built it; `cargo test -p rust-ipam-e2e` has not).
 pub fn workspace_bin(package: &str, name: &str) -> anyhow::Result<PathBuf> {
-    // Test executables live in target/<profile>/deps/.
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
-    let bin = profile_dir.join(name);
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().context("the running executable has no directory")?;
+    if dir.file_name().is_some_and(|d| d == "deps") {
+        dir = dir.parent().context("deps/ has no parent")?;
+    }
+    let bin = dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", package, "--bin", name]);
-        if profile_dir.file_name().is_some_and(|p| p == "release") {
+        if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().with_context(|| format!("building {name}"))?;
         if !status.success() || !bin.exists() {
-            bail!("could not build {name} (cargo build -p {package} --bin {name})");
+            bail!(
+                "{} is missing and could not be built (cargo build -p {package} --bin {name})",
+                bin.display()
+            );
         }
     }
     Ok(bin)
 }
 
-/// A free loopback TCP port (bound, then released: good enough for tests on one machine).
+/// A free loopback TCP port. It is free when we look and bound a moment later; a process
+/// taking it in between makes the server fail to start, which is reported.
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
     Ok(l.local_addr()?.port())
 }
 
-/// A `rust-ipam-server` process serving on loopback with its store in `data_dir`.
+/// How to start `rust-ipam-server`.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The binary; `None`: the workspace's, see [`workspace_bin`].
+    pub bin: Option<PathBuf>,
+    /// `RUST_LOG` of the server.
+    pub log_level: String,
+    /// File for the server's log; `None`: it inherits stderr.
+    pub log_file: Option<PathBuf>,
+    /// `--identity` of the server.
+    pub identity: String,
+    /// How long it may take to answer Status.
+    pub startup_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            bin: None,
+            log_level: "warn".into(),
+            log_file: None,
+            identity: "e2e".into(),
+            startup_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A `rust-ipam-server` process serving on loopback; killed when dropped.
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
@@ -46,38 +80,74 @@ pub struct ServerProcess {
     pub addr: String,
 }
 
+/// Last lines of a log file, for error messages.
+fn log_tail(log: Option<&Path>) -> String {
+    let Some(text) = log.and_then(|l| std::fs::read_to_string(l).ok()) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    format!("; its log ends:\n{}", lines[lines.len().saturating_sub(20)..].join("\n"))
+}
+
 impl ServerProcess {
-    /// Starts the server and waits until it answers Status.
+    /// Starts the workspace's server with default options and waits until it answers.
     pub async fn start(data_dir: &Path) -> anyhow::Result<ServerProcess> {
-        let bin = workspace_bin("ipam-server", "rust-ipam-server")?;
+        ServerProcess::start_with(data_dir, &ServerOptions::default()).await
+    }
+
+    /// Starts the server with its store in `data_dir` and waits until it answers Status as
+    /// the serving replica.
+    pub async fn start_with(data_dir: &Path, opts: &ServerOptions) -> anyhow::Result<ServerProcess> {
+        let bin = match &opts.bin {
+            Some(b) => b.clone(),
+            None => workspace_bin("ipam-server", "rust-ipam-server")?,
+        };
         let addr = format!("127.0.0.1:{}", free_port()?);
-        let child = Command::new(bin)
+        let stderr = match &opts.log_file {
+            Some(path) => Stdio::from(
+                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => Stdio::inherit(),
+        };
+        let child = Command::new(&bin)
             .arg("--listen")
             .arg(&addr)
             .arg("--data-dir")
             .arg(data_dir)
-            .env("RUST_LOG", "warn")
+            .arg("--identity")
+            .arg(&opts.identity)
+            .env("RUST_LOG", &opts.log_level)
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
-            .context("spawning rust-ipam-server")?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let mut server = ServerProcess { child, endpoint: format!("http://{addr}"), addr };
-        server.wait_ready(Duration::from_secs(20)).await?;
+        server.wait_ready(opts).await?;
         Ok(server)
     }
 
-    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + within;
+    async fn wait_ready(&mut self, opts: &ServerOptions) -> anyhow::Result<()> {
+        let deadline = Instant::now() + opts.startup_timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("rust-ipam-server exited early: {status}");
+                bail!(
+                    "rust-ipam-server exited during startup ({status}){}",
+                    log_tail(opts.log_file.as_deref())
+                );
             }
             if let Ok(ch) = ipam_server::client::connect(&self.endpoint, Duration::from_millis(500)).await
-                && IpamClient::new(ch).status(StatusRequest {}).await.is_ok()
+                && IpamClient::new(ch).status(StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("rust-ipam-server did not answer on {} within {within:?}", self.endpoint);
+                bail!(
+                    "rust-ipam-server did not answer on {} within {:?}{}",
+                    self.endpoint,
+                    opts.startup_timeout,
+                    log_tail(opts.log_file.as_deref())
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -7,8 +7,7 @@
 //! or a unix socket.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,9 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tracing::{Instrument as _, info, info_span, warn};
 
@@ -99,102 +98,25 @@ fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server this tool started; killed when dropped, then its data directory is removed.
-#[derive(Debug)]
+/// A server this tool started, with its data directory; killed when dropped (the process
+/// goes before its directory: field order).
 struct SpawnedServer {
-    // Field order matters: the process goes before its directory.
-    child: Child,
-    endpoint: String,
-    log: PathBuf,
+    process: ServerProcess,
     _dir: tempfile::TempDir,
 }
 
-/// Last lines of the started server's log, for error messages.
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn free_loopback_port() -> anyhow::Result<u16> {
-    // The port is free when we look; the server binds it a moment later. Another process
-    // taking it in between makes the server fail to start, which is reported.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr().context("finding a free port")?.port())
-}
-
-fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let bin = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let exe = std::env::current_exe().context("locating this executable")?;
-            let dir = exe.parent().context("this executable has no parent directory")?;
-            dir.join("rust-ipam-server")
-        }
-    };
-    if !bin.is_file() {
-        bail!(
-            "server binary {} not found; build it first with `cargo build --release -p ipam-server` \
-             (same profile as this tool), or pass --server-bin PATH or --server URL",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-async fn spawn_server(args: &Args, timeout: Duration) -> anyhow::Result<SpawnedServer> {
-    let bin = server_binary(args.server_bin.as_deref())?;
+async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
     let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir().context("creating a temp dir")?;
-    let listen = format!("127.0.0.1:{}", free_loopback_port()?);
-    let log = dir.path().join("server.log");
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let child = Command::new(&bin)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--listen")
-        .arg(&listen)
-        .arg("--identity")
-        .arg("grpc-load")
-        .env("RUST_LOG", &args.server_log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    info!(binary = %bin.display(), %listen, data_dir = %dir.path().display(), "started server");
-    let mut server = SpawnedServer { child, endpoint: format!("http://{listen}"), log, _dir: dir };
-    wait_ready(&mut server, timeout).await?;
-    Ok(server)
-}
-
-/// Whether the server at `endpoint` answers Status as the allocating replica.
-async fn serving(endpoint: &str, timeout: Duration) -> bool {
-    let Ok(channel) = ipam_server::client::connect(endpoint, timeout).await else {
-        return false;
+    let opts = ServerOptions {
+        bin: args.server_bin.clone(),
+        log_level: args.server_log.clone(),
+        log_file: Some(dir.path().join("server.log")),
+        identity: "grpc-load".into(),
+        startup_timeout: STARTUP_TIMEOUT,
     };
-    IpamClient::new(channel).status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
-}
-
-/// Waits until the started server answers Status, or fails with its log if it exits.
-async fn wait_ready(server: &mut SpawnedServer, timeout: Duration) -> anyhow::Result<()> {
-    let give_up = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Some(status) = server.child.try_wait().context("checking the server process")? {
-            bail!("server exited during startup ({status}); its log:\n{}", log_tail(&server.log));
-        }
-        if serving(&server.endpoint, timeout).await {
-            return Ok(());
-        }
-        if Instant::now() > give_up {
-            bail!(
-                "server at {} did not answer Status within {STARTUP_TIMEOUT:?}; its log:\n{}",
-                server.endpoint,
-                log_tail(&server.log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
+    info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");
+    Ok(SpawnedServer { process, _dir: dir })
 }
 
 /// What every client of one level shares.
@@ -393,7 +315,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             check_local_endpoint(url)?;
             url.clone()
         }
-        None => spawned.insert(spawn_server(&args, timeout).await?).endpoint.clone(),
+        None => spawned.insert(spawn_server(&args).await?).process.endpoint.clone(),
     };
     let run_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
     info!(%endpoint, range = %args.range, network = %args.network, release_after = args.release_after,
@@ -421,8 +343,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(mut s) => {
             // Killing it is fine: every answered Allocate is already durable, and the data
             // directory is discarded.
-            if let Err(e) = s.child.kill().await {
-                warn!(error = %e, "could not kill the server");
+            if let Err(e) = s.process.kill_hard() {
+                warn!(error = %format!("{e:#}"), "could not kill the server");
             }
         }
         None if !args.keep_leases && !args.release_after => {
