@@ -2,7 +2,6 @@
 //! them.
 
 pub mod allocator;
-pub mod client;
 pub mod engine;
 pub mod grpc;
 pub mod server;

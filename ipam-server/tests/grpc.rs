@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ipam_server::client::connect;
 use ipam_server::engine::Engine;
 use ipam_server::server::{Bound, Listen, serve};
 use ipam_server::store::embedded::EmbeddedStore;
+use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
 use tonic::Code;

@@ -1,7 +1,10 @@
-//! Generated `rustipam.v1` messages, clients and servers.
-#![allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+//! Generated `rustipam.v1` messages, clients and servers, and [`connect`] to reach a server.
+
+mod client;
+pub use client::connect;
 
 /// Package `rustipam.v1`.
+#[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("rustipam.v1");
 }

@@ -136,7 +136,7 @@ impl ServerProcess {
                     log_tail(opts.log_file.as_deref())
                 );
             }
-            if let Ok(ch) = ipam_server::client::connect(&self.endpoint, Duration::from_millis(500)).await
+            if let Ok(ch) = rust_ipam_proto::connect(&self.endpoint, Duration::from_millis(500)).await
                 && IpamClient::new(ch).status(StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
             {
                 return Ok(());

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ipam_server::client::connect;
 use rust_ipam_e2e::ServerProcess;
+use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
 

@@ -230,7 +230,7 @@ async fn run_level(
     // Connect every client before the clock starts: connection setup is not what we measure.
     let mut channels = Vec::with_capacity(clients);
     for i in 0..clients {
-        let ch = ipam_server::client::connect(endpoint, timeout)
+        let ch = rust_ipam_proto::connect(endpoint, timeout)
             .await
             .with_context(|| format!("connecting client {i} to {endpoint}"))?;
         channels.push(IpamClient::new(ch));
@@ -289,7 +289,7 @@ fn print_table(rows: &[Row]) {
 
 /// Releases what this run left in `--network` on a server it did not start.
 async fn clean_up(endpoint: &str, network: &str, timeout: Duration) -> anyhow::Result<()> {
-    let ch = ipam_server::client::connect(endpoint, timeout).await.context("connecting for cleanup")?;
+    let ch = rust_ipam_proto::connect(endpoint, timeout).await.context("connecting for cleanup")?;
     let released = IpamClient::new(ch)
         .gc(pb::GcRequest { network: network.to_string(), valid_attachments: Vec::new() })
         .await

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ipam_server::client::connect;
+use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
 
