@@ -1,4 +1,7 @@
-//! The `rust-ipam` CNI IPAM plugin.
-//!
-//! Empty on purpose: the plugin is the subject of its own issue and ships no binary until it
-//! works. Until then a NAD cannot use `"type": "rust-ipam"`.
+//! The `rust-ipam` CNI IPAM plugin: thin by design. It parses the CNI invocation and the
+//! NAD's `ipam` keys (Whereabouts' keys work as they are), asks the rust-ipam server over
+//! gRPC, and prints the result or a CNI error; the server owns the semantics.
+
+pub mod cni;
+pub mod config;
+pub mod plugin;

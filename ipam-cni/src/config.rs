@@ -1,0 +1,351 @@
+//! The network configuration on stdin and the `ipam` section's keys (Whereabouts' keys, so a
+//! NAD migrates by changing only `type`), merged with the node config file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::cni::{CniError, Route, code};
+
+/// Node config file, used for keys the NAD does not set.
+pub const NODE_CONFIG: &str = "/etc/cni/net.d/rust-ipam.d/rust-ipam.conf";
+/// Where the server is when nothing says otherwise.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+/// One range as Whereabouts writes it (top-level keys or an `ipRanges` entry).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct RangeConf {
+    #[serde(default)]
+    pub range: String,
+    #[serde(default)]
+    pub range_start: String,
+    #[serde(default)]
+    pub range_end: String,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// `server`: one endpoint or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum Servers {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The `ipam` keys as given (NAD or node file); every field optional so the two merge.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RawIpam {
+    #[serde(flatten)]
+    range: RawRange,
+    #[serde(rename = "ipRanges")]
+    ip_ranges: Option<Vec<RangeConf>>,
+    gateway: Option<String>,
+    routes: Option<Vec<Route>>,
+    dns: Option<Value>,
+    network_name: Option<String>,
+    enable_overlapping_ranges: Option<bool>,
+    configuration_path: Option<String>,
+    server: Option<Servers>,
+    /// Whole budget of one command, across endpoints and retries.
+    timeout_ms: Option<u64>,
+    /// Node name recorded on leases; default: the `NODE_NAME` environment, else the host name.
+    node_name: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RawRange {
+    range: Option<String>,
+    range_start: Option<String>,
+    range_end: Option<String>,
+    exclude: Option<Vec<String>>,
+}
+
+/// The effective ipam configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpamConf {
+    pub ranges: Vec<RangeConf>,
+    pub gateway: String,
+    pub routes: Vec<Route>,
+    pub dns: Option<Value>,
+    pub network_name: String,
+    pub servers: Vec<String>,
+    pub timeout: Duration,
+    pub node_name: String,
+    /// Keys accepted and not used (Whereabouts' datastore keys, for instance).
+    pub ignored: Vec<String>,
+}
+
+/// The network configuration on stdin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub ipam: Option<IpamConf>,
+    /// Static addresses from `runtimeConfig.ips` and `args.cni.ips`.
+    pub static_ips: Vec<String>,
+    pub prev_result: Option<Value>,
+    /// GC: `cni.dev/valid-attachments` (or the older `cni.dev/attachments`).
+    pub valid_attachments: Vec<(String, String)>,
+}
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(code::INVALID_CONFIG, msg)
+}
+
+fn str_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, CniError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| invalid(format!("{field} entry {i} is not a string")))
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!("{field} is {other}, not a list of strings"))),
+    }
+}
+
+impl NetConf {
+    /// Parses stdin. `node_file` is read for the ipam keys the config does not set
+    /// (`configuration_path` in the config names another file).
+    pub fn parse(stdin: &[u8], node_file: &Path) -> Result<NetConf, CniError> {
+        let v: Value = serde_json::from_slice(stdin)
+            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| CniError::new(code::DECODE, "network configuration is not a JSON object"))?;
+        let cni_version = obj.get("cniVersion").and_then(Value::as_str).unwrap_or("0.1.0").to_string();
+        let name = obj.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let mut static_ips =
+            str_list(obj.get("runtimeConfig").and_then(|r| r.get("ips")), "runtimeConfig.ips")?;
+        static_ips.extend(str_list(
+            obj.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get("ips")),
+            "args.cni.ips",
+        )?);
+        let prev_result = obj.get("prevResult").cloned().filter(|p| !p.is_null());
+        let mut valid_attachments = Vec::new();
+        for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+            if let Some(list) = obj.get(key) {
+                let items = list.as_array().ok_or_else(|| invalid(format!("{key} is not a list")))?;
+                for item in items {
+                    let cid = item.get("containerID").and_then(Value::as_str);
+                    let ifname = item.get("ifname").and_then(Value::as_str);
+                    match (cid, ifname) {
+                        (Some(c), Some(i)) => valid_attachments.push((c.to_string(), i.to_string())),
+                        _ => return Err(invalid(format!("{key} entry {item} needs containerID and ifname"))),
+                    }
+                }
+            }
+        }
+        let ipam = match obj.get("ipam") {
+            None | Some(Value::Null) => None,
+            Some(raw) => Some(IpamConf::from_value(raw, node_file)?),
+        };
+        Ok(NetConf { cni_version, name, ipam, static_ips, prev_result, valid_attachments })
+    }
+}
+
+fn read_node_file(path: &Path, explicit: bool) -> Result<RawIpam, CniError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("node config {} is not valid: {e}", path.display()))),
+        // The default file is optional; a configuration_path that names nothing is a mistake.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(RawIpam::default()),
+        Err(e) => Err(invalid(format!("configuration_path {}: {e}", path.display()))),
+    }
+}
+
+impl IpamConf {
+    fn from_value(raw: &Value, node_file: &Path) -> Result<IpamConf, CniError> {
+        let nad: RawIpam = serde_json::from_value(raw.clone()).map_err(|e| invalid(format!("ipam: {e}")))?;
+        let (file_path, explicit) = match &nad.configuration_path {
+            Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+            _ => (node_file.to_path_buf(), false),
+        };
+        let node = read_node_file(&file_path, explicit)?;
+        let pick = |a: Option<String>, b: Option<String>| a.or(b).unwrap_or_default();
+
+        // Whereabouts: a top-level range comes first, then ipRanges.
+        let mut ranges = Vec::new();
+        let top = RawRange {
+            range: nad.range.range.clone().or(node.range.range.clone()),
+            range_start: nad.range.range_start.clone().or(node.range.range_start.clone()),
+            range_end: nad.range.range_end.clone().or(node.range.range_end.clone()),
+            exclude: nad.range.exclude.clone().or(node.range.exclude.clone()),
+        };
+        if top.range.as_deref().is_some_and(|r| !r.is_empty()) {
+            ranges.push(RangeConf {
+                range: top.range.unwrap_or_default(),
+                range_start: top.range_start.unwrap_or_default(),
+                range_end: top.range_end.unwrap_or_default(),
+                exclude: top.exclude.unwrap_or_default(),
+            });
+        }
+        ranges.extend(nad.ip_ranges.clone().or(node.ip_ranges.clone()).unwrap_or_default());
+        if ranges.is_empty() {
+            return Err(invalid("ipam has no range: set \"range\" or \"ipRanges\""));
+        }
+        for (i, r) in ranges.iter().enumerate() {
+            if r.range.trim().is_empty() {
+                return Err(invalid(format!("ipRanges[{i}].range is empty")));
+            }
+        }
+
+        let servers = match nad.server.clone().or(node.server.clone()) {
+            None => vec![DEFAULT_SERVER.to_string()],
+            Some(Servers::One(s)) => vec![s],
+            Some(Servers::Many(v)) => v,
+        };
+        if servers.is_empty() {
+            return Err(invalid("server is an empty list"));
+        }
+        for s in &servers {
+            if !(s.starts_with("http://") || s.starts_with("https://") || s.starts_with("unix:///")) {
+                return Err(invalid(format!(
+                    "server {s:?} is not http://host:port, https://host:port or unix:///path"
+                )));
+            }
+        }
+        let timeout_ms = nad.timeout_ms.or(node.timeout_ms).unwrap_or(DEFAULT_TIMEOUT_MS);
+        if timeout_ms == 0 {
+            return Err(invalid("timeout_ms must be positive"));
+        }
+        let mut ignored: Vec<String> = nad.other.keys().filter(|k| *k != "type").cloned().collect();
+        if nad.enable_overlapping_ranges.is_some() {
+            // The server always keeps an address unique across overlapping ranges.
+            ignored.push("enable_overlapping_ranges".into());
+        }
+        Ok(IpamConf {
+            ranges,
+            gateway: pick(nad.gateway.clone(), node.gateway.clone()),
+            routes: nad.routes.clone().or(node.routes.clone()).unwrap_or_default(),
+            dns: nad.dns.clone().or(node.dns.clone()),
+            network_name: pick(nad.network_name.clone(), node.network_name.clone()),
+            servers,
+            timeout: Duration::from_millis(timeout_ms),
+            node_name: pick(nad.node_name.clone(), node.node_name.clone()),
+            ignored,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<NetConf, CniError> {
+        NetConf::parse(json.as_bytes(), Path::new("/nonexistent/rust-ipam.conf"))
+    }
+
+    #[test]
+    fn whereabouts_keys_are_read_as_they_are() {
+        let c = parse(
+            r#"{"cniVersion":"0.3.1","name":"backend","type":"macvlan","master":"eth1",
+              "ipam":{"type":"rust-ipam","range":"192.168.2.225/28","range_start":"192.168.2.226",
+                "exclude":["192.168.2.229/30"],"gateway":"192.168.2.238","network_name":"rail0",
+                "ipRanges":[{"range":"fd00:50::/64","exclude":["fd00:50::/120"]}],
+                "routes":[{"dst":"10.0.0.0/8","gw":"192.168.2.238"}],"dns":{"nameservers":["10.0.0.10"]},
+                "enable_overlapping_ranges":false,"datastore":"kubernetes",
+                "kubernetes":{"kubeconfig":"/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig"},
+                "log_level":"debug"}}"#,
+        )
+        .expect("parse");
+        let ipam = c.ipam.expect("ipam");
+        assert_eq!(c.cni_version, "0.3.1");
+        assert_eq!(ipam.ranges.len(), 2);
+        assert_eq!(
+            ipam.ranges[0],
+            RangeConf {
+                range: "192.168.2.225/28".into(),
+                range_start: "192.168.2.226".into(),
+                range_end: String::new(),
+                exclude: vec!["192.168.2.229/30".into()],
+            }
+        );
+        assert_eq!(ipam.ranges[1].range, "fd00:50::/64");
+        assert_eq!(ipam.gateway, "192.168.2.238");
+        assert_eq!(ipam.network_name, "rail0");
+        assert_eq!(ipam.routes, vec![Route { dst: "10.0.0.0/8".into(), gw: Some("192.168.2.238".into()) }]);
+        assert_eq!(ipam.servers, vec![DEFAULT_SERVER.to_string()]);
+        let mut ignored = ipam.ignored.clone();
+        ignored.sort();
+        assert_eq!(ignored, vec!["datastore", "enable_overlapping_ranges", "kubernetes", "log_level"]);
+    }
+
+    #[test]
+    fn static_ips_gc_lists_and_prev_result_are_read() {
+        let c = parse(
+            r#"{"cniVersion":"1.1.0","name":"n","ipam":{"type":"rust-ipam","range":"10.0.0.0/24",
+              "server":["http://10.0.0.1:50051","unix:///run/rust-ipam.sock"]},
+              "runtimeConfig":{"ips":["10.0.0.7/24"]},"args":{"cni":{"ips":["10.0.0.8"]}},
+              "prevResult":{"ips":[{"address":"10.0.0.7/24"}]},
+              "cni.dev/valid-attachments":[{"containerID":"c1","ifname":"net1"}],
+              "cni.dev/attachments":[{"containerID":"c2","ifname":"eth0"}]}"#,
+        )
+        .expect("parse");
+        assert_eq!(c.static_ips, vec!["10.0.0.7/24", "10.0.0.8"]);
+        assert!(c.prev_result.is_some());
+        assert_eq!(c.valid_attachments, vec![("c1".into(), "net1".into()), ("c2".into(), "eth0".into())]);
+        assert_eq!(c.ipam.expect("ipam").servers.len(), 2);
+    }
+
+    #[test]
+    fn node_file_fills_what_the_nad_leaves_out_and_the_nad_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("rust-ipam.conf");
+        std::fs::write(
+            &file,
+            r#"{"server":"http://10.9.9.9:50051","network_name":"from-node","timeout_ms":3000}"#,
+        )
+        .expect("write");
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"rust-ipam","range":"10.0.0.0/24","network_name":"from-nad"}}"#,
+            &file,
+        )
+        .expect("parse");
+        let ipam = c.ipam.expect("ipam");
+        assert_eq!(ipam.servers, vec!["http://10.9.9.9:50051"]);
+        assert_eq!(ipam.network_name, "from-nad");
+        assert_eq!(ipam.timeout, Duration::from_millis(3000));
+
+        let missing = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","ipam":{"range":"10.0.0.0/24","configuration_path":"/nonexistent/x.conf"}}"#,
+            &file,
+        )
+        .expect_err("explicit path must exist");
+        assert_eq!(missing.code, code::INVALID_CONFIG);
+        assert!(missing.msg.starts_with("configuration_path /nonexistent/x.conf: "), "{}", missing.msg);
+    }
+
+    #[test]
+    fn bad_configs_name_what_is_wrong() {
+        let err = |s: &str| parse(s).expect_err("refused");
+        let e = err("{not json");
+        assert_eq!(e.code, code::DECODE);
+        assert!(e.msg.starts_with("network configuration is not JSON: "), "{}", e.msg);
+        assert_eq!(err("[1]").msg, "network configuration is not a JSON object");
+        assert_eq!(
+            err(r#"{"cniVersion":"1.0.0","ipam":{"type":"rust-ipam"}}"#).msg,
+            "ipam has no range: set \"range\" or \"ipRanges\""
+        );
+        assert_eq!(
+            err(r#"{"cniVersion":"1.0.0","ipam":{"range":"10.0.0.0/24","server":"10.0.0.1:50051"}}"#).msg,
+            "server \"10.0.0.1:50051\" is not http://host:port, https://host:port or unix:///path"
+        );
+        let e = err(r#"{"cniVersion":"1.0.0","ipam":{"range":"10.0.0.0/24","exclude":"10.0.0.1"}}"#);
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.msg.starts_with("ipam: "), "{}", e.msg);
+        assert_eq!(
+            err(r#"{"cniVersion":"1.0.0","runtimeConfig":{"ips":"10.0.0.1"}}"#).msg,
+            "runtimeConfig.ips is \"10.0.0.1\", not a list of strings"
+        );
+    }
+}

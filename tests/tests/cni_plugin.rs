@@ -1,0 +1,170 @@
+//! The `rust-ipam` CNI plugin binary as a runtime calls it (environment and stdin, JSON on
+//! stdout, exit status), against a real server process.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use rust_ipam_e2e::{ServerProcess, workspace_bin};
+use serde_json::{Value, json};
+
+struct Call {
+    code: i32,
+    out: Value,
+    stderr: String,
+}
+
+fn cni(command: &str, cid: &str, ifname: &str, args: &str, conf: &Value) -> Call {
+    let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary");
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !cid.is_empty() {
+        cmd.env("CNI_CONTAINERID", cid).env("CNI_IFNAME", ifname).env("CNI_NETNS", "/var/run/netns/test");
+    }
+    if !args.is_empty() {
+        cmd.env("CNI_ARGS", args);
+    }
+    let mut child = cmd.spawn().expect("spawn rust-ipam");
+    let input =
+        if conf.is_string() { conf.as_str().unwrap_or_default().to_string() } else { conf.to_string() };
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Call {
+        code: out.status.code().unwrap_or(-1),
+        out: if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).expect("JSON on stdout")
+        },
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn conf(version: &str, server: &str, ipam: Value) -> Value {
+    let mut ipam = ipam;
+    ipam["type"] = json!("rust-ipam");
+    ipam["server"] = json!(server);
+    json!({"cniVersion": version, "name": "backend", "type": "macvlan", "master": "eth1", "ipam": ipam})
+}
+
+const POD: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ai-training;K8S_POD_NAME=train-0;K8S_POD_UID=u-1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_check_del_gc_status_over_the_plugin_binary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(dir.path()).await.expect("server");
+    let ep = server.endpoint.as_str();
+    let nad = json!({"range": "192.168.100.0/24", "exclude": ["192.168.100.0/28"], "gateway": "192.168.100.1",
+        "routes": [{"dst": "10.0.0.0/8"}], "network_name": "rail0"});
+
+    let add = cni("ADD", "cid-a1", "net1", POD, &conf("1.0.0", ep, nad.clone()));
+    assert_eq!(add.code, 0, "{:?} {}", add.out, add.stderr);
+    assert_eq!(
+        add.out,
+        json!({"cniVersion": "1.0.0", "ips": [{"address": "192.168.100.16/24", "gateway": "192.168.100.1"}],
+            "routes": [{"dst": "10.0.0.0/8"}]})
+    );
+    // Same attachment again: same address. 0.3.1 shape carries ips[].version.
+    let again = cni("ADD", "cid-a1", "net1", POD, &conf("0.3.1", ep, nad.clone()));
+    assert_eq!(
+        again.out["ips"][0],
+        json!({"address": "192.168.100.16/24", "gateway": "192.168.100.1", "version": "4"})
+    );
+
+    // Static address from CNI_ARGS IP=, as Multus passes it.
+    let other_pod = "K8S_POD_NAMESPACE=ai-training;K8S_POD_NAME=train-1;IP=192.168.100.77/24";
+    let fixed = cni("ADD", "cid-a2", "net1", other_pod, &conf("1.0.0", ep, nad.clone()));
+    assert_eq!(fixed.out["ips"][0]["address"], "192.168.100.77/24");
+
+    let mut with_prev = conf("1.0.0", ep, nad.clone());
+    with_prev["prevResult"] = add.out.clone();
+    let check = cni("CHECK", "cid-a1", "net1", POD, &with_prev);
+    assert_eq!((check.code, &check.out), (0, &Value::Null), "{}", check.stderr);
+
+    let del = cni("DEL", "cid-a1", "net1", POD, &conf("1.0.0", ep, nad.clone()));
+    assert_eq!((del.code, &del.out), (0, &Value::Null), "{}", del.stderr);
+    let del_again = cni("DEL", "cid-a1", "net1", POD, &conf("1.0.0", ep, nad.clone()));
+    assert_eq!(del_again.code, 0, "DEL is idempotent");
+    let gone = cni("CHECK", "cid-a1", "net1", POD, &with_prev);
+    assert_eq!(gone.code, 1);
+    assert_eq!(gone.out["code"], 101);
+    assert_eq!(gone.out["msg"], "container cid-a1 interface net1 holds no address in network \"rail0\"");
+
+    // GC keeps what is valid and frees the rest.
+    cni("ADD", "cid-a3", "net1", POD, &conf("1.1.0", ep, nad.clone()));
+    let mut gc = conf("1.1.0", ep, nad.clone());
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "cid-a3", "ifname": "net1"}]);
+    let gc = cni("GC", "", "", "", &gc);
+    assert_eq!(gc.code, 0, "{:?}", gc.out);
+    let mut prev_a2 = conf("1.0.0", ep, nad.clone());
+    prev_a2["prevResult"] = fixed.out.clone();
+    assert_eq!(
+        cni("CHECK", "cid-a2", "net1", other_pod, &prev_a2).out["code"],
+        101,
+        "cid-a2 was not valid: freed"
+    );
+
+    let status = cni("STATUS", "", "", "", &conf("1.1.0", ep, nad.clone()));
+    assert_eq!((status.code, &status.out), (0, &Value::Null));
+    let version = cni("VERSION", "", "", "", &json!({"cniVersion": "1.0.0"}));
+    assert_eq!(version.out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_come_as_cni_json_with_their_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::start(dir.path()).await.expect("server");
+    let ep = server.endpoint.clone();
+    let small = json!({"range": "10.9.0.0/30"});
+
+    let bad_json = cni("ADD", "c", "net1", "", &json!("{not json"));
+    assert_eq!((bad_json.code, bad_json.out["code"].clone()), (1, json!(6)));
+    let bad_range = cni(
+        "ADD",
+        "c",
+        "net1",
+        "",
+        &conf("1.0.0", &ep, json!({"range": "10.0.0.0/24", "range_start": "10.0.1.5"})),
+    );
+    assert_eq!(bad_range.out["code"], 7);
+    assert_eq!(bad_range.out["msg"], "range_start \"10.0.1.5\" is outside range 10.0.0.0/24");
+    let old = cni("ADD", "c", "net1", "", &conf("0.2.0", &ep, small.clone()));
+    assert_eq!(old.out["code"], 1);
+    let no_ifname = {
+        let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        let out = Command::new(bin)
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "c")
+            .output()
+            .expect("run");
+        serde_json::from_slice::<Value>(&out.stdout).expect("json")
+    };
+    assert_eq!(no_ifname["code"], 4);
+
+    // A /30 has two addresses: the third ADD is refused with the counts.
+    for cid in ["a", "b"] {
+        assert_eq!(cni("ADD", cid, "net1", "", &conf("1.0.0", &ep, small.clone())).code, 0);
+    }
+    let full = cni("ADD", "c", "net1", "", &conf("1.0.0", &ep, small.clone()));
+    assert_eq!(full.out["code"], 100);
+    assert_eq!(full.out["msg"], "range 10.9.0.0/30 is exhausted: size 2, held 2, excluded 0");
+
+    // With the server gone: ADD says try again later, STATUS says not available, DEL still
+    // succeeds (the lease is reclaimed later by GC or reconcile).
+    server.kill_hard().expect("kill");
+    let mut quick = small.clone();
+    quick["timeout_ms"] = json!(1500);
+    let add = cni("ADD", "d", "net1", "", &conf("1.1.0", &ep, quick.clone()));
+    assert_eq!(add.out["code"], 11, "{:?}", add.out);
+    let status = cni("STATUS", "", "", "", &conf("1.1.0", &ep, quick.clone()));
+    assert_eq!(status.out["code"], 50);
+    let del = cni("DEL", "a", "net1", "", &conf("1.1.0", &ep, quick));
+    assert_eq!(del.code, 0);
+    assert!(del.stderr.contains("the lease stays until GC or reconcile frees it"), "{}", del.stderr);
+}
