@@ -56,6 +56,8 @@ pub struct ServerOptions {
     pub identity: String,
     /// How long it may take to answer Status.
     pub startup_timeout: Duration,
+    /// Also listen on this unix socket (reachable from other network namespaces).
+    pub unix_socket: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +68,7 @@ impl Default for ServerOptions {
             log_file: None,
             identity: "e2e".into(),
             startup_timeout: Duration::from_secs(20),
+            unix_socket: None,
         }
     }
 }
@@ -109,7 +112,11 @@ impl ServerProcess {
             ),
             None => Stdio::inherit(),
         };
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(sock) = &opts.unix_socket {
+            cmd.arg("--listen").arg(format!("unix:{}", sock.display()));
+        }
+        let child = cmd
             .arg("--listen")
             .arg(&addr)
             .arg("--data-dir")

@@ -113,6 +113,7 @@ async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
         log_file: Some(dir.path().join("server.log")),
         identity: "grpc-load".into(),
         startup_timeout: STARTUP_TIMEOUT,
+        unix_socket: None,
     };
     let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
     info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");

@@ -1,0 +1,204 @@
+//! The reference CNI plugins (Debian's containernetworking-plugins) with
+//! `"ipam": {"type": "rust-ipam"}`, in network namespaces this test creates: the address
+//! the server hands out appears on the interface inside the pod's namespace.
+//!
+//! Needs root, iproute2, ping and /usr/lib/cni; without them it prints SKIP (and fails in CI,
+//! which installs them and runs as root).
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use serde_json::{Value, json};
+
+const CNI_DIR: &str = "/usr/lib/cni";
+
+/// Why this machine cannot run the test, if it cannot.
+fn missing() -> Option<String> {
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
+        return Some("not root (network namespaces need root)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("iproute2 (`ip`) is not installed".into());
+    }
+    if Command::new("ping").arg("-V").output().is_err() {
+        return Some("ping is not installed (apt-get install iputils-ping)".into());
+    }
+    for p in ["bridge", "macvlan"] {
+        if !Path::new(CNI_DIR).join(p).exists() {
+            return Some(format!("{CNI_DIR}/{p} is missing (apt-get install containernetworking-plugins)"));
+        }
+    }
+    None
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Network namespaces that are deleted when dropped, even when the test fails.
+struct Netns(Vec<String>);
+
+impl Netns {
+    fn new(names: &[&str]) -> Netns {
+        let tag = std::process::id();
+        let ns = Netns(names.iter().map(|n| format!("ripam-{n}-{tag}")).collect());
+        for n in &ns.0 {
+            ip(&["netns", "add", n]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    fn name(&self, i: usize) -> &str {
+        &self.0[i]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn rust_ipam_path() -> std::path::PathBuf {
+    workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary")
+}
+
+/// Runs a reference plugin inside the `host` namespace for a pod namespace.
+fn plugin(kind: &str, command: &str, host: &str, pod: &str, cid: &str, conf: &Value) -> (i32, Value) {
+    let cmd = format!("{CNI_DIR}/{kind}");
+    run(Command::new("ip").args(["netns", "exec", host, &cmd]), command, pod, cid, conf)
+}
+
+/// Runs a plugin binary directly (in this namespace) for a pod namespace.
+fn plugin_exec(bin: &Path, command: &str, pod: &str, cid: &str, conf: &Value) -> (i32, Value) {
+    run(&mut Command::new(bin), command, pod, cid, conf)
+}
+
+fn run(cmd: &mut Command, command: &str, pod: &str, cid: &str, conf: &Value) -> (i32, Value) {
+    let rust_ipam = rust_ipam_path();
+    let cni_path = rust_ipam.parent().expect("bin dir").display().to_string();
+    let mut child = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", format!("{cni_path}:{CNI_DIR}"))
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = if stdout.trim().is_empty() { Value::Null } else { serde_json::from_str(&stdout).expect("JSON") };
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// IPv4 addresses (with prefix) on `dev` inside `ns`.
+fn addresses(ns: &str, dev: &str) -> Vec<String> {
+    let out =
+        Command::new("ip").args(["-n", ns, "-j", "addr", "show", "dev", dev]).output().expect("ip addr");
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or_default(), a["prefixlen"]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_bridge_and_macvlan_get_addresses_from_rust_ipam() {
+    if let Some(why) = missing() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test: {why}");
+        println!("SKIP reference_bridge_and_macvlan_get_addresses_from_rust_ipam: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("ipam.sock");
+    // A unix socket reaches the server from every network namespace.
+    let opts = ServerOptions { unix_socket: Some(sock.clone()), ..ServerOptions::default() };
+    let _server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
+    let server = format!("unix://{}", sock.display());
+    let ns = Netns::new(&["node", "pod1", "pod2"]);
+    let (node, pod1, pod2) = (ns.name(0), ns.name(1), ns.name(2));
+
+    let bridge = json!({"cniVersion": "1.0.0", "name": "backend", "type": "bridge", "bridge": "ripam0",
+        "ipam": {"type": "rust-ipam", "range": "198.18.0.0/24", "exclude": ["198.18.0.0/28"], "server": server}});
+    let (code, r1) = plugin("bridge", "ADD", node, pod1, "cid-pod1", &bridge);
+    assert_eq!(code, 0, "bridge ADD: {r1}");
+    let (_, r2) = plugin("bridge", "ADD", node, pod2, "cid-pod2", &bridge);
+    assert_eq!(addresses(pod1, "net1"), vec!["198.18.0.16/24"]);
+    assert_eq!(addresses(pod2, "net1"), vec!["198.18.0.17/24"]);
+    assert_eq!(r2["ips"][0]["address"], "198.18.0.17/24");
+    let ping = Command::new("ip")
+        .args(["netns", "exec", pod1, "ping", "-c", "1", "-W", "3", "198.18.0.17"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "pod1 cannot reach pod2: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+
+    // CHECK pod2: the bridge's MAC (in prevResult) changes as ports join, so only the last
+    // ADD's result still matches it.
+    let mut check2 = bridge.clone();
+    check2["prevResult"] = r2.clone();
+    let (code, out) = plugin("bridge", "CHECK", node, pod2, "cid-pod2", &check2);
+    assert_eq!(code, 0, "CHECK: {out}");
+    let mut check = bridge.clone();
+    check["prevResult"] = r1.clone();
+
+    let (code, out) = plugin("bridge", "DEL", node, pod1, "cid-pod1", &check);
+    assert_eq!(code, 0, "DEL: {out}");
+    assert!(addresses(pod1, "net1").is_empty(), "net1 is gone after DEL");
+    let (code, _) = plugin("bridge", "DEL", node, pod1, "cid-pod1", &check);
+    assert_eq!(code, 0, "a repeated DEL succeeds");
+    // The lease is gone too: the next pod gets the freed address.
+    let (_, r3) = plugin("bridge", "ADD", node, pod1, "cid-pod3", &bridge);
+    assert_eq!(r3["ips"][0]["address"], "198.18.0.16/24");
+
+    // macvlan on a veth master in the node namespace, another network of the same server.
+    ip(&["-n", node, "link", "add", "ripam-m0", "type", "veth", "peer", "name", "ripam-m1"]);
+    ip(&["-n", node, "link", "set", "ripam-m0", "up"]);
+    ip(&["-n", node, "link", "set", "ripam-m1", "up"]);
+    let macvlan = json!({"cniVersion": "1.0.0", "name": "rail-0", "type": "macvlan", "master": "ripam-m0",
+        "mode": "bridge", "ipam": {"type": "rust-ipam", "range": "198.19.0.0/24", "network_name": "rail0",
+        "server": server}});
+    let ns2 = Netns::new(&["pod4"]);
+    let (code, out) = plugin("macvlan", "ADD", node, ns2.name(0), "cid-pod4", &macvlan);
+    assert_eq!(code, 0, "macvlan ADD: {out}");
+    assert_eq!(addresses(ns2.name(0), "net1"), vec!["198.19.0.1/24"]);
+    let mut check = macvlan.clone();
+    check["prevResult"] = out;
+    let (code, out) = plugin("macvlan", "CHECK", node, ns2.name(0), "cid-pod4", &check);
+    assert_eq!(code, 0, "macvlan CHECK: {out}");
+    // Release only the lease (rust-ipam's own DEL, the link stays): the reference plugin's
+    // CHECK now fails because rust-ipam's CHECK does.
+    let (code, out) = plugin_exec(&rust_ipam_path(), "DEL", ns2.name(0), "cid-pod4", &check);
+    assert_eq!(code, 0, "rust-ipam DEL: {out}");
+    let (code, out) = plugin("macvlan", "CHECK", node, ns2.name(0), "cid-pod4", &check);
+    assert_ne!(code, 0, "CHECK after the lease is released must fail: {out}");
+    assert!(out["msg"].as_str().unwrap_or_default().contains("holds no address"), "{out}");
+    let (code, out) = plugin("macvlan", "DEL", node, ns2.name(0), "cid-pod4", &check);
+    assert_eq!(code, 0, "macvlan DEL: {out}");
+    assert!(addresses(ns2.name(0), "net1").is_empty());
+}
