@@ -202,3 +202,81 @@ async fn reference_bridge_and_macvlan_get_addresses_from_rust_ipam() {
     assert_eq!(code, 0, "macvlan DEL: {out}");
     assert!(addresses(ns2.name(0), "net1").is_empty());
 }
+
+/// Runs `kind` ADD for many pods on several simulated nodes at once; returns every address
+/// handed out.
+fn add_everywhere(
+    kind: &str,
+    nodes: &Netns,
+    pods: &Netns,
+    conf: impl Fn(usize) -> Value + Sync,
+) -> Vec<String> {
+    let per_node = pods.0.len() / nodes.0.len();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..pods.0.len())
+            .map(|i| {
+                let node = i / per_node;
+                let (host, pod, conf) = (nodes.name(node), pods.name(i), conf(node));
+                s.spawn(move || {
+                    let (code, out) = plugin(kind, "ADD", host, pod, &format!("cid-{pod}"), &conf);
+                    assert_eq!(code, 0, "{kind} ADD on node {node}: {out}");
+                    out["ips"][0]["address"].as_str().expect("address").to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+    })
+}
+
+fn duplicates(addrs: &[String]) -> Vec<String> {
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for a in addrs {
+        *seen.entry(a).or_default() += 1;
+    }
+    seen.into_iter().filter(|(_, n)| *n > 1).map(|(a, _)| a.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_share_an_address_unlike_host_local() {
+    if let Some(why) = missing() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test: {why}");
+        println!("SKIP two_nodes_never_share_an_address_unlike_host_local: {why}");
+        return;
+    }
+    const NODES: usize = 2;
+    const PODS_PER_NODE: usize = 12;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("ipam.sock");
+    let opts = ServerOptions { unix_socket: Some(sock.clone()), ..ServerOptions::default() };
+    let _server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
+    let server = format!("unix://{}", sock.display());
+    let node_names: Vec<String> = (0..NODES).map(|n| format!("node{n}")).collect();
+    let nodes = Netns::new(&node_names.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // The same NAD on every node, with rust-ipam: one address per pod, cluster-wide.
+    let pod_names: Vec<String> = (0..NODES * PODS_PER_NODE).map(|p| format!("r{p}")).collect();
+    let pods = Netns::new(&pod_names.iter().map(String::as_str).collect::<Vec<_>>());
+    let rust = add_everywhere("bridge", &nodes, &pods, |_| {
+        json!({"cniVersion": "1.0.0", "name": "backend", "type": "bridge", "bridge": "ripam1",
+            "ipam": {"type": "rust-ipam", "range": "198.18.1.0/24", "server": server}})
+    });
+    assert_eq!(rust.len(), NODES * PODS_PER_NODE);
+    assert!(duplicates(&rust).is_empty(), "rust-ipam handed out an address twice: {:?}", duplicates(&rust));
+
+    // The same with host-local: each node keeps its own leases, so nodes collide.
+    let hl_names: Vec<String> = (0..NODES * PODS_PER_NODE).map(|p| format!("h{p}")).collect();
+    let hl_pods = Netns::new(&hl_names.iter().map(String::as_str).collect::<Vec<_>>());
+    let data = dir.path().to_path_buf();
+    let host_local = add_everywhere("bridge", &nodes, &hl_pods, |node| {
+        json!({"cniVersion": "1.0.0", "name": "backend-hl", "type": "bridge", "bridge": "ripam2",
+            "ipam": {"type": "host-local", "subnet": "198.18.2.0/24",
+                "dataDir": data.join(format!("host-local-node{node}"))}})
+    });
+    let dup = duplicates(&host_local);
+    println!(
+        "{NODES} nodes x {PODS_PER_NODE} pods: rust-ipam gave {} distinct addresses; host-local gave {} addresses held twice: {dup:?}",
+        rust.len(),
+        dup.len()
+    );
+    assert_eq!(dup.len(), PODS_PER_NODE, "host-local on two nodes hands out the same addresses");
+}
