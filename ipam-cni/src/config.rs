@@ -54,6 +54,10 @@ struct RawIpam {
     timeout_ms: Option<u64>,
     /// Node name recorded on leases; default: the `NODE_NAME` environment, else the host name.
     node_name: Option<String>,
+    /// Whereabouts' logging keys: `debug` writes what the plugin decides to `log_file`
+    /// (default: stderr).
+    log_level: Option<String>,
+    log_file: Option<String>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -77,6 +81,10 @@ pub struct IpamConf {
     pub servers: Vec<String>,
     pub timeout: Duration,
     pub node_name: String,
+    /// Write debug lines (`log_level` = `debug`).
+    pub debug: bool,
+    /// Where debug lines go; empty: stderr.
+    pub log_file: String,
     /// Keys accepted and not used (Whereabouts' datastore keys, for instance).
     pub ignored: Vec<String>,
 }
@@ -164,6 +172,19 @@ fn read_node_file(path: &Path, explicit: bool) -> Result<RawIpam, CniError> {
 }
 
 impl IpamConf {
+    /// Writes a debug line when `log_level` is `debug`; logging never fails the command.
+    pub fn debug(&self, line: impl std::fmt::Display) {
+        if !self.debug {
+            return;
+        }
+        let line = format!("rust-ipam: {line}\n");
+        if self.log_file.is_empty() {
+            eprint!("{line}");
+        } else if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file) {
+            let _ = std::io::Write::write_all(&mut f, line.as_bytes());
+        }
+    }
+
     fn from_value(raw: &Value, node_file: &Path) -> Result<IpamConf, CniError> {
         let nad: RawIpam = serde_json::from_value(raw.clone()).map_err(|e| invalid(format!("ipam: {e}")))?;
         let (file_path, explicit) = match &nad.configuration_path {
@@ -232,6 +253,8 @@ impl IpamConf {
             servers,
             timeout: Duration::from_millis(timeout_ms),
             node_name: pick(nad.node_name.clone(), node.node_name.clone()),
+            debug: pick(nad.log_level.clone(), node.log_level.clone()).eq_ignore_ascii_case("debug"),
+            log_file: pick(nad.log_file.clone(), node.log_file.clone()),
             ignored,
         })
     }
@@ -277,7 +300,8 @@ mod tests {
         assert_eq!(ipam.servers, vec![DEFAULT_SERVER.to_string()]);
         let mut ignored = ipam.ignored.clone();
         ignored.sort();
-        assert_eq!(ignored, vec!["datastore", "enable_overlapping_ranges", "kubernetes", "log_level"]);
+        assert_eq!(ignored, vec!["datastore", "enable_overlapping_ranges", "kubernetes"]);
+        assert!(ipam.debug);
     }
 
     #[test]

@@ -79,6 +79,17 @@ pub async fn run(
         .ipam
         .as_ref()
         .ok_or_else(|| fail(CniError::new(code::INVALID_CONFIG, "ipam section is missing")))?;
+    if !ipam.ignored.is_empty() {
+        ipam.debug(format_args!("ignoring ipam keys {:?}", ipam.ignored));
+    }
+    ipam.debug(format_args!(
+        "{} {}/{} network {:?} via {:?}",
+        inv.command.name(),
+        inv.container_id,
+        inv.ifname,
+        ipam.network_name,
+        ipam.servers
+    ));
     let mut client = Client::new(ipam);
     match inv.command {
         Command::Add => add(inv, &conf, ipam, &mut client).await.map(Some).map_err(fail),

@@ -3,35 +3,38 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use rust_ipam_proto::v1::{StatusRequest, ipam_client::IpamClient};
 
 /// Path of a binary built from this workspace, next to the running executable (a test in
-/// `target/<profile>/deps/` or a binary in `target/<profile>/`), building it first if it is
-/// missing (`cargo test --workspace` has built it; `cargo test -p rust-ipam-e2e` has not).
+/// `target/<profile>/deps/` or a binary in `target/<profile>/`). Under cargo (`CARGO` set,
+/// as in `cargo test`) it is built once per process first, so a test never runs a stale
+/// binary of another package; otherwise it is built only if missing.
 pub fn workspace_bin(package: &str, name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe().context("locating the running executable")?;
     let mut dir = exe.parent().context("the running executable has no directory")?;
     if dir.file_name().is_some_and(|d| d == "deps") {
         dir = dir.parent().context("deps/ has no parent")?;
     }
     let bin = dir.join(name);
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", package, "--bin", name]);
+    let under_cargo = std::env::var_os("CARGO");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let stale_check = under_cargo.is_some() && !built.iter().any(|b| b == name);
+    if stale_check || !bin.exists() {
+        let mut cmd = Command::new(under_cargo.unwrap_or_else(|| "cargo".into()));
+        cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
         if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().with_context(|| format!("building {name}"))?;
         if !status.success() || !bin.exists() {
-            bail!(
-                "{} is missing and could not be built (cargo build -p {package} --bin {name})",
-                bin.display()
-            );
+            bail!("{} could not be built (cargo build -p {package} --bin {name})", bin.display());
         }
+        built.push(name.to_string());
     }
     Ok(bin)
 }

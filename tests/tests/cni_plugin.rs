@@ -111,6 +111,17 @@ async fn add_check_del_gc_status_over_the_plugin_binary() {
 
     let status = cni("STATUS", "", "", "", &conf("1.1.0", ep, nad.clone()));
     assert_eq!((status.code, &status.out), (0, &Value::Null));
+    // Whereabouts' keys that do not apply are accepted; with log_level debug they are named.
+    let log = dir.path().join("plugin.log");
+    let mut chatty = nad.clone();
+    chatty["datastore"] = json!("kubernetes");
+    chatty["log_level"] = json!("debug");
+    chatty["log_file"] = json!(log.display().to_string());
+    assert_eq!(cni("DEL", "cid-a9", "net1", POD, &conf("1.0.0", ep, chatty)).code, 0);
+    let logged = std::fs::read_to_string(&log).expect("debug log written");
+    assert!(logged.contains("rust-ipam: ignoring ipam keys [\"datastore\"]"), "{logged}");
+    assert!(logged.contains("rust-ipam: DEL cid-a9/net1 network \"rail0\""), "{logged}");
+
     let version = cni("VERSION", "", "", "", &json!({"cniVersion": "1.0.0"}));
     assert_eq!(version.out["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
 }
