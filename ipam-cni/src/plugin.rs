@@ -1,5 +1,6 @@
 //! The commands: check the invocation, call the server, shape the answer.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -291,10 +292,11 @@ async fn status(client: &mut Client) -> Result<(), CniError> {
 }
 
 /// Calls the servers of the config in turn until one answers, within the config's timeout.
+/// A replica that answers UNAVAILABLE with a leader hint sends the call there next.
 struct Client {
-    servers: Vec<String>,
+    /// Endpoints with their open channel; leader hints are appended.
+    servers: Vec<(String, Option<Channel>)>,
     deadline: Instant,
-    channels: Vec<Option<Channel>>,
 }
 
 /// How long one endpoint gets to accept a connection before the next is tried.
@@ -302,12 +304,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between rounds over all endpoints.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// The leader endpoint a follower named, if it is one this plugin can dial.
+fn leader_hint(s: &tonic::Status) -> Option<String> {
+    let hint = s.metadata().get(rust_ipam_proto::LEADER_METADATA)?.to_str().ok()?;
+    ["http://", "https://", "unix:///"].iter().any(|p| hint.starts_with(p)).then(|| hint.to_string())
+}
+
 impl Client {
     fn new(ipam: &IpamConf) -> Client {
         Client {
-            servers: ipam.servers.clone(),
+            servers: ipam.servers.iter().map(|s| (s.clone(), None)).collect(),
             deadline: Instant::now() + ipam.timeout,
-            channels: vec![None; ipam.servers.len()],
         }
     }
 
@@ -318,16 +325,20 @@ impl Client {
     {
         let mut last = String::from("no server tried");
         loop {
-            for (i, server) in self.servers.iter().enumerate() {
+            let mut order: VecDeque<usize> = (0..self.servers.len()).collect();
+            let mut tried = Vec::new();
+            while let Some(i) = order.pop_front() {
                 let left = self.deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                let channel = match &self.channels[i] {
+                tried.push(i);
+                let server = self.servers[i].0.clone();
+                let channel = match &self.servers[i].1 {
                     Some(c) => c.clone(),
-                    None => match rust_ipam_proto::connect(server, CONNECT_TIMEOUT.min(left)).await {
+                    None => match rust_ipam_proto::connect(&server, CONNECT_TIMEOUT.min(left)).await {
                         Ok(c) => {
-                            self.channels[i] = Some(c.clone());
+                            self.servers[i].1 = Some(c.clone());
                             c
                         }
                         Err(e) => {
@@ -341,7 +352,20 @@ impl Client {
                     // Not the leader, or going away: another replica may answer.
                     Ok(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
                         last = format!("{server}: {}", s.message());
-                        self.channels[i] = None;
+                        self.servers[i].1 = None;
+                        if let Some(hint) = leader_hint(&s) {
+                            let j = match self.servers.iter().position(|(e, _)| *e == hint) {
+                                Some(j) => j,
+                                None => {
+                                    self.servers.push((hint, None));
+                                    self.servers.len() - 1
+                                }
+                            };
+                            if !tried.contains(&j) {
+                                order.retain(|k| *k != j);
+                                order.push_front(j);
+                            }
+                        }
                     }
                     Ok(Err(s)) => return Err(refused(s)),
                     Err(_) => last = format!("{server}: no answer in time"),

@@ -3,6 +3,10 @@
 mod client;
 pub use client::connect;
 
+/// Metadata key of an UNAVAILABLE status from a replica that does not allocate: the
+/// endpoint (`http://host:port`, ...) of the replica that does, for the client to try next.
+pub const LEADER_METADATA: &str = "x-rust-ipam-leader";
+
 /// Package `rustipam.v1`.
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod v1 {

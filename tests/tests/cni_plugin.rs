@@ -179,3 +179,76 @@ async fn errors_come_as_cni_json_with_their_codes() {
     assert_eq!(del.code, 0);
     assert!(del.stderr.contains("the lease stays until GC or reconcile frees it"), "{}", del.stderr);
 }
+
+/// A replica that does not allocate: every call is UNAVAILABLE with a hint to the leader.
+struct Follower {
+    leader: String,
+}
+
+impl Follower {
+    fn refuse<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        let mut s = tonic::Status::unavailable("not the leader");
+        s.metadata_mut()
+            .insert(rust_ipam_proto::LEADER_METADATA, self.leader.parse().expect("ascii endpoint"));
+        Err(s)
+    }
+}
+
+#[tonic::async_trait]
+impl rust_ipam_proto::v1::ipam_server::Ipam for Follower {
+    async fn allocate(
+        &self,
+        _: tonic::Request<rust_ipam_proto::v1::AllocateRequest>,
+    ) -> Result<tonic::Response<rust_ipam_proto::v1::AllocateResponse>, tonic::Status> {
+        self.refuse()
+    }
+    async fn release(
+        &self,
+        _: tonic::Request<rust_ipam_proto::v1::ReleaseRequest>,
+    ) -> Result<tonic::Response<rust_ipam_proto::v1::ReleaseResponse>, tonic::Status> {
+        self.refuse()
+    }
+    async fn check(
+        &self,
+        _: tonic::Request<rust_ipam_proto::v1::CheckRequest>,
+    ) -> Result<tonic::Response<rust_ipam_proto::v1::CheckResponse>, tonic::Status> {
+        self.refuse()
+    }
+    async fn gc(
+        &self,
+        _: tonic::Request<rust_ipam_proto::v1::GcRequest>,
+    ) -> Result<tonic::Response<rust_ipam_proto::v1::GcResponse>, tonic::Status> {
+        self.refuse()
+    }
+    async fn status(
+        &self,
+        _: tonic::Request<rust_ipam_proto::v1::StatusRequest>,
+    ) -> Result<tonic::Response<rust_ipam_proto::v1::StatusResponse>, tonic::Status> {
+        self.refuse()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sends_the_plugin_to_the_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leader = ServerProcess::start(dir.path()).await.expect("server");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let follower = format!("http://{}", listener.local_addr().expect("addr"));
+    let svc = rust_ipam_proto::v1::ipam_server::IpamServer::new(Follower { leader: leader.endpoint.clone() });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    // Only the follower is configured; the hint leads to the leader.
+    let add = cni("ADD", "cid-h1", "net1", POD, &conf("1.0.0", &follower, json!({"range": "10.77.0.0/24"})));
+    assert_eq!(add.code, 0, "{:?}", add.out);
+    assert_eq!(add.out["ips"][0]["address"], "10.77.0.1/24");
+
+    // A list of endpoints: one that refuses connections, then the leader.
+    let dead = format!("http://127.0.0.1:{}", rust_ipam_e2e::free_port().expect("port"));
+    let mut nad = conf("1.0.0", &dead, json!({"range": "10.77.0.0/24"}));
+    nad["ipam"]["server"] = json!([dead, leader.endpoint]);
+    let add = cni("ADD", "cid-h2", "net1", POD, &nad);
+    assert_eq!(add.out["ips"][0]["address"], "10.77.0.2/24", "{:?}", add.out);
+}
