@@ -249,6 +249,6 @@ async fn a_follower_sends_the_plugin_to_the_leader() {
     let dead = format!("http://127.0.0.1:{}", rust_ipam_e2e::free_port().expect("port"));
     let mut nad = conf("1.0.0", &dead, json!({"range": "10.77.0.0/24"}));
     nad["ipam"]["server"] = json!([dead, leader.endpoint]);
-    let add = cni("ADD", "cid-h2", "net1", POD, &nad);
+    let add = cni("ADD", "cid-h2", "net1", "K8S_POD_NAMESPACE=ai-training;K8S_POD_NAME=train-2", &nad);
     assert_eq!(add.out["ips"][0]["address"], "10.77.0.2/24", "{:?}", add.out);
 }
