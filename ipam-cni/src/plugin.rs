@@ -169,7 +169,8 @@ async fn add(
             let req = req.clone();
             async move { c.allocate(req).await }
         })
-        .await?
+        .await
+        .map_err(CniError::from)?
         .leases;
     let ips = leases
         .iter()
@@ -202,14 +203,14 @@ async fn del(inv: &Invocation, ipam: &IpamConf, client: &mut Client) -> Result<(
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) if e.code == code::TRY_AGAIN_LATER => {
+        Err(CallError::Unreachable(why)) => {
             eprintln!(
-                "rust-ipam: DEL of {}/{} could not reach the server ({}); the lease stays until GC or reconcile frees it",
-                inv.container_id, inv.ifname, e.msg
+                "rust-ipam: DEL of {}/{} could not reach the server ({why}); the lease stays until GC or reconcile frees it",
+                inv.container_id, inv.ifname
             );
             Ok(())
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -240,10 +241,10 @@ async fn check(
         .await
     {
         Ok(r) => r.leases,
-        Err(e) if e.code == cni::code::SERVER_REFUSED && e.details == "NotFound" => {
-            return Err(CniError::new(LEASE_MISMATCH, e.msg));
+        Err(CallError::Refused(s)) if s.code() == Code::NotFound => {
+            return Err(CniError::new(LEASE_MISMATCH, s.message()));
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     for l in &leases {
         let want = format!("{}/{}", l.address, l.prefix_len);
@@ -276,6 +277,7 @@ async fn gc(conf: &NetConf, ipam: &IpamConf, client: &mut Client) -> Result<(), 
         })
         .await
         .map(|_| ())
+        .map_err(CniError::from)
 }
 
 async fn status(client: &mut Client) -> Result<(), CniError> {
@@ -285,9 +287,7 @@ async fn status(client: &mut Client) -> Result<(), CniError> {
             code::NOT_AVAILABLE,
             format!("server is not allocating now (leader: {})", s.leader),
         )),
-        Err(e) => {
-            Err(CniError::new(code::NOT_AVAILABLE, format!("rust-ipam server cannot serve ADD: {}", e.msg)))
-        }
+        Err(e) => Err(CniError::new(code::NOT_AVAILABLE, format!("rust-ipam server cannot serve ADD: {e}"))),
     }
 }
 
@@ -318,7 +318,7 @@ impl Client {
         }
     }
 
-    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, CniError>
+    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, CallError>
     where
         F: Fn(IpamClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -367,28 +367,51 @@ impl Client {
                             }
                         }
                     }
-                    Ok(Err(s)) => return Err(refused(s)),
+                    Ok(Err(s)) => return Err(CallError::Refused(s)),
                     Err(_) => last = format!("{server}: no answer in time"),
                 }
             }
             if Instant::now() + RETRY_PAUSE >= self.deadline {
-                return Err(CniError::new(
-                    code::TRY_AGAIN_LATER,
-                    format!("no rust-ipam server answered within the timeout; last error: {last}"),
-                ));
+                return Err(CallError::Unreachable(format!(
+                    "no rust-ipam server answered within the timeout; last error: {last}"
+                )));
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 }
 
-/// A definite answer from the server, as a CNI error.
-fn refused(s: tonic::Status) -> CniError {
-    let code = match s.code() {
-        Code::InvalidArgument => code::INVALID_CONFIG,
-        _ => cni::code::SERVER_REFUSED,
-    };
-    CniError::new(code, s.message().to_string()).with_details(format!("{:?}", s.code()))
+/// Why a call to the servers failed.
+#[derive(Debug)]
+enum CallError {
+    /// A server gave a definite answer.
+    Refused(tonic::Status),
+    /// No server answered within the timeout.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Refused(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            CallError::Unreachable(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<CallError> for CniError {
+    fn from(e: CallError) -> CniError {
+        match e {
+            CallError::Refused(s) => {
+                let code = match s.code() {
+                    Code::InvalidArgument => code::INVALID_CONFIG,
+                    _ => cni::code::SERVER_REFUSED,
+                };
+                CniError::new(code, s.message()).with_details(format!("{:?}", s.code()))
+            }
+            CallError::Unreachable(why) => CniError::new(code::TRY_AGAIN_LATER, why),
+        }
+    }
 }
 
 #[cfg(test)]
