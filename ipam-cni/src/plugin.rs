@@ -44,6 +44,8 @@ impl Invocation {
         };
         let attach = matches!(command, Command::Add | Command::Del | Command::Check);
         let with_netns = matches!(command, Command::Add | Command::Check);
+        // Unused by an IPAM plugin, but every command except VERSION must have it.
+        need("CNI_PATH", command != Command::Version)?;
         Ok(Invocation {
             command,
             container_id: need("CNI_CONTAINERID", attach)?,
@@ -426,8 +428,10 @@ mod tests {
 
     #[test]
     fn environment_is_checked_per_command() {
+        const PATH: (&str, &str) = ("CNI_PATH", "/opt/cni/bin");
         let add = Invocation::from_env(env(&[
             ("CNI_COMMAND", "ADD"),
+            PATH,
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/var/run/netns/p"),
             ("CNI_IFNAME", "net1"),
@@ -435,27 +439,21 @@ mod tests {
         ]))
         .expect("valid");
         assert_eq!((add.command, add.args.get("K8S_POD_NAME")), (Command::Add, "p"));
-        let e = Invocation::from_env(env(&[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_IFNAME", "net1"),
-        ]))
-        .expect_err("no netns");
+        let err = |vars: &[(&str, &str)]| Invocation::from_env(env(vars)).expect_err("refused");
+        let e = err(&[("CNI_COMMAND", "ADD"), PATH, ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "net1")]);
         assert_eq!(
             (e.code, e.msg.as_str()),
             (code::INVALID_ENV, "CNI_NETNS is required for ADD but not set")
         );
-        // DEL may come without a namespace (it is gone); GC needs no attachment.
-        assert!(
-            Invocation::from_env(env(&[
-                ("CNI_COMMAND", "DEL"),
-                ("CNI_CONTAINERID", "c"),
-                ("CNI_IFNAME", "i")
-            ]))
-            .is_ok()
-        );
-        assert!(Invocation::from_env(env(&[("CNI_COMMAND", "GC")])).is_ok());
-        assert_eq!(Invocation::from_env(env(&[])).expect_err("none").code, code::INVALID_ENV);
+        let e = err(&[("CNI_COMMAND", "GC")]);
+        assert_eq!(e.msg, "CNI_PATH is required for GC but not set");
+        assert_eq!(err(&[]).code, code::INVALID_ENV);
+        // DEL may come without a namespace (it is gone); GC needs no attachment; VERSION
+        // needs nothing else.
+        let ok = |vars: &[(&str, &str)]| Invocation::from_env(env(vars)).is_ok();
+        assert!(ok(&[("CNI_COMMAND", "DEL"), PATH, ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "i")]));
+        assert!(ok(&[("CNI_COMMAND", "GC"), PATH]));
+        assert!(ok(&[("CNI_COMMAND", "VERSION")]));
     }
 
     #[test]
