@@ -250,6 +250,32 @@ impl AdminService {
     }
 }
 
+/// Leases per ListLeases page when the request does not say.
+const DEFAULT_PAGE: usize = 1000;
+/// Most leases per page: keeps an answer far below gRPC's 4 MiB default message limit.
+const MAX_PAGE: usize = 10_000;
+
+/// The token of the page after the lease at (network, address): opaque to clients.
+fn page_token(network: &str, address: IpAddr) -> String {
+    let raw = format!("{address}/{network}");
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_page_token(token: &str) -> Result<Option<(String, IpAddr)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid("page_token", token, "is not a token this server returned");
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    let raw = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (address, network) = raw.split_once('/').ok_or_else(bad)?;
+    Ok(Some((network.to_string(), address.parse().map_err(|_| bad())?)))
+}
+
 fn check_note(field: &str, v: &str) -> Result<String, Status> {
     if v.trim().is_empty() {
         return Err(invalid(field, v, "is empty: say why, it is kept and logged"));
@@ -277,6 +303,14 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
         let r = request.into_inner();
+        let page_size = match r.page_size {
+            0 => DEFAULT_PAGE,
+            n if n as usize > MAX_PAGE => {
+                return Err(invalid("page_size", &n.to_string(), &format!("is over the maximum {MAX_PAGE}")));
+            }
+            n => n as usize,
+        };
+        let after = check_page_token(&r.page_token)?;
         let filter = LeaseFilter {
             network: r.network,
             pod_namespace: r.pod_namespace,
@@ -285,8 +319,27 @@ impl pb::admin_server::Admin for AdminService {
             range: r.range,
             container_id: r.container_id,
         };
-        let leases = self.engine.call(move |a, _| a.leases(&filter)).await.map_err(engine_status)?;
-        Ok(Response::new(pb::ListLeasesResponse { leases: leases.into_iter().map(pb_lease).collect() }))
+        let (page, more) = self
+            .engine
+            .call(move |a, _| {
+                let all = a.leases(&filter);
+                // Sorted by (network, address): the page starts after the token's lease.
+                let start = after.as_ref().map_or(0, |(net, ip)| {
+                    all.partition_point(|l| (&*l.network, l.address) <= (net.as_str(), *ip))
+                });
+                let end = (start + page_size).min(all.len());
+                (all[start..end].to_vec(), end < all.len())
+            })
+            .await
+            .map_err(engine_status)?;
+        let next_page_token = match (more, page.last()) {
+            (true, Some(l)) => page_token(&l.network, l.address),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: page.into_iter().map(pb_lease).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_lease(&self, request: Request<pb::GetLeaseRequest>) -> Result<Response<pb::Lease>, Status> {

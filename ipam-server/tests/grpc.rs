@@ -293,6 +293,41 @@ async fn admin_lists_reserves_and_releases_by_hand() {
         Vec::<String>::new()
     );
 
+    // Pages of two: the token continues after the last lease of the page.
+    let first = admin
+        .list_leases(pb::ListLeasesRequest { page_size: 2, ..Default::default() })
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert_eq!(addresses(&first.leases), vec!["10.50.1.0/16", "10.50.1.1/16"]);
+    assert!(!first.next_page_token.is_empty());
+    let second = admin
+        .list_leases(pb::ListLeasesRequest {
+            page_size: 2,
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(
+        (addresses(&second.leases), second.next_page_token.as_str()),
+        (vec!["10.50.0.1/16".to_string()], "")
+    );
+    let err = admin
+        .list_leases(pb::ListLeasesRequest { page_token: "zz".into(), ..Default::default() })
+        .await
+        .expect_err("bad token");
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "page_token \"zz\" is not a token this server returned")
+    );
+    let err = admin
+        .list_leases(pb::ListLeasesRequest { page_size: 10_001, ..Default::default() })
+        .await
+        .expect_err("too big");
+    assert_eq!(err.message(), "page_size \"10001\" is over the maximum 10000");
+
     let who = admin
         .get_lease(pb::GetLeaseRequest { network: String::new(), address: "10.50.1.0".into() })
         .await

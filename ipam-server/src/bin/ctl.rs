@@ -134,8 +134,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::Leases { network, pod, node } => {
             let (pod_namespace, pod_name) = split_pod(&pod);
-            let req = pb::ListLeasesRequest { network, pod_namespace, pod_name, node, ..Default::default() };
-            admin.list_leases(req).await?.into_inner().leases.iter().for_each(print_lease);
+            let mut req =
+                pb::ListLeasesRequest { network, pod_namespace, pod_name, node, ..Default::default() };
+            loop {
+                let page = admin.list_leases(req.clone()).await?.into_inner();
+                page.leases.iter().for_each(print_lease);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                req.page_token = page.next_page_token;
+            }
         }
         Cmd::Pools { network } => {
             println!(
