@@ -12,6 +12,12 @@ const LEASES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("l
 /// (network, range input as JSON) -> range input as JSON.
 const POOLS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("pools");
 
+/// "schema" -> version of the record format in this file.
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The record format this code reads and writes. Bump it, with a migration, when `Lease` or
+/// `RangeInput` change incompatibly.
+pub const SCHEMA: u64 = 1;
+
 /// File name of the database inside the data directory.
 pub const FILE_NAME: &str = "leases.redb";
 
@@ -30,10 +36,27 @@ impl EmbeddedStore {
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path)
             .map_err(|e| StoreError::new("open database", format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(|e| StoreError::new("open tables", e))?;
-        txn.open_table(LEASES).map_err(|e| StoreError::new("open tables", e))?;
-        txn.open_table(POOLS).map_err(|e| StoreError::new("open tables", e))?;
-        txn.commit().map_err(|e| StoreError::new("open tables", e))?;
+        let err = |e: &dyn std::fmt::Display| StoreError::new("open tables", e);
+        let txn = db.begin_write().map_err(|e| err(&e))?;
+        txn.open_table(LEASES).map_err(|e| err(&e))?;
+        txn.open_table(POOLS).map_err(|e| err(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| err(&e))?;
+            let found = meta.get("schema").map_err(|e| err(&e))?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema", SCHEMA).map_err(|e| err(&e))?;
+                }
+                Some(SCHEMA) => {}
+                Some(other) => {
+                    return Err(StoreError::new(
+                        "open database",
+                        format!("{} holds schema {other}; this server reads schema {SCHEMA}", path.display()),
+                    ));
+                }
+            }
+        }
+        txn.commit().map_err(|e| err(&e))?;
         Ok(EmbeddedStore { db, path })
     }
 }
@@ -155,6 +178,25 @@ mod tests {
         assert_eq!(loaded.pools, vec![("rail0".to_string(), range)]);
         assert_eq!(loaded.leases, vec![lease("10.0.0.2")]);
         assert!(loaded.problems.is_empty());
+    }
+
+    #[test]
+    fn a_file_of_another_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = EmbeddedStore::open(dir.path()).expect("open");
+            let txn = s.db.begin_write().expect("txn");
+            txn.open_table(META).expect("meta").insert("schema", 99).expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = EmbeddedStore::open(dir.path()).expect_err("newer schema");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "open database: {} holds schema 99; this server reads schema 1",
+                dir.path().join(FILE_NAME).display()
+            )
+        );
     }
 
     #[test]
