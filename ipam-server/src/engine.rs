@@ -7,12 +7,14 @@
 //! request. If a commit fails, the allocator is rebuilt from the store and the whole batch
 //! is answered with the error, so memory never runs ahead of what is durable.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::allocator::{Allocator, Change};
+use crate::metrics::Metrics;
 use crate::store::{LeaseStore, StoreError};
 
 /// Most requests answered by one commit.
@@ -61,7 +63,7 @@ fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
 
 impl Engine {
     /// Loads the store and starts the engine thread.
-    pub fn start(store: Box<dyn LeaseStore>) -> Result<Engine, StoreError> {
+    pub fn start(store: Box<dyn LeaseStore>, metrics: Arc<Metrics>) -> Result<Engine, StoreError> {
         let describe = store.describe();
         let alloc = restore(store.as_ref())?;
         info!(store = %describe, leases = alloc.lease_count(), pools = alloc.pool_count(), "state loaded");
@@ -71,7 +73,7 @@ impl Engine {
         std::thread::Builder::new()
             .name("ipam-engine".into())
             .spawn(move || {
-                span.in_scope(|| run(alloc, store, rx));
+                span.in_scope(|| run(alloc, store, rx, &metrics));
                 let _ = stopped_tx.send(true);
             })
             .map_err(|e| StoreError::new("start engine thread", e))?;
@@ -112,7 +114,7 @@ impl Engine {
 }
 
 /// The engine thread's loop; returns (dropping the store) when every sender is gone.
-fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Receiver<Job>) {
+fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Receiver<Job>, metrics: &Metrics) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -139,7 +141,10 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
         } else if changes.is_empty() {
             Ok(())
         } else {
-            store.commit(&changes).map_err(|e| {
+            let started = Instant::now();
+            let committed = store.commit(&changes);
+            metrics.observe_commit(started.elapsed(), replies.len(), committed.is_ok());
+            committed.map_err(|e| {
                 error!(error = %e, changes = changes.len(), "commit failed; reloading state from the store");
                 EngineError::Commit(e.to_string())
             })
@@ -166,7 +171,7 @@ mod tests {
     use super::*;
 
     use crate::store::Loaded;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     /// A store that records commits and can be told to fail the next one.
     #[derive(Clone, Default)]
@@ -220,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_share_commits_and_all_land() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone())).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let e = engine.clone();
@@ -241,7 +246,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_request_costs_its_batch_not_the_engine() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone())).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
         let err = engine
             .call(|a, now| {
                 let _ = a.reserve("", "10.0.0.3".parse().expect("ip"), "t", now);
@@ -257,7 +262,7 @@ mod tests {
     #[tokio::test]
     async fn failed_commit_answers_error_and_rolls_memory_back() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone())).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
         reserve(&engine, "10.0.0.1").await.expect("engine").expect("reserve");
         *rec.fail_next.lock().expect("lock") = true;
         let err = reserve(&engine, "10.0.0.2").await.expect_err("commit fails");

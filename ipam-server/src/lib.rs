@@ -4,5 +4,6 @@
 pub mod allocator;
 pub mod engine;
 pub mod grpc;
+pub mod metrics;
 pub mod server;
 pub mod store;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use rust_ipam_proto::v1::{admin_server::AdminServer, ipam_server::IpamServer};
@@ -14,6 +15,7 @@ use tracing::{Instrument as _, info, info_span};
 
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
+use crate::metrics::{Metrics, RpcMetricsLayer, serve_http};
 
 /// How long shutdown waits for the engine to finish its last batch.
 const ENGINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -94,8 +96,10 @@ pub async fn serve(
     engine: Engine,
     identity: String,
     listeners: Vec<Bound>,
+    metrics: (Arc<Metrics>, Option<TcpListener>),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (metrics, metrics_listener) = metrics;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<IpamServer<IpamService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
@@ -108,8 +112,9 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
     let engine_stopped = engine.stopped();
     let ipam = IpamServer::new(IpamService::new(engine.clone(), identity));
-    let admin = AdminServer::new(AdminService::new(engine));
+    let admin = AdminServer::new(AdminService::new(engine.clone()));
     let router = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer(metrics.clone()))
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -118,6 +123,17 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let metrics_task = metrics_listener.map(|l| {
+        let endpoint = l.local_addr().map_or_else(|e| e.to_string(), |a| format!("http://{a}/metrics"));
+        info!(%endpoint, "serving metrics and probes");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(
+            serve_http(l, engine.clone(), metrics.clone(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .instrument(info_span!("metrics", %endpoint)),
+        )
+    });
     for bound in listeners {
         let endpoint = bound.endpoint();
         let router = router.clone();
@@ -157,8 +173,12 @@ pub async fn serve(
     while let Some(r) = tasks.join_next().await {
         r.context("listener task panicked")?.context("listener failed")?;
     }
+    if let Some(t) = metrics_task {
+        t.await.context("metrics task panicked")?;
+    }
     // The services hold the last engine handles; once they are gone the engine drains.
     drop(router);
+    drop(engine);
     if tokio::time::timeout(ENGINE_DRAIN, engine_stopped).await.is_err() {
         anyhow::bail!("the engine did not stop within {ENGINE_DRAIN:?}; a handle is still held elsewhere");
     }

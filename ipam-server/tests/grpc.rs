@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipam_server::engine::Engine;
+use ipam_server::metrics::Metrics;
 use ipam_server::server::{Bound, Listen, serve};
 use ipam_server::store::embedded::EmbeddedStore;
 use rust_ipam_proto::connect;
@@ -15,6 +16,7 @@ use tonic::transport::Channel;
 
 struct Server {
     endpoint: String,
+    metrics_addr: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -22,7 +24,10 @@ struct Server {
 impl Server {
     async fn start(dir: &Path, extra: Option<Listen>) -> Server {
         let store = EmbeddedStore::open(dir).expect("open store");
-        let engine = Engine::start(Box::new(store)).expect("start engine");
+        let metrics = Metrics::new();
+        let engine = Engine::start(Box::new(store), metrics.clone()).expect("start engine");
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        let metrics_addr = metrics_listener.local_addr().expect("metrics addr");
         let tcp = Bound::bind(&"127.0.0.1:0".parse().expect("listen")).await.expect("bind");
         let endpoint = tcp.endpoint();
         let mut listeners = vec![tcp];
@@ -30,10 +35,16 @@ impl Server {
             listeners.push(Bound::bind(&l).await.expect("bind extra"));
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(engine, "test-replica".into(), listeners, async {
-            let _ = stopped.await;
-        }));
-        Server { endpoint, stop: Some(stop), task }
+        let task = tokio::spawn(serve(
+            engine,
+            "test-replica".into(),
+            listeners,
+            (metrics, Some(metrics_listener)),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Server { endpoint, metrics_addr, stop: Some(stop), task }
     }
 
     async fn channel(&self) -> Channel {
@@ -401,5 +412,53 @@ async fn health_reports_serving() {
             health.check(HealthCheckRequest { service: service.into() }).await.expect("health").into_inner();
         assert_eq!(r.status(), ServingStatus::Serving, "{service}");
     }
+    server.stop().await;
+}
+
+/// A plain HTTP/1.0 GET; returns (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_show_pools() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), None).await;
+    let mut ipam = IpamClient::new(server.channel().await);
+    let r = || vec![range("10.9.0.0/30", &[])];
+    for cid in ["a", "b"] {
+        ipam.allocate(alloc_req(cid, cid, r())).await.expect("allocate");
+    }
+    ipam.allocate(alloc_req("c", "c", r())).await.expect_err("exhausted");
+    ipam.allocate(alloc_req("d", "d", vec![range("fd00::/64", &[])])).await.expect("allocate");
+
+    let (status, body) = http_get(server.metrics_addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    for line in [
+        r#"rustipam_requests_total{rpc="rustipam.v1.Ipam/Allocate",code="Ok"} 3"#,
+        r#"rustipam_requests_total{rpc="rustipam.v1.Ipam/Allocate",code="ResourceExhausted"} 1"#,
+        r#"rustipam_pool_free{network="",range="10.9.0.0/30"} 0.0"#,
+        r#"rustipam_pool_used{network="",range="10.9.0.0/30"} 2.0"#,
+        r#"rustipam_pool_size{network="",range="fd00::/64"} 18446744073709553000.0"#,
+        "rustipam_leases 3",
+        "rustipam_serving 1",
+        "rustipam_store_commit_failures_total 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
+    }
+    let commits = body
+        .lines()
+        .find(|l| l.starts_with("rustipam_store_commit_seconds_count"))
+        .expect("commit histogram");
+    assert_ne!(commits, "rustipam_store_commit_seconds_count 0");
+    assert_eq!(http_get(server.metrics_addr, "/readyz").await, ("HTTP/1.0 200 OK".into(), "ready\n".into()));
+    assert_eq!(http_get(server.metrics_addr, "/healthz").await.0, "HTTP/1.0 200 OK");
+    assert_eq!(http_get(server.metrics_addr, "/nope").await.0, "HTTP/1.0 404 Not Found");
     server.stop().await;
 }

@@ -122,6 +122,9 @@ impl ServerProcess {
         let child = cmd
             .arg("--listen")
             .arg(&addr)
+            // Several servers may run at once: each takes any free metrics port.
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--identity")

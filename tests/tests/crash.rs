@@ -85,12 +85,17 @@ async fn acknowledged_leases_survive_kill_9() {
 
     let server = ServerProcess::start(dir.path()).await.expect("restart");
     let ch = connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
-    let leases = AdminClient::new(ch.clone())
-        .list_leases(pb::ListLeasesRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .leases;
+    let mut admin = AdminClient::new(ch.clone());
+    let mut leases = Vec::new();
+    let mut req = pb::ListLeasesRequest { page_size: 1000, ..Default::default() };
+    loop {
+        let page = admin.list_leases(req.clone()).await.expect("list").into_inner();
+        leases.extend(page.leases);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
     let mut seen = HashSet::new();
     let mut by_cid = BTreeMap::new();
     for l in &leases {

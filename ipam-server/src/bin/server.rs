@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use ipam_server::engine::Engine;
+use ipam_server::metrics::Metrics;
 use ipam_server::server::{self, Bound, Listen};
 use ipam_server::store::embedded::EmbeddedStore;
 use tracing::info;
@@ -25,6 +26,10 @@ struct Args {
     /// else $XDG_DATA_HOME/rust-ipam or ~/.local/share/rust-ipam.
     #[arg(long, env = "RUST_IPAM_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where to serve Prometheus `/metrics` and the `/healthz`, `/readyz` probes over HTTP
+    /// (`ip:port`); `off` to serve none.
+    #[arg(long, env = "RUST_IPAM_METRICS_LISTEN", default_value = "127.0.0.1:9156")]
+    metrics_listen: String,
     /// Name of this replica in Status answers. Default: the pod name ($POD_NAME), else the
     /// host name.
     #[arg(long, env = "RUST_IPAM_IDENTITY")]
@@ -70,14 +75,28 @@ async fn shutdown_signal() {
 async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
-    let engine = Engine::start(Box::new(store)).context("loading leases")?;
+    let metrics = Metrics::new();
+    let engine = Engine::start(Box::new(store), metrics.clone()).context("loading leases")?;
+    let metrics_listener = match args.metrics_listen.as_str() {
+        "off" => None,
+        addr => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--metrics-listen {addr:?} is neither ip:port nor off"))?;
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics on {addr}"))?,
+            )
+        }
+    };
     let mut listeners = Vec::new();
     for l in &args.listen {
         listeners.push(Bound::bind(l).await?);
     }
     let identity = args.identity.unwrap_or_else(default_identity);
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
-    server::serve(engine, identity, listeners, shutdown_signal()).await
+    server::serve(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,0 +1,285 @@
+//! Prometheus metrics and the small HTTP endpoint that serves them with health probes.
+//!
+//! Counters and histograms are updated as requests and commits happen; pool and lease
+//! gauges are read from the allocator when scraped, so they are never stale.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use crate::allocator::PoolUsage;
+use crate::engine::Engine;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcCode {
+    rpc: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rpc {
+    rpc: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pool {
+    network: String,
+    range: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RpcCode, Counter>,
+    request_seconds: Family<Rpc, Histogram>,
+    commit_seconds: Histogram,
+    batch_size: Histogram,
+    commit_failures: Counter,
+    leases: Gauge,
+    serving: Gauge,
+    // Sizes are floats: an IPv6 range holds more than i64 can count.
+    pool_size: Family<Pool, FloatGauge>,
+    pool_used: Family<Pool, FloatGauge>,
+    pool_excluded: Family<Pool, FloatGauge>,
+    pool_free: Family<Pool, FloatGauge>,
+}
+
+fn latency() -> Histogram {
+    // 50 us to about 1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+impl Metrics {
+    /// A registry with every metric at zero.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("rustipam");
+        let m = Metrics {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency),
+            commit_seconds: latency(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            commit_failures: Counter::default(),
+            leases: Gauge::default(),
+            serving: Gauge::default(),
+            pool_size: Family::default(),
+            pool_used: Family::default(),
+            pool_excluded: Family::default(),
+            pool_free: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
+        registry.register("request_seconds", "gRPC request latency by method", m.request_seconds.clone());
+        registry.register(
+            "store_commit_seconds",
+            "Latency of one durable store commit",
+            m.commit_seconds.clone(),
+        );
+        registry.register("store_batch_requests", "Requests answered by one commit", m.batch_size.clone());
+        registry.register("store_commit_failures", "Store commits that failed", m.commit_failures.clone());
+        registry.register("leases", "Addresses held, all networks", m.leases.clone());
+        registry.register("serving", "1 when this replica allocates", m.serving.clone());
+        registry.register("pool_size", "Addresses a pool may hand out", m.pool_size.clone());
+        registry.register(
+            "pool_used",
+            "Addresses of a pool held by anyone in its network",
+            m.pool_used.clone(),
+        );
+        registry.register(
+            "pool_excluded",
+            "Excluded addresses of a pool, gateway included",
+            m.pool_excluded.clone(),
+        );
+        registry.register("pool_free", "Addresses a pool can still hand out", m.pool_free.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Counts one gRPC request (`rpc` is its path, `/package.Service/Method`) and its
+    /// latency.
+    pub fn observe_rpc(&self, path: &str, started: Instant, code: tonic::Code) {
+        let rpc = path.trim_start_matches('/').to_string();
+        self.requests.get_or_create(&RpcCode { rpc: rpc.clone(), code: format!("{code:?}") }).inc();
+        self.request_seconds.get_or_create(&Rpc { rpc }).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records one store commit of `batch` requests.
+    pub fn observe_commit(&self, took: Duration, batch: usize, ok: bool) {
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.batch_size.observe(batch as f64);
+        if !ok {
+            self.commit_failures.inc();
+        }
+    }
+
+    /// The text exposition, with the gauges set from the allocator's current state.
+    pub fn render(&self, pools: &[PoolUsage], leases: usize, serving: bool) -> String {
+        self.leases.set(leases as i64);
+        self.serving.set(i64::from(serving));
+        for f in [&self.pool_size, &self.pool_used, &self.pool_excluded, &self.pool_free] {
+            f.clear();
+        }
+        for p in pools {
+            let l = Pool { network: p.network.to_string(), range: p.range.range.clone() };
+            self.pool_size.get_or_create(&l).set(p.size as f64);
+            self.pool_used.get_or_create(&l).set(p.used as f64);
+            self.pool_excluded.get_or_create(&l).set(p.excluded as f64);
+            self.pool_free.get_or_create(&l).set(p.free as f64);
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
+            Ok((pools, leases)) => text(StatusCode::OK, metrics.render(&pools, leases, true)),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        // Ready when the engine answers: state loaded and the store usable.
+        "/readyz" => match engine.call(|_, _| ()).await {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found: /metrics, /healthz, /readyz\n".into()),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: TcpListener,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    // Open connections hold engine handles; they must end with the listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "metrics listener accept failed");
+                    continue;
+                }
+            };
+            let (engine, metrics) = (engine.clone(), metrics.clone());
+            let svc = service_fn(move |req| {
+                let (engine, metrics) = (engine.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(handle(req, engine, metrics).await) }
+            });
+            let mut stop = stop_rx.clone();
+            tokio::spawn(
+                async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            debug!(error = %e, "metrics connection ended");
+                        },
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
+                .instrument(info_span!("metrics_conn", %peer)),
+            );
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    // Let the connection tasks see the signal and drop their handles.
+    drop(stop_rx);
+    stop_tx.closed().await;
+    debug!(?addr, "metrics listener stopped");
+}
+
+/// A tower layer that counts every gRPC request by path and status code. The code comes from
+/// the `grpc-status` header: tonic sends errors as trailers-only responses, so a response
+/// without it (and HTTP 200) is a success.
+#[derive(Debug, Clone)]
+pub struct RpcMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> RpcMetrics<S> {
+        RpcMetrics { inner, metrics: self.0.clone() }
+    }
+}
+
+/// The service of [`RpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> tower::Service<hyper::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<hyper::Request<B>, Response = hyper::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            if let Ok(resp) = &r {
+                let code = match resp.headers().get("grpc-status") {
+                    Some(v) => v
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Unknown, tonic::Code::from),
+                    None if resp.status() == StatusCode::OK => tonic::Code::Ok,
+                    None => tonic::Code::Unknown,
+                };
+                metrics.observe_rpc(&path, started, code);
+            }
+            r
+        })
+    }
+}
