@@ -25,15 +25,62 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use crate::allocator::PoolUsage;
 use crate::engine::Engine;
 
+// Labels are static strings: counting a request allocates nothing.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcCode {
-    rpc: String,
-    code: String,
+    rpc: &'static str,
+    code: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Rpc {
-    rpc: String,
+    rpc: &'static str,
+}
+
+/// Methods served, as `package.Service/Method`; anything else counts as `other`.
+const RPCS: &[&str] = &[
+    "rustipam.v1.Ipam/Allocate",
+    "rustipam.v1.Ipam/Release",
+    "rustipam.v1.Ipam/Check",
+    "rustipam.v1.Ipam/Gc",
+    "rustipam.v1.Ipam/Status",
+    "rustipam.v1.Admin/ListPools",
+    "rustipam.v1.Admin/ListLeases",
+    "rustipam.v1.Admin/GetLease",
+    "rustipam.v1.Admin/Reserve",
+    "rustipam.v1.Admin/ReleaseAddress",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+fn rpc_label(path: &str) -> &'static str {
+    let path = path.trim_start_matches('/');
+    RPCS.iter().find(|r| **r == path).copied().unwrap_or("other")
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,8 +161,8 @@ impl Metrics {
     /// Counts one gRPC request (`rpc` is its path, `/package.Service/Method`) and its
     /// latency.
     pub fn observe_rpc(&self, path: &str, started: Instant, code: tonic::Code) {
-        let rpc = path.trim_start_matches('/').to_string();
-        self.requests.get_or_create(&RpcCode { rpc: rpc.clone(), code: format!("{code:?}") }).inc();
+        let rpc = rpc_label(path);
+        self.requests.get_or_create(&RpcCode { rpc, code: code_label(code) }).inc();
         self.request_seconds.get_or_create(&Rpc { rpc }).observe(started.elapsed().as_secs_f64());
     }
 
@@ -261,7 +308,7 @@ where
     }
 
     fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
-        let path = req.uri().path().to_string();
+        let rpc = rpc_label(req.uri().path());
         let started = Instant::now();
         let metrics = self.metrics.clone();
         let fut = self.inner.call(req);
@@ -277,7 +324,7 @@ where
                     None if resp.status() == StatusCode::OK => tonic::Code::Ok,
                     None => tonic::Code::Unknown,
                 };
-                metrics.observe_rpc(&path, started, code);
+                metrics.observe_rpc(rpc, started, code);
             }
             r
         })
