@@ -49,7 +49,8 @@ fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
+/// Loads the store into a new allocator, reporting (and skipping) records it cannot use.
+pub fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
     let loaded = store.load()?;
     for p in &loaded.problems {
         warn!(record = %p.what, error = %p.error, "skipping unreadable store record");

@@ -4,6 +4,7 @@
 pub mod allocator;
 pub mod engine;
 pub mod grpc;
+pub mod import;
 pub mod metrics;
 pub mod server;
 pub mod store;

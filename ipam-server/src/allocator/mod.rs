@@ -653,6 +653,31 @@ impl Allocator {
         Ok(lease)
     }
 
+    /// Takes over a lease made elsewhere (an import): held as given when the address is
+    /// free; `Ok(false)` when the same attachment already holds it (nothing changes); an
+    /// error naming the holder when someone else does.
+    pub fn adopt(&mut self, lease: Lease) -> Result<bool, AllocError> {
+        let net = network_mut(&mut self.networks, &lease.network);
+        if let Some(held) = net.leases.get(&lease.address) {
+            let same = held.holder.container_id == lease.holder.container_id
+                && held.holder.ifname == lease.holder.ifname;
+            return if same {
+                Ok(false)
+            } else {
+                Err(AllocError::Held {
+                    network: lease.network.to_string(),
+                    address: lease.address,
+                    holder: held.who(),
+                })
+            };
+        }
+        let lease = Arc::new(Lease { network: net.name.clone(), ..lease });
+        net.insert(lease.clone());
+        self.lease_count += 1;
+        self.journal.push(Change::PutLease(lease));
+        Ok(true)
+    }
+
     /// Frees one address whoever holds it.
     pub fn release_address(&mut self, network: &str, ip: IpAddr) -> Result<Arc<Lease>, AllocError> {
         self.networks

@@ -1,6 +1,7 @@
 //! `rust-ipam-server`: the allocation server.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -34,6 +35,58 @@ struct Args {
     /// host name.
     #[arg(long, env = "RUST_IPAM_IDENTITY")]
     identity: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Turn Whereabouts' IPPool and OverlappingRangeIPReservation objects (`kubectl get
+    /// ippools,overlappingrangeipreservations -A -o yaml`) into leases of the embedded store.
+    /// Run it with the server stopped. Running it twice changes nothing.
+    ImportWhereabouts {
+        /// YAML or JSON files of the objects (lists or single objects).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Imports; the exit status is 2 when some entries could not be imported.
+fn import_whereabouts(
+    data_dir: &std::path::Path,
+    files: &[PathBuf],
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use ipam_server::import::{Action, import, table};
+    use ipam_server::store::LeaseStore as _;
+    let docs = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut store =
+        EmbeddedStore::open(data_dir).context("opening the embedded store (is the server running?)")?;
+    let mut alloc = ipam_server::engine::restore(&store).context("loading leases")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let rows = import(&docs, &mut alloc, now).map_err(anyhow::Error::msg)?;
+    print!("{}", table(&rows));
+    let changes: Vec<_> = alloc.drain_journal().collect();
+    let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.action)).count();
+    let (created, existing) = (count(|a| *a == Action::Create), count(|a| *a == Action::Exists));
+    let refused = rows.len() - created - existing;
+    if dry_run {
+        println!(
+            "dry run: {created} would be created, {existing} exist, {refused} not importable; nothing changed"
+        );
+    } else {
+        store.commit(&changes).context("committing the imported leases")?;
+        println!("{created} created, {existing} already present, {refused} not importable");
+    }
+    Ok(if refused > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 fn default_data_dir() -> PathBuf {
@@ -73,7 +126,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
     let metrics = Metrics::new();
     let engine = Engine::start(Box::new(store), metrics.clone()).context("loading leases")?;
@@ -99,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     server::serve(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -108,9 +161,14 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if let Some(Command::ImportWhereabouts { files, dry_run }) = &args.command {
+        let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+        return import_whereabouts(&data_dir, files, *dry_run);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?
-        .block_on(run(args))
+        .block_on(run(args))?;
+    Ok(ExitCode::SUCCESS)
 }
