@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
+use std::hash::BuildHasher as _;
+
 use hashbrown::hash_map::EntryRef;
 use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
@@ -225,28 +227,39 @@ impl RangePool {
     }
 }
 
-/// Index key of an attachment: its (container ID, interface).
+/// Index key of an attachment: its (container ID, interface), with their hash computed once.
+/// The maps hash only that number, so growing a map rehashes without reading the strings
+/// (which would miss the cache once per entry and stall a big allocator for seconds).
 #[derive(Debug)]
-struct AttachKey(Arc<Attachment>);
-/// Borrowed form of [`AttachKey`], for lookups that allocate nothing. Hashes the same.
-#[derive(Hash)]
-struct AttachRef<'a>(&'a str, &'a str);
+struct AttachKey {
+    hash: u64,
+    holder: Arc<Attachment>,
+}
 
-impl AttachKey {
-    fn borrowed(&self) -> AttachRef<'_> {
-        AttachRef(&self.0.container_id, &self.0.ifname)
-    }
+/// Borrowed form of [`AttachKey`], for lookups that allocate nothing.
+struct AttachRef<'a> {
+    hash: u64,
+    container_id: &'a str,
+    ifname: &'a str,
 }
 
 impl std::hash::Hash for AttachKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.borrowed().hash(h);
+        h.write_u64(self.hash);
+    }
+}
+
+impl std::hash::Hash for AttachRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(self.hash);
     }
 }
 
 impl PartialEq for AttachKey {
     fn eq(&self, other: &AttachKey) -> bool {
-        other.borrowed().equivalent(self)
+        self.hash == other.hash
+            && self.holder.container_id == other.holder.container_id
+            && self.holder.ifname == other.holder.ifname
     }
 }
 
@@ -254,31 +267,43 @@ impl Eq for AttachKey {}
 
 impl Equivalent<AttachKey> for AttachRef<'_> {
     fn equivalent(&self, k: &AttachKey) -> bool {
-        k.0.container_id == self.0 && k.0.ifname == self.1
+        self.hash == k.hash && k.holder.container_id == self.container_id && k.holder.ifname == self.ifname
     }
 }
 
-/// Index key of a pod's interface: its (namespace, name, interface).
+/// Index key of a pod's interface: its (namespace, name, interface), hashed once.
 #[derive(Debug)]
-struct PodKey(Arc<Attachment>);
-#[derive(Hash)]
-struct PodIfRef<'a>(&'a str, &'a str, &'a str);
+struct PodKey {
+    hash: u64,
+    holder: Arc<Attachment>,
+}
 
-impl PodKey {
-    fn borrowed(&self) -> PodIfRef<'_> {
-        PodIfRef(&self.0.pod.namespace, &self.0.pod.name, &self.0.ifname)
-    }
+struct PodIfRef<'a> {
+    hash: u64,
+    namespace: &'a str,
+    name: &'a str,
+    ifname: &'a str,
 }
 
 impl std::hash::Hash for PodKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.borrowed().hash(h);
+        h.write_u64(self.hash);
+    }
+}
+
+impl std::hash::Hash for PodIfRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(self.hash);
     }
 }
 
 impl PartialEq for PodKey {
     fn eq(&self, other: &PodKey) -> bool {
-        other.borrowed().equivalent(self)
+        let (a, b) = (&self.holder, &other.holder);
+        self.hash == other.hash
+            && a.pod.namespace == b.pod.namespace
+            && a.pod.name == b.pod.name
+            && a.ifname == b.ifname
     }
 }
 
@@ -286,7 +311,25 @@ impl Eq for PodKey {}
 
 impl Equivalent<PodKey> for PodIfRef<'_> {
     fn equivalent(&self, k: &PodKey) -> bool {
-        k.0.pod.namespace == self.0 && k.0.pod.name == self.1 && k.0.ifname == self.2
+        let h = &k.holder;
+        self.hash == k.hash
+            && h.pod.namespace == self.namespace
+            && h.pod.name == self.name
+            && h.ifname == self.ifname
+    }
+}
+
+/// Hashes index keys; one per network, randomly seeded.
+#[derive(Debug, Default)]
+struct KeyHasher(hashbrown::DefaultHashBuilder);
+
+impl KeyHasher {
+    fn attach<'a>(&self, container_id: &'a str, ifname: &'a str) -> AttachRef<'a> {
+        AttachRef { hash: self.0.hash_one((container_id, ifname)), container_id, ifname }
+    }
+
+    fn pod<'a>(&self, namespace: &'a str, name: &'a str, ifname: &'a str) -> PodIfRef<'a> {
+        PodIfRef { hash: self.0.hash_one((namespace, name, ifname)), namespace, name, ifname }
     }
 }
 
@@ -300,6 +343,7 @@ struct Network {
     leases: HashMap<IpAddr, Arc<Lease>>,
     by_attachment: HashMap<AttachKey, Held>,
     by_pod: HashMap<PodKey, Held>,
+    keys: KeyHasher,
 }
 
 fn unindex<K, Q>(map: &mut HashMap<K, Held>, key: &Q, ip: IpAddr)
@@ -323,6 +367,7 @@ impl Network {
             leases: HashMap::new(),
             by_attachment: HashMap::new(),
             by_pod: HashMap::new(),
+            keys: KeyHasher::default(),
         }
     }
 
@@ -332,9 +377,12 @@ impl Network {
             pool.mark(ip, true);
         }
         if !lease.is_manual() {
-            self.by_attachment.entry(AttachKey(lease.holder.clone())).or_default().push(ip);
-            if !lease.holder.pod.name.is_empty() {
-                self.by_pod.entry(PodKey(lease.holder.clone())).or_default().push(ip);
+            let h = &lease.holder;
+            let hash = self.keys.attach(&h.container_id, &h.ifname).hash;
+            self.by_attachment.entry(AttachKey { hash, holder: h.clone() }).or_default().push(ip);
+            if !h.pod.name.is_empty() {
+                let hash = self.keys.pod(&h.pod.namespace, &h.pod.name, &h.ifname).hash;
+                self.by_pod.entry(PodKey { hash, holder: h.clone() }).or_default().push(ip);
             }
         }
         self.leases.insert(ip, lease);
@@ -347,9 +395,9 @@ impl Network {
         }
         if !lease.is_manual() {
             let h = &lease.holder;
-            unindex(&mut self.by_attachment, &AttachRef(&h.container_id, &h.ifname), ip);
+            unindex(&mut self.by_attachment, &self.keys.attach(&h.container_id, &h.ifname), ip);
             if !h.pod.name.is_empty() {
-                unindex(&mut self.by_pod, &PodIfRef(&h.pod.namespace, &h.pod.name, &h.ifname), ip);
+                unindex(&mut self.by_pod, &self.keys.pod(&h.pod.namespace, &h.pod.name, &h.ifname), ip);
             }
         }
         Some(lease)
@@ -370,7 +418,7 @@ impl Network {
     }
 
     fn held_by(&self, container_id: &str, ifname: &str) -> Held {
-        self.by_attachment.get(&AttachRef(container_id, ifname)).cloned().unwrap_or_default()
+        self.by_attachment.get(&self.keys.attach(container_id, ifname)).cloned().unwrap_or_default()
     }
 }
 
@@ -495,7 +543,7 @@ impl Allocator {
         let mut moved_from_pod = false;
         if existing.is_empty()
             && !a.pod.name.is_empty()
-            && let Some(v) = net.by_pod.get(&PodIfRef(&a.pod.namespace, &a.pod.name, &a.ifname))
+            && let Some(v) = net.by_pod.get(&net.keys.pod(&a.pod.namespace, &a.pod.name, &a.ifname))
         {
             existing = v.clone();
             moved_from_pod = true;
@@ -617,7 +665,7 @@ impl Allocator {
         let mut stale: Vec<IpAddr> = net
             .by_attachment
             .iter()
-            .filter(|(k, _)| !valid.contains(&(k.0.container_id.clone(), k.0.ifname.clone())))
+            .filter(|(k, _)| !valid.contains(&(k.holder.container_id.clone(), k.holder.ifname.clone())))
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();
