@@ -7,6 +7,7 @@
 
 pub mod bitmap;
 pub mod range;
+mod sharded;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -17,6 +18,7 @@ use std::hash::BuildHasher as _;
 use hashbrown::hash_map::EntryRef;
 use hashbrown::{Equivalent, HashMap};
 use serde::{Deserialize, Serialize};
+use sharded::{Shard, ShardedMap, shard_of_hash};
 use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
@@ -319,6 +321,30 @@ impl Equivalent<PodKey> for PodIfRef<'_> {
     }
 }
 
+impl Shard for AttachKey {
+    fn shard(&self) -> usize {
+        shard_of_hash(self.hash)
+    }
+}
+
+impl Shard for AttachRef<'_> {
+    fn shard(&self) -> usize {
+        shard_of_hash(self.hash)
+    }
+}
+
+impl Shard for PodKey {
+    fn shard(&self) -> usize {
+        shard_of_hash(self.hash)
+    }
+}
+
+impl Shard for PodIfRef<'_> {
+    fn shard(&self) -> usize {
+        shard_of_hash(self.hash)
+    }
+}
+
 /// Hashes index keys; one per network, randomly seeded.
 #[derive(Debug, Default)]
 struct KeyHasher(hashbrown::DefaultHashBuilder);
@@ -340,16 +366,16 @@ type Held = SmallVec<[IpAddr; 2]>;
 struct Network {
     name: Str,
     pools: BTreeMap<Str, RangePool>,
-    leases: HashMap<IpAddr, Arc<Lease>>,
-    by_attachment: HashMap<AttachKey, Held>,
-    by_pod: HashMap<PodKey, Held>,
+    leases: ShardedMap<IpAddr, Arc<Lease>>,
+    by_attachment: ShardedMap<AttachKey, Held>,
+    by_pod: ShardedMap<PodKey, Held>,
     keys: KeyHasher,
 }
 
-fn unindex<K, Q>(map: &mut HashMap<K, Held>, key: &Q, ip: IpAddr)
+fn unindex<K, Q>(map: &mut ShardedMap<K, Held>, key: &Q, ip: IpAddr)
 where
-    K: std::hash::Hash + Eq,
-    Q: std::hash::Hash + Equivalent<K> + ?Sized,
+    K: std::hash::Hash + Eq + Shard,
+    Q: std::hash::Hash + Equivalent<K> + Shard + ?Sized,
 {
     if let EntryRef::Occupied(mut e) = map.entry_ref(key) {
         e.get_mut().retain(|a| *a != ip);
@@ -364,9 +390,9 @@ impl Network {
         Network {
             name,
             pools: BTreeMap::new(),
-            leases: HashMap::new(),
-            by_attachment: HashMap::new(),
-            by_pod: HashMap::new(),
+            leases: ShardedMap::default(),
+            by_attachment: ShardedMap::default(),
+            by_pod: ShardedMap::default(),
             keys: KeyHasher::default(),
         }
     }
