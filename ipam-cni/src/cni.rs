@@ -9,12 +9,13 @@ use serde_json::{Value, json};
 
 /// Versions this plugin speaks, oldest first. 0.1.0/0.2.0 results have another shape and
 /// are answered with error 1.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", LATEST_VERSION];
+/// The newest version: used to report errors that come before the config is read.
+pub const LATEST_VERSION: &str = "1.1.0";
 
 /// Error codes of the CNI spec that this plugin uses.
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const INVALID_ENV: u32 = 4;
     pub const IO_FAILURE: u32 = 5;
     pub const DECODE: u32 = 6;

@@ -4,7 +4,7 @@ use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::ExitCode;
 
-use ipam_cni::cni::{CniError, code};
+use ipam_cni::cni::{CniError, LATEST_VERSION, code};
 use ipam_cni::config::NODE_CONFIG;
 use ipam_cni::plugin::{Invocation, run};
 
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         print(&e.to_json(version));
         ExitCode::FAILURE
     };
-    let latest = "1.1.0";
+    let latest = LATEST_VERSION;
     let inv = match Invocation::from_env(|k| std::env::var(k).ok()) {
         Ok(i) => i,
         Err(e) => return fail(e, latest),

@@ -65,7 +65,7 @@ pub async fn run(
     stdin: &[u8],
     node_file: &std::path::Path,
 ) -> Result<Option<Value>, Failure> {
-    let latest = cni::SUPPORTED_VERSIONS[cni::SUPPORTED_VERSIONS.len() - 1].to_string();
+    let latest = cni::LATEST_VERSION.to_string();
     if inv.command == Command::Version {
         // VERSION gets `{"cniVersion": ...}` at most; answer even when it is missing.
         let asked = serde_json::from_slice::<Value>(stdin)

@@ -117,8 +117,8 @@ fn latency() -> Histogram {
 impl Metrics {
     /// A registry with every metric at zero.
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("rustipam");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("rustipam"),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency),
             commit_seconds: latency(),
@@ -130,8 +130,8 @@ impl Metrics {
             pool_used: Family::default(),
             pool_excluded: Family::default(),
             pool_free: Family::default(),
-            registry: Registry::default(),
         };
+        let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
         registry.register("request_seconds", "gRPC request latency by method", m.request_seconds.clone());
         registry.register(
@@ -155,13 +155,11 @@ impl Metrics {
             m.pool_excluded.clone(),
         );
         registry.register("pool_free", "Addresses a pool can still hand out", m.pool_free.clone());
-        Arc::new(Metrics { registry, ..m })
+        Arc::new(m)
     }
 
-    /// Counts one gRPC request (`rpc` is its path, `/package.Service/Method`) and its
-    /// latency.
-    pub fn observe_rpc(&self, path: &str, started: Instant, code: tonic::Code) {
-        let rpc = rpc_label(path);
+    /// Counts one gRPC request (`rpc` from [`rpc_label`]) and its latency.
+    fn observe_rpc(&self, rpc: &'static str, started: Instant, code: tonic::Code) {
         self.requests.get_or_create(&RpcCode { rpc, code: code_label(code) }).inc();
         self.request_seconds.get_or_create(&Rpc { rpc }).observe(started.elapsed().as_secs_f64());
     }
