@@ -1,8 +1,9 @@
 //! Multus-compatible meta-plugin and the macvlan/ipvlan delegates.
 //!
 //! So far the pod annotations: the `networks` request ([`annotation`]) and the
-//! `network-status` answer ([`status`]). The meta-plugin and delegate binaries are not
-//! written yet and nothing here is installed.
+//! `network-status` answer ([`status`]), and calling CNI plugins ([`exec`]). The
+//! meta-plugin and delegate binaries are not written yet.
 
 pub mod annotation;
+pub mod exec;
 pub mod status;
