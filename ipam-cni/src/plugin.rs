@@ -407,6 +407,8 @@ impl From<CallError> for CniError {
             CallError::Refused(s) => {
                 let code = match s.code() {
                     Code::InvalidArgument => code::INVALID_CONFIG,
+                    // Other servers wrote the same addresses meanwhile; a retry is safe.
+                    Code::Aborted => code::TRY_AGAIN_LATER,
                     _ => cni::code::SERVER_REFUSED,
                 };
                 CniError::new(code, s.message()).with_details(format!("{:?}", s.code()))

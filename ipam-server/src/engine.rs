@@ -1,11 +1,16 @@
 //! The engine: one thread owns the allocator and the store and commits in groups.
 //!
-//! Requests queue as closures. The thread takes every queued request (up to a batch limit),
-//! runs them against the allocator in order, commits the changes they made in one store
-//! transaction, and only then answers them. While a commit is in flight new requests queue
-//! up, so the next batch grows with the load: durability costs one fsync per batch, not per
-//! request. If a commit fails, the allocator is rebuilt from the store and the whole batch
-//! is answered with the error, so memory never runs ahead of what is durable.
+//! Requests queue as jobs. The thread takes every queued job (up to a batch limit), runs
+//! them against the allocator in order, commits the changes they made together, and only
+//! then answers them. While a commit is in flight new requests queue up, so the next batch
+//! grows with the load: durability costs one round (one fsync, one set of API calls) per
+//! batch, not per request.
+//!
+//! When the store refuses some writes (another server got there first), memory takes the
+//! store's word for those addresses and the jobs that made them run again, so they choose
+//! again; the others are answered. When a commit fails outright, the allocator is rebuilt
+//! from the store and the batch is answered with the error, so memory never runs ahead of
+//! what is durable. A store that says this server may no longer write stops the engine.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -15,12 +20,15 @@ use tracing::{error, info, warn};
 
 use crate::allocator::{Allocator, Change};
 use crate::metrics::Metrics;
-use crate::store::{LeaseStore, StoreError};
+use crate::store::{CommitError, LeaseStore, StoreError};
 
 /// Most requests answered by one commit.
 const MAX_BATCH: usize = 2048;
 /// Requests that may wait for the engine before callers are held back.
 const QUEUE: usize = 8192;
+/// How often a job whose writes the store refused runs again before it is answered with
+/// the conflict.
+const MAX_ATTEMPTS: usize = 4;
 
 /// Why the engine did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,18 +36,51 @@ pub enum EngineError {
     /// The batch could not be made durable; nothing in it happened.
     #[error("lease store commit failed, nothing was changed: {0}")]
     Commit(String),
+    /// The store kept refusing this request's writes (other servers writing the same
+    /// addresses); its other writes may stand, and a retry is safe.
+    #[error("lease store refused the change {MAX_ATTEMPTS} times: {0}")]
+    Conflict(String),
+    /// This server is not (or no longer) allowed to write.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
     /// The engine thread has stopped (shutdown, or the store cannot be read back).
     #[error("allocation engine is not running: {0}")]
     Stopped(String),
 }
 
-type Reply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
-type Job = Box<dyn FnOnce(&mut Allocator, i64) -> Reply + Send>;
+/// A queued request: it can run more than once (after a refused write) and is answered once.
+trait Job: Send {
+    fn run(&mut self, alloc: &mut Allocator, now_unix_ms: i64);
+    fn answer(self: Box<Self>, outcome: Result<(), EngineError>);
+}
+
+struct CallJob<F, R> {
+    f: F,
+    out: Option<R>,
+    done: oneshot::Sender<Result<R, EngineError>>,
+}
+
+impl<F, R> Job for CallJob<F, R>
+where
+    F: FnMut(&mut Allocator, i64) -> R + Send,
+    R: Send,
+{
+    fn run(&mut self, alloc: &mut Allocator, now_unix_ms: i64) {
+        self.out = Some((self.f)(alloc, now_unix_ms));
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), EngineError>) {
+        let CallJob { out, done, .. } = *self;
+        let out = outcome.and_then(|()| out.ok_or_else(|| EngineError::Commit("request did not run".into())));
+        // The caller may have given up waiting; nobody is left to tell.
+        let _ = done.send(out);
+    }
+}
 
 /// Handle to the engine thread; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Box<dyn Job>>,
     store: String,
     /// Turns true when the thread has exited and closed the store.
     stopped: watch::Receiver<bool>,
@@ -91,64 +132,118 @@ impl Engine {
         }
     }
 
+    /// Whether the engine thread has exited.
+    pub fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
     /// Description of the store behind the engine.
     pub fn store(&self) -> &str {
         &self.store
     }
 
-    /// Runs `f` on the allocator and answers once the changes it made are durable.
+    /// Runs `f` on the allocator and answers once the changes it made are durable. `f` may
+    /// run more than once: again after the store refused one of its writes.
     pub async fn call<R, F>(&self, f: F) -> Result<R, EngineError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Allocator, i64) -> R + Send + 'static,
+        F: FnMut(&mut Allocator, i64) -> R + Send + 'static,
     {
         let (done, wait) = oneshot::channel();
-        let job: Job = Box::new(move |alloc, now| {
-            let out = f(alloc, now);
-            Box::new(move |committed: Result<(), EngineError>| {
-                let _ = done.send(committed.map(|()| out));
-            })
-        });
+        let job: Box<dyn Job> = Box::new(CallJob { f, out: None, done });
         self.tx.send(job).await.map_err(|_| EngineError::Stopped("engine thread exited".into()))?;
         wait.await.map_err(|_| EngineError::Stopped("engine dropped the request".into()))?
     }
 }
 
-/// The engine thread's loop; returns (dropping the store) when every sender is gone.
-fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Receiver<Job>, metrics: &Metrics) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+/// Runs each job, recording which journal entries it made. Returns false if one panicked.
+fn run_jobs(
+    alloc: &mut Allocator,
+    jobs: &mut [Box<dyn Job>],
+    spans: &mut Vec<(usize, usize)>,
+    now: i64,
+) -> bool {
+    spans.clear();
+    let mut ok = true;
+    for job in jobs.iter_mut() {
+        let start = alloc.journal_len();
+        // A panic here is a bug; it must cost this batch, not the whole service.
+        ok &= std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(alloc, now))).is_ok();
+        spans.push((start, alloc.journal_len()));
+    }
+    ok
+}
+
+/// The engine thread's loop; returns (dropping the store) when every sender is gone, the
+/// store fences this server off, or state cannot be reloaded.
+fn run(
+    mut alloc: Allocator,
+    mut store: Box<dyn LeaseStore>,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    metrics: &Metrics,
+) {
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
         let now = now_unix_ms();
-        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
-        let mut panicked = false;
-        for job in batch.drain(..) {
-            // A panic here is a bug; it must cost this batch, not the whole service.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut alloc, now))) {
-                Ok(reply) => replies.push(reply),
-                Err(_) => panicked = true,
+        let mut attempt = 1;
+        let mut ran_ok = run_jobs(&mut alloc, &mut jobs, &mut spans, now);
+        let outcome = loop {
+            let changes: Vec<Change> = alloc.drain_journal().collect();
+            if !ran_ok {
+                error!("a request panicked; discarding the batch and reloading state from the store");
+                break Err(EngineError::Commit("internal error while handling the batch".into()));
             }
-        }
-        let changes: Vec<Change> = alloc.drain_journal().collect();
-        let outcome = if panicked {
-            error!("a request panicked; discarding the batch and reloading state from the store");
-            Err(EngineError::Commit("internal error while handling the batch".into()))
-        } else if changes.is_empty() {
-            Ok(())
-        } else {
+            if changes.is_empty() {
+                break Ok(());
+            }
             let started = Instant::now();
             let committed = store.commit(&changes);
-            metrics.observe_commit(started.elapsed(), replies.len(), committed.is_ok());
-            committed.map_err(|e| {
-                error!(error = %e, changes = changes.len(), "commit failed; reloading state from the store");
-                EngineError::Commit(e.to_string())
-            })
+            metrics.observe_commit(started.elapsed(), jobs.len(), committed.is_ok());
+            let refusals = match committed {
+                Ok(()) => break Ok(()),
+                Err(CommitError::Failed(e)) => {
+                    error!(error = %e, changes = changes.len(), "commit failed; reloading state from the store");
+                    break Err(EngineError::Commit(e.to_string()));
+                }
+                Err(CommitError::Fenced(why)) => {
+                    error!(reason = %why, "the store no longer takes this server's writes; stopping the engine");
+                    let e = EngineError::NotLeader(why);
+                    jobs.drain(..).for_each(|j| j.answer(Err(e.clone())));
+                    return;
+                }
+                Err(CommitError::Refused(refusals)) => refusals,
+            };
+            // Memory takes the store's word for each refused address; the jobs that wrote
+            // there run again, the others stand and are answered.
+            let mut again = vec![false; jobs.len()];
+            let mut reasons = vec![String::new(); jobs.len()];
+            for r in refusals {
+                warn!(network = %r.network, address = %r.address, reason = %r.reason, "store refused a write; choosing again");
+                if let Some(j) = spans.iter().position(|&(s, e)| (s..e).contains(&r.index)) {
+                    again[j] = true;
+                    reasons[j] = format!("{} in network \"{}\": {}", r.address, r.network, r.reason);
+                }
+                alloc.sync_from_store(&r.network, r.address, r.truth);
+            }
+            let mut retry = Vec::new();
+            for (job, (again, reason)) in jobs.drain(..).zip(again.into_iter().zip(reasons)) {
+                match (again, attempt < MAX_ATTEMPTS) {
+                    (false, _) => job.answer(Ok(())),
+                    (true, true) => retry.push(job),
+                    (true, false) => job.answer(Err(EngineError::Conflict(reason))),
+                }
+            }
+            jobs = retry;
+            attempt += 1;
+            ran_ok = run_jobs(&mut alloc, &mut jobs, &mut spans, now);
         };
         if outcome.is_err() {
             match restore(store.as_ref()) {
@@ -156,13 +251,13 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
                 Err(e) => {
                     error!(error = %e, "cannot reload state after a failed batch; stopping");
                     let stop = EngineError::Stopped(format!("state could not be reloaded: {e}"));
-                    replies.into_iter().for_each(|r| r(Err(stop.clone())));
+                    jobs.drain(..).for_each(|j| j.answer(Err(stop.clone())));
                     return;
                 }
             }
         }
-        for r in replies {
-            r(outcome.clone());
+        for job in jobs.drain(..) {
+            job.answer(outcome.clone());
         }
     }
 }
@@ -171,14 +266,17 @@ fn run(mut alloc: Allocator, mut store: Box<dyn LeaseStore>, mut rx: mpsc::Recei
 mod tests {
     use super::*;
 
-    use crate::store::Loaded;
+    use crate::allocator::{AllocateRequest, Attachment, FieldPrefix, Lease, RangeInput, RangeSpec};
+    use crate::store::{Loaded, Refusal};
     use std::sync::Mutex;
 
-    /// A store that records commits and can be told to fail the next one.
+    /// A store that records commits and can be told to fail the next one, or to refuse
+    /// writes to addresses another server holds (as a shared store would).
     #[derive(Clone, Default)]
     struct Recorder {
         commits: Arc<Mutex<Vec<Vec<Change>>>>,
         fail_next: Arc<Mutex<bool>>,
+        others: Arc<Mutex<Vec<Lease>>>,
     }
 
     impl LeaseStore for Recorder {
@@ -200,12 +298,29 @@ mod tests {
             }
             Ok(loaded)
         }
-        fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
             if std::mem::take(&mut *self.fail_next.lock().expect("lock")) {
-                return Err(StoreError::new("commit", "disk full"));
+                return Err(StoreError::new("commit", "disk full").into());
             }
-            self.commits.lock().expect("lock").push(changes.to_vec());
-            Ok(())
+            let others = self.others.lock().expect("lock");
+            let mut applied = Vec::new();
+            let mut refused = Vec::new();
+            for (index, c) in changes.iter().enumerate() {
+                match c {
+                    Change::PutLease(l) if let Some(o) = others.iter().find(|o| o.address == l.address) => {
+                        refused.push(Refusal {
+                            index,
+                            network: l.network.clone(),
+                            address: l.address,
+                            truth: Some(o.clone()),
+                            reason: "already exists".into(),
+                        })
+                    }
+                    _ => applied.push(c.clone()),
+                }
+            }
+            self.commits.lock().expect("lock").push(applied);
+            if refused.is_empty() { Ok(()) } else { Err(CommitError::Refused(refused)) }
         }
     }
 
@@ -255,7 +370,10 @@ mod tests {
             })
             .await
             .expect_err("the panicking request fails");
-        assert!(matches!(err, EngineError::Stopped(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "lease store commit failed, nothing was changed: internal error while handling the batch"
+        );
         // Its half-done change was discarded and the engine still serves.
         reserve(&engine, "10.0.0.3").await.expect("engine").expect("10.0.0.3 is free");
     }
@@ -274,5 +392,73 @@ mod tests {
         assert!(held.contains("already held"), "{held}");
         let pools = engine.call(|a, _| a.pool_count()).await.expect("engine");
         assert_eq!(pools, 0);
+    }
+
+    #[tokio::test]
+    async fn refused_writes_choose_again_and_the_rest_stand() {
+        let rec = Recorder::default();
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
+        let range = RangeSpec::parse(
+            &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
+            FieldPrefix(""),
+        )
+        .expect("range");
+        let allocate = |cid: &'static str| {
+            let engine = engine.clone();
+            let req = AllocateRequest {
+                attachment: Arc::new(Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    ..Default::default()
+                }),
+                network: "".into(),
+                ranges: vec![range.clone()],
+                requested: vec![],
+            };
+            async move { engine.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address)).await }
+        };
+        // Another server already wrote 10.0.0.1 and 10.0.0.2 to the shared store.
+        for (i, cid) in [(1, "other-1"), (2, "other-2")] {
+            rec.others.lock().expect("lock").push(Lease {
+                address: [10, 0, 0, i].into(),
+                network: "".into(),
+                range: "10.0.0.0/29".into(),
+                prefix_len: 29,
+                gateway: None,
+                holder: Arc::new(Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    ..Default::default()
+                }),
+                created_unix_ms: 0,
+                note: String::new(),
+            });
+        }
+        let got = allocate("mine").await.expect("engine").expect("allocate");
+        assert_eq!(got.to_string(), "10.0.0.3", "refused twice, then the next free address");
+        // Memory learned who holds the refused addresses.
+        let holder =
+            engine.call(|a, _| a.get("", [10, 0, 0, 1].into()).map(|l| l.holder.container_id.clone())).await;
+        assert_eq!(holder.expect("engine").expect("held"), "other-1");
+        // Only what persisted was recorded: the pool, then the one lease that stood.
+        let commits = rec.commits.lock().expect("lock").concat();
+        let leases: Vec<_> = commits
+            .iter()
+            .filter_map(|c| if let Change::PutLease(l) = c { Some(l.address.to_string()) } else { None })
+            .collect();
+        assert_eq!(leases, vec!["10.0.0.3"]);
+
+        // A store that refuses every choice: answered with the conflict after MAX_ATTEMPTS.
+        for i in 4..=7 {
+            let mut l = rec.others.lock().expect("lock")[0].clone();
+            l.address = [10, 0, 0, i].into();
+            rec.others.lock().expect("lock").push(l);
+        }
+        let err = allocate("late").await.expect_err("refused every time");
+        assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "lease store refused the change 4 times: 10.0.0.7 in network \"\": already exists"
+        );
     }
 }

@@ -30,7 +30,12 @@ pub fn status(e: AllocError) -> Status {
 }
 
 fn engine_status(e: EngineError) -> Status {
-    Status::unavailable(e.to_string())
+    match e {
+        EngineError::Conflict(_) => Status::aborted(e.to_string()),
+        EngineError::Commit(_) | EngineError::NotLeader(_) | EngineError::Stopped(_) => {
+            Status::unavailable(e.to_string())
+        }
+    }
 }
 
 fn invalid(field: &str, value: &str, reason: &str) -> Status {

@@ -524,6 +524,11 @@ impl Allocator {
         self.journal.drain(..)
     }
 
+    /// Number of changes made since the journal was last drained.
+    pub fn journal_len(&self) -> usize {
+        self.journal.len()
+    }
+
     /// Number of held addresses across all networks.
     pub fn lease_count(&self) -> usize {
         self.lease_count
@@ -750,6 +755,19 @@ impl Allocator {
         self.lease_count += 1;
         self.journal.push(Change::PutLease(lease));
         Ok(true)
+    }
+
+    /// Makes memory agree with the store about one address after the store refused a write
+    /// there: `truth` is what the store holds (`None`: nothing). Nothing is journaled.
+    pub fn sync_from_store(&mut self, network: &str, ip: IpAddr, truth: Option<Lease>) {
+        let net = network_mut(&mut self.networks, network);
+        if net.remove(ip).is_some() {
+            self.lease_count -= 1;
+        }
+        if let Some(lease) = truth {
+            net.insert(Arc::new(Lease { network: net.name.clone(), ..lease }));
+            self.lease_count += 1;
+        }
     }
 
     /// Frees one address whoever holds it.

@@ -215,6 +215,28 @@ fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
 }
 
 #[test]
+fn sync_from_store_takes_the_stores_word_for_one_address() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/29", &[], "");
+    let mine = al.allocate(&req(att("a", "net1", "pa"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.drain_journal().for_each(drop);
+    // The store refused 10.0.0.1 because another server gave it to pod pb first.
+    let theirs = Lease { holder: Arc::new(att("b", "net1", "pb")), ..(*mine[0]).clone() };
+    al.sync_from_store("", ip("10.0.0.1"), Some(theirs));
+    assert!(al.check("", "a", "net1").is_empty(), "a no longer believes it holds 10.0.0.1");
+    assert_eq!(addrs(&al.check("", "b", "net1")), vec![ip("10.0.0.1")]);
+    assert_eq!(al.lease_count(), 1);
+    // Choosing again gives a the next address; nothing about the sync was journaled.
+    let again = al.allocate(&req(att("a", "net1", "pa"), "", vec![r], &[]), 2).expect("allocate");
+    assert_eq!(addrs(&again), vec![ip("10.0.0.2")]);
+    assert_eq!(al.drain_journal().collect::<Vec<_>>(), vec![Change::PutLease(again[0].clone())]);
+    // A refused release: the store has nothing there after all.
+    al.sync_from_store("", ip("10.0.0.1"), None);
+    assert_eq!((al.lease_count(), al.pools(None)[0].used), (1, 1));
+    assert!(al.drain_journal().next().is_none());
+}
+
+#[test]
 fn restore_rebuilds_bitmaps_and_reports_bad_records() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/24", &[], "");

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{LeaseStore, Loaded, StoreError};
+use super::{CommitError, LeaseStore, Loaded, StoreError};
 use crate::allocator::{Change, Lease, LoadProblem, RangeInput};
 
 /// (network, address) -> lease as JSON.
@@ -101,7 +101,7 @@ impl LeaseStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+    fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
         let err = |e: &dyn std::fmt::Display| StoreError::new("commit", e);
         let txn = self.db.begin_write().map_err(|e| err(&e))?;
         {
@@ -126,7 +126,7 @@ impl LeaseStore for EmbeddedStore {
                 }
             }
         }
-        txn.commit().map_err(|e| err(&e))
+        Ok(txn.commit().map_err(|e| err(&e))?)
     }
 }
 

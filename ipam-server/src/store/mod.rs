@@ -3,7 +3,9 @@
 
 pub mod embedded;
 
-use crate::allocator::{Change, Lease, LoadProblem, RangeInput};
+use std::net::IpAddr;
+
+use crate::allocator::{Change, Lease, LoadProblem, RangeInput, Str};
 
 /// A store failure; the message says which operation and why.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,34 @@ impl StoreError {
     }
 }
 
+/// Why a commit did not wholly apply.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Nothing of the batch is durable, or it is unknown which parts are: memory must be
+    /// reloaded from the store.
+    #[error(transparent)]
+    Failed(#[from] StoreError),
+    /// The store refused some writes (another server holds the address, or changed the
+    /// lease first); every other write of the batch is durable.
+    #[error("the store refused {} write(s)", .0.len())]
+    Refused(Vec<Refusal>),
+    /// This server may no longer write (it is not the leader); nothing was written.
+    #[error("{0}")]
+    Fenced(String),
+}
+
+/// One refused write and what the store holds at its address instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// Index of the change in the committed batch.
+    pub index: usize,
+    pub network: Str,
+    pub address: IpAddr,
+    /// The lease the store holds there now; `None`: the address is free in the store.
+    pub truth: Option<Lease>,
+    pub reason: String,
+}
+
 /// Everything a store holds, as read at start-up.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -30,13 +60,14 @@ pub struct Loaded {
 
 /// Durable storage of pools and leases.
 ///
-/// `commit` applies a batch of changes atomically and returns only once they are durable:
-/// the server answers a request only after the batch holding its change is committed.
+/// `commit` returns only once the changes it reports as applied are durable: the server
+/// answers a request only after the changes it made are committed.
 pub trait LeaseStore: Send + 'static {
     /// Human-readable description, e.g. `embedded:/var/lib/rust-ipam/leases.redb`.
     fn describe(&self) -> String;
     /// Reads every pool and lease.
     fn load(&self) -> Result<Loaded, StoreError>;
-    /// Applies `changes` in order, all or nothing, durably.
-    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Applies `changes` in order, durably. A store that cannot apply a batch atomically
+    /// reports each write it refused ([`CommitError::Refused`]) and applies the rest.
+    fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError>;
 }
