@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod engine;
 pub mod grpc;
 pub mod import;
+pub mod k8s;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -52,6 +52,27 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write the CustomResourceDefinitions (one YAML file per CRD) into a directory, or
+    /// print them as one multi-document YAML stream.
+    Crds {
+        /// Directory to write `ipleases.yaml` and `rangepools.yaml` into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn write_crds(out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    for (file, yaml) in ipam_server::k8s::crd::crd_yaml() {
+        match out {
+            Some(dir) => {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Imports; the exit status is 2 when some entries could not be imported.
@@ -161,9 +182,13 @@ fn main() -> anyhow::Result<ExitCode> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    if let Some(Command::ImportWhereabouts { files, dry_run }) = &args.command {
-        let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-        return import_whereabouts(&data_dir, files, *dry_run);
+    match &args.command {
+        Some(Command::ImportWhereabouts { files, dry_run }) => {
+            let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+            return import_whereabouts(&data_dir, files, *dry_run);
+        }
+        Some(Command::Crds { out }) => return write_crds(out.as_deref()),
+        None => {}
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

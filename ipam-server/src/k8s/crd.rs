@@ -1,0 +1,366 @@
+//! The custom resources that hold rust-ipam's state in a cluster (API group
+//! `ipam.rust-ipam.io`, version v1alpha1).
+//!
+//! One [`IPLease`] object per held address, named from its network and address, so the API
+//! server itself refuses a second holder: creating an existing name fails with
+//! AlreadyExists, whichever server tries. Every object stays a few hundred bytes whatever
+//! the range size. One [`RangePool`] per range keeps the range as configured and its usage
+//! in status.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::allocator::{Attachment, Lease, PodRef, RangeInput};
+
+/// One held address.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ipam.rust-ipam.io",
+    version = "v1alpha1",
+    kind = "IPLease",
+    plural = "ipleases",
+    shortname = "ipl",
+    namespaced,
+    printcolumn(name = "Address", type_ = "string", json_path = ".spec.address"),
+    printcolumn(name = "Network", type_ = "string", json_path = ".spec.network"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".spec.podRef"),
+    printcolumn(name = "Interface", type_ = "string", json_path = ".spec.ifname"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "Note", type_ = "string", json_path = ".spec.note", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPLeaseSpec {
+    /// The network the address is unique in ("" is the default network).
+    #[serde(default)]
+    pub network: String,
+    /// The held address.
+    pub address: String,
+    /// The range it came from, as configured ("" for a reservation outside any range).
+    #[serde(default)]
+    pub range: String,
+    /// Prefix length of that range.
+    pub prefix_len: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Container (sandbox) ID of the holder; empty for a manual reservation.
+    #[serde(default)]
+    pub container_id: String,
+    #[serde(default)]
+    pub ifname: String,
+    /// `namespace/name` of the pod.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_ref: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// When the address was first given to this holder (milliseconds since the epoch); kept
+    /// when the pod moves to a new sandbox.
+    pub created_unix_ms: i64,
+    /// Reason of a manual reservation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// One range as configured, with its usage in status.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ipam.rust-ipam.io",
+    version = "v1alpha1",
+    kind = "RangePool",
+    plural = "rangepools",
+    shortname = "rpool",
+    namespaced,
+    status = "RangePoolStatus",
+    printcolumn(name = "Network", type_ = "string", json_path = ".spec.network"),
+    printcolumn(name = "Range", type_ = "string", json_path = ".spec.range"),
+    printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
+    printcolumn(name = "Used", type_ = "string", json_path = ".status.used"),
+    printcolumn(name = "Free", type_ = "string", json_path = ".status.free"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RangePoolSpec {
+    #[serde(default)]
+    pub network: String,
+    /// CIDR or `first-last/prefix`.
+    pub range: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub range_start: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub range_end: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
+}
+
+/// Usage of a range. Counts are decimal strings: an IPv6 range outgrows JSON's integers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RangePoolStatus {
+    pub size: String,
+    pub used: String,
+    pub free: String,
+    pub excluded: String,
+}
+
+impl RangePoolSpec {
+    /// The pool of `range` in `network`.
+    pub fn new(network: &str, range: &RangeInput) -> RangePoolSpec {
+        RangePoolSpec {
+            network: network.to_string(),
+            range: range.range.clone(),
+            range_start: range.range_start.clone(),
+            range_end: range.range_end.clone(),
+            exclude: range.exclude.clone(),
+            gateway: range.gateway.clone(),
+        }
+    }
+
+    /// The range as the allocator takes it.
+    pub fn input(&self) -> RangeInput {
+        RangeInput {
+            range: self.range.clone(),
+            range_start: self.range_start.clone(),
+            range_end: self.range_end.clone(),
+            exclude: self.exclude.clone(),
+            gateway: self.gateway.clone(),
+        }
+    }
+}
+
+/// The object name of `address` in `network`: readable, a valid DNS subdomain, and
+/// different for every (network, address) pair that matters (a network's part carries a
+/// hash of its exact name, so networks whose names differ only in case or punctuation do
+/// not share names).
+pub fn lease_name(network: &str, address: IpAddr) -> String {
+    let addr = match address {
+        IpAddr::V4(a) => a.to_string(),
+        // Fully expanded so the name never starts or ends with '-'.
+        IpAddr::V6(a) => a.segments().iter().map(|s| format!("{s:04x}")).collect::<Vec<_>>().join("-"),
+    };
+    if network.is_empty() { addr } else { format!("{}.{addr}", network_part(network)) }
+}
+
+/// The object name of a range pool: its network part, the range's text and a hash of the
+/// whole configuration (two pools may share a range with other exclusions).
+pub fn pool_name(network: &str, range: &RangeInput) -> String {
+    let config = serde_json::to_string(range).unwrap_or_default();
+    let text: String = range
+        .range
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let text = text.trim_matches('-');
+    let text = &text[..text.len().min(100)];
+    let hash = fnv1a(config.as_bytes());
+    if network.is_empty() {
+        format!("{text}-{hash:08x}")
+    } else {
+        format!("{}.{text}-{hash:08x}", network_part(network))
+    }
+}
+
+/// A DNS label for a network name: its readable part and a hash of the exact name.
+fn network_part(network: &str) -> String {
+    let slug: String = network
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(40)
+        .collect();
+    let slug = slug.trim_matches('-');
+    let hash = fnv1a(network.as_bytes());
+    if slug.is_empty() { format!("n-{hash:08x}") } else { format!("{slug}-{hash:08x}") }
+}
+
+/// 32-bit FNV-1a: stable across releases and platforms, which object names must be.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+impl From<&Lease> for IPLeaseSpec {
+    fn from(l: &Lease) -> IPLeaseSpec {
+        let h = &l.holder;
+        IPLeaseSpec {
+            network: l.network.to_string(),
+            address: l.address.to_string(),
+            range: l.range.to_string(),
+            prefix_len: l.prefix_len,
+            gateway: l.gateway.map(|g| g.to_string()),
+            container_id: h.container_id.clone(),
+            ifname: h.ifname.clone(),
+            pod_ref: if h.pod.name.is_empty() {
+                String::new()
+            } else {
+                format!("{}/{}", h.pod.namespace, h.pod.name)
+            },
+            pod_uid: h.pod.uid.clone(),
+            node: h.node.clone(),
+            created_unix_ms: l.created_unix_ms,
+            note: l.note.clone(),
+        }
+    }
+}
+
+/// Why an object cannot be used as a lease.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadObject {
+    #[error("spec.{field} {value:?} {reason}")]
+    Field { field: &'static str, value: String, reason: String },
+    #[error("is named {name:?} but holds {address} in network {network:?}, whose name is {expected:?}")]
+    Misnamed { name: String, address: IpAddr, network: String, expected: String },
+}
+
+impl IPLeaseSpec {
+    /// The lease this spec describes, checked against the object's `name` (a copied or
+    /// renamed object could otherwise hold an address under a second name, which the API
+    /// server would not notice).
+    pub fn to_lease(&self, name: &str) -> Result<Lease, BadObject> {
+        let bad = |field, value: &str, reason: &str| BadObject::Field {
+            field,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let address: IpAddr =
+            self.address.parse().map_err(|_| bad("address", &self.address, "is not an IP address"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        if self.prefix_len > max {
+            return Err(bad("prefixLen", &self.prefix_len.to_string(), &format!("is longer than {max}")));
+        }
+        let gateway = match &self.gateway {
+            None => None,
+            Some(g) => Some(g.parse().map_err(|_| bad("gateway", g, "is not an IP address"))?),
+        };
+        let expected = lease_name(&self.network, address);
+        if name != expected {
+            return Err(BadObject::Misnamed {
+                name: name.into(),
+                address,
+                network: self.network.clone(),
+                expected,
+            });
+        }
+        let (namespace, pod) = match self.pod_ref.split_once('/') {
+            Some((ns, pod)) => (ns.to_string(), pod.to_string()),
+            None if self.pod_ref.is_empty() => (String::new(), String::new()),
+            None => return Err(bad("podRef", &self.pod_ref, "is not namespace/name")),
+        };
+        if self.container_id.is_empty() != self.ifname.is_empty() {
+            return Err(bad("ifname", &self.ifname, "must be set exactly when containerId is"));
+        }
+        Ok(Lease {
+            address,
+            network: self.network.as_str().into(),
+            range: self.range.as_str().into(),
+            prefix_len: self.prefix_len,
+            gateway,
+            holder: Arc::new(Attachment {
+                container_id: self.container_id.clone(),
+                ifname: self.ifname.clone(),
+                pod: PodRef { namespace, name: pod, uid: self.pod_uid.clone() },
+                node: self.node.clone(),
+            }),
+            created_unix_ms: self.created_unix_ms,
+            note: self.note.clone(),
+        })
+    }
+}
+
+/// The CRDs as YAML documents, in the order `crds/` keeps them: what `rust-ipam-server
+/// crds` prints and the drift test compares.
+pub fn crd_yaml() -> Vec<(&'static str, String)> {
+    use kube::CustomResourceExt;
+    let header =
+        "# Generated from ipam-server/src/k8s/crd.rs by `rust-ipam-server crds --out crds`; do not edit.\n";
+    let render = |crd| format!("{header}{}", serde_yaml::to_string(&crd).unwrap_or_default());
+    vec![("ipleases.yaml", render(IPLease::crd())), ("rangepools.yaml", render(RangePool::crd()))]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease() -> Lease {
+        Lease {
+            address: "fd00::10".parse().expect("ip"),
+            network: "Rail_0".into(),
+            range: "fd00::/64".into(),
+            prefix_len: 64,
+            gateway: Some("fd00::1".parse().expect("ip")),
+            holder: Arc::new(Attachment {
+                container_id: "cid".into(),
+                ifname: "net1".into(),
+                pod: PodRef { namespace: "ml".into(), name: "trainer-0".into(), uid: "u-1".into() },
+                node: "gpu-7".into(),
+            }),
+            created_unix_ms: 1_700_000_000_000,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn names_are_dns_subdomains_and_differ_per_network() {
+        assert_eq!(lease_name("", "10.56.0.16".parse().expect("ip")), "10.56.0.16");
+        assert_eq!(lease_name("", "fd00::".parse().expect("ip")), "fd00-0000-0000-0000-0000-0000-0000-0000");
+        let a = lease_name("Rail_0", "10.0.0.1".parse().expect("ip"));
+        let b = lease_name("rail-0", "10.0.0.1".parse().expect("ip"));
+        assert!(a.starts_with("rail-0-") && b.starts_with("rail-0-") && a != b, "{a} {b}");
+        assert!(a.ends_with(".10.0.0.1"));
+        assert!(lease_name("///", "10.0.0.1".parse().expect("ip")).starts_with("n-"));
+        let long = "x".repeat(300);
+        for n in [a, b, lease_name(&long, "ffff::ffff".parse().expect("ip"))] {
+            assert!(n.len() <= 253, "{n}");
+            assert!(
+                n.split('.').all(|l| !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')),
+                "{n}"
+            );
+        }
+        let r = RangeInput { range: "10.56.0.0/16".into(), ..Default::default() };
+        let r2 = RangeInput { exclude: vec!["10.56.0.0/30".into()], ..r.clone() };
+        assert!(pool_name("", &r).starts_with("10-56-0-0-16-"));
+        assert_ne!(pool_name("", &r), pool_name("", &r2));
+    }
+
+    #[test]
+    fn a_lease_survives_the_round_trip_and_bad_objects_are_named() {
+        let l = lease();
+        let spec = IPLeaseSpec::from(&l);
+        assert_eq!(spec.pod_ref, "ml/trainer-0");
+        let name = lease_name("Rail_0", l.address);
+        assert_eq!(spec.to_lease(&name).expect("valid"), l);
+
+        let err = spec.to_lease("fd00-0000-0000-0000-0000-0000-0000-0010").expect_err("misnamed");
+        assert!(
+            err.to_string()
+                .starts_with("is named \"fd00-0000-0000-0000-0000-0000-0000-0010\" but holds fd00::10"),
+            "{err}"
+        );
+        let bad = IPLeaseSpec { address: "10.0.0.300".into(), ..spec.clone() };
+        assert_eq!(
+            bad.to_lease(&name).expect_err("bad").to_string(),
+            "spec.address \"10.0.0.300\" is not an IP address"
+        );
+        let bad = IPLeaseSpec { prefix_len: 129, ..spec.clone() };
+        assert_eq!(
+            bad.to_lease(&name).expect_err("bad").to_string(),
+            "spec.prefixLen \"129\" is longer than 128"
+        );
+        let bad = IPLeaseSpec { pod_ref: "nopod".into(), ..spec.clone() };
+        assert_eq!(
+            bad.to_lease(&name).expect_err("bad").to_string(),
+            "spec.podRef \"nopod\" is not namespace/name"
+        );
+        let bad = IPLeaseSpec { ifname: String::new(), ..spec };
+        assert!(bad.to_lease(&name).is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! Running in a Kubernetes cluster: the custom resources, the store built on them, and
+//! leader election among replicas.
+
+pub mod crd;
