@@ -104,21 +104,31 @@ pub fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
 }
 
 impl Engine {
-    /// Loads the store and starts the engine thread.
-    pub fn start(store: Box<dyn LeaseStore>, metrics: Arc<Metrics>) -> Result<Engine, StoreError> {
+    /// Starts the engine thread, which loads the store first; resolves once it has.
+    /// Loading runs on that thread because a store may block on the async runtime.
+    pub async fn start(store: Box<dyn LeaseStore>, metrics: Arc<Metrics>) -> Result<Engine, StoreError> {
         let describe = store.describe();
-        let alloc = restore(store.as_ref())?;
-        info!(store = %describe, leases = alloc.lease_count(), pools = alloc.pool_count(), "state loaded");
         let (tx, rx) = mpsc::channel(QUEUE);
         let (stopped_tx, stopped) = watch::channel(false);
+        let (loaded_tx, loaded) = oneshot::channel();
         let span = tracing::info_span!("engine", store = %describe);
         std::thread::Builder::new()
             .name("ipam-engine".into())
             .spawn(move || {
-                span.in_scope(|| run(alloc, store, rx, &metrics));
+                span.in_scope(|| match restore(store.as_ref()) {
+                    Ok(alloc) => {
+                        info!(leases = alloc.lease_count(), pools = alloc.pool_count(), "state loaded");
+                        let _ = loaded_tx.send(Ok(()));
+                        run(alloc, store, rx, &metrics);
+                    }
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                    }
+                });
                 let _ = stopped_tx.send(true);
             })
             .map_err(|e| StoreError::new("start engine thread", e))?;
+        loaded.await.map_err(|_| StoreError::new("load", "the engine thread exited while loading"))??;
         Ok(Engine { tx, store: describe, stopped })
     }
 
@@ -341,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_share_commits_and_all_land() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let e = engine.clone();
@@ -362,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_request_costs_its_batch_not_the_engine() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
         let err = engine
             .call(|a, now| {
                 let _ = a.reserve("", "10.0.0.3".parse().expect("ip"), "t", now);
@@ -381,7 +391,7 @@ mod tests {
     #[tokio::test]
     async fn failed_commit_answers_error_and_rolls_memory_back() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
         reserve(&engine, "10.0.0.1").await.expect("engine").expect("reserve");
         *rec.fail_next.lock().expect("lock") = true;
         let err = reserve(&engine, "10.0.0.2").await.expect_err("commit fails");
@@ -397,7 +407,7 @@ mod tests {
     #[tokio::test]
     async fn refused_writes_choose_again_and_the_rest_stand() {
         let rec = Recorder::default();
-        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).expect("start");
+        let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
         let range = RangeSpec::parse(
             &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
             FieldPrefix(""),

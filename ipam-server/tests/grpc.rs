@@ -25,7 +25,7 @@ impl Server {
     async fn start(dir: &Path, extra: Option<Listen>) -> Server {
         let store = EmbeddedStore::open(dir).expect("open store");
         let metrics = Metrics::new();
-        let engine = Engine::start(Box::new(store), metrics.clone()).expect("start engine");
+        let engine = Engine::start(Box::new(store), metrics.clone()).await.expect("start engine");
         let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
         let metrics_addr = metrics_listener.local_addr().expect("metrics addr");
         let tcp = Bound::bind(&"127.0.0.1:0".parse().expect("listen")).await.expect("bind");

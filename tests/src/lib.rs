@@ -1,6 +1,8 @@
 //! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
 //! load driver use them.
 
+pub mod kube_standin;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;

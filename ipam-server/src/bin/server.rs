@@ -150,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
     let metrics = Metrics::new();
-    let engine = Engine::start(Box::new(store), metrics.clone()).context("loading leases")?;
+    let engine = Engine::start(Box::new(store), metrics.clone()).await.context("loading leases")?;
     let metrics_listener = match args.metrics_listen.as_str() {
         "off" => None,
         addr => {

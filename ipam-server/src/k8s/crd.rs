@@ -7,6 +7,9 @@
 //! the range size. One [`RangePool`] per range keeps the range as configured and its usage
 //! in status.
 
+// Each `printcolumn(...)` repeats the same keys, which this lint takes for a mistake.
+#![allow(clippy::duplicated_attributes)]
+
 use std::net::IpAddr;
 use std::sync::Arc;
 

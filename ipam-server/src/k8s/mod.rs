@@ -2,3 +2,4 @@
 //! leader election among replicas.
 
 pub mod crd;
+pub mod store;

@@ -1,0 +1,409 @@
+//! The lease store on the Kubernetes API: one [`IPLease`] per held address.
+//!
+//! Invariant 1 is the API server's to enforce: a lease is created under the name of its
+//! network and address, so a second holder's create fails with AlreadyExists; an update
+//! carries the resourceVersion it read and a delete carries the uid and resourceVersion as
+//! preconditions, so a write based on stale knowledge fails with Conflict. A server that
+//! lost leadership and writes late is refused the same way.
+//!
+//! A batch is written concurrently, one chain of writes per object, so many allocations
+//! share round trips instead of queueing behind each other. The API has no multi-object
+//! transactions, so a refused write is reported on its own ([`CommitError::Refused`]) with
+//! what the API server holds instead, and the engine chooses again.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt as _;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
+use kube::core::ApiResource;
+use kube::{Client, Resource as _, ResourceExt as _};
+use tracing::{debug, warn};
+
+use super::crd::{IPLease, IPLeaseSpec, RangePool, RangePoolSpec, lease_name, pool_name};
+use crate::allocator::{Attachment, Change, Lease, LoadProblem};
+use crate::store::{CommitError, LeaseStore, Loaded, Refusal, StoreError};
+
+/// Objects per list page while loading.
+const PAGE: u32 = 500;
+/// Objects written at once.
+const IN_FLIGHT: usize = 64;
+
+/// Says whether this server may still write: the leader's lease, as far as it knows, has
+/// not run out. Writes stop before the lease can expire, so a new leader never races them.
+#[derive(Debug, Clone, Default)]
+pub struct Fence(Arc<Mutex<Option<Instant>>>);
+
+impl Fence {
+    /// A fence that is closed until [`Fence::open_until`] is called.
+    pub fn new() -> Fence {
+        Fence::default()
+    }
+
+    /// Allows writes until `deadline`.
+    pub fn open_until(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(deadline);
+    }
+
+    /// Forbids writes from now on.
+    pub fn close(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Ok while writes are allowed; else why not.
+    pub fn check(&self) -> Result<(), String> {
+        match *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(d) if Instant::now() < d => Ok(()),
+            Some(_) => Err("the leader lease was not renewed in time".into()),
+            None => Err("this server does not hold the leader lease".into()),
+        }
+    }
+}
+
+/// Identity of one object as last seen: the preconditions of the next write to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    uid: String,
+    resource_version: String,
+}
+
+impl Seen {
+    fn of(meta: &kube::api::ObjectMeta) -> Option<Seen> {
+        Some(Seen { uid: meta.uid.clone()?, resource_version: meta.resource_version.clone()? })
+    }
+}
+
+/// Leases and pools as custom resources in one namespace.
+#[derive(Debug)]
+pub struct KubeStore {
+    rt: tokio::runtime::Handle,
+    namespace: String,
+    leases: Api<IPLease>,
+    pools: Api<RangePool>,
+    /// The same leases, read without trusting their contents (a hand-edited object must
+    /// not break a whole list).
+    raw_leases: Api<DynamicObject>,
+    raw_pools: Api<DynamicObject>,
+    /// The lease objects this server knows, by name.
+    seen: Mutex<HashMap<String, Seen>>,
+    fence: Fence,
+}
+
+/// What one write came to.
+enum Outcome {
+    Done,
+    Refused(Refusal),
+    Failed(StoreError),
+}
+
+/// What the API server holds under a lease name, as far as it can be read.
+enum Truth {
+    Free,
+    Held(Lease, Option<Seen>),
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+impl KubeStore {
+    /// A store in `namespace`; its calls run on `rt` (the engine thread blocks on them).
+    pub fn new(client: Client, namespace: &str, rt: tokio::runtime::Handle, fence: Fence) -> KubeStore {
+        let lease_res = ApiResource::erase::<IPLease>(&());
+        let pool_res = ApiResource::erase::<RangePool>(&());
+        KubeStore {
+            rt,
+            namespace: namespace.to_string(),
+            leases: Api::namespaced(client.clone(), namespace),
+            pools: Api::namespaced(client.clone(), namespace),
+            raw_leases: Api::namespaced_with(client.clone(), namespace, &lease_res),
+            raw_pools: Api::namespaced_with(client, namespace, &pool_res),
+            seen: Mutex::new(HashMap::new()),
+            fence,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every object of `api`, page by page.
+    async fn list_all(
+        api: &Api<DynamicObject>,
+        what: &'static str,
+    ) -> Result<Vec<DynamicObject>, StoreError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ListParams::default().limit(PAGE);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            let page = api.list(&lp).await.map_err(|e| StoreError::new(what, e))?;
+            out.extend(page.items);
+            match page.metadata.continue_ {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Reads one lease object. A name that exists but cannot be read as a lease is still
+    /// held: it blocks the address (a placeholder reservation says why) so it is never
+    /// given out twice.
+    async fn truth(&self, network: &str, address: IpAddr) -> Result<Truth, StoreError> {
+        let name = lease_name(network, address);
+        let obj = self.raw_leases.get_opt(&name).await.map_err(|e| StoreError::new("read lease", e))?;
+        let Some(obj) = obj else { return Ok(Truth::Free) };
+        let seen = Seen::of(&obj.metadata);
+        match decode_lease(&obj) {
+            Ok(l) => Ok(Truth::Held(l, seen)),
+            Err(why) => Ok(Truth::Held(unreadable(network, address, &name, &why), seen)),
+        }
+    }
+
+    /// Turns a refused or uncertain write into a refusal carrying the API server's truth.
+    async fn refuse(&self, index: usize, network: &str, address: IpAddr, reason: String) -> Outcome {
+        match self.truth(network, address).await {
+            Ok(t) => {
+                let name = lease_name(network, address);
+                let truth = match t {
+                    Truth::Free => {
+                        self.seen().remove(&name);
+                        None
+                    }
+                    Truth::Held(l, seen) => {
+                        if let Some(s) = seen {
+                            self.seen().insert(name, s);
+                        }
+                        Some(l)
+                    }
+                };
+                Outcome::Refused(Refusal { index, network: network.into(), address, truth, reason })
+            }
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
+    /// Writes the changes to one object, in order.
+    async fn write_chain(&self, chain: Vec<(usize, &Change)>) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(chain.len());
+        let mut broken = false;
+        for (index, change) in chain {
+            if broken {
+                // An earlier write to this object failed; what follows assumed it.
+                if let Some((network, address)) = lease_key(change) {
+                    out.push(
+                        self.refuse(index, network, address, "an earlier write to it failed".into()).await,
+                    );
+                }
+                continue;
+            }
+            let o = self.write(index, change).await;
+            broken = !matches!(o, Outcome::Done);
+            out.push(o);
+        }
+        out
+    }
+
+    async fn write(&self, index: usize, change: &Change) -> Outcome {
+        match change {
+            Change::PutPool { network, range } => {
+                let name = pool_name(network, range);
+                let obj = RangePool::new(&name, RangePoolSpec::new(network, range));
+                match self.pools.create(&PostParams::default(), &obj).await {
+                    // The name hashes the whole configuration, so an existing one is this one.
+                    Ok(_) => Outcome::Done,
+                    Err(e) if api_code(&e) == Some(409) => Outcome::Done,
+                    Err(e) => Outcome::Failed(StoreError::new("create pool", format!("{name}: {e}"))),
+                }
+            }
+            Change::PutLease(l) => {
+                let name = lease_name(&l.network, l.address);
+                let mut obj = IPLease::new(&name, IPLeaseSpec::from(&**l));
+                let known = self.seen().get(&name).cloned();
+                let result = match &known {
+                    // An update (the pod moved to a new sandbox): only over what we read.
+                    Some(s) => {
+                        obj.meta_mut().resource_version = Some(s.resource_version.clone());
+                        obj.meta_mut().uid = Some(s.uid.clone());
+                        self.leases.replace(&name, &PostParams::default(), &obj).await
+                    }
+                    None => self.leases.create(&PostParams::default(), &obj).await,
+                };
+                match result {
+                    Ok(created) => {
+                        if let Some(s) = Seen::of(created.meta()) {
+                            self.seen().insert(name, s);
+                        }
+                        Outcome::Done
+                    }
+                    Err(e) => {
+                        let reason = match api_code(&e) {
+                            Some(409) if known.is_none() => "another holder's object exists".to_string(),
+                            Some(409) => "the object changed since it was read".to_string(),
+                            Some(404) => "the object was deleted meanwhile".to_string(),
+                            _ => format!("write failed: {e}"),
+                        };
+                        match self.refuse(index, &l.network, l.address, reason).await {
+                            // Our own earlier write (an answer lost in transit) already holds it.
+                            Outcome::Refused(r) if r.truth.as_ref() == Some(&**l) => Outcome::Done,
+                            o => o,
+                        }
+                    }
+                }
+            }
+            Change::DeleteLease { network, address } => {
+                let name = lease_name(network, *address);
+                let Some(known) = self.seen().get(&name).cloned() else {
+                    // Never delete an object unread: it may be another holder's.
+                    return self.refuse(index, network, *address, "not read before deleting".into()).await;
+                };
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(known.uid),
+                        resource_version: Some(known.resource_version),
+                    }),
+                    ..DeleteParams::default()
+                };
+                match self.leases.delete(&name, &dp).await {
+                    Ok(_) => {
+                        self.seen().remove(&name);
+                        Outcome::Done
+                    }
+                    Err(e) if api_code(&e) == Some(404) => {
+                        self.seen().remove(&name);
+                        Outcome::Done
+                    }
+                    Err(e) => {
+                        let reason = match api_code(&e) {
+                            Some(409) => "the object changed since it was read".to_string(),
+                            _ => format!("delete failed: {e}"),
+                        };
+                        self.refuse(index, network, *address, reason).await
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The network and address a change is about, if it is about a lease.
+fn lease_key(c: &Change) -> Option<(&str, IpAddr)> {
+    match c {
+        Change::PutLease(l) => Some((&l.network, l.address)),
+        Change::DeleteLease { network, address } => Some((network, *address)),
+        Change::PutPool { .. } => None,
+    }
+}
+
+/// The object's name: a lease or pool object without one is not one we wrote.
+fn object_name(c: &Change) -> String {
+    match c {
+        Change::PutLease(l) => lease_name(&l.network, l.address),
+        Change::DeleteLease { network, address } => lease_name(network, *address),
+        Change::PutPool { network, range } => format!("pool/{}", pool_name(network, range)),
+    }
+}
+
+fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
+    let spec = obj.data.get("spec").cloned().ok_or("has no spec")?;
+    let spec: IPLeaseSpec = serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))?;
+    spec.to_lease(&obj.name_any()).map_err(|e| e.to_string())
+}
+
+/// A placeholder that keeps an address held by an object that cannot be read.
+fn unreadable(network: &str, address: IpAddr, name: &str, why: &str) -> Lease {
+    Lease {
+        address,
+        network: network.into(),
+        range: "".into(),
+        prefix_len: if address.is_ipv4() { 32 } else { 128 },
+        gateway: None,
+        holder: Arc::new(Attachment::default()),
+        created_unix_ms: 0,
+        note: format!("unreadable IPLease {name}: {why}"),
+    }
+}
+
+impl LeaseStore for KubeStore {
+    fn describe(&self) -> String {
+        format!("kube:{}", self.namespace)
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        self.rt.block_on(async {
+            let mut out = Loaded::default();
+            for obj in Self::list_all(&self.raw_pools, "list range pools").await? {
+                let name = obj.name_any();
+                let spec = obj.data.get("spec").cloned().unwrap_or_default();
+                match serde_json::from_value::<RangePoolSpec>(spec) {
+                    Ok(s) => out.pools.push((s.network.clone(), s.input())),
+                    Err(e) => out
+                        .problems
+                        .push(LoadProblem { what: format!("RangePool {name}"), error: e.to_string() }),
+                }
+            }
+            let objects = Self::list_all(&self.raw_leases, "list leases").await?;
+            let mut seen = HashMap::with_capacity(objects.len());
+            for obj in objects {
+                let name = obj.name_any();
+                match decode_lease(&obj) {
+                    Ok(l) => {
+                        if let Some(s) = Seen::of(&obj.metadata) {
+                            seen.insert(name, s);
+                        }
+                        out.leases.push(l);
+                    }
+                    // Its address is unknown or untrusted, so it is skipped: it can still
+                    // not be held twice, because a create under its proper name would
+                    // show the truth, and a misnamed one holds nothing.
+                    Err(e) => out.problems.push(LoadProblem { what: format!("IPLease {name}"), error: e }),
+                }
+            }
+            *self.seen() = seen;
+            Ok(out)
+        })
+    }
+
+    fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
+        self.fence.check().map_err(CommitError::Fenced)?;
+        // One chain per object, in order; chains run side by side.
+        let mut chains: Vec<Vec<(usize, &Change)>> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            let n = *by_name.entry(object_name(c)).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[n].push((i, c));
+        }
+        let this = &*self;
+        let outcomes: Vec<Outcome> = self.rt.block_on(async {
+            futures::stream::iter(chains)
+                .map(|chain| this.write_chain(chain))
+                .buffer_unordered(IN_FLIGHT)
+                .flat_map(futures::stream::iter)
+                .collect()
+                .await
+        });
+        let mut refused = Vec::new();
+        for o in outcomes {
+            match o {
+                Outcome::Done => {}
+                Outcome::Refused(r) => refused.push(r),
+                Outcome::Failed(e) => {
+                    warn!(error = %e, "a lease write failed and its outcome could not be read back");
+                    return Err(CommitError::Failed(e));
+                }
+            }
+        }
+        debug!(changes = changes.len(), refused = refused.len(), "committed to the API server");
+        if refused.is_empty() { Ok(()) } else { Err(CommitError::Refused(refused)) }
+    }
+}

@@ -1,0 +1,230 @@
+//! The kube lease store through the real kube client against the API stand-in
+//! (`rust_ipam_e2e::kube_standin`), which enforces AlreadyExists, resourceVersion and uid
+//! preconditions and list pagination as the API server does.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipam_server::allocator::{
+    AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, RangeInput, RangeSpec,
+};
+use ipam_server::engine::{Engine, EngineError};
+use ipam_server::k8s::store::{Fence, KubeStore};
+use ipam_server::metrics::Metrics;
+use rust_ipam_e2e::kube_standin::KubeStandin;
+use serde_json::{Value, json};
+
+const NS: &str = "rust-ipam";
+const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
+
+fn client(standin: &KubeStandin) -> kube::Client {
+    let config = kube::Config::new(standin.url.parse().expect("stand-in URL"));
+    kube::Client::try_from(config).expect("kube client")
+}
+
+/// An engine on the stand-in whose fence is open for an hour: a server that believes it
+/// leads.
+async fn engine(standin: &KubeStandin) -> (Engine, Fence) {
+    let fence = Fence::new();
+    fence.open_until(Instant::now() + Duration::from_secs(3600));
+    let store = KubeStore::new(client(standin), NS, tokio::runtime::Handle::current(), fence.clone());
+    (Engine::start(Box::new(store), Metrics::new()).await.expect("load from the stand-in"), fence)
+}
+
+fn range(cidr: &str) -> RangeSpec {
+    RangeSpec::parse(&RangeInput { range: cidr.into(), ..Default::default() }, FieldPrefix(""))
+        .expect("range")
+}
+
+fn attachment(cid: &str, pod: &str) -> Arc<Attachment> {
+    Arc::new(Attachment {
+        container_id: cid.into(),
+        ifname: "net1".into(),
+        pod: PodRef { namespace: "ml".into(), name: pod.into(), uid: format!("uid-{pod}") },
+        node: "node-a".into(),
+    })
+}
+
+async fn allocate(
+    e: &Engine,
+    cidr: &str,
+    cid: &str,
+    pod: &str,
+) -> Result<Result<IpAddr, String>, EngineError> {
+    let req = AllocateRequest {
+        attachment: attachment(cid, pod),
+        network: "".into(),
+        ranges: vec![range(cidr)],
+        requested: vec![],
+    };
+    e.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address).map_err(|e| e.to_string())).await
+}
+
+/// (address, container ID) of every lease object in the stand-in.
+fn stored(standin: &KubeStandin) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = standin
+        .objects(LEASES)
+        .iter()
+        .map(|o| {
+            (
+                o["spec"]["address"].as_str().unwrap_or("?").to_string(),
+                o["spec"]["containerId"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_that_both_believe_they_lead_never_persist_a_duplicate() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let (a, _fa) = engine(&standin).await;
+    let (b, _fb) = engine(&standin).await;
+    // Both start empty and race for the same /26 with 30 pods each.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        for (tag, e) in [("a", a.clone()), ("b", b.clone())] {
+            tasks.push(tokio::spawn(async move {
+                let cid = format!("{tag}-{i}");
+                let got = allocate(&e, "198.18.0.0/26", &cid, &cid).await;
+                (cid, got)
+            }));
+        }
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        let (cid, got) = t.await.expect("join");
+        match got {
+            Ok(Ok(ip)) => acked.push((ip.to_string(), cid)),
+            // Refused four times in a row is allowed under this much contention; never a
+            // wrong answer.
+            Ok(Err(e)) => panic!("{cid}: allocator error {e}"),
+            Err(e) => assert!(matches!(e, EngineError::Conflict(_)), "{cid}: {e}"),
+        }
+    }
+    acked.sort();
+    let mut addrs: Vec<&String> = acked.iter().map(|(ip, _)| ip).collect();
+    addrs.dedup();
+    assert_eq!(addrs.len(), acked.len(), "an address was acknowledged to two holders: {acked:?}");
+    // Every acknowledged lease is in the store with its holder, and nothing else is.
+    assert_eq!(stored(&standin), acked);
+    assert!(acked.len() >= 55, "only {} of 60 allocations succeeded", acked.len());
+    assert!(standin.served.conflicts.load(std::sync::atomic::Ordering::Relaxed) > 0 || acked.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_writes_are_rejected_not_applied() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let (old, _f) = engine(&standin).await;
+    let first = allocate(&old, "198.18.1.0/24", "c1", "trainer").await.expect("engine").expect("allocate");
+    assert_eq!(first.to_string(), "198.18.1.1");
+
+    // A new leader loads the store; the pod comes back in a new sandbox and its lease moves
+    // (the object is updated, so its resourceVersion changes).
+    let (new, _g) = engine(&standin).await;
+    let moved = allocate(&new, "198.18.1.0/24", "c2", "trainer").await.expect("engine").expect("allocate");
+    assert_eq!(moved, first);
+    let taken = allocate(&new, "198.18.1.0/24", "c3", "other").await.expect("engine").expect("allocate");
+    assert_eq!(taken.to_string(), "198.18.1.2");
+
+    // The old leader, unaware, releases c1 (a DEL that reached it late): its delete carries
+    // the old resourceVersion and is refused; the moved lease stays.
+    old.call(|a, _| a.release("", "c1", "net1")).await.expect("answered, with what the store says");
+    assert_eq!(
+        stored(&standin),
+        vec![("198.18.1.1".into(), "c2".into()), ("198.18.1.2".into(), "c3".into())]
+    );
+    // And it learned the truth: c2 holds .1 now.
+    let holder = old
+        .call(|a, _| a.get("", "198.18.1.1".parse().expect("ip")).map(|l| l.holder.container_id.clone()))
+        .await;
+    assert_eq!(holder.expect("engine").expect("held"), "c2");
+
+    // Its allocation of what it thinks is free (.2) is refused by AlreadyExists, and it
+    // chooses again.
+    let late = allocate(&old, "198.18.1.0/24", "c4", "late").await.expect("engine").expect("allocate");
+    assert_eq!(late.to_string(), "198.18.1.3");
+    assert_eq!(stored(&standin).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_server_writes_nothing_and_stops() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let (e, fence) = engine(&standin).await;
+    fence.close();
+    let err = allocate(&e, "198.18.2.0/24", "c1", "p").await.expect_err("fenced");
+    assert_eq!(err.to_string(), "not the leader: this server does not hold the leader lease");
+    assert!(standin.objects(LEASES).is_empty());
+    e.stopped().await;
+    assert!(e.is_stopped());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_rebuilds_the_bitmaps_from_paged_lists() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let (e, _f) = engine(&standin).await;
+    let mut tasks = Vec::new();
+    for i in 0..1200 {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            allocate(&e, "198.18.16.0/20", &format!("c{i}"), &format!("p{i}")).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("engine").expect("allocate");
+    }
+    e.call(|a, _| a.release("", "c7", "net1")).await.expect("release");
+    drop(e);
+    // 1199 objects: three list pages of 500.
+    let (again, _g) = engine(&standin).await;
+    let leases = again.call(|a, _| a.leases(&LeaseFilter::default())).await.expect("engine");
+    let mut from_memory: Vec<(String, String)> =
+        leases.iter().map(|l| (l.address.to_string(), l.holder.container_id.clone())).collect();
+    from_memory.sort();
+    assert_eq!(from_memory.len(), 1199);
+    assert_eq!(from_memory, stored(&standin));
+    let pools = again.call(|a, _| a.pools(None)).await.expect("engine");
+    assert_eq!((pools.len(), pools[0].used, pools[0].free), (1, 1199, 4094 - 1199));
+    // The freed address is the lowest free one again.
+    let next = allocate(&again, "198.18.16.0/20", "new", "new").await.expect("engine").expect("allocate");
+    assert_eq!(next.to_string(), "198.18.16.8");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edited_nonsense_is_skipped_and_never_causes_a_duplicate() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let (e, _f) = engine(&standin).await;
+    for i in 1..=3 {
+        allocate(&e, "198.18.3.0/24", &format!("c{i}"), &format!("p{i}"))
+            .await
+            .expect("engine")
+            .expect("allocate");
+    }
+    drop(e);
+    let obj = |name: &str, spec: Value| json!({"apiVersion": "ipam.rust-ipam.io/v1alpha1", "kind": "IPLease", "metadata": {"name": name}, "spec": spec});
+    let good = standin.objects(LEASES)[0].clone();
+    // A copy of .1's object under another name: it must not make .1 look held twice, nor
+    // free .1 if someone deletes the copy.
+    let mut copy = good.clone();
+    copy["metadata"] = json!({"name": "198.18.3.9"});
+    standin.put_raw(LEASES, copy);
+    // Nonsense under .4's proper name: the address stays held by something unreadable.
+    standin.put_raw(LEASES, obj("198.18.3.4", json!({"address": "banana", "prefixLen": 24})));
+    standin.put_raw(LEASES, obj("no-spec", Value::Null));
+    standin.put_raw(LEASES, obj("198.18.3.6", json!({"address": "198.18.3.6", "prefixLen": "wide"})));
+
+    let (e, _g) = engine(&standin).await;
+    let n = e.call(|a, _| a.lease_count()).await.expect("engine");
+    assert_eq!(n, 3, "only the three readable, properly named leases load");
+    // .4 and .6 look free in memory, but their names are taken: the creates are refused,
+    // memory marks them held by an unreadable object, and the allocation moves on.
+    let got = allocate(&e, "198.18.3.0/24", "c9", "p9").await.expect("engine").expect("allocate");
+    assert_eq!(got.to_string(), "198.18.3.5");
+    let got = allocate(&e, "198.18.3.0/24", "c10", "p10").await.expect("engine").expect("allocate");
+    assert_eq!(got.to_string(), "198.18.3.7");
+    let blocker = e.call(|a, _| a.get("", "198.18.3.4".parse().expect("ip")).map(|l| l.note.clone())).await;
+    let note = blocker.expect("engine").expect("held");
+    assert!(note.starts_with("unreadable IPLease 198.18.3.4: spec: "), "{note}");
+}
