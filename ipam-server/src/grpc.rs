@@ -15,7 +15,8 @@ use crate::allocator::{
     self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, PoolUsage, RangeInput,
     RangeSpec,
 };
-use crate::engine::{Engine, EngineError};
+use crate::engine::EngineError;
+use crate::role::Serving;
 
 /// Maps an allocator error to the status a client can act on.
 pub fn status(e: AllocError) -> Status {
@@ -146,14 +147,14 @@ fn attachment_key(a: Option<pb::Attachment>) -> Result<(String, String), Status>
 /// The `rustipam.v1.Ipam` service.
 #[derive(Debug, Clone)]
 pub struct IpamService {
-    engine: Engine,
+    serving: Serving,
     identity: String,
 }
 
 impl IpamService {
-    /// Serves allocation through `engine`; `identity` names this replica in Status.
-    pub fn new(engine: Engine, identity: String) -> IpamService {
-        IpamService { engine, identity }
+    /// Serves allocation while this replica leads; `identity` names it in Status.
+    pub fn new(serving: Serving, identity: String) -> IpamService {
+        IpamService { serving, identity }
     }
 }
 
@@ -165,7 +166,8 @@ impl pb::ipam_server::Ipam for IpamService {
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let req = check_allocate(request.into_inner())?;
         let got = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, now| a.allocate(&req, now))
             .await
             .map_err(engine_status)?
@@ -185,8 +187,12 @@ impl pb::ipam_server::Ipam for IpamService {
         let r = request.into_inner();
         let (cid, ifname) = attachment_key(r.attachment)?;
         let network = r.network;
-        let released =
-            self.engine.call(move |a, _| a.release(&network, &cid, &ifname)).await.map_err(engine_status)?;
+        let released = self
+            .serving
+            .engine()?
+            .call(move |a, _| a.release(&network, &cid, &ifname))
+            .await
+            .map_err(engine_status)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released");
         }
@@ -198,7 +204,8 @@ impl pb::ipam_server::Ipam for IpamService {
         let (cid, ifname) = attachment_key(r.attachment)?;
         let network = r.network;
         let (c2, i2, n2) = (cid.clone(), ifname.clone(), network.clone());
-        let leases = self.engine.call(move |a, _| a.check(&n2, &c2, &i2)).await.map_err(engine_status)?;
+        let leases =
+            self.serving.engine()?.call(move |a, _| a.check(&n2, &c2, &i2)).await.map_err(engine_status)?;
         if leases.is_empty() {
             return Err(Status::not_found(format!(
                 "container {cid} interface {ifname} holds no address in network \"{network}\""
@@ -221,7 +228,8 @@ impl pb::ipam_server::Ipam for IpamService {
             valid.insert((k.container_id, k.ifname));
         }
         let network = r.network;
-        let released = self.engine.call(move |a, _| a.gc(&network, &valid)).await.map_err(engine_status)?;
+        let released =
+            self.serving.engine()?.call(move |a, _| a.gc(&network, &valid)).await.map_err(engine_status)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released by gc");
         }
@@ -229,14 +237,22 @@ impl pb::ipam_server::Ipam for IpamService {
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let (leases, pools) =
-            self.engine.call(|a, _| (a.lease_count(), a.pool_count())).await.map_err(engine_status)?;
+        let leader = self.serving.leader_identity(&self.identity);
+        // A follower answers too: who leads is what a client asking it wants to know.
+        let (serving, store, leases, pools) = match self.serving.engine() {
+            Ok(engine) => {
+                let (leases, pools) =
+                    engine.call(|a, _| (a.lease_count(), a.pool_count())).await.map_err(engine_status)?;
+                (true, engine.store().to_string(), leases as u64, pools as u64)
+            }
+            Err(_) => (false, String::new(), 0, 0),
+        };
         Ok(Response::new(pb::StatusResponse {
-            serving: true,
-            leader: self.identity.clone(),
-            store: self.engine.store().to_string(),
-            leases: leases as u64,
-            pools: pools as u64,
+            serving,
+            leader,
+            store,
+            leases,
+            pools,
             version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
@@ -245,13 +261,13 @@ impl pb::ipam_server::Ipam for IpamService {
 /// The `rustipam.v1.Admin` service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
-    engine: Engine,
+    serving: Serving,
 }
 
 impl AdminService {
-    /// Serves operator queries and changes through `engine`.
-    pub fn new(engine: Engine) -> AdminService {
-        AdminService { engine }
+    /// Serves operator queries and changes while this replica leads.
+    pub fn new(serving: Serving) -> AdminService {
+        AdminService { serving }
     }
 }
 
@@ -296,7 +312,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         let network = request.into_inner().network;
         let pools = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, _| a.pools((!network.is_empty()).then_some(network.as_str())))
             .await
             .map_err(engine_status)?;
@@ -325,7 +342,8 @@ impl pb::admin_server::Admin for AdminService {
             container_id: r.container_id,
         };
         let (page, more) = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, _| {
                 let all = a.leases(&filter);
                 // Sorted by (network, address): the page starts after the token's lease.
@@ -352,7 +370,8 @@ impl pb::admin_server::Admin for AdminService {
         let ip = check_address("address", &r.address)?;
         let network = r.network;
         let lease = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, _| a.get(&network, ip))
             .await
             .map_err(engine_status)?
@@ -366,7 +385,8 @@ impl pb::admin_server::Admin for AdminService {
         let note = check_note("note", &r.note)?;
         let network = r.network;
         let lease = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, now| a.reserve(&network, ip, &note, now))
             .await
             .map_err(engine_status)?
@@ -384,7 +404,8 @@ impl pb::admin_server::Admin for AdminService {
         let reason = check_note("reason", &r.reason)?;
         let network = r.network;
         let lease = self
-            .engine
+            .serving
+            .engine()?
             .call(move |a, _| a.release_address(&network, ip))
             .await
             .map_err(engine_status)?

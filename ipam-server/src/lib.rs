@@ -7,5 +7,6 @@ pub mod grpc;
 pub mod import;
 pub mod k8s;
 pub mod metrics;
+pub mod role;
 pub mod server;
 pub mod store;

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::allocator::PoolUsage;
-use crate::engine::Engine;
+use crate::role::Serving;
 
 // Labels are static strings: counting a request allocates nothing.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -202,19 +202,27 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    engine: Engine,
+    serving: Serving,
     metrics: Arc<Metrics>,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
-            Ok((pools, leases)) => text(StatusCode::OK, metrics.render(&pools, leases, true)),
-            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        // A follower has no pools to show, but its RPC counters and leader state are real.
+        "/metrics" => match serving.engine() {
+            Ok(engine) => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
+                Ok((pools, leases)) => text(StatusCode::OK, metrics.render(&pools, leases, true)),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            Err(_) => text(StatusCode::OK, metrics.render(&[], 0, false)),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        // Ready when the engine answers: state loaded and the store usable.
-        "/readyz" => match engine.call(|_, _| ()).await {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        // Ready only on the leader whose engine answers: state loaded and the store usable,
+        // so a Service sends traffic to the leader alone.
+        "/readyz" => match serving.engine() {
+            Ok(engine) => match engine.call(|_, _| ()).await {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            Err(s) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", s.message())),
         },
         _ => text(StatusCode::NOT_FOUND, "not found: /metrics, /healthz, /readyz\n".into()),
     }
@@ -223,7 +231,7 @@ async fn handle(
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
 pub async fn serve_http(
     listener: TcpListener,
-    engine: Engine,
+    serving: Serving,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -239,10 +247,10 @@ pub async fn serve_http(
                     continue;
                 }
             };
-            let (engine, metrics) = (engine.clone(), metrics.clone());
+            let (serving, metrics) = (serving.clone(), metrics.clone());
             let svc = service_fn(move |req| {
-                let (engine, metrics) = (engine.clone(), metrics.clone());
-                async move { Ok::<_, Infallible>(handle(req, engine, metrics).await) }
+                let (serving, metrics) = (serving.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(handle(req, serving, metrics).await) }
             });
             let mut stop = stop_rx.clone();
             tokio::spawn(

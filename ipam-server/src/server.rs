@@ -16,6 +16,7 @@ use tracing::{Instrument as _, info, info_span};
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 use crate::metrics::{Metrics, RpcMetricsLayer, serve_http};
+use crate::role::{Role, Serving};
 
 /// How long shutdown waits for the engine to finish its last batch.
 const ENGINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -90,10 +91,10 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Serves the Ipam and Admin services, health and reflection on every listener until
-/// `shutdown` resolves, then waits for the engine to answer what it holds and close the
-/// store.
+/// `shutdown` resolves. Health (grpc.health.v1 and `/readyz`) follows the role: serving
+/// only while this replica leads with its state loaded.
 pub async fn serve(
-    engine: Engine,
+    serving: Serving,
     identity: String,
     listeners: Vec<Bound>,
     metrics: (Arc<Metrics>, Option<TcpListener>),
@@ -101,8 +102,26 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (metrics, metrics_listener) = metrics;
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<IpamServer<IpamService>>().await;
-    health.set_serving::<AdminServer<AdminService>>().await;
+    let health_task = tokio::spawn({
+        let mut serving = serving.clone();
+        async move {
+            loop {
+                if serving.engine().is_ok() {
+                    health.set_serving::<IpamServer<IpamService>>().await;
+                    health.set_serving::<AdminServer<AdminService>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                } else {
+                    health.set_not_serving::<IpamServer<IpamService>>().await;
+                    health.set_not_serving::<AdminServer<AdminService>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                }
+                if !serving.changed().await {
+                    return;
+                }
+            }
+        }
+        .instrument(info_span!("health"))
+    });
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(rust_ipam_proto::FILE_DESCRIPTOR_SET)
@@ -110,9 +129,8 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
-    let engine_stopped = engine.stopped();
-    let ipam = IpamServer::new(IpamService::new(engine.clone(), identity));
-    let admin = AdminServer::new(AdminService::new(engine.clone()));
+    let ipam = IpamServer::new(IpamService::new(serving.clone(), identity));
+    let admin = AdminServer::new(AdminService::new(serving.clone()));
     let router = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer(metrics.clone()))
         .add_service(health_svc)
@@ -128,7 +146,7 @@ pub async fn serve(
         info!(%endpoint, "serving metrics and probes");
         let mut stop = stop_rx.clone();
         tokio::spawn(
-            serve_http(l, engine.clone(), metrics.clone(), async move {
+            serve_http(l, serving.clone(), metrics.clone(), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .instrument(info_span!("metrics", %endpoint)),
@@ -176,10 +194,34 @@ pub async fn serve(
     if let Some(t) = metrics_task {
         t.await.context("metrics task panicked")?;
     }
-    // The services hold the last engine handles; once they are gone the engine drains.
-    drop(router);
+    health_task.abort();
+    Ok(())
+}
+
+/// Serves with `engine` as the one replica, always leading (the embedded store has no
+/// election), until `shutdown` resolves; then lets the engine answer what it holds and
+/// close the store.
+pub async fn serve_single(
+    engine: Engine,
+    identity: String,
+    listeners: Vec<Bound>,
+    metrics: (Arc<Metrics>, Option<TcpListener>),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (serving, role) = Serving::fixed(engine.clone());
+    let served = serve(serving, identity, listeners, metrics, shutdown).await;
+    // The role holds an engine handle however many views of it are still alive.
+    let _ = role.send(Role::Starting);
+    drain(engine).await?;
+    served
+}
+
+/// Waits for `engine` to answer what it holds and close its store, once every other handle
+/// is gone.
+pub async fn drain(engine: Engine) -> anyhow::Result<()> {
+    let stopped = engine.stopped();
     drop(engine);
-    if tokio::time::timeout(ENGINE_DRAIN, engine_stopped).await.is_err() {
+    if tokio::time::timeout(ENGINE_DRAIN, stopped).await.is_err() {
         anyhow::bail!("the engine did not stop within {ENGINE_DRAIN:?}; a handle is still held elsewhere");
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
-use ipam_server::server::{Bound, Listen, serve};
+use ipam_server::server::{Bound, Listen, serve_single};
 use ipam_server::store::embedded::EmbeddedStore;
 use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
@@ -35,7 +35,7 @@ impl Server {
             listeners.push(Bound::bind(&l).await.expect("bind extra"));
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
+        let task = tokio::spawn(serve_single(
             engine,
             "test-replica".into(),
             listeners,

@@ -170,7 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let identity = args.identity.unwrap_or_else(default_identity);
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
-    server::serve(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
+    server::serve_single(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
 }
 
 fn main() -> anyhow::Result<ExitCode> {

@@ -1,0 +1,155 @@
+//! Whether this replica serves: it leads (and has its engine), or another replica does.
+//! The gRPC services, health and readiness all read it from one place.
+
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+
+use crate::engine::Engine;
+
+/// Metadata key naming the leader's identity next to [`rust_ipam_proto::LEADER_METADATA`]
+/// (its endpoint).
+pub const LEADER_IDENTITY_METADATA: &str = "x-rust-ipam-leader-identity";
+
+/// Another replica, as the election Lease names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub identity: String,
+    /// Where it serves gRPC (`http://10.0.0.5:50051`); empty if it did not say.
+    pub endpoint: String,
+}
+
+impl Peer {
+    /// The election Lease's holderIdentity for this peer: `identity@endpoint`.
+    pub fn holder(&self) -> String {
+        if self.endpoint.is_empty() {
+            self.identity.clone()
+        } else {
+            format!("{}@{}", self.identity, self.endpoint)
+        }
+    }
+
+    /// Reads a holderIdentity written by [`Peer::holder`] (or by anything else: then it is
+    /// all identity).
+    pub fn from_holder(holder: &str) -> Peer {
+        match holder.split_once('@') {
+            Some((id, ep)) if ep.contains("://") => Peer { identity: id.into(), endpoint: ep.into() },
+            _ => Peer { identity: holder.into(), endpoint: String::new() },
+        }
+    }
+}
+
+/// What this replica is doing.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Electing, or leading and loading state: nothing is served yet.
+    Starting,
+    /// Leading with its state loaded.
+    Leader(Engine),
+    /// Another replica leads (`None`: none is known).
+    Follower(Option<Peer>),
+}
+
+/// A view of the current [`Role`]; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    rx: watch::Receiver<Role>,
+}
+
+impl Serving {
+    /// A replica that always leads with `engine` (the embedded store has no election).
+    pub fn fixed(engine: Engine) -> (Serving, watch::Sender<Role>) {
+        let (tx, rx) = watch::channel(Role::Leader(engine));
+        (Serving { rx }, tx)
+    }
+
+    /// A view of `rx`.
+    pub fn new(rx: watch::Receiver<Role>) -> Serving {
+        Serving { rx }
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.rx.borrow().clone()
+    }
+
+    /// Resolves when the role changes; false once nobody can change it any more.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
+    /// The engine when leading with state loaded; otherwise UNAVAILABLE naming the leader
+    /// in the metadata, so a client can go there.
+    pub fn engine(&self) -> Result<Engine, Status> {
+        match &*self.rx.borrow() {
+            Role::Leader(e) if !e.is_stopped() => Ok(e.clone()),
+            Role::Leader(_) => Err(Status::unavailable("this replica lost its engine and is reloading")),
+            Role::Starting => Err(Status::unavailable("this replica is electing a leader or loading state")),
+            Role::Follower(None) => {
+                Err(Status::unavailable("this replica is not the leader; no leader is known"))
+            }
+            Role::Follower(Some(p)) => {
+                let mut s = Status::unavailable(format!(
+                    "this replica is not the leader; the leader is {} at {}",
+                    p.identity,
+                    if p.endpoint.is_empty() { "an unknown endpoint" } else { &p.endpoint }
+                ));
+                if let Ok(v) = MetadataValue::try_from(p.endpoint.as_str())
+                    && !p.endpoint.is_empty()
+                {
+                    s.metadata_mut().insert(rust_ipam_proto::LEADER_METADATA, v);
+                }
+                if let Ok(v) = MetadataValue::try_from(p.identity.as_str()) {
+                    s.metadata_mut().insert(LEADER_IDENTITY_METADATA, v);
+                }
+                Err(s)
+            }
+        }
+    }
+
+    /// Who leads, as Status reports it: this replica's identity when it leads.
+    pub fn leader_identity(&self, me: &str) -> String {
+        match &*self.rx.borrow() {
+            Role::Leader(_) => me.to_string(),
+            Role::Follower(Some(p)) => p.identity.clone(),
+            Role::Starting | Role::Follower(None) => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_identity_round_trip_and_the_hint() {
+        let p = Peer { identity: "ipam-0".into(), endpoint: "http://10.0.0.5:50051".into() };
+        assert_eq!(p.holder(), "ipam-0@http://10.0.0.5:50051");
+        assert_eq!(Peer::from_holder(&p.holder()), p);
+        assert_eq!(
+            Peer::from_holder("someone@else"),
+            Peer { identity: "someone@else".into(), endpoint: String::new() }
+        );
+
+        let (tx, rx) = watch::channel(Role::Follower(Some(p)));
+        let s = Serving::new(rx);
+        let st = s.engine().expect_err("follower");
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            st.message(),
+            "this replica is not the leader; the leader is ipam-0 at http://10.0.0.5:50051"
+        );
+        assert_eq!(
+            st.metadata().get(rust_ipam_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            Some("http://10.0.0.5:50051")
+        );
+        assert_eq!(st.metadata().get(LEADER_IDENTITY_METADATA).and_then(|v| v.to_str().ok()), Some("ipam-0"));
+        assert_eq!(s.leader_identity("me"), "ipam-0");
+        tx.send(Role::Starting).expect("send");
+        assert_eq!(
+            s.engine().expect_err("starting").message(),
+            "this replica is electing a leader or loading state"
+        );
+        assert_eq!(s.leader_identity("me"), "");
+    }
+}
