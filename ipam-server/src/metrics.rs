@@ -102,6 +102,7 @@ pub struct Metrics {
     commit_failures: Counter,
     leases: Gauge,
     serving: Gauge,
+    leader: Gauge,
     // Sizes are floats: an IPv6 range holds more than i64 can count.
     pool_size: Family<Pool, FloatGauge>,
     pool_used: Family<Pool, FloatGauge>,
@@ -126,6 +127,7 @@ impl Metrics {
             commit_failures: Counter::default(),
             leases: Gauge::default(),
             serving: Gauge::default(),
+            leader: Gauge::default(),
             pool_size: Family::default(),
             pool_used: Family::default(),
             pool_excluded: Family::default(),
@@ -143,6 +145,7 @@ impl Metrics {
         registry.register("store_commit_failures", "Store commits that failed", m.commit_failures.clone());
         registry.register("leases", "Addresses held, all networks", m.leases.clone());
         registry.register("serving", "1 when this replica allocates", m.serving.clone());
+        registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
         registry.register("pool_size", "Addresses a pool may hand out", m.pool_size.clone());
         registry.register(
             "pool_used",
@@ -171,6 +174,11 @@ impl Metrics {
         if !ok {
             self.commit_failures.inc();
         }
+    }
+
+    /// Records whether this replica holds the leader lease.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     /// The text exposition, with the gauges set from the allocator's current state.

@@ -63,6 +63,10 @@ pub struct ServerOptions {
     pub startup_timeout: Duration,
     /// Also listen on this unix socket (reachable from other network namespaces).
     pub unix_socket: Option<PathBuf>,
+    /// More command-line arguments (e.g. the kube store's).
+    pub args: Vec<String>,
+    /// Wait until it serves (leads); `false`: until it answers Status at all (a follower).
+    pub wait_serving: bool,
 }
 
 impl Default for ServerOptions {
@@ -74,6 +78,8 @@ impl Default for ServerOptions {
             identity: "e2e".into(),
             startup_timeout: Duration::from_secs(20),
             unix_socket: None,
+            args: Vec::new(),
+            wait_serving: true,
         }
     }
 }
@@ -131,6 +137,7 @@ impl ServerProcess {
             .arg(data_dir)
             .arg("--identity")
             .arg(&opts.identity)
+            .args(&opts.args)
             .env("RUST_LOG", &opts.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -152,7 +159,10 @@ impl ServerProcess {
                 );
             }
             if let Ok(ch) = rust_ipam_proto::connect(&self.endpoint, Duration::from_millis(500)).await
-                && IpamClient::new(ch).status(StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
+                && IpamClient::new(ch)
+                    .status(StatusRequest {})
+                    .await
+                    .is_ok_and(|s| s.get_ref().serving || !opts.wait_serving)
             {
                 return Ok(());
             }
@@ -166,6 +176,13 @@ impl ServerProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().context("kill -TERM")?;
+        self.child.wait().context("waiting for the server")
     }
 
     /// SIGKILL: no shutdown path runs, as in a node or OOM kill.

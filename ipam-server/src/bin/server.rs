@@ -31,10 +31,36 @@ struct Args {
     /// (`ip:port`); `off` to serve none.
     #[arg(long, env = "RUST_IPAM_METRICS_LISTEN", default_value = "127.0.0.1:9156")]
     metrics_listen: String,
-    /// Name of this replica in Status answers. Default: the pod name ($POD_NAME), else the
-    /// host name.
+    /// Name of this replica in Status answers and the leader Lease. Default: the pod name
+    /// ($POD_NAME), else the host name and the first listen address.
     #[arg(long, env = "RUST_IPAM_IDENTITY")]
     identity: Option<String>,
+    /// Where leases live: `embedded` (a file in --data-dir), `kube` (custom resources, with
+    /// leader election), or `auto`: kube when --kubeconfig is given or the server runs in a
+    /// cluster, else embedded.
+    #[arg(long, env = "RUST_IPAM_STORE", default_value = "auto", value_parser = ["auto", "embedded", "kube"])]
+    store: String,
+    /// Kubeconfig file for the kube store. Default: the in-cluster service account.
+    #[arg(long, env = "RUST_IPAM_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the lease objects and the leader Lease. Default: $POD_NAMESPACE, else
+    /// the service account's namespace, else `rust-ipam`.
+    #[arg(long, env = "RUST_IPAM_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name of the coordination.k8s.io Lease the replicas elect a leader on.
+    #[arg(long, env = "RUST_IPAM_LEASE_NAME", default_value = "rust-ipam-leader")]
+    lease_name: String,
+    /// How long the leader Lease holds without renewal (`15s`, `1500ms`).
+    #[arg(long, env = "RUST_IPAM_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    lease_ttl: std::time::Duration,
+    /// How often the leader renews (and a follower tries to take over); at most a third of
+    /// the TTL.
+    #[arg(long, env = "RUST_IPAM_RENEW_EVERY", default_value = "5s", value_parser = parse_duration)]
+    renew_every: std::time::Duration,
+    /// The gRPC endpoint followers name to clients when this replica leads. Default:
+    /// http://$POD_IP:PORT of the first TCP listener, else that listener's address.
+    #[arg(long, env = "RUST_IPAM_ADVERTISE")]
+    advertise: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -125,12 +151,103 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-fn default_identity() -> String {
-    std::env::var("POD_NAME")
-        .ok()
+/// `15s`, `1500ms` or `2m`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 15s or 500ms"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 15s or 500ms (units: ms, s, m)")),
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The pod name; else the host name and the first listen address, so replicas on one
+/// host never share an identity.
+fn default_identity(listeners: &[Bound]) -> String {
+    env_nonempty("POD_NAME").unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "rust-ipam-server".into());
+        match listeners.first() {
+            Some(l) => format!("{host}-{}", l.endpoint().rsplit('/').next().unwrap_or_default()),
+            None => host,
+        }
+    })
+}
+
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+fn default_namespace() -> String {
+    env_nonempty("POD_NAMESPACE")
+        .or_else(|| std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok().map(|n| n.trim().to_string()))
         .filter(|n| !n.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .unwrap_or_else(|| "rust-ipam-server".into())
+        .unwrap_or_else(|| "rust-ipam".into())
+}
+
+/// What followers tell clients: the first TCP listener, reachable at the pod's IP.
+fn default_advertise(listeners: &[Bound]) -> String {
+    let Some(tcp) = listeners.iter().find_map(|b| match b {
+        Bound::Tcp(l) => l.local_addr().ok(),
+        Bound::Unix(..) => None,
+    }) else {
+        return String::new();
+    };
+    match env_nonempty("POD_IP") {
+        Some(ip) if ip.contains(':') => format!("http://[{ip}]:{}", tcp.port()),
+        Some(ip) => format!("http://{ip}:{}", tcp.port()),
+        None => format!("http://{tcp}"),
+    }
+}
+
+/// Runs with the kube store: elects a leader, serves while leading, follows otherwise.
+async fn run_kube(
+    args: &Args,
+    identity: String,
+    listeners: Vec<Bound>,
+    metrics: (std::sync::Arc<Metrics>, Option<tokio::net::TcpListener>),
+) -> anyhow::Result<()> {
+    use ipam_server::k8s::leader::{self, Election};
+    use ipam_server::role::{Peer, Role, Serving};
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("reading the in-cluster service account")?,
+    };
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let election = Election {
+        namespace: args.namespace.clone().unwrap_or_else(default_namespace),
+        lease_name: args.lease_name.clone(),
+        me: Peer {
+            identity: identity.clone(),
+            endpoint: args.advertise.clone().unwrap_or_else(|| default_advertise(&listeners)),
+        },
+        ttl: args.lease_ttl,
+        renew_every: args.renew_every,
+        status_every: std::time::Duration::from_secs(10),
+    };
+    election.check().map_err(anyhow::Error::msg)?;
+    info!(%identity, namespace = %election.namespace, lease = %election.lease_name,
+          advertise = %election.me.endpoint, "rust-ipam-server electing a leader");
+    let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Starting);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let elect = tokio::spawn(leader::run(client, election, metrics.0.clone(), role_tx, stop_rx));
+    let served = server::serve(Serving::new(role_rx), identity, listeners, metrics, shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    if let Some(engine) = elect.await.context("the election task panicked")? {
+        server::drain(engine).await?;
+    }
+    served
 }
 
 async fn shutdown_signal() {
@@ -147,10 +264,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
     let metrics = Metrics::new();
-    let engine = Engine::start(Box::new(store), metrics.clone()).await.context("loading leases")?;
     let metrics_listener = match args.metrics_listen.as_str() {
         "off" => None,
         addr => {
@@ -168,7 +282,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for l in &args.listen {
         listeners.push(Bound::bind(l).await?);
     }
-    let identity = args.identity.unwrap_or_else(default_identity);
+    let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
+    let kube = match args.store.as_str() {
+        "kube" => true,
+        "embedded" => false,
+        _ => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
+    };
+    if kube {
+        return run_kube(&args, identity, listeners, (metrics, metrics_listener)).await;
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
+    let engine = Engine::start(Box::new(store), metrics.clone()).await.context("loading leases")?;
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
     server::serve_single(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
 }

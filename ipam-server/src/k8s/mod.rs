@@ -2,4 +2,5 @@
 //! leader election among replicas.
 
 pub mod crd;
+pub mod leader;
 pub mod store;

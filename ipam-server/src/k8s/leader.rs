@@ -1,0 +1,248 @@
+//! Leader election among replicas on a coordination.k8s.io Lease (kube-leader-election's
+//! LeaseLock), and what leading means here: load the store, serve, keep pool usage in
+//! status, and stop writing before the lease can run out.
+//!
+//! The Lease alone is not what keeps addresses unique (two replicas can briefly both
+//! believe they lead, e.g. across a long pause); the preconditions of every lease write are
+//! (see [`super::store`]). The Lease decides who serves, and [`Fence`] makes a replica that
+//! could not renew in time stop writing on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
+use tokio::sync::watch;
+use tracing::{Instrument as _, error, info, info_span, warn};
+
+use super::crd::{RangePool, RangePoolStatus, pool_name};
+use super::store::{Fence, KubeStore};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::role::{Peer, Role};
+
+/// How the election runs.
+#[derive(Debug, Clone)]
+pub struct Election {
+    pub namespace: String,
+    /// Name of the Lease object.
+    pub lease_name: String,
+    /// This replica, as the Lease will name it.
+    pub me: Peer,
+    /// How long a Lease holds without renewal.
+    pub ttl: Duration,
+    /// How often the holder renews (and a follower retries).
+    pub renew_every: Duration,
+    /// How often the leader writes pool usage into RangePool status.
+    pub status_every: Duration,
+}
+
+impl Election {
+    /// Checks the timings: a leader must get several renewals in before its lease runs out.
+    pub fn check(&self) -> Result<(), String> {
+        if self.ttl < Duration::from_secs(2) {
+            return Err(format!("--lease-ttl {:?} is shorter than 2s", self.ttl));
+        }
+        if self.renew_every.is_zero() || self.renew_every * 3 > self.ttl {
+            return Err(format!(
+                "--renew-every {:?} must be more than zero and at most a third of --lease-ttl {:?}",
+                self.renew_every, self.ttl
+            ));
+        }
+        Ok(())
+    }
+
+    /// The time after a renewal attempt started until which this replica may write: two
+    /// thirds of the TTL, leaving the rest as margin for clock rate differences and a
+    /// write in flight, before another replica may take the lease.
+    fn write_window(&self) -> Duration {
+        self.ttl * 2 / 3
+    }
+}
+
+/// Leading: the engine (once loaded) and the fence its store writes under.
+struct Leading {
+    fence: Fence,
+    loading: Option<tokio::task::JoinHandle<Result<Engine, crate::store::StoreError>>>,
+    engine: Option<Engine>,
+    status: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Leading {
+    /// Stops writing at once and lets go of the engine; its queued requests are answered
+    /// with an error by the fenced store.
+    fn end(mut self, role: &watch::Sender<Role>, next: Role) -> Option<Engine> {
+        self.fence.close();
+        if let Some(l) = self.loading.take() {
+            l.abort();
+        }
+        if let Some(s) = self.status.take() {
+            s.abort();
+        }
+        let _ = role.send(next);
+        self.engine.take()
+    }
+}
+
+/// Runs the election until `stop` turns true, publishing this replica's role. On stop a
+/// leader steps down (releasing the Lease so another replica takes over at once) and its
+/// engine is returned to be drained.
+pub async fn run(
+    client: Client,
+    election: Election,
+    metrics: Arc<Metrics>,
+    role: watch::Sender<Role>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Engine> {
+    let lock = LeaseLock::new(
+        client.clone(),
+        &election.namespace,
+        LeaseLockParams {
+            lease_name: election.lease_name.clone(),
+            holder_id: election.me.holder(),
+            lease_ttl: election.ttl,
+        },
+    );
+    let mut leading: Option<Leading> = None;
+    loop {
+        let attempt = Instant::now();
+        match lock.try_acquire_or_renew().await {
+            Ok(LeaseLockResult::Acquired(_)) => {
+                let l = leading.get_or_insert_with(|| {
+                    info!(identity = %election.me.identity, "acquired the leader lease; loading state");
+                    metrics.set_leader(true);
+                    let _ = role.send(Role::Starting);
+                    Leading { fence: Fence::new(), loading: None, engine: None, status: None }
+                });
+                l.fence.open_until(attempt + election.write_window());
+                // (Re)load when there is no engine, or the one there stopped (fenced after
+                // a late renewal, or its state could not be reloaded).
+                if l.loading.is_none() && l.engine.as_ref().is_none_or(Engine::is_stopped) {
+                    let store = KubeStore::new(
+                        client.clone(),
+                        &election.namespace,
+                        tokio::runtime::Handle::current(),
+                        l.fence.clone(),
+                    );
+                    let m = metrics.clone();
+                    l.loading = Some(tokio::spawn(
+                        async move { Engine::start(Box::new(store), m).await }.instrument(info_span!("load")),
+                    ));
+                }
+                if l.loading.as_ref().is_some_and(|t| t.is_finished())
+                    && let Some(task) = l.loading.take()
+                {
+                    match task.await {
+                        Ok(Ok(engine)) => {
+                            info!(store = engine.store(), "state loaded; serving as leader");
+                            l.status = Some(tokio::spawn(
+                                pool_status(client.clone(), election.clone(), engine.clone())
+                                    .instrument(info_span!("pool-status")),
+                            ));
+                            l.engine = Some(engine.clone());
+                            let _ = role.send(Role::Leader(engine));
+                        }
+                        Ok(Err(e)) => error!(error = %e, "loading state failed; retrying"),
+                        Err(e) => error!(error = %e, "the loading task failed; retrying"),
+                    }
+                }
+            }
+            Ok(LeaseLockResult::NotAcquired(lease)) => {
+                let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                let leader = (!holder.is_empty()).then(|| Peer::from_holder(&holder));
+                if let Some(l) = leading.take() {
+                    warn!(leader = %holder, "another replica holds the leader lease; stepping down");
+                    metrics.set_leader(false);
+                    drop(l.end(&role, Role::Follower(leader)));
+                } else if !matches!(&*role.borrow(), Role::Follower(f) if *f == leader) {
+                    info!(leader = %holder, "following");
+                    let _ = role.send(Role::Follower(leader));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "leader election call failed");
+                // Writes stop on their own when the fence runs out; so does serving.
+                if let Some(l) = &leading
+                    && l.fence.check().is_err()
+                    && let Some(l) = leading.take()
+                {
+                    error!("could not renew the leader lease in time; stepping down");
+                    metrics.set_leader(false);
+                    drop(l.end(&role, Role::Follower(None)));
+                }
+            }
+        }
+        let wait = election.renew_every.saturating_sub(attempt.elapsed());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let engine = leading.and_then(|l| l.end(&role, Role::Starting));
+    if engine.is_some() {
+        metrics.set_leader(false);
+        match lock.step_down().await {
+            Ok(()) => info!("released the leader lease"),
+            Err(e) => warn!(error = %e, "could not release the leader lease; it will expire"),
+        }
+    }
+    engine
+}
+
+/// Keeps each RangePool's status at its usage, writing only what changed. It runs beside
+/// allocation and never holds it up.
+async fn pool_status(client: Client, election: Election, engine: Engine) {
+    let api: Api<RangePool> = Api::namespaced(client, &election.namespace);
+    let mut written: HashMap<String, RangePoolStatus> = HashMap::new();
+    loop {
+        let Ok(pools) = engine.call(|a, _| a.pools(None)).await else { return };
+        for p in pools {
+            let name = pool_name(&p.network, &p.range);
+            let status = RangePoolStatus {
+                size: p.size.to_string(),
+                used: p.used.to_string(),
+                free: p.free.to_string(),
+                excluded: p.excluded.to_string(),
+            };
+            if written.get(&name) == Some(&status) {
+                continue;
+            }
+            let patch = Patch::Merge(serde_json::json!({ "status": status }));
+            match api.patch_status(&name, &PatchParams::default(), &patch).await {
+                Ok(_) => {
+                    written.insert(name, status);
+                }
+                Err(e) => warn!(pool = %name, error = %e, "could not update pool status"),
+            }
+        }
+        tokio::time::sleep(election.status_every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_leave_room_for_renewals() {
+        let e = Election {
+            namespace: "ns".into(),
+            lease_name: "rust-ipam".into(),
+            me: Peer { identity: "a".into(), endpoint: String::new() },
+            ttl: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+            status_every: Duration::from_secs(10),
+        };
+        assert_eq!(e.check(), Ok(()));
+        assert_eq!(e.write_window(), Duration::from_secs(10));
+        let slow = Election { renew_every: Duration::from_secs(6), ..e.clone() };
+        assert_eq!(
+            slow.check(),
+            Err("--renew-every 6s must be more than zero and at most a third of --lease-ttl 15s".into())
+        );
+        let short = Election { ttl: Duration::from_secs(1), ..e };
+        assert_eq!(short.check(), Err("--lease-ttl 1s is shorter than 2s".into()));
+    }
+}

@@ -1,0 +1,233 @@
+//! Two `rust-ipam-server` replicas on the kube store, electing a leader through the API
+//! stand-in: the follower refers clients to the leader, and when the leader is killed in
+//! the middle of a stream of allocations the follower takes over; afterwards every
+//! acknowledged lease exists and no address is held twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rust_ipam_e2e::kube_standin::KubeStandin;
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::ipam_client::IpamClient;
+use rust_ipam_proto::{LEADER_METADATA, connect};
+use serde_json::{Value, json};
+
+const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
+const CLIENTS: usize = 16;
+
+fn request(cid: &str) -> pb::AllocateRequest {
+    pb::AllocateRequest {
+        attachment: Some(pb::Attachment {
+            container_id: cid.into(),
+            ifname: "net1".into(),
+            pod: Some(pb::PodRef { namespace: "ha".into(), name: cid.into(), uid: String::new() }),
+            node: "node-a".into(),
+        }),
+        network: String::new(),
+        ranges: vec![pb::Range { range: "198.18.0.0/16".into(), ..Default::default() }],
+        requested_addresses: vec![],
+    }
+}
+
+async fn status(endpoint: &str) -> Option<pb::StatusResponse> {
+    let ch = connect(endpoint, Duration::from_millis(500)).await.ok()?;
+    IpamClient::new(ch).status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
+/// Allocates through whichever replica leads: follows the leader hint, else tries the
+/// other endpoint, until `deadline`.
+async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<String> {
+    let mut target = endpoints[0].clone();
+    let mut turn = 0;
+    while Instant::now() < deadline {
+        if let Ok(ch) = connect(&target, Duration::from_millis(300)).await {
+            match IpamClient::new(ch).allocate(request(cid)).await {
+                Ok(r) => return Some(r.into_inner().leases[0].address.clone()),
+                Err(s) => {
+                    if let Some(hint) = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+                        target = hint.to_string();
+                        continue;
+                    }
+                }
+            }
+        }
+        turn += 1;
+        target = endpoints[turn % endpoints.len()].clone();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBuf) -> ServerOptions {
+    ServerOptions {
+        identity: identity.into(),
+        log_level: "info".into(),
+        log_file: Some(log),
+        wait_serving: false,
+        args: [
+            "--kubeconfig",
+            &standin_cfg.display().to_string(),
+            "--namespace",
+            "rust-ipam",
+            "--lease-ttl",
+            "3s",
+            "--renew-every",
+            "500ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ServerOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("kubeconfig");
+    standin.kubeconfig(&cfg, "rust-ipam").expect("kubeconfig");
+    let a = ServerProcess::start_with(
+        &dir.path().join("a"),
+        &options(&cfg, "replica-a", dir.path().join("a.log")),
+    )
+    .await
+    .expect("replica a");
+    let b = ServerProcess::start_with(
+        &dir.path().join("b"),
+        &options(&cfg, "replica-b", dir.path().join("b.log")),
+    )
+    .await
+    .expect("replica b");
+    let mut replicas = [Some(a), Some(b)];
+
+    // One of them leads within a few renewals.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let mut leading = None;
+        for (i, r) in replicas.iter().enumerate() {
+            let r = r.as_ref().expect("running");
+            if status(&r.endpoint).await.is_some_and(|s| s.serving) {
+                leading = Some(i);
+            }
+        }
+        if let Some(i) = leading {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no replica became leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = 1 - leader;
+    let leader_ep = replicas[leader].as_ref().expect("leader").endpoint.clone();
+    let follower_ep = replicas[follower].as_ref().expect("follower").endpoint.clone();
+
+    // The follower refers clients to the leader and says it does not serve.
+    let st = status(&follower_ep).await.expect("follower status");
+    assert!(!st.serving);
+    assert_eq!(st.leader, if leader == 0 { "replica-a" } else { "replica-b" });
+    let ch = connect(&follower_ep, Duration::from_secs(2)).await.expect("connect");
+    let refused = IpamClient::new(ch).allocate(request("probe")).await.expect_err("follower refuses");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
+        Some(leader_ep.as_str())
+    );
+
+    // The CNI plugin pointed at the follower alone follows the hint to the leader.
+    let netns = "/proc/self/ns/net";
+    let cni_dir = dir.path().join("cni");
+    std::fs::create_dir_all(&cni_dir).expect("cni dir");
+    let conf = json!({"cniVersion": "1.0.0", "name": "ha", "type": "rust-ipam",
+        "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": follower_ep, "timeout_ms": 5000}});
+    let mut child = Command::new(workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "cni-probe")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", &cni_dir)
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run plugin");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
+    let out = child.wait_with_output().expect("plugin");
+    let result: Value = serde_json::from_slice(&out.stdout).expect("plugin JSON");
+    assert!(out.status.success(), "plugin via follower: {result} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(result["ips"][0]["address"], "198.18.0.1/16");
+
+    // A stream of allocations; the leader is killed in the middle of it.
+    let endpoints = vec![follower_ep.clone(), leader_ep.clone()];
+    let acked: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (endpoints, acked, stop) = (endpoints.clone(), acked.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut unanswered = 0;
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let cid = format!("c{c}-{i}");
+                match allocate(&endpoints, &cid, Instant::now() + Duration::from_secs(30)).await {
+                    Some(addr) => acked.lock().expect("lock").push((Instant::now(), cid, addr)),
+                    None => unanswered += 1,
+                }
+            }
+            unanswered
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_kill = acked.lock().expect("lock").len();
+    assert!(before_kill > 0, "no allocation went through the leader");
+    let killed_at = Instant::now();
+    replicas[leader].as_mut().expect("leader").kill_hard().expect("kill -9 the leader");
+    // Until the survivor has served for two seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after: Vec<Instant> =
+            acked.lock().expect("lock").iter().map(|(t, ..)| *t).filter(|t| *t > killed_at).collect();
+        if after.first().is_some_and(|first| first.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the follower did not take over within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut unanswered = 0;
+    for c in clients {
+        unanswered += c.await.expect("client");
+    }
+    assert_eq!(unanswered, 0, "every allocation is answered within 30 s through the failover");
+    let acked = Arc::try_unwrap(acked).expect("clients done").into_inner().expect("lock");
+    let first_after = acked.iter().map(|(t, ..)| *t).filter(|t| *t > killed_at).min().expect("after kill");
+    let last_before = acked.iter().map(|(t, ..)| *t).filter(|t| *t <= killed_at).max().expect("before kill");
+    let gap = first_after - last_before;
+    let survivor = status(&follower_ep).await.expect("survivor status");
+    assert!(survivor.serving, "the former follower leads now");
+
+    // What the API server holds: every acknowledged lease, each address once.
+    let mut held = BTreeMap::new();
+    let mut addresses = HashSet::new();
+    for o in standin.objects(LEASES) {
+        let addr = o["spec"]["address"].as_str().expect("address").to_string();
+        assert!(addresses.insert(addr.clone()), "{addr} stored twice");
+        held.insert(o["spec"]["containerId"].as_str().expect("cid").to_string(), addr);
+    }
+    for (_, cid, addr) in &acked {
+        assert_eq!(held.get(cid), Some(addr), "acknowledged lease of {cid} is not in the store");
+    }
+    println!(
+        "failover: {} allocations acknowledged ({before_kill} before the kill), {} leases stored; \
+         gap between the last answer of the old leader and the first of the new: {gap:?} \
+         (lease TTL 3 s, renew every 500 ms)",
+        acked.len(),
+        held.len()
+    );
+}
