@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
@@ -58,6 +59,11 @@ struct Args {
     /// With `--server`, leave the leases this run took in place.
     #[arg(long, requires = "server")]
     keep_leases: bool,
+    /// Start the server on the kube store against an in-process Kubernetes API stand-in
+    /// that answers each request after this many milliseconds (0: at once), instead of on
+    /// the embedded store.
+    #[arg(long, conflicts_with = "server")]
+    kube_standin_ms: Option<u64>,
     /// Connect timeout and per-call deadline.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -98,26 +104,38 @@ fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server this tool started, with its data directory; killed when dropped (the process
-/// goes before its directory: field order).
+/// A server this tool started, with its data directory and API stand-in; killed when
+/// dropped (the process goes before its directory: field order).
 struct SpawnedServer {
     process: ServerProcess,
+    _standin: Option<KubeStandin>,
     _dir: tempfile::TempDir,
 }
 
 async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
     let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir().context("creating a temp dir")?;
-    let opts = ServerOptions {
+    let mut opts = ServerOptions {
         bin: args.server_bin.clone(),
         log_level: args.server_log.clone(),
         log_file: Some(dir.path().join("server.log")),
         identity: "grpc-load".into(),
         startup_timeout: STARTUP_TIMEOUT,
-        unix_socket: None,
+        ..ServerOptions::default()
+    };
+    let standin = match args.kube_standin_ms {
+        Some(ms) => {
+            let standin = KubeStandin::start_with_latency(Duration::from_millis(ms)).await?;
+            let cfg = dir.path().join("kubeconfig");
+            standin.kubeconfig(&cfg, "grpc-load")?;
+            opts.args = vec!["--kubeconfig".into(), cfg.display().to_string()];
+            info!(url = %standin.url, latency_ms = ms, "started the Kubernetes API stand-in");
+            Some(standin)
+        }
+        None => None,
     };
     let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
     info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");
-    Ok(SpawnedServer { process, _dir: dir })
+    Ok(SpawnedServer { process, _standin: standin, _dir: dir })
 }
 
 /// What every client of one level shares.
