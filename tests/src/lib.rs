@@ -2,6 +2,7 @@
 //! load driver use them.
 
 pub mod kube_standin;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -6,66 +6,12 @@
 //! which installs them and runs as root).
 
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use serde_json::{Value, json};
-
-const CNI_DIR: &str = "/usr/lib/cni";
-
-/// Why this machine cannot run the test, if it cannot.
-fn missing() -> Option<String> {
-    if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
-        return Some("not root (network namespaces need root)".into());
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("iproute2 (`ip`) is not installed".into());
-    }
-    if Command::new("ping").arg("-V").output().is_err() {
-        return Some("ping is not installed (apt-get install iputils-ping)".into());
-    }
-    for p in ["bridge", "macvlan"] {
-        if !Path::new(CNI_DIR).join(p).exists() {
-            return Some(format!("{CNI_DIR}/{p} is missing (apt-get install containernetworking-plugins)"));
-        }
-    }
-    None
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Network namespaces that are deleted when dropped, even when the test fails.
-struct Netns(Vec<String>);
-
-impl Netns {
-    fn new(names: &[&str]) -> Netns {
-        let tag = std::process::id();
-        let ns = Netns(names.iter().map(|n| format!("ripam-{n}-{tag}")).collect());
-        for n in &ns.0 {
-            ip(&["netns", "add", n]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        ns
-    }
-
-    fn name(&self, i: usize) -> &str {
-        &self.0[i]
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
 
 fn rust_ipam_path() -> std::path::PathBuf {
     workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary")
@@ -106,28 +52,10 @@ fn run(cmd: &mut Command, command: &str, pod: &str, cid: &str, conf: &Value) -> 
     (out.status.code().unwrap_or(-1), v)
 }
 
-/// IPv4 addresses (with prefix) on `dev` inside `ns`.
-fn addresses(ns: &str, dev: &str) -> Vec<String> {
-    let out =
-        Command::new("ip").args(["-n", ns, "-j", "addr", "show", "dev", dev]).output().expect("ip addr");
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter(|a| a["family"] == "inet")
-        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or_default(), a["prefixlen"]))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_bridge_and_macvlan_get_addresses_from_rust_ipam() {
-    if let Some(why) = missing() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run this test: {why}");
-        println!("SKIP reference_bridge_and_macvlan_get_addresses_from_rust_ipam: {why}");
+    if skip("reference_bridge_and_macvlan_get_addresses_from_rust_ipam", &["bridge", "macvlan", "host-local"])
+    {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -211,9 +139,9 @@ fn add_everywhere(
     pods: &Netns,
     conf: impl Fn(usize) -> Value + Sync,
 ) -> Vec<String> {
-    let per_node = pods.0.len() / nodes.0.len();
+    let per_node = pods.len() / nodes.len();
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..pods.0.len())
+        let handles: Vec<_> = (0..pods.len())
             .map(|i| {
                 let node = i / per_node;
                 let (host, pod, conf) = (nodes.name(node), pods.name(i), conf(node));
@@ -238,9 +166,7 @@ fn duplicates(addrs: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_never_share_an_address_unlike_host_local() {
-    if let Some(why) = missing() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run this test: {why}");
-        println!("SKIP two_nodes_never_share_an_address_unlike_host_local: {why}");
+    if skip("two_nodes_never_share_an_address_unlike_host_local", &["bridge", "macvlan", "host-local"]) {
         return;
     }
     const NODES: usize = 2;
