@@ -266,6 +266,7 @@ async fn check(
 async fn gc(conf: &NetConf, ipam: &IpamConf, client: &mut Client) -> Result<(), CniError> {
     let req = pb::GcRequest {
         network: ipam.network_name.clone(),
+        node: node_name(ipam),
         valid_attachments: conf
             .valid_attachments
             .iter()

@@ -227,9 +227,20 @@ impl pb::ipam_server::Ipam for IpamService {
             }
             valid.insert((k.container_id, k.ifname));
         }
-        let network = r.network;
-        let released =
-            self.serving.engine()?.call(move |a, _| a.gc(&network, &valid)).await.map_err(engine_status)?;
+        if r.node.is_empty() {
+            return Err(invalid(
+                "node",
+                "",
+                "is required: a GC frees only the leases of the node that sent it",
+            ));
+        }
+        let (network, node) = (r.network, r.node);
+        let released = self
+            .serving
+            .engine()?
+            .call(move |a, _| a.gc(&network, &node, &valid))
+            .await
+            .map_err(engine_status)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released by gc");
         }

@@ -139,7 +139,17 @@ async fn allocate_check_release_gc_over_grpc() {
     let gc = pb::GcRequest {
         network: String::new(),
         valid_attachments: vec![pb::AttachmentKey { container_id: "cid-a3".into(), ifname: "net1".into() }],
+        node: String::new(),
     };
+    let no_node = ipam.gc(gc.clone()).await.expect_err("node is required");
+    assert_eq!(no_node.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        no_node.message(),
+        "node \"\" is required: a GC frees only the leases of the node that sent it"
+    );
+    let other_node = ipam.gc(pb::GcRequest { node: "node-elsewhere".into(), ..gc.clone() }).await;
+    assert!(other_node.expect("gc of another node").into_inner().released.is_empty());
+    let gc = pb::GcRequest { node: "node-a".into(), ..gc };
     let freed = ipam.gc(gc).await.expect("gc").into_inner();
     assert_eq!(addresses(&freed.released), vec!["192.168.100.17/24"]);
     let status = ipam.status(pb::StatusRequest {}).await.expect("status").into_inner();

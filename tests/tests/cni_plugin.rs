@@ -95,8 +95,13 @@ async fn add_check_del_gc_status_over_the_plugin_binary() {
     assert_eq!(gone.out["code"], 101);
     assert_eq!(gone.out["msg"], "container cid-a1 interface net1 holds no address in network \"rail0\"");
 
-    // GC keeps what is valid and frees the rest.
+    // GC keeps what is valid and frees the rest of its own node; another node's runtime
+    // did not list its attachments, so they stay.
     cni("ADD", "cid-a3", "net1", POD, &conf("1.1.0", ep, nad.clone()));
+    let mut nad_b = nad.clone();
+    nad_b["node_name"] = json!("node-b");
+    let on_b = cni("ADD", "cid-b1", "net1", POD, &conf("1.1.0", ep, nad_b.clone()));
+    assert_eq!(on_b.code, 0, "{:?}", on_b.out);
     let mut gc = conf("1.1.0", ep, nad.clone());
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "cid-a3", "ifname": "net1"}]);
     let gc = cni("GC", "", "", "", &gc);
@@ -108,6 +113,10 @@ async fn add_check_del_gc_status_over_the_plugin_binary() {
         101,
         "cid-a2 was not valid: freed"
     );
+    let mut prev_b1 = conf("1.1.0", ep, nad_b);
+    prev_b1["prevResult"] = on_b.out.clone();
+    let kept = cni("CHECK", "cid-b1", "net1", POD, &prev_b1);
+    assert_eq!((kept.code, &kept.out), (0, &Value::Null), "node-b's lease survives node-a's GC");
 
     let status = cni("STATUS", "", "", "", &conf("1.1.0", ep, nad.clone()));
     assert_eq!((status.code, &status.out), (0, &Value::Null));

@@ -74,6 +74,8 @@ const HIST_MAX_US: u64 = 60_000_000;
 /// How long a started server may take to answer Status.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const IFNAME: &str = "net1";
+/// The node every lease of a run is allocated from (and GC frees on cleanup).
+const NODE: &str = "grpc-load";
 
 /// Accepts only endpoints that stay on this host.
 fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
@@ -174,7 +176,7 @@ fn attachment(container_id: &str) -> pb::Attachment {
             name: container_id.to_string(),
             uid: String::new(),
         }),
-        node: "grpc-load".into(),
+        node: NODE.into(),
     }
 }
 
@@ -310,7 +312,7 @@ fn print_table(rows: &[Row]) {
 async fn clean_up(endpoint: &str, network: &str, timeout: Duration) -> anyhow::Result<()> {
     let ch = rust_ipam_proto::connect(endpoint, timeout).await.context("connecting for cleanup")?;
     let released = IpamClient::new(ch)
-        .gc(pb::GcRequest { network: network.to_string(), valid_attachments: Vec::new() })
+        .gc(pb::GcRequest { network: network.to_string(), valid_attachments: Vec::new(), node: NODE.into() })
         .await
         .context("releasing the run's leases (GC)")?
         .into_inner()

@@ -687,16 +687,19 @@ impl Allocator {
         net.held_by(container_id, ifname).iter().map(|ip| net.leases[ip].clone()).collect()
     }
 
-    /// Releases every attachment lease of `network` whose attachment is not in `valid`.
-    /// Manual reservations stay.
-    pub fn gc(&mut self, network: &str, valid: &HashSet<(String, String)>) -> Vec<Arc<Lease>> {
+    /// Releases every attachment lease of `network` allocated from `node` whose attachment
+    /// is not in `valid`. Manual reservations and other nodes' leases stay.
+    pub fn gc(&mut self, network: &str, node: &str, valid: &HashSet<(String, String)>) -> Vec<Arc<Lease>> {
         let Some(net) = self.networks.get_mut(network) else {
             return Vec::new();
         };
         let mut stale: Vec<IpAddr> = net
             .by_attachment
             .iter()
-            .filter(|(k, _)| !valid.contains(&(k.holder.container_id.clone(), k.holder.ifname.clone())))
+            .filter(|(k, _)| {
+                k.holder.node == node
+                    && !valid.contains(&(k.holder.container_id.clone(), k.holder.ifname.clone()))
+            })
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();

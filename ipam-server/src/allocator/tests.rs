@@ -184,12 +184,15 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
     for c in ["a", "b", "c"] {
         al.allocate(&req(att(c, "net1", ""), "", vec![r.clone()], &[]), 1).expect("allocate");
     }
+    let other_node = Attachment { node: "node-b".into(), ..att("d", "net1", "") };
+    al.allocate(&req(other_node, "", vec![r.clone()], &[]), 1).expect("allocate on node-b");
     al.reserve("", ip("10.0.0.100"), "router", 1).expect("reserve");
     let valid: HashSet<(String, String)> = [("b".to_string(), "net1".to_string())].into();
-    let freed: Vec<String> = al.gc("", &valid).iter().map(|l| l.holder.container_id.to_string()).collect();
+    let freed: Vec<String> =
+        al.gc("", "node-a", &valid).iter().map(|l| l.holder.container_id.to_string()).collect();
     assert_eq!(freed, vec!["a", "c"]);
     let left: Vec<IpAddr> = al.leases(&LeaseFilter::default()).iter().map(|l| l.address).collect();
-    assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.100")]);
+    assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.4"), ip("10.0.0.100")]);
 }
 
 #[test]
@@ -533,7 +536,8 @@ proptest! {
                 Op::Gc { net, valid } => {
                     let net = nets[net as usize];
                     let valid: HashSet<(String, String)> = valid.iter().map(|(c, i)| (format!("c{c}"), format!("net{i}"))).collect();
-                    al.gc(net, &valid);
+                    // Every attachment of the model is on node "" (one node).
+                    al.gc(net, "", &valid);
                     model.retain(|(n, _), h| n != net || h.as_ref().is_none_or(|h| valid.contains(&(h.0.clone(), h.1.clone()))));
                 }
                 Op::Reserve { net, addr } => {
