@@ -93,6 +93,8 @@ pub struct ServerProcess {
     pub endpoint: String,
     /// `127.0.0.1:PORT`, as grpcurl wants it.
     pub addr: String,
+    /// `127.0.0.1:PORT` of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: String,
 }
 
 /// Last lines of a log file, for error messages.
@@ -118,6 +120,7 @@ impl ServerProcess {
             None => workspace_bin("ipam-server", "rust-ipam-server")?,
         };
         let addr = format!("127.0.0.1:{}", free_port()?);
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
         let stderr = match &opts.log_file {
             Some(path) => Stdio::from(
                 std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
@@ -131,9 +134,8 @@ impl ServerProcess {
         let child = cmd
             .arg("--listen")
             .arg(&addr)
-            // Several servers may run at once: each takes any free metrics port.
             .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
+            .arg(&metrics_addr)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--identity")
@@ -145,7 +147,7 @@ impl ServerProcess {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut server = ServerProcess { child, endpoint: format!("http://{addr}"), addr };
+        let mut server = ServerProcess { child, endpoint: format!("http://{addr}"), addr, metrics_addr };
         server.wait_ready(opts).await?;
         Ok(server)
     }
@@ -180,6 +182,20 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then waits for the process to exit.
+    /// GETs `path` from the metrics listener: the status code and the body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.metrics_addr))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status code")?;
+        Ok((code, body.to_string()))
+    }
+
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().context("kill -TERM")?;

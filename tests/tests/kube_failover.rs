@@ -16,8 +16,12 @@ use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use rust_ipam_proto::{LEADER_METADATA, connect};
 use serde_json::{Value, json};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
+const POOLS: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/rangepools";
 const CLIENTS: usize = 16;
 
 fn request(cid: &str) -> pb::AllocateRequest {
@@ -78,6 +82,8 @@ fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBu
             "3s",
             "--renew-every",
             "500ms",
+            "--pool-status-every",
+            "300ms",
         ]
         .map(String::from)
         .to_vec(),
@@ -136,6 +142,23 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
         refused.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
         Some(leader_ep.as_str())
     );
+
+    // Only the leader is ready, so a Service routes to it alone.
+    let (lead, foll) =
+        (replicas[leader].as_ref().expect("leader"), replicas[follower].as_ref().expect("follower"));
+    assert_eq!(lead.http_get("/readyz").await.expect("leader readyz"), (200, "ready\n".into()));
+    let (code, body) = foll.http_get("/readyz").await.expect("follower readyz");
+    assert_eq!(code, 503, "follower readyz: {body}");
+    assert!(body.contains("not the leader"), "follower readyz names why: {body}");
+    for (ep, want) in [(&leader_ep, ServingStatus::Serving), (&follower_ep, ServingStatus::NotServing)] {
+        let ch = connect(ep, Duration::from_secs(2)).await.expect("connect");
+        let got = HealthClient::new(ch)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(got.status, want as i32, "grpc.health.v1 of {ep}");
+    }
 
     // The CNI plugin pointed at the follower alone follows the hint to the leader.
     let netns = "/proc/self/ns/net";
@@ -223,6 +246,20 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     for (_, cid, addr) in &acked {
         assert_eq!(held.get(cid), Some(addr), "acknowledged lease of {cid} is not in the store");
     }
+    // The new leader keeps the pool's usage in the RangePool status.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let used = loop {
+        let pools = standin.objects(POOLS);
+        let used = pools
+            .iter()
+            .find(|p| p["spec"]["range"] == "198.18.0.0/16")
+            .and_then(|p| p["status"]["used"].as_str().map(str::to_string));
+        if used == Some(held.len().to_string()) || Instant::now() > deadline {
+            break used;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(used, Some(held.len().to_string()), "RangePool status.used");
     println!(
         "failover: {} allocations acknowledged ({before_kill} before the kill), {} leases stored; \
          gap between the last answer of the old leader and the first of the new: {gap:?} \

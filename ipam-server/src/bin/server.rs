@@ -57,6 +57,10 @@ struct Args {
     /// the TTL.
     #[arg(long, env = "RUST_IPAM_RENEW_EVERY", default_value = "5s", value_parser = parse_duration)]
     renew_every: std::time::Duration,
+    /// How often the leader writes pool usage into each RangePool's status (only what
+    /// changed).
+    #[arg(long, env = "RUST_IPAM_POOL_STATUS_EVERY", default_value = "10s", value_parser = parse_duration)]
+    pool_status_every: std::time::Duration,
     /// The gRPC endpoint followers name to clients when this replica leads. Default:
     /// http://$POD_IP:PORT of the first TCP listener, else that listener's address.
     #[arg(long, env = "RUST_IPAM_ADVERTISE")]
@@ -234,7 +238,7 @@ async fn run_kube(
         },
         ttl: args.lease_ttl,
         renew_every: args.renew_every,
-        status_every: std::time::Duration::from_secs(10),
+        status_every: args.pool_status_every,
     };
     election.check().map_err(anyhow::Error::msg)?;
     info!(%identity, namespace = %election.namespace, lease = %election.lease_name,
