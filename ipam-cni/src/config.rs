@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rust_ipam_proto::ClientTls;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -58,6 +59,11 @@ struct RawIpam {
     /// (default: stderr).
     log_level: Option<String>,
     log_file: Option<String>,
+    /// PEM files for `https://` servers: the CA of the server's certificate, and this
+    /// node's client certificate and key when the server asks for one (mutual TLS).
+    tls_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -85,6 +91,8 @@ pub struct IpamConf {
     pub debug: bool,
     /// Where debug lines go; empty: stderr.
     pub log_file: String,
+    /// TLS material for `https://` servers, read when the config is.
+    pub tls: Option<ClientTls>,
     /// Keys accepted and not used (Whereabouts' datastore keys, for instance).
     pub ignored: Vec<String>,
 }
@@ -235,6 +243,12 @@ impl IpamConf {
                 )));
             }
         }
+        let tls = client_tls(
+            &servers,
+            nad.tls_ca.clone().or(node.tls_ca.clone()),
+            nad.tls_cert.clone().or(node.tls_cert.clone()),
+            nad.tls_key.clone().or(node.tls_key.clone()),
+        )?;
         let timeout_ms = nad.timeout_ms.or(node.timeout_ms).unwrap_or(DEFAULT_TIMEOUT_MS);
         if timeout_ms == 0 {
             return Err(invalid("timeout_ms must be positive"));
@@ -255,8 +269,39 @@ impl IpamConf {
             node_name: pick(nad.node_name.clone(), node.node_name.clone()),
             debug: pick(nad.log_level.clone(), node.log_level.clone()).eq_ignore_ascii_case("debug"),
             log_file: pick(nad.log_file.clone(), node.log_file.clone()),
+            tls,
             ignored,
         })
+    }
+}
+
+/// Reads the TLS files the keys name; `https://` servers need at least the CA.
+fn client_tls(
+    servers: &[String],
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<Option<ClientTls>, CniError> {
+    let read = |field: &str, path: &str| {
+        std::fs::read(path).map_err(|e| invalid(format!("{field} {path:?} cannot be read: {e}")))
+    };
+    let identity = match (cert.filter(|c| !c.is_empty()), key.filter(|k| !k.is_empty())) {
+        (Some(c), Some(k)) => Some((read("tls_cert", &c)?, read("tls_key", &k)?)),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("tls_cert is set without tls_key")),
+        (None, Some(_)) => return Err(invalid("tls_key is set without tls_cert")),
+    };
+    match ca.filter(|c| !c.is_empty()) {
+        Some(ca) => Ok(Some(ClientTls { ca: read("tls_ca", &ca)?, identity })),
+        None => match servers.iter().find(|s| s.starts_with("https://")) {
+            Some(s) => {
+                Err(invalid(format!("server {s:?} uses TLS: set tls_ca to the CA of its certificate")))
+            }
+            None if identity.is_some() => {
+                Err(invalid("tls_cert and tls_key need tls_ca and an https:// server"))
+            }
+            None => Ok(None),
+        },
     }
 }
 

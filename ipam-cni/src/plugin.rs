@@ -299,6 +299,7 @@ async fn status(client: &mut Client) -> Result<(), CniError> {
 struct Client {
     /// Endpoints with their open channel; leader hints are appended.
     servers: Vec<(String, Option<Channel>)>,
+    tls: Option<rust_ipam_proto::ClientTls>,
     deadline: Instant,
 }
 
@@ -306,6 +307,28 @@ struct Client {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between rounds over all endpoints.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// An error's message followed by its causes, which hold what went wrong on the wire.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    sources_after(e.to_string(), e)
+}
+
+/// A status's message followed by its causes (its Display would add debug dumps).
+fn status_text(s: &tonic::Status) -> String {
+    sources_after(s.message().to_string(), s)
+}
+
+fn sources_after(mut out: String, e: &dyn std::error::Error) -> String {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
+}
 
 /// The leader endpoint a follower named, if it is one this plugin can dial.
 fn leader_hint(s: &tonic::Status) -> Option<String> {
@@ -317,6 +340,7 @@ impl Client {
     fn new(ipam: &IpamConf) -> Client {
         Client {
             servers: ipam.servers.iter().map(|s| (s.clone(), None)).collect(),
+            tls: ipam.tls.clone(),
             deadline: Instant::now() + ipam.timeout,
         }
     }
@@ -339,22 +363,30 @@ impl Client {
                 let server = self.servers[i].0.clone();
                 let channel = match &self.servers[i].1 {
                     Some(c) => c.clone(),
-                    None => match rust_ipam_proto::connect(&server, CONNECT_TIMEOUT.min(left)).await {
+                    None => match rust_ipam_proto::connect_with(
+                        &server,
+                        CONNECT_TIMEOUT.min(left),
+                        self.tls.as_ref(),
+                    )
+                    .await
+                    {
                         Ok(c) => {
                             self.servers[i].1 = Some(c.clone());
                             c
                         }
                         Err(e) => {
-                            last = format!("{server}: {e}");
+                            last = format!("{server}: {}", with_sources(&e));
                             continue;
                         }
                     },
                 };
                 match tokio::time::timeout(left, f(IpamClient::new(channel))).await {
                     Ok(Ok(r)) => return Ok(r.into_inner()),
-                    // Not the leader, or going away: another replica may answer.
-                    Ok(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
-                        last = format!("{server}: {}", s.message());
+                    // Not the leader, going away, or the connection dropped (a TLS server
+                    // that refused this client's certificate closes it): another replica
+                    // may answer.
+                    Ok(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                        last = format!("{server}: {}", status_text(&s));
                         self.servers[i].1 = None;
                         if let Some(hint) = leader_hint(&s) {
                             let j = match self.servers.iter().position(|(e, _)| *e == hint) {

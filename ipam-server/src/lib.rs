@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod role;
 pub mod server;
 pub mod store;
+pub mod tls;

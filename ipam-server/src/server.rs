@@ -11,12 +11,13 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
-use tracing::{Instrument as _, info, info_span};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 use crate::metrics::{Metrics, RpcMetricsLayer, serve_http};
 use crate::role::{Role, Serving};
+use crate::tls::ServerTls;
 
 /// How long shutdown waits for the engine to finish its last batch.
 const ENGINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -68,13 +69,43 @@ impl Bound {
         }
     }
 
-    /// The address clients use, e.g. `http://127.0.0.1:50051` or `unix:///run/x.sock`.
+    /// The address clients use without TLS, e.g. `http://127.0.0.1:50051` or
+    /// `unix:///run/x.sock`.
     pub fn endpoint(&self) -> String {
         match self {
             Bound::Tcp(l) => {
                 l.local_addr().map_or_else(|e| format!("tcp(?): {e}"), |a| format!("http://{a}"))
             }
             Bound::Unix(_, p) => format!("unix://{}", p.display()),
+        }
+    }
+}
+
+/// The gRPC listeners and what each serves.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Ipam, health and reflection; Admin too unless `admin` listeners are given.
+    pub main: Vec<Bound>,
+    /// Everything, Admin included. When any is given, `main` serves no Admin.
+    pub admin: Vec<Bound>,
+    /// TLS (mutual when it has a client CA) on every TCP listener.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+impl From<Vec<Bound>> for Listeners {
+    /// Plaintext listeners that serve everything.
+    fn from(main: Vec<Bound>) -> Listeners {
+        Listeners { main, ..Listeners::default() }
+    }
+}
+
+impl Listeners {
+    /// The address clients use for `bound`: `https://` on a TCP listener with TLS.
+    pub fn endpoint(&self, bound: &Bound) -> String {
+        let plain = bound.endpoint();
+        match (bound, &self.tls) {
+            (Bound::Tcp(_), Some(_)) => plain.replacen("http://", "https://", 1),
+            _ => plain,
         }
     }
 }
@@ -90,13 +121,14 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Serves the Ipam and Admin services, health and reflection on every listener until
-/// `shutdown` resolves. Health (grpc.health.v1 and `/readyz`) follows the role: serving
-/// only while this replica leads with its state loaded.
+/// Serves the Ipam and Admin services, health and reflection on the listeners (Admin only on
+/// the admin listeners when there are any) until `shutdown` resolves. Health
+/// (grpc.health.v1 and `/readyz`) follows the role: serving only while this replica leads
+/// with its state loaded.
 pub async fn serve(
     serving: Serving,
     identity: String,
-    listeners: Vec<Bound>,
+    listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -131,13 +163,17 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
     let ipam = IpamServer::new(IpamService::new(serving.clone(), identity));
     let admin = AdminServer::new(AdminService::new(serving.clone()));
-    let router = tonic::transport::Server::builder()
+    let without_admin = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer(metrics.clone()))
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ipam)
-        .add_service(admin);
+        .add_service(ipam);
+    let with_admin = without_admin.clone().add_service(admin);
+    let separate_admin = !listeners.admin.is_empty();
+    if let Some(tls) = &listeners.tls {
+        info!(mutual = tls.mutual(), "TLS on the TCP listeners");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -152,22 +188,46 @@ pub async fn serve(
             .instrument(info_span!("metrics", %endpoint)),
         )
     });
-    for bound in listeners {
-        let endpoint = bound.endpoint();
-        let router = router.clone();
+    let tls = listeners.tls.clone();
+    let all = listeners
+        .main
+        .into_iter()
+        .map(|b| (b, !separate_admin))
+        .chain(listeners.admin.into_iter().map(|b| (b, true)));
+    for (bound, admin) in all {
+        let endpoint = Listeners { tls: tls.clone(), ..Listeners::default() }.endpoint(&bound);
+        let router = if admin { with_admin.clone() } else { without_admin.clone() };
         let mut stop = stop_rx.clone();
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         let span = info_span!("listener", %endpoint);
-        info!(%endpoint, "serving");
+        info!(%endpoint, admin, "serving");
         match bound {
             Bound::Tcp(l) => {
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-                tasks.spawn(
-                    async move { router.serve_with_incoming_shutdown(incoming, signal).await }
-                        .instrument(span),
-                );
+                if separate_admin
+                    && admin
+                    && tls.is_none()
+                    && l.local_addr().is_ok_and(|a| !a.ip().is_loopback())
+                {
+                    warn!(%endpoint, "the admin listener is reachable from the network without TLS");
+                }
+                match &tls {
+                    Some(tls) => {
+                        let incoming = tls.incoming(l);
+                        tasks.spawn(
+                            async move { router.serve_with_incoming_shutdown(incoming, signal).await }
+                                .instrument(span),
+                        );
+                    }
+                    None => {
+                        let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                        tasks.spawn(
+                            async move { router.serve_with_incoming_shutdown(incoming, signal).await }
+                                .instrument(span),
+                        );
+                    }
+                }
             }
             Bound::Unix(l, path) => {
                 tasks.spawn(
@@ -204,7 +264,7 @@ pub async fn serve(
 pub async fn serve_single(
     engine: Engine,
     identity: String,
-    listeners: Vec<Bound>,
+    listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {

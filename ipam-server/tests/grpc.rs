@@ -38,7 +38,7 @@ impl Server {
         let task = tokio::spawn(serve_single(
             engine,
             "test-replica".into(),
-            listeners,
+            listeners.into(),
             (metrics, Some(metrics_listener)),
             async {
                 let _ = stopped.await;

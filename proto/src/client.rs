@@ -4,10 +4,28 @@
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// What a client needs for `https://` endpoints, as PEM: the CA that signed the server's
+/// certificate and, for mutual TLS, this client's certificate chain and key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
 
 /// Opens a channel to `endpoint`, failing after `timeout` if the server does not answer.
 pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    connect_with(endpoint, timeout, None).await
+}
+
+/// As [`connect`], with `tls` used for an `https://` endpoint (the server's name or IP
+/// address in the endpoint must be in its certificate).
+pub async fn connect_with(
+    endpoint: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
     if let Some(path) = endpoint.strip_prefix("unix://") {
         let path = path.to_string();
         // The URI is required by the builder but unused: the connector dials the socket.
@@ -20,10 +38,13 @@ pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, tonic
             }))
             .await;
     }
-    Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
-        .await
+    let mut ep = Endpoint::from_shared(endpoint.to_string())?;
+    if let (Some(tls), true) = (tls, endpoint.starts_with("https://")) {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        ep = ep.tls_config(config)?;
+    }
+    ep.connect_timeout(timeout).timeout(timeout).tcp_nodelay(true).connect().await
 }

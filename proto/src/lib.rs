@@ -1,7 +1,7 @@
 //! Generated `rustipam.v1` messages, clients and servers, and [`connect`] to reach a server.
 
 mod client;
-pub use client::connect;
+pub use client::{ClientTls, connect, connect_with};
 
 /// Metadata key of an UNAVAILABLE status from a replica that does not allocate: the
 /// endpoint (`http://host:port`, ...) of the replica that does, for the client to try next.

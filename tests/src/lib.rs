@@ -68,6 +68,9 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Wait until it serves (leads); `false`: until it answers Status at all (a follower).
     pub wait_serving: bool,
+    /// The server runs TLS (pass its `--tls-*` flags in `args`): the endpoint is
+    /// `https://` and this is what the client presents.
+    pub tls: Option<rust_ipam_proto::ClientTls>,
 }
 
 impl Default for ServerOptions {
@@ -81,6 +84,7 @@ impl Default for ServerOptions {
             unix_socket: None,
             args: Vec::new(),
             wait_serving: true,
+            tls: None,
         }
     }
 }
@@ -89,7 +93,7 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub endpoint: String,
     /// `127.0.0.1:PORT`, as grpcurl wants it.
     pub addr: String,
@@ -147,7 +151,8 @@ impl ServerProcess {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut server = ServerProcess { child, endpoint: format!("http://{addr}"), addr, metrics_addr };
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        let mut server = ServerProcess { child, endpoint: format!("{scheme}://{addr}"), addr, metrics_addr };
         server.wait_ready(opts).await?;
         Ok(server)
     }
@@ -161,7 +166,9 @@ impl ServerProcess {
                     log_tail(opts.log_file.as_deref())
                 );
             }
-            if let Ok(ch) = rust_ipam_proto::connect(&self.endpoint, Duration::from_millis(500)).await
+            if let Ok(ch) =
+                rust_ipam_proto::connect_with(&self.endpoint, Duration::from_millis(500), opts.tls.as_ref())
+                    .await
                 && IpamClient::new(ch)
                     .status(StatusRequest {})
                     .await

@@ -4,17 +4,26 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use rust_ipam_proto::{ClientTls, connect_with};
 
 /// Talk to a rust-ipam server.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Server endpoint: http://host:port or unix:///path.
+    /// Server endpoint: http://host:port, https://host:port or unix:///path.
     #[arg(long, env = "RUST_IPAM_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
+    /// PEM CA of the server's certificate, for https://.
+    #[arg(long, env = "RUST_IPAM_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS (with --tls-key).
+    #[arg(long, env = "RUST_IPAM_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, env = "RUST_IPAM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Give up on a call after this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
@@ -104,7 +113,18 @@ fn print_lease(l: &pb::Lease) {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let channel = connect(&args.server, Duration::from_millis(args.timeout_ms))
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(ClientTls {
+            ca: read(ca)?,
+            identity: match (&args.tls_cert, &args.tls_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        }),
+        None => None,
+    };
+    let channel = connect_with(&args.server, Duration::from_millis(args.timeout_ms), tls.as_ref())
         .await
         .with_context(|| format!("connecting to {}", args.server))?;
     let mut ipam = IpamClient::new(channel.clone());

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
-use ipam_server::server::{self, Bound, Listen};
+use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
+use ipam_server::tls::{ServerTls, TlsFiles};
 use tracing::info;
 
 /// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
@@ -23,6 +24,24 @@ struct Args {
         default_value = "127.0.0.1:50051"
     )]
     listen: Vec<Listen>,
+    /// Listeners that serve the Admin service (ip:port or unix:/path; repeat or comma
+    /// list). When given, `--listen` listeners serve no Admin. A unix socket is made
+    /// readable by its owner only.
+    #[arg(long = "admin-listen", env = "RUST_IPAM_ADMIN_LISTEN", value_delimiter = ',')]
+    admin_listen: Vec<Listen>,
+    /// PEM certificate chain for TLS on every TCP listener (with --tls-key).
+    #[arg(long, env = "RUST_IPAM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "RUST_IPAM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to: mutual TLS, a client without
+    /// such a certificate cannot connect.
+    #[arg(long, env = "RUST_IPAM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes (new connections use new files).
+    #[arg(long, env = "RUST_IPAM_TLS_RELOAD_EVERY", default_value = "10s", value_parser = parse_duration)]
+    tls_reload_every: std::time::Duration,
     /// Directory of the embedded lease database. Default: /var/lib/rust-ipam as root,
     /// else $XDG_DATA_HOME/rust-ipam or ~/.local/share/rust-ipam.
     #[arg(long, env = "RUST_IPAM_DATA_DIR")]
@@ -173,12 +192,12 @@ fn env_nonempty(name: &str) -> Option<String> {
 
 /// The pod name; else the host name and the first listen address, so replicas on one
 /// host never share an identity.
-fn default_identity(listeners: &[Bound]) -> String {
+fn default_identity(listeners: &Listeners) -> String {
     env_nonempty("POD_NAME").unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "rust-ipam-server".into());
-        match listeners.first() {
+        match listeners.main.first() {
             Some(l) => format!("{host}-{}", l.endpoint().rsplit('/').next().unwrap_or_default()),
             None => host,
         }
@@ -195,17 +214,18 @@ fn default_namespace() -> String {
 }
 
 /// What followers tell clients: the first TCP listener, reachable at the pod's IP.
-fn default_advertise(listeners: &[Bound]) -> String {
-    let Some(tcp) = listeners.iter().find_map(|b| match b {
+fn default_advertise(listeners: &Listeners) -> String {
+    let Some(tcp) = listeners.main.iter().find_map(|b| match b {
         Bound::Tcp(l) => l.local_addr().ok(),
         Bound::Unix(..) => None,
     }) else {
         return String::new();
     };
+    let scheme = if listeners.tls.is_some() { "https" } else { "http" };
     match env_nonempty("POD_IP") {
-        Some(ip) if ip.contains(':') => format!("http://[{ip}]:{}", tcp.port()),
-        Some(ip) => format!("http://{ip}:{}", tcp.port()),
-        None => format!("http://{tcp}"),
+        Some(ip) if ip.contains(':') => format!("{scheme}://[{ip}]:{}", tcp.port()),
+        Some(ip) => format!("{scheme}://{ip}:{}", tcp.port()),
+        None => format!("{scheme}://{tcp}"),
     }
 }
 
@@ -213,7 +233,7 @@ fn default_advertise(listeners: &[Bound]) -> String {
 async fn run_kube(
     args: &Args,
     identity: String,
-    listeners: Vec<Bound>,
+    listeners: Listeners,
     metrics: (std::sync::Arc<Metrics>, Option<tokio::net::TcpListener>),
 ) -> anyhow::Result<()> {
     use ipam_server::k8s::leader::{self, Election};
@@ -254,6 +274,34 @@ async fn run_kube(
     served
 }
 
+/// Binds the gRPC listeners and loads TLS, failing before anything serves if either fails.
+async fn bind_listeners(args: &Args) -> anyhow::Result<Listeners> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files =
+                TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
+            let tls = ServerTls::new(files)?;
+            tokio::spawn(tls.clone().watch(args.tls_reload_every));
+            Some(tls)
+        }
+        _ => None,
+    };
+    let mut listeners = Listeners { tls, ..Listeners::default() };
+    for l in &args.listen {
+        listeners.main.push(Bound::bind(l).await?);
+    }
+    for l in &args.admin_listen {
+        let bound = Bound::bind(l).await?;
+        if let Bound::Unix(_, path) = &bound {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", path.display()))?;
+        }
+        listeners.admin.push(bound);
+    }
+    Ok(listeners)
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -282,10 +330,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
         }
     };
-    let mut listeners = Vec::new();
-    for l in &args.listen {
-        listeners.push(Bound::bind(l).await?);
-    }
+    let listeners = bind_listeners(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     let kube = match args.store.as_str() {
         "kube" => true,

@@ -1,0 +1,231 @@
+//! TLS on the gRPC TCP listeners: the server's certificate and, for mutual TLS, the CA that
+//! client certificates must chain to. All of it comes from PEM files that are read again
+//! when they change (a renewed certificate, a rotated Kubernetes Secret), so new
+//! connections use the new files and established ones keep going.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes completed but not yet taken by the gRPC server, per listener.
+const ACCEPT_BACKLOG: usize = 128;
+
+/// The PEM files of the server's TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to; `None` accepts clients without one.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Why the TLS files cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File { path: path.display().to_string(), reason: reason.to_string() }
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "holds no PEM CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls configuration from the files as they are now.
+pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    let certs = certificates(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certificates(ca)? {
+                roots.add(c).map_err(|e| file_error(ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| file_error(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display()))
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// What the files looked like when last read: modification time and length of each.
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    // metadata() follows symlinks: a Secret volume swaps a symlink, the target changes.
+    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
+}
+
+/// The current TLS configuration, replaced when the files change and still load.
+#[derive(Debug)]
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    seen: Mutex<Stamp>,
+}
+
+impl ServerTls {
+    /// Loads the files; the server does not start with files it cannot use.
+    pub fn new(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+        let seen = stamp(&files);
+        let config = load(&files)?;
+        Ok(Arc::new(ServerTls { files, current: RwLock::new(Arc::new(config)), seen: Mutex::new(seen) }))
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Reads the files again if they changed since the last look. A change that does not
+    /// load is reported and the configuration in use stays; it is not retried until the
+    /// files change again. Returns whether a new configuration is in use.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = stamp(&self.files);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return false;
+            }
+            *seen = now;
+        }
+        match load(&self.files) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                info!(cert = %self.files.cert.display(), "TLS files changed: new connections use them");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones");
+                false
+            }
+        }
+    }
+
+    /// Looks at the files every `every` until the process ends.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let this = self.clone();
+            // Reading files is blocking I/O.
+            let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+        }
+    }
+
+    /// Accepts connections on `listener` and yields those whose TLS handshake succeeded.
+    /// Handshakes run beside the accept loop, so a slow or hostile client delays no one;
+    /// failed ones are logged with the peer and the reason. Accepting stops when the
+    /// stream is dropped.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        let tls = self.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    let (tcp, peer) = tokio::select! {
+                        () = tx.closed() => return,
+                        r = listener.accept() => match r {
+                            Ok(c) => c,
+                            Err(e) => {
+                                // Out of file descriptors and the like: pause, do not spin.
+                                warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let (acceptor, tx) = (tls.acceptor(), tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                debug!(%peer, "TLS connection");
+                                let _ = tx.send(Ok(stream)).await;
+                            }
+                            Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => {
+                                warn!(%peer, "TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")
+                            }
+                        }
+                    });
+                }
+            }
+            .instrument(info_span!("tls-accept")),
+        );
+        ReceiverStream::new(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("tls.crt");
+        std::fs::write(&cert, "not a certificate\n").expect("write");
+        let files = TlsFiles { cert: cert.clone(), key: dir.path().join("absent.key"), client_ca: None };
+        assert_eq!(
+            load(&files).expect_err("no certificate"),
+            TlsError::File {
+                path: cert.display().to_string(),
+                reason: "holds no PEM CERTIFICATE block".into()
+            }
+        );
+        let missing = TlsFiles { cert: dir.path().join("absent.crt"), ..files };
+        let err = load(&missing).expect_err("missing file").to_string();
+        assert!(err.starts_with(&format!("{}: ", dir.path().join("absent.crt").display())), "{err}");
+    }
+}

