@@ -73,7 +73,7 @@ servers_json() {
 	else
 		[ -n "${RUST_IPAM_SERVICE_HOST:-}" ] || die "RUST_IPAM_SERVICE_HOST is not set: create the rust-ipam Service before this DaemonSet (Kubernetes sets the variable only in pods created after the Service), or set RUST_IPAM_SERVER"
 		port=${RUST_IPAM_SERVICE_PORT_GRPC:-50051}
-		list="http://$(url_host "$RUST_IPAM_SERVICE_HOST"):$port"
+		list="http://$(url_host "${RUST_IPAM_SERVICE_HOST}"):$port"
 	fi
 	out=""
 	old_ifs=$IFS

@@ -63,7 +63,11 @@ fn yaml_docs(text: &str) -> Vec<Value> {
 /// number to the API server.
 fn normalize(v: Value) -> Value {
     match v {
-        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15) && !n.is_i64() && !n.is_u64() => {
+        Value::Number(n)
+            if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15)
+                && !n.is_i64()
+                && !n.is_u64() =>
+        {
             json!(n.as_f64().unwrap() as i64)
         }
         Value::Array(a) => Value::Array(a.into_iter().map(normalize).collect()),
@@ -293,7 +297,7 @@ fn kustomize_renders_every_object_wired_together() {
         "HOST_BIN_DIR=${RUST_IPAM_HOST_BIN_DIR:-/host/opt/cni/bin}".to_string(),
         "HOST_CONF_DIR=${RUST_IPAM_HOST_CONF_DIR:-/host/etc/cni/net.d/rust-ipam.d}".to_string(),
         "NODE_CONF_DIR=${RUST_IPAM_NODE_CONF_DIR:-/etc/cni/net.d/rust-ipam.d}".to_string(),
-        format!("${{{env_prefix}_SERVICE_HOST}}"),
+        format!("url_host \"${{{env_prefix}_SERVICE_HOST}}\""),
         format!("port=${{{env_prefix}_SERVICE_PORT_GRPC:-50051}}"),
     ] {
         assert!(script.contains(&line), "deploy/node/install-cni.sh must contain {line}");
@@ -345,7 +349,8 @@ fn manifests_pass_kubernetes_validate_strict() {
     let bad = dir.path().join("bad.yaml");
     let text = read("deploy/server.yaml").replacen("readinessProbe:", "readinesProbe:", 1);
     std::fs::write(&bad, text).expect("write");
-    let e = kubernetes_validate("1.37.0", &[bad.clone()]).expect_err("a misspelled field is refused");
+    let e =
+        kubernetes_validate("1.37.0", std::slice::from_ref(&bad)).expect_err("a misspelled field is refused");
     assert!(e.contains("'readinesProbe' was unexpected"), "{e}");
     std::fs::write(&bad, read("deploy/reconcile.yaml").replace("batch/v1", "batch/v1beta1")).expect("write");
     let e = kubernetes_validate("1.37.0", &[bad]).expect_err("a removed API is refused");
