@@ -302,6 +302,22 @@ fn kustomize_renders_every_object_wired_together() {
     ] {
         assert!(script.contains(&line), "deploy/node/install-cni.sh must contain {line}");
     }
+    // The image (not built here: no docker) puts the script and the binaries where the
+    // DaemonSet and the script expect them.
+    let dockerfile = read("Dockerfile");
+    for line in [
+        "COPY --chmod=0755 deploy/node/install-cni.sh /usr/local/bin/rust-ipam-node-install",
+        "COPY --from=build /out/cni/ /opt/rust-ipam/cni/",
+        "for b in rust-ipam rust-multus rust-macvlan rust-ipvlan; do",
+    ] {
+        assert!(dockerfile.contains(line), "Dockerfile must contain {line}");
+    }
+    for line in [
+        "SRC_DIR=${RUST_IPAM_SRC_DIR:-/opt/rust-ipam/cni}",
+        "BINARIES=${RUST_IPAM_BINARIES:-rust-ipam rust-multus rust-macvlan rust-ipvlan}",
+    ] {
+        assert!(script.contains(line), "deploy/node/install-cni.sh must contain {line}");
+    }
 }
 
 /// Runs kubernetes-validate on `files`; its output when it failed or warned (a WARN is
