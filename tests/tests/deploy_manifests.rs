@@ -161,7 +161,6 @@ fn kustomize_renders_every_object_wired_together() {
         cluster("ClusterRole", "rust-ipam-pod-reader"),
         cluster("ClusterRole", "rust-ipam-node"),
         cluster("ClusterRoleBinding", "rust-ipam-server-pod-reader"),
-        cluster("ClusterRoleBinding", "rust-ipam-reconcile-pod-reader"),
         cluster("ClusterRoleBinding", "rust-ipam-node"),
         ns("Service", "rust-ipam"),
         ns("Deployment", "rust-ipam-server"),
@@ -215,6 +214,11 @@ fn kustomize_renders_every_object_wired_together() {
     ] {
         assert_eq!(pod["spec"]["serviceAccountName"], sa);
     }
+    // The reconcile Job only calls the server: no binding, no token.
+    assert!(!docs.iter().any(|d| {
+        d["subjects"].as_array().is_some_and(|ss| ss.iter().any(|s| s["name"] == "rust-ipam-reconcile"))
+    }));
+    assert_eq!(cron_pod["spec"]["automountServiceAccountToken"], false);
     let role = find(&docs, "Role", "rust-ipam-server");
     assert!(
         role["rules"].as_array().unwrap().iter().any(|r| r["resources"] == json!(["leases"])
