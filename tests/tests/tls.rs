@@ -212,6 +212,25 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
             assert!(out.status.success(), "grpcurl over mTLS: {}", String::from_utf8_lossy(&out.stderr));
             let v: Value = serde_json::from_slice(&out.stdout).expect("grpcurl JSON");
             assert_eq!(v["serving"], true, "{v}");
+            let sock = admin_sock.display().to_string();
+            let out = Command::new("grpcurl")
+                .args([
+                    "-plaintext",
+                    "-unix",
+                    "-authority",
+                    "localhost",
+                    &sock,
+                    "rustipam.v1.Admin/ListPools",
+                ])
+                .output()
+                .expect("grpcurl");
+            assert!(
+                out.status.success(),
+                "grpcurl on the admin socket: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).expect("grpcurl JSON");
+            assert_eq!(v["pools"][0]["range"]["range"], "10.77.0.0/24", "{v}");
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             assert!(std::env::var_os("CI").is_none(), "grpcurl must be installed in CI");
