@@ -1,13 +1,16 @@
 //! Migration from Whereabouts: `rust-ipam-server import-whereabouts` on the recorded
-//! objects, then the server answers the same pods with the addresses Whereabouts gave them.
+//! objects (from files into the embedded store, or from the API server into the kube
+//! store), then the server answers the same pods with the addresses Whereabouts gave them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rust_ipam_e2e::{ServerProcess, workspace_bin};
+use rust_ipam_e2e::kube_standin::KubeStandin;
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use serde_json::Value;
 
 fn fixtures() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/whereabouts");
@@ -90,4 +93,105 @@ async fn imported_pods_keep_their_whereabouts_addresses() {
     assert_eq!(same.leases[0].address, "192.168.100.16");
     let next = ipam.allocate(add("cid-x", "train-9")).await.expect("allocate").into_inner();
     assert_eq!(next.leases[0].address, "192.168.100.18");
+}
+
+/// Puts the fixture objects into the stand-in where Whereabouts keeps them.
+fn seed_whereabouts(standin: &KubeStandin) {
+    for (file, plural) in fixtures().iter().zip(["ippools", "overlappingrangeipreservations"]) {
+        let text = std::fs::read_to_string(file).expect("fixture");
+        let list: Value = serde_yaml::from_str(&text).expect("fixture YAML");
+        for item in list["items"].as_array().expect("a List") {
+            let ns = item["metadata"]["namespace"].as_str().expect("namespace");
+            let collection = format!("/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/{plural}");
+            standin.put_raw(&collection, item.clone());
+        }
+    }
+}
+
+fn import_kube(kubeconfig: &Path, dry_run: bool) -> (i32, String) {
+    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", "rust-ipam"]);
+    cmd.args(["import-whereabouts", "--from-namespace", "kube-system"]);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().expect("run import");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_from_the_api_server_into_the_kube_store() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("kubeconfig");
+    standin.kubeconfig(&cfg, "rust-ipam").expect("kubeconfig");
+    seed_whereabouts(&standin);
+    const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
+
+    let (code, out) = import_kube(&cfg, true);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("dry run: 5 would be created, 5 exist, 0 not importable; nothing changed"), "{out}");
+    assert!(standin.objects(LEASES).is_empty(), "a dry run writes nothing");
+
+    let (code, out) = import_kube(&cfg, false);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("5 created, 5 already present, 0 not importable"), "{out}");
+    let mut stored: Vec<String> = standin
+        .objects(LEASES)
+        .iter()
+        .map(|o| {
+            let (name, spec) = (&o["metadata"]["name"], &o["spec"]);
+            format!("{} {} {}", name.as_str().unwrap_or_default(), spec["address"], spec["containerId"])
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        vec![
+            "192.168.100.1 \"192.168.100.1\" \"cid-c1\"",
+            "192.168.100.16 \"192.168.100.16\" \"cid-a1\"",
+            "192.168.100.17 \"192.168.100.17\" \"cid-a2\"",
+            "fd00-0050-0000-0000-0000-0000-0000-0001 \"fd00:50::1\" \"cid-d1\"",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(stored.iter().filter(|s| s.contains("cid-b1")).cloned())
+        .collect::<Vec<_>>(),
+        "one IPLease per imported address"
+    );
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    let (code, out) = import_kube(&cfg, false);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 created, 10 already present, 0 not importable"), "{out}");
+
+    // A replica elected on the store serves the imported pods their addresses.
+    let opts = ServerOptions {
+        args: ["--kubeconfig", &cfg.display().to_string(), "--namespace", "rust-ipam"]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
+    let rail0 = leases(&server).await.into_iter().filter(|l| l.contains("cid-b1")).collect::<Vec<_>>();
+    assert_eq!(rail0, vec!["\"rail0\" 10.50.1.0 cid-b1"]);
+}
+
+#[test]
+fn from_namespace_needs_the_kube_store() {
+    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin)
+        .args(["--store", "embedded", "--data-dir"])
+        .arg(dir.path())
+        .args(["import-whereabouts", "--from-namespace", "kube-system"])
+        .output()
+        .expect("run import");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--from-namespace reads the API server: give --kubeconfig, or run in a cluster"),
+        "{err}"
+    );
 }

@@ -90,13 +90,19 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Turn Whereabouts' IPPool and OverlappingRangeIPReservation objects (`kubectl get
-    /// ippools,overlappingrangeipreservations -A -o yaml`) into leases of the embedded store.
-    /// Run it with the server stopped. Running it twice changes nothing.
+    /// Turn Whereabouts' IPPool and OverlappingRangeIPReservation objects into leases of the
+    /// store the server uses (the same --store/--kubeconfig/--namespace). The embedded store
+    /// needs the server stopped; the kube store does not (the API server refuses any
+    /// address already held). Running it twice changes nothing.
     ImportWhereabouts {
-        /// YAML or JSON files of the objects (lists or single objects).
-        #[arg(required = true)]
+        /// YAML or JSON files of the objects (`kubectl get ippools,overlappingrangeipreservations
+        /// -A -o yaml`: lists or single objects).
+        #[arg(required_unless_present = "from_namespace")]
         files: Vec<PathBuf>,
+        /// Read the objects from the API server, in this namespace (Whereabouts' default is
+        /// kube-system). Needs the kube store.
+        #[arg(long)]
+        from_namespace: Option<String>,
         /// Print what would change and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -124,38 +130,88 @@ fn write_crds(out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Imports; the exit status is 2 when some entries could not be imported.
+/// Imports into the store `args` select; the exit status is 2 when some entries could not
+/// be imported.
 fn import_whereabouts(
-    data_dir: &std::path::Path,
+    args: &Args,
     files: &[PathBuf],
+    from_namespace: Option<&str>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    use ipam_server::import::{Action, import, table};
-    use ipam_server::store::LeaseStore as _;
-    let docs = files
+    use ipam_server::k8s::store::{Fence, KubeStore};
+    let mut docs = files
         .iter()
         .map(|f| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut store =
-        EmbeddedStore::open(data_dir).context("opening the embedded store (is the server running?)")?;
-    let mut alloc = ipam_server::engine::restore(&store).context("loading leases")?;
+    if !use_kube(args) {
+        if from_namespace.is_some() {
+            anyhow::bail!("--from-namespace reads the API server: give --kubeconfig, or run in a cluster");
+        }
+        let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+        let mut store =
+            EmbeddedStore::open(&data_dir).context("opening the embedded store (is the server running?)")?;
+        return import_into(&mut store, &docs, dry_run);
+    }
+    // The kube store blocks on this runtime from this (non-runtime) thread.
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let client = rt.block_on(kube_client(args))?;
+    if let Some(ns) = from_namespace {
+        let list = rt
+            .block_on(ipam_server::k8s::whereabouts::list_objects(client.clone(), ns))
+            .with_context(|| format!("listing Whereabouts objects in namespace {ns}"))?;
+        docs.push(list);
+    }
+    // Not a leader: the import writes only by create-only and precondition writes, which
+    // the API server refuses when they would hold an address twice.
+    let fence = Fence::new();
+    fence.open_until(std::time::Instant::now() + std::time::Duration::from_secs(24 * 3600));
+    let namespace = args.namespace.clone().unwrap_or_else(default_namespace);
+    let mut store = KubeStore::new(client, &namespace, rt.handle().clone(), fence);
+    import_into(&mut store, &docs, dry_run)
+}
+
+fn import_into(
+    store: &mut dyn ipam_server::store::LeaseStore,
+    docs: &[String],
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use ipam_server::import::{Action, import, table};
+    use ipam_server::store::CommitError;
+    let mut alloc = ipam_server::engine::restore(&*store).context("loading leases")?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let rows = import(&docs, &mut alloc, now).map_err(anyhow::Error::msg)?;
+    let rows = import(docs, &mut alloc, now).map_err(anyhow::Error::msg)?;
     print!("{}", table(&rows));
     let changes: Vec<_> = alloc.drain_journal().collect();
     let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.action)).count();
     let (created, existing) = (count(|a| *a == Action::Create), count(|a| *a == Action::Exists));
-    let refused = rows.len() - created - existing;
+    let mut refused = rows.len() - created - existing;
     if dry_run {
         println!(
             "dry run: {created} would be created, {existing} exist, {refused} not importable; nothing changed"
         );
-    } else {
-        store.commit(&changes).context("committing the imported leases")?;
-        println!("{created} created, {existing} already present, {refused} not importable");
+        return Ok(if refused > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS });
     }
+    let mut written = created;
+    match store.commit(&changes) {
+        Ok(()) => {}
+        // Someone took these addresses since the store was read (a running leader).
+        Err(CommitError::Refused(refusals)) => {
+            for r in &refusals {
+                let holder = r.truth.as_ref().map_or_else(|| "nobody".to_string(), |l| l.who());
+                println!(
+                    "conflict: {} in network {:?} is held by {holder}: {}",
+                    r.address, r.network, r.reason
+                );
+            }
+            written -= refusals.len().min(written);
+            refused += refusals.len();
+        }
+        Err(e) => return Err(e).context("committing the imported leases"),
+    }
+    println!("{written} created, {existing} already present, {refused} not importable");
     Ok(if refused > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
@@ -238,17 +294,7 @@ async fn run_kube(
 ) -> anyhow::Result<()> {
     use ipam_server::k8s::leader::{self, Election};
     use ipam_server::role::{Peer, Role, Serving};
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster().context("reading the in-cluster service account")?,
-    };
-    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let client = kube_client(args).await?;
     let election = Election {
         namespace: args.namespace.clone().unwrap_or_else(default_namespace),
         lease_name: args.lease_name.clone(),
@@ -272,6 +318,31 @@ async fn run_kube(
         server::drain(engine).await?;
     }
     served
+}
+
+/// Whether the kube store is selected: `--store kube`, or `auto` with a kubeconfig or in a
+/// cluster.
+fn use_kube(args: &Args) -> bool {
+    match args.store.as_str() {
+        "kube" => true,
+        "embedded" => false,
+        _ => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
+    }
+}
+
+/// The Kubernetes client: `--kubeconfig`, else the in-cluster service account.
+async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("reading the in-cluster service account")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Binds the gRPC listeners and loads TLS, failing before anything serves if either fails.
@@ -332,12 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let listeners = bind_listeners(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
-    let kube = match args.store.as_str() {
-        "kube" => true,
-        "embedded" => false,
-        _ => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
-    };
-    if kube {
+    if use_kube(&args) {
         return run_kube(&args, identity, listeners, (metrics, metrics_listener)).await;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -357,9 +423,8 @@ fn main() -> anyhow::Result<ExitCode> {
         .init();
     let args = Args::parse();
     match &args.command {
-        Some(Command::ImportWhereabouts { files, dry_run }) => {
-            let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-            return import_whereabouts(&data_dir, files, *dry_run);
+        Some(Command::ImportWhereabouts { files, from_namespace, dry_run }) => {
+            return import_whereabouts(&args, files, from_namespace.as_deref(), *dry_run);
         }
         Some(Command::Crds { out }) => return write_crds(out.as_deref()),
         None => {}

@@ -4,3 +4,4 @@
 pub mod crd;
 pub mod leader;
 pub mod store;
+pub mod whereabouts;
