@@ -188,11 +188,12 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-/// `15s`, `1500ms` or `2m`.
+/// `15s`, `1500ms`, `2m`, or `0`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
     let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 15s or 500ms"))?;
     match unit {
+        "" if n == 0 => Ok(std::time::Duration::ZERO),
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),

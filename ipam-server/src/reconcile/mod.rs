@@ -426,7 +426,7 @@ pub struct Reconciler {
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| duration_ms(d))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, duration_ms)
 }
 
 impl Reconciler {
