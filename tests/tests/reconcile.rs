@@ -378,11 +378,13 @@ async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
     );
 }
 
-/// Without the Kubernetes API (embedded store, no kubeconfig) a pass is refused, saying why.
-#[tokio::test]
-async fn without_the_kubernetes_api_reconcile_is_refused() {
+/// Without the Kubernetes API (embedded store, no kubeconfig) a pass is refused, saying why;
+/// with `--store embedded --kubeconfig` the embedded store's leases are reconciled against
+/// the API's pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_reconciles_only_with_a_kubeconfig() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(dir.path()).await.expect("server");
+    let server = ServerProcess::start(&dir.path().join("plain")).await.expect("server");
     let (code, out, err) = reconcile_cli(&["--server", &server.endpoint, "--dry-run"]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -391,4 +393,26 @@ async fn without_the_kubernetes_api_reconcile_is_refused() {
         ),
         "{err}"
     );
+    drop(server);
+
+    let (standin, cfg) = standin(dir.path()).await;
+    let opts = ServerOptions {
+        args: ["--store", "embedded", "--kubeconfig", &cfg.display().to_string(), "--reconcile-every", "0"]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&dir.path().join("embedded"), &opts).await.expect("server");
+    let ep = server.endpoint.clone();
+    let live = standin.create_pod("lab", "live").expect("pod");
+    let gone = standin.create_pod("lab", "gone").expect("pod");
+    let a_live = allocate(&ep, "sandbox-live", Some(("lab", "live", &live))).await;
+    let a_gone = allocate(&ep, "sandbox-gone", Some(("lab", "gone", &gone))).await;
+    standin.delete_pod("lab", "gone").expect("delete");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, out, err) = reconcile_cli(&["--server", &ep, "--grace", "1s"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(rows(&out), BTreeMap::from([(a_gone, row("lab/gone", "pod-gone", "freed"))]), "{out}");
+    assert_eq!(leases(&ep).await, BTreeMap::from([(a_live, "sandbox-live".to_string())]));
+    assert!(standin.objects(LEASES).is_empty(), "the embedded store wrote no lease objects");
 }

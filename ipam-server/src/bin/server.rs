@@ -68,11 +68,13 @@ struct Args {
     /// How often the leader frees stale leases (leases of pods that are gone or replaced):
     /// `5m`, `30s`; `0` for never. Needs the Kubernetes API (kube store, or --kubeconfig
     /// with the embedded store).
-    #[arg(long, env = "RUST_IPAM_RECONCILE_EVERY", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "RUST_IPAM_RECONCILE_EVERY", default_value = "5m",
+          value_parser = parse_duration)]
     reconcile_every: std::time::Duration,
     /// Leases younger than this are never freed by reconcile (a pod may not be listed yet,
     /// or a runtime may be slow to tear down).
-    #[arg(long, env = "RUST_IPAM_RECONCILE_GRACE", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "RUST_IPAM_RECONCILE_GRACE", default_value = "10m",
+          value_parser = parse_duration)]
     reconcile_grace: std::time::Duration,
     #[command(subcommand)]
     command: Option<Command>,
@@ -109,10 +111,10 @@ enum Command {
         dry_run: bool,
         /// Keep leases younger than this (whole seconds: `10m`, `90s`). Default: the
         /// server's --reconcile-grace.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         grace: Option<std::time::Duration>,
         /// Give up after this long.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
     /// Write the CustomResourceDefinitions (one YAML file per CRD) into a directory, or
