@@ -11,6 +11,19 @@ use rust_ipam_proto::{LEADER_METADATA, connect};
 
 /// Leader hints followed from one starting endpoint before trying the next.
 const MAX_HOPS: usize = 3;
+/// How long reaching one endpoint may take before the next is tried; the pass itself may
+/// take up to --timeout.
+const CONNECT: Duration = Duration::from_secs(5);
+
+/// A channel to `target` whose calls may take `timeout`.
+async fn channel(target: &str, timeout: Duration) -> anyhow::Result<tonic::transport::Channel> {
+    if target.starts_with("unix://") {
+        return Ok(connect(target, timeout).await?);
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(target.to_string())
+        .with_context(|| format!("--server {target:?} is not an endpoint like http://host:port"))?;
+    Ok(endpoint.connect_timeout(CONNECT.min(timeout)).timeout(timeout).connect().await?)
+}
 
 /// Runs the pass; exit status 2 when some entries failed.
 pub(crate) fn run(
@@ -47,10 +60,10 @@ async fn call(
     for server in servers {
         let mut target = server.clone();
         for _ in 0..=MAX_HOPS {
-            let channel = match connect(&target, timeout).await {
+            let channel = match channel(&target, timeout).await {
                 Ok(c) => c,
                 Err(e) => {
-                    errors.push(format!("{target}: {e}"));
+                    errors.push(format!("{target}: {e:#}"));
                     break;
                 }
             };
