@@ -16,6 +16,7 @@ use crate::allocator::{
     RangeSpec,
 };
 use crate::engine::EngineError;
+use crate::reconcile::{PassError, Reconciler};
 use crate::role::Serving;
 
 /// Maps an allocator error to the status a client can act on.
@@ -101,7 +102,7 @@ fn check_allocate(r: pb::AllocateRequest) -> Result<AllocateRequest, Status> {
     Ok(AllocateRequest { attachment: Arc::new(attachment), network: r.network.into(), ranges, requested })
 }
 
-fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
+pub(crate) fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
     pb::Lease {
         address: l.address.to_string(),
         prefix_len: l.prefix_len.into(),
@@ -273,12 +274,19 @@ impl pb::ipam_server::Ipam for IpamService {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     serving: Serving,
+    reconciler: Option<Arc<Reconciler>>,
 }
 
 impl AdminService {
     /// Serves operator queries and changes while this replica leads.
     pub fn new(serving: Serving) -> AdminService {
-        AdminService { serving }
+        AdminService { serving, reconciler: None }
+    }
+
+    /// Runs Reconcile passes with `reconciler` (without one, Reconcile answers
+    /// FAILED_PRECONDITION).
+    pub fn with_reconciler(self, reconciler: Arc<Reconciler>) -> AdminService {
+        AdminService { reconciler: Some(reconciler), ..self }
     }
 }
 
@@ -424,5 +432,43 @@ impl pb::admin_server::Admin for AdminService {
         info!(address = %lease.address, network = %lease.network, container_id = %lease.holder.container_id,
             pod = %format_args!("{}/{}", lease.holder.pod.namespace, lease.holder.pod.name), reason = %reason, "released by hand");
         Ok(Response::new(pb::ReleaseAddressResponse { released: Some(pb_lease(lease)) }))
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let r = request.into_inner();
+        let engine = self.serving.engine()?;
+        let reconciler = self
+            .reconciler
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition(PassError::NoPods.to_string()))?;
+        let grace = r.grace_seconds.map(std::time::Duration::from_secs);
+        let report = reconciler.run(&engine, r.dry_run, grace).await.map_err(|e| match e {
+            PassError::NoPods => Status::failed_precondition(e.to_string()),
+            PassError::Engine(e) => engine_status(e),
+            PassError::ListPods(_) => Status::unavailable(e.to_string()),
+        })?;
+        let freed = report.freed() as u64;
+        let entries = report
+            .entries
+            .into_iter()
+            .map(|e| pb::ReconcileEntry {
+                lease: Some(pb_lease(e.lease)),
+                reason: e.reason.as_str().into(),
+                action: e.action.as_str().into(),
+                age_seconds: e.age.as_secs(),
+                detail: e.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::ReconcileResponse {
+            dry_run: report.dry_run,
+            grace_seconds: report.grace.as_secs(),
+            leases_checked: report.leases_checked as u64,
+            pods_listed: report.pods_listed as u64,
+            entries,
+            freed,
+        }))
     }
 }

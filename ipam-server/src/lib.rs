@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod import;
 pub mod k8s;
 pub mod metrics;
+pub mod reconcile;
 pub mod role;
 pub mod server;
 pub mod store;

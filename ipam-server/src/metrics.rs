@@ -49,6 +49,7 @@ const RPCS: &[&str] = &[
     "rustipam.v1.Admin/GetLease",
     "rustipam.v1.Admin/Reserve",
     "rustipam.v1.Admin/ReleaseAddress",
+    "rustipam.v1.Admin/Reconcile",
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -108,6 +109,7 @@ pub struct Metrics {
     pool_used: Family<Pool, FloatGauge>,
     pool_excluded: Family<Pool, FloatGauge>,
     pool_free: Family<Pool, FloatGauge>,
+    reconcile: crate::reconcile::ReconcileMetrics,
 }
 
 fn latency() -> Histogram {
@@ -132,6 +134,7 @@ impl Metrics {
             pool_used: Family::default(),
             pool_excluded: Family::default(),
             pool_free: Family::default(),
+            reconcile: Default::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -158,6 +161,7 @@ impl Metrics {
             m.pool_excluded.clone(),
         );
         registry.register("pool_free", "Addresses a pool can still hand out", m.pool_free.clone());
+        m.reconcile = crate::reconcile::ReconcileMetrics::register(registry);
         Arc::new(m)
     }
 
@@ -174,6 +178,11 @@ impl Metrics {
         if !ok {
             self.commit_failures.inc();
         }
+    }
+
+    /// The stale-lease reconcile's metrics.
+    pub fn reconcile(&self) -> &crate::reconcile::ReconcileMetrics {
+        &self.reconcile
     }
 
     /// Records whether this replica holds the leader lease.

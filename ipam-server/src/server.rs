@@ -16,6 +16,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 use crate::metrics::{Metrics, RpcMetricsLayer, serve_http};
+use crate::reconcile::Reconciler;
 use crate::role::{Role, Serving};
 use crate::tls::ServerTls;
 
@@ -124,12 +125,14 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 /// Serves the Ipam and Admin services, health and reflection on the listeners (Admin only on
 /// the admin listeners when there are any) until `shutdown` resolves. Health
 /// (grpc.health.v1 and `/readyz`) follows the role: serving only while this replica leads
-/// with its state loaded.
+/// with its state loaded. `reconciler` answers Reconcile and runs its timer while this
+/// replica leads.
 pub async fn serve(
     serving: Serving,
     identity: String,
     listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
+    reconciler: Arc<Reconciler>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (metrics, metrics_listener) = metrics;
@@ -162,7 +165,8 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
     let ipam = IpamServer::new(IpamService::new(serving.clone(), identity));
-    let admin = AdminServer::new(AdminService::new(serving.clone()));
+    let admin = AdminServer::new(AdminService::new(serving.clone()).with_reconciler(reconciler.clone()));
+    let reconcile_timer = reconciler.spawn_timer(serving.clone());
     let without_admin = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer(metrics.clone()))
         .add_service(health_svc)
@@ -255,6 +259,11 @@ pub async fn serve(
         t.await.context("metrics task panicked")?;
     }
     health_task.abort();
+    // A pass in flight holds an engine handle, which must go for the engine to drain.
+    if let Some(t) = reconcile_timer {
+        t.abort();
+        let _ = t.await;
+    }
     Ok(())
 }
 
@@ -266,10 +275,11 @@ pub async fn serve_single(
     identity: String,
     listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
+    reconciler: Arc<Reconciler>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (serving, role) = Serving::fixed(engine.clone());
-    let served = serve(serving, identity, listeners, metrics, shutdown).await;
+    let served = serve(serving, identity, listeners, metrics, reconciler, shutdown).await;
     // The role holds an engine handle however many views of it are still alive.
     let _ = role.send(Role::Starting);
     drain(engine).await?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
+use ipam_server::reconcile::Reconciler;
 use ipam_server::server::{Bound, Listen, serve_single};
 use ipam_server::store::embedded::EmbeddedStore;
 use rust_ipam_proto::connect;
@@ -39,7 +40,8 @@ impl Server {
             engine,
             "test-replica".into(),
             listeners.into(),
-            (metrics, Some(metrics_listener)),
+            (metrics.clone(), Some(metrics_listener)),
+            Reconciler::disabled(metrics),
             async {
                 let _ = stopped.await;
             },

@@ -12,6 +12,9 @@ use ipam_server::store::embedded::EmbeddedStore;
 use ipam_server::tls::{ServerTls, TlsFiles};
 use tracing::info;
 
+#[path = "server/reconcile_client.rs"]
+mod reconcile_client;
+
 /// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -59,7 +62,8 @@ struct Args {
     /// cluster, else embedded.
     #[arg(long, env = "RUST_IPAM_STORE", default_value = "auto", value_parser = ["auto", "embedded", "kube"])]
     store: String,
-    /// Kubeconfig file for the kube store. Default: the in-cluster service account.
+    /// Kubeconfig file for the kube store (with `--store embedded`: only for reconcile to
+    /// read pods). Default: the in-cluster service account.
     #[arg(long, env = "RUST_IPAM_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Namespace of the lease objects and the leader Lease. Default: $POD_NAMESPACE, else
@@ -84,6 +88,17 @@ struct Args {
     /// http://$POD_IP:PORT of the first TCP listener, else that listener's address.
     #[arg(long, env = "RUST_IPAM_ADVERTISE")]
     advertise: Option<String>,
+    /// How often the leader frees stale leases (leases of pods that are gone or replaced):
+    /// `5m`, `30s`; `0` for never. Needs the Kubernetes API (kube store, or --kubeconfig
+    /// with the embedded store).
+    #[arg(long, value_name = "DURATION", env = "RUST_IPAM_RECONCILE_EVERY", default_value = "5m",
+          value_parser = parse_duration)]
+    reconcile_every: std::time::Duration,
+    /// Leases younger than this are never freed by reconcile (a pod may not be listed yet,
+    /// or a runtime may be slow to tear down).
+    #[arg(long, value_name = "DURATION", env = "RUST_IPAM_RECONCILE_GRACE", default_value = "10m",
+          value_parser = parse_duration)]
+    reconcile_grace: std::time::Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,6 +121,30 @@ enum Command {
         /// Print what would change and change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Run one stale-lease reconcile pass on the leader (e.g. from a CronJob) and print its
+    /// table: network, address, pod, node, container, age, reason, action. Exit status 0
+    /// when the pass ran, 2 when some leases could not be checked or freed, 1 on error.
+    Reconcile {
+        /// Server endpoint (http://host:port, https://host:port or unix:///path); repeat to
+        /// try several. A replica that is not the leader sends the call to the leader.
+        #[arg(
+            long = "server",
+            env = "RUST_IPAM_SERVER",
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:50051"
+        )]
+        servers: Vec<String>,
+        /// Print what would be freed and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep leases younger than this (whole seconds: `10m`, `90s`). Default: the
+        /// server's --reconcile-grace.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<std::time::Duration>,
+        /// Give up after this long.
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Write the CustomResourceDefinitions (one YAML file per CRD) into a directory, or
     /// print them as one multi-document YAML stream.
@@ -155,7 +194,7 @@ fn import_whereabouts(
     // The kube store blocks on this runtime from this (non-runtime) thread.
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    let client = rt.block_on(kube_client(args))?;
+    let client = rt.block_on(kube_client(args.kubeconfig.as_deref()))?;
     if let Some(ns) = from_namespace {
         let list = rt
             .block_on(ipam_server::k8s::whereabouts::list_objects(client.clone(), ns))
@@ -230,11 +269,12 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-/// `15s`, `1500ms` or `2m`.
+/// `15s`, `1500ms`, `2m`, or `0`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
     let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 15s or 500ms"))?;
     match unit {
+        "" if n == 0 => Ok(std::time::Duration::ZERO),
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),
@@ -285,6 +325,33 @@ fn default_advertise(listeners: &Listeners) -> String {
     }
 }
 
+/// A client from `kubeconfig`, else from the in-cluster service account.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("reading the in-cluster service account")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// The reconciler, reading pods through `client` when there is one.
+fn reconciler(
+    args: &Args,
+    client: Option<kube::Client>,
+    metrics: &std::sync::Arc<Metrics>,
+) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
+    use ipam_server::reconcile::{PodSource, Reconciler, kube::KubePods};
+    let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
+    info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(), "stale-lease reconcile");
+    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics.clone())
+}
+
 /// Runs with the kube store: elects a leader, serves while leading, follows otherwise.
 async fn run_kube(
     args: &Args,
@@ -294,7 +361,8 @@ async fn run_kube(
 ) -> anyhow::Result<()> {
     use ipam_server::k8s::leader::{self, Election};
     use ipam_server::role::{Peer, Role, Serving};
-    let client = kube_client(args).await?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let reconciler = reconciler(args, Some(client.clone()), &metrics.0);
     let election = Election {
         namespace: args.namespace.clone().unwrap_or_else(default_namespace),
         lease_name: args.lease_name.clone(),
@@ -312,7 +380,9 @@ async fn run_kube(
     let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Starting);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let elect = tokio::spawn(leader::run(client, election, metrics.0.clone(), role_tx, stop_rx));
-    let served = server::serve(Serving::new(role_rx), identity, listeners, metrics, shutdown_signal()).await;
+    let served =
+        server::serve(Serving::new(role_rx), identity, listeners, metrics, reconciler, shutdown_signal())
+            .await;
     let _ = stop_tx.send(true);
     if let Some(engine) = elect.await.context("the election task panicked")? {
         server::drain(engine).await?;
@@ -328,21 +398,6 @@ fn use_kube(args: &Args) -> bool {
         "embedded" => false,
         _ => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
     }
-}
-
-/// The Kubernetes client: `--kubeconfig`, else the in-cluster service account.
-async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster().context("reading the in-cluster service account")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// Binds the gRPC listeners and loads TLS, failing before anything serves if either fails.
@@ -409,8 +464,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
     let engine = Engine::start(Box::new(store), metrics.clone()).await.context("loading leases")?;
+    // With the embedded store, --kubeconfig only lets reconcile see pods.
+    let client = match &args.kubeconfig {
+        Some(path) => Some(kube_client(Some(path)).await?),
+        None => None,
+    };
+    let reconciler = reconciler(&args, client, &metrics);
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
-    server::serve_single(engine, identity, listeners, (metrics, metrics_listener), shutdown_signal()).await
+    server::serve_single(
+        engine,
+        identity,
+        listeners,
+        (metrics, metrics_listener),
+        reconciler,
+        shutdown_signal(),
+    )
+    .await
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -427,6 +496,9 @@ fn main() -> anyhow::Result<ExitCode> {
             return import_whereabouts(&args, files, from_namespace.as_deref(), *dry_run);
         }
         Some(Command::Crds { out }) => return write_crds(out.as_deref()),
+        Some(Command::Reconcile { servers, dry_run, grace, timeout }) => {
+            return reconcile_client::run(servers, *dry_run, *grace, *timeout);
+        }
         None => {}
     }
     tokio::runtime::Builder::new_multi_thread()
