@@ -5,5 +5,6 @@
 //! meta-plugin and delegate binaries are not written yet.
 
 pub mod annotation;
+pub mod delegate;
 pub mod exec;
 pub mod status;
