@@ -22,7 +22,9 @@ use rtnetlink::packet_route::link::{
     InfoData, InfoIpVlan, InfoKind, InfoMacVlan, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage,
     MacVlanMode,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+};
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder};
 
 use super::Kind;
@@ -393,7 +395,9 @@ impl Nl {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(route.dst.network(), route.dst.prefix())
             .map_err(|e| invalid(&e))?
-            .output_interface(index);
+            .output_interface(index)
+            // As the reference plugins (`proto boot`, what `ip route add` makes).
+            .protocol(RouteProtocol::Boot);
         if let Some(g) = gw {
             b = b.gateway(g).map_err(|e| invalid(&e))?;
         }
