@@ -216,9 +216,99 @@ async fn macvlan_pods_get_addresses_reach_each_other_check_and_del() {
     assert_eq!(code, 0, "ADD pod3: {r3}");
     assert_eq!(r3["ips"], json!([{"address": "198.18.10.1/24", "interface": 0, "version": "4"}]));
     assert_eq!(r3["dns"], json!({"nameservers": ["198.18.10.53"], "search": ["svc.cluster.local"]}));
+    // STATUS and GC go to the ipam plugin (and so to the server).
+    let mut v110 = conf.clone();
+    v110["cniVersion"] = json!("1.1.0");
+    let (code, out) = cni(&bin, "STATUS", node, pod3, "", &v110);
+    assert_eq!((code, &out), (0, &Value::Null), "STATUS");
+    v110["cni.dev/valid-attachments"] = json!([{"containerID": "cid-3", "ifname": "net1"}]);
+    let (code, out) = cni(&bin, "GC", node, pod3, "", &v110);
+    assert_eq!((code, &out), (0, &Value::Null), "GC");
+    assert_eq!(
+        leases(&server, "rail0").await,
+        vec![("198.18.10.1".into(), "cid-3".into())],
+        "GC kept the valid one"
+    );
+
+    // DEL carries on past a failing ipam plugin: the link goes, the error is reported.
+    let mut no_ipam = old.clone();
+    no_ipam["ipam"]["type"] = json!("no-such-ipam");
+    let (code, out) = cni(&bin, "DEL", node, pod3, "cid-3", &no_ipam);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(7)), "{out}");
+    assert!(
+        out["msg"].as_str().unwrap_or_default().starts_with("plugin \"no-such-ipam\" not found in CNI_PATH"),
+        "{out}"
+    );
+    assert_eq!(links(pod3), vec!["lo".to_string()], "the link went despite the ipam error");
     let (code, _) = cni(&bin, "DEL", node, pod3, "cid-3", &old);
     assert_eq!(code, 0);
-    assert!(links(pod3).iter().all(|l| l == "lo"), "pod3 has only lo: {:?}", links(pod3));
+    assert!(leases(&server, "rail0").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_route_master_and_link_in_container() {
+    if skip("default_route_master_and_link_in_container", &["macvlan"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, endpoint) = start_server(dir.path()).await;
+    let ns = Netns::new(&["lc-node", "lc-pod1", "lc-pod2"]);
+    let (node, pod1, pod2) = (ns.name(0), ns.name(1), ns.name(2));
+    add_master(node);
+    let bin = macvlan_bin();
+    let conf = json!({"cniVersion": "1.0.0", "name": "rail-4", "type": "rust-macvlan",
+        "ipam": {"type": "rust-ipam", "range": "198.18.15.0/24", "network_name": "rail4", "server": endpoint}});
+
+    // No master and no default route: said so, nothing made.
+    let (code, out) = cni(&bin, "ADD", node, pod1, "cid-1", &conf);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out["msg"],
+        "master is not set and the node's network namespace has no default route to take it from"
+    );
+    // With a default route through ripam-m0, that is the master.
+    ip(&["-n", node, "addr", "add", "198.18.15.254/24", "dev", "ripam-m0"]);
+    ip(&["-n", node, "route", "add", "default", "via", "198.18.15.253", "dev", "ripam-m0"]);
+    let (code, r1) = cni(&bin, "ADD", node, pod1, "cid-1", &conf);
+    assert_eq!(code, 0, "ADD: {r1}");
+    assert_eq!(addresses(pod1, "net1"), vec!["198.18.15.1/24"]);
+    let (code, out) = cni(&bin, "CHECK", node, pod1, "cid-1", &with_prev(&conf, &r1));
+    assert_eq!((code, &out), (0, &Value::Null), "CHECK finds it on the default route's master");
+    // CHECK with another master sees the link is not on it.
+    let mut other = with_prev(&conf, &r1);
+    other["master"] = json!("ripam-m1");
+    let (code, out) = cni(&bin, "CHECK", node, pod1, "cid-1", &other);
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 121);
+    assert!(
+        out["msg"].as_str().unwrap_or_default().starts_with("interface net1 is not on master \"ripam-m1\""),
+        "{out}"
+    );
+
+    // linkInContainer: the master is in the pod's own namespace.
+    ip(&["-n", pod2, "link", "add", "ctr0", "type", "veth", "peer", "name", "ctr1"]);
+    ip(&["-n", pod2, "link", "set", "ctr0", "up"]);
+    ip(&["-n", pod2, "link", "set", "ctr1", "up"]);
+    let mut inside = conf.clone();
+    inside["master"] = json!("ctr0");
+    inside["linkInContainer"] = json!(true);
+    inside["mode"] = json!("private");
+    let (code, r2) = cni(&bin, "ADD", node, pod2, "cid-2", &inside);
+    assert_eq!(code, 0, "ADD linkInContainer: {r2}");
+    assert_eq!(addresses(pod2, "net1"), vec!["198.18.15.2/24"]);
+    let d = link_details(pod2, "net1");
+    assert_eq!(
+        (d["link"].as_str(), d["linkinfo"]["info_data"]["mode"].as_str()),
+        (Some("ctr0"), Some("private"))
+    );
+    let (code, out) = cni(&bin, "CHECK", node, pod2, "cid-2", &with_prev(&inside, &r2));
+    assert_eq!((code, &out), (0, &Value::Null), "CHECK linkInContainer");
+    for (pod, cid, c) in [(pod1, "cid-1", &conf), (pod2, "cid-2", &inside)] {
+        let (code, out) = cni(&bin, "DEL", node, pod, cid, c);
+        assert_eq!((code, &out), (0, &Value::Null), "DEL {pod}");
+        assert!(!links(pod).contains(&"net1".to_string()));
+    }
+    assert!(leases(&server, "rail4").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,10 @@
 //! (`master`, `mode`, `mtu`, `mac`, `linkInContainer`, `ipam`, `dns`), checked in full before
 //! anything on the system is touched. Every error is code 7 (6 for JSON that is not JSON)
 //! and names the field and the value.
+//!
+//! A requested MAC comes as the reference macvlan plugin reads it: `mac`, then `CNI_ARGS`
+//! `MAC=`, then `runtimeConfig.mac` (Multus' `mac` capability). `args.cni.mac` is not read,
+//! as the reference plugin does not read it either.
 
 use std::fmt;
 

@@ -463,3 +463,107 @@ fn check(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(),
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Env, CniError> {
+        Env::from_env(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn environment_is_checked() {
+        let base = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "cid"),
+            ("CNI_NETNS", "/var/run/netns/p"),
+            ("CNI_PATH", "/opt/cni/bin::/usr/lib/cni"),
+            ("CNI_ARGS", "IgnoreUnknown=1;MAC=02:00:00:00:00:01"),
+        ];
+        let mut ok = base.to_vec();
+        ok.push(("CNI_IFNAME", "net1"));
+        let e = env(&ok).expect("env");
+        assert_eq!(e.raw_args, "IgnoreUnknown=1;MAC=02:00:00:00:00:01");
+        assert_eq!(e.path, vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]);
+        let mut long = base.to_vec();
+        long.push(("CNI_IFNAME", "net1-far-too-long"));
+        let err = env(&long).expect_err("long ifname");
+        assert_eq!(err.code, code::INVALID_ENV);
+        assert_eq!(err.msg, "CNI_IFNAME \"net1-far-too-long\" is not an interface name (1 to 15 characters)");
+        let err = env(&base).expect_err("no ifname");
+        assert_eq!(err.msg, "CNI_IFNAME is required for ADD but not set");
+        // VERSION needs nothing else.
+        assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+    }
+
+    #[test]
+    fn version_is_answered_without_a_config() {
+        let e = env(&[("CNI_COMMAND", "VERSION")]).expect("env");
+        let v = run(Kind::Macvlan, &e, br#"{"cniVersion":"0.4.0"}"#).expect("version");
+        assert_eq!(v.and_then(|v| v.get("cniVersion").cloned()), Some(Value::String("0.4.0".into())));
+        let v = run(Kind::Ipvlan, &e, b"").expect("version").expect("answer");
+        assert_eq!(v["cniVersion"], cni::LATEST_VERSION);
+    }
+
+    #[test]
+    fn config_errors_come_before_the_system_is_touched() {
+        // No namespace, no master, no ipam plugin exist: the config's error comes first.
+        let e = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "cid"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_PATH", "/nonexistent"),
+        ])
+        .expect("env");
+        let (err, version) =
+            run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0","master":"eth9","mode":"fast"}"#)
+                .expect_err("bad mode");
+        assert_eq!((err.code, version.as_str()), (code::INVALID_CONFIG, cni::LATEST_VERSION));
+        assert_eq!(err.msg, "mode \"fast\" is not one of the macvlan modes bridge, private, vepa, passthru");
+        let (err, version) = run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0"}"#).expect_err("no netns");
+        assert_eq!((err.code, version.as_str()), (code::INVALID_ENV, "1.0.0"));
+        assert!(
+            err.msg.starts_with("CNI_NETNS /nonexistent/netns: cannot open the network namespace"),
+            "{err}"
+        );
+        let (err, _) = run(
+            Kind::Macvlan,
+            &env(&[
+                ("CNI_COMMAND", "CHECK"),
+                ("CNI_CONTAINERID", "cid"),
+                ("CNI_NETNS", "/nonexistent/netns"),
+                ("CNI_IFNAME", "net1"),
+                ("CNI_PATH", "/nonexistent"),
+            ])
+            .expect("env"),
+            br#"{"cniVersion":"0.3.1"}"#,
+        )
+        .expect_err("old CHECK");
+        assert_eq!(err.msg, "CHECK needs cniVersion 0.4.0 or later, the config has 0.3.1");
+    }
+
+    #[test]
+    fn del_errors_are_all_reported() {
+        assert_eq!(join(Vec::new()), Ok(()));
+        let one = CniError::new(7, "a");
+        assert_eq!(join(vec![one.clone()]), Err(one));
+        let all = join(vec![
+            CniError::new(7, "plugin \"x\" not found").with_details("d1"),
+            CniError::new(120, "removing link net1: Device or resource busy"),
+        ]);
+        assert_eq!(
+            all,
+            Err(CniError::new(7, "plugin \"x\" not found; removing link net1: Device or resource busy")
+                .with_details("d1"))
+        );
+    }
+
+    #[test]
+    fn temporary_names_are_valid_and_differ() {
+        let (a, b) = (temp_name(), temp_name());
+        assert!(is_ifname(&a) && a.starts_with("cni") && a.len() == 11, "{a}");
+        assert_ne!(a, b);
+    }
+}
