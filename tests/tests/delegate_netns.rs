@@ -545,3 +545,56 @@ async fn ipvlan_works_or_names_the_missing_kernel_support() {
     assert_eq!(links(pod), vec!["lo".to_string()]);
     assert!(leases(&server, "rail3").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_addresses_are_usable_at_once() {
+    if skip("dual_stack_addresses_are_usable_at_once", &["macvlan"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, endpoint) = start_server(dir.path()).await;
+    let ns = Netns::new(&["ds-node", "ds-pod1", "ds-pod2"]);
+    let (node, pod1, pod2) = (ns.name(0), ns.name(1), ns.name(2));
+    add_master(node);
+    let bin = macvlan_bin();
+    let conf = json!({"cniVersion": "1.0.0", "name": "rail-5", "type": "rust-macvlan", "master": "ripam-m0",
+        "ipam": {"type": "rust-ipam", "range": "198.18.16.0/24", "ipRanges": [{"range": "fd00:18:16::/64"}],
+            "routes": [{"dst": "fd01::/16"}], "network_name": "rail5", "server": endpoint}});
+    let (code, r1) = cni(&bin, "ADD", node, pod1, "cid-1", &conf);
+    assert_eq!(code, 0, "ADD pod1: {r1}");
+    let (code, r2) = cni(&bin, "ADD", node, pod2, "cid-2", &conf);
+    assert_eq!(code, 0, "ADD pod2: {r2}");
+    assert_eq!(
+        r2["ips"],
+        json!([{"address": "198.18.16.2/24", "interface": 0}, {"address": "fd00:18:16::2/64", "interface": 0}])
+    );
+    assert_eq!(r2["routes"], json!([{"dst": "fd01::/16"}]));
+    // Without DAD the address is usable at once: not tentative, and it answers a ping now.
+    let v6: Value = serde_json::from_str(&ip(&[
+        "-n", pod2, "-6", "-j", "addr", "show", "dev", "net1", "scope", "global",
+    ]))
+    .expect("ip -j");
+    let info = &v6[0]["addr_info"][0];
+    assert_eq!((info["local"].as_str(), info["prefixlen"].as_u64()), (Some("fd00:18:16::2"), Some(64)));
+    assert_eq!(info["nodad"], true, "{info}");
+    assert!(info.get("tentative").is_none(), "{info}");
+    let route = ip(&["-n", pod2, "-6", "route", "show", "fd01::/16"]);
+    assert!(route.starts_with("fd01::/16 dev net1"), "{route}");
+    let ping = Command::new("ip")
+        .args(["netns", "exec", pod1, "ping", "-6", "-c", "1", "-W", "3", "fd00:18:16::2"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "pod1 cannot reach pod2 over IPv6: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    let (code, out) = cni(&bin, "CHECK", node, pod2, "cid-2", &with_prev(&conf, &r2));
+    assert_eq!((code, &out), (0, &Value::Null), "CHECK dual stack");
+    for (pod, cid, r) in [(pod1, "cid-1", &r1), (pod2, "cid-2", &r2)] {
+        let (code, out) = cni(&bin, "DEL", node, pod, cid, &with_prev(&conf, r));
+        assert_eq!((code, &out), (0, &Value::Null), "DEL {pod}");
+    }
+    assert!(leases(&server, "rail5").await.is_empty());
+}
