@@ -175,6 +175,12 @@ async fn macvlan_pods_get_addresses_reach_each_other_check_and_del() {
 
     let (code, out) = cni(&bin, "CHECK", node, pod1, "cid-1", &with_prev(&conf, &r1));
     assert_eq!((code, &out), (0, &Value::Null), "CHECK pod1");
+    // A repeated ADD of the same attachment fails and leaves the first one as it was.
+    let (code, out) = cni(&bin, "ADD", node, pod1, "cid-1", &conf);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(4)), "{out}");
+    assert_eq!(addresses(pod1, "net1"), vec!["198.18.10.1/24"]);
+    let (code, out) = cni(&bin, "CHECK", node, pod1, "cid-1", &with_prev(&conf, &r1));
+    assert_eq!((code, &out), (0, &Value::Null), "CHECK pod1 after the repeated ADD");
     let (code, out) = cni(&bin, "CHECK", node, pod2, "cid-2", &with_prev(&conf2, &r2));
     assert_eq!((code, &out), (0, &Value::Null), "CHECK pod2");
     // CHECK finds what changed: the mode of the config, an address gone.
@@ -326,23 +332,22 @@ async fn failures_midway_leave_no_link_and_no_lease() {
         "ipam": {"type": "rust-ipam", "range": "198.18.11.0/24", "network_name": "rail1", "server": endpoint}});
     let only_lo = |pod: &str| assert_eq!(links(pod), vec!["lo".to_string()], "no link left in {pod}");
 
-    // 1. The pod already has a net1 (another plugin's veth): the rename fails after the
-    //    lease was taken; the temporary link goes and the lease is released.
+    // 1. The pod already has a net1 (another plugin's veth): refused before anything is
+    //    made or allocated (releasing a lease after the rename failed would free the one
+    //    of whoever holds net1, on a repeated ADD).
     ip(&["-n", pod1, "link", "add", "net1", "type", "veth", "peer", "name", "other0"]);
     let (code, out) = cni(&bin, "ADD", node, pod1, "cid-1", &conf);
     assert_eq!(code, 1, "{out}");
-    assert_eq!(out["code"], 120);
-    let msg = out["msg"].as_str().expect("msg");
-    assert!(
-        msg.starts_with("renaming cni")
-            && msg.ends_with(" to net1: an interface net1 already exists in the pod's namespace"),
-        "{msg}"
+    assert_eq!(
+        out,
+        json!({"cniVersion": "1.0.0", "code": 4,
+            "msg": format!("CNI_IFNAME net1 already exists in the pod's network namespace /var/run/netns/{pod1}")})
     );
     let mut left = links(pod1);
     left.sort();
     assert_eq!(left, vec!["lo", "net1", "other0"], "only the pod's own links remain");
     assert_eq!(link_details(pod1, "net1")["linkinfo"]["info_kind"], "veth");
-    assert!(leases(&server, "rail1").await.is_empty(), "the lease was released");
+    assert!(leases(&server, "rail1").await.is_empty(), "no lease taken");
     // DEL removes only a link of its own kind: the veth named net1 stays.
     let (code, out) = cni(&bin, "DEL", node, pod1, "cid-1", &conf);
     assert_eq!((code, &out), (0, &Value::Null));

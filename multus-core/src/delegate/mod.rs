@@ -1,8 +1,9 @@
 //! The macvlan and ipvlan delegates (binaries `rust-macvlan` and `rust-ipvlan`): one driver,
 //! the link kind's data the only difference.
 //!
-//! Configuration as the reference plugins (see [`config`]). ADD checks the whole config and
-//! the master (exists, its MTU) before touching anything, creates the link on the master
+//! Configuration as the reference plugins (see [`config`]). ADD checks the whole config, that
+//! `CNI_IFNAME` is free in the pod and the master (exists, its MTU) before touching anything,
+//! creates the link on the master
 //! straight into the pod's namespace under a temporary name, runs the `ipam` plugin (exec,
 //! per the CNI spec), then in the pod's namespace renames the link to `CNI_IFNAME`, sets
 //! `arp_notify`/`ndisc_notify`, adds the addresses (IPv6 without DAD), sets it up and adds the
@@ -183,27 +184,41 @@ fn temp_name() -> String {
     format!("cni{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
 
+/// Errors of one command as one: the first one's code, every message.
 fn join(errors: Vec<CniError>) -> Result<(), CniError> {
     let mut it = errors.into_iter();
     let Some(first) = it.next() else { return Ok(()) };
-    let rest: Vec<CniError> = it.collect();
-    if rest.is_empty() {
-        return Err(first);
-    }
-    let msg = std::iter::once(&first).chain(&rest).map(|e| e.msg.as_str()).collect::<Vec<_>>().join("; ");
-    let details = std::iter::once(&first)
-        .chain(&rest)
-        .filter(|e| !e.details.is_empty())
-        .map(|e| e.details.as_str())
-        .collect::<Vec<_>>()
-        .join("; ");
-    Err(CniError::new(first.code, msg).with_details(details))
+    Err(it.fold(first, merge))
+}
+
+fn merge(a: CniError, b: CniError) -> CniError {
+    let details = match (a.details.is_empty(), b.details.is_empty()) {
+        (_, true) => a.details,
+        (true, false) => b.details,
+        (false, false) => format!("{}; {}", a.details, b.details),
+    };
+    CniError::new(a.code, format!("{}; {}", a.msg, b.msg)).with_details(details)
 }
 
 fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value, CniError> {
     let pod_path = Path::new(&env.inv.netns);
     let pod = netlink::open_netns(pod_path)?;
     let ifname = env.inv.ifname.as_str();
+    // A taken name would fail the rename after the lease was taken, and releasing it then
+    // would release the lease of whoever holds the name (a repeated ADD): refuse now.
+    in_netns(Some(pod_path), |nl| async move {
+        match nl.link_by_name(ifname).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_IFNAME {ifname} already exists in the pod's network namespace {}",
+                    pod_path.display()
+                ),
+            )),
+            Err(e) => Err(failed(format_args!("looking up {ifname} in the pod's namespace"), &e)),
+        }
+    })?;
     let tmp = temp_name();
     let master_ns = conf.link_in_container.then_some(pod_path);
     let netns_fd = (!conf.link_in_container).then(|| pod.as_raw_fd());
@@ -283,8 +298,7 @@ fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value
                 Ok(l) => Ok(l),
                 Err(e) => match nl.delete(link.index).await {
                     Ok(()) => Err(e),
-                    Err(d) => Err(join(vec![e, failed(format_args!("removing link {tmp}/{ifname}"), &d)])
-                        .expect_err("two errors")),
+                    Err(d) => Err(merge(e, failed(format_args!("removing link {tmp}/{ifname}"), &d))),
                 },
             }
         }
