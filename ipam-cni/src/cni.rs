@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
 use serde_json::{Value, json};
 
 /// Versions this plugin speaks, oldest first. 0.1.0/0.2.0 results have another shape and
@@ -13,7 +14,16 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", LA
 /// The newest version: used to report errors that come before the config is read.
 pub const LATEST_VERSION: &str = "1.1.0";
 
-/// Error codes of the CNI spec that this plugin uses.
+/// CNI error codes: the spec's, and every plugin-specific one (100 and up) of this workspace.
+///
+/// | code | constant | raised by |
+/// |---|---|---|
+/// | 100 | [`code::SERVER_REFUSED`] | rust-ipam: the server refused the request |
+/// | 101 | `ipam_cni::plugin::LEASE_MISMATCH` | rust-ipam CHECK: lease missing or not in `prevResult` |
+/// | 110 | `multus_core::exec::PLUGIN_FAILED` | another plugin could not be run or answered nonsense |
+/// | 120 | [`code::NETLINK_FAILED`] | rust-macvlan / rust-ipvlan: a netlink request failed |
+/// | 121 | [`code::CHECK_MISMATCH`] | rust-macvlan / rust-ipvlan CHECK: the interface differs |
+/// | 122 | [`code::LINK_KIND_UNSUPPORTED`] | rust-ipvlan: the kernel has no ipvlan |
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const INVALID_ENV: u32 = 4;
@@ -22,8 +32,17 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
-    /// First plugin-specific code: the server refused the request.
+
+    /// Plugin-specific: the server refused the request (rust-ipam).
     pub const SERVER_REFUSED: u32 = 100;
+    /// Plugin-specific: a netlink request (create, rename, address, route, delete a link)
+    /// failed; the message names the request and the kernel's answer.
+    pub const NETLINK_FAILED: u32 = 120;
+    /// Plugin-specific: CHECK found the pod's interface different from the config or the
+    /// `prevResult` (missing link, wrong kind, master, mode or MAC, missing address or route).
+    pub const CHECK_MISMATCH: u32 = 121;
+    /// Plugin-specific: the kernel cannot make links of this kind (no ipvlan module).
+    pub const LINK_KIND_UNSUPPORTED: u32 = 122;
 }
 
 /// A CNI error: printed as JSON on stdout, with a non-zero exit.
@@ -192,30 +211,406 @@ pub struct Route {
     pub gw: Option<String>,
 }
 
-/// Renders an IPAM result in the shape of `version` (0.3.x and 0.4.0 carry `ips[].version`).
-pub fn render_result(version: &str, ips: &[IpConfig], routes: &[Route], dns: Option<&Value>) -> Value {
-    let old = Version::parse(version).is_some_and(|v| v < Version(1, 0, 0));
-    let ips: Vec<Value> = ips
+/// A CNI result, typed: what a plugin prints after ADD and finds again as `prevResult`.
+///
+/// [`CniResult::parse`] reads a result of any version from 0.3.0 to 1.1.0 (0.3.x and 0.4.0
+/// carry `ips[].version`, which is implied by the address and not kept); [`CniResult::render`]
+/// writes it in the shape of any of those versions, as libcni does: empty lists and strings
+/// are left out, `dns` is written when present (even empty, as the reference plugins write
+/// `"dns": {}`), and the 1.1.0 fields (interface `mtu`/`socketPath`/`pciID`, route `mtu`,
+/// `advmss`, `priority`, `table`, `scope`) only in 1.1.0 and later.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniResult {
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpResult>,
+    pub routes: Vec<ResultRoute>,
+    /// `None`: no `dns` key at all.
+    pub dns: Option<Dns>,
+}
+
+/// An interface of a result. Empty strings are absent keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mac: String,
+    /// 1.1.0 and later.
+    pub mtu: Option<u32>,
+    /// The network namespace path; empty for an interface on the host.
+    pub sandbox: String,
+    /// 1.1.0 and later.
+    pub socket_path: String,
+    /// 1.1.0 and later.
+    pub pci_id: String,
+}
+
+/// An address of a result: the address with its prefix length, as `10.1.2.3/24`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpResult {
+    pub address: IpNetwork,
+    pub gateway: Option<IpAddr>,
+    /// Index into [`CniResult::interfaces`] of the interface that has it.
+    pub interface: Option<usize>,
+}
+
+/// A route of a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultRoute {
+    pub dst: IpNetwork,
+    pub gw: Option<IpAddr>,
+    /// 1.1.0 and later, as are the fields below.
+    pub mtu: Option<u32>,
+    pub advmss: Option<u32>,
+    pub priority: Option<u32>,
+    pub table: Option<u32>,
+    pub scope: Option<u32>,
+}
+
+impl ResultRoute {
+    /// A route to `dst`, via `gw` if given.
+    pub fn new(dst: IpNetwork, gw: Option<IpAddr>) -> ResultRoute {
+        ResultRoute { dst, gw, mtu: None, advmss: None, priority: None, table: None, scope: None }
+    }
+}
+
+/// The `dns` of a result or of a network config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    pub nameservers: Vec<String>,
+    pub domain: String,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// Decode error (code 6) naming `field` and what was wrong.
+fn bad(field: &str, what: impl fmt::Display) -> CniError {
+    CniError::new(code::DECODE, format!("{field} {what}"))
+}
+
+fn opt_str<'a>(v: &'a Value, key: &str, field: &str) -> Result<&'a str, CniError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(""),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(bad(&format!("{field}.{key}"), format_args!("{other} is not a string"))),
+    }
+}
+
+fn opt_u32(v: &Value, key: &str, field: &str) -> Result<Option<u32>, CniError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
+            bad(&format!("{field}.{key}"), format_args!("{n} is not a number from 0 to 4294967295"))
+        }),
+    }
+}
+
+fn opt_ip(v: &Value, key: &str, field: &str) -> Result<Option<IpAddr>, CniError> {
+    let s = opt_str(v, key, field)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| bad(&format!("{field}.{key}"), format_args!("{s:?} is not an IP address")))
+}
+
+/// Parses `a.b.c.d/n` or `x::y/n`; the prefix is required.
+pub fn parse_cidr(s: &str, field: &str) -> Result<IpNetwork, CniError> {
+    match s.split_once('/') {
+        Some((ip, len)) if !ip.is_empty() && !len.is_empty() => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| bad(field, format_args!("{s:?} is not an address with a prefix length (10.1.2.3/24)")))
+}
+
+fn list<'a>(v: &'a Value, key: &str, field: &str) -> Result<&'a [Value], CniError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(other) => Err(bad(&format!("{field}{key}"), format_args!("{other} is not a list"))),
+    }
+}
+
+fn strings(v: &Value, key: &str, field: &str) -> Result<Vec<String>, CniError> {
+    list(v, key, &format!("{field}."))?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(&format!("{field}.{key}[{i}]"), format_args!("{s} is not a string")))
+        })
+        .collect()
+}
+
+fn is_old(version: &str) -> bool {
+    Version::parse(version).is_some_and(|v| v < Version(1, 0, 0))
+}
+
+fn has_1_1_fields(version: &str) -> bool {
+    Version::parse(version).is_some_and(|v| v >= Version(1, 1, 0))
+}
+
+impl Dns {
+    /// Reads a `dns` object (`nameservers`, `domain`, `search`, `options`); other keys are
+    /// ignored as libcni does. `field` names it in errors.
+    pub fn from_json(v: &Value, field: &str) -> Result<Dns, CniError> {
+        if !v.is_object() {
+            return Err(bad(field, format_args!("{v} is not an object")));
+        }
+        Ok(Dns {
+            nameservers: strings(v, "nameservers", field)?,
+            domain: opt_str(v, "domain", field)?.to_string(),
+            search: strings(v, "search", field)?,
+            options: strings(v, "options", field)?,
+        })
+    }
+
+    /// The JSON object, without empty keys.
+    pub fn to_json(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        if !self.nameservers.is_empty() {
+            out.insert("nameservers".into(), json!(self.nameservers));
+        }
+        if !self.domain.is_empty() {
+            out.insert("domain".into(), json!(self.domain));
+        }
+        if !self.search.is_empty() {
+            out.insert("search".into(), json!(self.search));
+        }
+        if !self.options.is_empty() {
+            out.insert("options".into(), json!(self.options));
+        }
+        Value::Object(out)
+    }
+}
+
+impl ResultRoute {
+    /// Reads one route object; `field` names it in errors (`routes[0]`).
+    pub fn from_json(v: &Value, field: &str) -> Result<ResultRoute, CniError> {
+        let dst = opt_str(v, "dst", field)?;
+        if dst.is_empty() {
+            return Err(bad(&format!("{field}.dst"), "is missing"));
+        }
+        Ok(ResultRoute {
+            dst: parse_cidr(dst, &format!("{field}.dst"))?,
+            gw: opt_ip(v, "gw", field)?,
+            mtu: opt_u32(v, "mtu", field)?,
+            advmss: opt_u32(v, "advmss", field)?,
+            priority: opt_u32(v, "priority", field)?,
+            table: opt_u32(v, "table", field)?,
+            scope: opt_u32(v, "scope", field)?,
+        })
+    }
+
+    /// Converts the `routes` of an ipam config; `field` names the list in errors.
+    pub fn from_config(routes: &[Route], field: &str) -> Result<Vec<ResultRoute>, CniError> {
+        routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = format!("{field}[{i}]");
+                let gw = match r.gw.as_deref() {
+                    None | Some("") => None,
+                    Some(g) => Some(g.parse().map_err(|_| {
+                        CniError::new(code::INVALID_CONFIG, format!("{at}.gw {g:?} is not an IP address"))
+                    })?),
+                };
+                let dst = parse_cidr(&r.dst, &format!("{at}.dst"))
+                    .map_err(|e| CniError::new(code::INVALID_CONFIG, e.msg))?;
+                Ok(ResultRoute::new(dst, gw))
+            })
+            .collect()
+    }
+
+    fn to_json(&self, version: &str) -> Value {
+        let mut v = json!({ "dst": self.dst.to_string() });
+        if let Some(gw) = self.gw {
+            v["gw"] = json!(gw.to_string());
+        }
+        if has_1_1_fields(version) {
+            for (key, val) in [
+                ("mtu", self.mtu),
+                ("advmss", self.advmss),
+                ("priority", self.priority),
+                ("table", self.table),
+                ("scope", self.scope),
+            ] {
+                if let Some(n) = val {
+                    v[key] = json!(n);
+                }
+            }
+        }
+        v
+    }
+}
+
+impl CniResult {
+    /// Reads a result of any supported version (its own `cniVersion` says which; a result
+    /// without one is read by its keys). Errors are code 6 and name the field.
+    pub fn parse(v: &Value) -> Result<CniResult, CniError> {
+        if !v.is_object() {
+            return Err(bad("result", format_args!("{v} is not an object")));
+        }
+        if let Some(ver) = v.get("cniVersion").and_then(Value::as_str) {
+            let known = Version::parse(ver).is_some_and(|p| p >= Version(0, 3, 0) && p <= Version(1, 1, 0));
+            if !known {
+                return Err(CniError::new(
+                    code::INCOMPATIBLE_VERSION,
+                    format!("result cniVersion {ver:?} is not one of {}", SUPPORTED_VERSIONS.join(", ")),
+                ));
+            }
+        }
+        let interfaces = list(v, "interfaces", "")?
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let f = format!("interfaces[{i}]");
+                let name = opt_str(it, "name", &f)?;
+                if name.is_empty() {
+                    return Err(bad(&format!("{f}.name"), "is missing"));
+                }
+                Ok(Interface {
+                    name: name.to_string(),
+                    mac: opt_str(it, "mac", &f)?.to_string(),
+                    mtu: opt_u32(it, "mtu", &f)?,
+                    sandbox: opt_str(it, "sandbox", &f)?.to_string(),
+                    socket_path: opt_str(it, "socketPath", &f)?.to_string(),
+                    pci_id: opt_str(it, "pciID", &f)?.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, CniError>>()?;
+        let ips = list(v, "ips", "")?
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let f = format!("ips[{i}]");
+                let address = parse_cidr(opt_str(ip, "address", &f)?, &format!("{f}.address"))?;
+                let interface = match ip.get("interface") {
+                    None | Some(Value::Null) => None,
+                    Some(n) => {
+                        let idx = n
+                            .as_u64()
+                            .and_then(|n| usize::try_from(n).ok())
+                            .filter(|&n| n < interfaces.len());
+                        Some(idx.ok_or_else(|| {
+                            bad(
+                                &format!("{f}.interface"),
+                                format_args!("{n} is not an index into the {} interfaces", interfaces.len()),
+                            )
+                        })?)
+                    }
+                };
+                Ok(IpResult { address, gateway: opt_ip(ip, "gateway", &f)?, interface })
+            })
+            .collect::<Result<Vec<_>, CniError>>()?;
+        let routes = list(v, "routes", "")?
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ResultRoute::from_json(r, &format!("routes[{i}]")))
+            .collect::<Result<Vec<_>, CniError>>()?;
+        let dns = match v.get("dns") {
+            None | Some(Value::Null) => None,
+            Some(d) => Some(Dns::from_json(d, "dns")?),
+        };
+        Ok(CniResult { interfaces, ips, routes, dns })
+    }
+
+    /// The result in the shape of `version`.
+    pub fn render(&self, version: &str) -> Value {
+        let new_fields = has_1_1_fields(version);
+        let mut out = json!({ "cniVersion": version });
+        if !self.interfaces.is_empty() {
+            let list: Vec<Value> = self
+                .interfaces
+                .iter()
+                .map(|i| {
+                    let mut v = json!({ "name": i.name });
+                    if !i.mac.is_empty() {
+                        v["mac"] = json!(i.mac);
+                    }
+                    if let (true, Some(mtu)) = (new_fields, i.mtu) {
+                        v["mtu"] = json!(mtu);
+                    }
+                    if !i.sandbox.is_empty() {
+                        v["sandbox"] = json!(i.sandbox);
+                    }
+                    if new_fields && !i.socket_path.is_empty() {
+                        v["socketPath"] = json!(i.socket_path);
+                    }
+                    if new_fields && !i.pci_id.is_empty() {
+                        v["pciID"] = json!(i.pci_id);
+                    }
+                    v
+                })
+                .collect();
+            out["interfaces"] = Value::Array(list);
+        }
+        if !self.ips.is_empty() {
+            let old = is_old(version);
+            let list: Vec<Value> = self
+                .ips
+                .iter()
+                .map(|ip| {
+                    let mut v = json!({ "address": ip.address.to_string() });
+                    if let Some(i) = ip.interface {
+                        v["interface"] = json!(i);
+                    }
+                    if let Some(gw) = ip.gateway {
+                        v["gateway"] = json!(gw.to_string());
+                    }
+                    if old {
+                        v["version"] = json!(if ip.address.is_ipv4() { "4" } else { "6" });
+                    }
+                    v
+                })
+                .collect();
+            out["ips"] = Value::Array(list);
+        }
+        if !self.routes.is_empty() {
+            out["routes"] = Value::Array(self.routes.iter().map(|r| r.to_json(version)).collect());
+        }
+        if let Some(dns) = &self.dns {
+            out["dns"] = dns.to_json();
+        }
+        out
+    }
+}
+
+/// Renders an IPAM result in the shape of `version` (0.3.x and 0.4.0 carry `ips[].version`),
+/// through [`CniResult`]. The ipam config's `routes` and `dns` are checked here (error 7
+/// naming the bad one); [`check_ipam_extras`] checks them before anything is allocated.
+pub fn render_result(
+    version: &str,
+    ips: &[IpConfig],
+    routes: &[Route],
+    dns: Option<&Value>,
+) -> Result<Value, CniError> {
+    let (routes, dns) = check_ipam_extras(routes, dns)?;
+    let ips = ips
         .iter()
         .map(|ip| {
-            let mut v = json!({ "address": format!("{}/{}", ip.address, ip.prefix_len) });
-            if let Some(gw) = ip.gateway {
-                v["gateway"] = Value::String(gw.to_string());
-            }
-            if old {
-                v["version"] = Value::String(if ip.address.is_ipv4() { "4" } else { "6" }.into());
-            }
-            v
+            let address = IpNetwork::new(ip.address, ip.prefix_len).map_err(|_| {
+                CniError::new(
+                    code::IO_FAILURE,
+                    format!("prefix length {} is too long for {}", ip.prefix_len, ip.address),
+                )
+            })?;
+            Ok(IpResult { address, gateway: ip.gateway, interface: None })
         })
-        .collect();
-    let mut out = json!({ "cniVersion": version, "ips": ips });
-    if !routes.is_empty() {
-        out["routes"] = serde_json::to_value(routes).unwrap_or(Value::Null);
-    }
-    if let Some(d) = dns {
-        out["dns"] = d.clone();
-    }
-    out
+        .collect::<Result<Vec<_>, CniError>>()?;
+    Ok(CniResult { interfaces: Vec::new(), ips, routes, dns }.render(version))
+}
+
+/// The ipam config's `routes` and `dns` as result parts; error 7 names the bad one.
+pub fn check_ipam_extras(
+    routes: &[Route],
+    dns: Option<&Value>,
+) -> Result<(Vec<ResultRoute>, Option<Dns>), CniError> {
+    let routes = ResultRoute::from_config(routes, "ipam routes")?;
+    let dns = dns
+        .map(|d| Dns::from_json(d, "ipam dns").map_err(|e| CniError::new(code::INVALID_CONFIG, e.msg)))
+        .transpose()?;
+    Ok((routes, dns))
 }
 
 /// The VERSION answer.
@@ -281,13 +676,14 @@ mod tests {
         ];
         let routes = [Route { dst: "0.0.0.0/0".into(), gw: None }];
         assert_eq!(
-            render_result("1.0.0", &ips, &routes, None),
+            render_result("1.0.0", &ips, &routes, None).expect("render"),
             json!({"cniVersion": "1.0.0", "ips": [
                 {"address": "10.56.0.1/16"}, {"address": "fd00::2/64", "gateway": "fd00::1"}],
                 "routes": [{"dst": "0.0.0.0/0"}]})
         );
         assert_eq!(
-            render_result("0.3.1", &ips[..1], &[], Some(&json!({"nameservers": ["10.0.0.10"]}))),
+            render_result("0.3.1", &ips[..1], &[], Some(&json!({"nameservers": ["10.0.0.10"]})))
+                .expect("render"),
             json!({"cniVersion": "0.3.1", "ips": [{"address": "10.56.0.1/16", "version": "4"}],
                 "dns": {"nameservers": ["10.0.0.10"]}})
         );
@@ -301,5 +697,138 @@ mod tests {
             json!({"cniVersion": "1.0.0", "code": 7, "msg": "bad range", "details": "range \"x\""})
         );
         assert_eq!(Command::parse("FOO").expect_err("bad").code, code::INVALID_ENV);
+    }
+
+    #[test]
+    fn ipam_routes_and_dns_are_checked() {
+        let bad_dst = [Route { dst: "10.0.0.0".into(), gw: None }];
+        let e = check_ipam_extras(&bad_dst, None).expect_err("no prefix");
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(
+            e.msg,
+            "ipam routes[0].dst \"10.0.0.0\" is not an address with a prefix length (10.1.2.3/24)"
+        );
+        let bad_gw = [Route { dst: "10.0.0.0/8".into(), gw: Some("gw".into()) }];
+        assert_eq!(
+            check_ipam_extras(&bad_gw, None).expect_err("gw").msg,
+            "ipam routes[0].gw \"gw\" is not an IP address"
+        );
+        let e = check_ipam_extras(&[], Some(&json!({"nameservers": "10.0.0.10"}))).expect_err("dns");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (code::INVALID_CONFIG, "ipam dns.nameservers \"10.0.0.10\" is not a list")
+        );
+    }
+
+    /// What Debian's macvlan printed for one config in 1.0.0 and 0.4.0 (see
+    /// tests/tests/delegate_netns.rs, which compares with the live plugin).
+    fn macvlan_result_100() -> Value {
+        json!({"cniVersion": "1.0.0",
+            "interfaces": [{"name": "net1", "mac": "02:29:ce:c9:a7:2b", "sandbox": "/var/run/netns/p"}],
+            "ips": [{"interface": 0, "address": "198.18.5.2/24", "gateway": "198.18.5.1"}],
+            "routes": [{"dst": "10.0.0.0/8"}],
+            "dns": {}})
+    }
+
+    #[test]
+    fn results_parse_and_render_in_every_version() {
+        let r = CniResult::parse(&macvlan_result_100()).expect("parse 1.0.0");
+        assert_eq!(
+            r,
+            CniResult {
+                interfaces: vec![Interface {
+                    name: "net1".into(),
+                    mac: "02:29:ce:c9:a7:2b".into(),
+                    sandbox: "/var/run/netns/p".into(),
+                    ..Interface::default()
+                }],
+                ips: vec![IpResult {
+                    address: "198.18.5.2/24".parse().expect("cidr"),
+                    gateway: Some("198.18.5.1".parse().expect("ip")),
+                    interface: Some(0),
+                }],
+                routes: vec![ResultRoute::new("10.0.0.0/8".parse().expect("cidr"), None)],
+                dns: Some(Dns::default()),
+            }
+        );
+        assert_eq!(r.render("1.0.0"), macvlan_result_100());
+        let old = json!({"cniVersion": "0.4.0",
+            "interfaces": [{"name": "net1", "mac": "02:29:ce:c9:a7:2b", "sandbox": "/var/run/netns/p"}],
+            "ips": [{"version": "4", "interface": 0, "address": "198.18.5.2/24", "gateway": "198.18.5.1"}],
+            "routes": [{"dst": "10.0.0.0/8"}],
+            "dns": {}});
+        assert_eq!(r.render("0.4.0"), old);
+        let mut v031 = old.clone();
+        v031["cniVersion"] = json!("0.3.1");
+        assert_eq!(r.render("0.3.1"), v031);
+        // Back from the old shapes: the same result.
+        assert_eq!(CniResult::parse(&old).expect("parse 0.4.0"), r);
+        assert_eq!(CniResult::parse(&v031).expect("parse 0.3.1"), r);
+    }
+
+    #[test]
+    fn fields_of_1_1_0_appear_only_in_1_1_0() {
+        let v110 = json!({"cniVersion": "1.1.0",
+            "interfaces": [{"name": "eth0", "mac": "aa:bb:cc:dd:ee:01", "mtu": 1400, "socketPath": "/run/vhu.sock",
+                "pciID": "0000:00:1f.6"}, {"name": "net1", "sandbox": "/proc/7/ns/net"}],
+            "ips": [{"address": "fd00::5/64", "interface": 1}, {"address": "10.1.0.5/16", "gateway": "10.1.0.1"}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1", "mtu": 1300, "advmss": 1200, "priority": 10,
+                "table": 100, "scope": 0}, {"dst": "fd00::/8"}],
+            "dns": {"nameservers": ["10.0.0.10"], "domain": "cluster.local", "search": ["svc.cluster.local"],
+                "options": ["ndots:5"]}});
+        let r = CniResult::parse(&v110).expect("parse 1.1.0");
+        assert_eq!(r.interfaces[0].mtu, Some(1400));
+        assert_eq!(r.interfaces[0].pci_id, "0000:00:1f.6");
+        assert_eq!(r.routes[0].table, Some(100));
+        assert_eq!(r.dns.as_ref().map(|d| d.domain.as_str()), Some("cluster.local"));
+        assert_eq!(r.render("1.1.0"), v110);
+        assert_eq!(
+            r.render("1.0.0"),
+            json!({"cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "mac": "aa:bb:cc:dd:ee:01"}, {"name": "net1", "sandbox": "/proc/7/ns/net"}],
+                "ips": [{"address": "fd00::5/64", "interface": 1}, {"address": "10.1.0.5/16", "gateway": "10.1.0.1"}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}, {"dst": "fd00::/8"}],
+                "dns": {"nameservers": ["10.0.0.10"], "domain": "cluster.local", "search": ["svc.cluster.local"],
+                    "options": ["ndots:5"]}})
+        );
+        assert_eq!(
+            r.render("0.3.0")["ips"],
+            json!([{"address": "fd00::5/64", "interface": 1, "version": "6"},
+                {"address": "10.1.0.5/16", "gateway": "10.1.0.1", "version": "4"}])
+        );
+        // An IPAM-only result: no interfaces, no dns.
+        let ipam = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/16"}]});
+        assert_eq!(CniResult::parse(&ipam).expect("ipam").render("1.0.0"), ipam);
+    }
+
+    #[test]
+    fn bad_results_name_the_field() {
+        let msg = |v: Value| CniResult::parse(&v).expect_err("bad").msg;
+        assert_eq!(
+            msg(json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5"}]})),
+            "ips[0].address \"10.1.0.5\" is not an address with a prefix length (10.1.2.3/24)"
+        );
+        assert_eq!(
+            msg(json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/8", "interface": 2}]})),
+            "ips[0].interface 2 is not an index into the 0 interfaces"
+        );
+        assert_eq!(
+            msg(json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/8", "gateway": "x"}]})),
+            "ips[0].gateway \"x\" is not an IP address"
+        );
+        assert_eq!(
+            msg(json!({"cniVersion": "1.0.0", "routes": [{"gw": "10.0.0.1"}]})),
+            "routes[0].dst is missing"
+        );
+        assert_eq!(
+            msg(json!({"cniVersion": "1.0.0", "interfaces": [{"mac": "x"}]})),
+            "interfaces[0].name is missing"
+        );
+        assert_eq!(msg(json!({"cniVersion": "1.0.0", "ips": {}})), "ips {} is not a list");
+        assert_eq!(msg(json!({"cniVersion": "1.0.0", "dns": []})), "dns [] is not an object");
+        assert_eq!(msg(json!([])), "result [] is not an object");
+        let e = CniResult::parse(&json!({"cniVersion": "0.2.0", "ip4": {}})).expect_err("0.2.0");
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        assert_eq!(CniResult::parse(&json!({"ips": {}})).expect_err("decode").code, code::DECODE);
     }
 }

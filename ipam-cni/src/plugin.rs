@@ -157,6 +157,8 @@ async fn add(
     ipam: &IpamConf,
     client: &mut Client,
 ) -> Result<Value, CniError> {
+    // Bad routes or dns in the config fail the ADD before anything is allocated.
+    cni::check_ipam_extras(&ipam.routes, ipam.dns.as_ref())?;
     let mut requested: Vec<String> = conf.static_ips.clone();
     let ip_arg = inv.args.get("IP");
     requested.extend(ip_arg.split(',').filter(|s| !s.is_empty()).map(str::to_string));
@@ -184,7 +186,7 @@ async fn add(
             })
         })
         .collect::<Result<Vec<_>, CniError>>()?;
-    Ok(cni::render_result(&conf.cni_version, &ips, &ipam.routes, ipam.dns.as_ref()))
+    cni::render_result(&conf.cni_version, &ips, &ipam.routes, ipam.dns.as_ref())
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, CniError> {

@@ -1,0 +1,6 @@
+//! `rust-macvlan`: a macvlan link on the master, straight into the pod's namespace, with its
+//! addresses from the `ipam` plugin. See `multus_core::delegate`.
+
+fn main() -> std::process::ExitCode {
+    multus_core::delegate::main(multus_core::delegate::Kind::Macvlan)
+}

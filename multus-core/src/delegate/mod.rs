@@ -1,0 +1,583 @@
+//! The macvlan and ipvlan delegates (binaries `rust-macvlan` and `rust-ipvlan`): one driver,
+//! the link kind's data the only difference.
+//!
+//! Configuration as the reference plugins (see [`config`]). ADD checks the whole config, that
+//! `CNI_IFNAME` is free in the pod and the master (exists, its MTU) before touching anything,
+//! creates the link on the master
+//! straight into the pod's namespace under a temporary name, runs the `ipam` plugin (exec,
+//! per the CNI spec), then in the pod's namespace renames the link to `CNI_IFNAME`, sets
+//! `arp_notify`/`ndisc_notify`, adds the addresses (IPv6 without DAD), sets it up and adds the
+//! routes. Any failure removes the link and releases the lease (ipam DEL). DEL releases the
+//! lease and deletes the link if it is one of this kind, carrying on past errors and reporting
+//! them all; a missing namespace or link is success. CHECK runs ipam CHECK, then finds the
+//! link of the `prevResult` with the right kind, master, mode and MAC, its addresses and
+//! routes. GC and STATUS are passed to the ipam plugin. The result has the shape the
+//! reference macvlan plugin prints (interfaces, ips indexed to the interface, routes, dns).
+//!
+//! Error codes: the spec's, and 120 (netlink), 121 (CHECK mismatch), 122 (link kind not in
+//! this kernel), listed with every other one in [`ipam_cni::cni::code`].
+
+pub mod config;
+mod netlink;
+
+use std::fmt;
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ipam_cni::cni::{self, CniArgs, CniError, CniResult, Command, Interface, IpResult, code};
+use ipam_cni::plugin::Invocation;
+use serde_json::Value;
+
+use self::config::{DelegateConf, is_ifname};
+use self::netlink::{Link, NewLink, Nl, failed, in_netns, kind_name};
+use crate::exec::{self, Call};
+
+/// The link kind a binary makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Macvlan,
+    Ipvlan,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Macvlan => "macvlan",
+            Kind::Ipvlan => "ipvlan",
+        })
+    }
+}
+
+/// A failed command: the error and the cniVersion to report it in.
+pub type Failure = (CniError, String);
+
+/// The environment of one call: the CNI variables, with `CNI_ARGS` and `CNI_PATH` as given
+/// so they pass unchanged to the ipam plugin.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub inv: Invocation,
+    pub raw_args: String,
+    pub path: Vec<PathBuf>,
+}
+
+impl Env {
+    /// Reads the CNI variables through `var`.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+        let inv = Invocation::from_env(&var)?;
+        if matches!(inv.command, Command::Add | Command::Del | Command::Check) && !is_ifname(&inv.ifname) {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_IFNAME {:?} is not an interface name (1 to 15 characters)", inv.ifname),
+            ));
+        }
+        Ok(Env {
+            inv,
+            raw_args: var("CNI_ARGS").unwrap_or_default(),
+            path: exec::split_path(&var("CNI_PATH").unwrap_or_default()),
+        })
+    }
+
+    fn call(&self, command: Command) -> Call<'_> {
+        Call {
+            command,
+            container_id: &self.inv.container_id,
+            netns: &self.inv.netns,
+            ifname: &self.inv.ifname,
+            args: &self.raw_args,
+            path: &self.path,
+        }
+    }
+}
+
+/// The whole binary: reads the environment and stdin, runs, prints the result or the error.
+pub fn main(kind: Kind) -> ExitCode {
+    let print = |v: &Value| {
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, v);
+        let _ = out.write_all(b"\n");
+    };
+    let fail = |e: CniError, version: &str| {
+        print(&e.to_json(version));
+        ExitCode::FAILURE
+    };
+    let env = match Env::from_env(|k| std::env::var(k).ok()) {
+        Ok(e) => e,
+        Err(e) => return fail(e, cni::LATEST_VERSION),
+    };
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        return fail(CniError::new(code::IO_FAILURE, format!("reading stdin: {e}")), cni::LATEST_VERSION);
+    }
+    match run(kind, &env, &stdin) {
+        Ok(Some(v)) => {
+            print(&v);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err((e, version)) => fail(e, &version),
+    }
+}
+
+/// Runs one command; `Some` is printed on stdout.
+pub fn run(kind: Kind, env: &Env, stdin: &[u8]) -> Result<Option<Value>, Failure> {
+    let latest = cni::LATEST_VERSION.to_string();
+    if env.inv.command == Command::Version {
+        let asked = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or(latest);
+        return Ok(Some(cni::version_info(&asked)));
+    }
+    let args = CniArgs::parse(&env.raw_args).map_err(|e| (e, latest.clone()))?;
+    let conf = DelegateConf::parse(kind, stdin, &args).map_err(|e| (e, latest))?;
+    let version = conf.cni_version.clone();
+    let fail = |e: CniError| (e, version.clone());
+    cni::check_version(env.inv.command, &version).map_err(fail)?;
+    match env.inv.command {
+        Command::Add => add(kind, env, &conf, stdin).map(Some).map_err(fail),
+        Command::Del => del(kind, env, &conf, stdin).map(|()| None).map_err(fail),
+        Command::Check => check(kind, env, &conf, stdin).map(|()| None).map_err(fail),
+        Command::Gc | Command::Status => match &conf.ipam_type {
+            Some(t) => exec::run(t, &env.call(env.inv.command), stdin).map(|_| None).map_err(fail),
+            None => Ok(None),
+        },
+        Command::Version => unreachable!("answered above"),
+    }
+}
+
+/// The master: named in the config or the default route's; it must exist.
+async fn find_master(nl: &Nl, conf: &DelegateConf) -> Result<Link, CniError> {
+    let where_ = if conf.link_in_container { "the pod's" } else { "the node's" };
+    let name = match &conf.master {
+        Some(m) => m.clone(),
+        None => nl.default_route_link().await.map_err(|e| failed("listing routes for the default master", &e))?.ok_or_else(
+            || {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("master is not set and {where_} network namespace has no default route to take it from"),
+                )
+            },
+        )?,
+    };
+    nl.link_by_name(&name)
+        .await
+        .map_err(|e| failed(format_args!("looking up master {name}"), &e))?
+        .ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("master {name:?} not found in {where_} network namespace"),
+            )
+        })
+}
+
+/// A name for the new link until it is in the pod's namespace: the final name may be taken
+/// on the node, so the link is made under a random one and renamed there.
+fn temp_name() -> String {
+    let mut b = [0u8; 4];
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.subsec_nanos() ^ std::process::id()).to_le_bytes();
+    }
+    format!("cni{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// Errors of one command as one: the first one's code, every message.
+fn join(errors: Vec<CniError>) -> Result<(), CniError> {
+    let mut it = errors.into_iter();
+    let Some(first) = it.next() else { return Ok(()) };
+    Err(it.fold(first, merge))
+}
+
+fn merge(a: CniError, b: CniError) -> CniError {
+    let details = match (a.details.is_empty(), b.details.is_empty()) {
+        (_, true) => a.details,
+        (true, false) => b.details,
+        (false, false) => format!("{}; {}", a.details, b.details),
+    };
+    CniError::new(a.code, format!("{}; {}", a.msg, b.msg)).with_details(details)
+}
+
+fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value, CniError> {
+    let pod_path = Path::new(&env.inv.netns);
+    let pod = netlink::open_netns(pod_path)?;
+    let ifname = env.inv.ifname.as_str();
+    // A taken name would fail the rename after the lease was taken, and releasing it then
+    // would release the lease of whoever holds the name (a repeated ADD): refuse now.
+    in_netns(Some(pod_path), |nl| async move {
+        match nl.link_by_name(ifname).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_IFNAME {ifname} already exists in the pod's network namespace {}",
+                    pod_path.display()
+                ),
+            )),
+            Err(e) => Err(failed(format_args!("looking up {ifname} in the pod's namespace"), &e)),
+        }
+    })?;
+    let tmp = temp_name();
+    let master_ns = conf.link_in_container.then_some(pod_path);
+    let netns_fd = (!conf.link_in_container).then(|| pod.as_raw_fd());
+    let tmp_name = tmp.as_str();
+    // Everything checked before the first change: the master exists and its MTU allows ours.
+    in_netns(master_ns, |nl| async move {
+        let master = find_master(&nl, conf).await?;
+        if conf.mtu > master.mtu {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("mtu {} is larger than the MTU {} of master {:?}", conf.mtu, master.mtu, master.name),
+            ));
+        }
+        let new = NewLink {
+            kind,
+            name: tmp_name,
+            master: master.index,
+            mode: conf.mode,
+            mtu: conf.mtu,
+            mac: conf.mac.map(|m| m.0),
+            netns_fd,
+        };
+        nl.create(&new).await
+    })?;
+    let mut result = CniResult {
+        interfaces: Vec::new(),
+        ips: Vec::new(),
+        routes: Vec::new(),
+        dns: Some(conf.dns.clone().unwrap_or_default()),
+    };
+    if let Some(ipam) = &conf.ipam_type {
+        let got = exec::run(ipam, &env.call(Command::Add), stdin).and_then(|v| {
+            let r = CniResult::parse(&v).map_err(|e| {
+                CniError::new(e.code, format!("ipam plugin {ipam:?} answered a bad result: {}", e.msg))
+            })?;
+            if r.ips.is_empty() {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("ipam plugin {ipam:?} returned no addresses"),
+                ));
+            }
+            Ok(r)
+        });
+        match got {
+            Ok(r) => {
+                result.ips = r.ips.into_iter().map(|ip| IpResult { interface: Some(0), ..ip }).collect();
+                result.routes = r.routes;
+            }
+            Err(e) => {
+                let mut errors = vec![e];
+                if let Err(c) = remove_temp(pod_path, &tmp) {
+                    errors.push(c);
+                }
+                // The ipam plugin may have allocated before failing (a bad result, say).
+                if let Err(c) = exec::run(ipam, &env.call(Command::Del), stdin) {
+                    errors.push(c);
+                }
+                return join(errors).map(|()| Value::Null);
+            }
+        }
+    }
+    let configured = in_netns(Some(pod_path), |nl| {
+        let result = &result;
+        let tmp = &tmp;
+        async move {
+            let link = nl
+                .link_by_name(tmp)
+                .await
+                .map_err(|e| failed(format_args!("looking up {tmp} in the pod's namespace"), &e))?
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::NETLINK_FAILED,
+                        format!("the new link {tmp} is not in the pod's namespace"),
+                    )
+                })?;
+            match configure(&nl, &link, ifname, result).await {
+                Ok(l) => Ok(l),
+                Err(e) => match nl.delete(link.index).await {
+                    Ok(()) => Err(e),
+                    Err(d) => Err(merge(e, failed(format_args!("removing link {tmp}/{ifname}"), &d))),
+                },
+            }
+        }
+    });
+    let link = match configured {
+        Ok(l) => l,
+        Err(e) => {
+            let mut errors = vec![e];
+            if let Some(ipam) = &conf.ipam_type
+                && let Err(c) = exec::run(ipam, &env.call(Command::Del), stdin)
+            {
+                errors.push(c);
+            }
+            return join(errors).map(|()| Value::Null);
+        }
+    };
+    result.interfaces.push(Interface {
+        name: ifname.to_string(),
+        mac: link.mac_string(),
+        sandbox: env.inv.netns.clone(),
+        ..Interface::default()
+    });
+    Ok(result.render(&conf.cni_version))
+}
+
+/// Deletes the link still under its temporary name in the pod's namespace.
+fn remove_temp(pod: &Path, tmp: &str) -> Result<(), CniError> {
+    in_netns(Some(pod), |nl| async move {
+        if let Some(l) =
+            nl.link_by_name(tmp).await.map_err(|e| failed(format_args!("looking up {tmp}"), &e))?
+        {
+            nl.delete(l.index).await.map_err(|e| failed(format_args!("removing link {tmp}"), &e))?;
+        }
+        Ok(())
+    })
+}
+
+/// In the pod's namespace: the final name, sysctls, addresses, up, routes. Returns the
+/// link as it is then (its MAC for the result).
+async fn configure(nl: &Nl, link: &Link, ifname: &str, result: &CniResult) -> Result<Link, CniError> {
+    nl.rename(link.index, &link.name, ifname).await?;
+    // As the reference plugins: announce the address on up and on change; best effort, a
+    // namespace may have IPv6 disabled.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/arp_notify"), "1");
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/ndisc_notify"), "1");
+    if result.ips.iter().any(|ip| ip.address.is_ipv6()) {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "0");
+    }
+    for ip in &result.ips {
+        nl.add_address(link.index, ifname, ip.address).await?;
+    }
+    nl.set_up(link.index, ifname).await?;
+    let v4gw = result.ips.iter().find(|ip| ip.address.is_ipv4()).and_then(|ip| ip.gateway);
+    let v6gw = result.ips.iter().find(|ip| ip.address.is_ipv6()).and_then(|ip| ip.gateway);
+    for r in &result.routes {
+        let gw = r.gw.or(if r.dst.is_ipv4() { v4gw } else { v6gw });
+        nl.add_route(link.index, ifname, r, gw).await?;
+    }
+    nl.link_by_index(link.index)
+        .await
+        .map_err(|e| failed(format_args!("reading {ifname} back"), &e))?
+        .ok_or_else(|| {
+            CniError::new(code::NETLINK_FAILED, format!("{ifname} vanished while it was configured"))
+        })
+}
+
+fn del(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    let mut errors = Vec::new();
+    if let Some(ipam) = &conf.ipam_type
+        && let Err(e) = exec::run(ipam, &env.call(Command::Del), stdin)
+    {
+        errors.push(e);
+    }
+    let pod = Path::new(&env.inv.netns);
+    // No namespace (given or left): nothing of ours can be in it.
+    if !env.inv.netns.is_empty() && pod.exists() {
+        let ifname = env.inv.ifname.as_str();
+        let removed = in_netns(Some(pod), |nl| async move {
+            let Some(link) =
+                nl.link_by_name(ifname).await.map_err(|e| failed(format_args!("looking up {ifname}"), &e))?
+            else {
+                return Ok(());
+            };
+            // Only a link this plugin could have made: another plugin's interface of the same
+            // name is not ours to remove.
+            if link.kind != kind_name(kind) {
+                return Ok(());
+            }
+            nl.delete(link.index).await.map_err(|e| failed(format_args!("removing link {ifname}"), &e))
+        });
+        if let Err(e) = removed {
+            errors.push(e);
+        }
+    }
+    join(errors)
+}
+
+fn mismatch(msg: impl Into<String>) -> CniError {
+    CniError::new(code::CHECK_MISMATCH, msg)
+}
+
+fn check(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    if let Some(ipam) = &conf.ipam_type {
+        exec::run(ipam, &env.call(Command::Check), stdin)?;
+    }
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult in the configuration"))?;
+    let prev = CniResult::parse(prev).map_err(|e| CniError::new(e.code, format!("prevResult: {}", e.msg)))?;
+    let ifname = env.inv.ifname.as_str();
+    let netns = env.inv.netns.as_str();
+    let (index, iface) = prev
+        .interfaces
+        .iter()
+        .enumerate()
+        .find(|(_, i)| i.name == ifname && i.sandbox == netns)
+        .ok_or_else(|| mismatch(format!("prevResult has no interface {ifname} in sandbox {netns}")))?;
+    let pod = Path::new(netns);
+    let master =
+        in_netns(conf.link_in_container.then_some(pod), |nl| async move { find_master(&nl, conf).await })?;
+    in_netns(Some(pod), |nl| {
+        let prev = &prev;
+        let master = &master;
+        async move {
+            let link = nl
+                .link_by_name(ifname)
+                .await
+                .map_err(|e| failed(format_args!("looking up {ifname}"), &e))?
+                .ok_or_else(|| mismatch(format!("interface {ifname} is missing in {netns}")))?;
+            let want = kind_name(kind);
+            if link.kind != want {
+                let is = if link.kind.is_empty() { "a device" } else { link.kind.as_str() };
+                return Err(mismatch(format!("interface {ifname} is {is}, not {want}")));
+            }
+            if link.mode != Some(conf.mode) {
+                let is = link.mode.map_or_else(|| "unknown".to_string(), |m| m.to_string());
+                return Err(mismatch(format!(
+                    "interface {ifname} has {kind} mode {is}, the config says {}",
+                    conf.mode
+                )));
+            }
+            if link.parent != Some(master.index) {
+                return Err(mismatch(format!(
+                    "interface {ifname} is not on master {:?} (its parent is ifindex {}, the master's is {})",
+                    master.name,
+                    link.parent.map_or_else(|| "none".to_string(), |p| p.to_string()),
+                    master.index
+                )));
+            }
+            if !iface.mac.is_empty() && !iface.mac.eq_ignore_ascii_case(&link.mac_string()) {
+                return Err(mismatch(format!(
+                    "interface {ifname} has MAC {}, prevResult says {}",
+                    link.mac_string(),
+                    iface.mac
+                )));
+            }
+            let have = nl
+                .addresses(link.index)
+                .await
+                .map_err(|e| failed(format_args!("listing addresses of {ifname}"), &e))?;
+            for ip in prev.ips.iter().filter(|ip| ip.interface.is_none_or(|i| i == index)) {
+                if !have.contains(&ip.address) {
+                    return Err(mismatch(format!("address {} of prevResult is not on {ifname}", ip.address)));
+                }
+            }
+            for r in &prev.routes {
+                if !nl.has_route(link.index, r).await.map_err(|e| failed("listing routes", &e))? {
+                    return Err(mismatch(format!(
+                        "route {} of prevResult is not in {netns} via {ifname}",
+                        r.dst
+                    )));
+                }
+            }
+            Ok(())
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Env, CniError> {
+        Env::from_env(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn environment_is_checked() {
+        let base = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "cid"),
+            ("CNI_NETNS", "/var/run/netns/p"),
+            ("CNI_PATH", "/opt/cni/bin::/usr/lib/cni"),
+            ("CNI_ARGS", "IgnoreUnknown=1;MAC=02:00:00:00:00:01"),
+        ];
+        let mut ok = base.to_vec();
+        ok.push(("CNI_IFNAME", "net1"));
+        let e = env(&ok).expect("env");
+        assert_eq!(e.raw_args, "IgnoreUnknown=1;MAC=02:00:00:00:00:01");
+        assert_eq!(e.path, vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]);
+        let mut long = base.to_vec();
+        long.push(("CNI_IFNAME", "net1-far-too-long"));
+        let err = env(&long).expect_err("long ifname");
+        assert_eq!(err.code, code::INVALID_ENV);
+        assert_eq!(err.msg, "CNI_IFNAME \"net1-far-too-long\" is not an interface name (1 to 15 characters)");
+        let err = env(&base).expect_err("no ifname");
+        assert_eq!(err.msg, "CNI_IFNAME is required for ADD but not set");
+        // VERSION needs nothing else.
+        assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+    }
+
+    #[test]
+    fn version_is_answered_without_a_config() {
+        let e = env(&[("CNI_COMMAND", "VERSION")]).expect("env");
+        let v = run(Kind::Macvlan, &e, br#"{"cniVersion":"0.4.0"}"#).expect("version");
+        assert_eq!(v.and_then(|v| v.get("cniVersion").cloned()), Some(Value::String("0.4.0".into())));
+        let v = run(Kind::Ipvlan, &e, b"").expect("version").expect("answer");
+        assert_eq!(v["cniVersion"], cni::LATEST_VERSION);
+    }
+
+    #[test]
+    fn config_errors_come_before_the_system_is_touched() {
+        // No namespace, no master, no ipam plugin exist: the config's error comes first.
+        let e = env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "cid"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_PATH", "/nonexistent"),
+        ])
+        .expect("env");
+        let (err, version) =
+            run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0","master":"eth9","mode":"fast"}"#)
+                .expect_err("bad mode");
+        assert_eq!((err.code, version.as_str()), (code::INVALID_CONFIG, cni::LATEST_VERSION));
+        assert_eq!(err.msg, "mode \"fast\" is not one of the macvlan modes bridge, private, vepa, passthru");
+        let (err, version) = run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0"}"#).expect_err("no netns");
+        assert_eq!((err.code, version.as_str()), (code::INVALID_ENV, "1.0.0"));
+        assert!(
+            err.msg.starts_with("CNI_NETNS /nonexistent/netns: cannot open the network namespace"),
+            "{err}"
+        );
+        let (err, _) = run(
+            Kind::Macvlan,
+            &env(&[
+                ("CNI_COMMAND", "CHECK"),
+                ("CNI_CONTAINERID", "cid"),
+                ("CNI_NETNS", "/nonexistent/netns"),
+                ("CNI_IFNAME", "net1"),
+                ("CNI_PATH", "/nonexistent"),
+            ])
+            .expect("env"),
+            br#"{"cniVersion":"0.3.1"}"#,
+        )
+        .expect_err("old CHECK");
+        assert_eq!(err.msg, "CHECK needs cniVersion 0.4.0 or later, the config has 0.3.1");
+    }
+
+    #[test]
+    fn del_errors_are_all_reported() {
+        assert_eq!(join(Vec::new()), Ok(()));
+        let one = CniError::new(7, "a");
+        assert_eq!(join(vec![one.clone()]), Err(one));
+        let all = join(vec![
+            CniError::new(7, "plugin \"x\" not found").with_details("d1"),
+            CniError::new(120, "removing link net1: Device or resource busy"),
+        ]);
+        assert_eq!(
+            all,
+            Err(CniError::new(7, "plugin \"x\" not found; removing link net1: Device or resource busy")
+                .with_details("d1"))
+        );
+    }
+
+    #[test]
+    fn temporary_names_are_valid_and_differ() {
+        let (a, b) = (temp_name(), temp_name());
+        assert!(is_ifname(&a) && a.starts_with("cni") && a.len() == 11, "{a}");
+        assert_ne!(a, b);
+    }
+}
