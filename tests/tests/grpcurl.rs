@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use rust_ipam_e2e::ServerProcess;
+use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use serde_json::Value;
 
 /// Runs grpcurl; `None` when it is not installed (then the caller skips, except in CI).
@@ -37,7 +37,13 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
     };
     println!("using {}", String::from_utf8_lossy(&version.stderr).trim());
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = ServerProcess::start(dir.path()).await.expect("server");
+    let log_file = dir.path().join("server.log");
+    let opts = ServerOptions {
+        log_level: "info".into(),
+        log_file: Some(log_file.clone()),
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
     let addr = server.addr.as_str();
 
     let list = grpcurl(&["-plaintext", addr, "list"]).expect("grpcurl");
@@ -86,6 +92,50 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
             .expect("grpcurl"),
     );
     assert_eq!(who["pod"]["name"], "train-0");
+
+    // The README's admin commands: filtered lists, a reservation, a release by hand.
+    let second =
+        allocate.replace("cid-a1", "cid-b1").replace("ai-training", "batch").replace("train-0", "job-1");
+    ok_json(grpcurl(&["-plaintext", "-d", &second, addr, "rustipam.v1.Ipam/Allocate"]).expect("grpcurl"));
+    let listed = |filter: &str| -> Vec<String> {
+        let v = ok_json(
+            grpcurl(&["-plaintext", "-d", filter, addr, "rustipam.v1.Admin/ListLeases"]).expect("grpcurl"),
+        );
+        v["leases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| l["address"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(listed(r#"{"podNamespace":"ai-training"}"#), vec!["192.168.100.16"]);
+    assert_eq!(listed(r#"{"podNamespace":"batch","podName":"job-1"}"#), vec!["192.168.100.17"]);
+    assert_eq!(listed(r#"{"range":"192.168.100.0/24"}"#), vec!["192.168.100.16", "192.168.100.17"]);
+    assert!(listed(r#"{"network":"rail9"}"#).is_empty());
+    let reserve = r#"{"address":"192.168.100.50","note":"router"}"#;
+    let held =
+        ok_json(grpcurl(&["-plaintext", "-d", reserve, addr, "rustipam.v1.Admin/Reserve"]).expect("grpcurl"));
+    assert_eq!((held["address"].as_str(), held["note"].as_str()), (Some("192.168.100.50"), Some("router")));
+    let release = r#"{"address":"192.168.100.50","reason":"router gone"}"#;
+    ok_json(
+        grpcurl(&["-plaintext", "-d", release, addr, "rustipam.v1.Admin/ReleaseAddress"]).expect("grpcurl"),
+    );
+    let no_reason = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"address":"192.168.100.17"}"#,
+        addr,
+        "rustipam.v1.Admin/ReleaseAddress",
+    ])
+    .expect("grpcurl");
+    assert!(!no_reason.status.success(), "a release by hand needs a reason");
+    assert!(String::from_utf8_lossy(&no_reason.stderr).contains("Code: InvalidArgument"));
+    assert_eq!(listed(r#"{"range":"192.168.100.0/24"}"#), vec!["192.168.100.16", "192.168.100.17"]);
+    let log = std::fs::read_to_string(&log_file).expect("server log");
+    assert!(
+        log.lines().any(|l| l.contains("released by hand") && l.contains("router gone")),
+        "the reason is logged:\n{log}"
+    );
 
     let bad = grpcurl(&[
         "-plaintext",
