@@ -1,9 +1,10 @@
 //! Multus-compatible meta-plugin and the macvlan/ipvlan delegates.
 //!
-//! So far the pod annotations: the `networks` request ([`annotation`]) and the
-//! `network-status` answer ([`status`]), and calling CNI plugins ([`exec`]). The
-//! meta-plugin and delegate binaries are not written yet.
+//! The pod annotations: the `networks` request ([`annotation`]) and the `network-status`
+//! answer ([`status`]); calling CNI plugins ([`exec`]); the meta-plugin `rust-multus`
+//! ([`multus`]).
 
 pub mod annotation;
 pub mod exec;
+pub mod multus;
 pub mod status;
