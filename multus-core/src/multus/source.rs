@@ -163,7 +163,13 @@ impl DirSource {
 
 fn write_docs(path: &Path, docs: &[Value]) -> Result<(), SourceError> {
     let mut text = String::new();
+    let json_file = path.extension().is_some_and(|e| e == "json");
     for (i, d) in docs.iter().filter(|d| !d.is_null()).enumerate() {
+        if json_file && docs.len() == 1 {
+            text = serde_json::to_string_pretty(d).unwrap_or_default();
+            text.push('\n');
+            break;
+        }
         if i > 0 {
             text.push_str("---\n");
         }
