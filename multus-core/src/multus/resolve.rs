@@ -260,3 +260,238 @@ pub fn check_ifnames(delegates: &[Delegate], runtime_ifname: &str) -> Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::multus::source::DirSource;
+    use serde_json::json;
+
+    struct World {
+        dir: tempfile::TempDir,
+        source: DirSource,
+    }
+
+    impl World {
+        fn new() -> World {
+            let dir = tempfile::tempdir().expect("tempdir");
+            for d in ["objects", "conf"] {
+                std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+            }
+            let source = DirSource::new(dir.path().join("objects"));
+            World { dir, source }
+        }
+
+        fn nad(&self, ns: &str, name: &str, config: Option<Value>) {
+            let mut o = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": name, "namespace": ns}, "spec": {}});
+            if let Some(c) = config {
+                o["spec"]["config"] = Value::String(c.to_string());
+            }
+            std::fs::write(self.dir.path().join(format!("objects/{ns}-{name}.json")), o.to_string())
+                .expect("nad");
+        }
+
+        fn conf_file(&self, file: &str, name: &str, kind: &str) {
+            let c = json!({"cniVersion": "1.0.0", "name": name, "type": kind});
+            std::fs::write(self.dir.path().join("conf").join(file), c.to_string()).expect("conf");
+        }
+
+        fn conf(&self, extra: Value) -> MultusConf {
+            let mut c = json!({"cniVersion": "1.0.0", "name": "m", "clusterNetwork": "cluster",
+                "confDir": self.dir.path().join("conf")});
+            for (k, v) in extra.as_object().expect("object") {
+                c[k] = v.clone();
+            }
+            MultusConf::parse(c.to_string().as_bytes()).expect("conf")
+        }
+
+        fn resolve(
+            &self,
+            conf: &MultusConf,
+            pod_ns: &str,
+            networks: &str,
+        ) -> Result<Vec<(String, String)>, String> {
+            let info = PodInfo {
+                uid: "u".into(),
+                annotations: [(NETWORKS_ANNOTATION.to_string(), networks.to_string())].into_iter().collect(),
+            };
+            let pod = Pod { namespace: pod_ns, info: Some(&info) };
+            delegates(conf, Some(&self.source), &pod, "eth0")
+                .map(|ds| ds.iter().enumerate().map(|(i, d)| (d.name.clone(), d.ifname("eth0", i))).collect())
+                .map_err(|e| e.msg)
+        }
+    }
+
+    fn mv() -> Option<Value> {
+        Some(json!({"cniVersion": "1.0.0", "type": "macvlan"}))
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn namespace_isolation_and_global_namespaces() {
+        let w = World::new();
+        w.conf_file("10-cluster.conf", "cluster", "bridge");
+        for (ns, name) in [("team", "a"), ("other", "b"), ("default", "c"), ("shared", "d")] {
+            w.nad(ns, name, mv());
+        }
+        let open = w.conf(json!({}));
+        assert_eq!(
+            w.resolve(&open, "team", "a, other/b").expect("no isolation"),
+            pairs(&[("cluster", "eth0"), ("team/a", "net1"), ("other/b", "net2")])
+        );
+        let isolated = w.conf(json!({"namespaceIsolation": true}));
+        assert_eq!(
+            w.resolve(&isolated, "team", "a,default/c").expect("own and default"),
+            pairs(&[("cluster", "eth0"), ("team/a", "net1"), ("default/c", "net2")])
+        );
+        assert_eq!(
+            w.resolve(&isolated, "team", "other/b").expect_err("isolated"),
+            "namespace isolation: pod in namespace \"team\" may not use networks of namespace \"other\" (allowed: its own and globalNamespaces [\"default\"])"
+        );
+        let global = w.conf(json!({"namespaceIsolation": true, "globalNamespaces": "shared,other"}));
+        assert!(w.resolve(&global, "team", "other/b,shared/d").is_ok());
+        assert!(
+            w.resolve(&global, "team", "default/c")
+                .expect_err("default is no longer global")
+                .contains("\"default\"")
+        );
+        assert!(check_isolation(&global, "x", "x").is_ok());
+    }
+
+    #[test]
+    fn cluster_network_forms_and_default_networks() {
+        let w = World::new();
+        w.conf_file("10-cluster.conf", "cluster", "bridge");
+        w.conf_file("20-other.conflist", "second", "ptp");
+        w.nad("kube-system", "cluster", Some(json!({"cniVersion": "1.0.0", "type": "flannel"})));
+        w.nad("kube-system", "extra", Some(json!({"cniVersion": "1.0.0", "type": "tuning"})));
+        w.nad("team", "a", mv());
+        // A NAD in multusNamespace wins over a conf file of the same name.
+        let c = w.conf(json!({}));
+        let ds = delegates(&c, Some(&w.source), &Pod { namespace: "team", info: None }, "eth0").expect("nad");
+        assert_eq!(
+            (ds[0].name.as_str(), ds[0].conf["type"].as_str()),
+            ("kube-system/cluster", Some("flannel"))
+        );
+        // A conf name in confDir when there is no NAD.
+        let c = w.conf(json!({"clusterNetwork": "second"}));
+        let ds = delegates(&c, Some(&w.source), &Pod { namespace: "team", info: None }, "eth0")
+            .expect("conf name");
+        assert_eq!((ds[0].name.as_str(), ds[0].conf["type"].as_str()), ("second", Some("ptp")));
+        // An absolute path: a file, or a directory's first config.
+        let file = w.dir.path().join("conf/20-other.conflist");
+        let c = w.conf(json!({"clusterNetwork": file}));
+        let ds = delegates(&c, None, &Pod { namespace: "team", info: None }, "eth0").expect("file");
+        assert_eq!(ds[0].name, "second");
+        let c = w.conf(json!({"clusterNetwork": w.dir.path().join("conf")}));
+        let ds = delegates(&c, None, &Pod { namespace: "team", info: None }, "eth0").expect("dir");
+        assert_eq!(ds[0].name, "cluster");
+        // namespace/name.
+        let c = w.conf(json!({"clusterNetwork": "team/a"}));
+        let ds =
+            delegates(&c, Some(&w.source), &Pod { namespace: "x", info: None }, "eth0").expect("ns/name");
+        assert_eq!(ds[0].name, "team/a");
+        let c = w.conf(json!({"clusterNetwork": "nothing"}));
+        assert_eq!(
+            delegates(&c, Some(&w.source), &Pod { namespace: "x", info: None }, "eth0")
+                .expect_err("unknown")
+                .msg,
+            format!(
+                "cannot find network \"nothing\": NetworkAttachmentDefinition kube-system/nothing not found (networks are looked up in the pod's namespace unless one is given); and {} has no config named \"nothing\"",
+                w.dir.path().join("conf").display()
+            )
+        );
+        // defaultNetworks come before the annotation and shift its generated names; not in
+        // systemNamespaces.
+        let c = w.conf(json!({"defaultNetworks": ["extra"]}));
+        assert_eq!(
+            w.resolve(&c, "team", "a").expect("default networks"),
+            pairs(&[("kube-system/cluster", "eth0"), ("kube-system/extra", "net1"), ("team/a", "net2")])
+        );
+        w.nad("kube-system", "a", mv());
+        assert_eq!(
+            w.resolve(&c, "kube-system", "a").expect("system namespace"),
+            pairs(&[("kube-system/cluster", "eth0"), ("kube-system/a", "net1")])
+        );
+        assert_eq!(
+            w.resolve(&c, "team", "a@net2, a@net1").expect_err("clash with a default network"),
+            "interface \"net1\" is used by two networks: kube-system/extra and team/a (name one of them with @ifname or \"interface\")"
+        );
+        // The pod's own default network.
+        let info = PodInfo {
+            uid: String::new(),
+            annotations: [(DEFAULT_NETWORK_ANNOTATION.to_string(), "second".to_string())]
+                .into_iter()
+                .collect(),
+        };
+        let ds = delegates(
+            &w.conf(json!({})),
+            Some(&w.source),
+            &Pod { namespace: "team", info: Some(&info) },
+            "eth0",
+        )
+        .expect("pod default");
+        assert_eq!(ds[0].name, "second");
+    }
+
+    #[test]
+    fn nad_configs_and_requests() {
+        let w = World::new();
+        w.conf_file("10-cluster.conf", "cluster", "bridge");
+        w.conf_file("30-from-file.conf", "from-file", "ipvlan");
+        w.nad("team", "unnamed", mv());
+        w.nad("team", "from-file", None);
+        w.nad("team", "broken", Some(json!(["not", "an", "object"])));
+        let c = w.conf(json!({}));
+        let d = nad_delegate(&c, Some(&w.source), "team", "unnamed", &Map::new()).expect("unnamed");
+        assert_eq!(serde_json::from_slice::<Value>(&d.bytes).expect("JSON")["name"], "unnamed");
+        let d = nad_delegate(&c, Some(&w.source), "team", "from-file", &Map::new()).expect("from confDir");
+        assert_eq!(d.conf["type"], "ipvlan");
+        assert_eq!(
+            nad_delegate(&c, Some(&w.source), "team", "broken", &Map::new()).expect_err("array").msg,
+            "NetworkAttachmentDefinition team/broken: spec.config is not a JSON object"
+        );
+        assert_eq!(
+            nad_delegate(&c, None, "team", "unnamed", &Map::new()).expect_err("no source").msg,
+            "NetworkAttachmentDefinition team/unnamed: no source of NADs is configured (kubeconfig or rustMultus.objectsDir)"
+        );
+        let gone = DirSource::new(w.dir.path().join("missing"));
+        let e = nad_delegate(&c, Some(&gone), "team", "unnamed", &Map::new()).expect_err("unreachable");
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+
+        let info = PodInfo {
+            uid: String::new(),
+            annotations: [(
+                NETWORKS_ANNOTATION.to_string(),
+                r#"[{"name":"unnamed","interface":"fast0","ips":["10.1.1.5/24"],"mac":"c2:11:22:33:44:55",
+                    "default-route":["10.1.1.1"],"cni-args":{"x":1}}]"#
+                    .to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let ds = delegates(&c, Some(&w.source), &Pod { namespace: "team", info: Some(&info) }, "eth0")
+            .expect("ok");
+        let d = &ds[1];
+        assert_eq!(
+            (d.ifname_request.as_str(), &d.ip_request, d.mac_request.as_str(), &d.gateway_request),
+            (
+                "fast0",
+                &vec!["10.1.1.5/24".to_string()],
+                "c2:11:22:33:44:55",
+                &Some(vec!["10.1.1.1".to_string()])
+            )
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&d.bytes).expect("JSON")["args"],
+            json!({"cni": {"x": 1}})
+        );
+        // The default route moves: the cluster network loses its IPv4 one, nobody keeps IPv6.
+        assert_eq!((ds[0].filter_v4_gateway, ds[0].filter_v6_gateway), (true, true));
+        assert_eq!((d.filter_v4_gateway, d.filter_v6_gateway), (false, true));
+    }
+}
