@@ -54,7 +54,7 @@ impl Node {
             ip(&["-n", ns.name(0), "link", "set", &peer, "up"]);
         }
         let cluster = json!({"cniVersion": "1.0.0", "name": "cluster-net", "type": "bridge", "bridge": "rmcbr0",
-            "isGateway": true, "ipam": {"type": "host-local", "subnet": "198.18.100.0/24",
+            "isGateway": true, "isDefaultGateway": true, "ipam": {"type": "host-local", "subnet": "198.18.100.0/24",
             "dataDir": dir.path().join("host-local")}});
         std::fs::write(dir.path().join("conf/10-cluster.conf"), cluster.to_string()).expect("conf");
         Node { dir, ns, server: String::new() }
@@ -533,4 +533,136 @@ fn bad_requests_reach_the_runtime_as_cni_errors() {
     // A pod the API does not know.
     let out = add_refused(&objects, &conf, "ghost");
     assert_eq!(out, json!({"cniVersion": "0.3.1", "code": 11, "msg": "pod team/ghost not found"}));
+}
+
+fn default_routes(ns: &str) -> Vec<String> {
+    ip(&["-n", ns, "-4", "route", "show", "default"]).lines().map(|l| l.trim().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_route_moves_to_the_requested_network_and_gc_removes_stale_pods() {
+    if skip("default_route_moves_to_the_requested_network_and_gc_removes_stale_pods", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("route", &["backend0"]);
+    let server = start_server(&mut node).await;
+    node.nad("backend", "backend0", "198.18.40.0/24", "backend");
+    node.pod("router", r#"[{"name":"backend","default-route":["198.18.40.254"]}]"#);
+    node.pod("plain", "backend");
+    let pods = Netns::new(&["mrouter", "mplain"]);
+    let conf = node.conf();
+    let (code, out, err) = node.multus("ADD", &pods.path(1), "plain", &conf);
+    assert_eq!(code, 0, "ADD plain: {out} {err}");
+    assert_eq!(default_routes(pods.name(1)), vec!["default via 198.18.100.1 dev eth0"]);
+    assert_eq!(out["routes"], json!([{"dst": "0.0.0.0/0", "gw": "198.18.100.1"}]));
+
+    let (code, out, err) = node.multus("ADD", &pods.path(0), "router", &conf);
+    assert_eq!(code, 0, "ADD router: {out} {err}");
+    // Multus' rule: the requested gateway is the pod's only IPv4 default route.
+    assert_eq!(default_routes(pods.name(0)), vec!["default via 198.18.40.254 dev net1"]);
+    assert_eq!(out["routes"], json!([]), "eth0's result lost its default route: {out}");
+    let cached: Value = serde_json::from_str(
+        &std::fs::read_to_string(node.path("cache/results/backend-cid-router-net1")).expect("libcni cache"),
+    )
+    .expect("JSON");
+    assert_eq!(cached["result"]["routes"], json!([{"dst": "0.0.0.0/0", "gw": "198.18.40.254"}]));
+    let (code, out, err) = node.multus("CHECK", &pods.path(0), "router", &conf);
+    assert_eq!(code, 0, "CHECK after the route moved: {out} {err}");
+
+    // GC (CNI 1.1.0): the runtime still lists the router only; the plain pod's networks go.
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "cid-router", "ifname": "eth0"}]);
+    let (code, out, err) = node.multus("GC", "", "gc", &gc);
+    assert_eq!(code, 0, "GC: {out} {err}");
+    assert!(
+        !link_exists(pods.name(1), "eth0") && !link_exists(pods.name(1), "net1"),
+        "plain pod's links stay"
+    );
+    assert!(link_exists(pods.name(0), "net1"), "the router keeps its networks");
+    let held: Vec<String> = leases(&server.endpoint).await.into_iter().map(|l| l.2).collect();
+    assert_eq!(held, vec!["cid-router"]);
+    assert_eq!(
+        cache_files(&node),
+        vec![
+            "cid-router",
+            "network-status/cid-router",
+            "results/backend-cid-router-net1",
+            "results/cluster-net-cid-router-eth0"
+        ]
+    );
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let (code, out, err) = node.multus("GC", "", "gc", &gc);
+    assert_eq!(code, 0, "GC of everything: {out} {err}");
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+    assert_eq!(cache_files(&node), Vec::<String>::new());
+    assert_eq!(host_local_leases(&node), Vec::<String>::new());
+}
+
+/// Runs rust-multus with `command` and no pod, here.
+fn plain(command: &str, conf: &Value) -> (i32, Value) {
+    let mut child = Command::new(multus_bin())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/nonexistent")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[test]
+fn status_needs_the_readiness_file_and_version_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("conf")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("conf/c.conf"),
+        r#"{"cniVersion":"1.0.0","name":"cluster-net","type":"bridge"}"#,
+    )
+    .expect("conf");
+    let ready = dir.path().join("ready");
+    let conf = json!({"cniVersion": "1.1.0", "name": "m", "clusterNetwork": "cluster-net",
+        "confDir": dir.path().join("conf"), "readinessindicatorfile": ready});
+    let (code, out) = plain("STATUS", &conf);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        json!({"cniVersion": "1.1.0", "code": 50, "msg": format!(
+            "readiness indicator file {} does not exist: the cluster network is not ready", ready.display())})
+    );
+    std::fs::write(&ready, "").expect("ready");
+    assert_eq!(plain("STATUS", &conf), (0, Value::Null));
+    // A 1.1.0 cluster network is asked too: its plugin is missing here.
+    std::fs::write(
+        dir.path().join("conf/c.conf"),
+        r#"{"cniVersion":"1.1.0","name":"cluster-net","type":"bridge"}"#,
+    )
+    .expect("conf");
+    let (code, out) = plain("STATUS", &conf);
+    assert_eq!(
+        (code, out["msg"].as_str()),
+        (
+            1,
+            Some(
+                "network \"cluster-net\": plugin \"bridge\" not found in CNI_PATH [/opt/cni/bin, /nonexistent]"
+            )
+        )
+    );
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("1.0.0");
+    assert_eq!(
+        plain("STATUS", &old).1["msg"],
+        "STATUS needs cniVersion 1.1.0 or later, the config has 1.0.0"
+    );
+    assert_eq!(
+        plain("VERSION", &json!({"cniVersion": "0.4.0"})),
+        (
+            0,
+            json!({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+        )
+    );
 }
