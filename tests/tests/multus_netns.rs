@@ -666,3 +666,131 @@ fn status_needs_the_readiness_file_and_version_answers() {
         )
     );
 }
+
+/// A delegate for the kube-source test: logs each call and answers ADD with an address
+/// derived from the interface (eth0 -> 10.0.0.5, net1 -> 10.1.0.5).
+const FAKE_NET: &str = r#"#!/bin/sh
+cat >/dev/null
+echo "$CNI_COMMAND $CNI_IFNAME $CNI_ARGS" >> "$(dirname "$0")/calls.log"
+n=$(echo "$CNI_IFNAME" | tr -dc 0-9)
+[ "$CNI_COMMAND" = ADD ] && printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","mac":"02:00:00:00:00:0%s","sandbox":"%s"}],"ips":[{"address":"10.%s.0.5/24","interface":0}]}' "$CNI_IFNAME" "$n" "$CNI_NETNS" "$n"
+exit 0
+"#;
+
+/// Runs rust-multus for pod team/web off the async runtime (the stand-in serves on it).
+async fn multus_blocking(
+    command: &'static str,
+    bin_dir: PathBuf,
+    netns: PathBuf,
+    conf: Value,
+) -> (i32, Value, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(multus_bin())
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "cid-web")
+            .env("CNI_NETNS", &netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &bin_dir)
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let standin = rust_ipam_e2e::kube_standin::KubeStandin::start().await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::fs::write(bin.join("fake-net"), FAKE_NET).expect("plugin");
+    std::fs::set_permissions(bin.join("fake-net"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let kubeconfig = dir.path().join("kubeconfig");
+    standin.kubeconfig(&kubeconfig, "default").expect("kubeconfig");
+    let nads = |ns: &str| format!("/apis/k8s.cni.cncf.io/v1/namespaces/{ns}/network-attachment-definitions");
+    let nad = |ns: &str, name: &str| {
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"config": r#"{"cniVersion":"1.0.0","type":"fake-net"}"#}})
+    };
+    standin.put_raw(&nads("kube-system"), nad("kube-system", "cluster"));
+    standin.put_raw(&nads("team"), nad("team", "fast"));
+    let pods = "/api/v1/namespaces/team/pods";
+    standin.put_raw(
+        pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "team",
+            "annotations": {"k8s.v1.cni.cncf.io/networks": "fast"}}}),
+    );
+    let uid = standin.objects(pods)[0]["metadata"]["uid"].as_str().expect("uid").to_string();
+    let conf = json!({"cniVersion": "0.4.0", "name": "m", "clusterNetwork": "cluster", "kubeconfig": kubeconfig,
+        "binDir": bin, "cniDir": dir.path().join("cache")});
+    let netns = dir.path().to_path_buf();
+    let status_of =
+        || standin.objects(pods)[0]["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"].clone();
+
+    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD: {out} {err}");
+    // The cluster network's result, in the conf's version (0.4.0 has ips[].version).
+    assert_eq!(out["cniVersion"], "0.4.0");
+    assert_eq!(out["ips"], json!([{"address": "10.0.0.5/24", "interface": 0, "version": "4"}]));
+    let status: Value =
+        serde_json::from_str(status_of().as_str().expect("merge-patched status")).expect("JSON");
+    assert_eq!(
+        status,
+        json!([{"name": "kube-system/cluster", "interface": "eth0", "ips": ["10.0.0.5"], "mac": "02:00:00:00:00:00",
+                "default": true, "dns": {}},
+               {"name": "team/fast", "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
+    );
+    let runtime =
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web";
+    let multus = |uid: &str| {
+        format!(
+            "IgnoreUnknown=true;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web;K8S_POD_UID={uid};{runtime}"
+        )
+    };
+    let calls = || {
+        std::fs::read_to_string(bin.join("calls.log"))
+            .expect("calls")
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(calls(), vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]);
+
+    // DEL while the API is up clears the annotation (merge patch with null).
+    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "DEL: {out} {err}");
+    assert_eq!(status_of(), Value::Null);
+    assert_eq!(calls()[2..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+
+    // DEL with the API down works from the cache.
+    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD again: {out} {err}");
+    standin.set_down(true);
+    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "DEL without the API: {out} {err}");
+    assert_eq!(calls()[6..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+    assert!(err.contains("clearing k8s.v1.cni.cncf.io/network-status of team/web"), "warning: {err}");
+    // ADD without the API: try again later, naming what failed.
+    let (code, out, _) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(
+        out["msg"].as_str().is_some_and(|m| m.starts_with("pod team/web: API server answered 503")),
+        "{out}"
+    );
+}

@@ -257,6 +257,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn kube_err(e: kube::Error, what: &str) -> SourceError {
     match e {
+        // Overload and server errors are the API being away, not a bad object.
+        kube::Error::Api(s) if s.code == 429 || s.code >= 500 => {
+            SourceError::Unreachable(format!("{what}: API server answered {} {}", s.code, s.message))
+        }
         kube::Error::Api(s) => SourceError::Invalid(format!("{what}: {} ({})", s.message, s.reason)),
         other => SourceError::Unreachable(format!("{what}: {other}")),
     }
@@ -285,6 +289,9 @@ impl KubeSource {
                     SourceError::Unreachable(format!("no kubeconfig and no in-cluster service account: {e}"))
                 })?,
             };
+            // kube's default retries a 503 fifteen times with backoff (minutes): a CNI
+            // command must answer, and the runtime retries ADD itself.
+            config.default_retry = false;
             config.connect_timeout = Some(CONNECT_TIMEOUT);
             config.read_timeout = Some(READ_TIMEOUT);
             kube::Client::try_from(config)
