@@ -73,7 +73,12 @@ impl Node {
 
     /// A NAD (YAML) whose delegate is the backend type on `master` with rust-ipam.
     fn nad(&self, name: &str, master: &str, range: &str, network: &str) {
-        let config = json!({"cniVersion": "1.0.0", "name": name, "type": BACKEND_TYPE, "master": master,
+        self.nad_with(name, master, range, network, json!({}));
+    }
+
+    /// As [`Node::nad`], with `capabilities` in the config.
+    fn nad_with(&self, name: &str, master: &str, range: &str, network: &str, caps: Value) {
+        let config = json!({"capabilities": caps, "cniVersion": "1.0.0", "name": name, "type": BACKEND_TYPE, "master": master,
             "mode": "bridge", "ipam": {"type": "rust-ipam", "range": range, "network_name": network,
             "server": self.server}});
         let yaml = format!(
@@ -290,12 +295,10 @@ async fn four_rails_with_requested_names_and_a_static_ip() {
     let mut node = Node::new("rails", &["rail0", "rail1", "rail2", "rail3"]);
     let server = start_server(&mut node).await;
     for r in 0..4 {
-        node.nad(
-            &format!("rail-{r}"),
-            &format!("rail{r}"),
-            &format!("198.18.{}.0/24", 10 + r),
-            &format!("rail{r}"),
-        );
+        // rail-1 declares the `ips` capability: its static IP comes as runtimeConfig too.
+        let caps = if r == 1 { json!({"ips": true}) } else { json!({}) };
+        let (name, master) = (format!("rail-{r}"), format!("rail{r}"));
+        node.nad_with(&name, &master, &format!("198.18.{}.0/24", 10 + r), &master, caps);
     }
     // The 8-rail GPU layout, cut to four: one subnet per rail, names asked for two of them.
     let networks = r#"[{"name":"rail-0","interface":"gpu0"},{"name":"rail-1","interface":"gpu1","ips":["198.18.11.42/24"]},{"name":"rail-2"},{"namespace":"team","name":"rail-3"}]"#;
