@@ -797,3 +797,86 @@ async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
         "{out}"
     );
 }
+
+/// As [`FAKE_NET`], but DEL of an interface fails while `fail-<ifname>` exists beside it.
+const FLAKY_NET: &str = r#"#!/bin/sh
+cat >/dev/null
+d=$(dirname "$0")
+echo "$CNI_COMMAND $CNI_IFNAME" >> "$d/calls.log"
+if [ "$CNI_COMMAND" = DEL ] && [ -e "$d/fail-$CNI_IFNAME" ]; then
+  printf '{"cniVersion":"1.0.0","code":11,"msg":"cannot delete %s"}' "$CNI_IFNAME"; exit 1
+fi
+[ "$CNI_COMMAND" = ADD ] && printf '{"cniVersion":"1.0.0","ips":[{"address":"10.9.0.5/24"}]}'
+exit 0
+"#;
+
+fn run_here(command: &str, conf: &Value, bin: &Path) -> (i32, Value) {
+    let mut child = Command::new(multus_bin())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "cid-flaky")
+        .env("CNI_NETNS", "/nonexistent/netns")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin)
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME=flaky"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+#[test]
+fn del_tries_every_delegate_and_reports_every_failure() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, objects, confdir) =
+        (dir.path().join("bin"), dir.path().join("objects"), dir.path().join("conf"));
+    for d in [&bin, &objects, &confdir] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    std::fs::write(bin.join("flaky"), FLAKY_NET).expect("plugin");
+    std::fs::set_permissions(bin.join("flaky"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(confdir.join("c.conf"), r#"{"cniVersion":"1.0.0","name":"cluster-net","type":"flaky"}"#)
+        .expect("conf");
+    for name in ["a", "b"] {
+        let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": POD_NS}, "spec": {"config": r#"{"cniVersion":"1.0.0","type":"flaky"}"#}});
+        std::fs::write(objects.join(format!("nad-{name}.json")), nad.to_string()).expect("nad");
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "flaky", "namespace": POD_NS,
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "a,b"}}});
+    std::fs::write(objects.join("pod.json"), pod.to_string()).expect("pod");
+    let cache = dir.path().join("cache");
+    let conf = json!({"cniVersion": "1.0.0", "name": "m", "clusterNetwork": "cluster-net", "confDir": confdir,
+        "cniDir": cache, "binDir": bin, "rustMultus": {"objectsDir": objects}});
+    assert_eq!(
+        run_here("ADD", &conf, &bin),
+        (0, json!({"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}))
+    );
+    std::fs::write(bin.join("fail-eth0"), "").expect("marker");
+    std::fs::write(bin.join("fail-net2"), "").expect("marker");
+    let (code, out) = run_here("DEL", &conf, &bin);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        json!({"cniVersion": "1.0.0", "code": 11, "msg": "error deleting 2 of 3 networks: network \"team/b\" (net2): cannot delete net2 / network \"cluster-net\" (eth0): cannot delete eth0"})
+    );
+    let calls = || {
+        std::fs::read_to_string(bin.join("calls.log"))
+            .expect("log")
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(calls(), ["ADD eth0", "ADD net1", "ADD net2", "DEL net2", "DEL net1", "DEL eth0"]);
+    assert!(cache.join("cid-flaky").exists(), "the cache stays for the runtime's retry");
+    std::fs::remove_file(bin.join("fail-eth0")).expect("rm");
+    std::fs::remove_file(bin.join("fail-net2")).expect("rm");
+    assert_eq!(run_here("DEL", &conf, &bin), (0, Value::Null));
+    assert_eq!(calls()[6..], ["DEL net2", "DEL net1", "DEL eth0"]);
+    assert!(!cache.join("cid-flaky").exists());
+}
