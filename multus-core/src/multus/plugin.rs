@@ -556,3 +556,62 @@ fn status(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn results_change_shape_with_the_version() {
+        let v1 = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
+            "ips": [{"address": "10.0.0.5/24", "interface": 0}, {"address": "fd00::5/64"}]});
+        let old = convert_result(&v1, "0.3.1");
+        assert_eq!(
+            old,
+            json!({"cniVersion": "0.3.1", "interfaces": [{"name": "eth0"}],
+                "ips": [{"address": "10.0.0.5/24", "interface": 0, "version": "4"},
+                        {"address": "fd00::5/64", "version": "6"}]})
+        );
+        let mut back = v1.clone();
+        back["cniVersion"] = json!("1.1.0");
+        assert_eq!(convert_result(&old, "1.1.0"), back);
+    }
+
+    #[test]
+    fn the_environment_each_command_needs() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let e = Invocation::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c")]))
+            .expect_err("no ifname");
+        assert_eq!((e.code, e.msg.as_str()), (code::INVALID_ENV, "CNI_IFNAME is not set (ADD needs it)"));
+        let e = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ]))
+        .expect_err("no netns");
+        assert_eq!(e.msg, "CNI_NETNS is not set (CHECK needs it)");
+        let del = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/a::/b"),
+        ]))
+        .expect("DEL without a netns");
+        assert_eq!(del.path, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert!(Invocation::from_env(env(&[("CNI_COMMAND", "GC")])).is_ok());
+        let inv = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/n"),
+        ]))
+        .expect("ADD");
+        let (e, v) = run(&inv, br#"{"cniVersion":"0.2.0","clusterNetwork":"x"}"#).expect_err("old version");
+        assert_eq!((e.code, v.as_str()), (code::INCOMPATIBLE_VERSION, "0.2.0"));
+        let (e, v) = run(&inv, b"{").expect_err("not JSON");
+        assert_eq!((e.code, v.as_str()), (code::DECODE, LATEST_VERSION));
+    }
+}
