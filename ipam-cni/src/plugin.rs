@@ -161,7 +161,14 @@ async fn add(
     cni::check_ipam_extras(&ipam.routes, ipam.dns.as_ref())?;
     let mut requested: Vec<String> = conf.static_ips.clone();
     let ip_arg = inv.args.get("IP");
-    requested.extend(ip_arg.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+    // Multus passes a static request twice, as `IP=` and as the `ips` capability when the
+    // config declares it: one address, asked for once.
+    let addr = |s: &str| s.split_once('/').map_or(s, |(a, _)| a).to_string();
+    for ip in ip_arg.split(',').filter(|s| !s.is_empty()) {
+        if !requested.iter().any(|r| addr(r) == addr(ip)) {
+            requested.push(ip.to_string());
+        }
+    }
     let req = pb::AllocateRequest {
         attachment: Some(attachment(inv, ipam)),
         network: ipam.network_name.clone(),

@@ -1,0 +1,258 @@
+//! The meta-plugin's network configuration (what the runtime passes on stdin): Multus' keys,
+//! their defaults, and this plugin's own `rustMultus` section.
+
+use std::path::PathBuf;
+
+use ipam_cni::cni::{CniError, code};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// Multus' default for `cniDir`: the delegate cache.
+pub const DEFAULT_CNI_DIR: &str = "/var/lib/cni/multus";
+/// Multus' default for `confDir`: where cluster networks named by file or conf name live.
+pub const DEFAULT_CONF_DIR: &str = "/etc/cni/multus/net.d";
+/// Multus' default for `binDir`.
+pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
+/// Multus' default for `multusNamespace`.
+pub const DEFAULT_MULTUS_NAMESPACE: &str = "kube-system";
+/// Multus' default for `globalNamespaces`.
+pub const DEFAULT_GLOBAL_NAMESPACE: &str = "default";
+/// Multus' default for `systemNamespaces`.
+pub const DEFAULT_SYSTEM_NAMESPACE: &str = "kube-system";
+
+/// The configuration, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultusConf {
+    pub cni_version: String,
+    pub name: String,
+    /// Network of `eth0` (the runtime's ifname): a NAD name (in `multusNamespace`), a
+    /// `namespace/name`, a path to a conf file or directory, or a conf name in `confDir`.
+    pub cluster_network: Option<String>,
+    /// Networks every pod gets after the cluster network (except in `systemNamespaces`).
+    pub default_networks: Vec<String>,
+    /// Inline delegates (Multus' older form): the first one is the cluster network.
+    pub delegates: Vec<Value>,
+    pub kubeconfig: Option<PathBuf>,
+    pub cni_dir: PathBuf,
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub multus_namespace: String,
+    pub namespace_isolation: bool,
+    /// Namespaces whose NADs any pod may use under `namespaceIsolation`.
+    pub global_namespaces: Vec<String>,
+    pub system_namespaces: Vec<String>,
+    pub readiness_indicator_file: Option<PathBuf>,
+    /// Capability arguments from the runtime, passed to the cluster network.
+    pub runtime_config: Map<String, Value>,
+    /// Where warnings go (Multus' `logFile`); `None`: stderr.
+    pub log_file: Option<PathBuf>,
+    /// `rustMultus.objectsDir`: read Pods and NADs from YAML files instead of the API.
+    pub objects_dir: Option<PathBuf>,
+    /// GC: `cni.dev/valid-attachments`, as (container ID, ifname).
+    pub valid_attachments: Vec<(String, String)>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Raw {
+    #[serde(default)]
+    cni_version: String,
+    #[serde(default)]
+    name: String,
+    cluster_network: Option<String>,
+    default_networks: Option<Vec<String>>,
+    delegates: Option<Vec<Value>>,
+    kubeconfig: Option<String>,
+    cni_dir: Option<String>,
+    conf_dir: Option<String>,
+    bin_dir: Option<String>,
+    multus_namespace: Option<String>,
+    namespace_isolation: Option<bool>,
+    /// A comma-separated string in Multus.
+    global_namespaces: Option<String>,
+    system_namespaces: Option<Vec<String>>,
+    #[serde(rename = "readinessindicatorfile")]
+    readiness_indicator_file: Option<String>,
+    runtime_config: Option<Map<String, Value>>,
+    log_file: Option<String>,
+    rust_multus: Option<RustMultus>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+    #[serde(rename = "cni.dev/attachments")]
+    old_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RustMultus {
+    objects_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+fn invalid(msg: impl Into<String>) -> CniError {
+    CniError::new(code::INVALID_CONFIG, msg)
+}
+
+fn path(v: Option<String>) -> Option<PathBuf> {
+    v.filter(|s| !s.is_empty()).map(PathBuf::from)
+}
+
+impl MultusConf {
+    /// Parses stdin. Unknown keys are ignored, as Multus ignores them.
+    pub fn parse(stdin: &[u8]) -> Result<MultusConf, CniError> {
+        let raw: Raw = serde_json::from_slice(stdin)
+            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not valid: {e}")))?;
+        if raw.cni_version.is_empty() {
+            return Err(invalid("cniVersion is missing from the network configuration"));
+        }
+        let cluster_network = raw.cluster_network.filter(|s| !s.trim().is_empty()).map(|s| s.trim().into());
+        let delegates = raw.delegates.unwrap_or_default();
+        if cluster_network.is_none() && delegates.is_empty() {
+            return Err(invalid("the configuration needs clusterNetwork or delegates (neither is set)"));
+        }
+        for (i, d) in delegates.iter().enumerate() {
+            if !d.is_object() {
+                return Err(invalid(format!("delegates[{i}] is {d}, not a network configuration object")));
+            }
+        }
+        let global_namespaces = match raw.global_namespaces {
+            Some(s) if !s.trim().is_empty() => {
+                s.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect()
+            }
+            _ => vec![DEFAULT_GLOBAL_NAMESPACE.to_string()],
+        };
+        let objects_dir = match raw.rust_multus {
+            Some(r) => {
+                let d = path(r.objects_dir);
+                if d.is_none() {
+                    return Err(invalid("rustMultus.objectsDir is empty"));
+                }
+                d
+            }
+            None => None,
+        };
+        let valid_attachments = raw
+            .valid_attachments
+            .or(raw.old_attachments)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect();
+        Ok(MultusConf {
+            cni_version: raw.cni_version,
+            name: raw.name,
+            cluster_network,
+            default_networks: raw.default_networks.unwrap_or_default(),
+            delegates,
+            kubeconfig: path(raw.kubeconfig),
+            cni_dir: path(raw.cni_dir).unwrap_or_else(|| DEFAULT_CNI_DIR.into()),
+            conf_dir: path(raw.conf_dir).unwrap_or_else(|| DEFAULT_CONF_DIR.into()),
+            bin_dir: path(raw.bin_dir).unwrap_or_else(|| DEFAULT_BIN_DIR.into()),
+            multus_namespace: raw
+                .multus_namespace
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_MULTUS_NAMESPACE.into()),
+            namespace_isolation: raw.namespace_isolation.unwrap_or(false),
+            global_namespaces,
+            system_namespaces: raw
+                .system_namespaces
+                .unwrap_or_else(|| vec![DEFAULT_SYSTEM_NAMESPACE.to_string()]),
+            readiness_indicator_file: path(raw.readiness_indicator_file),
+            runtime_config: raw.runtime_config.unwrap_or_default(),
+            log_file: path(raw.log_file),
+            objects_dir,
+            valid_attachments,
+        })
+    }
+
+    /// Where delegate binaries are looked for: `binDir` first, then `CNI_PATH`.
+    pub fn plugin_path(&self, cni_path: &[PathBuf]) -> Vec<PathBuf> {
+        let mut out = vec![self.bin_dir.clone()];
+        out.extend(cni_path.iter().filter(|p| **p != self.bin_dir).cloned());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<MultusConf, CniError> {
+        MultusConf::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn multus_defaults_apply() {
+        let c = parse(json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus",
+            "clusterNetwork": "default-net"}))
+        .expect("valid");
+        assert_eq!(c.cluster_network.as_deref(), Some("default-net"));
+        assert_eq!(c.cni_dir, PathBuf::from("/var/lib/cni/multus"));
+        assert_eq!(c.conf_dir, PathBuf::from("/etc/cni/multus/net.d"));
+        assert_eq!(c.bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert_eq!(c.multus_namespace, "kube-system");
+        assert!(!c.namespace_isolation);
+        assert_eq!(c.global_namespaces, vec!["default"]);
+        assert_eq!(c.system_namespaces, vec!["kube-system"]);
+        assert_eq!((c.kubeconfig, c.objects_dir, c.readiness_indicator_file), (None, None, None));
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(json!({"cniVersion": "0.3.1", "name": "m", "clusterNetwork": " k8s-pod-network ",
+            "defaultNetworks": ["a", "b"], "kubeconfig": "/etc/kc", "cniDir": "/c", "confDir": "/d",
+            "binDir": "/b", "multusNamespace": "multus", "namespaceIsolation": true,
+            "globalNamespaces": "default, shared ,", "systemNamespaces": ["kube-system", "ops"],
+            "readinessindicatorfile": "/run/ready", "logFile": "/var/log/m.log",
+            "runtimeConfig": {"portMappings": []}, "rustMultus": {"objectsDir": "/objs"},
+            "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]}))
+        .expect("valid");
+        assert_eq!(c.cluster_network.as_deref(), Some("k8s-pod-network"));
+        assert_eq!(c.default_networks, vec!["a", "b"]);
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/etc/kc")));
+        assert_eq!(
+            (c.cni_dir.to_str(), c.conf_dir.to_str(), c.bin_dir.to_str()),
+            (Some("/c"), Some("/d"), Some("/b"))
+        );
+        assert_eq!(c.multus_namespace, "multus");
+        assert!(c.namespace_isolation);
+        assert_eq!(c.global_namespaces, vec!["default", "shared"]);
+        assert_eq!(c.system_namespaces, vec!["kube-system", "ops"]);
+        assert_eq!(c.readiness_indicator_file, Some(PathBuf::from("/run/ready")));
+        assert_eq!(c.objects_dir, Some(PathBuf::from("/objs")));
+        assert_eq!(c.runtime_config.get("portMappings"), Some(&json!([])));
+        assert_eq!(c.valid_attachments, vec![("c1".to_string(), "eth0".to_string())]);
+        assert_eq!(
+            c.plugin_path(&[PathBuf::from("/x"), PathBuf::from("/b")]),
+            vec![PathBuf::from("/b"), PathBuf::from("/x")]
+        );
+    }
+
+    #[test]
+    fn bad_configurations_are_named() {
+        let e = parse(json!({"cniVersion": "1.0.0", "name": "m"})).expect_err("no networks");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (7, "the configuration needs clusterNetwork or delegates (neither is set)")
+        );
+        let e = parse(json!({"name": "m", "clusterNetwork": "x"})).expect_err("no version");
+        assert_eq!(e.msg, "cniVersion is missing from the network configuration");
+        let e = parse(json!({"cniVersion": "1.0.0", "delegates": [1]})).expect_err("bad delegate");
+        assert_eq!(e.msg, "delegates[0] is 1, not a network configuration object");
+        let e =
+            parse(json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "rustMultus": {"objectDir": "/o"}}))
+                .expect_err("typo");
+        assert_eq!(e.code, code::DECODE);
+        assert!(e.msg.contains("unknown field `objectDir`"), "{e}");
+        let e = parse(json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "namespaceIsolation": "yes"}))
+            .expect_err("bool");
+        assert!(e.msg.starts_with("network configuration is not valid: invalid type: string \"yes\""), "{e}");
+    }
+}

@@ -1,0 +1,585 @@
+//! The CNI commands of the meta-plugin.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipam_cni::cni::{self, CniArgs, CniError, Command, LATEST_VERSION, code};
+use serde_json::{Map, Value};
+
+use super::cache;
+use super::config::MultusConf;
+use super::delegate::{self, Attachment, Delegate, PodArgs};
+use super::resolve::{self, Pod};
+use super::route;
+use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
+use crate::exec;
+use crate::status::{self, NETWORK_STATUS_ANNOTATION};
+
+/// One call of the plugin: the CNI_* environment.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub command: Command,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    /// `CNI_ARGS` as the runtime gave it.
+    pub args: String,
+    pub path: Vec<PathBuf>,
+}
+
+impl Invocation {
+    /// Reads the environment through `get`; checks what each command needs.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Invocation, CniError> {
+        let var = |k: &str| get(k).unwrap_or_default();
+        let command = Command::parse(&var("CNI_COMMAND"))?;
+        let inv = Invocation {
+            command,
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            ifname: var("CNI_IFNAME"),
+            args: var("CNI_ARGS"),
+            path: exec::split_path(&var("CNI_PATH")),
+        };
+        let mut need = Vec::new();
+        if matches!(command, Command::Add | Command::Del | Command::Check) {
+            need.extend(["CNI_CONTAINERID", "CNI_IFNAME"]);
+        }
+        if matches!(command, Command::Add | Command::Check) {
+            need.push("CNI_NETNS");
+        }
+        for k in need {
+            if var(k).is_empty() {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("{k} is not set ({} needs it)", command.name()),
+                ));
+            }
+        }
+        Ok(inv)
+    }
+}
+
+/// Runs one command: the result to print (if any), or the error and the version to print
+/// it in.
+pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>, (CniError, String)> {
+    let version_of = |stdin: &[u8]| {
+        serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| LATEST_VERSION.to_string())
+    };
+    if inv.command == Command::Version {
+        return Ok(Some(cni::version_info(&version_of(stdin))));
+    }
+    let conf = MultusConf::parse(stdin).map_err(|e| (e, version_of(stdin)))?;
+    let fail = |e: CniError| (e, conf.cni_version.clone());
+    cni::check_version(inv.command, &conf.cni_version).map_err(fail)?;
+    let log = Log { file: conf.log_file.clone() };
+    match inv.command {
+        Command::Add => add(inv, &conf, &log).map(Some).map_err(fail),
+        Command::Del => del(inv, &conf, &log).map(|()| None).map_err(fail),
+        Command::Check => check(inv, &conf).map(|()| None).map_err(fail),
+        Command::Gc => gc(inv, &conf, &log).map(|()| None).map_err(fail),
+        Command::Status => status(inv, &conf).map(|()| None).map_err(fail),
+        Command::Version => Ok(None),
+    }
+}
+
+/// Warnings: Multus' `logFile`, else stderr.
+#[derive(Debug)]
+struct Log {
+    file: Option<PathBuf>,
+}
+
+impl Log {
+    fn warn(&self, msg: &str) {
+        let line = format!("rust-multus: warning: {msg}\n");
+        if let Some(f) = &self.file
+            && let Ok(mut out) = std::fs::OpenOptions::new().create(true).append(true).open(f)
+        {
+            let _ = out.write_all(line.as_bytes());
+            return;
+        }
+        eprint!("{line}");
+    }
+}
+
+fn open_source(conf: &MultusConf) -> Result<Option<Box<dyn ObjectSource>>, SourceError> {
+    if let Some(dir) = &conf.objects_dir {
+        return Ok(Some(Box::new(DirSource::new(dir))));
+    }
+    if let Some(kc) = &conf.kubeconfig {
+        return Ok(Some(Box::new(KubeSource::new(Some(kc))?)));
+    }
+    Ok(None)
+}
+
+fn source_err(e: SourceError) -> CniError {
+    match e {
+        SourceError::Unreachable(m) => CniError::new(code::TRY_AGAIN_LATER, m),
+        SourceError::Invalid(m) => CniError::new(code::INVALID_CONFIG, m),
+    }
+}
+
+/// The pod's identity from `CNI_ARGS`.
+fn pod_args(inv: &Invocation, rargs: &CniArgs) -> PodArgs {
+    let infra = rargs.get("K8S_POD_INFRA_CONTAINER_ID");
+    PodArgs {
+        namespace: rargs.get("K8S_POD_NAMESPACE").to_string(),
+        name: rargs.get("K8S_POD_NAME").to_string(),
+        infra_container_id: if infra.is_empty() { inv.container_id.clone() } else { infra.to_string() },
+        uid: rargs.get("K8S_POD_UID").to_string(),
+    }
+}
+
+/// Capability arguments of delegate `idx`: the pod's request, and for the cluster network
+/// the runtime's own `runtimeConfig`.
+fn caps(conf: &MultusConf, d: &Delegate, idx: usize) -> Map<String, Value> {
+    let mut m = if idx == 0 { conf.runtime_config.clone() } else { Map::new() };
+    m.extend(d.capability_args());
+    m
+}
+
+fn attachment<'a>(
+    inv: &'a Invocation,
+    conf: &'a MultusConf,
+    path: &'a [PathBuf],
+    ifname: &'a str,
+    args: Vec<(String, String)>,
+    capability_args: Map<String, Value>,
+) -> Attachment<'a> {
+    Attachment {
+        container_id: &inv.container_id,
+        netns: &inv.netns,
+        ifname,
+        args,
+        capability_args,
+        path,
+        cache_dir: &conf.cni_dir,
+    }
+}
+
+fn add(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<Value, CniError> {
+    let rargs = CniArgs::parse(&inv.args)?;
+    let mut pod = pod_args(inv, &rargs);
+    let source = open_source(conf).map_err(source_err)?;
+    let info = match (&source, pod.namespace.is_empty() || pod.name.is_empty()) {
+        (Some(s), false) => Some(s.pod(&pod.namespace, &pod.name).map_err(source_err)?.ok_or_else(|| {
+            CniError::new(code::TRY_AGAIN_LATER, format!("pod {}/{} not found", pod.namespace, pod.name))
+        })?),
+        _ => None,
+    };
+    if let Some(info) = &info {
+        if !pod.uid.is_empty() && !info.uid.is_empty() && pod.uid != info.uid {
+            return Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!(
+                    "pod {}/{}: expected UID {:?} (K8S_POD_UID) but the API has {:?}",
+                    pod.namespace, pod.name, pod.uid, info.uid
+                ),
+            ));
+        }
+        if pod.uid.is_empty() {
+            pod.uid = info.uid.clone();
+        }
+    }
+    let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
+    let delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
+    let path = conf.plugin_path(&inv.path);
+    let mut results: Vec<Value> = Vec::with_capacity(delegates.len());
+    for idx in 0..delegates.len() {
+        let d = &delegates[idx];
+        let ifname = d.ifname(&inv.ifname, idx);
+        let args = delegate::cni_args(&pod, &inv.args, &d.ip_request, &d.mac_request);
+        let a = attachment(inv, conf, &path, &ifname, args, caps(conf, d, idx));
+        let added = delegate::add(d, &a).and_then(|r| default_route(inv, conf, d, &ifname, r));
+        match added {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                rollback(inv, conf, &pod, &delegates[..=idx], &path, log);
+                return Err(CniError::new(
+                    e.code,
+                    format!("error adding container to network {:?} ({ifname}): {}", d.name, e.msg),
+                )
+                .with_details(e.details));
+            }
+        }
+    }
+    let mut statuses = Vec::with_capacity(results.len());
+    for (idx, (d, r)) in delegates.iter().zip(&results).enumerate() {
+        match status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0) {
+            Ok(s) => statuses.push(s),
+            Err(e) => {
+                rollback(inv, conf, &pod, &delegates, &path, log);
+                return Err(CniError::new(code::INVALID_CONFIG, e.to_string()));
+            }
+        }
+    }
+    // The cluster network's result, in the shape of the runtime's version.
+    let answer = match cni::CniResult::parse(&results[0]) {
+        Ok(r) => r.render(&conf.cni_version),
+        Err(e) => {
+            rollback(inv, conf, &pod, &delegates, &path, log);
+            return Err(CniError::new(e.code, format!("the cluster network's result: {}", e.msg)));
+        }
+    };
+    let status_json = serde_json::to_string(&statuses).unwrap_or_default();
+    if let Err(e) = cache::save(&conf.cni_dir, &inv.container_id, &delegates, &status_json) {
+        rollback(inv, conf, &pod, &delegates, &path, log);
+        return Err(e);
+    }
+    if let (Some(s), Some(_)) = (&source, &info)
+        && let Err(e) =
+            s.annotate_pod(&pod.namespace, &pod.name, NETWORK_STATUS_ANNOTATION, Some(&status_json))
+    {
+        log.warn(&format!("writing {NETWORK_STATUS_ANNOTATION} of pod {}/{}: {e}", pod.namespace, pod.name));
+    }
+    Ok(answer)
+}
+
+/// Applies a `default-route` request (Multus: the network's gateway becomes the pod's
+/// default route, every other network loses its default route of that family) to the
+/// namespace and to the result.
+fn default_route(
+    inv: &Invocation,
+    conf: &MultusConf,
+    d: &Delegate,
+    ifname: &str,
+    mut result: Value,
+) -> Result<Value, CniError> {
+    let (v4, v6) = (d.filter_v4_gateway, d.filter_v6_gateway);
+    let gws: Vec<IpAddr> = d.gateway_request.iter().flatten().filter_map(|g| g.parse().ok()).collect();
+    if !v4 && !v6 && gws.is_empty() {
+        return Ok(result);
+    }
+    if v4 {
+        route::delete_default(&inv.netns, ifname, false)?;
+    }
+    if v6 {
+        route::delete_default(&inv.netns, ifname, true)?;
+    }
+    route::result_without_default(
+        &mut result,
+        v4 || gws.iter().any(IpAddr::is_ipv4),
+        v6 || gws.iter().any(IpAddr::is_ipv6),
+    );
+    for gw in &gws {
+        route::delete_default(&inv.netns, ifname, gw.is_ipv6())?;
+        route::add_default(&inv.netns, ifname, *gw)?;
+        route::result_with_default(&mut result, *gw);
+    }
+    // The cached result is what CHECK compares against: keep it in step.
+    if let Ok(net) = d.network() {
+        let p = delegate::result_path(&conf.cni_dir, &net.name, &inv.container_id, ifname);
+        if let Some(mut c) = delegate::read_result(&p) {
+            c.result = result.clone();
+            delegate::write_result(&p, &c)?;
+        }
+    }
+    Ok(result)
+}
+
+/// Deletes `delegates` in reverse order after a failed ADD, best effort.
+fn rollback(
+    inv: &Invocation,
+    conf: &MultusConf,
+    pod: &PodArgs,
+    delegates: &[Delegate],
+    path: &[PathBuf],
+    log: &Log,
+) {
+    for (idx, d) in delegates.iter().enumerate().rev() {
+        let ifname = d.ifname(&inv.ifname, idx);
+        let args = delegate::cni_args(pod, &inv.args, &[], "");
+        let a = attachment(inv, conf, path, &ifname, args, caps(conf, d, idx));
+        if let Err(e) = delegate::del(d, &a) {
+            log.warn(&format!("undoing network {:?} ({ifname}) after a failed ADD: {e}", d.name));
+        }
+    }
+}
+
+/// Deletes every delegate in reverse order, past failures; all of them are reported.
+fn del_all(
+    inv: &Invocation,
+    conf: &MultusConf,
+    pod: &PodArgs,
+    delegates: &[Delegate],
+    path: &[PathBuf],
+) -> Result<(), CniError> {
+    let mut errors: Vec<CniError> = Vec::new();
+    for (idx, d) in delegates.iter().enumerate().rev() {
+        let ifname = d.ifname(&inv.ifname, idx);
+        let args = delegate::cni_args(pod, &inv.args, &[], "");
+        let a = attachment(inv, conf, path, &ifname, args, caps(conf, d, idx));
+        if let Err(e) = delegate::del(d, &a) {
+            errors.push(CniError::new(e.code, format!("network {:?} ({ifname}): {}", d.name, e.msg)));
+        }
+    }
+    match errors.first() {
+        None => Ok(()),
+        Some(first) => Err(CniError::new(
+            first.code,
+            format!(
+                "error deleting {} of {} networks: {}",
+                errors.len(),
+                delegates.len(),
+                errors.iter().map(|e| e.msg.as_str()).collect::<Vec<_>>().join(" / ")
+            ),
+        )),
+    }
+}
+
+fn del(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
+    let rargs = CniArgs::parse(&inv.args)?;
+    let pod = pod_args(inv, &rargs);
+    let path = conf.plugin_path(&inv.path);
+    let has_pod = !pod.namespace.is_empty() && !pod.name.is_empty();
+    let delegates = match cache::load(&conf.cni_dir, &inv.container_id)? {
+        Some(d) => d,
+        None => {
+            // No cache: the delegates can only come from the API, and only while the pod is
+            // there. Without either, the pod is gone and there is nothing to undo.
+            let found = (|| -> Result<Option<Vec<Delegate>>, CniError> {
+                let Some(source) = open_source(conf).map_err(source_err)? else { return Ok(None) };
+                if !has_pod {
+                    return Ok(None);
+                }
+                let Some(info) = source.pod(&pod.namespace, &pod.name).map_err(source_err)? else {
+                    return Ok(None);
+                };
+                let p = Pod { namespace: &pod.namespace, info: Some(&info) };
+                resolve::delegates(conf, Some(source.as_ref()), &p, &inv.ifname).map(Some)
+            })();
+            match found {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    log.warn(&format!(
+                        "DEL of container {}: no delegate cache in {} and no pod to ask; nothing to delete",
+                        inv.container_id,
+                        conf.cni_dir.display()
+                    ));
+                    return Ok(());
+                }
+                Err(e) => {
+                    log.warn(&format!(
+                        "DEL of container {}: no delegate cache in {} and the pod's networks cannot be read ({}); assuming the pod is gone",
+                        inv.container_id,
+                        conf.cni_dir.display(),
+                        e.msg
+                    ));
+                    return Ok(());
+                }
+            }
+        }
+    };
+    // Clear the pod's network-status while its sandbox is still there, as Multus does.
+    if has_pod && !inv.netns.is_empty() && Path::new(&inv.netns).exists() {
+        match open_source(conf) {
+            Ok(Some(s)) => {
+                if let Err(e) = s.annotate_pod(&pod.namespace, &pod.name, NETWORK_STATUS_ANNOTATION, None) {
+                    log.warn(&format!(
+                        "clearing {NETWORK_STATUS_ANNOTATION} of {}/{}: {e}",
+                        pod.namespace, pod.name
+                    ));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log.warn(&format!("clearing {NETWORK_STATUS_ANNOTATION}: {e}")),
+        }
+    }
+    del_all(inv, conf, &pod, &delegates, &path)?;
+    // Kept on failure so that the runtime's retry still knows every network.
+    cache::remove(&conf.cni_dir, &inv.container_id);
+    Ok(())
+}
+
+fn check(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
+    let rargs = CniArgs::parse(&inv.args)?;
+    let pod = pod_args(inv, &rargs);
+    let path = conf.plugin_path(&inv.path);
+    let delegates = cache::load(&conf.cni_dir, &inv.container_id)?.ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "CHECK: container {} has no delegate cache in {}",
+                inv.container_id,
+                conf.cni_dir.display()
+            ),
+        )
+    })?;
+    for (idx, d) in delegates.iter().enumerate() {
+        let ifname = d.ifname(&inv.ifname, idx);
+        let args = delegate::cni_args(&pod, &inv.args, &[], "");
+        let a = attachment(inv, conf, &path, &ifname, args, caps(conf, d, idx));
+        delegate::check(d, &a).map_err(|e| {
+            CniError::new(e.code, format!("network {:?} ({ifname}): {}", d.name, e.msg))
+                .with_details(e.details)
+        })?;
+    }
+    Ok(())
+}
+
+/// The runtime ifname a container used for its cluster network, from libcni's result cache
+/// (Multus' cache does not record it).
+fn cluster_ifname(
+    conf: &MultusConf,
+    d: &Delegate,
+    container_id: &str,
+) -> Option<(String, delegate::CachedResult)> {
+    let net = d.network().ok()?;
+    let prefix = format!("{}-{container_id}-", net.name);
+    let dir = conf.cni_dir.join("results");
+    std::fs::read_dir(&dir).ok()?.filter_map(Result::ok).find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let ifname = name.strip_prefix(&prefix)?.to_string();
+        let c = delegate::read_result(&e.path())?;
+        (c.container_id == container_id && c.network_name == net.name && c.if_name == ifname)
+            .then_some((ifname, c))
+    })
+}
+
+/// GC: containers the runtime no longer lists lose their delegates (DEL with what the
+/// cache recorded, as libcni does), then every network in the cache gets GC with the
+/// attachments that stay.
+fn gc(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
+    let valid: BTreeMap<&str, &str> =
+        conf.valid_attachments.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
+    let path = conf.plugin_path(&inv.path);
+    let mut errors = Vec::new();
+    // Network name -> (a delegate to run GC with, attachments that stay).
+    let mut networks: BTreeMap<String, (Delegate, BTreeSet<(String, String)>)> = BTreeMap::new();
+    for cid in cache::containers(&conf.cni_dir)? {
+        let delegates = match cache::load(&conf.cni_dir, &cid) {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => {
+                errors.push(e.msg);
+                continue;
+            }
+        };
+        let runtime_ifname = match valid.get(cid.as_str()) {
+            Some(i) => (*i).to_string(),
+            None => delegates
+                .first()
+                .and_then(|d| cluster_ifname(conf, d, &cid))
+                .map_or_else(|| "eth0".into(), |(i, _)| i),
+        };
+        let stale = !valid.contains_key(cid.as_str());
+        let mut failed = false;
+        for (idx, d) in delegates.iter().enumerate().rev() {
+            let Ok(net) = d.network() else { continue };
+            let ifname = d.ifname(&runtime_ifname, idx);
+            let entry = networks.entry(net.name.clone()).or_insert_with(|| (d.clone(), BTreeSet::new()));
+            if !stale {
+                entry.1.insert((cid.clone(), ifname));
+                continue;
+            }
+            let cached =
+                delegate::read_result(&delegate::result_path(&conf.cni_dir, &net.name, &cid, &ifname));
+            let (netns, args, capability_args) = match cached {
+                Some(c) => (c.netns, c.cni_args, c.capability_args),
+                None => (String::new(), Vec::new(), d.capability_args()),
+            };
+            let a = Attachment {
+                container_id: &cid,
+                netns: &netns,
+                ifname: &ifname,
+                args,
+                capability_args,
+                path: &path,
+                cache_dir: &conf.cni_dir,
+            };
+            if let Err(e) = delegate::del(d, &a) {
+                failed = true;
+                errors.push(format!("container {cid}, network {:?} ({ifname}): {}", d.name, e.msg));
+            }
+        }
+        if stale && !failed {
+            log.warn(&format!("GC: container {cid} is not in the runtime's list; its networks were deleted"));
+            cache::remove(&conf.cni_dir, &cid);
+        }
+    }
+    for (name, (d, keep)) in networks {
+        let keep: Vec<(String, String)> = keep.into_iter().collect();
+        if let Err(e) = delegate::gc_or_status(&d, Command::Gc, &keep, &path) {
+            errors.push(format!("network {name:?}: {}", e.msg));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(exec::PLUGIN_FAILED, format!("GC: {}", errors.join(" / "))))
+    }
+}
+
+/// STATUS: the readiness indicator file is there and every configured network (cluster and
+/// default networks) answers STATUS.
+fn status(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
+    if let Some(f) = &conf.readiness_indicator_file
+        && !f.exists()
+    {
+        return Err(CniError::new(
+            code::NOT_AVAILABLE,
+            format!(
+                "readiness indicator file {} does not exist: the cluster network is not ready",
+                f.display()
+            ),
+        ));
+    }
+    let source = open_source(conf).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.to_string()))?;
+    // No pod: the cluster network and every default network (no system namespace).
+    let podref = Pod { namespace: "", info: None };
+    let delegates = resolve::delegates(conf, source.as_deref(), &podref, "eth0")
+        .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
+    let path = conf.plugin_path(&inv.path);
+    for d in &delegates {
+        delegate::gc_or_status(d, Command::Status, &[], &path).map_err(|e| {
+            CniError::new(e.code, format!("network {:?}: {}", d.name, e.msg)).with_details(e.details)
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_each_command_needs() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let e = Invocation::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c")]))
+            .expect_err("no ifname");
+        assert_eq!((e.code, e.msg.as_str()), (code::INVALID_ENV, "CNI_IFNAME is not set (ADD needs it)"));
+        let e = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ]))
+        .expect_err("no netns");
+        assert_eq!(e.msg, "CNI_NETNS is not set (CHECK needs it)");
+        let del = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/a::/b"),
+        ]))
+        .expect("DEL without a netns");
+        assert_eq!(del.path, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert!(Invocation::from_env(env(&[("CNI_COMMAND", "GC")])).is_ok());
+        let inv = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/n"),
+        ]))
+        .expect("ADD");
+        let (e, v) = run(&inv, br#"{"cniVersion":"0.2.0","clusterNetwork":"x"}"#).expect_err("old version");
+        assert_eq!((e.code, v.as_str()), (code::INCOMPATIBLE_VERSION, "0.2.0"));
+        let (e, v) = run(&inv, b"{").expect_err("not JSON");
+        assert_eq!((e.code, v.as_str()), (code::DECODE, LATEST_VERSION));
+    }
+}

@@ -1,0 +1,884 @@
+//! `rust-multus` end to end, with Pods and NADs in a directory of YAML files
+//! (`rustMultus.objectsDir`): the cluster network from Debian's bridge + host-local as
+//! `eth0`, backend networks from the NADs (macvlan on veth masters, `rust-ipam` against a
+//! real server), in network namespaces this test creates.
+//!
+//! Needs root, iproute2, ping and /usr/lib/cni; without them the netns tests print SKIP
+//! (and fail in CI). The annotation-error test needs none of that.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_proto::v1::{self as pb, admin_client::AdminClient};
+use serde_json::{Value, json};
+
+/// The backend delegate's plugin type (the reference macvlan until `rust-macvlan` lands).
+const BACKEND_TYPE: &str = "rust-macvlan";
+/// Kubernetes namespace of the test pods.
+const POD_NS: &str = "team";
+const PLUGINS: &[&str] = &["bridge", "host-local"];
+
+fn multus_bin() -> PathBuf {
+    workspace_bin("multus-core", "rust-multus").expect("rust-multus binary")
+}
+
+/// The directory of the workspace's binaries (rust-ipam) and Debian's plugins.
+fn cni_path() -> String {
+    let ipam = workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
+    // The backend delegate, built beside rust-ipam.
+    workspace_bin("multus-core", BACKEND_TYPE).expect("backend delegate binary");
+    format!("{}:{CNI_DIR}", ipam.parent().expect("bin dir").display())
+}
+
+/// One node: a tempdir with the objects directory, confDir, cniDir, host-local's data, and
+/// the node's network namespace with the backend masters.
+struct Node {
+    dir: tempfile::TempDir,
+    ns: Netns,
+    server: String,
+}
+
+impl Node {
+    /// `tag` names the node's namespace (tests run at once in one process).
+    fn new(tag: &str, masters: &[&str]) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["objects", "conf", "cache", "host-local"] {
+            std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+        }
+        let ns = Netns::new(&[&format!("mnode-{tag}")]);
+        for m in masters {
+            let peer = format!("{m}p");
+            ip(&["-n", ns.name(0), "link", "add", m, "type", "veth", "peer", "name", &peer]);
+            ip(&["-n", ns.name(0), "link", "set", m, "up"]);
+            ip(&["-n", ns.name(0), "link", "set", &peer, "up"]);
+        }
+        let cluster = json!({"cniVersion": "1.0.0", "name": "cluster-net", "type": "bridge", "bridge": "rmcbr0",
+            "isGateway": true, "isDefaultGateway": true, "ipam": {"type": "host-local", "subnet": "198.18.100.0/24",
+            "dataDir": dir.path().join("host-local")}});
+        std::fs::write(dir.path().join("conf/10-cluster.conf"), cluster.to_string()).expect("conf");
+        Node { dir, ns, server: String::new() }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// The meta-plugin's configuration.
+    fn conf(&self) -> Value {
+        json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus",
+            "clusterNetwork": "cluster-net", "confDir": self.path("conf"), "cniDir": self.path("cache"),
+            "binDir": CNI_DIR, "rustMultus": {"objectsDir": self.path("objects")}})
+    }
+
+    /// A NAD (YAML) whose delegate is the backend type on `master` with rust-ipam.
+    fn nad(&self, name: &str, master: &str, range: &str, network: &str) {
+        self.nad_with(name, master, range, network, json!({}));
+    }
+
+    /// As [`Node::nad`], with `capabilities` in the config.
+    fn nad_with(&self, name: &str, master: &str, range: &str, network: &str, caps: Value) {
+        let config = json!({"capabilities": caps, "cniVersion": "1.0.0", "name": name, "type": BACKEND_TYPE, "master": master,
+            "mode": "bridge", "ipam": {"type": "rust-ipam", "range": range, "network_name": network,
+            "server": self.server}});
+        let yaml = format!(
+            "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata:\n  name: {name}\n  namespace: {POD_NS}\nspec:\n  config: '{config}'\n"
+        );
+        std::fs::write(self.path(&format!("objects/nad-{name}.yaml")), yaml).expect("NAD");
+    }
+
+    /// A pod (JSON is YAML too) with the networks annotation.
+    fn pod(&self, name: &str, networks: &str) {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": POD_NS,
+            "uid": format!("uid-{name}"), "annotations": {"k8s.v1.cni.cncf.io/networks": networks}}});
+        std::fs::write(self.path(&format!("objects/pod-{name}.json")), pod.to_string()).expect("pod");
+    }
+
+    fn pod_annotations(&self, name: &str) -> Value {
+        let text = std::fs::read_to_string(self.path(&format!("objects/pod-{name}.json"))).expect("pod file");
+        let v: Value = serde_json::from_str(&text).expect("pod JSON");
+        v["metadata"]["annotations"].clone()
+    }
+
+    /// Runs rust-multus in the node's namespace for pod `pod` in network namespace `netns`.
+    fn multus(&self, command: &str, netns: &str, pod: &str, conf: &Value) -> (i32, Value, String) {
+        let cid = format!("cid-{pod}");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.ns.name(0)])
+            .arg(multus_bin())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &cid)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", cni_path())
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rust-multus");
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("rust-multus printed {stdout:?}: {e}"))
+        };
+        (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn mac(ns: &str, dev: &str) -> String {
+    let v: Value = serde_json::from_str(&ip(&["-n", ns, "-j", "link", "show", "dev", dev])).expect("ip -j");
+    v[0]["address"].as_str().expect("address").to_string()
+}
+
+fn link_exists(ns: &str, dev: &str) -> bool {
+    Command::new("ip").args(["-n", ns, "link", "show", "dev", dev]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Every lease the server holds, as (network, address, container, ifname, pod).
+async fn leases(endpoint: &str) -> Vec<(String, String, String, String, String)> {
+    let ch = rust_ipam_proto::connect(endpoint, std::time::Duration::from_secs(5)).await.expect("connect");
+    let list = AdminClient::new(ch).list_leases(pb::ListLeasesRequest::default()).await.expect("list");
+    list.into_inner()
+        .leases
+        .into_iter()
+        .map(|l| {
+            let pod = l.pod.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
+            (l.network, l.address, l.container_id, l.ifname, pod)
+        })
+        .collect()
+}
+
+/// host-local's lease files (one per held address) under the node's data dir.
+fn host_local_leases(node: &Node) -> Vec<String> {
+    let dir = node.path("host-local/cluster-net");
+    let mut out: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Files under the node's cniDir, relative (the delegate cache and libcni's results).
+fn cache_files(node: &Node) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).expect("under base").display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&node.path("cache"), &node.path("cache"), &mut out);
+    out.sort();
+    out
+}
+
+async fn start_server(node: &mut Node) -> ServerProcess {
+    let sock = node.path("ipam.sock");
+    let opts = ServerOptions { unix_socket: Some(sock.clone()), ..ServerOptions::default() };
+    let server = ServerProcess::start_with(&node.path("data"), &opts).await.expect("server");
+    node.server = format!("unix://{}", sock.display());
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_get_eth0_and_a_backend_net1_and_reach_each_other() {
+    if skip("two_pods_get_eth0_and_a_backend_net1_and_reach_each_other", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("two", &["backend0"]);
+    let server = start_server(&mut node).await;
+    node.nad("backend", "backend0", "198.18.8.0/24", "backend");
+    node.pod("pod1", "backend");
+    node.pod("pod2", "backend");
+    let pods = Netns::new(&["mpod1", "mpod2"]);
+    let conf = node.conf();
+
+    let (code, r1, err) = node.multus("ADD", &pods.path(0), "pod1", &conf);
+    assert_eq!(code, 0, "ADD pod1: {r1} {err}");
+    let (code, r2, err) = node.multus("ADD", &pods.path(1), "pod2", &conf);
+    assert_eq!(code, 0, "ADD pod2: {r2} {err}");
+
+    // The runtime gets the cluster network's result, in the multus conf's version.
+    assert_eq!(r1["cniVersion"], "1.0.0");
+    assert_eq!(r1["ips"][0]["address"], "198.18.100.2/24");
+    assert_eq!(r2["ips"][0]["address"], "198.18.100.3/24");
+    assert_eq!(addresses(pods.name(0), "eth0"), vec!["198.18.100.2/24"]);
+    assert_eq!(addresses(pods.name(1), "eth0"), vec!["198.18.100.3/24"]);
+    // net1 from the backend NAD, addressed by the server: unique in the cluster.
+    assert_eq!(addresses(pods.name(0), "net1"), vec!["198.18.8.1/24"]);
+    assert_eq!(addresses(pods.name(1), "net1"), vec!["198.18.8.2/24"]);
+    let mut held = leases(&server.endpoint).await;
+    held.sort();
+    assert_eq!(
+        held,
+        vec![
+            ("backend".into(), "198.18.8.1".into(), "cid-pod1".into(), "net1".into(), "team/pod1".into()),
+            ("backend".into(), "198.18.8.2".into(), "cid-pod2".into(), "net1".into(), "team/pod2".into()),
+        ]
+    );
+
+    let ping = Command::new("ip")
+        .args(["netns", "exec", pods.name(0), "ping", "-c", "1", "-W", "3", "-I", "net1", "198.18.8.2"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "pod1 cannot reach pod2 over net1: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+
+    // network-status written into the pod's file, and kept in the cache.
+    let status = json!([
+        {"name": "cluster-net", "interface": "eth0", "ips": ["198.18.100.2"], "mac": mac(pods.name(0), "eth0"),
+         "default": true, "dns": {}},
+        {"name": "team/backend", "interface": "net1", "ips": ["198.18.8.1"], "mac": mac(pods.name(0), "net1"),
+         "dns": {}},
+    ]);
+    let written = node.pod_annotations("pod1")["k8s.v1.cni.cncf.io/network-status"]
+        .as_str()
+        .expect("status")
+        .to_string();
+    assert_eq!(serde_json::from_str::<Value>(&written).expect("JSON"), status);
+    let kept = std::fs::read_to_string(node.path("cache/network-status/cid-pod1")).expect("kept status");
+    assert_eq!(kept, written);
+    let cached: Value =
+        serde_json::from_str(&std::fs::read_to_string(node.path("cache/cid-pod1")).expect("cache"))
+            .expect("JSON");
+    assert_eq!(cached[0]["Name"], "cluster-net");
+    assert_eq!(cached[1]["Name"], "team/backend");
+    assert_eq!(
+        cached[1]["Conf"],
+        json!({"cniVersion": "1.0.0", "name": "backend", "type": BACKEND_TYPE,
+        "ipam": {"type": "rust-ipam"}})
+    );
+
+    let (code, out, err) = node.multus("CHECK", &pods.path(1), "pod2", &conf);
+    assert_eq!(code, 0, "CHECK pod2: {out} {err}");
+
+    for (i, pod) in ["pod1", "pod2"].iter().enumerate() {
+        let (code, out, err) = node.multus("DEL", &pods.path(i), pod, &conf);
+        assert_eq!(code, 0, "DEL {pod}: {out} {err}");
+        assert!(!link_exists(pods.name(i), "net1") && !link_exists(pods.name(i), "eth0"), "{pod} links stay");
+        assert!(node.pod_annotations(pod).get("k8s.v1.cni.cncf.io/network-status").is_none());
+    }
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+    assert_eq!(host_local_leases(&node), Vec::<String>::new());
+    assert_eq!(cache_files(&node), Vec::<String>::new());
+    let (code, out, _) = node.multus("DEL", &pods.path(0), "pod1", &conf);
+    assert_eq!(code, 0, "a repeated DEL succeeds: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_rails_with_requested_names_and_a_static_ip() {
+    if skip("four_rails_with_requested_names_and_a_static_ip", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("rails", &["rail0", "rail1", "rail2", "rail3"]);
+    let server = start_server(&mut node).await;
+    for r in 0..4 {
+        // rail-1 declares the `ips` capability: its static IP comes as runtimeConfig too.
+        let caps = if r == 1 { json!({"ips": true}) } else { json!({}) };
+        let (name, master) = (format!("rail-{r}"), format!("rail{r}"));
+        node.nad_with(&name, &master, &format!("198.18.{}.0/24", 10 + r), &master, caps);
+    }
+    // The 8-rail GPU layout, cut to four: one subnet per rail, names asked for two of them.
+    let networks = r#"[{"name":"rail-0","interface":"gpu0"},{"name":"rail-1","interface":"gpu1","ips":["198.18.11.42/24"]},{"name":"rail-2"},{"namespace":"team","name":"rail-3"}]"#;
+    node.pod("trainer", networks);
+    let pods = Netns::new(&["mtrainer"]);
+    let pod = pods.name(0);
+    let conf = node.conf();
+    let (code, r, err) = node.multus("ADD", &pods.path(0), "trainer", &conf);
+    assert_eq!(code, 0, "ADD: {r} {err}");
+
+    let want = [
+        ("eth0", "198.18.100.2/24"),
+        ("gpu0", "198.18.10.1/24"),
+        ("gpu1", "198.18.11.42/24"),
+        ("net3", "198.18.12.1/24"),
+        ("net4", "198.18.13.1/24"),
+    ];
+    for (dev, addr) in want {
+        assert_eq!(addresses(pod, dev), vec![addr], "{dev}");
+    }
+    let status = json!([
+        {"name": "cluster-net", "interface": "eth0", "ips": ["198.18.100.2"], "mac": mac(pod, "eth0"), "default": true, "dns": {}},
+        {"name": "team/rail-0", "interface": "gpu0", "ips": ["198.18.10.1"], "mac": mac(pod, "gpu0"), "dns": {}},
+        {"name": "team/rail-1", "interface": "gpu1", "ips": ["198.18.11.42"], "mac": mac(pod, "gpu1"), "dns": {}},
+        {"name": "team/rail-2", "interface": "net3", "ips": ["198.18.12.1"], "mac": mac(pod, "net3"), "dns": {}},
+        {"name": "team/rail-3", "interface": "net4", "ips": ["198.18.13.1"], "mac": mac(pod, "net4"), "dns": {}},
+    ]);
+    let written = node.pod_annotations("trainer")["k8s.v1.cni.cncf.io/network-status"]
+        .as_str()
+        .expect("status")
+        .to_string();
+    assert_eq!(serde_json::from_str::<Value>(&written).expect("JSON"), status);
+    // The annotation written by the user is untouched.
+    assert_eq!(node.pod_annotations("trainer")["k8s.v1.cni.cncf.io/networks"], networks);
+    let mut held: Vec<(String, String, String)> =
+        leases(&server.endpoint).await.into_iter().map(|l| (l.0, l.1, l.3)).collect();
+    held.sort();
+    assert_eq!(
+        held,
+        vec![
+            ("rail0".into(), "198.18.10.1".into(), "gpu0".into()),
+            ("rail1".into(), "198.18.11.42".into(), "gpu1".into()),
+            ("rail2".into(), "198.18.12.1".into(), "net3".into()),
+            ("rail3".into(), "198.18.13.1".into(), "net4".into()),
+        ]
+    );
+    // The static request is in the cache as Multus records it.
+    let cached: Value =
+        serde_json::from_str(&std::fs::read_to_string(node.path("cache/cid-trainer")).expect("cache"))
+            .expect("JSON");
+    assert_eq!(cached[2]["ifnameRequest"], "gpu1");
+    assert_eq!(cached[2]["ipRequest"], json!(["198.18.11.42/24"]));
+    assert!(cached[3].get("ifnameRequest").is_none());
+
+    let (code, out, err) = node.multus("CHECK", &pods.path(0), "trainer", &conf);
+    assert_eq!(code, 0, "CHECK: {out} {err}");
+    let (code, out, err) = node.multus("DEL", &pods.path(0), "trainer", &conf);
+    assert_eq!(code, 0, "DEL: {out} {err}");
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+    for (dev, _) in want {
+        assert!(!link_exists(pod, dev), "{dev} stays after DEL");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_delegate_undoes_the_networks_before_it() {
+    if skip("a_failing_delegate_undoes_the_networks_before_it", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("fail", &["rail0", "rail1", "rail2"]);
+    let server = start_server(&mut node).await;
+    for r in 0..3 {
+        node.nad(
+            &format!("rail-{r}"),
+            &format!("rail{r}"),
+            &format!("198.18.{}.0/24", 20 + r),
+            &format!("rail{r}"),
+        );
+    }
+    // The third network asks for an address outside its range: rust-ipam refuses it after
+    // eth0, net1 and net2 are made and two leases are held.
+    node.pod("broken", r#"[{"name":"rail-0"},{"name":"rail-1"},{"name":"rail-2","ips":["10.99.0.1/24"]}]"#);
+    let pods = Netns::new(&["mbroken"]);
+    let pod = pods.name(0);
+    let (code, out, err) = node.multus("ADD", &pods.path(0), "broken", &node.conf());
+    assert_eq!(code, 1, "ADD must fail: {out} {err}");
+    let msg = out["msg"].as_str().expect("CNI error JSON");
+    assert!(
+        msg.starts_with(r#"error adding container to network "team/rail-2" (net3): "#),
+        "the error names the network: {out}"
+    );
+    assert!(out["code"].as_u64().is_some_and(|c| c > 0), "{out}");
+    for dev in ["eth0", "net1", "net2", "net3"] {
+        assert!(!link_exists(pod, dev), "{dev} stays after the failed ADD");
+    }
+    assert_eq!(leases(&server.endpoint).await, vec![], "leases of net1 and net2 are released");
+    assert_eq!(host_local_leases(&node), Vec::<String>::new(), "eth0's host-local lease is released");
+    assert_eq!(cache_files(&node), Vec::<String>::new(), "nothing is cached for a failed ADD");
+    assert!(node.pod_annotations("broken").get("k8s.v1.cni.cncf.io/network-status").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn del_without_the_api_cleans_up_from_the_cache() {
+    if skip("del_without_the_api_cleans_up_from_the_cache", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("del", &["backend0"]);
+    let server = start_server(&mut node).await;
+    node.nad("backend", "backend0", "198.18.30.0/24", "backend");
+    node.pod("lonely", "backend, backend@extra");
+    let pods = Netns::new(&["mlonely"]);
+    let pod = pods.name(0);
+    let conf = node.conf();
+    let (code, out, err) = node.multus("ADD", &pods.path(0), "lonely", &conf);
+    assert_eq!(code, 0, "ADD: {out} {err}");
+    assert_eq!(addresses(pod, "net1"), vec!["198.18.30.1/24"]);
+    assert_eq!(addresses(pod, "extra"), vec!["198.18.30.2/24"]);
+    assert_eq!(leases(&server.endpoint).await.len(), 2);
+
+    // The API goes away (the objects directory with it).
+    std::fs::rename(node.path("objects"), node.path("objects-gone")).expect("remove the objects dir");
+    let (code, out, err) = node.multus("DEL", &pods.path(0), "lonely", &conf);
+    assert_eq!(code, 0, "DEL from the cache: {out} {err}");
+    for dev in ["eth0", "net1", "extra"] {
+        assert!(!link_exists(pod, dev), "{dev} stays after DEL");
+    }
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+    assert_eq!(host_local_leases(&node), Vec::<String>::new());
+    assert_eq!(cache_files(&node), Vec::<String>::new());
+
+    // Again, with neither cache nor API: the pod is gone, success with a warning.
+    let (code, out, err) = node.multus("DEL", &pods.path(0), "lonely", &conf);
+    assert_eq!(code, 0, "DEL with nothing left: {out}");
+    assert!(
+        err.contains("no delegate cache in") && err.contains("assuming the pod is gone"),
+        "warning: {err}"
+    );
+}
+
+/// Runs rust-multus ADD here (no namespaces are touched: it fails before any delegate).
+fn add_refused(objects: &Path, conf: &Value, pod: &str) -> Value {
+    let mut child = Command::new(multus_bin())
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "cid-x")
+        .env("CNI_NETNS", "/nonexistent/netns")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/nonexistent")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1), "must fail: {}", String::from_utf8_lossy(&out.stdout));
+    let _ = objects;
+    serde_json::from_slice(&out.stdout).expect("CNI error JSON")
+}
+
+#[test]
+fn bad_requests_reach_the_runtime_as_cni_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = dir.path().join("objects");
+    let confdir = dir.path().join("conf");
+    std::fs::create_dir_all(&objects).expect("mkdir");
+    std::fs::create_dir_all(&confdir).expect("mkdir");
+    std::fs::write(confdir.join("c.conf"), r#"{"cniVersion":"1.0.0","name":"cluster-net","type":"bridge"}"#)
+        .expect("conf");
+    let nad = |ns: &str, name: &str| {
+        let text = format!(
+            "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  config: '{{\"cniVersion\":\"1.0.0\",\"type\":\"macvlan\"}}'\n"
+        );
+        std::fs::write(objects.join(format!("{ns}-{name}.yaml")), text).expect("nad");
+    };
+    nad(POD_NS, "a");
+    nad(POD_NS, "b");
+    nad("other", "c");
+    nad("shared", "d");
+    let conf = json!({"cniVersion": "0.3.1", "name": "m", "clusterNetwork": "cluster-net", "confDir": confdir,
+        "cniDir": dir.path().join("cache"), "namespaceIsolation": true, "globalNamespaces": "shared",
+        "rustMultus": {"objectsDir": objects}});
+    let cases = [
+        (
+            "nope",
+            "NetworkAttachmentDefinition team/nope not found (networks are looked up in the pod's namespace unless one is given)",
+        ),
+        (
+            "Bad_Name",
+            "k8s.v1.cni.cncf.io/networks: entry \"Bad_Name\": \"Bad_Name\" may hold only letters, digits, '-' and '.' (expected [namespace/]name[@interface])",
+        ),
+        (
+            "a@averyveryverylongname",
+            "k8s.v1.cni.cncf.io/networks: network 1 (\"a\"): interface \"averyveryverylongname\" is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)",
+        ),
+        (
+            "a@net2,b",
+            "k8s.v1.cni.cncf.io/networks: network 2 (\"b\"): interface \"net2\" is used by two networks",
+        ),
+        (
+            r#"[{"name":"a","default-route":["198.18.0.1"]},{"name":"b","default-route":["198.18.1.1"]}]"#,
+            "k8s.v1.cni.cncf.io/networks: network 2 (\"b\"): only one network may set default-route (no ECMP default routes)",
+        ),
+        (
+            r#"[{"name":"a","default-route":["198.18.0.1","198.18.0.2"]}]"#,
+            "k8s.v1.cni.cncf.io/networks: more than one IPv4 default-route (team/a via 198.18.0.1, team/a via 198.18.0.2); ECMP default routes are not supported",
+        ),
+        (
+            "other/c",
+            "namespace isolation: pod in namespace \"team\" may not use networks of namespace \"other\" (allowed: its own and globalNamespaces [\"shared\"])",
+        ),
+        (
+            "a@eth0",
+            "interface \"eth0\" is used by two networks: cluster-net and team/a (name one of them with @ifname or \"interface\")",
+        ),
+    ];
+    for (i, (networks, msg)) in cases.iter().enumerate() {
+        let pod = format!("p{i}");
+        let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": POD_NS,
+            "annotations": {"k8s.v1.cni.cncf.io/networks": networks}}});
+        std::fs::write(objects.join(format!("pod-{pod}.json")), obj.to_string()).expect("pod");
+        let out = add_refused(&objects, &conf, &pod);
+        assert_eq!(out, json!({"cniVersion": "0.3.1", "code": 7, "msg": msg}), "annotation {networks}");
+    }
+    // A network from a global namespace passes isolation and fails only at its delegate.
+    let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ok", "namespace": POD_NS,
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "shared/d"}}});
+    std::fs::write(objects.join("pod-ok.json"), obj.to_string()).expect("pod");
+    let out = add_refused(&objects, &conf, "ok");
+    assert_eq!(
+        out["msg"],
+        "error adding container to network \"cluster-net\" (eth0): plugin \"bridge\" not found in CNI_PATH [/opt/cni/bin, /nonexistent]"
+    );
+    // A pod the API does not know.
+    let out = add_refused(&objects, &conf, "ghost");
+    assert_eq!(out, json!({"cniVersion": "0.3.1", "code": 11, "msg": "pod team/ghost not found"}));
+}
+
+fn default_routes(ns: &str) -> Vec<String> {
+    ip(&["-n", ns, "-4", "route", "show", "default"]).lines().map(|l| l.trim().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_route_moves_to_the_requested_network_and_gc_removes_stale_pods() {
+    if skip("default_route_moves_to_the_requested_network_and_gc_removes_stale_pods", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("route", &["backend0"]);
+    let server = start_server(&mut node).await;
+    node.nad("backend", "backend0", "198.18.40.0/24", "backend");
+    node.pod("router", r#"[{"name":"backend","default-route":["198.18.40.254"]}]"#);
+    node.pod("plain", "backend");
+    let pods = Netns::new(&["mrouter", "mplain"]);
+    let conf = node.conf();
+    let (code, out, err) = node.multus("ADD", &pods.path(1), "plain", &conf);
+    assert_eq!(code, 0, "ADD plain: {out} {err}");
+    assert_eq!(default_routes(pods.name(1)), vec!["default via 198.18.100.1 dev eth0"]);
+    assert_eq!(out["routes"], json!([{"dst": "0.0.0.0/0", "gw": "198.18.100.1"}]));
+
+    let (code, out, err) = node.multus("ADD", &pods.path(0), "router", &conf);
+    assert_eq!(code, 0, "ADD router: {out} {err}");
+    // Multus' rule: the requested gateway is the pod's only IPv4 default route.
+    assert_eq!(default_routes(pods.name(0)), vec!["default via 198.18.40.254 dev net1"]);
+    assert_eq!(out["routes"], json!([]), "eth0's result lost its default route: {out}");
+    let cached: Value = serde_json::from_str(
+        &std::fs::read_to_string(node.path("cache/results/backend-cid-router-net1")).expect("libcni cache"),
+    )
+    .expect("JSON");
+    assert_eq!(cached["result"]["routes"], json!([{"dst": "0.0.0.0/0", "gw": "198.18.40.254"}]));
+    let (code, out, err) = node.multus("CHECK", &pods.path(0), "router", &conf);
+    assert_eq!(code, 0, "CHECK after the route moved: {out} {err}");
+
+    // GC (CNI 1.1.0): the runtime still lists the router only; the plain pod's networks go.
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "cid-router", "ifname": "eth0"}]);
+    let (code, out, err) = node.multus("GC", "", "gc", &gc);
+    assert_eq!(code, 0, "GC: {out} {err}");
+    assert!(
+        !link_exists(pods.name(1), "eth0") && !link_exists(pods.name(1), "net1"),
+        "plain pod's links stay"
+    );
+    assert!(link_exists(pods.name(0), "net1"), "the router keeps its networks");
+    let held: Vec<String> = leases(&server.endpoint).await.into_iter().map(|l| l.2).collect();
+    assert_eq!(held, vec!["cid-router"]);
+    assert_eq!(
+        cache_files(&node),
+        vec![
+            "cid-router",
+            "network-status/cid-router",
+            "results/backend-cid-router-net1",
+            "results/cluster-net-cid-router-eth0"
+        ]
+    );
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let (code, out, err) = node.multus("GC", "", "gc", &gc);
+    assert_eq!(code, 0, "GC of everything: {out} {err}");
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+    assert_eq!(cache_files(&node), Vec::<String>::new());
+    assert_eq!(host_local_leases(&node), Vec::<String>::new());
+}
+
+/// Runs rust-multus with `command` and no pod, here.
+fn plain(command: &str, conf: &Value) -> (i32, Value) {
+    let mut child = Command::new(multus_bin())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/nonexistent")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[test]
+fn status_needs_the_readiness_file_and_version_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("conf")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("conf/c.conf"),
+        r#"{"cniVersion":"1.0.0","name":"cluster-net","type":"bridge"}"#,
+    )
+    .expect("conf");
+    let ready = dir.path().join("ready");
+    let conf = json!({"cniVersion": "1.1.0", "name": "m", "clusterNetwork": "cluster-net",
+        "confDir": dir.path().join("conf"), "readinessindicatorfile": ready});
+    let (code, out) = plain("STATUS", &conf);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        json!({"cniVersion": "1.1.0", "code": 50, "msg": format!(
+            "readiness indicator file {} does not exist: the cluster network is not ready", ready.display())})
+    );
+    std::fs::write(&ready, "").expect("ready");
+    assert_eq!(plain("STATUS", &conf), (0, Value::Null));
+    // A 1.1.0 cluster network is asked too: its plugin is missing here.
+    std::fs::write(
+        dir.path().join("conf/c.conf"),
+        r#"{"cniVersion":"1.1.0","name":"cluster-net","type":"bridge"}"#,
+    )
+    .expect("conf");
+    let (code, out) = plain("STATUS", &conf);
+    assert_eq!(
+        (code, out["msg"].as_str()),
+        (
+            1,
+            Some(
+                "network \"cluster-net\": plugin \"bridge\" not found in CNI_PATH [/opt/cni/bin, /nonexistent]"
+            )
+        )
+    );
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("1.0.0");
+    assert_eq!(
+        plain("STATUS", &old).1["msg"],
+        "STATUS needs cniVersion 1.1.0 or later, the config has 1.0.0"
+    );
+    assert_eq!(
+        plain("VERSION", &json!({"cniVersion": "0.4.0"})),
+        (
+            0,
+            json!({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+        )
+    );
+}
+
+/// A delegate for the kube-source test: logs each call and answers ADD with an address
+/// derived from the interface (eth0 -> 10.0.0.5, net1 -> 10.1.0.5).
+const FAKE_NET: &str = r#"#!/bin/sh
+cat >/dev/null
+echo "$CNI_COMMAND $CNI_IFNAME $CNI_ARGS" >> "$(dirname "$0")/calls.log"
+n=$(echo "$CNI_IFNAME" | tr -dc 0-9)
+[ "$CNI_COMMAND" = ADD ] && printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","mac":"02:00:00:00:00:0%s","sandbox":"%s"}],"ips":[{"address":"10.%s.0.5/24","interface":0}]}' "$CNI_IFNAME" "$n" "$CNI_NETNS" "$n"
+exit 0
+"#;
+
+/// Runs rust-multus for pod team/web off the async runtime (the stand-in serves on it).
+async fn multus_blocking(
+    command: &'static str,
+    bin_dir: PathBuf,
+    netns: PathBuf,
+    conf: Value,
+) -> (i32, Value, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(multus_bin())
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "cid-web")
+            .env("CNI_NETNS", &netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &bin_dir)
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let standin = rust_ipam_e2e::kube_standin::KubeStandin::start().await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    std::fs::write(bin.join("fake-net"), FAKE_NET).expect("plugin");
+    std::fs::set_permissions(bin.join("fake-net"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let kubeconfig = dir.path().join("kubeconfig");
+    standin.kubeconfig(&kubeconfig, "default").expect("kubeconfig");
+    let nads = |ns: &str| format!("/apis/k8s.cni.cncf.io/v1/namespaces/{ns}/network-attachment-definitions");
+    let nad = |ns: &str, name: &str| {
+        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"config": r#"{"cniVersion":"1.0.0","type":"fake-net"}"#}})
+    };
+    standin.put_raw(&nads("kube-system"), nad("kube-system", "cluster"));
+    standin.put_raw(&nads("team"), nad("team", "fast"));
+    let pods = "/api/v1/namespaces/team/pods";
+    standin.put_raw(
+        pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "team",
+            "annotations": {"k8s.v1.cni.cncf.io/networks": "fast"}}}),
+    );
+    let uid = standin.objects(pods)[0]["metadata"]["uid"].as_str().expect("uid").to_string();
+    let conf = json!({"cniVersion": "0.4.0", "name": "m", "clusterNetwork": "cluster", "kubeconfig": kubeconfig,
+        "binDir": bin, "cniDir": dir.path().join("cache")});
+    let netns = dir.path().to_path_buf();
+    let status_of =
+        || standin.objects(pods)[0]["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"].clone();
+
+    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD: {out} {err}");
+    // The cluster network's result, in the conf's version (0.4.0 has ips[].version).
+    assert_eq!(out["cniVersion"], "0.4.0");
+    assert_eq!(out["ips"], json!([{"address": "10.0.0.5/24", "interface": 0, "version": "4"}]));
+    let status: Value =
+        serde_json::from_str(status_of().as_str().expect("merge-patched status")).expect("JSON");
+    assert_eq!(
+        status,
+        json!([{"name": "kube-system/cluster", "interface": "eth0", "ips": ["10.0.0.5"], "mac": "02:00:00:00:00:00",
+                "default": true, "dns": {}},
+               {"name": "team/fast", "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
+    );
+    let runtime =
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web";
+    let multus = |uid: &str| {
+        format!(
+            "IgnoreUnknown=true;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web;K8S_POD_UID={uid};{runtime}"
+        )
+    };
+    let calls = || {
+        std::fs::read_to_string(bin.join("calls.log"))
+            .expect("calls")
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(calls(), vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]);
+
+    // DEL while the API is up clears the annotation (merge patch with null).
+    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "DEL: {out} {err}");
+    assert_eq!(status_of(), Value::Null);
+    assert_eq!(calls()[2..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+
+    // DEL with the API down works from the cache.
+    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD again: {out} {err}");
+    standin.set_down(true);
+    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "DEL without the API: {out} {err}");
+    assert_eq!(calls()[6..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+    assert!(err.contains("clearing k8s.v1.cni.cncf.io/network-status of team/web"), "warning: {err}");
+    // ADD without the API: try again later, naming what failed.
+    let (code, out, _) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(
+        out["msg"].as_str().is_some_and(|m| m.starts_with("pod team/web: API server answered 503")),
+        "{out}"
+    );
+}
+
+/// As [`FAKE_NET`], but DEL of an interface fails while `fail-<ifname>` exists beside it.
+const FLAKY_NET: &str = r#"#!/bin/sh
+cat >/dev/null
+d=$(dirname "$0")
+echo "$CNI_COMMAND $CNI_IFNAME" >> "$d/calls.log"
+if [ "$CNI_COMMAND" = DEL ] && [ -e "$d/fail-$CNI_IFNAME" ]; then
+  printf '{"cniVersion":"1.0.0","code":11,"msg":"cannot delete %s"}' "$CNI_IFNAME"; exit 1
+fi
+[ "$CNI_COMMAND" = ADD ] && printf '{"cniVersion":"1.0.0","ips":[{"address":"10.9.0.5/24"}]}'
+exit 0
+"#;
+
+fn run_here(command: &str, conf: &Value, bin: &Path) -> (i32, Value) {
+    let mut child = Command::new(multus_bin())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "cid-flaky")
+        .env("CNI_NETNS", "/nonexistent/netns")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin)
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME=flaky"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+#[test]
+fn del_tries_every_delegate_and_reports_every_failure() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, objects, confdir) =
+        (dir.path().join("bin"), dir.path().join("objects"), dir.path().join("conf"));
+    for d in [&bin, &objects, &confdir] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    std::fs::write(bin.join("flaky"), FLAKY_NET).expect("plugin");
+    std::fs::set_permissions(bin.join("flaky"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(confdir.join("c.conf"), r#"{"cniVersion":"1.0.0","name":"cluster-net","type":"flaky"}"#)
+        .expect("conf");
+    for name in ["a", "b"] {
+        let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": POD_NS}, "spec": {"config": r#"{"cniVersion":"1.0.0","type":"flaky"}"#}});
+        std::fs::write(objects.join(format!("nad-{name}.json")), nad.to_string()).expect("nad");
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "flaky", "namespace": POD_NS,
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "a,b"}}});
+    std::fs::write(objects.join("pod.json"), pod.to_string()).expect("pod");
+    let cache = dir.path().join("cache");
+    let conf = json!({"cniVersion": "1.0.0", "name": "m", "clusterNetwork": "cluster-net", "confDir": confdir,
+        "cniDir": cache, "binDir": bin, "rustMultus": {"objectsDir": objects}});
+    assert_eq!(
+        run_here("ADD", &conf, &bin),
+        (0, json!({"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}))
+    );
+    std::fs::write(bin.join("fail-eth0"), "").expect("marker");
+    std::fs::write(bin.join("fail-net2"), "").expect("marker");
+    let (code, out) = run_here("DEL", &conf, &bin);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        json!({"cniVersion": "1.0.0", "code": 11, "msg": "error deleting 2 of 3 networks: network \"team/b\" (net2): cannot delete net2 / network \"cluster-net\" (eth0): cannot delete eth0"})
+    );
+    let calls = || {
+        std::fs::read_to_string(bin.join("calls.log"))
+            .expect("log")
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(calls(), ["ADD eth0", "ADD net1", "ADD net2", "DEL net2", "DEL net1", "DEL eth0"]);
+    assert!(cache.join("cid-flaky").exists(), "the cache stays for the runtime's retry");
+    std::fs::remove_file(bin.join("fail-eth0")).expect("rm");
+    std::fs::remove_file(bin.join("fail-net2")).expect("rm");
+    assert_eq!(run_here("DEL", &conf, &bin), (0, Value::Null));
+    assert_eq!(calls()[6..], ["DEL net2", "DEL net1", "DEL eth0"]);
+    assert!(!cache.join("cid-flaky").exists());
+}
