@@ -367,12 +367,12 @@ fn manifests_pass_kubernetes_validate_strict() {
     // The tool does reject what the API server would: a misspelled field, an API that is
     // gone.
     let bad = dir.path().join("bad.yaml");
-    let text = read("deploy/server.yaml").replacen("readinessProbe:", "readinesProbe:", 1);
+    let text = read("deploy/base/server.yaml").replacen("readinessProbe:", "readinesProbe:", 1);
     std::fs::write(&bad, text).expect("write");
     let e =
         kubernetes_validate("1.37.0", std::slice::from_ref(&bad)).expect_err("a misspelled field is refused");
     assert!(e.contains("'readinesProbe' was unexpected"), "{e}");
-    std::fs::write(&bad, read("deploy/reconcile.yaml").replace("batch/v1", "batch/v1beta1")).expect("write");
+    std::fs::write(&bad, read("deploy/base/reconcile.yaml").replace("batch/v1", "batch/v1beta1")).expect("write");
     let e = kubernetes_validate("1.37.0", &[bad]).expect_err("a removed API is refused");
     assert!(e.contains("Couldn't find schema for kind CronJob with api version batch/v1beta1"), "{e}");
 }
