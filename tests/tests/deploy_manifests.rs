@@ -919,6 +919,11 @@ impl Installer {
     /// Runs the script with `command` and the variables Kubernetes would set, plus `env`
     /// (an empty value removes a variable).
     fn run(&self, command: &str, env: &[(&str, &str)]) -> Output {
+        self.command(command, env).output().expect("run sh")
+    }
+
+    /// The script's command line for [`Installer::run`], to spawn.
+    fn command(&self, command: &str, env: &[(&str, &str)]) -> Command {
         let p = self.dir.path();
         let mut cmd = Command::new("sh");
         cmd.arg(repo().join("deploy/node/install-cni.sh"))
@@ -941,7 +946,7 @@ impl Installer {
                 cmd.env(k, v);
             }
         }
-        cmd.output().expect("run sh")
+        cmd
     }
 
     fn files(&self) -> BTreeSet<String> {
@@ -1195,6 +1200,25 @@ fn node_installer_tls_mode_copies_the_certificates_and_writes_https() {
     assert_ne!(ino("tls.crt"), cert_ino);
     let ca_wrote = format!("wrote {}", tls_dir.join("ca.crt").display());
     assert!(!output_text(&o).contains(&ca_wrote), "{}", output_text(&o));
+
+    // `run` (what the DaemonSet runs) keeps the copies in step with the mounted Secret.
+    let mut running = Killed(
+        inst.command("run", &[("RUST_IPAM_TLS_DIR", secret_str), ("RUST_IPAM_REFRESH_SECONDS", "1")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn run"),
+    );
+    let third = NODE_CERT_PEM.replace("bm9kZQo=", "bm9kZTMK");
+    secret_volume(&secret, 3, &[("ca.crt", CA_PEM), ("tls.crt", &third), ("tls.key", &renewed_key)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(tls_dir.join("tls.crt")).unwrap() != third {
+        assert!(running.0.try_wait().unwrap().is_none(), "run exited");
+        assert!(std::time::Instant::now() < deadline, "run did not copy the renewed certificate");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(running);
+    assert_eq!(mode(&tls_dir.join("tls.key")), 0o600);
 
     // A TLS directory that is not complete, or not PEM, or servers that are not https: a
     // clear error, and nothing on the host changes (not even a new binary in the image).
