@@ -22,8 +22,9 @@ COPY . .
 # Target and registry are cache mounts, so the binaries are copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p ipam-server --bin rust-ipam-server \
- && install -D -m 0755 target/release/rust-ipam-server /out/rust-ipam-server
+    cargo build --release --locked -p ipam-server --bin rust-ipam-server --bin rust-ipam-ctl \
+ && install -D -m 0755 target/release/rust-ipam-server /out/rust-ipam-server \
+ && install -D -m 0755 target/release/rust-ipam-ctl /out/rust-ipam-ctl
 # The CNI plugins run on the hosts, whatever C library they have (the node's runtime execs
 # them from /opt/cni/bin): statically linked against musl. Every binary of the workspace
 # except the server's package, the benchmarks and the tests; the four the installer needs
@@ -44,6 +45,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/rust-ipam-server /usr/local/bin/rust-ipam-server
+# For `kubectl exec` into a server pod: the Admin socket of deploy/overlays/mtls.
+COPY --from=build /out/rust-ipam-ctl /usr/local/bin/rust-ipam-ctl
 COPY --from=build /out/cni/ /opt/rust-ipam/cni/
 COPY --chmod=0755 deploy/node/install-cni.sh /usr/local/bin/rust-ipam-node-install
 # The server needs no root; the node DaemonSet sets runAsUser 0 to write host directories.

@@ -3,11 +3,13 @@
 //! pods, probes to ports, the CronJob and the node config to the Service, bindings to
 //! accounts), the CRD-typed examples validate against our generated CRDs and are what the
 //! server writes, and the node installer script installs atomically a config the plugin
-//! reads.
+//! reads; the production overlay `deploy/overlays/mtls` (mutual TLS, admin socket, no
+//! CronJob) is wired as documented, and its server args, the documented openssl certificates,
+//! the installer in TLS mode and the real plugin work together over mutual TLS.
 //!
 //! Needs `kubectl` (for kustomize) and `kubernetes-validate` (`pip install
 //! kubernetes-validate==1.37.0`); without them the tests that need them print `SKIP` (and
-//! fail when `CI` is set).
+//! fail when `CI` is set); the end-to-end TLS test also needs `openssl` and `bash`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -87,12 +89,17 @@ fn output_text(o: &Output) -> String {
 
 /// `kubectl kustomize deploy/`.
 fn render() -> String {
+    render_dir("deploy")
+}
+
+/// `kubectl kustomize <dir>` (`dir` relative to the repository).
+fn render_dir(dir: &str) -> String {
     let o = Command::new("kubectl")
         .arg("kustomize")
-        .arg(repo().join("deploy"))
+        .arg(repo().join(dir))
         .output()
         .expect("run kubectl kustomize");
-    assert!(o.status.success(), "kubectl kustomize deploy/ failed:\n{}", output_text(&o));
+    assert!(o.status.success(), "kubectl kustomize {dir} failed:\n{}", output_text(&o));
     String::from_utf8(o.stdout).expect("UTF-8 output")
 }
 
@@ -324,6 +331,166 @@ fn kustomize_renders_every_object_wired_together() {
     }
 }
 
+// ---- deploy/overlays/mtls ----
+
+/// The production overlay: mutual TLS on the gRPC port, Admin on a unix socket, no CronJob.
+const MTLS_OVERLAY: &str = "deploy/overlays/mtls";
+
+fn string_list(v: &Value) -> Vec<&str> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+}
+
+/// The volume mount at `path` of container `c`, and the pod's volume it mounts.
+fn mounted<'a>(pod_spec: &'a Value, c: &'a Value, path: &str) -> (&'a Value, &'a Value) {
+    let m = c["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["mountPath"] == path))
+        .unwrap_or_else(|| panic!("container {} mounts nothing at {path}", c["name"]));
+    let v = pod_spec["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == m["name"]))
+        .unwrap_or_else(|| panic!("no volume {} for the mount at {path}", m["name"]));
+    (m, v)
+}
+
+fn env_value<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+    c["env"].as_array()?.iter().find(|v| v["name"] == name)?["value"].as_str()
+}
+
+/// Removes `name` from the list at `pointer` (entries keyed by "name").
+fn remove_named(v: &mut Value, pointer: &str, name: &str) {
+    let list = v.pointer_mut(pointer).and_then(Value::as_array_mut).expect(pointer);
+    let before = list.len();
+    list.retain(|e| e["name"] != name);
+    assert_eq!(list.len(), before - 1, "{pointer} must hold exactly one {name}");
+}
+
+#[test]
+fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
+    const TEST: &str = "mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob";
+    if let Some(why) = missing("kubectl", &["version", "--client"]) {
+        return skip(TEST, &why);
+    }
+    let base = yaml_docs(&render());
+    let docs = yaml_docs(&render_dir(MTLS_OVERLAY));
+    let base_keys: BTreeSet<_> = base.iter().map(key).collect();
+    let got: BTreeSet<_> = docs.iter().map(key).collect();
+    let ns = |kind: &str, name: &str| (kind.to_string(), NAMESPACE.to_string(), name.to_string());
+    // The base's objects less the CronJob (it cannot speak TLS) and its unused account.
+    let removed: BTreeSet<_> = base_keys.difference(&got).cloned().collect();
+    assert_eq!(
+        removed,
+        BTreeSet::from([ns("CronJob", "rust-ipam-reconcile"), ns("ServiceAccount", "rust-ipam-reconcile")])
+    );
+    assert!(got.is_subset(&base_keys), "the overlay adds no object: {:?}", got.difference(&base_keys));
+    assert!(!docs.iter().any(|d| d["kind"] == "CronJob" || d["kind"] == "Job"));
+    // Only the server, the node DaemonSet and the Service change.
+    let changed =
+        [ns("Deployment", "rust-ipam-server"), ns("DaemonSet", "rust-ipam-node"), ns("Service", "rust-ipam")];
+    for d in &docs {
+        if !changed.contains(&key(d)) {
+            let b = base.iter().find(|b| key(b) == key(d)).unwrap();
+            assert_eq!(d, b, "{:?} must be the base's", key(d));
+        }
+    }
+
+    // The server: the base's flags, then TLS from the Secret, Admin on the socket, and the
+    // reconcile timer that replaces the CronJob.
+    let deployment = find(&docs, "Deployment", "rust-ipam-server");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let server = container(pod, "server");
+    assert_eq!(
+        string_list(&server["args"]),
+        [
+            "--listen=0.0.0.0:50051",
+            "--metrics-listen=0.0.0.0:9090",
+            "--store=kube",
+            "--tls-cert=/etc/rust-ipam/tls/tls.crt",
+            "--tls-key=/etc/rust-ipam/tls/tls.key",
+            "--tls-client-ca=/etc/rust-ipam/tls/ca.crt",
+            "--admin-listen=unix:/run/rust-ipam/admin.sock",
+            "--reconcile-every=5m",
+        ]
+    );
+    let (m, vol) = mounted(pod, server, "/etc/rust-ipam/tls");
+    assert_eq!(vol["secret"], json!({"secretName": "rust-ipam-server-tls", "defaultMode": 0o440}));
+    // No subPath: the kubelet's updates of a renewed Secret must reach the files.
+    assert_eq!(m, &json!({"name": vol["name"], "mountPath": "/etc/rust-ipam/tls", "readOnly": true}));
+    // 0440 files are readable by the server (uid 65532) through the fsGroup only.
+    let psc = &pod["securityContext"];
+    assert_eq!(
+        (&psc["fsGroup"], &psc["runAsUser"], &psc["runAsNonRoot"]),
+        (&json!(65532), &json!(65532), &json!(true))
+    );
+    let (_, vol) = mounted(pod, server, "/run/rust-ipam");
+    assert_eq!(vol["emptyDir"]["medium"], "Memory", "the admin socket's directory: {vol}");
+    assert_eq!(server["securityContext"]["readOnlyRootFilesystem"], true);
+    // `kubectl exec ... rust-ipam-ctl` inherits the container's environment: a
+    // RUST_IPAM_TLS_* variable there would become the ctl's TLS setting.
+    let env_names: Vec<&str> =
+        server["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert!(!env_names.iter().any(|n| n.starts_with("RUST_IPAM_")), "{env_names:?}");
+    // Everything else is the base's.
+    let mut rest = deployment.clone();
+    let base_deployment = find(&base, "Deployment", "rust-ipam-server");
+    let c = "/spec/template/spec/containers/0";
+    *rest.pointer_mut(&format!("{c}/args")).unwrap() =
+        base_deployment.pointer(&format!("{c}/args")).unwrap().clone();
+    remove_named(&mut rest, &format!("{c}/volumeMounts"), "tls");
+    remove_named(&mut rest, &format!("{c}/volumeMounts"), "admin-socket");
+    let c_obj = rest.pointer_mut(c).unwrap().as_object_mut().unwrap();
+    assert_eq!(c_obj.remove("volumeMounts"), Some(json!([])));
+    let spec = rest.pointer_mut("/spec/template/spec").unwrap().as_object_mut().unwrap();
+    assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(2));
+    spec["securityContext"].as_object_mut().unwrap().remove("fsGroup");
+    assert_eq!(&rest, base_deployment);
+
+    // The Service: gRPC over TLS, not h2c.
+    let service = find(&docs, "Service", "rust-ipam");
+    let grpc = service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "grpc").unwrap();
+    assert_eq!(
+        grpc,
+        &json!({"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "https"})
+    );
+    let mut rest = service.clone();
+    rest["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
+    assert_eq!(&rest, find(&base, "Service", "rust-ipam"));
+
+    // The node installer: the client Secret mounted where RUST_IPAM_TLS_DIR points.
+    let daemonset = find(&docs, "DaemonSet", "rust-ipam-node");
+    let ds_pod = &daemonset["spec"]["template"]["spec"];
+    let install = container(ds_pod, "install");
+    let tls_dir = env_value(install, "RUST_IPAM_TLS_DIR").expect("RUST_IPAM_TLS_DIR in the node installer");
+    assert_eq!(tls_dir, "/etc/rust-ipam/node-tls");
+    let (m, vol) = mounted(ds_pod, install, tls_dir);
+    assert_eq!(vol["secret"], json!({"secretName": "rust-ipam-node-tls", "defaultMode": 0o400}));
+    assert_eq!(m, &json!({"name": vol["name"], "mountPath": tls_dir, "readOnly": true}));
+    let mut rest = daemonset.clone();
+    let c = "/spec/template/spec/containers/0";
+    remove_named(&mut rest, &format!("{c}/env"), "RUST_IPAM_TLS_DIR");
+    remove_named(&mut rest, &format!("{c}/volumeMounts"), "node-tls");
+    remove_named(&mut rest, "/spec/template/spec/volumes", "node-tls");
+    assert_eq!(&rest, find(&base, "DaemonSet", "rust-ipam-node"), "the rest of the DaemonSet is the base's");
+    assert!(read("deploy/node/install-cni.sh").contains("TLS_DIR=${RUST_IPAM_TLS_DIR:-}"));
+
+    // The base stays plaintext, with its CronJob.
+    let base_server =
+        container(&find(&base, "Deployment", "rust-ipam-server")["spec"]["template"]["spec"], "server");
+    assert!(
+        !string_list(&base_server["args"]).iter().any(|a| a.starts_with("--tls") || a.starts_with("--admin"))
+    );
+    find(&base, "CronJob", "rust-ipam-reconcile");
+
+    // The image carries the ctl the docs tell operators to exec.
+    let dockerfile = read("Dockerfile");
+    for line in [
+        "install -D -m 0755 target/release/rust-ipam-ctl /out/rust-ipam-ctl",
+        "COPY --from=build /out/rust-ipam-ctl /usr/local/bin/rust-ipam-ctl",
+    ] {
+        assert!(dockerfile.contains(line), "Dockerfile must contain {line}");
+    }
+}
+
 /// Runs kubernetes-validate on `files`; its output when it failed or warned (a WARN is
 /// how it reports an apiVersion/kind it has no schema for, e.g. a removed API).
 fn kubernetes_validate(version: &str, files: &[PathBuf]) -> Result<(), String> {
@@ -353,7 +520,9 @@ fn manifests_pass_kubernetes_validate_strict() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rendered = dir.path().join("rendered.yaml");
     std::fs::write(&rendered, render()).expect("write");
-    let mut files = vec![rendered];
+    let rendered_mtls = dir.path().join("rendered-mtls.yaml");
+    std::fs::write(&rendered_mtls, render_dir(MTLS_OVERLAY)).expect("write");
+    let mut files = vec![rendered, rendered_mtls];
     // Manifests applied by hand, outside the kustomization (built-in kinds only: CRD-typed
     // objects are checked against our CRDs below).
     for entry in std::fs::read_dir(repo().join("deploy/uninstall")).expect("deploy/uninstall") {
@@ -367,12 +536,13 @@ fn manifests_pass_kubernetes_validate_strict() {
     // The tool does reject what the API server would: a misspelled field, an API that is
     // gone.
     let bad = dir.path().join("bad.yaml");
-    let text = read("deploy/server.yaml").replacen("readinessProbe:", "readinesProbe:", 1);
+    let text = read("deploy/base/server.yaml").replacen("readinessProbe:", "readinesProbe:", 1);
     std::fs::write(&bad, text).expect("write");
     let e =
         kubernetes_validate("1.37.0", std::slice::from_ref(&bad)).expect_err("a misspelled field is refused");
     assert!(e.contains("'readinesProbe' was unexpected"), "{e}");
-    std::fs::write(&bad, read("deploy/reconcile.yaml").replace("batch/v1", "batch/v1beta1")).expect("write");
+    std::fs::write(&bad, read("deploy/base/reconcile.yaml").replace("batch/v1", "batch/v1beta1"))
+        .expect("write");
     let e = kubernetes_validate("1.37.0", &[bad]).expect_err("a removed API is refused");
     assert!(e.contains("Couldn't find schema for kind CronJob with api version batch/v1beta1"), "{e}");
 }
@@ -749,6 +919,11 @@ impl Installer {
     /// Runs the script with `command` and the variables Kubernetes would set, plus `env`
     /// (an empty value removes a variable).
     fn run(&self, command: &str, env: &[(&str, &str)]) -> Output {
+        self.command(command, env).output().expect("run sh")
+    }
+
+    /// The script's command line for [`Installer::run`], to spawn.
+    fn command(&self, command: &str, env: &[(&str, &str)]) -> Command {
         let p = self.dir.path();
         let mut cmd = Command::new("sh");
         cmd.arg(repo().join("deploy/node/install-cni.sh"))
@@ -771,7 +946,7 @@ impl Installer {
                 cmd.env(k, v);
             }
         }
-        cmd.output().expect("run sh")
+        cmd
     }
 
     fn files(&self) -> BTreeSet<String> {
@@ -899,4 +1074,401 @@ fn node_installer_installs_atomically_a_config_the_plugin_reads() {
     assert!(o.status.success(), "{}", output_text(&o));
     assert_eq!(inst.files(), BTreeSet::from(["host/opt/cni/bin/macvlan".to_string()]));
     assert!(!inst.conf_dir().exists());
+}
+
+/// Every file and directory under `dir`, relative to it, with its mode and content (empty for
+/// a directory).
+fn snapshot(dir: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten() {
+            let p = e.expect("entry").path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if p.is_dir() {
+                out.insert(rel, (mode(&p), Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, (mode(&p), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A Secret volume as the kubelet lays it out: the files in a timestamped directory, `..data`
+/// a symlink to it, and each key a symlink through `..data` (an update swaps `..data`).
+fn secret_volume(dir: &Path, generation: u32, files: &[(&str, &str)]) {
+    let data = format!("..2026_12_03_10_00_0{generation}.000000001");
+    std::fs::create_dir_all(dir.join(&data)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(&data).join(name), content).unwrap();
+    }
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(&data, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}
+
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nY2EK\n-----END CERTIFICATE-----\n";
+const NODE_CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nbm9kZQo=\n-----END CERTIFICATE-----\n";
+const NODE_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\na2V5Cg==\n-----END PRIVATE KEY-----\n";
+
+#[test]
+fn node_installer_tls_mode_copies_the_certificates_and_writes_https() {
+    const TEST: &str = "node_installer_tls_mode_copies_the_certificates_and_writes_https";
+    if let Some(why) = missing("sh", &["-c", "command -v cmp >/dev/null && command -v grep >/dev/null"]) {
+        return skip(TEST, &why);
+    }
+    let inst = Installer::new();
+    let secret = inst.dir.path().join("node-tls");
+    secret_volume(&secret, 1, &[("ca.crt", CA_PEM), ("tls.crt", NODE_CERT_PEM), ("tls.key", NODE_KEY_PEM)]);
+    let secret_str = secret.to_str().unwrap();
+    let tls_env = [("RUST_IPAM_TLS_DIR", secret_str)];
+    let o = inst.run("install", &tls_env);
+    assert!(o.status.success(), "install failed:\n{}", output_text(&o));
+
+    // The three files in tls/ (no temporary ones), a directory only root enters, the key
+    // readable by root only.
+    let tls_dir = inst.conf_dir().join("tls");
+    assert!(inst.files().contains("host/etc/cni/net.d/rust-ipam.d/tls"));
+    let in_tls: BTreeSet<String> = std::fs::read_dir(&tls_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(in_tls, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"].map(String::from)));
+    assert_eq!(mode(&tls_dir), 0o700);
+    for (f, content, m) in
+        [("ca.crt", CA_PEM, 0o644), ("tls.crt", NODE_CERT_PEM, 0o644), ("tls.key", NODE_KEY_PEM, 0o600)]
+    {
+        let p = tls_dir.join(f);
+        assert!(!std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink(), "{f} is a copy");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), content, "{f}");
+        assert_eq!(mode(&p), m, "{f}");
+    }
+    // The node file: the Service over https and the host paths of the files.
+    let conf_path = inst.conf_dir().join("rust-ipam.conf");
+    assert_eq!(mode(&conf_path), 0o644);
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conf_path).unwrap()).expect("JSON");
+    assert_eq!(
+        conf,
+        json!({
+            "server": ["https://10.96.0.50:50051"],
+            "node_name": "worker-1",
+            "timeout_ms": 10000,
+            "tls_ca": "/etc/cni/net.d/rust-ipam.d/tls/ca.crt",
+            "tls_cert": "/etc/cni/net.d/rust-ipam.d/tls/tls.crt",
+            "tls_key": "/etc/cni/net.d/rust-ipam.d/tls/tls.key"
+        })
+    );
+    assert_eq!(inst.run("check", &tls_env).status.code(), Some(0));
+
+    // The plugin reads that file, and the certificates through it: here the "host" is the
+    // temp dir, so the config names the files where this test can read them.
+    let conf_dir = inst.conf_dir();
+    let host_env =
+        [("RUST_IPAM_TLS_DIR", secret_str), ("RUST_IPAM_NODE_CONF_DIR", conf_dir.to_str().unwrap())];
+    let o = inst.run("install", &host_env);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let ipam = nad_ipam(&conf_path);
+    assert_eq!(ipam.servers, ["https://10.96.0.50:50051"]);
+    assert_eq!(ipam.node_name, "worker-1");
+    let tls = ipam.tls.expect("the plugin's TLS settings");
+    assert_eq!(tls.ca, CA_PEM.as_bytes());
+    assert_eq!(tls.identity, Some((NODE_CERT_PEM.as_bytes().to_vec(), NODE_KEY_PEM.as_bytes().to_vec())));
+    let o = inst.run("install", &tls_env);
+    assert!(o.status.success(), "{}", output_text(&o));
+
+    // A renewal (the kubelet swaps ..data): the new certificate replaces the old by rename;
+    // the unchanged CA is not rewritten.
+    let ino = |f: &str| std::fs::metadata(tls_dir.join(f)).unwrap().ino();
+    let (ca_ino, cert_ino) = (ino("ca.crt"), ino("tls.crt"));
+    let renewed = NODE_CERT_PEM.replace("bm9kZQo=", "bm9kZTIK");
+    let renewed_key = NODE_KEY_PEM.replace("a2V5Cg==", "a2V5MgoK");
+    secret_volume(&secret, 2, &[("ca.crt", CA_PEM), ("tls.crt", &renewed), ("tls.key", &renewed_key)]);
+    let o = inst.run("install", &tls_env);
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert_eq!(std::fs::read_to_string(tls_dir.join("tls.crt")).unwrap(), renewed);
+    assert_eq!(std::fs::read_to_string(tls_dir.join("tls.key")).unwrap(), renewed_key);
+    assert_eq!(mode(&tls_dir.join("tls.key")), 0o600);
+    assert_eq!(ino("ca.crt"), ca_ino);
+    assert_ne!(ino("tls.crt"), cert_ino);
+    let ca_wrote = format!("wrote {}", tls_dir.join("ca.crt").display());
+    assert!(!output_text(&o).contains(&ca_wrote), "{}", output_text(&o));
+
+    // `run` (what the DaemonSet runs) keeps the copies in step with the mounted Secret.
+    let mut running = Killed(
+        inst.command("run", &[("RUST_IPAM_TLS_DIR", secret_str), ("RUST_IPAM_REFRESH_SECONDS", "1")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn run"),
+    );
+    let third = NODE_CERT_PEM.replace("bm9kZQo=", "bm9kZTMK");
+    secret_volume(&secret, 3, &[("ca.crt", CA_PEM), ("tls.crt", &third), ("tls.key", &renewed_key)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(tls_dir.join("tls.crt")).unwrap() != third {
+        assert!(running.0.try_wait().unwrap().is_none(), "run exited");
+        assert!(std::time::Instant::now() < deadline, "run did not copy the renewed certificate");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(running);
+    assert_eq!(mode(&tls_dir.join("tls.key")), 0o600);
+
+    // A TLS directory that is not complete, or not PEM, or servers that are not https: a
+    // clear error, and nothing on the host changes (not even a new binary in the image).
+    std::fs::write(inst.dir.path().join("image/cni/rust-ipam"), "#!/bin/sh\necho rust-ipam v2\n").unwrap();
+    let host = inst.dir.path().join("host");
+    let before = snapshot(&host);
+    let partial = |name: &str, files: &[(&str, &str)]| {
+        let d = inst.dir.path().join(name);
+        secret_volume(&d, 1, files);
+        d.to_str().unwrap().to_string()
+    };
+    let no_key = partial("no-key", &[("ca.crt", CA_PEM), ("tls.crt", NODE_CERT_PEM)]);
+    let no_ca = partial("no-ca", &[("tls.crt", NODE_CERT_PEM), ("tls.key", NODE_KEY_PEM)]);
+    let empty_cert = partial("empty-cert", &[("ca.crt", CA_PEM), ("tls.crt", ""), ("tls.key", NODE_KEY_PEM)]);
+    let not_pem =
+        partial("not-pem", &[("ca.crt", "ca"), ("tls.crt", NODE_CERT_PEM), ("tls.key", NODE_KEY_PEM)]);
+    let absent = inst.dir.path().join("absent").to_str().unwrap().to_string();
+    let needs = "the node TLS Secret needs the keys ca.crt, tls.crt and tls.key";
+    for (env, message) in [
+        (vec![("RUST_IPAM_TLS_DIR", no_key.as_str())], format!("error: RUST_IPAM_TLS_DIR \"{no_key}\" has no tls.key (or it is empty): {needs}")),
+        (vec![("RUST_IPAM_TLS_DIR", no_ca.as_str())], format!("error: RUST_IPAM_TLS_DIR \"{no_ca}\" has no ca.crt (or it is empty): {needs}")),
+        (vec![("RUST_IPAM_TLS_DIR", empty_cert.as_str())], format!("error: RUST_IPAM_TLS_DIR \"{empty_cert}\" has no tls.crt (or it is empty): {needs}")),
+        (vec![("RUST_IPAM_TLS_DIR", not_pem.as_str())], format!("error: {not_pem}/ca.crt is not PEM (no -----BEGIN line)")),
+        (
+            vec![("RUST_IPAM_TLS_DIR", absent.as_str())],
+            format!("error: RUST_IPAM_TLS_DIR \"{absent}\" is not a directory (mount the node's TLS Secret there)"),
+        ),
+        (
+            vec![("RUST_IPAM_TLS_DIR", secret_str), ("RUST_IPAM_SERVER", "https://10.0.0.10:50051,http://10.0.0.11:50051")],
+            "error: server \"http://10.0.0.11:50051\" is not https:// but RUST_IPAM_TLS_DIR is set: with mutual TLS every server must be https://host:port".to_string(),
+        ),
+    ] {
+        let o = inst.run("install", &env);
+        assert_eq!(o.status.code(), Some(1), "{env:?}: {}", output_text(&o));
+        let text = output_text(&o);
+        assert_eq!(text.trim_end(), format!("rust-ipam-node-install: {message}"), "{env:?}");
+        assert_eq!(snapshot(&host), before, "{env:?} changed the host");
+    }
+    // check notices a missing key.
+    std::fs::remove_file(tls_dir.join("tls.key")).unwrap();
+    let o = inst.run("check", &tls_env);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(output_text(&o).contains("rust-ipam.d/tls/tls.key is not installed"), "{}", output_text(&o));
+
+    // Explicit https servers are kept as given.
+    let o = inst.run(
+        "install",
+        &[("RUST_IPAM_TLS_DIR", secret_str), ("RUST_IPAM_SERVER", "https://10.0.0.10:50051")],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conf_path).unwrap()).unwrap();
+    assert_eq!(conf["server"], json!(["https://10.0.0.10:50051"]));
+    assert_eq!(mode(&tls_dir.join("tls.key")), 0o600);
+
+    // Back to plaintext (the base DaemonSet): http, no TLS keys, and the copies are gone.
+    let o = inst.run("install", &[]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conf_path).unwrap()).unwrap();
+    assert_eq!(
+        conf,
+        json!({"server": ["http://10.96.0.50:50051"], "node_name": "worker-1", "timeout_ms": 10000})
+    );
+    assert!(!tls_dir.exists());
+    assert!(output_text(&o).contains("removed"), "{}", output_text(&o));
+}
+
+/// Kills the process when dropped (a failing assertion must not leave a server running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The openssl commands of docs/operations.md ("Mutual TLS in a cluster"), with the
+/// ClusterIP 127.0.0.1, run by bash in `dir`: ca.crt, server.crt/key, node.crt/key.
+const DOC_OPENSSL: &str = r#"set -e
+CLUSTER_IP=127.0.0.1
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 -subj /CN=rust-ipam-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+  -keyout ca.key -out ca.crt
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=rust-ipam -keyout server.key -out server.csr
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -out server.crt -extfile <(
+  printf 'subjectAltName=IP:%s,DNS:rust-ipam.rust-ipam.svc,DNS:rust-ipam.rust-ipam.svc.cluster.local\n' "$CLUSTER_IP"
+  printf 'extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n')
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=rust-ipam-node -keyout node.key -out node.csr
+openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -out node.crt -extfile <(
+  printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n')
+"#;
+
+/// The pieces working together as in a cluster with the overlay: certificates made by the
+/// documented openssl commands, the server started with the overlay's own args (paths and
+/// addresses mapped to a temp dir and loopback, the embedded store for the kube store), the
+/// installer writing the node file in TLS mode, and the real `rust-ipam` plugin allocating
+/// through it over mutual TLS; Admin answers on the socket only; no certificate, no entry.
+#[test]
+fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
+    const TEST: &str = "mtls_overlay_args_docs_certificates_installer_and_plugin_work_together";
+    for (tool, args) in [
+        ("kubectl", &["version", "--client"][..]),
+        ("openssl", &["version"][..]),
+        ("bash", &["-c", "command -v cmp >/dev/null"][..]),
+    ] {
+        if let Some(why) = missing(tool, args) {
+            return skip(TEST, &why);
+        }
+    }
+    // The commands are the docs' own, line for line (but the ClusterIP).
+    let docs_text = read("docs/operations.md");
+    for line in DOC_OPENSSL.lines().filter(|l| !l.starts_with("set -e") && !l.starts_with("CLUSTER_IP=")) {
+        assert!(docs_text.contains(line), "docs/operations.md must contain the line {line:?}");
+    }
+    let inst = Installer::new();
+    let root = inst.dir.path();
+    let pki = root.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let o = Command::new("bash").arg("-c").arg(DOC_OPENSSL).current_dir(&pki).output().expect("bash");
+    assert!(o.status.success(), "the documented openssl commands failed:\n{}", output_text(&o));
+    let pem = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    // The two Secrets as mounted volumes.
+    let server_secret = root.join("server-tls");
+    secret_volume(
+        &server_secret,
+        1,
+        &[("tls.crt", &pem("server.crt")), ("tls.key", &pem("server.key")), ("ca.crt", &pem("ca.crt"))],
+    );
+    let node_secret = root.join("node-tls");
+    secret_volume(
+        &node_secret,
+        1,
+        &[("tls.crt", &pem("node.crt")), ("tls.key", &pem("node.key")), ("ca.crt", &pem("ca.crt"))],
+    );
+
+    // The server with the overlay's args.
+    let docs = yaml_docs(&render_dir(MTLS_OVERLAY));
+    let deployment = find(&docs, "Deployment", "rust-ipam-server");
+    let server = container(&deployment["spec"]["template"]["spec"], "server");
+    let (port, metrics) = (rust_ipam_e2e::free_port().unwrap(), rust_ipam_e2e::free_port().unwrap());
+    let run_dir = root.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let mut args: Vec<String> = string_list(&server["args"])
+        .iter()
+        .map(|a| {
+            a.replace("--listen=0.0.0.0:50051", &format!("--listen=127.0.0.1:{port}"))
+                .replace("--metrics-listen=0.0.0.0:9090", &format!("--metrics-listen=127.0.0.1:{metrics}"))
+                .replace("--store=kube", "--store=embedded")
+                .replace("/etc/rust-ipam/tls", server_secret.to_str().unwrap())
+                .replace("/run/rust-ipam", run_dir.to_str().unwrap())
+        })
+        .collect();
+    args.push(format!("--data-dir={}", root.join("data").display()));
+    let bin = rust_ipam_e2e::workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let ctl_bin = rust_ipam_e2e::workspace_bin("ipam-server", "rust-ipam-ctl").expect("ctl binary");
+    let log = root.join("server.log");
+    let _server = Killed(
+        Command::new(&bin)
+            .args(&args)
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start rust-ipam-server"),
+    );
+    let socket = format!("unix://{}/admin.sock", run_dir.display());
+    let ctl = |args: &[&str]| Command::new(&ctl_bin).args(args).env_clear().output().expect("rust-ipam-ctl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let o = ctl(&["--server", &socket, "status"]);
+        if o.status.success() && output_text(&o).contains("serving=true") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not serve on {socket}: {}\nlog:\n{}",
+            output_text(&o),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(mode(&run_dir.join("admin.sock")), 0o600);
+
+    // The node: the installer in TLS mode, naming this server.
+    let conf_dir = inst.conf_dir();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let o = inst.run(
+        "install",
+        &[
+            ("RUST_IPAM_TLS_DIR", node_secret.to_str().unwrap()),
+            ("RUST_IPAM_NODE_CONF_DIR", conf_dir.to_str().unwrap()),
+            ("RUST_IPAM_SERVER", &endpoint),
+        ],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+
+    // The plugin, as the runtime runs it for a NAD that leaves the server to the node file.
+    let conf_path = conf_dir.join("rust-ipam.conf");
+    let nad = json!({
+        "cniVersion": "1.0.0", "name": "backend-network", "type": "macvlan",
+        "ipam": {"type": "rust-ipam", "range": "10.56.0.0/16", "exclude": ["10.56.0.0/28"],
+                 "configuration_path": conf_path}
+    });
+    let plugin = |command: &str| {
+        let mut child = Command::new(rust_ipam_e2e::workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "c0ffee")
+            .env("CNI_NETNS", "/proc/self/ns/net")
+            .env("CNI_IFNAME", "net1")
+            .env("CNI_PATH", "/nonexistent")
+            .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-a;K8S_POD_UID=uid-a")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn rust-ipam");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), nad.to_string().as_bytes()).unwrap();
+        child.wait_with_output().expect("rust-ipam")
+    };
+    let o = plugin("ADD");
+    assert!(o.status.success(), "ADD over mutual TLS failed:\n{}", output_text(&o));
+    let result: Value = serde_json::from_slice(&o.stdout).expect("CNI result JSON");
+    assert_eq!(result["ips"][0]["address"], "10.56.0.16/16", "{result}");
+
+    // Admin on the socket sees the lease; the TLS port refuses Admin even with a
+    // certificate, and refuses any call without one.
+    let o = ctl(&["--server", &socket, "leases"]);
+    assert!(o.status.success() && output_text(&o).contains("10.56.0.16"), "{}", output_text(&o));
+    let (ca, crt, key) = (pki.join("ca.crt"), pki.join("node.crt"), pki.join("node.key"));
+    let tls_args = [
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--tls-cert",
+        crt.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let with_cert = |cmd: &str| ctl(&[&["--server", endpoint.as_str()][..], &tls_args, &[cmd]].concat());
+    let o = with_cert("status");
+    assert!(o.status.success(), "{}", output_text(&o));
+    let o = with_cert("pools");
+    assert!(!o.status.success() && output_text(&o).contains("Unimplemented"), "{}", output_text(&o));
+    let o = ctl(&["--server", &endpoint, "--tls-ca", ca.to_str().unwrap(), "status"]);
+    assert!(!o.status.success(), "a client without a certificate got in: {}", output_text(&o));
+    let o = plugin("DEL");
+    assert!(o.status.success(), "DEL over mutual TLS failed:\n{}", output_text(&o));
+    let o = ctl(&["--server", &socket, "leases"]);
+    assert!(o.status.success() && !output_text(&o).contains("10.56.0.16"), "{}", output_text(&o));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("TLS handshake failed"), "the refusal is logged:\n{log_text}");
 }
