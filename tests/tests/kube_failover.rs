@@ -44,14 +44,14 @@ async fn status(endpoint: &str) -> Option<pb::StatusResponse> {
 }
 
 /// Allocates through whichever replica leads: follows the leader hint, else tries the
-/// other endpoint, until `deadline`.
-async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<String> {
+/// other endpoint, until `deadline`. The address and the endpoint that answered.
+async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<(String, String)> {
     let mut target = endpoints[0].clone();
     let mut turn = 0;
     while Instant::now() < deadline {
         if let Ok(ch) = connect(&target, Duration::from_millis(300)).await {
             match IpamClient::new(ch).allocate(request(cid)).await {
-                Ok(r) => return Some(r.into_inner().leases[0].address.clone()),
+                Ok(r) => return Some((r.into_inner().leases[0].address.clone(), target)),
                 Err(s) => {
                     if let Some(hint) = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
                         target = hint.to_string();
@@ -66,6 +66,9 @@ async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<
     }
     None
 }
+
+/// One acknowledged allocation: when, for whom, what, and which replica answered.
+type Ack = (Instant, String, String, String);
 
 fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBuf) -> ServerOptions {
     ServerOptions {
@@ -186,7 +189,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
 
     // A stream of allocations; the leader is killed in the middle of it.
     let endpoints = vec![follower_ep.clone(), leader_ep.clone()];
-    let acked: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
@@ -199,7 +202,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
                 }
                 let cid = format!("c{c}-{i}");
                 match allocate(&endpoints, &cid, Instant::now() + Duration::from_secs(30)).await {
-                    Some(addr) => acked.lock().expect("lock").push((Instant::now(), cid, addr)),
+                    Some((addr, by)) => acked.lock().expect("lock").push((Instant::now(), cid, addr, by)),
                     None => unanswered += 1,
                 }
             }
@@ -215,7 +218,9 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let after: Vec<Instant> =
-            acked.lock().expect("lock").iter().map(|(t, ..)| *t).filter(|t| *t > killed_at).collect();
+            // Answers of the survivor: the old leader's last answers may still arrive after
+            // the kill was sent.
+            acked.lock().expect("lock").iter().filter(|a| a.3 == follower_ep).map(|a| a.0).filter(|t| *t > killed_at).collect();
         if after.first().is_some_and(|first| first.elapsed() > Duration::from_secs(2)) {
             break;
         }
@@ -229,8 +234,10 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     }
     assert_eq!(unanswered, 0, "every allocation is answered within 30 s through the failover");
     let acked = Arc::try_unwrap(acked).expect("clients done").into_inner().expect("lock");
-    let first_after = acked.iter().map(|(t, ..)| *t).filter(|t| *t > killed_at).min().expect("after kill");
-    let last_before = acked.iter().map(|(t, ..)| *t).filter(|t| *t <= killed_at).max().expect("before kill");
+    let first_after =
+        acked.iter().filter(|a| a.3 == follower_ep).map(|a| a.0).min().expect("the survivor answered");
+    let last_before =
+        acked.iter().filter(|a| a.3 == leader_ep).map(|a| a.0).max().expect("the old leader answered");
     let gap = first_after - last_before;
     let survivor = status(&follower_ep).await.expect("survivor status");
     assert!(survivor.serving, "the former follower leads now");
@@ -243,7 +250,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
         assert!(addresses.insert(addr.clone()), "{addr} stored twice");
         held.insert(o["spec"]["containerId"].as_str().expect("cid").to_string(), addr);
     }
-    for (_, cid, addr) in &acked {
+    for (_, cid, addr, _) in &acked {
         assert_eq!(held.get(cid), Some(addr), "acknowledged lease of {cid} is not in the store");
     }
     // The new leader keeps the pool's usage in the RangePool status.
