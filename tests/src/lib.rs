@@ -1,6 +1,7 @@
 //! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
 //! load driver use them.
 
+pub mod envtest;
 pub mod kube_standin;
 pub mod netns;
 

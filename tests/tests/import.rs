@@ -1,12 +1,12 @@
 //! Migration from Whereabouts: `rust-ipam-server import-whereabouts` on the recorded
-//! objects (from files into the embedded store, or from the API server into the kube
+//! objects (from files into the embedded store, or from a real kube-apiserver into the kube
 //! store), then the server answers the same pods with the addresses Whereabouts gave them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rust_ipam_e2e::kube_standin::KubeStandin;
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
@@ -95,24 +95,28 @@ async fn imported_pods_keep_their_whereabouts_addresses() {
     assert_eq!(next.leases[0].address, "192.168.100.18");
 }
 
-/// Puts the fixture objects into the stand-in where Whereabouts keeps them.
-fn seed_whereabouts(standin: &KubeStandin) {
-    for (file, plural) in fixtures().iter().zip(["ippools", "overlappingrangeipreservations"]) {
-        let text = std::fs::read_to_string(file).expect("fixture");
+/// Writes the fixture objects into `namespace` as Whereabouts did (the recorded server-set
+/// metadata left out: the API server sets its own).
+async fn seed_whereabouts(admin: &kube::Client, namespace: &str) {
+    for file in fixtures() {
+        let text = std::fs::read_to_string(&file).expect("fixture");
         let list: Value = serde_yaml::from_str(&text).expect("fixture YAML");
         for item in list["items"].as_array().expect("a List") {
-            let ns = item["metadata"]["namespace"].as_str().expect("namespace");
-            let collection = format!("/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/{plural}");
-            standin.put_raw(&collection, item.clone());
+            let mut obj = item.clone();
+            let name = obj["metadata"]["name"].clone();
+            obj["metadata"] = serde_json::json!({ "name": name });
+            envtest::create(admin, Some(namespace), obj).await.expect("seed a Whereabouts object");
         }
     }
 }
 
-fn import_kube(kubeconfig: &Path, dry_run: bool) -> (i32, String) {
+/// The import run as the cluster's operator (it reads Whereabouts' objects, which the
+/// server's account may not) from `from` into the kube store in `into`.
+fn import_kube(kubeconfig: &Path, from: &str, into: &str, dry_run: bool) -> (i32, String) {
     let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
     let mut cmd = Command::new(bin);
-    cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", "rust-ipam"]);
-    cmd.args(["import-whereabouts", "--from-namespace", "kube-system"]);
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", into]);
+    cmd.args(["import-whereabouts", "--from-namespace", from]);
     if dry_run {
         cmd.arg("--dry-run");
     }
@@ -123,23 +127,26 @@ fn import_kube(kubeconfig: &Path, dry_run: bool) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_from_the_api_server_into_the_kube_store() {
-    let standin = KubeStandin::start().await.expect("stand-in");
+    let Some(env) = envtest::shared("import_from_the_api_server_into_the_kube_store") else { return };
+    let ns = env.namespace("import").await.expect("namespace");
+    let wa = env.namespace("whereabouts").await.expect("namespace").name;
+    let admin = ns.admin_client().await.expect("admin client");
+    seed_whereabouts(&admin, &wa).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("kubeconfig");
-    standin.kubeconfig(&cfg, "rust-ipam").expect("kubeconfig");
-    seed_whereabouts(&standin);
-    const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
+    let cfg = &ns.admin_kubeconfig;
+    let objects = || envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease");
 
-    let (code, out) = import_kube(&cfg, true);
+    let (code, out) = import_kube(cfg, &wa, &ns.name, true);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("dry run: 5 would be created, 5 exist, 0 not importable; nothing changed"), "{out}");
-    assert!(standin.objects(LEASES).is_empty(), "a dry run writes nothing");
+    assert!(objects().await.expect("list").is_empty(), "a dry run writes nothing");
 
-    let (code, out) = import_kube(&cfg, false);
+    let (code, out) = import_kube(cfg, &wa, &ns.name, false);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("5 created, 5 already present, 0 not importable"), "{out}");
-    let mut stored: Vec<String> = standin
-        .objects(LEASES)
+    let mut stored: Vec<String> = objects()
+        .await
+        .expect("list")
         .iter()
         .map(|o| {
             let (name, spec) = (&o["metadata"]["name"], &o["spec"]);
@@ -162,13 +169,14 @@ async fn import_from_the_api_server_into_the_kube_store() {
         "one IPLease per imported address"
     );
     assert_eq!(stored.len(), 5, "{stored:?}");
-    let (code, out) = import_kube(&cfg, false);
+    let (code, out) = import_kube(cfg, &wa, &ns.name, false);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("0 created, 10 already present, 0 not importable"), "{out}");
 
-    // A replica elected on the store serves the imported pods their addresses.
+    // A replica elected on the store, as the server's account, serves the imported pods
+    // their addresses.
     let opts = ServerOptions {
-        args: ["--kubeconfig", &cfg.display().to_string(), "--namespace", "rust-ipam"]
+        args: ["--kubeconfig", &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(), "--namespace", &ns.name]
             .map(String::from)
             .to_vec(),
         ..ServerOptions::default()

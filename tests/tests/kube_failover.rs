@@ -1,5 +1,6 @@
-//! Two `rust-ipam-server` replicas on the kube store, electing a leader through the API
-//! stand-in: the follower refers clients to the leader, and when the leader is killed in
+//! Two `rust-ipam-server` replicas on the kube store, electing a leader through a real
+//! kube-apiserver (`rust_ipam_e2e::envtest`), each as the server's ServiceAccount with
+//! deploy/'s RBAC: the follower refers clients to the leader, and when the leader is killed in
 //! the middle of a stream of allocations the follower takes over; afterwards every
 //! acknowledged lease exists and no address is held twice.
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rust_ipam_e2e::kube_standin::KubeStandin;
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
@@ -20,8 +21,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
-const POOLS: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/rangepools";
+const GROUP: &str = "ipam.rust-ipam.io/v1alpha1";
 const CLIENTS: usize = 16;
 
 fn request(cid: &str) -> pb::AllocateRequest {
@@ -70,7 +70,7 @@ async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<
 /// One acknowledged allocation: when, for whom, what, and which replica answered.
 type Ack = (Instant, String, String, String);
 
-fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBuf) -> ServerOptions {
+fn options(ns: &TestNamespace, identity: &str, log: std::path::PathBuf) -> ServerOptions {
     ServerOptions {
         identity: identity.into(),
         log_level: "info".into(),
@@ -78,9 +78,9 @@ fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBu
         wait_serving: false,
         args: [
             "--kubeconfig",
-            &standin_cfg.display().to_string(),
+            &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(),
             "--namespace",
-            "rust-ipam",
+            &ns.name,
             "--lease-ttl",
             "3s",
             "--renew-every",
@@ -96,19 +96,21 @@ fn options(standin_cfg: &std::path::Path, identity: &str, log: std::path::PathBu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
-    let standin = KubeStandin::start().await.expect("stand-in");
+    let Some(env) = envtest::shared("the_follower_takes_over_and_nothing_acknowledged_is_lost") else {
+        return;
+    };
+    let ns = env.namespace("failover").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = dir.path().join("kubeconfig");
-    standin.kubeconfig(&cfg, "rust-ipam").expect("kubeconfig");
     let a = ServerProcess::start_with(
         &dir.path().join("a"),
-        &options(&cfg, "replica-a", dir.path().join("a.log")),
+        &options(&ns, "replica-a", dir.path().join("a.log")),
     )
     .await
     .expect("replica a");
     let b = ServerProcess::start_with(
         &dir.path().join("b"),
-        &options(&cfg, "replica-b", dir.path().join("b.log")),
+        &options(&ns, "replica-b", dir.path().join("b.log")),
     )
     .await
     .expect("replica b");
@@ -245,7 +247,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     // What the API server holds: every acknowledged lease, each address once.
     let mut held = BTreeMap::new();
     let mut addresses = HashSet::new();
-    for o in standin.objects(LEASES) {
+    for o in envtest::list(&admin, Some(&ns.name), GROUP, "IPLease").await.expect("IPLeases") {
         let addr = o["spec"]["address"].as_str().expect("address").to_string();
         assert!(addresses.insert(addr.clone()), "{addr} stored twice");
         held.insert(o["spec"]["containerId"].as_str().expect("cid").to_string(), addr);
@@ -256,7 +258,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     // The new leader keeps the pool's usage in the RangePool status.
     let deadline = Instant::now() + Duration::from_secs(10);
     let used = loop {
-        let pools = standin.objects(POOLS);
+        let pools = envtest::list(&admin, Some(&ns.name), GROUP, "RangePool").await.expect("RangePools");
         let used = pools
             .iter()
             .find(|p| p["spec"]["range"] == "198.18.0.0/16")

@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use rust_ipam_e2e::envtest;
 use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1::{self as pb, admin_client::AdminClient};
@@ -682,13 +683,17 @@ n=$(echo "$CNI_IFNAME" | tr -dc 0-9)
 exit 0
 "#;
 
-/// Runs rust-multus for pod team/web off the async runtime (the stand-in serves on it).
+/// Runs rust-multus for pod `namespace`/web off the async runtime (the stand-in serves on it).
 async fn multus_blocking(
     command: &'static str,
+    namespace: &str,
     bin_dir: PathBuf,
     netns: PathBuf,
     conf: Value,
 ) -> (i32, Value, String) {
+    let cni_args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web"
+    );
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(multus_bin())
             .env_clear()
@@ -697,10 +702,7 @@ async fn multus_blocking(
             .env("CNI_NETNS", &netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", &bin_dir)
-            .env(
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web",
-            )
+            .env("CNI_ARGS", cni_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -715,83 +717,134 @@ async fn multus_blocking(
     .expect("join")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
+/// The kube-source tests' delegates dir (holding [`FAKE_NET`]) and rust-multus config.
+fn kube_source_conf(dir: &Path, kubeconfig: &Path) -> (PathBuf, Value) {
     use std::os::unix::fs::PermissionsExt as _;
-    let standin = rust_ipam_e2e::kube_standin::KubeStandin::start().await.expect("stand-in");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bin = dir.path().join("bin");
+    let bin = dir.join("bin");
     std::fs::create_dir(&bin).expect("mkdir");
     std::fs::write(bin.join("fake-net"), FAKE_NET).expect("plugin");
     std::fs::set_permissions(bin.join("fake-net"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let kubeconfig = dir.path().join("kubeconfig");
-    standin.kubeconfig(&kubeconfig, "default").expect("kubeconfig");
-    let nads = |ns: &str| format!("/apis/k8s.cni.cncf.io/v1/namespaces/{ns}/network-attachment-definitions");
-    let nad = |ns: &str, name: &str| {
-        json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"config": r#"{"cniVersion":"1.0.0","type":"fake-net"}"#}})
-    };
-    standin.put_raw(&nads("kube-system"), nad("kube-system", "cluster"));
-    standin.put_raw(&nads("team"), nad("team", "fast"));
-    let pods = "/api/v1/namespaces/team/pods";
-    standin.put_raw(
-        pods,
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "team",
-            "annotations": {"k8s.v1.cni.cncf.io/networks": "fast"}}}),
-    );
-    let uid = standin.objects(pods)[0]["metadata"]["uid"].as_str().expect("uid").to_string();
     let conf = json!({"cniVersion": "0.4.0", "name": "m", "clusterNetwork": "cluster", "kubeconfig": kubeconfig,
-        "binDir": bin, "cniDir": dir.path().join("cache")});
-    let netns = dir.path().to_path_buf();
-    let status_of =
-        || standin.objects(pods)[0]["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"].clone();
+        "binDir": bin, "cniDir": dir.join("cache")});
+    (bin, conf)
+}
 
-    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+fn fake_nad(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"config": r#"{"cniVersion":"1.0.0","type":"fake-net"}"#}})
+}
+
+/// The delegates' calls so far: `COMMAND IFNAME CNI_ARGS`.
+fn delegate_calls(bin: &Path) -> Vec<String> {
+    std::fs::read_to_string(bin.join("calls.log")).expect("calls").lines().map(str::to_string).collect()
+}
+
+/// The CNI_ARGS rust-multus gives its delegates for pod `ns`/web.
+fn multus_args(ns: &str, uid: &str) -> String {
+    let runtime =
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web");
+    format!(
+        "IgnoreUnknown=true;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web;K8S_POD_UID={uid};{runtime}"
+    )
+}
+
+/// On a real kube-apiserver, as the node DaemonSet's ServiceAccount with deploy/'s RBAC
+/// (get NADs, get and patch pods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
+    let Some(env) = envtest::shared("kube_source_reads_nads_and_pods_and_patches_network_status") else {
+        return;
+    };
+    let ns = env.namespace("team").await.expect("namespace");
+    let team = ns.name.clone();
+    let admin = ns.admin_client().await.expect("admin client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, conf) = kube_source_conf(dir.path(), &ns.kubeconfig(envtest::NODE_ACCOUNT));
+    envtest::create(&admin, Some("kube-system"), fake_nad("kube-system", "cluster")).await.expect("NAD");
+    envtest::create(&admin, Some(&team), fake_nad(&team, "fast")).await.expect("NAD");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "fast"}},
+        "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10"}]}});
+    let stored = envtest::create(&admin, Some(&team), pod).await.expect("pod");
+    let uid = stored["metadata"]["uid"].as_str().expect("uid").to_string();
+    let netns = dir.path().to_path_buf();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(admin.clone(), &team);
+    let status_of = || async {
+        let pod = pods.get("web").await.expect("get pod");
+        pod.metadata.annotations.unwrap_or_default().get("k8s.v1.cni.cncf.io/network-status").cloned()
+    };
+
+    let (code, out, err) = multus_blocking("ADD", &team, bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 0, "ADD: {out} {err}");
     // The cluster network's result, in the conf's version (0.4.0 has ips[].version).
     assert_eq!(out["cniVersion"], "0.4.0");
     assert_eq!(out["ips"], json!([{"address": "10.0.0.5/24", "interface": 0, "version": "4"}]));
     let status: Value =
-        serde_json::from_str(status_of().as_str().expect("merge-patched status")).expect("JSON");
+        serde_json::from_str(&status_of().await.expect("merge-patched status")).expect("JSON");
     assert_eq!(
         status,
         json!([{"name": "kube-system/cluster", "interface": "eth0", "ips": ["10.0.0.5"], "mac": "02:00:00:00:00:00",
                 "default": true, "dns": {}},
-               {"name": "team/fast", "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
+               {"name": format!("{team}/fast"), "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
     );
-    let runtime =
-        "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web";
-    let multus = |uid: &str| {
-        format!(
-            "IgnoreUnknown=true;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web;K8S_POD_UID={uid};{runtime}"
-        )
-    };
-    let calls = || {
-        std::fs::read_to_string(bin.join("calls.log"))
-            .expect("calls")
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(calls(), vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]);
+    let multus = |uid: &str| multus_args(&team, uid);
+    assert_eq!(
+        delegate_calls(&bin),
+        vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]
+    );
 
-    // DEL while the API is up clears the annotation (merge patch with null).
-    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    // DEL clears the annotation (merge patch with null).
+    let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 0, "DEL: {out} {err}");
-    assert_eq!(status_of(), Value::Null);
-    assert_eq!(calls()[2..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+    assert_eq!(status_of().await, None);
+    assert_eq!(
+        delegate_calls(&bin)[2..],
+        [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]
+    );
 
-    // DEL with the API down works from the cache.
-    let (code, out, err) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
-    assert_eq!(code, 0, "ADD again: {out} {err}");
+    // A NAD the pod names but nobody made: refused, naming it, nothing added.
+    let pod2 = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "missing"}},
+        "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10"}]}});
+    envtest::delete_pod(&admin, &team, "web").await.expect("delete pod");
+    envtest::create(&admin, Some(&team), pod2).await.expect("pod");
+    let (code, out, _) = multus_blocking("ADD", &team, bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 1, "{out}");
+    let msg = out["msg"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains(&format!("{team}/missing")), "{out}");
+}
+
+/// Stand-in: it answers 503 on demand, as an API server that is down; the real one cannot
+/// be taken down and brought back without failing the other tests that share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_without_the_api_deletes_from_the_cache_and_add_retries_later() {
+    let standin = rust_ipam_e2e::kube_standin::KubeStandin::start().await.expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    standin.kubeconfig(&kubeconfig, "default").expect("kubeconfig");
+    let (bin, conf) = kube_source_conf(dir.path(), &kubeconfig);
+    let nads = |ns: &str| format!("/apis/k8s.cni.cncf.io/v1/namespaces/{ns}/network-attachment-definitions");
+    standin.put_raw(&nads("kube-system"), fake_nad("kube-system", "cluster"));
+    standin.put_raw(&nads("team"), fake_nad("team", "fast"));
+    standin.put_raw(
+        "/api/v1/namespaces/team/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "team",
+            "annotations": {"k8s.v1.cni.cncf.io/networks": "fast"}}}),
+    );
+    let netns = dir.path().to_path_buf();
+    let (code, out, err) = multus_blocking("ADD", "team", bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD: {out} {err}");
     standin.set_down(true);
-    let (code, out, err) = multus_blocking("DEL", bin.clone(), netns.clone(), conf.clone()).await;
+    let (code, out, err) = multus_blocking("DEL", "team", bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 0, "DEL without the API: {out} {err}");
-    assert_eq!(calls()[6..], [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]);
+    assert_eq!(
+        delegate_calls(&bin)[2..],
+        [format!("DEL net1 {}", multus_args("team", "")), format!("DEL eth0 {}", multus_args("team", ""))]
+    );
     assert!(err.contains("clearing k8s.v1.cni.cncf.io/network-status of team/web"), "warning: {err}");
     // ADD without the API: try again later, naming what failed.
-    let (code, out, _) = multus_blocking("ADD", bin.clone(), netns.clone(), conf.clone()).await;
+    let (code, out, _) = multus_blocking("ADD", "team", bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 1);
     assert_eq!(out["code"], 11, "{out}");
     assert!(

@@ -1,5 +1,5 @@
-//! Stale-lease reconcile against the Kubernetes API stand-in, with real `rust-ipam-server`
-//! processes on the kube store: pods appear, vanish and are recreated under the same name;
+//! Stale-lease reconcile against a real kube-apiserver (`rust_ipam_e2e::envtest`), with real
+//! `rust-ipam-server` processes on the kube store running as the server's ServiceAccount: pods appear, vanish and are recreated under the same name;
 //! `rust-ipam-server reconcile --dry-run` prints what a real pass then frees, exactly; leases
 //! of live pods, young leases and manual reservations stay; a pod recreated (and its lease
 //! taken back) while a pass runs keeps its address; only the leader reconciles.
@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace, create_pod, delete_pod};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1 as pb;
@@ -16,12 +17,18 @@ use rust_ipam_proto::{LEADER_METADATA, connect};
 
 const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
 
-fn options(dir: &std::path::Path, cfg: &std::path::Path, identity: &str, extra: &[&str]) -> ServerOptions {
+fn options(
+    dir: &std::path::Path,
+    cfg: &std::path::Path,
+    ns: &str,
+    identity: &str,
+    extra: &[&str],
+) -> ServerOptions {
     let mut args: Vec<String> = [
         "--kubeconfig",
         &cfg.display().to_string(),
         "--namespace",
-        "rust-ipam",
+        ns,
         "--lease-ttl",
         "3s",
         "--renew-every",
@@ -38,6 +45,21 @@ fn options(dir: &std::path::Path, cfg: &std::path::Path, identity: &str, extra: 
         args,
         ..ServerOptions::default()
     }
+}
+
+/// The test API server: a namespace for the server and an admin client (which makes and
+/// deletes the pods), or `None` after SKIP.
+async fn cluster(test: &str) -> Option<(TestNamespace, kube::Client)> {
+    let env = envtest::shared(test)?;
+    let ns = env.namespace("reconcile").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    Some((ns, admin))
+}
+
+/// A namespace for the test's pods.
+async fn pod_namespace(prefix: &str) -> String {
+    let env = envtest::shared(prefix).expect("started");
+    env.namespace(prefix).await.expect("namespace").name
 }
 
 /// A stand-in and a kubeconfig for it.
@@ -87,10 +109,15 @@ async fn leases(endpoint: &str) -> BTreeMap<String, String> {
     r.into_inner().leases.into_iter().map(|l| (l.address, l.container_id)).collect()
 }
 
-/// The IPLease objects in the stand-in: address -> (container ID, pod UID).
-fn objects(standin: &KubeStandin) -> BTreeMap<String, (String, String)> {
-    standin
-        .objects(LEASES)
+/// The IPLease objects in `ns`: address -> (container ID, pod UID).
+async fn objects(admin: &kube::Client, ns: &TestNamespace) -> BTreeMap<String, (String, String)> {
+    let list = envtest::list(admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await;
+    lease_objects(&list.expect("IPLeases"))
+}
+
+/// Lease objects as address -> (container ID, pod UID).
+fn lease_objects(objects: &[serde_json::Value]) -> BTreeMap<String, (String, String)> {
+    objects
         .iter()
         .map(|o| {
             let s = &o["spec"];
@@ -129,11 +156,17 @@ fn row(pod: &str, reason: &str, action: &str) -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
+    let Some((ns, admin)) =
+        cluster("dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched").await
+    else {
+        return;
+    };
+    let apps = pod_namespace("apps").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (standin, cfg) = standin(dir.path()).await;
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
     let server = ServerProcess::start_with(
         &dir.path().join("data"),
-        &options(dir.path(), &cfg, "solo", &["--reconcile-every", "0"]),
+        &options(dir.path(), &cfg, &ns.name, "solo", &["--reconcile-every", "0"]),
     )
     .await
     .expect("server");
@@ -141,14 +174,14 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
     wait_serving(&ep).await;
 
     // Pods and their leases.
-    let web0 = standin.create_pod("apps", "web-0").expect("pod");
-    let web1 = standin.create_pod("apps", "web-1").expect("pod");
-    let db0 = standin.create_pod("apps", "db-0").expect("pod");
-    let a_web0 = allocate(&ep, "cid-web-0", Some(("apps", "web-0", &web0))).await;
-    let a_web1 = allocate(&ep, "cid-web-1", Some(("apps", "web-1", &web1))).await;
-    let a_db0 = allocate(&ep, "cid-db-0", Some(("apps", "db-0", &db0))).await;
+    let web0 = create_pod(&admin, &apps, "web-0").await.expect("pod");
+    let web1 = create_pod(&admin, &apps, "web-1").await.expect("pod");
+    let db0 = create_pod(&admin, &apps, "db-0").await.expect("pod");
+    let a_web0 = allocate(&ep, "cid-web-0", Some((&apps, "web-0", &web0))).await;
+    let a_web1 = allocate(&ep, "cid-web-1", Some((&apps, "web-1", &web1))).await;
+    let a_db0 = allocate(&ep, "cid-db-0", Some((&apps, "db-0", &db0))).await;
     // A lease taken before its pod shows up (the pod appears before the pass).
-    let a_late = allocate(&ep, "cid-late", Some(("apps", "late", ""))).await;
+    let a_late = allocate(&ep, "cid-late", Some((&apps, "late", ""))).await;
     // Never looked at: a lease without a pod, and a manual reservation.
     let a_nopod = allocate(&ep, "cid-nopod", None).await;
     let ch = connect(&ep, Duration::from_secs(5)).await.expect("connect");
@@ -160,21 +193,21 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
         })
         .await
         .expect("reserve");
-    standin.create_pod("apps", "late").expect("pod appears");
+    create_pod(&admin, &apps, "late").await.expect("pod appears");
     // web-1 goes away; db-0 is deleted and recreated under its name (a new UID) but has not
     // taken an address yet.
-    standin.delete_pod("apps", "web-1").expect("delete");
-    standin.delete_pod("apps", "db-0").expect("delete");
-    let db0_new = standin.create_pod("apps", "db-0").expect("recreate");
+    delete_pod(&admin, &apps, "web-1").await.expect("delete");
+    delete_pod(&admin, &apps, "db-0").await.expect("delete");
+    let db0_new = create_pod(&admin, &apps, "db-0").await.expect("recreate");
     assert_ne!(db0, db0_new);
 
     // Past a 3 s grace period for those; then a young lease whose pod is gone at once.
     tokio::time::sleep(Duration::from_millis(3200)).await;
-    let tmp = standin.create_pod("apps", "tmp").expect("pod");
-    let a_tmp = allocate(&ep, "cid-tmp", Some(("apps", "tmp", &tmp))).await;
-    standin.delete_pod("apps", "tmp").expect("delete");
+    let tmp = create_pod(&admin, &apps, "tmp").await.expect("pod");
+    let a_tmp = allocate(&ep, "cid-tmp", Some((&apps, "tmp", &tmp))).await;
+    delete_pod(&admin, &apps, "tmp").await.expect("delete");
 
-    let before_objects = objects(&standin);
+    let before_objects = objects(&admin, &ns).await;
     let before_leases = leases(&ep).await;
     assert_eq!(before_objects.len(), 7);
     assert_eq!(before_leases.len(), 7);
@@ -186,9 +219,9 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
     assert_eq!(
         dry_rows,
         BTreeMap::from([
-            (a_web1.clone(), row("apps/web-1", "pod-gone", "would-free")),
-            (a_db0.clone(), row("apps/db-0", "pod-replaced", "would-free")),
-            (a_tmp.clone(), row("apps/tmp", "pod-gone", "kept-young")),
+            (a_web1.clone(), row(&format!("{apps}/web-1"), "pod-gone", "would-free")),
+            (a_db0.clone(), row(&format!("{apps}/db-0"), "pod-replaced", "would-free")),
+            (a_tmp.clone(), row(&format!("{apps}/tmp"), "pod-gone", "kept-young")),
         ]),
         "{dry}"
     );
@@ -202,7 +235,7 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
         "{dry}"
     );
     // A dry run changes nothing.
-    assert_eq!(objects(&standin), before_objects);
+    assert_eq!(objects(&admin, &ns).await, before_objects);
     assert_eq!(leases(&ep).await, before_leases);
 
     let (code, real, err) = reconcile_cli(&["--server", &ep, "--grace", "3s"]);
@@ -214,7 +247,7 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
     let freed: BTreeSet<_> =
         real_rows.iter().filter(|(_, r)| r.2 == "freed").map(|(a, _)| a.clone()).collect();
     assert_eq!(freed, would, "the real pass frees exactly the dry run's set");
-    assert_eq!(real_rows[&a_tmp], row("apps/tmp", "pod-gone", "kept-young"));
+    assert_eq!(real_rows[&a_tmp], row(&format!("{apps}/tmp"), "pod-gone", "kept-young"));
     assert!(real.lines().last().is_some_and(|l| l.starts_with("2 freed, 1 kept, 0 failed")), "{real}");
 
     // The store and the server agree: the two are gone, everything else stays.
@@ -222,7 +255,7 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
     for a in &freed {
         expected.remove(a);
     }
-    assert_eq!(objects(&standin), expected);
+    assert_eq!(objects(&admin, &ns).await, expected);
     let held: BTreeSet<String> = leases(&ep).await.into_keys().collect();
     let want: BTreeSet<String> =
         [&a_web0, &a_late, &a_nopod, &a_tmp, &"198.18.7.200".to_string()].into_iter().cloned().collect();
@@ -234,10 +267,10 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         rows(&last),
-        BTreeMap::from([(a_tmp.clone(), row("apps/tmp", "pod-gone", "freed"))]),
+        BTreeMap::from([(a_tmp.clone(), row(&format!("{apps}/tmp"), "pod-gone", "freed"))]),
         "{last}"
     );
-    assert!(!objects(&standin).contains_key(&a_tmp));
+    assert!(!objects(&admin, &ns).await.contains_key(&a_tmp));
 
     // Bad input is refused by the CLI before anything is sent.
     let (code, _, err) = reconcile_cli(&["--server", &ep, "--grace", "1500ms"]);
@@ -247,13 +280,15 @@ async fn dry_run_lists_what_the_real_pass_frees_and_nothing_live_is_touched() {
 
 /// The race Whereabouts lost: the pod list is taken (db-0 is gone), then db-0 is recreated
 /// and takes its address back, then the pass goes on. It must not free that address.
+/// Stand-in: it holds the pod list's answer at the point the test chooses, which a real
+/// API server cannot be made to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_recreated_while_a_pass_runs_keeps_its_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (standin, cfg) = standin(dir.path()).await;
     let server = ServerProcess::start_with(
         &dir.path().join("data"),
-        &options(dir.path(), &cfg, "solo", &["--reconcile-every", "0"]),
+        &options(dir.path(), &cfg, "rust-ipam", "solo", &["--reconcile-every", "0"]),
     )
     .await
     .expect("server");
@@ -309,22 +344,35 @@ async fn a_pod_recreated_while_a_pass_runs_keeps_its_address() {
     assert_eq!(report.freed, 1);
     // db-0's address is held by its new sandbox, in the server and in the API server.
     assert_eq!(leases(&ep).await, BTreeMap::from([(addr.clone(), "sandbox-2".to_string())]));
-    assert_eq!(objects(&standin), BTreeMap::from([(addr, ("sandbox-2".to_string(), u2))]));
+    assert_eq!(
+        lease_objects(&standin.objects(LEASES)),
+        BTreeMap::from([(addr, ("sandbox-2".to_string(), u2))])
+    );
 }
 
 /// A follower refers Reconcile to the leader; the CLI pointed at it follows. The leader's
 /// timer frees a stale lease on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
+    let Some((ns, admin)) = cluster("only_the_leader_reconciles_and_the_cli_follows_the_hint").await else {
+        return;
+    };
+    let jobs = pod_namespace("jobs").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (standin, cfg) = standin(dir.path()).await;
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
     let timer = ["--reconcile-every", "1s", "--reconcile-grace", "0"];
-    let a = ServerProcess::start_with(&dir.path().join("a"), &options(dir.path(), &cfg, "replica-a", &timer))
-        .await
-        .expect("replica a");
-    let b = ServerProcess::start_with(&dir.path().join("b"), &options(dir.path(), &cfg, "replica-b", &timer))
-        .await
-        .expect("replica b");
+    let a = ServerProcess::start_with(
+        &dir.path().join("a"),
+        &options(dir.path(), &cfg, &ns.name, "replica-a", &timer),
+    )
+    .await
+    .expect("replica a");
+    let b = ServerProcess::start_with(
+        &dir.path().join("b"),
+        &options(dir.path(), &cfg, &ns.name, "replica-b", &timer),
+    )
+    .await
+    .expect("replica b");
     let deadline = Instant::now() + Duration::from_secs(20);
     let (leader, follower) = loop {
         let ch = connect(&a.endpoint, Duration::from_millis(500)).await.expect("connect");
@@ -354,13 +402,13 @@ async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
     assert!(out.lines().last().is_some_and(|l| l.starts_with("dry run: 0 would be freed")), "{out}");
 
     // The leader's timer (every second, no grace) frees a lease once its pod is gone.
-    let uid = standin.create_pod("jobs", "batch-1").expect("pod");
-    let addr = allocate(&leader.endpoint, "sandbox-b1", Some(("jobs", "batch-1", &uid))).await;
+    let uid = create_pod(&admin, &jobs, "batch-1").await.expect("pod");
+    let addr = allocate(&leader.endpoint, "sandbox-b1", Some((&jobs, "batch-1", &uid))).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(objects(&standin).contains_key(&addr), "a live pod's lease survives timer passes");
-    standin.delete_pod("jobs", "batch-1").expect("delete");
+    assert!(objects(&admin, &ns).await.contains_key(&addr), "a live pod's lease survives timer passes");
+    delete_pod(&admin, &jobs, "batch-1").await.expect("delete");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while objects(&standin).contains_key(&addr) {
+    while objects(&admin, &ns).await.contains_key(&addr) {
         assert!(Instant::now() < deadline, "the leader's timer did not free {addr} within 10 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -372,7 +420,7 @@ async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
     assert!(
         log.lines().any(|l| l.contains("reconcile freed a stale lease")
             && l.contains(&format!("address={addr}"))
-            && l.contains("pod=jobs/batch-1")
+            && l.contains(&format!("pod={jobs}/batch-1"))
             && l.contains("reason=\"pod-gone\"")),
         "the freed lease is logged:\n{log}"
     );
@@ -395,7 +443,11 @@ async fn the_embedded_store_reconciles_only_with_a_kubeconfig() {
     );
     drop(server);
 
-    let (standin, cfg) = standin(dir.path()).await;
+    let Some((ns, admin)) = cluster("the_embedded_store_reconciles_only_with_a_kubeconfig").await else {
+        return;
+    };
+    let lab = pod_namespace("lab").await;
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
     let opts = ServerOptions {
         args: ["--store", "embedded", "--kubeconfig", &cfg.display().to_string(), "--reconcile-every", "0"]
             .map(String::from)
@@ -404,15 +456,19 @@ async fn the_embedded_store_reconciles_only_with_a_kubeconfig() {
     };
     let server = ServerProcess::start_with(&dir.path().join("embedded"), &opts).await.expect("server");
     let ep = server.endpoint.clone();
-    let live = standin.create_pod("lab", "live").expect("pod");
-    let gone = standin.create_pod("lab", "gone").expect("pod");
-    let a_live = allocate(&ep, "sandbox-live", Some(("lab", "live", &live))).await;
-    let a_gone = allocate(&ep, "sandbox-gone", Some(("lab", "gone", &gone))).await;
-    standin.delete_pod("lab", "gone").expect("delete");
+    let live = create_pod(&admin, &lab, "live").await.expect("pod");
+    let gone = create_pod(&admin, &lab, "gone").await.expect("pod");
+    let a_live = allocate(&ep, "sandbox-live", Some((&lab, "live", &live))).await;
+    let a_gone = allocate(&ep, "sandbox-gone", Some((&lab, "gone", &gone))).await;
+    delete_pod(&admin, &lab, "gone").await.expect("delete");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (code, out, err) = reconcile_cli(&["--server", &ep, "--grace", "1s"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(rows(&out), BTreeMap::from([(a_gone, row("lab/gone", "pod-gone", "freed"))]), "{out}");
+    assert_eq!(
+        rows(&out),
+        BTreeMap::from([(a_gone, row(&format!("{lab}/gone"), "pod-gone", "freed"))]),
+        "{out}"
+    );
     assert_eq!(leases(&ep).await, BTreeMap::from([(a_live, "sandbox-live".to_string())]));
-    assert!(standin.objects(LEASES).is_empty(), "the embedded store wrote no lease objects");
+    assert!(objects(&admin, &ns).await.is_empty(), "the embedded store wrote no lease objects");
 }
