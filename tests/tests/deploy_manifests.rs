@@ -230,8 +230,8 @@ fn kustomize_renders_every_object_wired_together() {
     assert!(
         role["rules"].as_array().unwrap().iter().any(|r| r["resources"] == json!(["leases"])
             && r["resourceNames"] == json!([LEADER_LEASE])
-            && r["verbs"] == json!(["get", "patch"])),
-        "the Role must let the server get and patch the Lease {LEADER_LEASE}: {role}"
+            && r["verbs"] == json!(["get", "patch", "watch"])),
+        "the Role must let the server get, patch and watch the Lease {LEADER_LEASE}: {role}"
     );
 
     // The server: two replicas, the flags, the downward API, probes on the metrics port.

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ipam_server::k8s::crd::{IPLease, IPLeaseSpec};
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use rust_ipam_proto::v1 as pb;
@@ -64,6 +66,11 @@ struct Args {
     /// the embedded store.
     #[arg(long, conflicts_with = "server")]
     kube_standin_ms: Option<u64>,
+    /// Start the server on the kube store against a real kube-apiserver and etcd (found as
+    /// the tests find them: $KUBEBUILDER_ASSETS, /usr/local/kubebuilder/bin, PATH), and
+    /// measure raw IPLease creates at each level too.
+    #[arg(long, conflicts_with_all = ["server", "kube_standin_ms"])]
+    envtest: bool,
     /// Connect timeout and per-call deadline.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -111,6 +118,8 @@ fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
 struct SpawnedServer {
     process: ServerProcess,
     _standin: Option<KubeStandin>,
+    /// With `--envtest`: the namespace the server's leases are in.
+    namespace: Option<TestNamespace>,
     _dir: tempfile::TempDir,
 }
 
@@ -135,9 +144,21 @@ async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
         }
         None => None,
     };
+    let namespace = if args.envtest {
+        let env = envtest::shared("grpc-load --envtest").context("kube-apiserver and etcd are needed")?;
+        let ns = env.namespace("grpc-load").await?;
+        opts.args =
+            ["--kubeconfig", &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(), "--namespace", &ns.name]
+                .map(String::from)
+                .to_vec();
+        info!(url = %env.url, namespace = %ns.name, "started kube-apiserver");
+        Some(ns)
+    } else {
+        None
+    };
     let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
     info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");
-    Ok(SpawnedServer { process, _standin: standin, _dir: dir })
+    Ok(SpawnedServer { process, _standin: standin, namespace, _dir: dir })
 }
 
 /// What every client of one level shares.
@@ -231,6 +252,9 @@ async fn client(mut ipam: IpamClient<Channel>, plan: Arc<Plan>, id: usize) -> an
 /// One row of the table.
 #[derive(Debug)]
 struct Row {
+    /// With `--envtest`: raw IPLease creates at the same concurrency, and the API writes
+    /// per op of ours.
+    raw: Option<(Box<Row>, f64)>,
     clients: usize,
     requests: u64,
     ops_per_sec: f64,
@@ -280,13 +304,18 @@ async fn run_level(
         errors += t.errors;
         first_error = first_error.or(t.first_error);
     }
-    let elapsed = started.elapsed().as_secs_f64();
     if let Some(e) = first_error {
         warn!(clients, errors, code = ?e.code(), message = e.message(), "calls failed; first error shown");
     }
+    Ok(row(clients, &hist, errors, started.elapsed()))
+}
+
+fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) -> Row {
+    let elapsed = elapsed.as_secs_f64();
     let ms = |us: u64| us as f64 / 1000.0;
     let ok = hist.len();
-    Ok(Row {
+    Row {
+        raw: None,
         clients,
         requests: ok + errors,
         ops_per_sec: ok as f64 / elapsed,
@@ -294,10 +323,120 @@ async fn run_level(
         p99_ms: ms(hist.value_at_quantile(0.99)),
         max_ms: ms(hist.max()),
         errors,
-    })
+    }
+}
+
+/// The API server's limit at `clients`: each client creates IPLeases over its own kube
+/// client (keep-alive connections) as fast as it is answered, for the level's duration.
+async fn raw_level(
+    ns: &TestNamespace,
+    args: &Args,
+    level: usize,
+    clients: usize,
+    run_id: &str,
+) -> anyhow::Result<Row> {
+    let mut apis = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let client = ns.client(SERVER_ACCOUNT).await?;
+        apis.push(kube::Api::<IPLease>::namespaced(client, &ns.name));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration_secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, api) in apis.into_iter().enumerate() {
+        // A /16 per client and level, apart from what the server allocates in --range.
+        let base = 0xC612_0000u32.wrapping_add(((level * 1024 + i) as u32 & 0x3fff) << 16);
+        let prefix = format!("raw-{run_id}-{level}-{i}");
+        tasks.spawn(async move {
+            let mut hist = new_histogram()?;
+            let mut errors = 0u64;
+            for n in 1u32.. {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let address = std::net::Ipv4Addr::from(base + n).to_string();
+                let spec = IPLeaseSpec {
+                    network: "raw".into(),
+                    address: address.clone(),
+                    range: String::new(),
+                    prefix_len: 16,
+                    gateway: None,
+                    container_id: format!("{prefix}-{n}"),
+                    ifname: IFNAME.into(),
+                    pod_ref: format!("grpc-load/{prefix}-{n}"),
+                    pod_uid: String::new(),
+                    node: NODE.into(),
+                    created_unix_ms: 0,
+                    note: String::new(),
+                };
+                let obj = IPLease::new(&format!("raw.{address}"), spec);
+                let t = Instant::now();
+                match api.create(&kube::api::PostParams::default(), &obj).await {
+                    Ok(_) => hist
+                        .saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)),
+                    Err(e) => {
+                        errors += 1;
+                        if errors == 1 {
+                            warn!(error = %e, "a raw create failed");
+                        }
+                    }
+                }
+            }
+            anyhow::Ok((hist, errors))
+        });
+    }
+    let mut hist = new_histogram()?;
+    let mut errors = 0;
+    while let Some(t) = tasks.join_next().await {
+        let (h, e) = t.context("raw client panicked")??;
+        hist.add(&h).context("merging latency histograms")?;
+        errors += e;
+    }
+    Ok(row(clients, &hist, errors, started.elapsed()))
+}
+
+/// Writes (create, update, patch, delete) the API server has served on rust-ipam's
+/// resources, from its own `apiserver_request_total` counters.
+async fn api_writes(admin: &kube::Client) -> anyhow::Result<f64> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = admin.request_text(req).await.context("reading the API server's metrics")?;
+    let mut total = 0.0;
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let writes = ["verb=\"POST\"", "verb=\"PUT\"", "verb=\"PATCH\"", "verb=\"DELETE\""];
+        if line.contains("group=\"ipam.rust-ipam.io\"") && writes.iter().any(|w| line.contains(w)) {
+            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
 }
 
 fn print_table(rows: &[Row]) {
+    if rows.iter().any(|r| r.raw.is_some()) {
+        println!(
+            "| clients | raw creates/s | raw p99 ms | ops/s | p50 ms | p99 ms | max ms | errors | ops/s vs raw | p99 vs raw | API writes/op |"
+        );
+        println!(
+            "|--------:|--------------:|-----------:|------:|-------:|-------:|-------:|-------:|-------------:|-----------:|--------------:|"
+        );
+        for r in rows {
+            let Some((raw, writes)) = &r.raw else { continue };
+            println!(
+                "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} |",
+                r.clients,
+                raw.ops_per_sec,
+                raw.p99_ms,
+                r.ops_per_sec,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.errors + raw.errors,
+                r.ops_per_sec / raw.ops_per_sec,
+                r.p99_ms / raw.p99_ms,
+                writes
+            );
+        }
+        return;
+    }
     println!("| clients | requests | ops/s | p50 ms | p99 ms | max ms | errors |");
     println!("|--------:|---------:|------:|-------:|-------:|-------:|-------:|");
     for r in rows {
@@ -344,8 +483,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let levels = async {
+        let namespace = spawned.as_ref().and_then(|s| s.namespace.as_ref());
+        let admin = match namespace {
+            Some(ns) => Some(ns.admin_client().await?),
+            None => None,
+        };
         for (level, &clients) in args.clients.iter().enumerate() {
-            let row = run_level(&endpoint, &args, level, clients, &run_id).await?;
+            let raw = match namespace {
+                Some(ns) => Some(raw_level(ns, &args, level, clients, &run_id).await?),
+                None => None,
+            };
+            let writes_before = match &admin {
+                Some(a) => api_writes(a).await?,
+                None => 0.0,
+            };
+            let mut row = run_level(&endpoint, &args, level, clients, &run_id).await?;
+            if let (Some(raw), Some(a)) = (raw, &admin) {
+                let writes = api_writes(a).await? - writes_before;
+                let ops = (row.requests - row.errors).max(1) as f64;
+                info!(clients, raw_per_sec = raw.ops_per_sec as u64, "raw creates");
+                row.raw = Some((Box::new(raw), writes / ops));
+            }
             info!(clients, ops_per_sec = row.ops_per_sec as u64, p99_ms = row.p99_ms, "level done");
             rows.push(row);
         }

@@ -73,12 +73,14 @@ struct Args {
     /// Name of the coordination.k8s.io Lease the replicas elect a leader on.
     #[arg(long, env = "RUST_IPAM_LEASE_NAME", default_value = "rust-ipam-leader")]
     lease_name: String,
-    /// How long the leader Lease holds without renewal (`15s`, `1500ms`).
-    #[arg(long, env = "RUST_IPAM_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    /// How long the leader Lease holds without renewal (`2s`, `2500ms`). It bounds the gap
+    /// after a leader dies: a follower takes over once it has run out. The leader stops
+    /// writing two thirds of it after a renewal that did not come back.
+    #[arg(long, env = "RUST_IPAM_LEASE_TTL", default_value = "2s", value_parser = parse_duration)]
     lease_ttl: std::time::Duration,
     /// How often the leader renews (and a follower tries to take over); at most a third of
     /// the TTL.
-    #[arg(long, env = "RUST_IPAM_RENEW_EVERY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "RUST_IPAM_RENEW_EVERY", default_value = "500ms", value_parser = parse_duration)]
     renew_every: std::time::Duration,
     /// How often the leader writes pool usage into each RangePool's status (only what
     /// changed).

@@ -1,5 +1,5 @@
-//! Leader election among replicas on a coordination.k8s.io Lease (kube-leader-election's
-//! LeaseLock), and what leading means here: load the store, serve, keep pool usage in
+//! Leader election among replicas on a coordination.k8s.io Lease ([`LeaseLock`]), and what
+//! leading means here: load the store, serve, keep pool usage in
 //! status, and stop writing before the lease can run out.
 //!
 //! The Lease alone is not what keeps addresses unique (two replicas can briefly both
@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube_leader_election::{LeaseLock, LeaseLockParams, LeaseLockResult};
+use tokio::sync::Notify;
 use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use super::crd::{RangePool, RangePoolStatus, pool_name};
+use super::lease_lock::{Attempt, LeaseLock};
 use super::store::{Fence, KubeStore};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -99,17 +100,24 @@ pub async fn run(
     let lock = LeaseLock::new(
         client.clone(),
         &election.namespace,
-        LeaseLockParams {
-            lease_name: election.lease_name.clone(),
-            holder_id: election.me.holder(),
-            lease_ttl: election.ttl,
-        },
+        &election.lease_name,
+        &election.me.holder(),
+        election.ttl,
     );
+    // A follower tries again the moment the Lease is released (a leader stopping cleanly),
+    // not at its next poll.
+    let released = Arc::new(Notify::new());
+    let watcher = tokio::spawn({
+        let (lock, released) = (lock.clone(), released.clone());
+        async move { lock.watch_releases(|| released.notify_one()).await }
+            .instrument(info_span!("lease-watch"))
+    });
+    let _watcher = AbortOnDrop(watcher);
     let mut leading: Option<Leading> = None;
     loop {
         let attempt = Instant::now();
         match lock.try_acquire_or_renew().await {
-            Ok(LeaseLockResult::Acquired(_)) => {
+            Ok(Attempt::Leading) => {
                 let l = leading.get_or_insert_with(|| {
                     info!(identity = %election.me.identity, "acquired the leader lease; loading state");
                     metrics.set_leader(true);
@@ -131,26 +139,8 @@ pub async fn run(
                         async move { Engine::start(Box::new(store), m).await }.instrument(info_span!("load")),
                     ));
                 }
-                if l.loading.as_ref().is_some_and(|t| t.is_finished())
-                    && let Some(task) = l.loading.take()
-                {
-                    match task.await {
-                        Ok(Ok(engine)) => {
-                            info!(store = engine.store(), "state loaded; serving as leader");
-                            l.status = Some(tokio::spawn(
-                                pool_status(client.clone(), election.clone(), engine.clone())
-                                    .instrument(info_span!("pool-status")),
-                            ));
-                            l.engine = Some(engine.clone());
-                            let _ = role.send(Role::Leader(engine));
-                        }
-                        Ok(Err(e)) => error!(error = %e, "loading state failed; retrying"),
-                        Err(e) => error!(error = %e, "the loading task failed; retrying"),
-                    }
-                }
             }
-            Ok(LeaseLockResult::NotAcquired(lease)) => {
-                let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+            Ok(Attempt::Following(holder)) => {
                 let leader = (!holder.is_empty()).then(|| Peer::from_holder(&holder));
                 if let Some(l) = leading.take() {
                     warn!(leader = %holder, "another replica holds the leader lease; stepping down");
@@ -174,13 +164,76 @@ pub async fn run(
                 }
             }
         }
-        let wait = election.renew_every.saturating_sub(attempt.elapsed());
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => break,
+        // Until the next renewal; a load that finishes meanwhile starts serving at once (a
+        // new leader's first answer should not wait for a tick).
+        let next = tokio::time::Instant::from_std(attempt + election.renew_every);
+        loop {
+            let following = leading.is_none();
+            let loading = leading.as_mut().and_then(|l| l.loading.as_mut());
+            let wake = tokio::select! {
+                () = tokio::time::sleep_until(next) => Wake::Renew,
+                () = released.notified(), if following => Wake::Renew,
+                res = async {
+                    match loading {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Loaded(res),
+                _ = stop.wait_for(|s| *s) => Wake::Stop,
+            };
+            match wake {
+                Wake::Renew => break,
+                Wake::Stop => return step_down(leading, &lock, &role, &metrics).await,
+                Wake::Loaded(res) => {
+                    let Some(l) = leading.as_mut() else { continue };
+                    l.loading = None;
+                    match res {
+                        Ok(Ok(engine)) => {
+                            info!(store = engine.store(), "state loaded; serving as leader");
+                            l.status = Some(tokio::spawn(
+                                pool_status(client.clone(), election.clone(), engine.clone())
+                                    .instrument(info_span!("pool-status")),
+                            ));
+                            l.engine = Some(engine.clone());
+                            let _ = role.send(Role::Leader(engine));
+                        }
+                        Ok(Err(e)) => error!(error = %e, "loading state failed; retrying"),
+                        Err(e) => error!(error = %e, "the loading task failed; retrying"),
+                    }
+                }
+            }
         }
     }
-    let engine = leading.and_then(|l| l.end(&role, Role::Starting));
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What ends a wait of the election loop.
+enum Wake {
+    /// Time to renew (or, for a follower, to try to take over).
+    Renew,
+    /// The new leader's state finished loading.
+    Loaded(Result<Result<Engine, crate::store::StoreError>, tokio::task::JoinError>),
+    /// Shutdown.
+    Stop,
+}
+
+/// On shutdown: a leader stops writing, releases the Lease so another replica takes over
+/// at once, and hands back its engine to be drained.
+async fn step_down(
+    leading: Option<Leading>,
+    lock: &LeaseLock,
+    role: &watch::Sender<Role>,
+    metrics: &Metrics,
+) -> Option<Engine> {
+    let engine = leading.and_then(|l| l.end(role, Role::Starting));
     if engine.is_some() {
         metrics.set_leader(false);
         match lock.step_down().await {

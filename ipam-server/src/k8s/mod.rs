@@ -3,5 +3,6 @@
 
 pub mod crd;
 pub mod leader;
+pub mod lease_lock;
 pub mod store;
 pub mod whereabouts;

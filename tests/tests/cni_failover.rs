@@ -1,0 +1,277 @@
+//! Failover as pods see it: two `rust-ipam-server` replicas with the shipped election
+//! defaults on a real kube-apiserver, ten CNI clients running the real `rust-ipam` plugin
+//! (ADD after ADD, both replicas in its `server` list), and the leader killed with `kill -9`
+//! and then, after a restart, stopped with SIGTERM as a rolling update does. No ADD may
+//! fail, the longest time without an answered ADD is printed and bounded, and every
+//! answered address is in the API server once.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::ipam_client::IpamClient;
+use serde_json::{Value, json};
+
+const CLIENTS: usize = 10;
+
+/// One ADD: when it finished, its container ID, and the address or the CNI error.
+type Outcome = (Instant, String, Result<String, String>);
+
+fn options(ns: &TestNamespace, identity: &str, log: PathBuf) -> ServerOptions {
+    ServerOptions {
+        identity: identity.into(),
+        log_level: "info".into(),
+        log_file: Some(log),
+        wait_serving: false,
+        // The shipped election defaults: no --lease-ttl or --renew-every.
+        args: ["--kubeconfig", &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(), "--namespace", &ns.name]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    }
+}
+
+async fn serving(endpoint: &str) -> bool {
+    let Ok(ch) = rust_ipam_proto::connect(endpoint, Duration::from_millis(300)).await else { return false };
+    IpamClient::new(ch).status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
+}
+
+/// Index of the replica that serves, once one does.
+async fn leader(replicas: &[&ServerProcess]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, r) in replicas.iter().enumerate() {
+            if serving(&r.endpoint).await {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no replica served within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the plugin's ADD for one pod; the address or the plugin's error output.
+fn cni_add(plugin: &Path, cni_dir: &Path, servers: &[String], cid: &str) -> Result<String, String> {
+    // The plugin's own default budget (no timeout_ms): what a NAD gets unless it says more.
+    let conf = json!({"cniVersion": "1.0.0", "name": "failover", "type": "rust-ipam",
+        "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": servers}});
+    let mut child = Command::new(plugin)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", "/proc/self/ns/net")
+        .env("CNI_IFNAME", "net1")
+        .env("CNI_PATH", cni_dir)
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=failover;K8S_POD_NAME={cid}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running the plugin: {e}"))?;
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
+    let out = child.wait_with_output().map_err(|e| format!("waiting for the plugin: {e}"))?;
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    match (out.status.success(), result["ips"][0]["address"].as_str()) {
+        (true, Some(a)) => Ok(a.split('/').next().unwrap_or(a).to_string()),
+        _ => Err(format!("{result} {}", String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
+/// CNI clients adding pods until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    _cni_dir: tempfile::TempDir,
+}
+
+impl Load {
+    fn start(servers: Vec<String>, tag: &str) -> Load {
+        let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cni_dir = dir.path().to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+        let seq = Arc::new(AtomicUsize::new(0));
+        let threads = (0..CLIENTS)
+            .map(|_| {
+                let (plugin, cni_dir, servers, stop, outcomes, seq) = (
+                    plugin.clone(),
+                    cni_dir.clone(),
+                    servers.clone(),
+                    stop.clone(),
+                    outcomes.clone(),
+                    seq.clone(),
+                );
+                let tag = tag.to_string();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let cid = format!("{tag}-{}", seq.fetch_add(1, Ordering::Relaxed));
+                        let got = cni_add(&plugin, &cni_dir, &servers, &cid);
+                        outcomes.lock().expect("lock").push((Instant::now(), cid, got));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, outcomes, threads, _cni_dir: dir }
+    }
+
+    fn answered_since(&self, t: Instant) -> usize {
+        self.outcomes.lock().expect("lock").iter().filter(|o| o.0 > t && o.2.is_ok()).count()
+    }
+
+    /// Stops the clients; every outcome, in the order they finished.
+    fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        let Load { threads, outcomes, .. } = self;
+        for t in threads {
+            t.join().expect("client thread");
+        }
+        let mut v = Arc::try_unwrap(outcomes).expect("clients done").into_inner().expect("lock");
+        v.sort_by_key(|o| o.0);
+        v
+    }
+}
+
+/// The longest time without an answered ADD, from `from` to the last outcome.
+fn longest_gap(outcomes: &[Outcome], from: Instant) -> Duration {
+    let mut last = from;
+    let mut gap = Duration::ZERO;
+    for (t, _, r) in outcomes {
+        if *t > from && r.is_ok() {
+            gap = gap.max(*t - last);
+            last = *t;
+        }
+    }
+    gap
+}
+
+/// Runs the load across `event` (a leader loss), until the replica left has answered for
+/// two seconds; asserts no ADD failed; the outcomes and the longest gap after the event.
+async fn across(
+    servers: Vec<String>,
+    tag: &str,
+    event: impl FnOnce() -> Instant,
+) -> (Vec<Outcome>, Duration) {
+    let load = Load::start(servers, tag);
+    let warm = Instant::now();
+    while load.answered_since(warm) < 50 {
+        assert!(warm.elapsed() < Duration::from_secs(30), "no ADDs went through before the {tag}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The event is timed from a moment an ADD had just been answered, so the gap measured
+    // from it includes all of the outage.
+    let at = tokio::task::block_in_place(event);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after = load.answered_since(at + Duration::from_millis(100));
+        let first =
+            load.outcomes.lock().expect("lock").iter().filter(|o| o.0 > at && o.2.is_ok()).map(|o| o.0).min();
+        if after > 0 && first.is_some_and(|f| f.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ADD was answered within 30 s of the {tag}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes = load.stop();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.2.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} ADDs failed across the {tag}: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    let gap = longest_gap(&outcomes, at);
+    (outcomes, gap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill_and_rolling_stop_fail_no_add() {
+    let Some(env) = envtest::shared("leader_kill_and_rolling_stop_fail_no_add") else { return };
+    let ns = env.namespace("cni-failover").await.expect("namespace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = |name: &str| {
+        let (ns, dir) = (ns.clone(), dir.path().to_path_buf());
+        let name = name.to_string();
+        async move {
+            ServerProcess::start_with(&dir.join(&name), &options(&ns, &name, dir.join(format!("{name}.log"))))
+                .await
+                .expect("replica")
+        }
+    };
+    let mut a = start("replica-a").await;
+    let mut b = start("replica-b").await;
+    let first = leader(&[&a, &b]).await;
+    if first == 1 {
+        std::mem::swap(&mut a, &mut b);
+    }
+    // a leads, b follows.
+    let servers = vec![a.endpoint.clone(), b.endpoint.clone()];
+    let (killed, kill_gap) = across(servers, "kill", || {
+        let t = Instant::now();
+        a.kill_hard().expect("kill -9 the leader");
+        t
+    })
+    .await;
+    assert!(serving(&b.endpoint).await, "the follower leads after the kill");
+
+    // The killed replica comes back (as a new pod would) and follows; the leader is then
+    // stopped as a rolling update stops it.
+    let c = start("replica-c").await;
+    assert_eq!(leader(&[&b, &c]).await, 0, "the restarted replica follows");
+    let servers = vec![b.endpoint.clone(), c.endpoint.clone()];
+    let (stopped, stop_gap) = across(servers, "rolling stop", || {
+        let t = Instant::now();
+        let status = b.terminate().expect("SIGTERM the leader");
+        assert!(status.success(), "the leader exits cleanly on SIGTERM: {status}");
+        t
+    })
+    .await;
+    assert!(serving(&c.endpoint).await, "the restarted replica leads after the stop");
+
+    // Every answered address is stored once, for its pod.
+    let admin = ns.admin_client().await.expect("admin client");
+    let objects = envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await;
+    let stored: HashSet<(String, String)> = objects
+        .expect("IPLeases")
+        .iter()
+        .map(|o| {
+            let s = &o["spec"];
+            (
+                s["containerId"].as_str().unwrap_or_default().into(),
+                s["address"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    let answered: Vec<(String, String)> = killed
+        .iter()
+        .chain(&stopped)
+        .map(|(_, cid, r)| (cid.clone(), r.clone().expect("answered")))
+        .collect();
+    let distinct: HashSet<&String> = answered.iter().map(|(_, a)| a).collect();
+    assert_eq!(distinct.len(), answered.len(), "an address was answered twice");
+    for a in &answered {
+        assert!(stored.contains(a), "answered lease {a:?} is not in the API server");
+    }
+    println!(
+        "cni failover (defaults: lease TTL 2 s, renew 500 ms; {CLIENTS} CNI clients): kill -9: {} ADDs, none \
+         failed, longest time without an answer {kill_gap:?}; SIGTERM: {} ADDs, none failed, longest \
+         {stop_gap:?}",
+        killed.len(),
+        stopped.len()
+    );
+    assert!(
+        kill_gap <= Duration::from_secs(3),
+        "kill -9 left ADDs unanswered for {kill_gap:?} (at most 3 s)"
+    );
+    assert!(
+        stop_gap < Duration::from_millis(500),
+        "SIGTERM left ADDs unanswered for {stop_gap:?} (under 0.5 s)"
+    );
+}
