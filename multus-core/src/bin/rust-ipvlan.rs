@@ -2,5 +2,5 @@
 //! addresses from the `ipam` plugin. See `multus_core::delegate`.
 
 fn main() -> std::process::ExitCode {
-    multus_core::delegate::main(multus_core::delegate::Kind::Ipvlan)
+    cni::main(multus_core::delegate::LinkPlugin(multus_core::delegate::Kind::Ipvlan))
 }

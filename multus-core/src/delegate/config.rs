@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use ipam_cni::cni::{CniArgs, CniError, Dns, code};
+use cni::{CniArgs, CniError, Dns, ErrorCode, NetworkConfig};
 use serde_json::{Map, Value};
 
 use super::Kind;
@@ -144,8 +144,14 @@ pub struct DelegateConf {
     pub prev_result: Option<Value>,
 }
 
+impl NetworkConfig for DelegateConf {
+    fn cni_version(&self) -> &str {
+        &self.cni_version
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 /// True when `s` can name a Linux network interface.
@@ -174,11 +180,12 @@ fn mac(s: &str, field: &str) -> Result<Mac, CniError> {
 impl DelegateConf {
     /// Parses and checks the configuration on stdin for `kind`; `args` is `CNI_ARGS`.
     pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<DelegateConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin)
-            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
+        })?;
         let obj = v
             .as_object()
-            .ok_or_else(|| CniError::new(code::DECODE, "network configuration is not a JSON object"))?;
+            .ok_or_else(|| CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object"))?;
         let cni_version = string(obj, "cniVersion")?.unwrap_or("0.1.0").to_string();
         let name = string(obj, "name")?.unwrap_or_default().to_string();
         let master = match string(obj, "master")? {
@@ -275,7 +282,7 @@ mod tests {
 
     fn err(kind: Kind, conf: &str) -> String {
         let e = parse(kind, conf).expect_err("must fail");
-        assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+        assert_eq!(e.code, ErrorCode::INVALID_CONFIG, "{e}");
         e.msg
     }
 
@@ -396,7 +403,7 @@ mod tests {
             "mac 02:00:00:00:00:01 cannot be set: ipvlan links share the master's MAC address (use macvlan)"
         );
         let e = parse(Kind::Macvlan, "{nope").expect_err("not json");
-        assert_eq!(e.code, code::DECODE);
+        assert_eq!(e.code, ErrorCode::DECODE);
         assert!(e.msg.starts_with("network configuration is not JSON: "), "{e}");
     }
 

@@ -15,20 +15,17 @@
 //! reference macvlan plugin prints (interfaces, ips indexed to the interface, routes, dns).
 //!
 //! Error codes: the spec's, and 120 (netlink), 121 (CHECK mismatch), 122 (link kind not in
-//! this kernel), listed with every other one in [`ipam_cni::cni::code`].
+//! this kernel), listed with every other one in [`cni::ErrorCode`].
 
 pub mod config;
 mod netlink;
 
 use std::fmt;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 
-use ipam_cni::cni::{self, CniArgs, CniError, CniResult, Command, Interface, IpResult, code};
-use ipam_cni::plugin::Invocation;
-use serde_json::Value;
+use cni::{CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, Interface, IpResult};
 
 use self::config::{DelegateConf, is_ifname};
 use self::netlink::{Link, NewLink, Nl, failed, in_netns, kind_name};
@@ -50,100 +47,50 @@ impl fmt::Display for Kind {
     }
 }
 
-/// A failed command: the error and the cniVersion to report it in.
-pub type Failure = (CniError, String);
+/// The plugin of `rust-macvlan` and `rust-ipvlan`: one driver, the kind its only setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkPlugin(pub Kind);
 
-/// The environment of one call: the CNI variables, with `CNI_ARGS` and `CNI_PATH` as given
-/// so they pass unchanged to the ipam plugin.
-#[derive(Debug, Clone)]
-pub struct Env {
-    pub inv: Invocation,
-    pub raw_args: String,
-    pub path: Vec<PathBuf>,
-}
+impl cni::Plugin for LinkPlugin {
+    type Config = DelegateConf;
 
-impl Env {
-    /// Reads the CNI variables through `var`.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
-        let inv = Invocation::from_env(&var)?;
-        if matches!(inv.command, Command::Add | Command::Del | Command::Check) && !is_ifname(&inv.ifname) {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("CNI_IFNAME {:?} is not an interface name (1 to 15 characters)", inv.ifname),
-            ));
+    fn parse(&self, env: &Env, stdin: &[u8]) -> Result<DelegateConf, Failure> {
+        if env.command.has_attachment() && !is_ifname(&env.ifname) {
+            return Err(Failure::latest(CniError::new(
+                ErrorCode::INVALID_ENV,
+                format!("CNI_IFNAME {:?} is not an interface name (1 to 15 characters)", env.ifname),
+            )));
         }
-        Ok(Env {
-            inv,
-            raw_args: var("CNI_ARGS").unwrap_or_default(),
-            path: exec::split_path(&var("CNI_PATH").unwrap_or_default()),
-        })
+        let args = env.cni_args().map_err(Failure::latest)?;
+        DelegateConf::parse(self.0, stdin, &args).map_err(Failure::latest)
     }
 
-    fn call(&self, command: Command) -> Call<'_> {
-        Call {
-            command,
-            container_id: &self.inv.container_id,
-            netns: &self.inv.netns,
-            ifname: &self.inv.ifname,
-            args: &self.raw_args,
-            path: &self.path,
-        }
+    fn add(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+        add(self.0, env, conf, stdin)
     }
-}
 
-/// The whole binary: reads the environment and stdin, runs, prints the result or the error.
-pub fn main(kind: Kind) -> ExitCode {
-    let print = |v: &Value| {
-        let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut out, v);
-        let _ = out.write_all(b"\n");
-    };
-    let fail = |e: CniError, version: &str| {
-        print(&e.to_json(version));
-        ExitCode::FAILURE
-    };
-    let env = match Env::from_env(|k| std::env::var(k).ok()) {
-        Ok(e) => e,
-        Err(e) => return fail(e, cni::LATEST_VERSION),
-    };
-    let mut stdin = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        return fail(CniError::new(code::IO_FAILURE, format!("reading stdin: {e}")), cni::LATEST_VERSION);
+    fn del(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+        del(self.0, env, conf, stdin)
     }
-    match run(kind, &env, &stdin) {
-        Ok(Some(v)) => {
-            print(&v);
-            ExitCode::SUCCESS
-        }
-        Ok(None) => ExitCode::SUCCESS,
-        Err((e, version)) => fail(e, &version),
+
+    fn check(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+        check(self.0, env, conf, stdin)
+    }
+
+    fn gc(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+        to_ipam(env, conf, stdin)
+    }
+
+    fn status(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+        to_ipam(env, conf, stdin)
     }
 }
 
-/// Runs one command; `Some` is printed on stdout.
-pub fn run(kind: Kind, env: &Env, stdin: &[u8]) -> Result<Option<Value>, Failure> {
-    let latest = cni::LATEST_VERSION.to_string();
-    if env.inv.command == Command::Version {
-        let asked = serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or(latest);
-        return Ok(Some(cni::version_info(&asked)));
-    }
-    let args = CniArgs::parse(&env.raw_args).map_err(|e| (e, latest.clone()))?;
-    let conf = DelegateConf::parse(kind, stdin, &args).map_err(|e| (e, latest))?;
-    let version = conf.cni_version.clone();
-    let fail = |e: CniError| (e, version.clone());
-    cni::check_version(env.inv.command, &version).map_err(fail)?;
-    match env.inv.command {
-        Command::Add => add(kind, env, &conf, stdin).map(Some).map_err(fail),
-        Command::Del => del(kind, env, &conf, stdin).map(|()| None).map_err(fail),
-        Command::Check => check(kind, env, &conf, stdin).map(|()| None).map_err(fail),
-        Command::Gc | Command::Status => match &conf.ipam_type {
-            Some(t) => exec::run(t, &env.call(env.inv.command), stdin).map(|_| None).map_err(fail),
-            None => Ok(None),
-        },
-        Command::Version => unreachable!("answered above"),
+/// GC and STATUS concern the addresses only: the ipam plugin answers them.
+fn to_ipam(env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    match &conf.ipam_type {
+        Some(t) => exec::run(t, &Call::from_env(env, env.command), stdin).map(|_| ()),
+        None => Ok(()),
     }
 }
 
@@ -155,7 +102,7 @@ async fn find_master(nl: &Nl, conf: &DelegateConf) -> Result<Link, CniError> {
         None => nl.default_route_link().await.map_err(|e| failed("listing routes for the default master", &e))?.ok_or_else(
             || {
                 CniError::new(
-                    code::INVALID_CONFIG,
+                    ErrorCode::INVALID_CONFIG,
                     format!("master is not set and {where_} network namespace has no default route to take it from"),
                 )
             },
@@ -166,7 +113,7 @@ async fn find_master(nl: &Nl, conf: &DelegateConf) -> Result<Link, CniError> {
         .map_err(|e| failed(format_args!("looking up master {name}"), &e))?
         .ok_or_else(|| {
             CniError::new(
-                code::INVALID_CONFIG,
+                ErrorCode::INVALID_CONFIG,
                 format!("master {name:?} not found in {where_} network namespace"),
             )
         })
@@ -184,33 +131,17 @@ fn temp_name() -> String {
     format!("cni{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
 
-/// Errors of one command as one: the first one's code, every message.
-fn join(errors: Vec<CniError>) -> Result<(), CniError> {
-    let mut it = errors.into_iter();
-    let Some(first) = it.next() else { return Ok(()) };
-    Err(it.fold(first, merge))
-}
-
-fn merge(a: CniError, b: CniError) -> CniError {
-    let details = match (a.details.is_empty(), b.details.is_empty()) {
-        (_, true) => a.details,
-        (true, false) => b.details,
-        (false, false) => format!("{}; {}", a.details, b.details),
-    };
-    CniError::new(a.code, format!("{}; {}", a.msg, b.msg)).with_details(details)
-}
-
-fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value, CniError> {
-    let pod_path = Path::new(&env.inv.netns);
+fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+    let pod_path = Path::new(&env.netns);
     let pod = netlink::open_netns(pod_path)?;
-    let ifname = env.inv.ifname.as_str();
+    let ifname = env.ifname.as_str();
     // A taken name would fail the rename after the lease was taken, and releasing it then
     // would release the lease of whoever holds the name (a repeated ADD): refuse now.
     in_netns(Some(pod_path), |nl| async move {
         match nl.link_by_name(ifname).await {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err(CniError::new(
-                code::INVALID_ENV,
+                ErrorCode::INVALID_ENV,
                 format!(
                     "CNI_IFNAME {ifname} already exists in the pod's network namespace {}",
                     pod_path.display()
@@ -228,7 +159,7 @@ fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value
         let master = find_master(&nl, conf).await?;
         if conf.mtu > master.mtu {
             return Err(CniError::new(
-                code::INVALID_CONFIG,
+                ErrorCode::INVALID_CONFIG,
                 format!("mtu {} is larger than the MTU {} of master {:?}", conf.mtu, master.mtu, master.name),
             ));
         }
@@ -250,13 +181,13 @@ fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value
         dns: Some(conf.dns.clone().unwrap_or_default()),
     };
     if let Some(ipam) = &conf.ipam_type {
-        let got = exec::run(ipam, &env.call(Command::Add), stdin).and_then(|v| {
+        let got = exec::run(ipam, &Call::from_env(env, Command::Add), stdin).and_then(|v| {
             let r = CniResult::parse(&v).map_err(|e| {
                 CniError::new(e.code, format!("ipam plugin {ipam:?} answered a bad result: {}", e.msg))
             })?;
             if r.ips.is_empty() {
                 return Err(CniError::new(
-                    code::INVALID_CONFIG,
+                    ErrorCode::INVALID_CONFIG,
                     format!("ipam plugin {ipam:?} returned no addresses"),
                 ));
             }
@@ -268,15 +199,11 @@ fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value
                 result.routes = r.routes;
             }
             Err(e) => {
-                let mut errors = vec![e];
-                if let Err(c) = remove_temp(pod_path, &tmp) {
-                    errors.push(c);
-                }
+                let mut cleanup = ErrorList::new();
+                cleanup.check(remove_temp(pod_path, &tmp));
                 // The ipam plugin may have allocated before failing (a bad result, say).
-                if let Err(c) = exec::run(ipam, &env.call(Command::Del), stdin) {
-                    errors.push(c);
-                }
-                return join(errors).map(|()| Value::Null);
+                cleanup.check(exec::run(ipam, &Call::from_env(env, Command::Del), stdin));
+                return Err(cleanup.after(e, "; "));
             }
         }
     }
@@ -290,38 +217,39 @@ fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<Value
                 .map_err(|e| failed(format_args!("looking up {tmp} in the pod's namespace"), &e))?
                 .ok_or_else(|| {
                     CniError::new(
-                        code::NETLINK_FAILED,
+                        ErrorCode::NETLINK_FAILED,
                         format!("the new link {tmp} is not in the pod's namespace"),
                     )
                 })?;
             match configure(&nl, &link, ifname, result).await {
                 Ok(l) => Ok(l),
-                Err(e) => match nl.delete(link.index).await {
-                    Ok(()) => Err(e),
-                    Err(d) => Err(merge(e, failed(format_args!("removing link {tmp}/{ifname}"), &d))),
-                },
+                Err(e) => {
+                    let mut cleanup = ErrorList::new();
+                    if let Err(d) = nl.delete(link.index).await {
+                        cleanup.push(failed(format_args!("removing link {tmp}/{ifname}"), &d));
+                    }
+                    Err(cleanup.after(e, "; "))
+                }
             }
         }
     });
     let link = match configured {
         Ok(l) => l,
         Err(e) => {
-            let mut errors = vec![e];
-            if let Some(ipam) = &conf.ipam_type
-                && let Err(c) = exec::run(ipam, &env.call(Command::Del), stdin)
-            {
-                errors.push(c);
+            let mut cleanup = ErrorList::new();
+            if let Some(ipam) = &conf.ipam_type {
+                cleanup.check(exec::run(ipam, &Call::from_env(env, Command::Del), stdin));
             }
-            return join(errors).map(|()| Value::Null);
+            return Err(cleanup.after(e, "; "));
         }
     };
     result.interfaces.push(Interface {
         name: ifname.to_string(),
         mac: link.mac_string(),
-        sandbox: env.inv.netns.clone(),
+        sandbox: env.netns.clone(),
         ..Interface::default()
     });
-    Ok(result.render(&conf.cni_version))
+    Ok(result)
 }
 
 /// Deletes the link still under its temporary name in the pod's namespace.
@@ -361,21 +289,19 @@ async fn configure(nl: &Nl, link: &Link, ifname: &str, result: &CniResult) -> Re
         .await
         .map_err(|e| failed(format_args!("reading {ifname} back"), &e))?
         .ok_or_else(|| {
-            CniError::new(code::NETLINK_FAILED, format!("{ifname} vanished while it was configured"))
+            CniError::new(ErrorCode::NETLINK_FAILED, format!("{ifname} vanished while it was configured"))
         })
 }
 
 fn del(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
-    let mut errors = Vec::new();
-    if let Some(ipam) = &conf.ipam_type
-        && let Err(e) = exec::run(ipam, &env.call(Command::Del), stdin)
-    {
-        errors.push(e);
+    let mut errors = ErrorList::new();
+    if let Some(ipam) = &conf.ipam_type {
+        errors.check(exec::run(ipam, &Call::from_env(env, Command::Del), stdin));
     }
-    let pod = Path::new(&env.inv.netns);
+    let pod = Path::new(&env.netns);
     // No namespace (given or left): nothing of ours can be in it.
-    if !env.inv.netns.is_empty() && pod.exists() {
-        let ifname = env.inv.ifname.as_str();
+    if !env.netns.is_empty() && pod.exists() {
+        let ifname = env.ifname.as_str();
         let removed = in_netns(Some(pod), |nl| async move {
             let Some(link) =
                 nl.link_by_name(ifname).await.map_err(|e| failed(format_args!("looking up {ifname}"), &e))?
@@ -389,28 +315,25 @@ fn del(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), C
             }
             nl.delete(link.index).await.map_err(|e| failed(format_args!("removing link {ifname}"), &e))
         });
-        if let Err(e) = removed {
-            errors.push(e);
-        }
+        errors.check(removed);
     }
-    join(errors)
+    errors.into_result("; ")
 }
 
 fn mismatch(msg: impl Into<String>) -> CniError {
-    CniError::new(code::CHECK_MISMATCH, msg)
+    CniError::new(ErrorCode::CHECK_MISMATCH, msg)
 }
 
 fn check(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
     if let Some(ipam) = &conf.ipam_type {
-        exec::run(ipam, &env.call(Command::Check), stdin)?;
+        exec::run(ipam, &Call::from_env(env, Command::Check), stdin)?;
     }
-    let prev = conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult in the configuration"))?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(ErrorCode::INVALID_CONFIG, "CHECK needs prevResult in the configuration")
+    })?;
     let prev = CniResult::parse(prev).map_err(|e| CniError::new(e.code, format!("prevResult: {}", e.msg)))?;
-    let ifname = env.inv.ifname.as_str();
-    let netns = env.inv.netns.as_str();
+    let ifname = env.ifname.as_str();
+    let netns = env.netns.as_str();
     let (index, iface) = prev
         .interfaces
         .iter()
@@ -480,10 +403,17 @@ fn check(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    use cni::LATEST_VERSION;
+    use serde_json::Value;
+
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> Result<Env, CniError> {
         Env::from_env(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+    }
+
+    fn run(kind: Kind, env: &Env, stdin: &[u8]) -> Result<Option<Value>, Failure> {
+        cni::run(&LinkPlugin(kind), env, stdin)
     }
 
     #[test]
@@ -495,20 +425,23 @@ mod tests {
             ("CNI_PATH", "/opt/cni/bin::/usr/lib/cni"),
             ("CNI_ARGS", "IgnoreUnknown=1;MAC=02:00:00:00:00:01"),
         ];
-        let mut ok = base.to_vec();
-        ok.push(("CNI_IFNAME", "net1"));
-        let e = env(&ok).expect("env");
-        assert_eq!(e.raw_args, "IgnoreUnknown=1;MAC=02:00:00:00:00:01");
-        assert_eq!(e.path, vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]);
         let mut long = base.to_vec();
         long.push(("CNI_IFNAME", "net1-far-too-long"));
-        let err = env(&long).expect_err("long ifname");
-        assert_eq!(err.code, code::INVALID_ENV);
-        assert_eq!(err.msg, "CNI_IFNAME \"net1-far-too-long\" is not an interface name (1 to 15 characters)");
+        let f = run(Kind::Macvlan, &env(&long).expect("env"), b"{}").expect_err("long ifname");
+        assert_eq!(
+            (f.error.code, f.error.msg.as_str(), f.version),
+            (
+                ErrorCode::INVALID_ENV,
+                "CNI_IFNAME \"net1-far-too-long\" is not an interface name (1 to 15 characters)",
+                LATEST_VERSION.to_string()
+            )
+        );
+        let mut bad_args: Vec<_> = base.iter().filter(|(k, _)| *k != "CNI_ARGS").copied().collect();
+        bad_args.extend([("CNI_IFNAME", "net1"), ("CNI_ARGS", "MAC")]);
+        let f = run(Kind::Macvlan, &env(&bad_args).expect("env"), b"{}").expect_err("bad CNI_ARGS");
+        assert_eq!(f.error.msg, "CNI_ARGS entry \"MAC\" is not KEY=VALUE");
         let err = env(&base).expect_err("no ifname");
         assert_eq!(err.msg, "CNI_IFNAME is required for ADD but not set");
-        // VERSION needs nothing else.
-        assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
     }
 
     #[test]
@@ -517,7 +450,7 @@ mod tests {
         let v = run(Kind::Macvlan, &e, br#"{"cniVersion":"0.4.0"}"#).expect("version");
         assert_eq!(v.and_then(|v| v.get("cniVersion").cloned()), Some(Value::String("0.4.0".into())));
         let v = run(Kind::Ipvlan, &e, b"").expect("version").expect("answer");
-        assert_eq!(v["cniVersion"], cni::LATEST_VERSION);
+        assert_eq!(v["cniVersion"], LATEST_VERSION.to_string());
     }
 
     #[test]
@@ -531,18 +464,21 @@ mod tests {
             ("CNI_PATH", "/nonexistent"),
         ])
         .expect("env");
-        let (err, version) =
-            run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0","master":"eth9","mode":"fast"}"#)
-                .expect_err("bad mode");
-        assert_eq!((err.code, version.as_str()), (code::INVALID_CONFIG, cni::LATEST_VERSION));
-        assert_eq!(err.msg, "mode \"fast\" is not one of the macvlan modes bridge, private, vepa, passthru");
-        let (err, version) = run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0"}"#).expect_err("no netns");
-        assert_eq!((err.code, version.as_str()), (code::INVALID_ENV, "1.0.0"));
-        assert!(
-            err.msg.starts_with("CNI_NETNS /nonexistent/netns: cannot open the network namespace"),
-            "{err}"
+        let f = run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0","master":"eth9","mode":"fast"}"#)
+            .expect_err("bad mode");
+        assert_eq!((f.error.code, f.version), (ErrorCode::INVALID_CONFIG, LATEST_VERSION.to_string()));
+        assert_eq!(
+            f.error.msg,
+            "mode \"fast\" is not one of the macvlan modes bridge, private, vepa, passthru"
         );
-        let (err, _) = run(
+        let f = run(Kind::Macvlan, &e, br#"{"cniVersion":"1.0.0"}"#).expect_err("no netns");
+        assert_eq!((f.error.code, f.version.as_str()), (ErrorCode::INVALID_ENV, "1.0.0"));
+        assert!(
+            f.error.msg.starts_with("CNI_NETNS /nonexistent/netns: cannot open the network namespace"),
+            "{}",
+            f.error
+        );
+        let f = run(
             Kind::Macvlan,
             &env(&[
                 ("CNI_COMMAND", "CHECK"),
@@ -555,23 +491,7 @@ mod tests {
             br#"{"cniVersion":"0.3.1"}"#,
         )
         .expect_err("old CHECK");
-        assert_eq!(err.msg, "CHECK needs cniVersion 0.4.0 or later, the config has 0.3.1");
-    }
-
-    #[test]
-    fn del_errors_are_all_reported() {
-        assert_eq!(join(Vec::new()), Ok(()));
-        let one = CniError::new(7, "a");
-        assert_eq!(join(vec![one.clone()]), Err(one));
-        let all = join(vec![
-            CniError::new(7, "plugin \"x\" not found").with_details("d1"),
-            CniError::new(120, "removing link net1: Device or resource busy"),
-        ]);
-        assert_eq!(
-            all,
-            Err(CniError::new(7, "plugin \"x\" not found; removing link net1: Device or resource busy")
-                .with_details("d1"))
-        );
+        assert_eq!(f.error.msg, "CHECK needs cniVersion 0.4.0 or later, the config has 0.3.1");
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::path::Path;
 
+use cni::{CniError, ErrorCode, ResultRoute};
 use futures::TryStreamExt as _;
-use ipam_cni::cni::{CniError, ResultRoute, code};
 use ipnetwork::IpNetwork;
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
@@ -55,7 +55,7 @@ impl From<rtnetlink::Error> for NlError {
 
 /// Error 120 for a failed request: `what` says which.
 pub(crate) fn failed(what: impl std::fmt::Display, e: &NlError) -> CniError {
-    CniError::new(code::NETLINK_FAILED, format!("{what}: {}", e.text))
+    CniError::new(ErrorCode::NETLINK_FAILED, format!("{what}: {}", e.text))
 }
 
 /// What the plugin needs to know of a link.
@@ -174,25 +174,27 @@ where
                 let file = open_netns(path)?;
                 nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
                     CniError::new(
-                        code::IO_FAILURE,
+                        ErrorCode::IO_FAILURE,
                         format!("entering network namespace {}: {e}", path.display()),
                     )
                 })?;
             }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .map_err(|e| CniError::new(code::IO_FAILURE, format!("starting the netlink runtime: {e}")))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(|e| {
+                CniError::new(ErrorCode::IO_FAILURE, format!("starting the netlink runtime: {e}"))
+            })?;
             rt.block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection()
-                    .map_err(|e| CniError::new(code::IO_FAILURE, format!("opening a netlink socket: {e}")))?;
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+                    CniError::new(ErrorCode::IO_FAILURE, format!("opening a netlink socket: {e}"))
+                })?;
                 let conn = tokio::spawn(conn);
                 let out = f(Nl { handle }).await;
                 conn.abort();
                 out
             })
         });
-        thread.join().unwrap_or_else(|_| Err(CniError::new(code::IO_FAILURE, "the netlink thread panicked")))
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(CniError::new(ErrorCode::IO_FAILURE, "the netlink thread panicked")))
     })
 }
 
@@ -200,7 +202,7 @@ where
 pub(crate) fn open_netns(path: &Path) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
         CniError::new(
-            code::INVALID_ENV,
+            ErrorCode::INVALID_ENV,
             format!("CNI_NETNS {}: cannot open the network namespace: {e}", path.display()),
         )
     })
@@ -283,7 +285,10 @@ impl Nl {
                 LinkIpVlan::new(new.name, new.master, mode).build()
             }
             (kind, mode) => {
-                return Err(CniError::new(code::INVALID_CONFIG, format!("mode {mode} is not a {kind} mode")));
+                return Err(CniError::new(
+                    ErrorCode::INVALID_CONFIG,
+                    format!("mode {mode} is not a {kind} mode"),
+                ));
             }
         };
         if new.mtu > 0 {
@@ -298,7 +303,7 @@ impl Nl {
         match self.handle.link().add(msg).execute().await.map_err(NlError::from) {
             Ok(()) => Ok(()),
             Err(e) if e.errno == Some(EOPNOTSUPP) => Err(CniError::new(
-                code::LINK_KIND_UNSUPPORTED,
+                ErrorCode::LINK_KIND_UNSUPPORTED,
                 format!("this kernel does not support {0} links (module {0} not available)", new.kind),
             )
             .with_details(format!("creating {} link {}: {}", new.kind, new.name, e.text))),
@@ -315,7 +320,7 @@ impl Nl {
         self.handle.link().set(msg).execute().await.map_err(NlError::from).map_err(|e| {
             if e.errno == Some(EEXIST) {
                 CniError::new(
-                    code::NETLINK_FAILED,
+                    ErrorCode::NETLINK_FAILED,
                     format!(
                         "renaming {from} to {name}: an interface {name} already exists in the pod's namespace"
                     ),
@@ -391,7 +396,8 @@ impl Nl {
             Some(g) => format!("adding route {} via {g} dev {name}", route.dst),
             None => format!("adding route {} dev {name}", route.dst),
         };
-        let invalid = |e: &dyn std::fmt::Display| CniError::new(code::INVALID_CONFIG, format!("{what}: {e}"));
+        let invalid =
+            |e: &dyn std::fmt::Display| CniError::new(ErrorCode::INVALID_CONFIG, format!("{what}: {e}"));
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(route.dst.network(), route.dst.prefix())
             .map_err(|e| invalid(&e))?

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ipam_cni::cni::{CniError, Command, Version, code};
+use cni::{CniError, Command, ErrorCode, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
@@ -52,7 +52,7 @@ fn de_b64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 /// The keys of a plugin config that Multus' cache repeats (libcni's `NetConf`).
@@ -124,8 +124,8 @@ impl Network {
         Ok(Network { name, cni_version, plugins, is_list })
     }
 
-    fn version_at_least(&self, v: &str) -> bool {
-        Version::parse(&self.cni_version) >= Version::parse(v)
+    fn version_at_least(&self, v: Version) -> bool {
+        Version::parse(&self.cni_version).is_some_and(|have| have >= v)
     }
 
     /// The stdin of plugin `i`: libcni's injections (list name and version, `prevResult`,
@@ -324,7 +324,7 @@ pub fn read_result(path: &Path) -> Option<CachedResult> {
 /// Writes a cached result (mode 0600, in a 0700 directory).
 pub fn write_result(path: &Path, c: &CachedResult) -> Result<(), CniError> {
     let fail =
-        |e: std::io::Error| CniError::new(code::IO_FAILURE, format!("writing {}: {e}", path.display()));
+        |e: std::io::Error| CniError::new(ErrorCode::IO_FAILURE, format!("writing {}: {e}", path.display()));
     if let Some(dir) = path.parent() {
         super::cache::create_private_dir(dir).map_err(fail)?;
     }
@@ -370,7 +370,7 @@ pub fn del(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
     let args = join_args(&a.args);
     let path = result_path(a.cache_dir, &net.name, a.container_id, a.ifname);
     let cached = read_result(&path).map(|c| c.result);
-    let prev = cached.as_ref().filter(|_| net.version_at_least("0.4.0"));
+    let prev = cached.as_ref().filter(|_| net.version_at_least(Command::Check.since()));
     for i in (0..net.plugins.len()).rev() {
         let kind = net.plugins[i].get("type").and_then(Value::as_str).unwrap_or_default();
         let stdin = net.plugin_stdin(i, prev, &a.capability_args);
@@ -383,16 +383,16 @@ pub fn del(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
 /// CHECK: every plugin with the cached result as `prevResult`.
 pub fn check(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
     let net = d.network()?;
-    if !net.version_at_least("0.4.0") {
+    if !net.version_at_least(Command::Check.since()) {
         return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
+            ErrorCode::INCOMPATIBLE_VERSION,
             format!("network {}: cniVersion {} has no CHECK", d.name, net.cni_version),
         ));
     }
     let path = result_path(a.cache_dir, &net.name, a.container_id, a.ifname);
     let cached = read_result(&path).ok_or_else(|| {
         CniError::new(
-            code::INVALID_CONFIG,
+            ErrorCode::INVALID_CONFIG,
             format!("network {}: no cached result at {}", d.name, path.display()),
         )
     })?;
@@ -414,7 +414,7 @@ pub fn gc_or_status(
     path: &[PathBuf],
 ) -> Result<(), CniError> {
     let net = d.network()?;
-    if !net.version_at_least("1.1.0") {
+    if !net.version_at_least(Command::Gc.since()) {
         return Ok(());
     }
     for i in 0..net.plugins.len() {
@@ -560,7 +560,10 @@ mod tests {
 
         let e = Delegate::load(br#"{"cniVersion":"1.0.0","name":"x"}"#, Some("ns/x"), &Map::new())
             .expect_err("no type");
-        assert_eq!((e.code, e.msg.as_str()), (7, "network ns/x: config has no \"type\""));
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::INVALID_CONFIG, "network ns/x: config has no \"type\"")
+        );
         let e =
             Delegate::load(br#"{"name":"x","type":"a"}"#, Some("ns/x"), &Map::new()).expect_err("no version");
         assert_eq!(e.msg, "network ns/x: config has no cniVersion");

@@ -25,4 +25,4 @@ pub mod resolve;
 pub mod route;
 pub mod source;
 
-pub use plugin::{Invocation, run};
+pub use plugin::MultusPlugin;

@@ -5,19 +5,17 @@
 use std::net::IpAddr;
 use std::process::Command;
 
-use ipam_cni::cni::{CniError, code};
+use cni::{CniError, ErrorCode};
 use serde_json::{Value, json};
 
 fn ip_in(netns: &str, args: &[&str]) -> Result<String, CniError> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg("ip")
-        .args(args)
-        .output()
-        .map_err(|e| CniError::new(code::IO_FAILURE, format!("running nsenter/ip for {netns}: {e}")))?;
+    let out =
+        Command::new("nsenter").arg(format!("--net={netns}")).arg("ip").args(args).output().map_err(|e| {
+            CniError::new(ErrorCode::IO_FAILURE, format!("running nsenter/ip for {netns}: {e}"))
+        })?;
     if !out.status.success() {
         return Err(CniError::new(
-            code::IO_FAILURE,
+            ErrorCode::IO_FAILURE,
             format!("ip {} in {netns}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
         ));
     }
