@@ -14,7 +14,7 @@ use super::delegate::{self, Attachment, Delegate, PodArgs};
 use super::resolve::{self, Pod};
 use super::route;
 use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
-use crate::status::{self, NETWORK_STATUS_ANNOTATION};
+use super::status::{self, NETWORK_STATUS_ANNOTATION};
 
 /// The meta-plugin `rust-multus`.
 #[derive(Debug, Clone, Copy, Default)]

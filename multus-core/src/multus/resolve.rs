@@ -9,10 +9,10 @@ use std::path::Path;
 use cni::{CniError, ErrorCode};
 use serde_json::{Map, Value};
 
+use super::annotation::{self, NETWORKS_ANNOTATION};
 use super::config::MultusConf;
 use super::delegate::Delegate;
 use super::source::{ObjectSource, PodInfo, SourceError};
-use crate::annotation::{self, NETWORKS_ANNOTATION};
 
 /// Pod annotation that replaces `clusterNetwork` for one pod (Multus' key).
 pub const DEFAULT_NETWORK_ANNOTATION: &str = "v1.multus-cni.io/default-network";

@@ -1,4 +1,4 @@
-//! The macvlan and ipvlan delegates (binaries `rust-macvlan` and `rust-ipvlan`): one driver,
+//! The macvlan and ipvlan link plugins (binaries `rust-macvlan` and `rust-ipvlan`): one driver,
 //! the link kind's data the only difference.
 //!
 //! Configuration as the reference plugins (see [`config`]). ADD checks the whole config, that
@@ -27,7 +27,7 @@ use std::path::Path;
 
 use cni::{CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, Interface, IpResult};
 
-use self::config::{DelegateConf, is_ifname};
+use self::config::{LinkConf, is_ifname};
 use self::netlink::{Link, NewLink, Nl, failed, in_netns, kind_name};
 use crate::exec::{self, Call};
 
@@ -52,9 +52,9 @@ impl fmt::Display for Kind {
 pub struct LinkPlugin(pub Kind);
 
 impl cni::Plugin for LinkPlugin {
-    type Config = DelegateConf;
+    type Config = LinkConf;
 
-    fn parse(&self, env: &Env, stdin: &[u8]) -> Result<DelegateConf, Failure> {
+    fn parse(&self, env: &Env, stdin: &[u8]) -> Result<LinkConf, Failure> {
         if env.command.has_attachment() && !is_ifname(&env.ifname) {
             return Err(Failure::latest(CniError::new(
                 ErrorCode::INVALID_ENV,
@@ -62,32 +62,32 @@ impl cni::Plugin for LinkPlugin {
             )));
         }
         let args = env.cni_args().map_err(Failure::latest)?;
-        DelegateConf::parse(self.0, stdin, &args).map_err(Failure::latest)
+        LinkConf::parse(self.0, stdin, &args).map_err(Failure::latest)
     }
 
-    fn add(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+    fn add(&self, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<CniResult, CniError> {
         add(self.0, env, conf, stdin)
     }
 
-    fn del(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    fn del(&self, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
         del(self.0, env, conf, stdin)
     }
 
-    fn check(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    fn check(&self, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
         check(self.0, env, conf, stdin)
     }
 
-    fn gc(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    fn gc(&self, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
         to_ipam(env, conf, stdin)
     }
 
-    fn status(&self, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+    fn status(&self, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
         to_ipam(env, conf, stdin)
     }
 }
 
 /// GC and STATUS concern the addresses only: the ipam plugin answers them.
-fn to_ipam(env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+fn to_ipam(env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
     match &conf.ipam_type {
         Some(t) => exec::run(t, &Call::from_env(env, env.command), stdin).map(|_| ()),
         None => Ok(()),
@@ -95,7 +95,7 @@ fn to_ipam(env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError>
 }
 
 /// The master: named in the config or the default route's; it must exist.
-async fn find_master(nl: &Nl, conf: &DelegateConf) -> Result<Link, CniError> {
+async fn find_master(nl: &Nl, conf: &LinkConf) -> Result<Link, CniError> {
     let where_ = if conf.link_in_container { "the pod's" } else { "the node's" };
     let name = match &conf.master {
         Some(m) => m.clone(),
@@ -131,7 +131,7 @@ fn temp_name() -> String {
     format!("cni{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
 
-fn add(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+fn add(kind: Kind, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<CniResult, CniError> {
     let pod_path = Path::new(&env.netns);
     let pod = netlink::open_netns(pod_path)?;
     let ifname = env.ifname.as_str();
@@ -293,7 +293,7 @@ async fn configure(nl: &Nl, link: &Link, ifname: &str, result: &CniResult) -> Re
         })
 }
 
-fn del(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+fn del(kind: Kind, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
     let mut errors = ErrorList::new();
     if let Some(ipam) = &conf.ipam_type {
         errors.check(exec::run(ipam, &Call::from_env(env, Command::Del), stdin));
@@ -324,7 +324,7 @@ fn mismatch(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::CHECK_MISMATCH, msg)
 }
 
-fn check(kind: Kind, env: &Env, conf: &DelegateConf, stdin: &[u8]) -> Result<(), CniError> {
+fn check(kind: Kind, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Result<(), CniError> {
     if let Some(ipam) = &conf.ipam_type {
         exec::run(ipam, &Call::from_env(env, Command::Check), stdin)?;
     }

@@ -1,4 +1,4 @@
-//! The network configuration of a macvlan or ipvlan delegate: the reference plugins' keys
+//! The network configuration of a macvlan or ipvlan link plugin: the reference plugins' keys
 //! (`master`, `mode`, `mtu`, `mac`, `linkInContainer`, `ipam`, `dns`), checked in full before
 //! anything on the system is touched. Every error is code 7 (6 for JSON that is not JSON)
 //! and names the field and the value.
@@ -121,9 +121,9 @@ pub const MIN_MTU: i64 = 68;
 /// Largest MTU of a macvlan/ipvlan link.
 pub const MAX_MTU: i64 = 65535;
 
-/// The configuration of one delegate call.
+/// The configuration of one call of the link plugin.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DelegateConf {
+pub struct LinkConf {
     pub cni_version: String,
     pub name: String,
     /// `master`; `None`: the interface of the default route.
@@ -144,7 +144,7 @@ pub struct DelegateConf {
     pub prev_result: Option<Value>,
 }
 
-impl NetworkConfig for DelegateConf {
+impl NetworkConfig for LinkConf {
     fn cni_version(&self) -> &str {
         &self.cni_version
     }
@@ -177,9 +177,9 @@ fn mac(s: &str, field: &str) -> Result<Mac, CniError> {
     })
 }
 
-impl DelegateConf {
+impl LinkConf {
     /// Parses and checks the configuration on stdin for `kind`; `args` is `CNI_ARGS`.
-    pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<DelegateConf, CniError> {
+    pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<LinkConf, CniError> {
         let v: Value = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
         })?;
@@ -257,7 +257,7 @@ impl DelegateConf {
             Some(d) => Some(Dns::from_json(d, "dns").map_err(|e| invalid(e.msg))?),
         };
         let prev_result = obj.get("prevResult").cloned().filter(|p| !p.is_null());
-        Ok(DelegateConf {
+        Ok(LinkConf {
             cni_version,
             name,
             master,
@@ -276,8 +276,8 @@ impl DelegateConf {
 mod tests {
     use super::*;
 
-    fn parse(kind: Kind, conf: &str) -> Result<DelegateConf, CniError> {
-        DelegateConf::parse(kind, conf.as_bytes(), &CniArgs::default())
+    fn parse(kind: Kind, conf: &str) -> Result<LinkConf, CniError> {
+        LinkConf::parse(kind, conf.as_bytes(), &CniArgs::default())
     }
 
     fn err(kind: Kind, conf: &str) -> String {
@@ -297,7 +297,7 @@ mod tests {
         .expect("parse");
         assert_eq!(
             c,
-            DelegateConf {
+            LinkConf {
                 cni_version: "1.0.0".into(),
                 name: "rail-0".into(),
                 master: Some("eth1".into()),
@@ -328,13 +328,12 @@ mod tests {
     fn requested_macs_follow_the_reference_order() {
         let conf = br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01","runtimeConfig":{"mac":"02:00:00:00:00:03"}}"#;
         let args = CniArgs::parse("IgnoreUnknown=1;MAC=02:00:00:00:00:02").expect("args");
-        let c = DelegateConf::parse(Kind::Macvlan, conf, &args).expect("parse");
+        let c = LinkConf::parse(Kind::Macvlan, conf, &args).expect("parse");
         assert_eq!(c.mac, Some(Mac([2, 0, 0, 0, 0, 3])), "runtimeConfig.mac wins");
-        let c =
-            DelegateConf::parse(Kind::Macvlan, br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01"}"#, &args)
-                .expect("parse");
+        let c = LinkConf::parse(Kind::Macvlan, br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01"}"#, &args)
+            .expect("parse");
         assert_eq!(c.mac, Some(Mac([2, 0, 0, 0, 0, 2])), "CNI_ARGS MAC beats the config's mac");
-        let e = DelegateConf::parse(
+        let e = LinkConf::parse(
             Kind::Macvlan,
             br#"{"cniVersion":"1.0.0"}"#,
             &CniArgs::parse("MAC=zz").expect("a"),
