@@ -18,7 +18,7 @@
 //! this kernel), listed with every other one in [`cni::ErrorCode`].
 
 pub mod config;
-mod netlink;
+pub(crate) mod netlink;
 
 use std::fmt;
 use std::io::Read as _;

@@ -26,6 +26,7 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
 };
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::Kind;
 use super::config::{IpvlanMode, MacvlanMode, Mode};
@@ -431,6 +432,45 @@ impl Nl {
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
         self.handle.route().add(msg).execute().await.map_err(|e| failed(&what, &e.into()))
+    }
+
+    /// The default routes of one family through link `index`, in the main table (what
+    /// `ip route show default dev <link>` lists).
+    pub(crate) async fn default_routes(&self, index: u32, v6: bool) -> Result<Vec<RouteMessage>, NlError> {
+        let mut query = RouteMessageBuilder::<IpAddr>::new().build();
+        query.header.address_family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        let routes: Vec<RouteMessage> = self.handle.route().get(query).execute().try_collect().await?;
+        Ok(routes
+            .into_iter()
+            .filter(|r| {
+                r.header.destination_prefix_length == 0
+                    && table_of(r) == RT_TABLE_MAIN
+                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+            })
+            .collect())
+    }
+
+    /// Deletes a route as listed by [`Nl::default_routes`].
+    pub(crate) async fn delete_route(&self, route: RouteMessage) -> Result<(), NlError> {
+        Ok(self.handle.route().del(route).execute().await?)
+    }
+
+    /// Makes `gw` on link `index` the default route of its family, replacing one that is
+    /// there (`ip route replace default via <gw> dev <link>`).
+    pub(crate) async fn replace_default(&self, index: u32, gw: IpAddr) -> Result<(), NlError> {
+        let msg = match gw {
+            IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(g)
+                .output_interface(index)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+            IpAddr::V6(g) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(g)
+                .output_interface(index)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+        };
+        Ok(self.handle.route().add(msg).replace().execute().await?)
     }
 
     /// True when a route to `dst` through link `index` exists (in `table`, default main).

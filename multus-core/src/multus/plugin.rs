@@ -5,7 +5,9 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use cni::{CniArgs, CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure};
+use cni::{
+    CniArgs, CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, LATEST_VERSION, Version,
+};
 use serde_json::{Map, Value};
 
 use super::cache;
@@ -221,13 +223,26 @@ fn default_route(
     conf: &MultusConf,
     d: &Delegate,
     ifname: &str,
-    mut result: Value,
+    result: Value,
 ) -> Result<Value, CniError> {
     let (v4, v6) = (d.filter_v4_gateway, d.filter_v6_gateway);
     let gws: Vec<IpAddr> = d.gateway_request.iter().flatten().filter_map(|g| g.parse().ok()).collect();
     if !v4 && !v6 && gws.is_empty() {
         return Ok(result);
     }
+    // The result is rewritten in its own version, which is the delegate's config's.
+    let version = result
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .and_then(Version::parse)
+        .or_else(|| d.network().ok().and_then(|n| Version::parse(&n.cni_version)))
+        .unwrap_or(LATEST_VERSION);
+    let mut typed = CniResult::parse(&result).map_err(|e| {
+        CniError::new(
+            e.code,
+            format!("network {:?}: its result cannot take a default-route: {}", d.name, e.msg),
+        )
+    })?;
     if v4 {
         route::delete_default(&inv.netns, ifname, false)?;
     }
@@ -235,15 +250,16 @@ fn default_route(
         route::delete_default(&inv.netns, ifname, true)?;
     }
     route::result_without_default(
-        &mut result,
+        &mut typed,
         v4 || gws.iter().any(IpAddr::is_ipv4),
         v6 || gws.iter().any(IpAddr::is_ipv6),
     );
     for gw in &gws {
         route::delete_default(&inv.netns, ifname, gw.is_ipv6())?;
         route::add_default(&inv.netns, ifname, *gw)?;
-        route::result_with_default(&mut result, *gw);
+        route::result_with_default(&mut typed, *gw);
     }
+    let result = typed.render(version);
     // The cached result is what CHECK compares against: keep it in step.
     if let Ok(net) = d.network() {
         let p = delegate::result_path(&conf.cni_dir, &net.name, &inv.container_id, ifname);
