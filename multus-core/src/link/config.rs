@@ -14,9 +14,9 @@ use serde_json::{Map, Value};
 
 use super::Kind;
 
-/// The link mode, of the kind's own set.
+/// The link kind with its mode: a mode of one kind can never be paired with the other kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum KindData {
     /// macvlan `bridge` (the default), `private`, `vepa`, `passthru`.
     Macvlan(MacvlanMode),
     /// ipvlan `l2` (the default), `l3`, `l3s`.
@@ -40,25 +40,33 @@ pub enum IpvlanMode {
     L3s,
 }
 
-impl Mode {
+impl KindData {
+    /// The kind alone.
+    pub fn kind(self) -> Kind {
+        match self {
+            KindData::Macvlan(_) => Kind::Macvlan,
+            KindData::Ipvlan(_) => Kind::Ipvlan,
+        }
+    }
+
     /// The kind's default mode: macvlan `bridge`, ipvlan `l2`, as the reference plugins.
-    pub fn default_for(kind: Kind) -> Mode {
+    pub fn default_for(kind: Kind) -> KindData {
         match kind {
-            Kind::Macvlan => Mode::Macvlan(MacvlanMode::Bridge),
-            Kind::Ipvlan => Mode::Ipvlan(IpvlanMode::L2),
+            Kind::Macvlan => KindData::Macvlan(MacvlanMode::Bridge),
+            Kind::Ipvlan => KindData::Ipvlan(IpvlanMode::L2),
         }
     }
 
     /// Parses the config's `mode` for `kind`.
-    pub fn parse(kind: Kind, s: &str) -> Option<Mode> {
+    pub fn parse(kind: Kind, s: &str) -> Option<KindData> {
         Some(match (kind, s) {
-            (Kind::Macvlan, "bridge") => Mode::Macvlan(MacvlanMode::Bridge),
-            (Kind::Macvlan, "private") => Mode::Macvlan(MacvlanMode::Private),
-            (Kind::Macvlan, "vepa") => Mode::Macvlan(MacvlanMode::Vepa),
-            (Kind::Macvlan, "passthru") => Mode::Macvlan(MacvlanMode::Passthru),
-            (Kind::Ipvlan, "l2") => Mode::Ipvlan(IpvlanMode::L2),
-            (Kind::Ipvlan, "l3") => Mode::Ipvlan(IpvlanMode::L3),
-            (Kind::Ipvlan, "l3s") => Mode::Ipvlan(IpvlanMode::L3s),
+            (Kind::Macvlan, "bridge") => KindData::Macvlan(MacvlanMode::Bridge),
+            (Kind::Macvlan, "private") => KindData::Macvlan(MacvlanMode::Private),
+            (Kind::Macvlan, "vepa") => KindData::Macvlan(MacvlanMode::Vepa),
+            (Kind::Macvlan, "passthru") => KindData::Macvlan(MacvlanMode::Passthru),
+            (Kind::Ipvlan, "l2") => KindData::Ipvlan(IpvlanMode::L2),
+            (Kind::Ipvlan, "l3") => KindData::Ipvlan(IpvlanMode::L3),
+            (Kind::Ipvlan, "l3s") => KindData::Ipvlan(IpvlanMode::L3s),
             _ => return None,
         })
     }
@@ -72,16 +80,16 @@ impl Mode {
     }
 }
 
-impl fmt::Display for Mode {
+impl fmt::Display for KindData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Mode::Macvlan(MacvlanMode::Bridge) => "bridge",
-            Mode::Macvlan(MacvlanMode::Private) => "private",
-            Mode::Macvlan(MacvlanMode::Vepa) => "vepa",
-            Mode::Macvlan(MacvlanMode::Passthru) => "passthru",
-            Mode::Ipvlan(IpvlanMode::L2) => "l2",
-            Mode::Ipvlan(IpvlanMode::L3) => "l3",
-            Mode::Ipvlan(IpvlanMode::L3s) => "l3s",
+            KindData::Macvlan(MacvlanMode::Bridge) => "bridge",
+            KindData::Macvlan(MacvlanMode::Private) => "private",
+            KindData::Macvlan(MacvlanMode::Vepa) => "vepa",
+            KindData::Macvlan(MacvlanMode::Passthru) => "passthru",
+            KindData::Ipvlan(IpvlanMode::L2) => "l2",
+            KindData::Ipvlan(IpvlanMode::L3) => "l3",
+            KindData::Ipvlan(IpvlanMode::L3s) => "l3s",
         })
     }
 }
@@ -128,7 +136,8 @@ pub struct LinkConf {
     pub name: String,
     /// `master`; `None`: the interface of the default route.
     pub master: Option<String>,
-    pub mode: Mode,
+    /// `mode`, of the binary's kind.
+    pub kind: KindData,
     /// `mtu`; 0 leaves the kernel's choice (the master's MTU).
     pub mtu: u32,
     /// From `mac`, `CNI_ARGS` `MAC=` or `runtimeConfig.mac`, the last winning, as the
@@ -197,10 +206,13 @@ impl LinkConf {
                 )));
             }
         };
-        let mode = match string(obj, "mode")? {
-            None | Some("") => Mode::default_for(kind),
-            Some(m) => Mode::parse(kind, m).ok_or_else(|| {
-                invalid(format!("mode {m:?} is not one of the {kind} modes {}", Mode::names(kind).join(", ")))
+        let kind_data = match string(obj, "mode")? {
+            None | Some("") => KindData::default_for(kind),
+            Some(m) => KindData::parse(kind, m).ok_or_else(|| {
+                invalid(format!(
+                    "mode {m:?} is not one of the {kind} modes {}",
+                    KindData::names(kind).join(", ")
+                ))
             })?,
         };
         let mtu = match obj.get("mtu") {
@@ -261,7 +273,7 @@ impl LinkConf {
             cni_version,
             name,
             master,
-            mode,
+            kind: kind_data,
             mtu,
             mac: chosen,
             link_in_container,
@@ -301,7 +313,7 @@ mod tests {
                 cni_version: "1.0.0".into(),
                 name: "rail-0".into(),
                 master: Some("eth1".into()),
-                mode: Mode::Macvlan(MacvlanMode::Vepa),
+                kind: KindData::Macvlan(MacvlanMode::Vepa),
                 mtu: 1400,
                 mac: Some(Mac([2, 0, 0, 0xaa, 0xbb, 1])),
                 link_in_container: true,
@@ -315,13 +327,13 @@ mod tests {
         let c = parse(Kind::Macvlan, r#"{"cniVersion":"0.3.1","name":"n","type":"macvlan","ipam":{}}"#)
             .expect("defaults");
         assert_eq!(
-            (c.master, c.mode, c.mtu, c.mac, c.ipam_type),
-            (None, Mode::Macvlan(MacvlanMode::Bridge), 0, None, None)
+            (c.master, c.kind, c.mtu, c.mac, c.ipam_type),
+            (None, KindData::Macvlan(MacvlanMode::Bridge), 0, None, None)
         );
         let c =
             parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0","type":"ipvlan","mode":"l3s"}"#).expect("ipvlan");
-        assert_eq!(c.mode, Mode::Ipvlan(IpvlanMode::L3s));
-        assert_eq!(parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0"}"#).expect("l2").mode.to_string(), "l2");
+        assert_eq!((c.kind, c.kind.kind()), (KindData::Ipvlan(IpvlanMode::L3s), Kind::Ipvlan));
+        assert_eq!(parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0"}"#).expect("l2").kind.to_string(), "l2");
     }
 
     #[test]

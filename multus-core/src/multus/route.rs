@@ -10,7 +10,7 @@ use std::path::Path;
 use cni::{CniError, CniResult, ErrorCode, ResultRoute};
 use ipnetwork::IpNetwork;
 
-use crate::link::netlink::{Link, Nl, NlError, in_netns};
+use crate::link::netlink::{Link, Netlink as _, Nl, NlError, in_netns};
 
 fn io(what: impl Display, netns: &str, e: &NlError) -> CniError {
     CniError::new(ErrorCode::IO_FAILURE, format!("{what} in {netns}: {}", e.text))
