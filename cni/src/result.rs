@@ -34,7 +34,11 @@ pub struct Route {
 /// are left out, `dns` is written when present (even empty, as the reference plugins write
 /// `"dns": {}`), and the 1.1.0 fields (interface `mtu`/`socketPath`/`pciID`, route `mtu`,
 /// `advmss`, `priority`, `table`, `scope`) only in 1.1.0 and later.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// It deserializes through [`CniResult::parse`], so a result read with serde gets the same
+/// checks and the same error text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "Value")]
 pub struct CniResult {
     pub interfaces: Vec<Interface>,
     pub ips: Vec<IpResult>,
@@ -251,6 +255,14 @@ impl ResultRoute {
             }
         }
         v
+    }
+}
+
+impl TryFrom<Value> for CniResult {
+    type Error = CniError;
+
+    fn try_from(v: Value) -> Result<CniResult, CniError> {
+        CniResult::parse(&v)
     }
 }
 
@@ -501,6 +513,7 @@ mod tests {
             }
         );
         assert_eq!(r.render(Version::new(1, 0, 0)), macvlan_result_100());
+        assert_eq!(serde_json::from_value::<CniResult>(macvlan_result_100()).expect("serde"), r);
         let old = json!({"cniVersion": "0.4.0",
             "interfaces": [{"name": "net1", "mac": "02:29:ce:c9:a7:2b", "sandbox": "/var/run/netns/p"}],
             "ips": [{"version": "4", "interface": 0, "address": "198.18.5.2/24", "gateway": "198.18.5.1"}],
@@ -576,6 +589,12 @@ mod tests {
         assert_eq!(msg(json!({"cniVersion": "1.0.0", "ips": {}})), "ips {} is not a list");
         assert_eq!(msg(json!({"cniVersion": "1.0.0", "dns": []})), "dns [] is not an object");
         assert_eq!(msg(json!([])), "result [] is not an object");
+        assert_eq!(
+            serde_json::from_value::<CniResult>(json!({"routes": [{"gw": "10.0.0.1"}]}))
+                .expect_err("serde")
+                .to_string(),
+            "CNI error 6: routes[0].dst is missing"
+        );
         let e = CniResult::parse(&json!({"cniVersion": "0.2.0", "ip4": {}})).expect_err("0.2.0");
         assert_eq!(e.code, ErrorCode::INCOMPATIBLE_VERSION);
         assert_eq!(CniResult::parse(&json!({"ips": {}})).expect_err("decode").code, ErrorCode::DECODE);

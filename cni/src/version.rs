@@ -45,6 +45,21 @@ impl fmt::Display for Version {
     }
 }
 
+/// As the spec writes it: the string `a.b.c`.
+impl serde::Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Version, D::Error> {
+        let s = String::deserialize(d)?;
+        Version::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("cniVersion {s:?} is not a version (a.b.c)")))
+    }
+}
+
 /// The newest version: errors that come before the config is read are reported in it.
 pub const LATEST_VERSION: Version = Version::new(1, 1, 0);
 
@@ -140,8 +155,7 @@ pub fn check_version(cmd: Command, version: &str) -> Result<Version, CniError> {
 
 /// The VERSION answer, in the version the caller asked in.
 pub fn version_info(asked: &str) -> Value {
-    let supported: Vec<String> = SUPPORTED_VERSIONS.iter().map(Version::to_string).collect();
-    json!({ "cniVersion": asked, "supportedVersions": supported })
+    json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
 #[cfg(test)]
@@ -172,6 +186,15 @@ mod tests {
         assert_eq!(Version::parse("1.0"), None);
         assert_eq!(Version::parse("1.0.0.0"), None);
         assert_eq!(LATEST_VERSION.to_string(), "1.1.0");
+        assert_eq!(serde_json::to_value(LATEST_VERSION).expect("JSON"), json!("1.1.0"));
+        assert_eq!(
+            serde_json::from_value::<Version>(json!("0.4.0")).expect("version"),
+            Version::new(0, 4, 0)
+        );
+        assert_eq!(
+            serde_json::from_value::<Version>(json!("1.0")).expect_err("not a.b.c").to_string(),
+            "cniVersion \"1.0\" is not a version (a.b.c)"
+        );
         assert_eq!(Command::parse("FOO").expect_err("bad").code, ErrorCode::INVALID_ENV);
     }
 
