@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use cni::{CniError, Command, ErrorCode, Version};
+use cni::{CniError, CniResult, Command, ErrorCode, LATEST_VERSION, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
@@ -296,6 +296,32 @@ pub struct CachedResult {
     pub result: Value,
 }
 
+/// What a delegate's ADD printed, as the rest of ADD uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AddResult {
+    /// A result of 0.3.0 or later, and the version it is written in.
+    Typed(CniResult, Version),
+    /// A 0.1.0/0.2.0 result: another shape, which Multus passes through unconverted.
+    Legacy(Value),
+}
+
+impl AddResult {
+    /// Reads what a network printed; its own `cniVersion`, else the network's
+    /// (`net_version`), says which version it is.
+    pub fn parse(raw: &Value, net_version: &str) -> Result<AddResult, CniError> {
+        let version = raw
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .and_then(Version::parse)
+            .or_else(|| Version::parse(net_version))
+            .unwrap_or(LATEST_VERSION);
+        if version < Version::new(0, 3, 0) {
+            return Ok(AddResult::Legacy(raw.clone()));
+        }
+        Ok(AddResult::Typed(CniResult::parse(raw)?, version))
+    }
+}
+
 /// One attachment of a delegate.
 #[derive(Debug, Clone)]
 pub struct Attachment<'a> {
@@ -337,8 +363,8 @@ fn call<'a>(command: Command, a: &'a Attachment<'a>, args: &'a str) -> exec::Cal
 }
 
 /// ADD: runs the network (each plugin of a conflist with the previous result) and caches
-/// the final result.
-pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<Value, CniError> {
+/// the final result as it was printed.
+pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<AddResult, CniError> {
     let net = d.network()?;
     let args = join_args(&a.args);
     let mut prev: Option<Value> = None;
@@ -357,10 +383,10 @@ pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<Value, CniError> {
         netns: a.netns.into(),
         cni_args: a.args.clone(),
         capability_args: a.capability_args.clone(),
-        result: result.clone(),
+        result,
     };
     write_result(&result_path(a.cache_dir, &net.name, a.container_id, a.ifname), &cached)?;
-    Ok(result)
+    AddResult::parse(&cached.result, &net.cni_version)
 }
 
 /// DEL: every plugin in reverse order, with the cached result as `prevResult` (CNI 0.4.0
@@ -534,6 +560,20 @@ mod tests {
         let stdin: Value =
             serde_json::from_slice(&d2.network().expect("net").plugin_stdin(0, None, &caps)).expect("JSON");
         assert_eq!(stdin["runtimeConfig"], json!({"ips": ["198.18.31.42/24"]}));
+    }
+
+    #[test]
+    fn results_are_typed_unless_older_than_0_3_0() {
+        let r = AddResult::parse(&json!({"ips": [{"address": "10.1.0.5/16"}]}), "0.4.0").expect("typed");
+        let AddResult::Typed(typed, version) = r else { panic!("{r:?}") };
+        assert_eq!((typed.ips.len(), version), (1, Version::new(0, 4, 0)));
+        let old = json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16"}});
+        assert_eq!(AddResult::parse(&old, "1.0.0").expect("legacy"), AddResult::Legacy(old));
+        let e = AddResult::parse(&json!({"ips": [{"gateway": "10.0.0.1"}]}), "1.0.0").expect_err("bad");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::DECODE, "ips[0].address \"\" is not an address with a prefix length (10.1.2.3/24)")
+        );
     }
 
     #[test]

@@ -5,14 +5,12 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use cni::{
-    CniArgs, CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, LATEST_VERSION, Version,
-};
+use cni::{CniArgs, CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure};
 use serde_json::{Map, Value};
 
 use super::cache;
 use super::config::MultusConf;
-use super::delegate::{self, Attachment, Delegate, PodArgs};
+use super::delegate::{self, AddResult, Attachment, Delegate, PodArgs};
 use super::resolve::{self, Pod};
 use super::route;
 use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
@@ -164,7 +162,7 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
     let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
     let delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
     let path = conf.plugin_path(&inv.path);
-    let mut results: Vec<Value> = Vec::with_capacity(delegates.len());
+    let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for idx in 0..delegates.len() {
         let d = &delegates[idx];
         let ifname = d.ifname(&inv.ifname, idx);
@@ -183,18 +181,18 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
             }
         }
     }
-    let mut statuses = Vec::with_capacity(results.len());
-    for (idx, (d, r)) in delegates.iter().zip(&results).enumerate() {
-        match status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0) {
-            Ok(s) => statuses.push(s),
-            Err(e) => {
-                rollback(inv, conf, &pod, &delegates, &path, log);
-                return Err(CniError::new(ErrorCode::INVALID_CONFIG, e.to_string()));
-            }
-        }
-    }
+    let statuses: Vec<_> = delegates
+        .iter()
+        .zip(&results)
+        .enumerate()
+        .map(|(idx, (d, r))| status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0))
+        .collect();
     // The cluster network's result; the harness prints it in the runtime's version.
-    let answer = match CniResult::parse(&results[0]) {
+    let answer = match &results[0] {
+        AddResult::Typed(r, _) => Ok(r.clone()),
+        AddResult::Legacy(raw) => CniResult::parse(raw),
+    };
+    let answer = match answer {
         Ok(r) => r,
         Err(e) => {
             rollback(inv, conf, &pod, &delegates, &path, log);
@@ -223,26 +221,25 @@ fn default_route(
     conf: &MultusConf,
     d: &Delegate,
     ifname: &str,
-    result: Value,
-) -> Result<Value, CniError> {
+    result: AddResult,
+) -> Result<AddResult, CniError> {
     let (v4, v6) = (d.filter_v4_gateway, d.filter_v6_gateway);
     let gws: Vec<IpAddr> = d.gateway_request.iter().flatten().filter_map(|g| g.parse().ok()).collect();
     if !v4 && !v6 && gws.is_empty() {
         return Ok(result);
     }
-    // The result is rewritten in its own version, which is the delegate's config's.
-    let version = result
-        .get("cniVersion")
-        .and_then(Value::as_str)
-        .and_then(Version::parse)
-        .or_else(|| d.network().ok().and_then(|n| Version::parse(&n.cni_version)))
-        .unwrap_or(LATEST_VERSION);
-    let mut typed = CniResult::parse(&result).map_err(|e| {
-        CniError::new(
-            e.code,
-            format!("network {:?}: its result cannot take a default-route: {}", d.name, e.msg),
-        )
-    })?;
+    let (mut typed, version) = match result {
+        AddResult::Typed(r, v) => (r, v),
+        AddResult::Legacy(_) => {
+            return Err(CniError::new(
+                ErrorCode::INCOMPATIBLE_VERSION,
+                format!(
+                    "network {:?}: its result cannot take a default-route: results older than 0.3.0 have another shape",
+                    d.name
+                ),
+            ));
+        }
+    };
     if v4 {
         route::delete_default(&inv.netns, ifname, false)?;
     }
@@ -259,16 +256,16 @@ fn default_route(
         route::add_default(&inv.netns, ifname, *gw)?;
         route::result_with_default(&mut typed, *gw);
     }
-    let result = typed.render(version);
-    // The cached result is what CHECK compares against: keep it in step.
+    // The cached result is what CHECK compares against: keep it in step, in the version the
+    // delegate wrote it in.
     if let Ok(net) = d.network() {
         let p = delegate::result_path(&conf.cni_dir, &net.name, &inv.container_id, ifname);
         if let Some(mut c) = delegate::read_result(&p) {
-            c.result = result.clone();
+            c.result = typed.render(version);
             delegate::write_result(&p, &c)?;
         }
     }
-    Ok(result)
+    Ok(AddResult::Typed(typed, version))
 }
 
 /// Deletes `delegates` in reverse order after a failed ADD, best effort.

@@ -1,8 +1,10 @@
 //! The `k8s.v1.cni.cncf.io/network-status` pod annotation: one entry per attached network,
-//! built from each delegate's CNI result, in the shape Multus writes.
+//! built from each delegate's typed CNI result, in the shape Multus writes.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use super::delegate::AddResult;
 
 /// The pod annotation key.
 pub const NETWORK_STATUS_ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
@@ -24,50 +26,40 @@ pub struct NetworkStatus {
     pub dns: Value,
 }
 
-/// Why a result could not be turned into a status entry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("network {network}: {reason}")]
-pub struct StatusError {
-    pub network: String,
-    pub reason: String,
-}
-
-/// The entry for `network`, attached as `ifname`, from its delegate's CNI `result`
-/// (0.3.0 to 1.1.0 shape).
-pub fn from_result(
-    network: &str,
-    ifname: &str,
-    result: &Value,
-    default: bool,
-) -> Result<NetworkStatus, StatusError> {
-    let fail = |reason: String| StatusError { network: network.to_string(), reason };
-    let interfaces = result.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
-    // The pod's side: the interface in a sandbox with the name asked for.
-    let idx = interfaces.iter().position(|i| {
-        i.get("sandbox").and_then(Value::as_str).is_some_and(|s| !s.is_empty())
-            && i.get("name").and_then(Value::as_str) == Some(ifname)
-    });
-    let mac = idx.and_then(|i| interfaces[i].get("mac")).and_then(Value::as_str).map(str::to_string);
-    let mut ips = Vec::new();
-    for ip in result.get("ips").and_then(Value::as_array).into_iter().flatten() {
-        let address = ip
-            .get("address")
-            .and_then(Value::as_str)
-            .ok_or_else(|| fail(format!("ips entry {ip} has no address")))?;
-        // An address belongs to the pod's interface when it points there, or points nowhere.
-        let on_pod = match ip.get("interface").and_then(Value::as_u64) {
-            Some(i) => Some(i as usize) == idx,
-            None => true,
-        };
-        if on_pod {
-            ips.push(address.split_once('/').map_or(address, |(a, _)| a).to_string());
+/// The entry for `network`, attached as `ifname`, from its delegate's result.
+pub fn from_result(network: &str, ifname: &str, result: &AddResult, default: bool) -> NetworkStatus {
+    let mut status = NetworkStatus {
+        name: network.to_string(),
+        interface: ifname.to_string(),
+        ips: Vec::new(),
+        mac: None,
+        default,
+        dns: Value::Object(Map::new()),
+    };
+    match result {
+        AddResult::Typed(r, _) => {
+            // The pod's side: the interface in a sandbox with the name asked for.
+            let idx = r.interfaces.iter().position(|i| !i.sandbox.is_empty() && i.name == ifname);
+            status.mac = idx.map(|i| r.interfaces[i].mac.clone()).filter(|m| !m.is_empty());
+            // An address belongs to the pod's interface when it points there, or points nowhere.
+            status.ips = r
+                .ips
+                .iter()
+                .filter(|ip| ip.interface.is_none_or(|i| Some(i) == idx))
+                .map(|ip| ip.address.ip().to_string())
+                .collect();
+            if let Some(d) = &r.dns {
+                status.dns = d.to_json();
+            }
+        }
+        // Only what has the same place in every version.
+        AddResult::Legacy(raw) => {
+            if let Some(d @ Value::Object(_)) = raw.get("dns") {
+                status.dns = d.clone();
+            }
         }
     }
-    let dns = match result.get("dns") {
-        Some(Value::Object(d)) => Value::Object(d.clone()),
-        _ => Value::Object(Map::new()),
-    };
-    Ok(NetworkStatus { name: network.to_string(), interface: ifname.to_string(), ips, mac, default, dns })
+    status
 }
 
 #[cfg(test)]
@@ -89,26 +81,32 @@ mod tests {
         let net1 = fixture("cache/results/rail-0-cid-fx1-net1");
         let net2 = fixture("cache/results/rail-1-cid-fx1-net2");
         let status = vec![
-            from_result("default-net", "eth0", &eth0, true).expect("eth0"),
-            from_result("fixture/rail-0", "net1", &net1["result"], false).expect("net1"),
-            from_result("fixture/rail-1", "net2", &net2["result"], false).expect("net2"),
+            from_result("default-net", "eth0", &typed(&eth0), true),
+            from_result("fixture/rail-0", "net1", &typed(&net1["result"]), false),
+            from_result("fixture/rail-1", "net2", &typed(&net2["result"]), false),
         ];
         assert_eq!(serde_json::to_value(&status).expect("json"), fixture("network-status.json"));
     }
 
+    fn typed(v: &Value) -> AddResult {
+        AddResult::parse(v, "1.0.0").expect("result")
+    }
+
     #[test]
-    fn ipam_style_results_and_bad_ones() {
+    fn ipam_style_and_legacy_results() {
         let r = serde_json::json!({"cniVersion": "0.3.1", "ips": [{"address": "10.1.0.5/16", "version": "4"}],
             "dns": {"nameservers": ["10.0.0.10"]}});
-        let s = from_result("ns/a", "net1", &r, false).expect("status");
+        let s = from_result("ns/a", "net1", &typed(&r), false);
         assert_eq!(
             (s.ips, s.mac, s.dns["nameservers"][0].clone()),
             (vec!["10.1.0.5".to_string()], None, "10.0.0.10".into())
         );
-        let bad = serde_json::json!({"ips": [{"gateway": "10.0.0.1"}]});
+        let old = serde_json::json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16"},
+            "dns": {"nameservers": ["10.0.0.10"]}});
+        let s = from_result("ns/a", "net1", &typed(&old), false);
         assert_eq!(
-            from_result("ns/a", "net1", &bad, false).expect_err("no address").to_string(),
-            r#"network ns/a: ips entry {"gateway":"10.0.0.1"} has no address"#
+            serde_json::to_value(&s).expect("json"),
+            serde_json::json!({"name": "ns/a", "interface": "net1", "dns": {"nameservers": ["10.0.0.10"]}})
         );
     }
 }
