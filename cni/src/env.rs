@@ -55,21 +55,11 @@ impl Env {
     pub fn cni_args(&self) -> Result<CniArgs, CniError> {
         CniArgs::parse(&self.args)
     }
-
-    /// `CNI_PATH` as a child plugin gets it.
-    pub fn path_var(&self) -> String {
-        join_path(&self.path)
-    }
 }
 
 /// Splits `CNI_PATH` into directories, skipping empty entries.
 pub fn split_path(var: &str) -> Vec<PathBuf> {
     var.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
-}
-
-fn join_path(path: &[PathBuf]) -> String {
-    let dirs: Vec<_> = path.iter().map(|p| p.to_string_lossy()).collect();
-    dirs.join(":")
 }
 
 /// `CNI_ARGS`: `K=V;K=V`. Keys may repeat (Multus repeats them); the last value wins.
@@ -132,7 +122,6 @@ mod tests {
             }
         );
         assert_eq!(add.cni_args().expect("args").get("K8S_POD_NAME"), "p");
-        assert_eq!(add.path_var(), "/opt/cni/bin:/usr/lib/cni");
         let err = |vars: &[(&str, &str)]| Env::from_env(env(vars)).expect_err("refused");
         let e = err(&[("CNI_COMMAND", "ADD"), PATH, ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "net1")]);
         assert_eq!(
