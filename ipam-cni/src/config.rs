@@ -8,7 +8,7 @@ use rust_ipam_proto::ClientTls;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::cni::{CniError, Route, code};
+use cni::{CniError, ErrorCode, NetworkConfig, Route};
 
 /// Node config file, used for keys the NAD does not set.
 pub const NODE_CONFIG: &str = "/etc/cni/net.d/rust-ipam.d/rust-ipam.conf";
@@ -110,8 +110,14 @@ pub struct NetConf {
     pub valid_attachments: Vec<(String, String)>,
 }
 
+impl NetworkConfig for NetConf {
+    fn cni_version(&self) -> &str {
+        &self.cni_version
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 fn str_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, CniError> {
@@ -133,11 +139,12 @@ impl NetConf {
     /// Parses stdin. `node_file` is read for the ipam keys the config does not set
     /// (`configuration_path` in the config names another file).
     pub fn parse(stdin: &[u8], node_file: &Path) -> Result<NetConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin)
-            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
+        })?;
         let obj = v
             .as_object()
-            .ok_or_else(|| CniError::new(code::DECODE, "network configuration is not a JSON object"))?;
+            .ok_or_else(|| CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object"))?;
         let cni_version = obj.get("cniVersion").and_then(Value::as_str).unwrap_or("0.1.0").to_string();
         let name = obj.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
         let mut static_ips =
@@ -390,7 +397,7 @@ mod tests {
             &file,
         )
         .expect_err("explicit path must exist");
-        assert_eq!(missing.code, code::INVALID_CONFIG);
+        assert_eq!(missing.code, ErrorCode::INVALID_CONFIG);
         assert!(missing.msg.starts_with("configuration_path /nonexistent/x.conf: "), "{}", missing.msg);
     }
 
@@ -398,7 +405,7 @@ mod tests {
     fn bad_configs_name_what_is_wrong() {
         let err = |s: &str| parse(s).expect_err("refused");
         let e = err("{not json");
-        assert_eq!(e.code, code::DECODE);
+        assert_eq!(e.code, ErrorCode::DECODE);
         assert!(e.msg.starts_with("network configuration is not JSON: "), "{}", e.msg);
         assert_eq!(err("[1]").msg, "network configuration is not a JSON object");
         assert_eq!(
@@ -410,7 +417,7 @@ mod tests {
             "server \"10.0.0.1:50051\" is not http://host:port, https://host:port or unix:///path"
         );
         let e = err(r#"{"cniVersion":"1.0.0","ipam":{"range":"10.0.0.0/24","exclude":"10.0.0.1"}}"#);
-        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(e.code, ErrorCode::INVALID_CONFIG);
         assert!(e.msg.starts_with("ipam: "), "{}", e.msg);
         assert_eq!(
             err(r#"{"cniVersion":"1.0.0","runtimeConfig":{"ips":"10.0.0.1"}}"#).msg,

@@ -2,6 +2,5 @@
 //! NAD's `ipam` keys (Whereabouts' keys work as they are), asks the rust-ipam server over
 //! gRPC, and prints the result or a CNI error; the server owns the semantics.
 
-pub mod cni;
 pub mod config;
 pub mod plugin;

@@ -7,11 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 
-use ipam_cni::cni::{CniError, Command, code};
+use cni::{CniError, Command, Env, ErrorCode};
 use serde_json::Value;
-
-/// Plugin-specific error code: the plugin could not be run or answered with nonsense.
-pub const PLUGIN_FAILED: u32 = 110;
 
 /// One call: the command and the CNI_* variables it carries.
 #[derive(Debug, Clone)]
@@ -27,7 +24,19 @@ pub struct Call<'a> {
     pub path: &'a [PathBuf],
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// `command` for the attachment of `env`, with its `CNI_ARGS` and `CNI_PATH` as given.
+    pub fn from_env(env: &'a Env, command: Command) -> Call<'a> {
+        Call {
+            command,
+            container_id: &env.container_id,
+            netns: &env.netns,
+            ifname: &env.ifname,
+            args: &env.args,
+            path: &env.path,
+        }
+    }
+
     /// `CNI_PATH` as the child sees it.
     fn path_var(&self) -> String {
         let dirs: Vec<_> = self.path.iter().map(|p| p.to_string_lossy()).collect();
@@ -35,23 +44,18 @@ impl Call<'_> {
     }
 }
 
-/// Splits `CNI_PATH` into directories, skipping empty entries.
-pub fn split_path(var: &str) -> Vec<PathBuf> {
-    var.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
-}
-
 /// The binary for plugin `kind` (the config's `type`) in the first directory that has it.
 pub fn find(kind: &str, path: &[PathBuf]) -> Result<PathBuf, CniError> {
     if kind.is_empty() || kind.contains('/') || kind == "." || kind == ".." {
         return Err(CniError::new(
-            code::INVALID_CONFIG,
+            ErrorCode::INVALID_CONFIG,
             format!("plugin type {kind:?} is not a plugin name"),
         ));
     }
     path.iter().map(|d| d.join(kind)).find(|p| p.is_file()).ok_or_else(|| {
         let dirs: Vec<_> = path.iter().map(|p| p.display().to_string()).collect();
         CniError::new(
-            code::INVALID_CONFIG,
+            ErrorCode::INVALID_CONFIG,
             format!("plugin {kind:?} not found in CNI_PATH [{}]", dirs.join(", ")),
         )
     })
@@ -67,7 +71,7 @@ pub fn run(kind: &str, call: &Call<'_>, config: &[u8]) -> Result<Value, CniError
 
 /// As [`run`], for a binary already found.
 pub fn run_binary(binary: &Path, call: &Call<'_>, config: &[u8]) -> Result<Value, CniError> {
-    let failed = |what: String| CniError::new(PLUGIN_FAILED, what);
+    let failed = |what: String| CniError::new(ErrorCode::PLUGIN_FAILED, what);
     let shown = binary.display();
     let mut child = Process::new(binary)
         .env("CNI_COMMAND", call.command.name())
@@ -91,7 +95,7 @@ pub fn run_binary(binary: &Path, call: &Call<'_>, config: &[u8]) -> Result<Value
     let stderr = String::from_utf8_lossy(&out.stderr);
     let text = stdout.trim();
     if !out.status.success() {
-        if let Some(e) = parse_error(text) {
+        if let Some(e) = serde_json::from_str(text).ok().as_ref().and_then(CniError::from_json) {
             return Err(e);
         }
         return Err(failed(format!("{shown} {} failed ({})", call.command.name(), out.status))
@@ -109,15 +113,6 @@ pub fn run_binary(binary: &Path, call: &Call<'_>, config: &[u8]) -> Result<Value
         failed(format!("{shown} {} printed a result that is not JSON: {e}", call.command.name()))
             .with_details(format!("stdout: {text:?}"))
     })
-}
-
-/// A CNI error JSON (`code`, `msg`, optional `details`) as a plugin prints it on failure.
-fn parse_error(text: &str) -> Option<CniError> {
-    let v: Value = serde_json::from_str(text).ok()?;
-    let code = u32::try_from(v.get("code")?.as_u64()?).ok()?;
-    let msg = v.get("msg").and_then(Value::as_str).unwrap_or_default();
-    let details = v.get("details").and_then(Value::as_str).unwrap_or_default();
-    Some(CniError::new(code, msg).with_details(details))
 }
 
 #[cfg(test)]
@@ -171,9 +166,9 @@ mod tests {
         script(dir.path(), "nonsense", "echo '{not json'");
         let path = vec![dir.path().to_path_buf()];
         let e = run("refuses", &call(Command::Add, &path), b"{}").expect_err("refused");
-        assert_eq!(e, CniError::new(7, "bad master").with_details("eth9"));
+        assert_eq!(e, CniError::new(ErrorCode::INVALID_CONFIG, "bad master").with_details("eth9"));
         let e = run("crashes", &call(Command::Add, &path), b"{}").expect_err("crashed");
-        assert_eq!(e.code, PLUGIN_FAILED);
+        assert_eq!(e.code, ErrorCode::PLUGIN_FAILED);
         assert!(e.msg.ends_with("crashes ADD failed (exit status: 2)"), "{e}");
         assert_eq!(e.details, "stdout: \"garbage\"; stderr: \"boom\"");
         assert!(
@@ -192,13 +187,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = vec![dir.path().to_path_buf()];
         let e = find("macvlan", &path).expect_err("absent");
-        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(e.code, ErrorCode::INVALID_CONFIG);
         assert_eq!(e.msg, format!("plugin \"macvlan\" not found in CNI_PATH [{}]", dir.path().display()));
         assert_eq!(
             find("../bin/sh", &path).expect_err("path").msg,
             "plugin type \"../bin/sh\" is not a plugin name"
         );
-        assert_eq!(find("", &path).expect_err("empty").code, code::INVALID_CONFIG);
-        assert_eq!(split_path("/a::/b:"), vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(find("", &path).expect_err("empty").code, ErrorCode::INVALID_CONFIG);
     }
 }

@@ -1,12 +1,9 @@
-//! Multus-compatible meta-plugin and the macvlan/ipvlan delegates.
+//! Multus-compatible meta-plugin and the macvlan/ipvlan link drivers.
 //!
-//! The pod annotations: the `networks` request ([`annotation`]) and the `network-status`
-//! answer ([`status`]); calling CNI plugins ([`exec`]); the meta-plugin `rust-multus`
-//! ([`multus`]); the macvlan and ipvlan delegates ([`delegate`], binaries `rust-macvlan`
-//! and `rust-ipvlan`).
+//! The meta-plugin `rust-multus` with the pod annotations it reads and writes ([`multus`]);
+//! calling CNI plugins ([`exec`]); the macvlan and ipvlan link drivers ([`link`], binaries
+//! `rust-macvlan` and `rust-ipvlan`). The CNI protocol itself is the `cni` crate's.
 
-pub mod annotation;
-pub mod delegate;
 pub mod exec;
+pub mod link;
 pub mod multus;
-pub mod status;

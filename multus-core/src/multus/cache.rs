@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-use ipam_cni::cni::{CniError, code};
+use cni::{CniError, ErrorCode};
 
 use super::delegate::Delegate;
 
@@ -33,7 +33,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> CniError {
-    move |e| CniError::new(code::IO_FAILURE, format!("{what}: {e}"))
+    move |e| CniError::new(ErrorCode::IO_FAILURE, format!("{what}: {e}"))
 }
 
 /// The delegates file of a container.
@@ -65,7 +65,7 @@ pub fn load(cni_dir: &Path, container_id: &str) -> Result<Option<Vec<Delegate>>,
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        CniError::new(code::DECODE, format!("delegate cache {} is not valid: {e}", path.display()))
+        CniError::new(ErrorCode::DECODE, format!("delegate cache {} is not valid: {e}", path.display()))
     })
 }
 

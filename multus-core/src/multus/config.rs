@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ipam_cni::cni::{CniError, code};
+use cni::{CniError, ErrorCode, NetworkConfig};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -96,18 +96,25 @@ struct Attachment {
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 fn path(v: Option<String>) -> Option<PathBuf> {
     v.filter(|s| !s.is_empty()).map(PathBuf::from)
 }
 
+impl NetworkConfig for MultusConf {
+    fn cni_version(&self) -> &str {
+        &self.cni_version
+    }
+}
+
 impl MultusConf {
     /// Parses stdin. Unknown keys are ignored, as Multus ignores them.
     pub fn parse(stdin: &[u8]) -> Result<MultusConf, CniError> {
-        let raw: Raw = serde_json::from_slice(stdin)
-            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not valid: {e}")))?;
+        let raw: Raw = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(ErrorCode::DECODE, format!("network configuration is not valid: {e}"))
+        })?;
         if raw.cni_version.is_empty() {
             return Err(invalid("cniVersion is missing from the network configuration"));
         }
@@ -240,7 +247,10 @@ mod tests {
         let e = parse(json!({"cniVersion": "1.0.0", "name": "m"})).expect_err("no networks");
         assert_eq!(
             (e.code, e.msg.as_str()),
-            (7, "the configuration needs clusterNetwork or delegates (neither is set)")
+            (
+                ErrorCode::INVALID_CONFIG,
+                "the configuration needs clusterNetwork or delegates (neither is set)"
+            )
         );
         let e = parse(json!({"name": "m", "clusterNetwork": "x"})).expect_err("no version");
         assert_eq!(e.msg, "cniVersion is missing from the network configuration");
@@ -249,7 +259,7 @@ mod tests {
         let e =
             parse(json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "rustMultus": {"objectDir": "/o"}}))
                 .expect_err("typo");
-        assert_eq!(e.code, code::DECODE);
+        assert_eq!(e.code, ErrorCode::DECODE);
         assert!(e.msg.contains("unknown field `objectDir`"), "{e}");
         let e = parse(json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "namespaceIsolation": "yes"}))
             .expect_err("bool");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ipam_cni::cni::{CniError, Command, Version, code};
+use cni::{CniError, CniResult, Command, ErrorCode, LATEST_VERSION, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
@@ -52,7 +52,7 @@ fn de_b64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 /// The keys of a plugin config that Multus' cache repeats (libcni's `NetConf`).
@@ -124,8 +124,8 @@ impl Network {
         Ok(Network { name, cni_version, plugins, is_list })
     }
 
-    fn version_at_least(&self, v: &str) -> bool {
-        Version::parse(&self.cni_version) >= Version::parse(v)
+    fn version_at_least(&self, v: Version) -> bool {
+        Version::parse(&self.cni_version).is_some_and(|have| have >= v)
     }
 
     /// The stdin of plugin `i`: libcni's injections (list name and version, `prevResult`,
@@ -296,6 +296,32 @@ pub struct CachedResult {
     pub result: Value,
 }
 
+/// What a delegate's ADD printed, as the rest of ADD uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AddResult {
+    /// A result of 0.3.0 or later, and the version it is written in.
+    Typed(CniResult, Version),
+    /// A 0.1.0/0.2.0 result: another shape, which Multus passes through unconverted.
+    Legacy(Value),
+}
+
+impl AddResult {
+    /// Reads what a network printed; its own `cniVersion`, else the network's
+    /// (`net_version`), says which version it is.
+    pub fn parse(raw: &Value, net_version: &str) -> Result<AddResult, CniError> {
+        let version = raw
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .and_then(Version::parse)
+            .or_else(|| Version::parse(net_version))
+            .unwrap_or(LATEST_VERSION);
+        if version < Version::new(0, 3, 0) {
+            return Ok(AddResult::Legacy(raw.clone()));
+        }
+        Ok(AddResult::Typed(CniResult::parse(raw)?, version))
+    }
+}
+
 /// One attachment of a delegate.
 #[derive(Debug, Clone)]
 pub struct Attachment<'a> {
@@ -324,7 +350,7 @@ pub fn read_result(path: &Path) -> Option<CachedResult> {
 /// Writes a cached result (mode 0600, in a 0700 directory).
 pub fn write_result(path: &Path, c: &CachedResult) -> Result<(), CniError> {
     let fail =
-        |e: std::io::Error| CniError::new(code::IO_FAILURE, format!("writing {}: {e}", path.display()));
+        |e: std::io::Error| CniError::new(ErrorCode::IO_FAILURE, format!("writing {}: {e}", path.display()));
     if let Some(dir) = path.parent() {
         super::cache::create_private_dir(dir).map_err(fail)?;
     }
@@ -337,8 +363,8 @@ fn call<'a>(command: Command, a: &'a Attachment<'a>, args: &'a str) -> exec::Cal
 }
 
 /// ADD: runs the network (each plugin of a conflist with the previous result) and caches
-/// the final result.
-pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<Value, CniError> {
+/// the final result as it was printed.
+pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<AddResult, CniError> {
     let net = d.network()?;
     let args = join_args(&a.args);
     let mut prev: Option<Value> = None;
@@ -357,10 +383,10 @@ pub fn add(d: &Delegate, a: &Attachment<'_>) -> Result<Value, CniError> {
         netns: a.netns.into(),
         cni_args: a.args.clone(),
         capability_args: a.capability_args.clone(),
-        result: result.clone(),
+        result,
     };
     write_result(&result_path(a.cache_dir, &net.name, a.container_id, a.ifname), &cached)?;
-    Ok(result)
+    AddResult::parse(&cached.result, &net.cni_version)
 }
 
 /// DEL: every plugin in reverse order, with the cached result as `prevResult` (CNI 0.4.0
@@ -370,7 +396,7 @@ pub fn del(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
     let args = join_args(&a.args);
     let path = result_path(a.cache_dir, &net.name, a.container_id, a.ifname);
     let cached = read_result(&path).map(|c| c.result);
-    let prev = cached.as_ref().filter(|_| net.version_at_least("0.4.0"));
+    let prev = cached.as_ref().filter(|_| net.version_at_least(Command::Check.since()));
     for i in (0..net.plugins.len()).rev() {
         let kind = net.plugins[i].get("type").and_then(Value::as_str).unwrap_or_default();
         let stdin = net.plugin_stdin(i, prev, &a.capability_args);
@@ -383,16 +409,16 @@ pub fn del(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
 /// CHECK: every plugin with the cached result as `prevResult`.
 pub fn check(d: &Delegate, a: &Attachment<'_>) -> Result<(), CniError> {
     let net = d.network()?;
-    if !net.version_at_least("0.4.0") {
+    if !net.version_at_least(Command::Check.since()) {
         return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
+            ErrorCode::INCOMPATIBLE_VERSION,
             format!("network {}: cniVersion {} has no CHECK", d.name, net.cni_version),
         ));
     }
     let path = result_path(a.cache_dir, &net.name, a.container_id, a.ifname);
     let cached = read_result(&path).ok_or_else(|| {
         CniError::new(
-            code::INVALID_CONFIG,
+            ErrorCode::INVALID_CONFIG,
             format!("network {}: no cached result at {}", d.name, path.display()),
         )
     })?;
@@ -414,7 +440,7 @@ pub fn gc_or_status(
     path: &[PathBuf],
 ) -> Result<(), CniError> {
     let net = d.network()?;
-    if !net.version_at_least("1.1.0") {
+    if !net.version_at_least(Command::Gc.since()) {
         return Ok(());
     }
     for i in 0..net.plugins.len() {
@@ -537,6 +563,20 @@ mod tests {
     }
 
     #[test]
+    fn results_are_typed_unless_older_than_0_3_0() {
+        let r = AddResult::parse(&json!({"ips": [{"address": "10.1.0.5/16"}]}), "0.4.0").expect("typed");
+        let AddResult::Typed(typed, version) = r else { panic!("{r:?}") };
+        assert_eq!((typed.ips.len(), version), (1, Version::new(0, 4, 0)));
+        let old = json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16"}});
+        assert_eq!(AddResult::parse(&old, "1.0.0").expect("legacy"), AddResult::Legacy(old));
+        let e = AddResult::parse(&json!({"ips": [{"gateway": "10.0.0.1"}]}), "1.0.0").expect_err("bad");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::DECODE, "ips[0].address \"\" is not an address with a prefix length (10.1.2.3/24)")
+        );
+    }
+
+    #[test]
     fn conflists_and_cni_args_and_bad_configs() {
         let list = json!({"cniVersion": "1.1.0", "name": "pods", "plugins": [
             {"type": "bridge", "ipam": {"type": "host-local"}}, {"type": "portmap", "capabilities": {"portMappings": true}}]});
@@ -560,7 +600,10 @@ mod tests {
 
         let e = Delegate::load(br#"{"cniVersion":"1.0.0","name":"x"}"#, Some("ns/x"), &Map::new())
             .expect_err("no type");
-        assert_eq!((e.code, e.msg.as_str()), (7, "network ns/x: config has no \"type\""));
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::INVALID_CONFIG, "network ns/x: config has no \"type\"")
+        );
         let e =
             Delegate::load(br#"{"name":"x","type":"a"}"#, Some("ns/x"), &Map::new()).expect_err("no version");
         assert_eq!(e.msg, "network ns/x: config has no cniVersion");

@@ -15,8 +15,10 @@
 //! `globalNamespaces`, `systemNamespaces`, `readinessindicatorfile`, `logFile`,
 //! `runtimeConfig`), plus `"rustMultus": {"objectsDir": "/path"}`: read Pods and NADs from
 //! the YAML files of that directory instead of the Kubernetes API (network-status is
-//! written back into the pod's file). See [`config`], [`source`].
+//! written back into the pod's file). See [`config`], [`source`]; the pod annotations are
+//! [`annotation`] (the request) and [`status`] (the answer).
 
+pub mod annotation;
 pub mod cache;
 pub mod config;
 pub mod delegate;
@@ -24,5 +26,6 @@ pub mod plugin;
 pub mod resolve;
 pub mod route;
 pub mod source;
+pub mod status;
 
-pub use plugin::{Invocation, run};
+pub use plugin::MultusPlugin;

@@ -5,85 +5,55 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipam_cni::cni::{self, CniArgs, CniError, Command, LATEST_VERSION, code};
+use cni::{CniArgs, CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure};
 use serde_json::{Map, Value};
 
 use super::cache;
 use super::config::MultusConf;
-use super::delegate::{self, Attachment, Delegate, PodArgs};
+use super::delegate::{self, AddResult, Attachment, Delegate, PodArgs};
 use super::resolve::{self, Pod};
 use super::route;
 use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
-use crate::exec;
-use crate::status::{self, NETWORK_STATUS_ANNOTATION};
+use super::status::{self, NETWORK_STATUS_ANNOTATION};
 
-/// One call of the plugin: the CNI_* environment.
-#[derive(Debug, Clone)]
-pub struct Invocation {
-    pub command: Command,
-    pub container_id: String,
-    pub netns: String,
-    pub ifname: String,
-    /// `CNI_ARGS` as the runtime gave it.
-    pub args: String,
-    pub path: Vec<PathBuf>,
-}
+/// The meta-plugin `rust-multus`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MultusPlugin;
 
-impl Invocation {
-    /// Reads the environment through `get`; checks what each command needs.
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Invocation, CniError> {
-        let var = |k: &str| get(k).unwrap_or_default();
-        let command = Command::parse(&var("CNI_COMMAND"))?;
-        let inv = Invocation {
-            command,
-            container_id: var("CNI_CONTAINERID"),
-            netns: var("CNI_NETNS"),
-            ifname: var("CNI_IFNAME"),
-            args: var("CNI_ARGS"),
-            path: exec::split_path(&var("CNI_PATH")),
-        };
-        let mut need = Vec::new();
-        if matches!(command, Command::Add | Command::Del | Command::Check) {
-            need.extend(["CNI_CONTAINERID", "CNI_IFNAME"]);
-        }
-        if matches!(command, Command::Add | Command::Check) {
-            need.push("CNI_NETNS");
-        }
-        for k in need {
-            if var(k).is_empty() {
-                return Err(CniError::new(
-                    code::INVALID_ENV,
-                    format!("{k} is not set ({} needs it)", command.name()),
-                ));
+impl cni::Plugin for MultusPlugin {
+    type Config = MultusConf;
+
+    fn parse(&self, _: &Env, stdin: &[u8]) -> Result<MultusConf, Failure> {
+        // Multus reports a config it cannot use in the version the config asked for.
+        MultusConf::parse(stdin).map_err(|e| {
+            let asked = serde_json::from_slice::<Value>(stdin)
+                .ok()
+                .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string));
+            match asked {
+                Some(v) => Failure::new(e, v),
+                None => Failure::latest(e),
             }
-        }
-        Ok(inv)
+        })
     }
-}
 
-/// Runs one command: the result to print (if any), or the error and the version to print
-/// it in.
-pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>, (CniError, String)> {
-    let version_of = |stdin: &[u8]| {
-        serde_json::from_slice::<Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| LATEST_VERSION.to_string())
-    };
-    if inv.command == Command::Version {
-        return Ok(Some(cni::version_info(&version_of(stdin))));
+    fn add(&self, env: &Env, conf: &MultusConf, _: &[u8]) -> Result<CniResult, CniError> {
+        add(env, conf, &Log::of(conf))
     }
-    let conf = MultusConf::parse(stdin).map_err(|e| (e, version_of(stdin)))?;
-    let fail = |e: CniError| (e, conf.cni_version.clone());
-    cni::check_version(inv.command, &conf.cni_version).map_err(fail)?;
-    let log = Log { file: conf.log_file.clone() };
-    match inv.command {
-        Command::Add => add(inv, &conf, &log).map(Some).map_err(fail),
-        Command::Del => del(inv, &conf, &log).map(|()| None).map_err(fail),
-        Command::Check => check(inv, &conf).map(|()| None).map_err(fail),
-        Command::Gc => gc(inv, &conf, &log).map(|()| None).map_err(fail),
-        Command::Status => status(inv, &conf).map(|()| None).map_err(fail),
-        Command::Version => Ok(None),
+
+    fn del(&self, env: &Env, conf: &MultusConf, _: &[u8]) -> Result<(), CniError> {
+        del(env, conf, &Log::of(conf))
+    }
+
+    fn check(&self, env: &Env, conf: &MultusConf, _: &[u8]) -> Result<(), CniError> {
+        check(env, conf)
+    }
+
+    fn gc(&self, env: &Env, conf: &MultusConf, _: &[u8]) -> Result<(), CniError> {
+        gc(env, conf, &Log::of(conf))
+    }
+
+    fn status(&self, env: &Env, conf: &MultusConf, _: &[u8]) -> Result<(), CniError> {
+        status(env, conf)
     }
 }
 
@@ -94,6 +64,10 @@ struct Log {
 }
 
 impl Log {
+    fn of(conf: &MultusConf) -> Log {
+        Log { file: conf.log_file.clone() }
+    }
+
     fn warn(&self, msg: &str) {
         let line = format!("rust-multus: warning: {msg}\n");
         if let Some(f) = &self.file
@@ -118,13 +92,13 @@ fn open_source(conf: &MultusConf) -> Result<Option<Box<dyn ObjectSource>>, Sourc
 
 fn source_err(e: SourceError) -> CniError {
     match e {
-        SourceError::Unreachable(m) => CniError::new(code::TRY_AGAIN_LATER, m),
-        SourceError::Invalid(m) => CniError::new(code::INVALID_CONFIG, m),
+        SourceError::Unreachable(m) => CniError::new(ErrorCode::TRY_AGAIN_LATER, m),
+        SourceError::Invalid(m) => CniError::new(ErrorCode::INVALID_CONFIG, m),
     }
 }
 
 /// The pod's identity from `CNI_ARGS`.
-fn pod_args(inv: &Invocation, rargs: &CniArgs) -> PodArgs {
+fn pod_args(inv: &Env, rargs: &CniArgs) -> PodArgs {
     let infra = rargs.get("K8S_POD_INFRA_CONTAINER_ID");
     PodArgs {
         namespace: rargs.get("K8S_POD_NAMESPACE").to_string(),
@@ -143,7 +117,7 @@ fn caps(conf: &MultusConf, d: &Delegate, idx: usize) -> Map<String, Value> {
 }
 
 fn attachment<'a>(
-    inv: &'a Invocation,
+    inv: &'a Env,
     conf: &'a MultusConf,
     path: &'a [PathBuf],
     ifname: &'a str,
@@ -161,20 +135,20 @@ fn attachment<'a>(
     }
 }
 
-fn add(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<Value, CniError> {
+fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
     let rargs = CniArgs::parse(&inv.args)?;
     let mut pod = pod_args(inv, &rargs);
     let source = open_source(conf).map_err(source_err)?;
     let info = match (&source, pod.namespace.is_empty() || pod.name.is_empty()) {
         (Some(s), false) => Some(s.pod(&pod.namespace, &pod.name).map_err(source_err)?.ok_or_else(|| {
-            CniError::new(code::TRY_AGAIN_LATER, format!("pod {}/{} not found", pod.namespace, pod.name))
+            CniError::new(ErrorCode::TRY_AGAIN_LATER, format!("pod {}/{} not found", pod.namespace, pod.name))
         })?),
         _ => None,
     };
     if let Some(info) = &info {
         if !pod.uid.is_empty() && !info.uid.is_empty() && pod.uid != info.uid {
             return Err(CniError::new(
-                code::TRY_AGAIN_LATER,
+                ErrorCode::TRY_AGAIN_LATER,
                 format!(
                     "pod {}/{}: expected UID {:?} (K8S_POD_UID) but the API has {:?}",
                     pod.namespace, pod.name, pod.uid, info.uid
@@ -188,7 +162,7 @@ fn add(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<Value, CniError
     let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
     let delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
     let path = conf.plugin_path(&inv.path);
-    let mut results: Vec<Value> = Vec::with_capacity(delegates.len());
+    let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for idx in 0..delegates.len() {
         let d = &delegates[idx];
         let ifname = d.ifname(&inv.ifname, idx);
@@ -207,19 +181,19 @@ fn add(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<Value, CniError
             }
         }
     }
-    let mut statuses = Vec::with_capacity(results.len());
-    for (idx, (d, r)) in delegates.iter().zip(&results).enumerate() {
-        match status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0) {
-            Ok(s) => statuses.push(s),
-            Err(e) => {
-                rollback(inv, conf, &pod, &delegates, &path, log);
-                return Err(CniError::new(code::INVALID_CONFIG, e.to_string()));
-            }
-        }
-    }
-    // The cluster network's result, in the shape of the runtime's version.
-    let answer = match cni::CniResult::parse(&results[0]) {
-        Ok(r) => r.render(&conf.cni_version),
+    let statuses: Vec<_> = delegates
+        .iter()
+        .zip(&results)
+        .enumerate()
+        .map(|(idx, (d, r))| status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0))
+        .collect();
+    // The cluster network's result; the harness prints it in the runtime's version.
+    let answer = match &results[0] {
+        AddResult::Typed(r, _) => Ok(r.clone()),
+        AddResult::Legacy(raw) => CniResult::parse(raw),
+    };
+    let answer = match answer {
+        Ok(r) => r,
         Err(e) => {
             rollback(inv, conf, &pod, &delegates, &path, log);
             return Err(CniError::new(e.code, format!("the cluster network's result: {}", e.msg)));
@@ -243,17 +217,29 @@ fn add(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<Value, CniError
 /// default route, every other network loses its default route of that family) to the
 /// namespace and to the result.
 fn default_route(
-    inv: &Invocation,
+    inv: &Env,
     conf: &MultusConf,
     d: &Delegate,
     ifname: &str,
-    mut result: Value,
-) -> Result<Value, CniError> {
+    result: AddResult,
+) -> Result<AddResult, CniError> {
     let (v4, v6) = (d.filter_v4_gateway, d.filter_v6_gateway);
     let gws: Vec<IpAddr> = d.gateway_request.iter().flatten().filter_map(|g| g.parse().ok()).collect();
     if !v4 && !v6 && gws.is_empty() {
         return Ok(result);
     }
+    let (mut typed, version) = match result {
+        AddResult::Typed(r, v) => (r, v),
+        AddResult::Legacy(_) => {
+            return Err(CniError::new(
+                ErrorCode::INCOMPATIBLE_VERSION,
+                format!(
+                    "network {:?}: its result cannot take a default-route: results older than 0.3.0 have another shape",
+                    d.name
+                ),
+            ));
+        }
+    };
     if v4 {
         route::delete_default(&inv.netns, ifname, false)?;
     }
@@ -261,29 +247,30 @@ fn default_route(
         route::delete_default(&inv.netns, ifname, true)?;
     }
     route::result_without_default(
-        &mut result,
+        &mut typed,
         v4 || gws.iter().any(IpAddr::is_ipv4),
         v6 || gws.iter().any(IpAddr::is_ipv6),
     );
     for gw in &gws {
         route::delete_default(&inv.netns, ifname, gw.is_ipv6())?;
         route::add_default(&inv.netns, ifname, *gw)?;
-        route::result_with_default(&mut result, *gw);
+        route::result_with_default(&mut typed, *gw);
     }
-    // The cached result is what CHECK compares against: keep it in step.
+    // The cached result is what CHECK compares against: keep it in step, in the version the
+    // delegate wrote it in.
     if let Ok(net) = d.network() {
         let p = delegate::result_path(&conf.cni_dir, &net.name, &inv.container_id, ifname);
         if let Some(mut c) = delegate::read_result(&p) {
-            c.result = result.clone();
+            c.result = typed.render(version);
             delegate::write_result(&p, &c)?;
         }
     }
-    Ok(result)
+    Ok(AddResult::Typed(typed, version))
 }
 
 /// Deletes `delegates` in reverse order after a failed ADD, best effort.
 fn rollback(
-    inv: &Invocation,
+    inv: &Env,
     conf: &MultusConf,
     pod: &PodArgs,
     delegates: &[Delegate],
@@ -302,36 +289,29 @@ fn rollback(
 
 /// Deletes every delegate in reverse order, past failures; all of them are reported.
 fn del_all(
-    inv: &Invocation,
+    inv: &Env,
     conf: &MultusConf,
     pod: &PodArgs,
     delegates: &[Delegate],
     path: &[PathBuf],
 ) -> Result<(), CniError> {
-    let mut errors: Vec<CniError> = Vec::new();
+    let mut errors = ErrorList::new();
     for (idx, d) in delegates.iter().enumerate().rev() {
         let ifname = d.ifname(&inv.ifname, idx);
         let args = delegate::cni_args(pod, &inv.args, &[], "");
         let a = attachment(inv, conf, path, &ifname, args, caps(conf, d, idx));
         if let Err(e) = delegate::del(d, &a) {
+            // Multus reports which networks failed, not the delegates' details.
             errors.push(CniError::new(e.code, format!("network {:?} ({ifname}): {}", d.name, e.msg)));
         }
     }
-    match errors.first() {
-        None => Ok(()),
-        Some(first) => Err(CniError::new(
-            first.code,
-            format!(
-                "error deleting {} of {} networks: {}",
-                errors.len(),
-                delegates.len(),
-                errors.iter().map(|e| e.msg.as_str()).collect::<Vec<_>>().join(" / ")
-            ),
-        )),
-    }
+    let failed = errors.len();
+    errors.into_result(" / ").map_err(|e| {
+        CniError::new(e.code, format!("error deleting {failed} of {} networks: {}", delegates.len(), e.msg))
+    })
 }
 
-fn del(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
+fn del(inv: &Env, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
     let rargs = CniArgs::parse(&inv.args)?;
     let pod = pod_args(inv, &rargs);
     let path = conf.plugin_path(&inv.path);
@@ -395,13 +375,13 @@ fn del(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
     Ok(())
 }
 
-fn check(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
+fn check(inv: &Env, conf: &MultusConf) -> Result<(), CniError> {
     let rargs = CniArgs::parse(&inv.args)?;
     let pod = pod_args(inv, &rargs);
     let path = conf.plugin_path(&inv.path);
     let delegates = cache::load(&conf.cni_dir, &inv.container_id)?.ok_or_else(|| {
         CniError::new(
-            code::INVALID_CONFIG,
+            ErrorCode::INVALID_CONFIG,
             format!(
                 "CHECK: container {} has no delegate cache in {}",
                 inv.container_id,
@@ -443,11 +423,11 @@ fn cluster_ifname(
 /// GC: containers the runtime no longer lists lose their delegates (DEL with what the
 /// cache recorded, as libcni does), then every network in the cache gets GC with the
 /// attachments that stay.
-fn gc(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
+fn gc(inv: &Env, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
     let valid: BTreeMap<&str, &str> =
         conf.valid_attachments.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
     let path = conf.plugin_path(&inv.path);
-    let mut errors = Vec::new();
+    let mut errors = ErrorList::new();
     // Network name -> (a delegate to run GC with, attachments that stay).
     let mut networks: BTreeMap<String, (Delegate, BTreeSet<(String, String)>)> = BTreeMap::new();
     for cid in cache::containers(&conf.cni_dir)? {
@@ -455,7 +435,7 @@ fn gc(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
             Ok(Some(d)) => d,
             Ok(None) => continue,
             Err(e) => {
-                errors.push(e.msg);
+                errors.push(e);
                 continue;
             }
         };
@@ -493,7 +473,10 @@ fn gc(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
             };
             if let Err(e) = delegate::del(d, &a) {
                 failed = true;
-                errors.push(format!("container {cid}, network {:?} ({ifname}): {}", d.name, e.msg));
+                errors.push(CniError::new(
+                    e.code,
+                    format!("container {cid}, network {:?} ({ifname}): {}", d.name, e.msg),
+                ));
             }
         }
         if stale && !failed {
@@ -504,35 +487,32 @@ fn gc(inv: &Invocation, conf: &MultusConf, log: &Log) -> Result<(), CniError> {
     for (name, (d, keep)) in networks {
         let keep: Vec<(String, String)> = keep.into_iter().collect();
         if let Err(e) = delegate::gc_or_status(&d, Command::Gc, &keep, &path) {
-            errors.push(format!("network {name:?}: {}", e.msg));
+            errors.push(CniError::new(e.code, format!("network {name:?}: {}", e.msg)));
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(CniError::new(exec::PLUGIN_FAILED, format!("GC: {}", errors.join(" / "))))
-    }
+    // One code for every failure: GC's callers only learn that something stays behind.
+    errors.into_result(" / ").map_err(|e| CniError::new(ErrorCode::PLUGIN_FAILED, format!("GC: {}", e.msg)))
 }
 
 /// STATUS: the readiness indicator file is there and every configured network (cluster and
 /// default networks) answers STATUS.
-fn status(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
+fn status(inv: &Env, conf: &MultusConf) -> Result<(), CniError> {
     if let Some(f) = &conf.readiness_indicator_file
         && !f.exists()
     {
         return Err(CniError::new(
-            code::NOT_AVAILABLE,
+            ErrorCode::NOT_AVAILABLE,
             format!(
                 "readiness indicator file {} does not exist: the cluster network is not ready",
                 f.display()
             ),
         ));
     }
-    let source = open_source(conf).map_err(|e| CniError::new(code::NOT_AVAILABLE, e.to_string()))?;
+    let source = open_source(conf).map_err(|e| CniError::new(ErrorCode::NOT_AVAILABLE, e.to_string()))?;
     // No pod: the cluster network and every default network (no system namespace).
     let podref = Pod { namespace: "", info: None };
     let delegates = resolve::delegates(conf, source.as_deref(), &podref, "eth0")
-        .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))?;
+        .map_err(|e| CniError::new(ErrorCode::NOT_AVAILABLE, e.msg))?;
     let path = conf.plugin_path(&inv.path);
     for d in &delegates {
         delegate::gc_or_status(d, Command::Status, &[], &path).map_err(|e| {
@@ -544,42 +524,29 @@ fn status(inv: &Invocation, conf: &MultusConf) -> Result<(), CniError> {
 
 #[cfg(test)]
 mod tests {
+    use cni::LATEST_VERSION;
+
     use super::*;
 
     #[test]
-    fn the_environment_each_command_needs() {
+    fn config_errors_are_reported_in_the_version_asked_for() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            Env::from_env(move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
         };
-        let e = Invocation::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c")]))
-            .expect_err("no ifname");
-        assert_eq!((e.code, e.msg.as_str()), (code::INVALID_ENV, "CNI_IFNAME is not set (ADD needs it)"));
-        let e = Invocation::from_env(env(&[
-            ("CNI_COMMAND", "CHECK"),
-            ("CNI_CONTAINERID", "c"),
-            ("CNI_IFNAME", "eth0"),
-        ]))
-        .expect_err("no netns");
-        assert_eq!(e.msg, "CNI_NETNS is not set (CHECK needs it)");
-        let del = Invocation::from_env(env(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "c"),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/a::/b"),
-        ]))
-        .expect("DEL without a netns");
-        assert_eq!(del.path, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
-        assert!(Invocation::from_env(env(&[("CNI_COMMAND", "GC")])).is_ok());
-        let inv = Invocation::from_env(env(&[
+        let inv = env(&[
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c"),
             ("CNI_IFNAME", "eth0"),
             ("CNI_NETNS", "/n"),
-        ]))
+            ("CNI_PATH", "/a::/b"),
+        ])
         .expect("ADD");
-        let (e, v) = run(&inv, br#"{"cniVersion":"0.2.0","clusterNetwork":"x"}"#).expect_err("old version");
-        assert_eq!((e.code, v.as_str()), (code::INCOMPATIBLE_VERSION, "0.2.0"));
-        let (e, v) = run(&inv, b"{").expect_err("not JSON");
-        assert_eq!((e.code, v.as_str()), (code::DECODE, LATEST_VERSION));
+        let run = |stdin: &[u8]| cni::run(&MultusPlugin, &inv, stdin).expect_err("refused");
+        let f = run(br#"{"cniVersion":"0.2.0","clusterNetwork":"x"}"#);
+        assert_eq!((f.error.code, f.version.as_str()), (ErrorCode::INCOMPATIBLE_VERSION, "0.2.0"));
+        let f = run(b"{");
+        assert_eq!((f.error.code, f.version), (ErrorCode::DECODE, LATEST_VERSION.to_string()));
+        let f = run(br#"{"cniVersion":"1.0.0"}"#);
+        assert_eq!((f.error.code, f.version.as_str()), (ErrorCode::INVALID_CONFIG, "1.0.0"));
     }
 }

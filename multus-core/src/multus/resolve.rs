@@ -6,24 +6,24 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use ipam_cni::cni::{CniError, code};
+use cni::{CniError, ErrorCode};
 use serde_json::{Map, Value};
 
+use super::annotation::{self, NETWORKS_ANNOTATION};
 use super::config::MultusConf;
 use super::delegate::Delegate;
 use super::source::{ObjectSource, PodInfo, SourceError};
-use crate::annotation::{self, NETWORKS_ANNOTATION};
 
 /// Pod annotation that replaces `clusterNetwork` for one pod (Multus' key).
 pub const DEFAULT_NETWORK_ANNOTATION: &str = "v1.multus-cni.io/default-network";
 
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 fn unreachable(e: SourceError) -> CniError {
     match e {
-        SourceError::Unreachable(m) => CniError::new(code::TRY_AGAIN_LATER, m),
+        SourceError::Unreachable(m) => CniError::new(ErrorCode::TRY_AGAIN_LATER, m),
         SourceError::Invalid(m) => invalid(m),
     }
 }
@@ -461,7 +461,7 @@ mod tests {
         );
         let gone = DirSource::new(w.dir.path().join("missing"));
         let e = nad_delegate(&c, Some(&gone), "team", "unnamed", &Map::new()).expect_err("unreachable");
-        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        assert_eq!(e.code, ErrorCode::TRY_AGAIN_LATER);
 
         let info = PodInfo {
             uid: String::new(),

@@ -1,92 +1,100 @@
-//! Default routes inside the pod's network namespace, for the `default-route` request of the
-//! networks annotation (Multus' `DeleteDefaultGW`/`SetDefaultGW`). Done with iproute2
-//! (`nsenter --net=<netns> ip ...`), so CNI_NETNS may be any namespace path.
+//! Default routes for the `default-route` request of the networks annotation (Multus'
+//! `DeleteDefaultGW`/`SetDefaultGW`): in the pod's network namespace, over the netlink code
+//! of the link drivers (so CNI_NETNS may be any namespace path and no `ip` binary is
+//! needed), and in the network's typed result.
 
-use std::net::IpAddr;
-use std::process::Command;
+use std::fmt::Display;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
-use ipam_cni::cni::{CniError, code};
-use serde_json::{Value, json};
+use cni::{CniError, CniResult, ErrorCode, ResultRoute};
+use ipnetwork::IpNetwork;
 
-fn ip_in(netns: &str, args: &[&str]) -> Result<String, CniError> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg("ip")
-        .args(args)
-        .output()
-        .map_err(|e| CniError::new(code::IO_FAILURE, format!("running nsenter/ip for {netns}: {e}")))?;
-    if !out.status.success() {
-        return Err(CniError::new(
-            code::IO_FAILURE,
-            format!("ip {} in {netns}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+use crate::link::netlink::{Link, Netlink as _, Nl, NlError, in_netns};
+
+fn io(what: impl Display, netns: &str, e: &NlError) -> CniError {
+    CniError::new(ErrorCode::IO_FAILURE, format!("{what} in {netns}: {}", e.text))
+}
+
+async fn link(nl: &Nl, netns: &str, ifname: &str) -> Result<Link, CniError> {
+    nl.link_by_name(ifname)
+        .await
+        .map_err(|e| io(format_args!("looking up {ifname}"), netns, &e))?
+        .ok_or_else(|| CniError::new(ErrorCode::IO_FAILURE, format!("interface {ifname} is not in {netns}")))
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 { "IPv6" } else { "IPv4" }
 }
 
 /// Removes every default route of one family through `ifname`.
 pub fn delete_default(netns: &str, ifname: &str, v6: bool) -> Result<(), CniError> {
-    let fam = if v6 { "-6" } else { "-4" };
-    let text = ip_in(netns, &[fam, "-j", "route", "show", "default", "dev", ifname])?;
-    let routes: Vec<Value> = serde_json::from_str(text.trim()).unwrap_or_default();
-    for r in routes {
-        let mut args = vec![fam.to_string(), "route".into(), "del".into(), "default".into()];
-        if let Some(gw) = r.get("gateway").and_then(Value::as_str) {
-            args.extend(["via".into(), gw.into()]);
+    in_netns(Some(Path::new(netns)), |nl| async move {
+        let link = link(&nl, netns, ifname).await?;
+        let fam = family(v6);
+        let routes = nl
+            .default_routes(link.index, v6)
+            .await
+            .map_err(|e| io(format_args!("listing the {fam} default routes of {ifname}"), netns, &e))?;
+        for r in routes {
+            nl.delete_route(r)
+                .await
+                .map_err(|e| io(format_args!("deleting an {fam} default route of {ifname}"), netns, &e))?;
         }
-        args.extend(["dev".into(), ifname.into()]);
-        if let Some(m) = r.get("metric").and_then(Value::as_u64) {
-            args.extend(["metric".into(), m.to_string()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ip_in(netns, &args)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
-/// Adds the default route through `gw` on `ifname`.
+/// Makes `gw` on `ifname` the default route of its family.
 pub fn add_default(netns: &str, ifname: &str, gw: IpAddr) -> Result<(), CniError> {
-    let fam = if gw.is_ipv6() { "-6" } else { "-4" };
-    ip_in(netns, &[fam, "route", "replace", "default", "via", &gw.to_string(), "dev", ifname]).map(|_| ())
-}
-
-fn is_default(dst: &str, v6: bool) -> bool {
-    if v6 { dst == "::/0" } else { dst == "0.0.0.0/0" }
+    in_netns(Some(Path::new(netns)), |nl| async move {
+        let link = link(&nl, netns, ifname).await?;
+        nl.replace_default(link.index, gw)
+            .await
+            .map_err(|e| io(format_args!("setting the default route via {gw} dev {ifname}"), netns, &e))
+    })
 }
 
 /// The result without its default routes of the families given.
-pub fn result_without_default(result: &mut Value, v4: bool, v6: bool) {
-    if let Some(routes) = result.get_mut("routes").and_then(Value::as_array_mut) {
-        routes.retain(|r| {
-            let dst = r.get("dst").and_then(Value::as_str).unwrap_or_default();
-            !((v4 && is_default(dst, false)) || (v6 && is_default(dst, true)))
-        });
-    }
+pub fn result_without_default(result: &mut CniResult, v4: bool, v6: bool) {
+    result.routes.retain(|r| !(r.dst.prefix() == 0 && if r.dst.is_ipv4() { v4 } else { v6 }));
 }
 
 /// The result with a default route through `gw`.
-pub fn result_with_default(result: &mut Value, gw: IpAddr) {
-    let dst = if gw.is_ipv6() { "::/0" } else { "0.0.0.0/0" };
-    if !result.get("routes").is_some_and(Value::is_array) {
-        result["routes"] = json!([]);
-    }
-    if let Some(routes) = result["routes"].as_array_mut() {
-        routes.push(json!({"dst": dst, "gw": gw.to_string()}));
+pub fn result_with_default(result: &mut CniResult, gw: IpAddr) {
+    let any = match gw {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    // A prefix of 0 is valid in either family: this always matches.
+    if let Ok(dst) = IpNetwork::new(any, 0) {
+        result.routes.push(ResultRoute::new(dst, Some(gw)));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use cni::Version;
+    use serde_json::json;
+
     use super::*;
 
     #[test]
     fn results_lose_and_gain_default_routes() {
-        let mut r = json!({"routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.1"}, {"dst": "::/0"},
-            {"dst": "10.9.0.0/16"}]});
+        let v = Version::new(1, 0, 0);
+        let mut r = CniResult::parse(&json!({"cniVersion": "1.0.0", "routes": [
+            {"dst": "0.0.0.0/0", "gw": "10.0.0.1"}, {"dst": "::/0"}, {"dst": "10.9.0.0/16"}]}))
+        .expect("result");
         result_without_default(&mut r, true, false);
-        assert_eq!(r["routes"], json!([{"dst": "::/0"}, {"dst": "10.9.0.0/16"}]));
-        let mut r2 = json!({"ips": []});
+        assert_eq!(r.render(v)["routes"], json!([{"dst": "::/0"}, {"dst": "10.9.0.0/16"}]));
+        result_without_default(&mut r, false, true);
+        assert_eq!(r.render(v)["routes"], json!([{"dst": "10.9.0.0/16"}]));
+        let mut r2 = CniResult::default();
         result_with_default(&mut r2, "198.18.7.1".parse().expect("ip"));
-        assert_eq!(r2["routes"], json!([{"dst": "0.0.0.0/0", "gw": "198.18.7.1"}]));
+        result_with_default(&mut r2, "fd00::1".parse().expect("ip"));
+        assert_eq!(
+            r2.render(v)["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "198.18.7.1"}, {"dst": "::/0", "gw": "fd00::1"}])
+        );
     }
 }

@@ -1,199 +1,14 @@
-//! The CNI protocol as an IPAM plugin sees it: commands and their environment, `CNI_ARGS`,
-//! versions, results and errors (CNI spec 1.1, with the 0.3.x/0.4.0 result shape).
+//! Results of every version from 0.3.0 to 1.1.0, and the `routes` and `dns` of an ipam
+//! config that become part of one.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use serde_json::{Value, json};
 
-/// Versions this plugin speaks, oldest first. 0.1.0/0.2.0 results have another shape and
-/// are answered with error 1.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", LATEST_VERSION];
-/// The newest version: used to report errors that come before the config is read.
-pub const LATEST_VERSION: &str = "1.1.0";
-
-/// CNI error codes: the spec's, and every plugin-specific one (100 and up) of this workspace.
-///
-/// | code | constant | raised by |
-/// |---|---|---|
-/// | 100 | [`code::SERVER_REFUSED`] | rust-ipam: the server refused the request |
-/// | 101 | `ipam_cni::plugin::LEASE_MISMATCH` | rust-ipam CHECK: lease missing or not in `prevResult` |
-/// | 110 | `multus_core::exec::PLUGIN_FAILED` | another plugin could not be run or answered nonsense |
-/// | 120 | [`code::NETLINK_FAILED`] | rust-macvlan / rust-ipvlan: a netlink request failed |
-/// | 121 | [`code::CHECK_MISMATCH`] | rust-macvlan / rust-ipvlan CHECK: the interface differs |
-/// | 122 | [`code::LINK_KIND_UNSUPPORTED`] | rust-ipvlan: the kernel has no ipvlan |
-pub mod code {
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const INVALID_ENV: u32 = 4;
-    pub const IO_FAILURE: u32 = 5;
-    pub const DECODE: u32 = 6;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    pub const NOT_AVAILABLE: u32 = 50;
-
-    /// Plugin-specific: the server refused the request (rust-ipam).
-    pub const SERVER_REFUSED: u32 = 100;
-    /// Plugin-specific: a netlink request (create, rename, address, route, delete a link)
-    /// failed; the message names the request and the kernel's answer.
-    pub const NETLINK_FAILED: u32 = 120;
-    /// Plugin-specific: CHECK found the pod's interface different from the config or the
-    /// `prevResult` (missing link, wrong kind, master, mode or MAC, missing address or route).
-    pub const CHECK_MISMATCH: u32 = 121;
-    /// Plugin-specific: the kernel cannot make links of this kind (no ipvlan module).
-    pub const LINK_KIND_UNSUPPORTED: u32 = 122;
-}
-
-/// A CNI error: printed as JSON on stdout, with a non-zero exit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CniError {
-    pub code: u32,
-    pub msg: String,
-    pub details: String,
-}
-
-impl CniError {
-    /// An error with `code` and a message.
-    pub fn new(code: u32, msg: impl Into<String>) -> CniError {
-        CniError { code, msg: msg.into(), details: String::new() }
-    }
-
-    /// Adds details.
-    pub fn with_details(mut self, details: impl Into<String>) -> CniError {
-        self.details = details.into();
-        self
-    }
-
-    /// The error JSON of the spec.
-    pub fn to_json(&self, cni_version: &str) -> Value {
-        let mut v = json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg });
-        if !self.details.is_empty() {
-            v["details"] = Value::String(self.details.clone());
-        }
-        v
-    }
-}
-
-impl fmt::Display for CniError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CNI error {}: {}", self.code, self.msg)?;
-        if !self.details.is_empty() {
-            write!(f, " ({})", self.details)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for CniError {}
-
-/// A CNI command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    Add,
-    Del,
-    Check,
-    Version,
-    Gc,
-    Status,
-}
-
-impl Command {
-    /// From `CNI_COMMAND`.
-    pub fn parse(s: &str) -> Result<Command, CniError> {
-        Ok(match s {
-            "ADD" => Command::Add,
-            "DEL" => Command::Del,
-            "CHECK" => Command::Check,
-            "VERSION" => Command::Version,
-            "GC" => Command::Gc,
-            "STATUS" => Command::Status,
-            other => {
-                return Err(CniError::new(
-                    code::INVALID_ENV,
-                    format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, GC, STATUS"),
-                ));
-            }
-        })
-    }
-
-    /// The name as in `CNI_COMMAND`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Command::Add => "ADD",
-            Command::Del => "DEL",
-            Command::Check => "CHECK",
-            Command::Version => "VERSION",
-            Command::Gc => "GC",
-            Command::Status => "STATUS",
-        }
-    }
-
-    /// The first CNI version that has this command.
-    fn since(self) -> &'static str {
-        match self {
-            Command::Check => "0.4.0",
-            Command::Gc | Command::Status => "1.1.0",
-            _ => "0.1.0",
-        }
-    }
-}
-
-/// A CNI version as numbers, for comparisons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version(u32, u32, u32);
-
-impl Version {
-    /// Parses `a.b.c`.
-    pub fn parse(s: &str) -> Option<Version> {
-        let mut it = s.split('.').map(|p| p.parse::<u32>().ok());
-        let v = Version(it.next()??, it.next()??, it.next()??);
-        it.next().is_none().then_some(v)
-    }
-}
-
-/// Checks that `version` is one this plugin speaks and that it has `cmd`.
-pub fn check_version(cmd: Command, version: &str) -> Result<(), CniError> {
-    if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("cniVersion {version:?} is not supported; supported: {}", SUPPORTED_VERSIONS.join(", ")),
-        ));
-    }
-    let (have, need) = (Version::parse(version), Version::parse(cmd.since()));
-    if have < need {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("{} needs cniVersion {} or later, the config has {version}", cmd.name(), cmd.since()),
-        ));
-    }
-    Ok(())
-}
-
-/// `CNI_ARGS`: `K=V;K=V`. Keys may repeat (Multus repeats them); the last value wins.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CniArgs {
-    pub pairs: BTreeMap<String, String>,
-}
-
-impl CniArgs {
-    /// Parses `CNI_ARGS`. A pair without `=` is an error, as in libcni.
-    pub fn parse(s: &str) -> Result<CniArgs, CniError> {
-        let mut pairs = BTreeMap::new();
-        for part in s.split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                CniError::new(code::INVALID_ENV, format!("CNI_ARGS entry {part:?} is not KEY=VALUE"))
-            })?;
-            pairs.insert(k.to_string(), v.to_string());
-        }
-        Ok(CniArgs { pairs })
-    }
-
-    /// A value, empty when absent.
-    pub fn get(&self, key: &str) -> &str {
-        self.pairs.get(key).map_or("", String::as_str)
-    }
-}
+use crate::error::{CniError, ErrorCode};
+use crate::version::{LATEST_VERSION, Version, supported_list};
 
 /// One address of an IPAM result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +34,11 @@ pub struct Route {
 /// are left out, `dns` is written when present (even empty, as the reference plugins write
 /// `"dns": {}`), and the 1.1.0 fields (interface `mtu`/`socketPath`/`pciID`, route `mtu`,
 /// `advmss`, `priority`, `table`, `scope`) only in 1.1.0 and later.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// It deserializes through [`CniResult::parse`], so a result read with serde gets the same
+/// checks and the same error text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "Value")]
 pub struct CniResult {
     pub interfaces: Vec<Interface>,
     pub ips: Vec<IpResult>,
@@ -283,7 +102,7 @@ pub struct Dns {
 
 /// Decode error (code 6) naming `field` and what was wrong.
 fn bad(field: &str, what: impl fmt::Display) -> CniError {
-    CniError::new(code::DECODE, format!("{field} {what}"))
+    CniError::new(ErrorCode::DECODE, format!("{field} {what}"))
 }
 
 fn opt_str<'a>(v: &'a Value, key: &str, field: &str) -> Result<&'a str, CniError> {
@@ -340,14 +159,6 @@ fn strings(v: &Value, key: &str, field: &str) -> Result<Vec<String>, CniError> {
                 .ok_or_else(|| bad(&format!("{field}.{key}[{i}]"), format_args!("{s} is not a string")))
         })
         .collect()
-}
-
-fn is_old(version: &str) -> bool {
-    Version::parse(version).is_some_and(|v| v < Version(1, 0, 0))
-}
-
-fn has_1_1_fields(version: &str) -> bool {
-    Version::parse(version).is_some_and(|v| v >= Version(1, 1, 0))
 }
 
 impl Dns {
@@ -412,22 +223,25 @@ impl ResultRoute {
                 let gw = match r.gw.as_deref() {
                     None | Some("") => None,
                     Some(g) => Some(g.parse().map_err(|_| {
-                        CniError::new(code::INVALID_CONFIG, format!("{at}.gw {g:?} is not an IP address"))
+                        CniError::new(
+                            ErrorCode::INVALID_CONFIG,
+                            format!("{at}.gw {g:?} is not an IP address"),
+                        )
                     })?),
                 };
                 let dst = parse_cidr(&r.dst, &format!("{at}.dst"))
-                    .map_err(|e| CniError::new(code::INVALID_CONFIG, e.msg))?;
+                    .map_err(|e| CniError::new(ErrorCode::INVALID_CONFIG, e.msg))?;
                 Ok(ResultRoute::new(dst, gw))
             })
             .collect()
     }
 
-    fn to_json(&self, version: &str) -> Value {
+    fn to_json(&self, version: Version) -> Value {
         let mut v = json!({ "dst": self.dst.to_string() });
         if let Some(gw) = self.gw {
             v["gw"] = json!(gw.to_string());
         }
-        if has_1_1_fields(version) {
+        if version.has_1_1_fields() {
             for (key, val) in [
                 ("mtu", self.mtu),
                 ("advmss", self.advmss),
@@ -444,6 +258,14 @@ impl ResultRoute {
     }
 }
 
+impl TryFrom<Value> for CniResult {
+    type Error = CniError;
+
+    fn try_from(v: Value) -> Result<CniResult, CniError> {
+        CniResult::parse(&v)
+    }
+}
+
 impl CniResult {
     /// Reads a result of any supported version (its own `cniVersion` says which; a result
     /// without one is read by its keys). Errors are code 6 and name the field.
@@ -452,11 +274,12 @@ impl CniResult {
             return Err(bad("result", format_args!("{v} is not an object")));
         }
         if let Some(ver) = v.get("cniVersion").and_then(Value::as_str) {
-            let known = Version::parse(ver).is_some_and(|p| p >= Version(0, 3, 0) && p <= Version(1, 1, 0));
+            let known =
+                Version::parse(ver).is_some_and(|p| p >= Version::new(0, 3, 0) && p <= LATEST_VERSION);
             if !known {
                 return Err(CniError::new(
-                    code::INCOMPATIBLE_VERSION,
-                    format!("result cniVersion {ver:?} is not one of {}", SUPPORTED_VERSIONS.join(", ")),
+                    ErrorCode::INCOMPATIBLE_VERSION,
+                    format!("result cniVersion {ver:?} is not one of {}", supported_list()),
                 ));
             }
         }
@@ -516,9 +339,9 @@ impl CniResult {
     }
 
     /// The result in the shape of `version`.
-    pub fn render(&self, version: &str) -> Value {
-        let new_fields = has_1_1_fields(version);
-        let mut out = json!({ "cniVersion": version });
+    pub fn render(&self, version: Version) -> Value {
+        let new_fields = version.has_1_1_fields();
+        let mut out = json!({ "cniVersion": version.to_string() });
         if !self.interfaces.is_empty() {
             let list: Vec<Value> = self
                 .interfaces
@@ -546,7 +369,7 @@ impl CniResult {
             out["interfaces"] = Value::Array(list);
         }
         if !self.ips.is_empty() {
-            let old = is_old(version);
+            let old = version.has_ip_version();
             let list: Vec<Value> = self
                 .ips
                 .iter()
@@ -576,29 +399,23 @@ impl CniResult {
     }
 }
 
-/// Renders an IPAM result in the shape of `version` (0.3.x and 0.4.0 carry `ips[].version`),
-/// through [`CniResult`]. The ipam config's `routes` and `dns` are checked here (error 7
+/// The result of an IPAM plugin: addresses, and the ipam config's routes and dns. The ipam config's `routes` and `dns` are checked here (error 7
 /// naming the bad one); [`check_ipam_extras`] checks them before anything is allocated.
-pub fn render_result(
-    version: &str,
-    ips: &[IpConfig],
-    routes: &[Route],
-    dns: Option<&Value>,
-) -> Result<Value, CniError> {
+pub fn ipam_result(ips: &[IpConfig], routes: &[Route], dns: Option<&Value>) -> Result<CniResult, CniError> {
     let (routes, dns) = check_ipam_extras(routes, dns)?;
     let ips = ips
         .iter()
         .map(|ip| {
             let address = IpNetwork::new(ip.address, ip.prefix_len).map_err(|_| {
                 CniError::new(
-                    code::IO_FAILURE,
+                    ErrorCode::IO_FAILURE,
                     format!("prefix length {} is too long for {}", ip.prefix_len, ip.address),
                 )
             })?;
             Ok(IpResult { address, gateway: ip.gateway, interface: None })
         })
         .collect::<Result<Vec<_>, CniError>>()?;
-    Ok(CniResult { interfaces: Vec::new(), ips, routes, dns }.render(version))
+    Ok(CniResult { interfaces: Vec::new(), ips, routes, dns })
 }
 
 /// The ipam config's `routes` and `dns` as result parts; error 7 names the bad one.
@@ -608,61 +425,14 @@ pub fn check_ipam_extras(
 ) -> Result<(Vec<ResultRoute>, Option<Dns>), CniError> {
     let routes = ResultRoute::from_config(routes, "ipam routes")?;
     let dns = dns
-        .map(|d| Dns::from_json(d, "ipam dns").map_err(|e| CniError::new(code::INVALID_CONFIG, e.msg)))
+        .map(|d| Dns::from_json(d, "ipam dns").map_err(|e| CniError::new(ErrorCode::INVALID_CONFIG, e.msg)))
         .transpose()?;
     Ok((routes, dns))
-}
-
-/// The VERSION answer.
-pub fn version_info(config_version: &str) -> Value {
-    json!({ "cniVersion": config_version, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cni_args_take_multus_repeated_keys() {
-        // As Multus passed them to a delegate (shared/fixtures/multus/delegate-calls.log).
-        let a = CniArgs::parse(
-            "IgnoreUnknown=true;K8S_POD_NAMESPACE=fixture;K8S_POD_NAME=trainer;K8S_POD_INFRA_CONTAINER_ID=cid-fx1;\
-             K8S_POD_UID=;IgnoreUnknown=1;K8S_POD_NAMESPACE=fixture;K8S_POD_NAME=trainer;\
-             K8S_POD_INFRA_CONTAINER_ID=cid-fx1;IP=198.18.31.42/24",
-        )
-        .expect("parse");
-        assert_eq!(a.get("K8S_POD_NAMESPACE"), "fixture");
-        assert_eq!(a.get("K8S_POD_NAME"), "trainer");
-        assert_eq!(a.get("K8S_POD_UID"), "");
-        assert_eq!(a.get("IgnoreUnknown"), "1");
-        assert_eq!(a.get("IP"), "198.18.31.42/24");
-        assert_eq!(a.get("ABSENT"), "");
-        assert_eq!(
-            CniArgs::parse("A=1;broken").expect_err("bad").msg,
-            "CNI_ARGS entry \"broken\" is not KEY=VALUE"
-        );
-        assert_eq!(CniArgs::parse("").expect("empty"), CniArgs::default());
-    }
-
-    #[test]
-    fn versions_gate_commands() {
-        assert!(check_version(Command::Add, "0.3.1").is_ok());
-        assert!(check_version(Command::Gc, "1.1.0").is_ok());
-        assert_eq!(
-            check_version(Command::Add, "0.2.0").expect_err("old").msg,
-            "cniVersion \"0.2.0\" is not supported; supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"
-        );
-        assert_eq!(
-            check_version(Command::Check, "0.3.1").expect_err("no CHECK in 0.3.1").msg,
-            "CHECK needs cniVersion 0.4.0 or later, the config has 0.3.1"
-        );
-        assert_eq!(
-            check_version(Command::Gc, "1.0.0").expect_err("no GC in 1.0.0").code,
-            code::INCOMPATIBLE_VERSION
-        );
-        assert!(Version::parse("1.10.0") > Version::parse("1.9.0"));
-        assert_eq!(Version::parse("1.0"), None);
-    }
 
     #[test]
     fn results_take_the_shape_of_their_version() {
@@ -676,34 +446,25 @@ mod tests {
         ];
         let routes = [Route { dst: "0.0.0.0/0".into(), gw: None }];
         assert_eq!(
-            render_result("1.0.0", &ips, &routes, None).expect("render"),
+            ipam_result(&ips, &routes, None).expect("result").render(Version::new(1, 0, 0)),
             json!({"cniVersion": "1.0.0", "ips": [
                 {"address": "10.56.0.1/16"}, {"address": "fd00::2/64", "gateway": "fd00::1"}],
                 "routes": [{"dst": "0.0.0.0/0"}]})
         );
         assert_eq!(
-            render_result("0.3.1", &ips[..1], &[], Some(&json!({"nameservers": ["10.0.0.10"]})))
-                .expect("render"),
+            ipam_result(&ips[..1], &[], Some(&json!({"nameservers": ["10.0.0.10"]})))
+                .expect("result")
+                .render(Version::new(0, 3, 1)),
             json!({"cniVersion": "0.3.1", "ips": [{"address": "10.56.0.1/16", "version": "4"}],
                 "dns": {"nameservers": ["10.0.0.10"]}})
         );
     }
 
     #[test]
-    fn errors_render_as_spec_json() {
-        let e = CniError::new(code::INVALID_CONFIG, "bad range").with_details("range \"x\"");
-        assert_eq!(
-            e.to_json("1.0.0"),
-            json!({"cniVersion": "1.0.0", "code": 7, "msg": "bad range", "details": "range \"x\""})
-        );
-        assert_eq!(Command::parse("FOO").expect_err("bad").code, code::INVALID_ENV);
-    }
-
-    #[test]
     fn ipam_routes_and_dns_are_checked() {
         let bad_dst = [Route { dst: "10.0.0.0".into(), gw: None }];
         let e = check_ipam_extras(&bad_dst, None).expect_err("no prefix");
-        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(e.code, ErrorCode::INVALID_CONFIG);
         assert_eq!(
             e.msg,
             "ipam routes[0].dst \"10.0.0.0\" is not an address with a prefix length (10.1.2.3/24)"
@@ -716,7 +477,7 @@ mod tests {
         let e = check_ipam_extras(&[], Some(&json!({"nameservers": "10.0.0.10"}))).expect_err("dns");
         assert_eq!(
             (e.code, e.msg.as_str()),
-            (code::INVALID_CONFIG, "ipam dns.nameservers \"10.0.0.10\" is not a list")
+            (ErrorCode::INVALID_CONFIG, "ipam dns.nameservers \"10.0.0.10\" is not a list")
         );
     }
 
@@ -751,16 +512,17 @@ mod tests {
                 dns: Some(Dns::default()),
             }
         );
-        assert_eq!(r.render("1.0.0"), macvlan_result_100());
+        assert_eq!(r.render(Version::new(1, 0, 0)), macvlan_result_100());
+        assert_eq!(serde_json::from_value::<CniResult>(macvlan_result_100()).expect("serde"), r);
         let old = json!({"cniVersion": "0.4.0",
             "interfaces": [{"name": "net1", "mac": "02:29:ce:c9:a7:2b", "sandbox": "/var/run/netns/p"}],
             "ips": [{"version": "4", "interface": 0, "address": "198.18.5.2/24", "gateway": "198.18.5.1"}],
             "routes": [{"dst": "10.0.0.0/8"}],
             "dns": {}});
-        assert_eq!(r.render("0.4.0"), old);
+        assert_eq!(r.render(Version::new(0, 4, 0)), old);
         let mut v031 = old.clone();
         v031["cniVersion"] = json!("0.3.1");
-        assert_eq!(r.render("0.3.1"), v031);
+        assert_eq!(r.render(Version::new(0, 3, 1)), v031);
         // Back from the old shapes: the same result.
         assert_eq!(CniResult::parse(&old).expect("parse 0.4.0"), r);
         assert_eq!(CniResult::parse(&v031).expect("parse 0.3.1"), r);
@@ -781,9 +543,9 @@ mod tests {
         assert_eq!(r.interfaces[0].pci_id, "0000:00:1f.6");
         assert_eq!(r.routes[0].table, Some(100));
         assert_eq!(r.dns.as_ref().map(|d| d.domain.as_str()), Some("cluster.local"));
-        assert_eq!(r.render("1.1.0"), v110);
+        assert_eq!(r.render(Version::new(1, 1, 0)), v110);
         assert_eq!(
-            r.render("1.0.0"),
+            r.render(Version::new(1, 0, 0)),
             json!({"cniVersion": "1.0.0",
                 "interfaces": [{"name": "eth0", "mac": "aa:bb:cc:dd:ee:01"}, {"name": "net1", "sandbox": "/proc/7/ns/net"}],
                 "ips": [{"address": "fd00::5/64", "interface": 1}, {"address": "10.1.0.5/16", "gateway": "10.1.0.1"}],
@@ -792,13 +554,13 @@ mod tests {
                     "options": ["ndots:5"]}})
         );
         assert_eq!(
-            r.render("0.3.0")["ips"],
+            r.render(Version::new(0, 3, 0))["ips"],
             json!([{"address": "fd00::5/64", "interface": 1, "version": "6"},
                 {"address": "10.1.0.5/16", "gateway": "10.1.0.1", "version": "4"}])
         );
         // An IPAM-only result: no interfaces, no dns.
         let ipam = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/16"}]});
-        assert_eq!(CniResult::parse(&ipam).expect("ipam").render("1.0.0"), ipam);
+        assert_eq!(CniResult::parse(&ipam).expect("ipam").render(Version::new(1, 0, 0)), ipam);
     }
 
     #[test]
@@ -827,8 +589,14 @@ mod tests {
         assert_eq!(msg(json!({"cniVersion": "1.0.0", "ips": {}})), "ips {} is not a list");
         assert_eq!(msg(json!({"cniVersion": "1.0.0", "dns": []})), "dns [] is not an object");
         assert_eq!(msg(json!([])), "result [] is not an object");
+        assert_eq!(
+            serde_json::from_value::<CniResult>(json!({"routes": [{"gw": "10.0.0.1"}]}))
+                .expect_err("serde")
+                .to_string(),
+            "CNI error 6: routes[0].dst is missing"
+        );
         let e = CniResult::parse(&json!({"cniVersion": "0.2.0", "ip4": {}})).expect_err("0.2.0");
-        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
-        assert_eq!(CniResult::parse(&json!({"ips": {}})).expect_err("decode").code, code::DECODE);
+        assert_eq!(e.code, ErrorCode::INCOMPATIBLE_VERSION);
+        assert_eq!(CniResult::parse(&json!({"ips": {}})).expect_err("decode").code, ErrorCode::DECODE);
     }
 }

@@ -1,4 +1,4 @@
-//! The network configuration of a macvlan or ipvlan delegate: the reference plugins' keys
+//! The network configuration of a macvlan or ipvlan link plugin: the reference plugins' keys
 //! (`master`, `mode`, `mtu`, `mac`, `linkInContainer`, `ipam`, `dns`), checked in full before
 //! anything on the system is touched. Every error is code 7 (6 for JSON that is not JSON)
 //! and names the field and the value.
@@ -9,14 +9,14 @@
 
 use std::fmt;
 
-use ipam_cni::cni::{CniArgs, CniError, Dns, code};
+use cni::{CniArgs, CniError, Dns, ErrorCode, NetworkConfig};
 use serde_json::{Map, Value};
 
 use super::Kind;
 
-/// The link mode, of the kind's own set.
+/// The link kind with its mode: a mode of one kind can never be paired with the other kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum KindData {
     /// macvlan `bridge` (the default), `private`, `vepa`, `passthru`.
     Macvlan(MacvlanMode),
     /// ipvlan `l2` (the default), `l3`, `l3s`.
@@ -40,25 +40,33 @@ pub enum IpvlanMode {
     L3s,
 }
 
-impl Mode {
+impl KindData {
+    /// The kind alone.
+    pub fn kind(self) -> Kind {
+        match self {
+            KindData::Macvlan(_) => Kind::Macvlan,
+            KindData::Ipvlan(_) => Kind::Ipvlan,
+        }
+    }
+
     /// The kind's default mode: macvlan `bridge`, ipvlan `l2`, as the reference plugins.
-    pub fn default_for(kind: Kind) -> Mode {
+    pub fn default_for(kind: Kind) -> KindData {
         match kind {
-            Kind::Macvlan => Mode::Macvlan(MacvlanMode::Bridge),
-            Kind::Ipvlan => Mode::Ipvlan(IpvlanMode::L2),
+            Kind::Macvlan => KindData::Macvlan(MacvlanMode::Bridge),
+            Kind::Ipvlan => KindData::Ipvlan(IpvlanMode::L2),
         }
     }
 
     /// Parses the config's `mode` for `kind`.
-    pub fn parse(kind: Kind, s: &str) -> Option<Mode> {
+    pub fn parse(kind: Kind, s: &str) -> Option<KindData> {
         Some(match (kind, s) {
-            (Kind::Macvlan, "bridge") => Mode::Macvlan(MacvlanMode::Bridge),
-            (Kind::Macvlan, "private") => Mode::Macvlan(MacvlanMode::Private),
-            (Kind::Macvlan, "vepa") => Mode::Macvlan(MacvlanMode::Vepa),
-            (Kind::Macvlan, "passthru") => Mode::Macvlan(MacvlanMode::Passthru),
-            (Kind::Ipvlan, "l2") => Mode::Ipvlan(IpvlanMode::L2),
-            (Kind::Ipvlan, "l3") => Mode::Ipvlan(IpvlanMode::L3),
-            (Kind::Ipvlan, "l3s") => Mode::Ipvlan(IpvlanMode::L3s),
+            (Kind::Macvlan, "bridge") => KindData::Macvlan(MacvlanMode::Bridge),
+            (Kind::Macvlan, "private") => KindData::Macvlan(MacvlanMode::Private),
+            (Kind::Macvlan, "vepa") => KindData::Macvlan(MacvlanMode::Vepa),
+            (Kind::Macvlan, "passthru") => KindData::Macvlan(MacvlanMode::Passthru),
+            (Kind::Ipvlan, "l2") => KindData::Ipvlan(IpvlanMode::L2),
+            (Kind::Ipvlan, "l3") => KindData::Ipvlan(IpvlanMode::L3),
+            (Kind::Ipvlan, "l3s") => KindData::Ipvlan(IpvlanMode::L3s),
             _ => return None,
         })
     }
@@ -72,16 +80,16 @@ impl Mode {
     }
 }
 
-impl fmt::Display for Mode {
+impl fmt::Display for KindData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Mode::Macvlan(MacvlanMode::Bridge) => "bridge",
-            Mode::Macvlan(MacvlanMode::Private) => "private",
-            Mode::Macvlan(MacvlanMode::Vepa) => "vepa",
-            Mode::Macvlan(MacvlanMode::Passthru) => "passthru",
-            Mode::Ipvlan(IpvlanMode::L2) => "l2",
-            Mode::Ipvlan(IpvlanMode::L3) => "l3",
-            Mode::Ipvlan(IpvlanMode::L3s) => "l3s",
+            KindData::Macvlan(MacvlanMode::Bridge) => "bridge",
+            KindData::Macvlan(MacvlanMode::Private) => "private",
+            KindData::Macvlan(MacvlanMode::Vepa) => "vepa",
+            KindData::Macvlan(MacvlanMode::Passthru) => "passthru",
+            KindData::Ipvlan(IpvlanMode::L2) => "l2",
+            KindData::Ipvlan(IpvlanMode::L3) => "l3",
+            KindData::Ipvlan(IpvlanMode::L3s) => "l3s",
         })
     }
 }
@@ -121,14 +129,15 @@ pub const MIN_MTU: i64 = 68;
 /// Largest MTU of a macvlan/ipvlan link.
 pub const MAX_MTU: i64 = 65535;
 
-/// The configuration of one delegate call.
+/// The configuration of one call of the link plugin.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DelegateConf {
+pub struct LinkConf {
     pub cni_version: String,
     pub name: String,
     /// `master`; `None`: the interface of the default route.
     pub master: Option<String>,
-    pub mode: Mode,
+    /// `mode`, of the binary's kind.
+    pub kind: KindData,
     /// `mtu`; 0 leaves the kernel's choice (the master's MTU).
     pub mtu: u32,
     /// From `mac`, `CNI_ARGS` `MAC=` or `runtimeConfig.mac`, the last winning, as the
@@ -144,8 +153,14 @@ pub struct DelegateConf {
     pub prev_result: Option<Value>,
 }
 
+impl NetworkConfig for LinkConf {
+    fn cni_version(&self) -> &str {
+        &self.cni_version
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> CniError {
-    CniError::new(code::INVALID_CONFIG, msg)
+    CniError::new(ErrorCode::INVALID_CONFIG, msg)
 }
 
 /// True when `s` can name a Linux network interface.
@@ -171,14 +186,15 @@ fn mac(s: &str, field: &str) -> Result<Mac, CniError> {
     })
 }
 
-impl DelegateConf {
+impl LinkConf {
     /// Parses and checks the configuration on stdin for `kind`; `args` is `CNI_ARGS`.
-    pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<DelegateConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin)
-            .map_err(|e| CniError::new(code::DECODE, format!("network configuration is not JSON: {e}")))?;
+    pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<LinkConf, CniError> {
+        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
+        })?;
         let obj = v
             .as_object()
-            .ok_or_else(|| CniError::new(code::DECODE, "network configuration is not a JSON object"))?;
+            .ok_or_else(|| CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object"))?;
         let cni_version = string(obj, "cniVersion")?.unwrap_or("0.1.0").to_string();
         let name = string(obj, "name")?.unwrap_or_default().to_string();
         let master = match string(obj, "master")? {
@@ -190,10 +206,13 @@ impl DelegateConf {
                 )));
             }
         };
-        let mode = match string(obj, "mode")? {
-            None | Some("") => Mode::default_for(kind),
-            Some(m) => Mode::parse(kind, m).ok_or_else(|| {
-                invalid(format!("mode {m:?} is not one of the {kind} modes {}", Mode::names(kind).join(", ")))
+        let kind_data = match string(obj, "mode")? {
+            None | Some("") => KindData::default_for(kind),
+            Some(m) => KindData::parse(kind, m).ok_or_else(|| {
+                invalid(format!(
+                    "mode {m:?} is not one of the {kind} modes {}",
+                    KindData::names(kind).join(", ")
+                ))
             })?,
         };
         let mtu = match obj.get("mtu") {
@@ -250,11 +269,11 @@ impl DelegateConf {
             Some(d) => Some(Dns::from_json(d, "dns").map_err(|e| invalid(e.msg))?),
         };
         let prev_result = obj.get("prevResult").cloned().filter(|p| !p.is_null());
-        Ok(DelegateConf {
+        Ok(LinkConf {
             cni_version,
             name,
             master,
-            mode,
+            kind: kind_data,
             mtu,
             mac: chosen,
             link_in_container,
@@ -269,13 +288,13 @@ impl DelegateConf {
 mod tests {
     use super::*;
 
-    fn parse(kind: Kind, conf: &str) -> Result<DelegateConf, CniError> {
-        DelegateConf::parse(kind, conf.as_bytes(), &CniArgs::default())
+    fn parse(kind: Kind, conf: &str) -> Result<LinkConf, CniError> {
+        LinkConf::parse(kind, conf.as_bytes(), &CniArgs::default())
     }
 
     fn err(kind: Kind, conf: &str) -> String {
         let e = parse(kind, conf).expect_err("must fail");
-        assert_eq!(e.code, code::INVALID_CONFIG, "{e}");
+        assert_eq!(e.code, ErrorCode::INVALID_CONFIG, "{e}");
         e.msg
     }
 
@@ -290,11 +309,11 @@ mod tests {
         .expect("parse");
         assert_eq!(
             c,
-            DelegateConf {
+            LinkConf {
                 cni_version: "1.0.0".into(),
                 name: "rail-0".into(),
                 master: Some("eth1".into()),
-                mode: Mode::Macvlan(MacvlanMode::Vepa),
+                kind: KindData::Macvlan(MacvlanMode::Vepa),
                 mtu: 1400,
                 mac: Some(Mac([2, 0, 0, 0xaa, 0xbb, 1])),
                 link_in_container: true,
@@ -308,26 +327,25 @@ mod tests {
         let c = parse(Kind::Macvlan, r#"{"cniVersion":"0.3.1","name":"n","type":"macvlan","ipam":{}}"#)
             .expect("defaults");
         assert_eq!(
-            (c.master, c.mode, c.mtu, c.mac, c.ipam_type),
-            (None, Mode::Macvlan(MacvlanMode::Bridge), 0, None, None)
+            (c.master, c.kind, c.mtu, c.mac, c.ipam_type),
+            (None, KindData::Macvlan(MacvlanMode::Bridge), 0, None, None)
         );
         let c =
             parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0","type":"ipvlan","mode":"l3s"}"#).expect("ipvlan");
-        assert_eq!(c.mode, Mode::Ipvlan(IpvlanMode::L3s));
-        assert_eq!(parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0"}"#).expect("l2").mode.to_string(), "l2");
+        assert_eq!((c.kind, c.kind.kind()), (KindData::Ipvlan(IpvlanMode::L3s), Kind::Ipvlan));
+        assert_eq!(parse(Kind::Ipvlan, r#"{"cniVersion":"1.0.0"}"#).expect("l2").kind.to_string(), "l2");
     }
 
     #[test]
     fn requested_macs_follow_the_reference_order() {
         let conf = br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01","runtimeConfig":{"mac":"02:00:00:00:00:03"}}"#;
         let args = CniArgs::parse("IgnoreUnknown=1;MAC=02:00:00:00:00:02").expect("args");
-        let c = DelegateConf::parse(Kind::Macvlan, conf, &args).expect("parse");
+        let c = LinkConf::parse(Kind::Macvlan, conf, &args).expect("parse");
         assert_eq!(c.mac, Some(Mac([2, 0, 0, 0, 0, 3])), "runtimeConfig.mac wins");
-        let c =
-            DelegateConf::parse(Kind::Macvlan, br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01"}"#, &args)
-                .expect("parse");
+        let c = LinkConf::parse(Kind::Macvlan, br#"{"cniVersion":"1.0.0","mac":"02:00:00:00:00:01"}"#, &args)
+            .expect("parse");
         assert_eq!(c.mac, Some(Mac([2, 0, 0, 0, 0, 2])), "CNI_ARGS MAC beats the config's mac");
-        let e = DelegateConf::parse(
+        let e = LinkConf::parse(
             Kind::Macvlan,
             br#"{"cniVersion":"1.0.0"}"#,
             &CniArgs::parse("MAC=zz").expect("a"),
@@ -396,7 +414,7 @@ mod tests {
             "mac 02:00:00:00:00:01 cannot be set: ipvlan links share the master's MAC address (use macvlan)"
         );
         let e = parse(Kind::Macvlan, "{nope").expect_err("not json");
-        assert_eq!(e.code, code::DECODE);
+        assert_eq!(e.code, ErrorCode::DECODE);
         assert!(e.msg.starts_with("network configuration is not JSON: "), "{e}");
     }
 

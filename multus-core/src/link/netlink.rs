@@ -1,4 +1,5 @@
-//! Netlink inside one network namespace, on a thread of its own.
+//! Netlink inside one network namespace, on a thread of its own, behind the two traits the
+//! drivers use ([`Namespaces`], [`Netlink`]) so that their logic runs against a fake too.
 //!
 //! A netlink socket talks to the namespace of the thread that opened it, and `setns` moves
 //! only the calling thread. So every namespace gets a fresh OS thread that enters it
@@ -9,11 +10,11 @@
 use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
-use std::os::fd::RawFd;
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 
+use cni::{CniError, ErrorCode, ResultRoute};
 use futures::TryStreamExt as _;
-use ipam_cni::cni::{CniError, ResultRoute, code};
 use ipnetwork::IpNetwork;
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
@@ -26,13 +27,14 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
 };
 use rtnetlink::{Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::Kind;
-use super::config::{IpvlanMode, MacvlanMode, Mode};
+use super::config::{IpvlanMode, KindData, MacvlanMode};
 
-const ENODEV: i32 = 19;
-const EOPNOTSUPP: i32 = 95;
-const EEXIST: i32 = 17;
+pub(crate) const ENODEV: i32 = 19;
+pub(crate) const EOPNOTSUPP: i32 = 95;
+pub(crate) const EEXIST: i32 = 17;
 const RT_TABLE_MAIN: u32 = 254;
 
 /// A netlink failure: the kernel's errno when it answered one, and a readable text.
@@ -55,7 +57,7 @@ impl From<rtnetlink::Error> for NlError {
 
 /// Error 120 for a failed request: `what` says which.
 pub(crate) fn failed(what: impl std::fmt::Display, e: &NlError) -> CniError {
-    CniError::new(code::NETLINK_FAILED, format!("{what}: {}", e.text))
+    CniError::new(ErrorCode::NETLINK_FAILED, format!("{what}: {}", e.text))
 }
 
 /// What the plugin needs to know of a link.
@@ -67,8 +69,8 @@ pub(crate) struct Link {
     pub(crate) mac: Vec<u8>,
     /// `IFLA_INFO_KIND` (`macvlan`, `veth`, ...); empty for a plain device.
     pub(crate) kind: String,
-    /// The macvlan/ipvlan mode, when it is one.
-    pub(crate) mode: Option<Mode>,
+    /// The macvlan/ipvlan kind and mode, when it is one.
+    pub(crate) kind_data: Option<KindData>,
     /// `IFLA_LINK`: the parent's index (in the parent's namespace).
     pub(crate) parent: Option<u32>,
 }
@@ -81,7 +83,7 @@ impl Link {
             mtu: 0,
             mac: Vec::new(),
             kind: String::new(),
-            mode: None,
+            kind_data: None,
             parent: None,
         };
         for a in &m.attributes {
@@ -95,13 +97,13 @@ impl Link {
                         match i {
                             LinkInfo::Kind(k) => link.kind = k.to_string(),
                             LinkInfo::Data(InfoData::MacVlan(d)) => {
-                                link.mode = d.iter().find_map(|x| match x {
+                                link.kind_data = d.iter().find_map(|x| match x {
                                     InfoMacVlan::Mode(m) => macvlan_mode(*m),
                                     _ => None,
                                 })
                             }
                             LinkInfo::Data(InfoData::IpVlan(d)) => {
-                                link.mode = d.iter().find_map(|x| match x {
+                                link.kind_data = d.iter().find_map(|x| match x {
                                     InfoIpVlan::Mode(m) => ipvlan_mode(*m),
                                     _ => None,
                                 })
@@ -122,8 +124,8 @@ impl Link {
     }
 }
 
-fn macvlan_mode(m: MacVlanMode) -> Option<Mode> {
-    Some(Mode::Macvlan(match m {
+fn macvlan_mode(m: MacVlanMode) -> Option<KindData> {
+    Some(KindData::Macvlan(match m {
         MacVlanMode::Bridge => MacvlanMode::Bridge,
         MacVlanMode::Private => MacvlanMode::Private,
         MacVlanMode::Vepa => MacvlanMode::Vepa,
@@ -132,8 +134,8 @@ fn macvlan_mode(m: MacVlanMode) -> Option<Mode> {
     }))
 }
 
-fn ipvlan_mode(m: IpVlanMode) -> Option<Mode> {
-    Some(Mode::Ipvlan(match m {
+fn ipvlan_mode(m: IpVlanMode) -> Option<KindData> {
+    Some(KindData::Ipvlan(match m {
         IpVlanMode::L2 => IpvlanMode::L2,
         IpVlanMode::L3 => IpvlanMode::L3,
         IpVlanMode::L3S => IpvlanMode::L3s,
@@ -144,14 +146,89 @@ fn ipvlan_mode(m: IpVlanMode) -> Option<Mode> {
 /// How to create a link.
 #[derive(Debug, Clone)]
 pub(crate) struct NewLink<'a> {
-    pub(crate) kind: Kind,
     pub(crate) name: &'a str,
     pub(crate) master: u32,
-    pub(crate) mode: Mode,
+    pub(crate) kind: KindData,
     pub(crate) mtu: u32,
     pub(crate) mac: Option<[u8; 6]>,
-    /// Create it straight into this namespace (an open namespace file's descriptor).
-    pub(crate) netns_fd: Option<RawFd>,
+    /// Create it straight into the namespace at this path instead of the master's.
+    pub(crate) into: Option<&'a Path>,
+}
+
+/// Where the drivers' netlink requests go: one network namespace at a time.
+pub(crate) trait Namespaces: Sync {
+    /// A connection inside one namespace.
+    type Nl: Netlink;
+
+    /// Runs `f` with a connection in the namespace at `netns` (`None`: the plugin's own).
+    fn run<T, F, Fut>(&self, netns: Option<&Path>, f: F) -> Result<T, CniError>
+    where
+        T: Send,
+        F: FnOnce(Self::Nl) -> Fut + Send,
+        Fut: Future<Output = Result<T, CniError>>;
+
+    /// Error 4 unless `path` (`CNI_NETNS`) is a network namespace that can be opened.
+    fn check(&self, path: &Path) -> Result<(), CniError>;
+
+    /// True when something is at `path` (a DEL's namespace may be gone).
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The requests the drivers make in one namespace. Errors are the kernel's; the drivers
+/// say which request failed.
+pub(crate) trait Netlink {
+    /// The link named `name`, if there is one.
+    async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NlError>;
+    /// The link with index `index`, if there is one.
+    async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NlError>;
+    /// The name of the link of the first default route (IPv4, then IPv6) of the main table.
+    async fn default_route_link(&self) -> Result<Option<String>, NlError>;
+    /// Creates a macvlan or ipvlan link; `EOPNOTSUPP` when the kernel lacks the kind.
+    async fn create(&self, new: &NewLink<'_>) -> Result<(), NlError>;
+    /// Renames link `index`; `EEXIST` when the name is taken.
+    async fn rename(&self, index: u32, name: &str) -> Result<(), NlError>;
+    /// Sets link `index` up.
+    async fn set_up(&self, index: u32) -> Result<(), NlError>;
+    /// Deletes link `index`; a link that is already gone is success.
+    async fn delete(&self, index: u32) -> Result<(), NlError>;
+    /// Adds `addr` to link `index` (IPv6 without duplicate address detection).
+    async fn add_address(&self, index: u32, addr: IpNetwork) -> Result<(), NlError>;
+    /// The addresses on link `index`.
+    async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NlError>;
+    /// Adds `route` through link `index`, via `gw`.
+    async fn add_route(&self, index: u32, route: &ResultRoute, gw: Option<IpAddr>) -> Result<(), NlError>;
+    /// True when a route to `route.dst` through link `index` exists (in its table, default
+    /// main, via its `gw` if it has one).
+    async fn has_route(&self, index: u32, route: &ResultRoute) -> Result<bool, NlError>;
+    /// Makes the link announce its addresses on up and on change (`arp_notify`,
+    /// `ndisc_notify`) and, for IPv6 addresses, enables IPv6 on it; best effort, as a
+    /// namespace may have IPv6 disabled.
+    fn announce(&self, ifname: &str, ipv6: bool);
+}
+
+/// The kernel's network namespaces.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Kernel;
+
+impl Namespaces for Kernel {
+    type Nl = Nl;
+
+    fn run<T, F, Fut>(&self, netns: Option<&Path>, f: F) -> Result<T, CniError>
+    where
+        T: Send,
+        F: FnOnce(Nl) -> Fut + Send,
+        Fut: Future<Output = Result<T, CniError>>,
+    {
+        in_netns(netns, f)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), CniError> {
+        open_netns(path).map(drop)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
 }
 
 /// A netlink connection in one namespace.
@@ -174,25 +251,27 @@ where
                 let file = open_netns(path)?;
                 nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
                     CniError::new(
-                        code::IO_FAILURE,
+                        ErrorCode::IO_FAILURE,
                         format!("entering network namespace {}: {e}", path.display()),
                     )
                 })?;
             }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .map_err(|e| CniError::new(code::IO_FAILURE, format!("starting the netlink runtime: {e}")))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(|e| {
+                CniError::new(ErrorCode::IO_FAILURE, format!("starting the netlink runtime: {e}"))
+            })?;
             rt.block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection()
-                    .map_err(|e| CniError::new(code::IO_FAILURE, format!("opening a netlink socket: {e}")))?;
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+                    CniError::new(ErrorCode::IO_FAILURE, format!("opening a netlink socket: {e}"))
+                })?;
                 let conn = tokio::spawn(conn);
                 let out = f(Nl { handle }).await;
                 conn.abort();
                 out
             })
         });
-        thread.join().unwrap_or_else(|_| Err(CniError::new(code::IO_FAILURE, "the netlink thread panicked")))
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(CniError::new(ErrorCode::IO_FAILURE, "the netlink thread panicked")))
     })
 }
 
@@ -200,7 +279,7 @@ where
 pub(crate) fn open_netns(path: &Path) -> Result<File, CniError> {
     File::open(path).map_err(|e| {
         CniError::new(
-            code::INVALID_ENV,
+            ErrorCode::INVALID_ENV,
             format!("CNI_NETNS {}: cannot open the network namespace: {e}", path.display()),
         )
     })
@@ -211,8 +290,49 @@ fn ipnet_of(addr: IpAddr, prefix: u8) -> Option<IpNetwork> {
 }
 
 impl Nl {
+    /// The default routes of one family through link `index`, in the main table (what
+    /// `ip route show default dev <link>` lists).
+    pub(crate) async fn default_routes(&self, index: u32, v6: bool) -> Result<Vec<RouteMessage>, NlError> {
+        let mut query = RouteMessageBuilder::<IpAddr>::new().build();
+        query.header.address_family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        let routes: Vec<RouteMessage> = self.handle.route().get(query).execute().try_collect().await?;
+        Ok(routes
+            .into_iter()
+            .filter(|r| {
+                r.header.destination_prefix_length == 0
+                    && table_of(r) == RT_TABLE_MAIN
+                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+            })
+            .collect())
+    }
+
+    /// Deletes a route as listed by [`Nl::default_routes`].
+    pub(crate) async fn delete_route(&self, route: RouteMessage) -> Result<(), NlError> {
+        Ok(self.handle.route().del(route).execute().await?)
+    }
+
+    /// Makes `gw` on link `index` the default route of its family, replacing one that is
+    /// there (`ip route replace default via <gw> dev <link>`).
+    pub(crate) async fn replace_default(&self, index: u32, gw: IpAddr) -> Result<(), NlError> {
+        let msg = match gw {
+            IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(g)
+                .output_interface(index)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+            IpAddr::V6(g) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(g)
+                .output_interface(index)
+                .protocol(RouteProtocol::Boot)
+                .build(),
+        };
+        Ok(self.handle.route().add(msg).replace().execute().await?)
+    }
+}
+
+impl Netlink for Nl {
     /// The link named `name`, if there is one.
-    pub(crate) async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NlError> {
+    async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NlError> {
         let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
         match stream.try_next().await {
             Ok(Some(m)) => Ok(Some(Link::from_message(&m))),
@@ -225,7 +345,7 @@ impl Nl {
     }
 
     /// The link with index `index`, if there is one.
-    pub(crate) async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NlError> {
+    async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NlError> {
         let mut stream = self.handle.link().get().match_index(index).execute();
         match stream.try_next().await {
             Ok(m) => Ok(m.as_ref().map(Link::from_message)),
@@ -238,7 +358,7 @@ impl Nl {
 
     /// The name of the link of the first default route (IPv4, then IPv6), as the
     /// reference plugins pick a master when none is configured.
-    pub(crate) async fn default_route_link(&self) -> Result<Option<String>, NlError> {
+    async fn default_route_link(&self) -> Result<Option<String>, NlError> {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut query = RouteMessageBuilder::<IpAddr>::new().build();
             query.header.address_family = family;
@@ -261,11 +381,9 @@ impl Nl {
         Ok(None)
     }
 
-    /// Creates a macvlan or ipvlan link. `EOPNOTSUPP` (the kernel's "Unknown device type")
-    /// becomes error 122 naming the kind.
-    pub(crate) async fn create(&self, new: &NewLink<'_>) -> Result<(), CniError> {
-        let mut msg = match (new.kind, new.mode) {
-            (Kind::Macvlan, Mode::Macvlan(m)) => {
+    async fn create(&self, new: &NewLink<'_>) -> Result<(), NlError> {
+        let mut msg = match new.kind {
+            KindData::Macvlan(m) => {
                 let mode = match m {
                     MacvlanMode::Bridge => MacVlanMode::Bridge,
                     MacvlanMode::Private => MacVlanMode::Private,
@@ -274,16 +392,13 @@ impl Nl {
                 };
                 LinkMacVlan::new(new.name, new.master, mode).build()
             }
-            (Kind::Ipvlan, Mode::Ipvlan(m)) => {
+            KindData::Ipvlan(m) => {
                 let mode = match m {
                     IpvlanMode::L2 => IpVlanMode::L2,
                     IpvlanMode::L3 => IpVlanMode::L3,
                     IpvlanMode::L3s => IpVlanMode::L3S,
                 };
                 LinkIpVlan::new(new.name, new.master, mode).build()
-            }
-            (kind, mode) => {
-                return Err(CniError::new(code::INVALID_CONFIG, format!("mode {mode} is not a {kind} mode")));
             }
         };
         if new.mtu > 0 {
@@ -292,71 +407,50 @@ impl Nl {
         if let Some(mac) = new.mac {
             msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
-        if let Some(fd) = new.netns_fd {
-            msg.attributes.push(LinkAttribute::NetNsFd(fd));
+        // Held open until the kernel has moved the link there.
+        let target = match new.into {
+            Some(path) => Some(File::open(path).map_err(|e| NlError {
+                errno: e.raw_os_error(),
+                text: format!("opening {}: {e}", path.display()),
+            })?),
+            None => None,
+        };
+        if let Some(f) = &target {
+            msg.attributes.push(LinkAttribute::NetNsFd(f.as_raw_fd()));
         }
-        match self.handle.link().add(msg).execute().await.map_err(NlError::from) {
-            Ok(()) => Ok(()),
-            Err(e) if e.errno == Some(EOPNOTSUPP) => Err(CniError::new(
-                code::LINK_KIND_UNSUPPORTED,
-                format!("this kernel does not support {0} links (module {0} not available)", new.kind),
-            )
-            .with_details(format!("creating {} link {}: {}", new.kind, new.name, e.text))),
-            Err(e) => Err(failed(
-                format_args!("creating {} link {} on master index {}", new.kind, new.name, new.master),
-                &e,
-            )),
-        }
+        Ok(self.handle.link().add(msg).execute().await?)
     }
 
-    /// Renames link `index` to `name`; `EEXIST` says the name is taken.
-    pub(crate) async fn rename(&self, index: u32, from: &str, name: &str) -> Result<(), CniError> {
+    async fn rename(&self, index: u32, name: &str) -> Result<(), NlError> {
         let msg = LinkUnspec::new_with_index(index).name(name.to_string()).build();
-        self.handle.link().set(msg).execute().await.map_err(NlError::from).map_err(|e| {
-            if e.errno == Some(EEXIST) {
-                CniError::new(
-                    code::NETLINK_FAILED,
-                    format!(
-                        "renaming {from} to {name}: an interface {name} already exists in the pod's namespace"
-                    ),
-                )
-            } else {
-                failed(format_args!("renaming {from} to {name}"), &e)
-            }
-        })
+        Ok(self.handle.link().set(msg).execute().await?)
     }
 
-    /// Sets link `index` up.
-    pub(crate) async fn set_up(&self, index: u32, name: &str) -> Result<(), CniError> {
+    async fn set_up(&self, index: u32) -> Result<(), NlError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| failed(format_args!("setting {name} up"), &e.into()))
+        Ok(self.handle.link().set(msg).execute().await?)
     }
 
     /// Deletes link `index`.
-    pub(crate) async fn delete(&self, index: u32) -> Result<(), NlError> {
+    async fn delete(&self, index: u32) -> Result<(), NlError> {
         match self.handle.link().del(index).execute().await.map_err(NlError::from) {
             Err(e) if e.errno == Some(ENODEV) => Ok(()),
             other => other,
         }
     }
 
-    /// Adds `addr` to link `index`; IPv6 addresses skip duplicate address detection (the
-    /// IPAM guarantees uniqueness, and DAD would leave them unusable for a second or more).
-    pub(crate) async fn add_address(&self, index: u32, name: &str, addr: IpNetwork) -> Result<(), CniError> {
+    // IPv6 addresses skip duplicate address detection: the IPAM guarantees uniqueness, and
+    // DAD would leave them unusable for a second or more.
+    async fn add_address(&self, index: u32, addr: IpNetwork) -> Result<(), NlError> {
         let mut req = self.handle.address().add(index, addr.ip(), addr.prefix());
         if addr.is_ipv6() {
             req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        req.execute().await.map_err(|e| failed(format_args!("adding address {addr} to {name}"), &e.into()))
+        Ok(req.execute().await?)
     }
 
     /// The addresses on link `index`.
-    pub(crate) async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NlError> {
+    async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NlError> {
         let msgs: Vec<AddressMessage> =
             self.handle.address().get().set_link_index_filter(index).execute().try_collect().await?;
         Ok(msgs
@@ -378,28 +472,19 @@ impl Nl {
             .collect())
     }
 
-    /// Adds `route` through link `index`, via `gw` (the route's own, else the given
-    /// family gateway of the result, as the reference plugins do).
-    pub(crate) async fn add_route(
-        &self,
-        index: u32,
-        name: &str,
-        route: &ResultRoute,
-        gw: Option<IpAddr>,
-    ) -> Result<(), CniError> {
-        let what = match gw {
-            Some(g) => format!("adding route {} via {g} dev {name}", route.dst),
-            None => format!("adding route {} dev {name}", route.dst),
-        };
-        let invalid = |e: &dyn std::fmt::Display| CniError::new(code::INVALID_CONFIG, format!("{what}: {e}"));
+    async fn add_route(&self, index: u32, route: &ResultRoute, gw: Option<IpAddr>) -> Result<(), NlError> {
+        // The drivers check the families first, so the builder has nothing left to refuse.
+        fn invalid(e: impl std::fmt::Display) -> NlError {
+            NlError { errno: None, text: e.to_string() }
+        }
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(route.dst.network(), route.dst.prefix())
-            .map_err(|e| invalid(&e))?
+            .map_err(invalid)?
             .output_interface(index)
             // As the reference plugins (`proto boot`, what `ip route add` makes).
             .protocol(RouteProtocol::Boot);
         if let Some(g) = gw {
-            b = b.gateway(g).map_err(|e| invalid(&e))?;
+            b = b.gateway(g).map_err(invalid)?;
         }
         if let Some(p) = route.priority {
             b = b.priority(p);
@@ -424,11 +509,11 @@ impl Nl {
         if !metrics.is_empty() {
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
-        self.handle.route().add(msg).execute().await.map_err(|e| failed(&what, &e.into()))
+        Ok(self.handle.route().add(msg).execute().await?)
     }
 
     /// True when a route to `dst` through link `index` exists (in `table`, default main).
-    pub(crate) async fn has_route(&self, index: u32, route: &ResultRoute) -> Result<bool, NlError> {
+    async fn has_route(&self, index: u32, route: &ResultRoute) -> Result<bool, NlError> {
         let mut query = RouteMessageBuilder::<IpAddr>::new().build();
         query.header.address_family =
             if route.dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
@@ -457,6 +542,15 @@ impl Nl {
                 && table_of(r) == want_table
                 && (route.gw.is_none() || gw == route.gw)
         }))
+    }
+
+    fn announce(&self, ifname: &str, ipv6: bool) {
+        // /proc/sys/net is the namespace of this thread, which is the link's.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/arp_notify"), "1");
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/ndisc_notify"), "1");
+        if ipv6 {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "0");
+        }
     }
 }
 
