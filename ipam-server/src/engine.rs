@@ -6,6 +6,13 @@
 //! grows with the load: durability costs one round (one fsync, one set of API calls) per
 //! batch, not per request.
 //!
+//! A store whose writes are independent round trips (the API server) is pipelined
+//! instead: the thread hands each batch's writes to the store and goes on with the next
+//! batch without waiting, so writes flow continuously rather than in waves that each wait
+//! for their slowest member. Answers still leave in the order the requests ran, each once
+//! every write made up to and including its own run is durable: the same guarantee as a
+//! group commit, without the wait for writes that came later.
+//!
 //! When the store refuses some writes (another server got there first), memory takes the
 //! store's word for those addresses and the jobs that made them run again, so they choose
 //! again; the others are answered. When a commit fails outright, the allocator is rebuilt
@@ -20,7 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::allocator::{Allocator, Change};
 use crate::metrics::Metrics;
-use crate::store::{CommitError, LeaseStore, StoreError};
+use crate::store::{CommitError, LeaseStore, StoreError, WriteOutcome, WriteReport};
 
 /// Most requests answered by one commit.
 const MAX_BATCH: usize = 2048;
@@ -106,7 +113,7 @@ pub fn restore(store: &dyn LeaseStore) -> Result<Allocator, StoreError> {
 impl Engine {
     /// Starts the engine thread, which loads the store first; resolves once it has.
     /// Loading runs on that thread because a store may block on the async runtime.
-    pub async fn start(store: Box<dyn LeaseStore>, metrics: Arc<Metrics>) -> Result<Engine, StoreError> {
+    pub async fn start(mut store: Box<dyn LeaseStore>, metrics: Arc<Metrics>) -> Result<Engine, StoreError> {
         let describe = store.describe();
         let (tx, rx) = mpsc::channel(QUEUE);
         let (stopped_tx, stopped) = watch::channel(false);
@@ -119,7 +126,11 @@ impl Engine {
                     Ok(alloc) => {
                         info!(leases = alloc.lease_count(), pools = alloc.pool_count(), "state loaded");
                         let _ = loaded_tx.send(Ok(()));
-                        run(alloc, store, rx, &metrics);
+                        if store.pipelined().is_some() {
+                            run_pipelined(alloc, store, rx, &metrics);
+                        } else {
+                            run(alloc, store, rx, &metrics);
+                        }
                     }
                     Err(e) => {
                         let _ = loaded_tx.send(Err(e));
@@ -270,6 +281,246 @@ fn run(
             job.answer(outcome.clone());
         }
     }
+}
+
+/// A job of the pipelined loop, waiting for its writes.
+struct Pending {
+    job: Box<dyn Job>,
+    /// Writes of its latest run not yet reported.
+    outstanding: usize,
+    attempt: usize,
+    /// Why a write of its latest run was refused (it runs again once all are reported).
+    refused: Option<String>,
+    /// A write of its latest run has an unknown outcome: it is answered with the error.
+    unknown: bool,
+    /// The outcome once known: `None` while it waits.
+    outcome: Option<Result<(), EngineError>>,
+}
+
+/// What the pipelined loop waits for.
+enum Event {
+    Job(Box<dyn Job>),
+    Write(usize, WriteOutcome),
+    /// Every request sender is gone.
+    Closed,
+}
+
+/// Waits for a request or a write's report, whichever comes first; only for reports while
+/// `jobs_too` is false.
+fn next_event(
+    rx: &mut mpsc::Receiver<Box<dyn Job>>,
+    reports: &mut mpsc::UnboundedReceiver<(usize, WriteOutcome)>,
+    jobs_too: bool,
+) -> Event {
+    use futures::FutureExt as _;
+    futures::executor::block_on(async {
+        let report = async {
+            match reports.recv().await {
+                Some((id, o)) => Event::Write(id, o),
+                // The loop holds a sender itself: cannot happen.
+                None => Event::Closed,
+            }
+        };
+        if !jobs_too {
+            return report.await;
+        }
+        let job = async {
+            match rx.recv().await {
+                Some(j) => Event::Job(j),
+                None => Event::Closed,
+            }
+        };
+        futures::select_biased! {
+            e = report.fuse() => e,
+            e = job.fuse() => e,
+        }
+    })
+}
+
+/// The engine loop for a [`crate::store::PipelinedStore`]. Jobs run in arrival order and
+/// are answered in that order (see the module doc). A refused write makes its job run
+/// again once all of that run's writes are reported; a write whose outcome is unknown
+/// stops intake until everything in flight has been reported, then memory is reloaded from
+/// the store and every job not known to be durable is answered with the error.
+fn run_pipelined(
+    mut alloc: Allocator,
+    mut store: Box<dyn LeaseStore>,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    metrics: &Metrics,
+) {
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    let report: WriteReport = Arc::new(move |id, o| {
+        let _ = report_tx.send((id, o));
+    });
+    // Jobs by sequence number, oldest first; `base` is the number of the front one.
+    let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    let mut base = 0usize;
+    // Write id -> (job sequence number, when it was handed over).
+    let mut writes: std::collections::HashMap<usize, (usize, Instant)> = std::collections::HashMap::new();
+    let mut next_write = 0usize;
+    // Set when a write's outcome is unknown: the error the unsettled jobs get.
+    let mut failed: Option<String> = None;
+    let mut closed = false;
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(MAX_BATCH);
+    let mut rerun: Vec<usize> = Vec::new();
+    loop {
+        if closed && pending.is_empty() {
+            return;
+        }
+        let intake = failed.is_none() && !closed;
+        match next_event(&mut rx, &mut reports, intake) {
+            Event::Closed => closed = true,
+            Event::Write(id, outcome) => {
+                let Some((seq, started)) = writes.remove(&id) else { continue };
+                let p = &mut pending[seq - base];
+                p.outstanding -= 1;
+                let ok = matches!(outcome, WriteOutcome::Done);
+                metrics.observe_commit(started.elapsed(), 1, ok);
+                match outcome {
+                    WriteOutcome::Done => {}
+                    WriteOutcome::Refused(r) => {
+                        warn!(network = %r.network, address = %r.address, reason = %r.reason, "store refused a write; choosing again");
+                        p.refused = Some(format!("{} in network \"{}\": {}", r.address, r.network, r.reason));
+                        alloc.sync_from_store(&r.network, r.address, r.truth);
+                    }
+                    WriteOutcome::Failed(e) => {
+                        error!(error = %e, "a write's outcome is unknown; reloading state once the writes in flight are reported");
+                        p.unknown = true;
+                        failed.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                // Settled with the error at the reload.
+                if p.outstanding == 0 && p.outcome.is_none() && !p.unknown {
+                    match p.refused.take() {
+                        None => p.outcome = Some(Ok(())),
+                        Some(_) if failed.is_some() => {}
+                        Some(why) if p.attempt >= MAX_ATTEMPTS => {
+                            p.outcome = Some(Err(EngineError::Conflict(why)))
+                        }
+                        Some(_) => rerun.push(seq),
+                    }
+                }
+            }
+            Event::Job(first) => {
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        // Jobs to run now: refused ones again, then new ones; each gets its writes.
+        let now = now_unix_ms();
+        let mut runs: Vec<(usize, Vec<Change>)> = Vec::new();
+        for seq in rerun.drain(..) {
+            let p = &mut pending[seq - base];
+            p.attempt += 1;
+            let mut one = [std::mem::replace(&mut p.job, Box::new(Placeholder))];
+            let ok = run_jobs(&mut alloc, &mut one, &mut spans, now);
+            let [job] = one;
+            p.job = job;
+            let changes: Vec<Change> = alloc.drain_journal().collect();
+            if !ok {
+                error!(
+                    "a request panicked; reloading state from the store once the writes in flight are reported"
+                );
+                failed.get_or_insert_with(|| "internal error while handling the request".into());
+            }
+            runs.push((seq, changes));
+        }
+        if !batch.is_empty() {
+            let ok = run_jobs(&mut alloc, &mut batch, &mut spans, now);
+            let mut changes: Vec<Change> = alloc.drain_journal().collect();
+            if !ok {
+                error!(
+                    "a request panicked; reloading state from the store once the writes in flight are reported"
+                );
+                failed.get_or_insert_with(|| "internal error while handling the batch".into());
+            }
+            // Split the journal by job, last first so indices stay valid.
+            let mut per_job: Vec<Vec<Change>> = Vec::with_capacity(batch.len());
+            for &(start, _) in spans.iter().rev() {
+                per_job.push(changes.split_off(start.min(changes.len())));
+            }
+            per_job.reverse();
+            for (job, changes) in batch.drain(..).zip(per_job) {
+                let seq = base + pending.len();
+                pending.push_back(Pending {
+                    job,
+                    outstanding: 0,
+                    attempt: 1,
+                    refused: None,
+                    unknown: false,
+                    outcome: None,
+                });
+                runs.push((seq, changes));
+            }
+        }
+        if !runs.is_empty() {
+            let mut handed: Vec<(usize, Change)> = Vec::new();
+            for (seq, changes) in runs {
+                let p = &mut pending[seq - base];
+                if failed.is_some() {
+                    // Its run was on state that is about to be replaced: nothing is written.
+                    continue;
+                }
+                p.outstanding = changes.len();
+                if changes.is_empty() {
+                    p.outcome = Some(Ok(()));
+                }
+                for c in changes {
+                    writes.insert(next_write, (seq, Instant::now()));
+                    handed.push((next_write, c));
+                    next_write += 1;
+                }
+            }
+            if !handed.is_empty() {
+                let pipe = store.pipelined().expect("run_pipelined is only used for pipelined stores");
+                if let Err(why) = pipe.submit(handed, report.clone()) {
+                    error!(reason = %why, "the store no longer takes this server's writes; stopping the engine");
+                    let e = EngineError::NotLeader(why);
+                    pending.drain(..).for_each(|p| p.job.answer(Err(e.clone())));
+                    return;
+                }
+            }
+        }
+        // After a write of unknown outcome: once nothing is in flight, reload and settle.
+        if let Some(why) = failed.clone()
+            && writes.is_empty()
+        {
+            let e = EngineError::Commit(why);
+            for p in pending.iter_mut().filter(|p| p.outcome.is_none()) {
+                p.outcome = Some(Err(e.clone()));
+            }
+            match restore(store.as_ref()) {
+                Ok(a) => alloc = a,
+                Err(err) => {
+                    error!(error = %err, "cannot reload state after a failed write; stopping");
+                    let stop = EngineError::Stopped(format!("state could not be reloaded: {err}"));
+                    pending.drain(..).for_each(|p| p.job.answer(p.outcome.unwrap_or(Err(stop.clone()))));
+                    return;
+                }
+            }
+            failed = None;
+        }
+        // Answer from the front, in the order the jobs ran.
+        while pending.front().is_some_and(|p| p.outcome.is_some()) {
+            let p = pending.pop_front().expect("front exists");
+            base += 1;
+            p.job.answer(p.outcome.expect("checked"));
+        }
+    }
+}
+
+/// Stands in for a job while it runs again (the slot must hold something).
+struct Placeholder;
+
+impl Job for Placeholder {
+    fn run(&mut self, _: &mut Allocator, _: i64) {}
+    fn answer(self: Box<Self>, _: Result<(), EngineError>) {}
 }
 
 #[cfg(test)]
@@ -470,5 +721,194 @@ mod tests {
             err.to_string(),
             "lease store refused the change 4 times: 10.0.0.7 in network \"\": already exists"
         );
+    }
+
+    /// A pipelined store whose writes wait until the test settles them, in any order, with
+    /// any outcome; settled writes are what `load` reads back.
+    #[derive(Clone, Default)]
+    struct Held {
+        inflight: Arc<Mutex<Vec<(usize, Change, WriteReport)>>>,
+        durable: Arc<Mutex<Vec<Change>>>,
+    }
+
+    impl Held {
+        /// Waits until `n` writes are in flight.
+        async fn in_flight(&self, n: usize) {
+            while self.inflight.lock().expect("lock").len() < n {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+
+        /// Settles the in-flight write to `ip` (`pool`: the pool's) with `outcome` (`None`:
+        /// it applied).
+        fn settle(&self, ip: &str, outcome: Option<WriteOutcome>) {
+            let mut inflight = self.inflight.lock().expect("lock");
+            let at = inflight
+                .iter()
+                .position(|(_, c, _)| match c {
+                    Change::PutLease(l) => l.address.to_string() == ip,
+                    Change::PutPool { .. } => ip == "pool",
+                    Change::DeleteLease { .. } => false,
+                })
+                .expect("a write to that address is in flight");
+            let (id, change, report) = inflight.remove(at);
+            drop(inflight);
+            let outcome = outcome.unwrap_or_else(|| {
+                self.durable.lock().expect("lock").push(change);
+                WriteOutcome::Done
+            });
+            report(id, outcome);
+        }
+    }
+
+    impl LeaseStore for Held {
+        fn describe(&self) -> String {
+            "held".into()
+        }
+        fn load(&self) -> Result<Loaded, StoreError> {
+            let mut loaded = Loaded::default();
+            for c in self.durable.lock().expect("lock").iter() {
+                if let Change::PutLease(l) = c {
+                    loaded.leases.push((**l).clone());
+                }
+            }
+            Ok(loaded)
+        }
+        fn commit(&mut self, _: &[Change]) -> Result<(), CommitError> {
+            unreachable!("a pipelined store is never committed to in batches")
+        }
+        fn pipelined(&mut self) -> Option<&mut dyn crate::store::PipelinedStore> {
+            Some(self)
+        }
+    }
+
+    impl crate::store::PipelinedStore for Held {
+        fn submit(&mut self, writes: Vec<(usize, Change)>, report: WriteReport) -> Result<(), String> {
+            let mut inflight = self.inflight.lock().expect("lock");
+            inflight.extend(writes.into_iter().map(|(id, c)| (id, c, report.clone())));
+            Ok(())
+        }
+    }
+
+    /// Reserves `ip` in the background; the answer arrives on the returned receiver.
+    fn reserve_bg(
+        engine: &Engine,
+        ip: &'static str,
+    ) -> tokio::sync::oneshot::Receiver<Result<Result<(), String>, EngineError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(reserve(&engine, ip).await);
+        });
+        rx
+    }
+
+    #[tokio::test]
+    async fn pipelined_writes_overlap_and_answers_leave_in_run_order() {
+        let held = Held::default();
+        let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
+        let mut first = reserve_bg(&engine, "10.0.0.1");
+        held.in_flight(1).await;
+        // The next requests run and write while the first write is still out.
+        let mut second = reserve_bg(&engine, "10.0.0.2");
+        held.in_flight(2).await;
+        let mut third = reserve_bg(&engine, "10.0.0.3");
+        held.in_flight(3).await;
+        // The third is durable first, but the first two are not: nobody is answered.
+        held.settle("10.0.0.3", None);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(first.try_recv().is_err() && second.try_recv().is_err() && third.try_recv().is_err());
+        held.settle("10.0.0.1", None);
+        first.await.expect("answer").expect("engine").expect("reserved");
+        assert!(second.try_recv().is_err(), "the second waits for its own write");
+        held.settle("10.0.0.2", None);
+        second.await.expect("answer").expect("engine").expect("reserved");
+        third.await.expect("answer").expect("engine").expect("reserved");
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_refusal_reruns_only_its_job() {
+        let held = Held::default();
+        let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
+        let range = RangeSpec::parse(
+            &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
+            FieldPrefix(""),
+        )
+        .expect("range");
+        let allocate = |cid: &'static str| {
+            let (engine, range) = (engine.clone(), range.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let req = AllocateRequest {
+                    attachment: Arc::new(Attachment {
+                        container_id: cid.into(),
+                        ifname: "net1".into(),
+                        ..Default::default()
+                    }),
+                    network: "".into(),
+                    ranges: vec![range],
+                    requested: vec![],
+                };
+                let got =
+                    engine.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address.to_string())).await;
+                let _ = tx.send(got);
+            });
+            rx
+        };
+        let a = allocate("a");
+        held.in_flight(2).await; // the pool and .1
+        let b = allocate("b");
+        held.in_flight(3).await; // .2
+        let other = Lease {
+            address: "10.0.0.1".parse().expect("ip"),
+            network: "".into(),
+            range: "10.0.0.0/28".into(),
+            prefix_len: 28,
+            gateway: None,
+            holder: Arc::new(Attachment { container_id: "elsewhere".into(), ..Default::default() }),
+            created_unix_ms: 0,
+            note: String::new(),
+        };
+        // Another server holds .1: a's write is refused; a chooses again (.3, as .2 is b's).
+        let refusal = Refusal {
+            index: 0,
+            network: "".into(),
+            address: other.address,
+            truth: Some(other),
+            reason: "another holder's object exists".into(),
+        };
+        held.settle("10.0.0.1", Some(WriteOutcome::Refused(refusal)));
+        // a runs again once all of its run's writes are reported.
+        held.settle("pool", None);
+        held.in_flight(2).await; // .2 and a's new .3
+        held.settle("10.0.0.3", None);
+        held.settle("10.0.0.2", None);
+        assert_eq!(a.await.expect("answer").expect("engine").expect("allocated"), "10.0.0.3");
+        assert_eq!(b.await.expect("answer").expect("engine").expect("allocated"), "10.0.0.2");
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_write_of_unknown_outcome_reloads_after_the_rest_settle() {
+        let held = Held::default();
+        let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
+        let first = reserve_bg(&engine, "10.0.0.1");
+        held.in_flight(1).await;
+        let second = reserve_bg(&engine, "10.0.0.2");
+        held.in_flight(2).await;
+        held.settle(
+            "10.0.0.1",
+            Some(WriteOutcome::Failed(StoreError::new("create lease", "connection reset"))),
+        );
+        // Nothing new is taken while .2 is still out; once it applies, memory is reloaded.
+        held.settle("10.0.0.2", None);
+        let err = first.await.expect("answer").expect_err("unknown outcome");
+        assert_eq!(
+            err.to_string(),
+            "lease store commit failed, nothing was changed: create lease: connection reset"
+        );
+        second.await.expect("answer").expect("engine").expect("its write applied");
+        // Memory is what the store holds: .2 held, .1 free.
+        let held_now = engine.call(|a, _| a.lease_count()).await.expect("engine");
+        assert_eq!(held_now, 1);
     }
 }

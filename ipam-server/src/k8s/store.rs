@@ -6,17 +6,20 @@
 //! preconditions, so a write based on stale knowledge fails with Conflict. A server that
 //! lost leadership and writes late is refused the same way.
 //!
-//! A batch is written concurrently, one chain of writes per object, so many allocations
-//! share round trips instead of queueing behind each other. The API has no multi-object
-//! transactions, so a refused write is reported on its own ([`CommitError::Refused`]) with
-//! what the API server holds instead, and the engine chooses again.
+//! Writes are independent round trips, so the store takes them pipelined
+//! ([`PipelinedStore`]): each write starts as soon as the engine hands it over, without
+//! waiting for the rest of its batch or for earlier batches, except that writes to one
+//! object go out one after another in the order given (a chain per object). The API has
+//! no multi-object transactions, so a refused write is reported on its own with what the
+//! API server holds instead, and the engine chooses again.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt as _;
+use futures::FutureExt as _;
+use futures::future::Shared;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
 use kube::core::ApiResource;
 use kube::{Client, Resource as _, ResourceExt as _};
@@ -24,7 +27,9 @@ use tracing::{debug, warn};
 
 use super::crd::{IPLease, IPLeaseSpec, RangePool, RangePoolSpec, lease_name, pool_name};
 use crate::allocator::{Attachment, Change, Lease, LoadProblem};
-use crate::store::{CommitError, LeaseStore, Loaded, Refusal, StoreError};
+use crate::store::{
+    CommitError, LeaseStore, Loaded, PipelinedStore, Refusal, StoreError, WriteOutcome, WriteReport,
+};
 
 /// Objects per list page while loading.
 const PAGE: u32 = 500;
@@ -78,6 +83,25 @@ impl Seen {
 /// Leases and pools as custom resources in one namespace.
 #[derive(Debug)]
 pub struct KubeStore {
+    inner: Arc<Inner>,
+    /// The last write submitted to each object with writes in flight: the next one to it
+    /// waits for it (and learns whether it applied).
+    tails: Arc<Mutex<HashMap<String, Tail>>>,
+    next_tail: u64,
+    /// Bounds the writes in flight (and so the connections to the API server).
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// Completion of the last write submitted to an object: `true` if it applied.
+#[derive(Debug, Clone)]
+struct Tail {
+    id: u64,
+    applied: Shared<tokio::sync::oneshot::Receiver<bool>>,
+}
+
+/// What the writes share.
+#[derive(Debug)]
+struct Inner {
     rt: tokio::runtime::Handle,
     namespace: String,
     leases: Api<IPLease>,
@@ -91,12 +115,7 @@ pub struct KubeStore {
     fence: Fence,
 }
 
-/// What one write came to.
-enum Outcome {
-    Done,
-    Refused(Refusal),
-    Failed(StoreError),
-}
+type Outcome = WriteOutcome;
 
 /// What the API server holds under a lease name, as far as it can be read.
 enum Truth {
@@ -116,7 +135,7 @@ impl KubeStore {
     pub fn new(client: Client, namespace: &str, rt: tokio::runtime::Handle, fence: Fence) -> KubeStore {
         let lease_res = ApiResource::erase::<IPLease>(&());
         let pool_res = ApiResource::erase::<RangePool>(&());
-        KubeStore {
+        let inner = Inner {
             rt,
             namespace: namespace.to_string(),
             leases: Api::namespaced(client.clone(), namespace),
@@ -125,9 +144,17 @@ impl KubeStore {
             raw_pools: Api::namespaced_with(client, namespace, &pool_res),
             seen: Mutex::new(HashMap::new()),
             fence,
+        };
+        KubeStore {
+            inner: Arc::new(inner),
+            tails: Arc::default(),
+            next_tail: 0,
+            permits: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         }
     }
+}
 
+impl Inner {
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -188,27 +215,6 @@ impl KubeStore {
             }
             Err(e) => Outcome::Failed(e),
         }
-    }
-
-    /// Writes the changes to one object, in order.
-    async fn write_chain(&self, chain: Vec<(usize, &Change)>) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(chain.len());
-        let mut broken = false;
-        for (index, change) in chain {
-            if broken {
-                // An earlier write to this object failed; what follows assumed it.
-                if let Some((network, address)) = lease_key(change) {
-                    out.push(
-                        self.refuse(index, network, address, "an earlier write to it failed".into()).await,
-                    );
-                }
-                continue;
-            }
-            let o = self.write(index, change).await;
-            broken = !matches!(o, Outcome::Done);
-            out.push(o);
-        }
-        out
     }
 
     async fn write(&self, index: usize, change: &Change) -> Outcome {
@@ -333,13 +339,14 @@ fn unreadable(network: &str, address: IpAddr, name: &str, why: &str) -> Lease {
 
 impl LeaseStore for KubeStore {
     fn describe(&self) -> String {
-        format!("kube:{}", self.namespace)
+        format!("kube:{}", self.inner.namespace)
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {
-        self.rt.block_on(async {
+        let this = &*self.inner;
+        this.rt.block_on(async {
             let mut out = Loaded::default();
-            for obj in Self::list_all(&self.raw_pools, "list range pools").await? {
+            for obj in Inner::list_all(&this.raw_pools, "list range pools").await? {
                 let name = obj.name_any();
                 let spec = obj.data.get("spec").cloned().unwrap_or_default();
                 match serde_json::from_value::<RangePoolSpec>(spec) {
@@ -349,7 +356,7 @@ impl LeaseStore for KubeStore {
                         .push(LoadProblem { what: format!("RangePool {name}"), error: e.to_string() }),
                 }
             }
-            let objects = Self::list_all(&self.raw_leases, "list leases").await?;
+            let objects = Inner::list_all(&this.raw_leases, "list leases").await?;
             let mut seen = HashMap::with_capacity(objects.len());
             for obj in objects {
                 let name = obj.name_any();
@@ -366,44 +373,87 @@ impl LeaseStore for KubeStore {
                     Err(e) => out.problems.push(LoadProblem { what: format!("IPLease {name}"), error: e }),
                 }
             }
-            *self.seen() = seen;
+            *this.seen() = seen;
             Ok(out)
         })
     }
 
+    fn pipelined(&mut self) -> Option<&mut dyn PipelinedStore> {
+        Some(self)
+    }
+
+    /// The pipelined writes, waited for: what a caller that wants a whole batch gets.
     fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError> {
-        self.fence.check().map_err(CommitError::Fenced)?;
-        // One chain per object, in order; chains run side by side.
-        let mut chains: Vec<Vec<(usize, &Change)>> = Vec::new();
-        let mut by_name: HashMap<String, usize> = HashMap::new();
-        for (i, c) in changes.iter().enumerate() {
-            let n = *by_name.entry(object_name(c)).or_insert_with(|| {
-                chains.push(Vec::new());
-                chains.len() - 1
-            });
-            chains[n].push((i, c));
-        }
-        let this = &*self;
-        let outcomes: Vec<Outcome> = self.rt.block_on(async {
-            futures::stream::iter(chains)
-                .map(|chain| this.write_chain(chain))
-                .buffer_unordered(IN_FLIGHT)
-                .flat_map(futures::stream::iter)
-                .collect()
-                .await
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let report: WriteReport = Arc::new(move |id, o| {
+            let _ = tx.send((id, o));
         });
+        self.submit(changes.iter().cloned().enumerate().collect(), report).map_err(CommitError::Fenced)?;
         let mut refused = Vec::new();
-        for o in outcomes {
-            match o {
-                Outcome::Done => {}
-                Outcome::Refused(r) => refused.push(r),
-                Outcome::Failed(e) => {
+        let mut failed = None;
+        for _ in 0..changes.len() {
+            match futures::executor::block_on(rx.recv()) {
+                Some((_, Outcome::Done)) => {}
+                Some((_, Outcome::Refused(r))) => refused.push(r),
+                Some((_, Outcome::Failed(e))) => {
                     warn!(error = %e, "a lease write failed and its outcome could not be read back");
-                    return Err(CommitError::Failed(e));
+                    failed.get_or_insert(e);
+                }
+                // The runtime dropped the writes (shutting down): their outcome is unknown.
+                None => {
+                    failed.get_or_insert(StoreError::new("commit", "the writes were dropped unfinished"));
+                    break;
                 }
             }
         }
+        if let Some(e) = failed {
+            return Err(CommitError::Failed(e));
+        }
         debug!(changes = changes.len(), refused = refused.len(), "committed to the API server");
         if refused.is_empty() { Ok(()) } else { Err(CommitError::Refused(refused)) }
+    }
+}
+
+impl PipelinedStore for KubeStore {
+    fn submit(&mut self, writes: Vec<(usize, Change)>, report: WriteReport) -> Result<(), String> {
+        self.inner.fence.check()?;
+        for (id, change) in writes {
+            let name = object_name(&change);
+            let (applied_tx, applied_rx) = tokio::sync::oneshot::channel();
+            self.next_tail += 1;
+            let tail = Tail { id: self.next_tail, applied: applied_rx.shared() };
+            let before = self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), tail);
+            let (inner, tails, permits, report) =
+                (self.inner.clone(), self.tails.clone(), self.permits.clone(), report.clone());
+            let me = self.next_tail;
+            self.inner.rt.spawn(async move {
+                // The previous write to this object first; a dropped one counts as failed.
+                let before_applied = match before {
+                    Some(t) => t.applied.await.unwrap_or(false),
+                    None => true,
+                };
+                let outcome = {
+                    // Held only while writing: a write waiting for its object holds none.
+                    let _permit = permits.acquire_owned().await;
+                    match (before_applied, lease_key(&change)) {
+                        (true, _) => inner.write(id, &change).await,
+                        (false, Some((network, address))) => {
+                            inner.refuse(id, network, address, "an earlier write to it failed".into()).await
+                        }
+                        // A pool's create that follows a failed one: try it, 409 is success.
+                        (false, None) => inner.write(id, &change).await,
+                    }
+                };
+                let _ = applied_tx.send(matches!(outcome, Outcome::Done));
+                {
+                    let mut tails = tails.lock().unwrap_or_else(|e| e.into_inner());
+                    if tails.get(&name).is_some_and(|t| t.id == me) {
+                        tails.remove(&name);
+                    }
+                }
+                report(id, outcome);
+            });
+        }
+        Ok(())
     }
 }

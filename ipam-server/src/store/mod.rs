@@ -70,4 +70,33 @@ pub trait LeaseStore: Send + 'static {
     /// Applies `changes` in order, durably. A store that cannot apply a batch atomically
     /// reports each write it refused ([`CommitError::Refused`]) and applies the rest.
     fn commit(&mut self, changes: &[Change]) -> Result<(), CommitError>;
+    /// The same store taking writes without waiting for earlier ones, if it can: one
+    /// whose writes are independent round trips (the API server) keeps many in flight,
+    /// where a file database is better off committing a batch at once.
+    fn pipelined(&mut self) -> Option<&mut dyn PipelinedStore> {
+        None
+    }
+}
+
+/// What became of one write given to [`PipelinedStore::submit`].
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// Durable.
+    Done,
+    /// Not applied: the store holds something else there (its `index` is the write's id).
+    Refused(Refusal),
+    /// Unknown whether it applied.
+    Failed(StoreError),
+}
+
+/// Reports the outcome of the write with the given id; called from the store's threads.
+pub type WriteReport = std::sync::Arc<dyn Fn(usize, WriteOutcome) + Send + Sync>;
+
+/// A store that takes writes while earlier ones are in flight.
+pub trait PipelinedStore {
+    /// Starts `writes` (id, change) and returns; `report` gets each one's outcome once
+    /// known. Writes to one object apply in the order they were submitted, across calls;
+    /// a write after one to the same object that did not apply is refused with the
+    /// store's truth. `Err` (nothing started): this server may no longer write.
+    fn submit(&mut self, writes: Vec<(usize, Change)>, report: WriteReport) -> Result<(), String>;
 }
