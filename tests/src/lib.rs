@@ -189,7 +189,6 @@ impl ServerProcess {
         }
     }
 
-    /// SIGTERM, then waits for the process to exit.
     /// GETs `path` from the metrics listener: the status code and the body.
     pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -204,6 +203,12 @@ impl ServerProcess {
         Ok((code, body.to_string()))
     }
 
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the process to exit.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().context("kill -TERM")?;

@@ -71,6 +71,11 @@ struct Args {
     /// measure raw IPLease creates at each level too.
     #[arg(long, conflicts_with_all = ["server", "kube_standin_ms"])]
     envtest: bool,
+    /// Instead of load levels: write this many IPLeases straight to the API server (64 at
+    /// a time), stop the server with SIGTERM, start another, and print how long it takes
+    /// to serve (win the election, load every lease, answer Status) and its memory.
+    #[arg(long, requires = "envtest", value_name = "LEASES")]
+    leader_start: Option<u32>,
     /// Connect timeout and per-call deadline.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -117,6 +122,8 @@ fn check_local_endpoint(endpoint: &str) -> anyhow::Result<()> {
 /// dropped (the process goes before its directory: field order).
 struct SpawnedServer {
     process: ServerProcess,
+    /// How it was started (to start another on the same store).
+    opts: ServerOptions,
     _standin: Option<KubeStandin>,
     /// With `--envtest`: the namespace the server's leases are in.
     namespace: Option<TestNamespace>,
@@ -158,7 +165,7 @@ async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
     };
     let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
     info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");
-    Ok(SpawnedServer { process, _standin: standin, namespace, _dir: dir })
+    Ok(SpawnedServer { process, opts, _standin: standin, namespace, _dir: dir })
 }
 
 /// What every client of one level shares.
@@ -395,6 +402,82 @@ async fn raw_level(
     Ok(row(clients, &hist, errors, started.elapsed()))
 }
 
+/// `--leader-start`: `count` leases straight into the store, then a new leader's start.
+async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> anyhow::Result<()> {
+    let ns = spawned.namespace.as_ref().context("--leader-start needs --envtest")?;
+    let range: ipnetwork::Ipv4Network =
+        args.range.parse().with_context(|| format!("--range {}", args.range))?;
+    if u64::from(count) + 2 > u64::from(range.size()) {
+        bail!("--range {} cannot hold {count} leases", args.range);
+    }
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
+        let (next, network, range_text) = (next.clone(), args.network.clone(), args.range.clone());
+        let base = u32::from(range.network());
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n > u64::from(count) {
+                    return anyhow::Ok(());
+                }
+                let address = IpAddr::V4((base + n as u32).into());
+                let spec = IPLeaseSpec {
+                    network: network.clone(),
+                    address: address.to_string(),
+                    range: range_text.clone(),
+                    prefix_len: range.prefix(),
+                    gateway: None,
+                    container_id: format!("preload-{n}"),
+                    ifname: IFNAME.into(),
+                    pod_ref: format!("grpc-load/preload-{n}"),
+                    pod_uid: String::new(),
+                    node: NODE.into(),
+                    created_unix_ms: 0,
+                    note: String::new(),
+                };
+                let obj = IPLease::new(&ipam_server::k8s::crd::lease_name(&network, address), spec);
+                api.create(&kube::api::PostParams::default(), &obj)
+                    .await
+                    .with_context(|| format!("creating {address}"))?;
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.context("a writer panicked")??;
+    }
+    let wrote = started.elapsed();
+    info!(count, secs = wrote.as_secs_f64(), "wrote the IPLeases");
+    let status = spawned.process.terminate().context("stopping the first server")?;
+    info!(%status, "the first leader stopped");
+    let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir()?;
+    let opts = ServerOptions { startup_timeout: Duration::from_secs(600), ..spawned.opts.clone() };
+    let t = Instant::now();
+    let second = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
+    let to_serve = t.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", second.pid()))?;
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?").to_string();
+    let ch = rust_ipam_proto::connect(&second.endpoint, Duration::from_secs(5)).await?;
+    let pools = rust_ipam_proto::v1::admin_client::AdminClient::new(ch)
+        .list_pools(pb::ListPoolsRequest::default())
+        .await?
+        .into_inner();
+    let used: u64 = pools.pools.iter().map(|p| p.used.parse::<u64>().unwrap_or(0)).sum();
+    println!(
+        "| IPLeases in the API server | written at | new leader: start to serving | leases loaded | server memory |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {count} | {:.0}/s | {:.2} s | {used} | {} |",
+        f64::from(count) / wrote.as_secs_f64(),
+        to_serve.as_secs_f64(),
+        rss.trim_start_matches("VmRSS:").trim()
+    );
+    Ok(())
+}
+
 /// Writes (create, update, patch, delete) the API server has served on rust-ipam's
 /// resources, from its own `apiserver_request_total` counters.
 async fn api_writes(admin: &kube::Client) -> anyhow::Result<f64> {
@@ -477,6 +560,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => spawned.insert(spawn_server(&args).await?).process.endpoint.clone(),
     };
+    if let (Some(count), Some(s)) = (args.leader_start, spawned.as_mut()) {
+        return leader_start(s, &args, count).await;
+    }
     let run_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
     info!(%endpoint, range = %args.range, network = %args.network, release_after = args.release_after,
         duration_secs = args.duration_secs, "load run");
