@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rust_ipam_proto::v1 as pb;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -17,7 +18,11 @@ use crate::allocator::{
 };
 use crate::engine::EngineError;
 use crate::reconcile::{PassError, Reconciler};
-use crate::role::Serving;
+use crate::role::{NotServing, Serving};
+
+/// Metadata key naming the leader's identity next to [`rust_ipam_proto::LEADER_METADATA`]
+/// (its endpoint).
+pub const LEADER_IDENTITY_METADATA: &str = "x-rust-ipam-leader-identity";
 
 /// Maps an allocator error to the status a client can act on.
 pub fn status(e: AllocError) -> Status {
@@ -28,6 +33,25 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
         AllocError::NotFound(_) => Status::not_found(msg),
+    }
+}
+
+impl From<NotServing> for Status {
+    /// UNAVAILABLE; from a follower it names the leader in the metadata, so a client can go
+    /// there.
+    fn from(e: NotServing) -> Status {
+        let mut s = Status::unavailable(e.to_string());
+        if let NotServing::Follower(p) = &e {
+            if let Ok(v) = MetadataValue::try_from(p.endpoint.as_str())
+                && !p.endpoint.is_empty()
+            {
+                s.metadata_mut().insert(rust_ipam_proto::LEADER_METADATA, v);
+            }
+            if let Ok(v) = MetadataValue::try_from(p.identity.as_str()) {
+                s.metadata_mut().insert(LEADER_IDENTITY_METADATA, v);
+            }
+        }
+        s
     }
 }
 
@@ -470,5 +494,39 @@ impl pb::admin_server::Admin for AdminService {
             entries,
             freed,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::role::Peer;
+
+    #[test]
+    fn a_follower_names_the_leader_in_the_status() {
+        let p = Peer { identity: "ipam-0".into(), endpoint: "http://10.0.0.5:50051".into() };
+        let st = Status::from(NotServing::Follower(p));
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            st.message(),
+            "this replica is not the leader; the leader is ipam-0 at http://10.0.0.5:50051"
+        );
+        assert_eq!(
+            st.metadata().get(rust_ipam_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            Some("http://10.0.0.5:50051")
+        );
+        assert_eq!(st.metadata().get(LEADER_IDENTITY_METADATA).and_then(|v| v.to_str().ok()), Some("ipam-0"));
+
+        let unknown =
+            Status::from(NotServing::Follower(Peer { identity: "ipam-1".into(), endpoint: String::new() }));
+        assert_eq!(
+            unknown.message(),
+            "this replica is not the leader; the leader is ipam-1 at an unknown endpoint"
+        );
+        assert!(unknown.metadata().get(rust_ipam_proto::LEADER_METADATA).is_none());
+
+        let starting = Status::from(NotServing::Starting);
+        assert_eq!(starting.code(), tonic::Code::Unavailable);
+        assert!(starting.metadata().get(LEADER_IDENTITY_METADATA).is_none());
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
+use ipam_server::reconcile::ReconcileMetrics;
 use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
 use ipam_server::tls::{ServerTls, TlsFiles};
@@ -373,12 +374,12 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 fn reconciler(
     args: &Args,
     client: Option<kube::Client>,
-    metrics: &std::sync::Arc<Metrics>,
+    metrics: ReconcileMetrics,
 ) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
     use ipam_server::reconcile::{PodSource, Reconciler, kube::KubePods};
     let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
     info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(), "stale-lease reconcile");
-    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics.clone())
+    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics)
 }
 
 /// Runs with the kube store: elects a leader, serves while leading, follows otherwise.
@@ -387,11 +388,12 @@ async fn run_kube(
     identity: String,
     listeners: Listeners,
     metrics: (std::sync::Arc<Metrics>, Option<tokio::net::TcpListener>),
+    reconcile_metrics: ReconcileMetrics,
 ) -> anyhow::Result<()> {
     use ipam_server::k8s::leader::{self, Election};
     use ipam_server::role::{Peer, Role, Serving};
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    let reconciler = reconciler(args, Some(client.clone()), &metrics.0);
+    let reconciler = reconciler(args, Some(client.clone()), reconcile_metrics);
     let election = Election {
         namespace: args.namespace.clone().unwrap_or_else(default_namespace),
         lease_name: args.lease_name.clone(),
@@ -471,7 +473,9 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    let mut registry = Metrics::builder();
+    let reconcile_metrics = ReconcileMetrics::register(registry.sub_registry("reconcile"));
+    let metrics = registry.build();
     let metrics_listener = match args.metrics_listen {
         MetricsListen::Off => None,
         MetricsListen::At(addr) => Some(
@@ -483,7 +487,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listeners = bind_listeners(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     if use_kube(&args) {
-        return run_kube(&args, identity, listeners, (metrics, metrics_listener)).await;
+        return run_kube(&args, identity, listeners, (metrics, metrics_listener), reconcile_metrics).await;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
@@ -493,7 +497,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Some(kube_client(Some(path)).await?),
         None => None,
     };
-    let reconciler = reconciler(&args, client, &metrics);
+    let reconciler = reconciler(&args, client, reconcile_metrics);
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
     server::serve_single(
         engine,

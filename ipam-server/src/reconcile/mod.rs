@@ -353,7 +353,8 @@ struct StageLabel {
     stage: &'static str,
 }
 
-/// The reconcile metrics, registered in the server's registry.
+/// The reconcile metrics. `default()` makes unregistered ones: they count, and nothing
+/// exports them.
 #[derive(Debug, Default)]
 pub struct ReconcileMetrics {
     runs: Family<RunLabels, Counter>,
@@ -363,22 +364,19 @@ pub struct ReconcileMetrics {
 }
 
 impl ReconcileMetrics {
-    /// Registers the metrics (`reconcile_*`) in `registry`.
+    /// Registers the metrics (`runs`, `freed`, `kept`, `errors`) in `registry`, the
+    /// reconcile's own sub-registry.
     pub fn register(registry: &mut Registry) -> ReconcileMetrics {
         let m = ReconcileMetrics::default();
+        registry.register("runs", "Reconcile passes by mode (real, dry-run) and result", m.runs.clone());
+        registry.register("freed", "Stale leases freed by reconcile, by reason", m.freed.clone());
         registry.register(
-            "reconcile_runs",
-            "Reconcile passes by mode (real, dry-run) and result",
-            m.runs.clone(),
-        );
-        registry.register("reconcile_freed", "Stale leases freed by reconcile, by reason", m.freed.clone());
-        registry.register(
-            "reconcile_kept",
+            "kept",
             "Stale leases a real reconcile pass kept, by action (kept-young, kept-pod-live, kept-changed)",
             m.kept.clone(),
         );
         registry.register(
-            "reconcile_errors",
+            "errors",
             "Reconcile failures by stage (leases, list-pods, get-pod, release)",
             m.errors.clone(),
         );
@@ -421,7 +419,7 @@ pub struct Reconciler {
     every: Duration,
     /// Grace period of timer passes and of RPCs that name none.
     grace: Duration,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: ReconcileMetrics,
     running: tokio::sync::Mutex<()>,
 }
 
@@ -436,14 +434,15 @@ impl Reconciler {
         pods: Option<Arc<dyn PodSource>>,
         every: Duration,
         grace: Duration,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: ReconcileMetrics,
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler { pods, every, grace, metrics, running: tokio::sync::Mutex::new(()) })
     }
 
-    /// A reconciler without pods and without a timer.
-    pub fn disabled(metrics: Arc<crate::metrics::Metrics>) -> Arc<Reconciler> {
-        Reconciler::new(None, Duration::ZERO, Duration::from_secs(600), metrics)
+    /// A reconciler without pods and without a timer. Its metrics are registered nowhere:
+    /// it never runs a pass to count.
+    pub fn disabled() -> Arc<Reconciler> {
+        Reconciler::new(None, Duration::ZERO, Duration::from_secs(600), ReconcileMetrics::default())
     }
 
     /// The default grace period.
@@ -462,7 +461,7 @@ impl Reconciler {
         let opts = PassOptions { dry_run, grace: grace.unwrap_or(self.grace) };
         let _one_at_a_time = self.running.lock().await;
         let outcome = pass(engine, pods.as_ref(), opts, now_unix_ms()).await;
-        self.metrics.reconcile().observe(dry_run, &outcome);
+        self.metrics.observe(dry_run, &outcome);
         match &outcome {
             Ok(r) => info!(dry_run, grace = ?opts.grace, leases = r.leases_checked, pods = r.pods_listed,
                 stale = r.entries.len(), freed = r.freed(), young = r.count(Action::KeptYoung),

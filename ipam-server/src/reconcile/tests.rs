@@ -385,16 +385,18 @@ async fn read_failures_free_nothing() {
 
 #[tokio::test]
 async fn reconciler_counts_passes_and_refuses_without_pods() {
-    let metrics = Metrics::new();
+    let mut builder = Metrics::builder();
+    let counted = ReconcileMetrics::register(builder.sub_registry("reconcile"));
+    let metrics = builder.build();
     let (engine, _store) = mixed_engine_only().await;
-    let none = Reconciler::disabled(metrics.clone());
+    let none = Reconciler::disabled();
     let err = none.run(&engine, false, None).await.expect_err("no pods");
     assert_eq!(
         err.to_string(),
         "reconcile needs the Kubernetes API to see pods (run in a cluster or pass --kubeconfig)"
     );
     let (_, _, pods) = mixed().await;
-    let r = Reconciler::new(Some(Arc::new(pods)), Duration::ZERO, GRACE, metrics.clone());
+    let r = Reconciler::new(Some(Arc::new(pods)), Duration::ZERO, GRACE, counted);
     r.run(&engine, true, None).await.expect("dry run");
     let real = r.run(&engine, false, None).await.expect("pass");
     assert_eq!(real.grace, GRACE);
@@ -422,7 +424,7 @@ async fn only_the_leader_runs_the_timer() {
     let (tx, mut listed) = tokio::sync::mpsc::unbounded_channel();
     let pods = Arc::new(FakePods { listed: Some(tx), ..FakePods::default() });
     let every = Duration::from_secs(300);
-    let r = Reconciler::new(Some(pods.clone()), every, GRACE, Metrics::new());
+    let r = Reconciler::new(Some(pods.clone()), every, GRACE, ReconcileMetrics::default());
     let (role, rx) = tokio::sync::watch::channel(Role::Follower(None));
     let timer = r.spawn_timer(Serving::new(rx)).expect("timer");
 
@@ -453,14 +455,14 @@ async fn only_the_leader_runs_the_timer() {
     timer.abort();
 
     // No timer at all with a zero interval or without pods.
-    let m = Metrics::new();
+    let m = ReconcileMetrics::default;
     let (_, rx) = tokio::sync::watch::channel(Role::Follower(None));
     assert!(
-        Reconciler::new(Some(pods), Duration::ZERO, GRACE, m.clone())
+        Reconciler::new(Some(pods), Duration::ZERO, GRACE, m())
             .spawn_timer(Serving::new(rx.clone()))
             .is_none()
     );
-    assert!(Reconciler::new(None, every, GRACE, m).spawn_timer(Serving::new(rx)).is_none());
+    assert!(Reconciler::new(None, every, GRACE, m()).spawn_timer(Serving::new(rx)).is_none());
 }
 
 #[test]
