@@ -85,13 +85,20 @@ fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
     })
 }
 
-fn range_input(r: pb::Range) -> RangeInput {
-    RangeInput {
-        range: r.range,
-        range_start: r.range_start,
-        range_end: r.range_end,
-        exclude: r.exclude,
-        gateway: r.gateway,
+// Destructured on both sides: a field added to either type fails to compile here rather
+// than being dropped on the way.
+impl From<pb::Range> for RangeInput {
+    /// The range as given: checked by [`RangeSpec::parse`], which names the bad field.
+    fn from(r: pb::Range) -> RangeInput {
+        let pb::Range { range, range_start, range_end, exclude, gateway } = r;
+        RangeInput { range, range_start, range_end, exclude, gateway }
+    }
+}
+
+impl From<RangeInput> for pb::Range {
+    fn from(r: RangeInput) -> pb::Range {
+        let RangeInput { range, range_start, range_end, exclude, gateway } = r;
+        pb::Range { range, range_start, range_end, exclude, gateway }
     }
 }
 
@@ -105,7 +112,7 @@ fn check_ranges(ranges: Vec<pb::Range>) -> Result<Vec<RangeSpec>, Status> {
         .enumerate()
         .map(|(i, r)| {
             let prefix = if single { String::new() } else { format!("ranges[{i}].") };
-            RangeSpec::parse(&range_input(r), FieldPrefix(&prefix)).map_err(status)
+            RangeSpec::parse(&r.into(), FieldPrefix(&prefix)).map_err(status)
         })
         .collect()
 }
@@ -147,16 +154,9 @@ pub(crate) fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
 }
 
 fn pb_pool(p: PoolUsage) -> pb::Pool {
-    let r = p.range;
     pb::Pool {
         network: p.network.to_string(),
-        range: Some(pb::Range {
-            range: r.range,
-            range_start: r.range_start,
-            range_end: r.range_end,
-            exclude: r.exclude,
-            gateway: r.gateway,
-        }),
+        range: Some(p.range.into()),
         size: p.size.to_string(),
         used: p.used.to_string(),
         excluded: p.excluded.to_string(),
@@ -501,6 +501,29 @@ impl pb::admin_server::Admin for AdminService {
 mod tests {
     use super::*;
     use crate::role::Peer;
+
+    #[test]
+    fn ranges_convert_both_ways_unchanged() {
+        let pb_range = pb::Range {
+            range: "10.0.0.0/24".into(),
+            range_start: "10.0.0.10".into(),
+            range_end: "10.0.0.20".into(),
+            exclude: vec!["10.0.0.12/31".into()],
+            gateway: "10.0.0.1".into(),
+        };
+        let input = RangeInput::from(pb_range.clone());
+        assert_eq!(
+            input,
+            RangeInput {
+                range: "10.0.0.0/24".into(),
+                range_start: "10.0.0.10".into(),
+                range_end: "10.0.0.20".into(),
+                exclude: vec!["10.0.0.12/31".into()],
+                gateway: "10.0.0.1".into(),
+            }
+        );
+        assert_eq!(pb::Range::from(input), pb_range);
+    }
 
     #[test]
     fn a_follower_names_the_leader_in_the_status() {
