@@ -17,7 +17,7 @@ use crate::allocator::{
     RangeSpec,
 };
 use crate::engine::EngineError;
-use crate::reconcile::{PassError, Reconciler};
+use crate::reconcile::{self, PassError, Reconciler};
 use crate::role::{NotServing, Serving};
 
 /// Metadata key naming the leader's identity next to [`rust_ipam_proto::LEADER_METADATA`]
@@ -161,6 +161,62 @@ fn pb_pool(p: PoolUsage) -> pb::Pool {
         used: p.used.to_string(),
         excluded: p.excluded.to_string(),
         free: p.free.to_string(),
+    }
+}
+
+impl From<reconcile::Reason> for pb::ReconcileReason {
+    fn from(r: reconcile::Reason) -> pb::ReconcileReason {
+        match r {
+            reconcile::Reason::PodGone => pb::ReconcileReason::PodGone,
+            reconcile::Reason::PodReplaced => pb::ReconcileReason::PodReplaced,
+        }
+    }
+}
+
+impl From<reconcile::Action> for pb::ReconcileAction {
+    fn from(a: reconcile::Action) -> pb::ReconcileAction {
+        match a {
+            reconcile::Action::WouldFree => pb::ReconcileAction::WouldFree,
+            reconcile::Action::Freed => pb::ReconcileAction::Freed,
+            reconcile::Action::KeptYoung => pb::ReconcileAction::KeptYoung,
+            reconcile::Action::KeptPodLive => pb::ReconcileAction::KeptPodLive,
+            reconcile::Action::KeptChanged => pb::ReconcileAction::KeptChanged,
+            reconcile::Action::Failed => pb::ReconcileAction::Failed,
+        }
+    }
+}
+
+/// A protobuf enum value without a domain value: UNSPECIFIED, which is also what prost
+/// reads a value added after this build as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} has no meaning here")]
+pub struct UnspecifiedValue(pub &'static str);
+
+impl TryFrom<pb::ReconcileReason> for reconcile::Reason {
+    type Error = UnspecifiedValue;
+
+    fn try_from(r: pb::ReconcileReason) -> Result<reconcile::Reason, UnspecifiedValue> {
+        match r {
+            pb::ReconcileReason::PodGone => Ok(reconcile::Reason::PodGone),
+            pb::ReconcileReason::PodReplaced => Ok(reconcile::Reason::PodReplaced),
+            pb::ReconcileReason::Unspecified => Err(UnspecifiedValue(r.as_str_name())),
+        }
+    }
+}
+
+impl TryFrom<pb::ReconcileAction> for reconcile::Action {
+    type Error = UnspecifiedValue;
+
+    fn try_from(a: pb::ReconcileAction) -> Result<reconcile::Action, UnspecifiedValue> {
+        match a {
+            pb::ReconcileAction::WouldFree => Ok(reconcile::Action::WouldFree),
+            pb::ReconcileAction::Freed => Ok(reconcile::Action::Freed),
+            pb::ReconcileAction::KeptYoung => Ok(reconcile::Action::KeptYoung),
+            pb::ReconcileAction::KeptPodLive => Ok(reconcile::Action::KeptPodLive),
+            pb::ReconcileAction::KeptChanged => Ok(reconcile::Action::KeptChanged),
+            pb::ReconcileAction::Failed => Ok(reconcile::Action::Failed),
+            pb::ReconcileAction::Unspecified => Err(UnspecifiedValue(a.as_str_name())),
+        }
     }
 }
 
@@ -480,8 +536,8 @@ impl pb::admin_server::Admin for AdminService {
             .into_iter()
             .map(|e| pb::ReconcileEntry {
                 lease: Some(pb_lease(e.lease)),
-                reason: e.reason.as_str().into(),
-                action: e.action.as_str().into(),
+                reason: pb::ReconcileReason::from(e.reason).into(),
+                action: pb::ReconcileAction::from(e.action).into(),
                 age_seconds: e.age.as_secs(),
                 detail: e.detail,
             })
@@ -523,6 +579,37 @@ mod tests {
             }
         );
         assert_eq!(pb::Range::from(input), pb_range);
+    }
+
+    #[test]
+    fn reconcile_reasons_and_actions_convert_both_ways() {
+        use reconcile::{Action, Reason};
+        for r in [Reason::PodGone, Reason::PodReplaced] {
+            assert_eq!(Reason::try_from(pb::ReconcileReason::from(r)), Ok(r));
+        }
+        let actions = [
+            Action::WouldFree,
+            Action::Freed,
+            Action::KeptYoung,
+            Action::KeptPodLive,
+            Action::KeptChanged,
+            Action::Failed,
+        ];
+        for a in actions {
+            assert_eq!(Action::try_from(pb::ReconcileAction::from(a)), Ok(a));
+        }
+        assert_eq!(
+            pb::ReconcileAction::from(Action::KeptPodLive).as_str_name(),
+            "RECONCILE_ACTION_KEPT_POD_LIVE"
+        );
+        assert_eq!(
+            Reason::try_from(pb::ReconcileReason::Unspecified),
+            Err(UnspecifiedValue("RECONCILE_REASON_UNSPECIFIED"))
+        );
+        assert_eq!(
+            Action::try_from(pb::ReconcileAction::Unspecified).map_err(|e| e.to_string()),
+            Err("RECONCILE_ACTION_UNSPECIFIED has no meaning here".to_string())
+        );
     }
 
     #[test]
