@@ -44,10 +44,20 @@ pub struct PodInfo {
     pub uid: String,
 }
 
-/// Reading pods failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct PodError(pub String);
+/// Reading pods failed, with the pod source's own error (the API server's, for
+/// [`kube::KubePods`]) as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    List(Box<dyn std::error::Error + Send + Sync>),
+    #[error("pod {namespace}/{name}: {source}")]
+    Get {
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
 
 /// Where pods are read from: the Kubernetes API ([`kube::KubePods`]), or a test's own.
 pub trait PodSource: Send + Sync + std::fmt::Debug {
@@ -201,7 +211,7 @@ impl Report {
 }
 
 /// Why a pass could not run.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PassError {
     /// No Kubernetes API to read pods from.
     #[error("reconcile needs the Kubernetes API to see pods (run in a cluster or pass --kubeconfig)")]
@@ -209,7 +219,7 @@ pub enum PassError {
     #[error("reading leases: {0}")]
     Engine(#[from] EngineError),
     #[error("listing pods: {0}")]
-    ListPods(PodError),
+    ListPods(#[source] PodError),
 }
 
 /// How to run a pass.

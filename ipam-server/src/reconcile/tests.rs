@@ -73,7 +73,7 @@ impl PodSource for FakePods {
                 let _ = tx.send(());
             }
             if let Some(e) = self.fail_list.lock().expect("lock").clone() {
-                return Err(PodError(e));
+                return Err(PodError::List(e.into()));
             }
             let pods: Vec<PodInfo> = self
                 .pods
@@ -103,7 +103,11 @@ impl PodSource for FakePods {
         Box::pin(async move {
             self.gets.lock().expect("lock").push(format!("{namespace}/{name}"));
             if let Some(e) = self.fail_get.lock().expect("lock").clone() {
-                return Err(PodError(e));
+                return Err(PodError::Get {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    source: e.into(),
+                });
             }
             let uid = self.pods.lock().expect("lock").get(&(namespace.into(), name.into())).cloned();
             Ok(uid.map(|uid| PodInfo { namespace: namespace.into(), name: name.into(), uid }))
@@ -373,13 +377,15 @@ async fn read_failures_free_nothing() {
     *pods.fail_get.lock().expect("lock") = Some("connection refused".into());
     let r = pass(&engine, &pods, PassOptions { dry_run: false, grace: GRACE }, now_ms()).await.expect("pass");
     assert_eq!(summary(&r), vec![("10.0.0.1".to_string(), "pod-gone", "failed")]);
-    assert_eq!(r.entries[0].detail, "reading the pod again: connection refused");
+    assert_eq!(r.entries[0].detail, "reading the pod again: pod ns/web: connection refused");
     assert_eq!(r.entries[0].failed_at, Some("get-pod"));
     *pods.fail_list.lock().expect("lock") = Some("403 forbidden".into());
     let err = pass(&engine, &pods, PassOptions { dry_run: false, grace: GRACE }, now_ms())
         .await
         .expect_err("fails");
     assert_eq!(err.to_string(), "listing pods: 403 forbidden");
+    let cause = std::error::Error::source(&err).expect("the pod source's error");
+    assert_eq!(cause.to_string(), "403 forbidden");
     assert_eq!(held(&engine).await.len(), 1);
 }
 
