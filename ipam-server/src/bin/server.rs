@@ -251,7 +251,7 @@ fn import_into(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let rows = import(docs, &mut alloc, now).map_err(anyhow::Error::msg)?;
+    let rows = import(docs, &mut alloc, now)?;
     print!("{}", table(&rows));
     let changes: Vec<_> = alloc.drain_journal().collect();
     let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.action)).count();
