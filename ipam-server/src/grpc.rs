@@ -32,7 +32,7 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Exhausted { .. } => Status::resource_exhausted(msg),
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
-        AllocError::NotFound(_) => Status::not_found(msg),
+        AllocError::NotFound { .. } => Status::not_found(msg),
     }
 }
 
