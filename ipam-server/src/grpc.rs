@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rust_ipam_proto::v1 as pb;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -16,8 +17,12 @@ use crate::allocator::{
     RangeSpec,
 };
 use crate::engine::EngineError;
-use crate::reconcile::{PassError, Reconciler};
-use crate::role::Serving;
+use crate::reconcile::{self, PassError, Reconciler};
+use crate::role::{NotServing, Serving};
+
+/// Metadata key naming the leader's identity next to [`rust_ipam_proto::LEADER_METADATA`]
+/// (its endpoint).
+pub const LEADER_IDENTITY_METADATA: &str = "x-rust-ipam-leader-identity";
 
 /// Maps an allocator error to the status a client can act on.
 pub fn status(e: AllocError) -> Status {
@@ -27,7 +32,26 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Exhausted { .. } => Status::resource_exhausted(msg),
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
-        AllocError::NotFound(_) => Status::not_found(msg),
+        AllocError::NotFound { .. } => Status::not_found(msg),
+    }
+}
+
+impl From<NotServing> for Status {
+    /// UNAVAILABLE; from a follower it names the leader in the metadata, so a client can go
+    /// there.
+    fn from(e: NotServing) -> Status {
+        let mut s = Status::unavailable(e.to_string());
+        if let NotServing::Follower(p) = &e {
+            if let Ok(v) = MetadataValue::try_from(p.endpoint.as_str())
+                && !p.endpoint.is_empty()
+            {
+                s.metadata_mut().insert(rust_ipam_proto::LEADER_METADATA, v);
+            }
+            if let Ok(v) = MetadataValue::try_from(p.identity.as_str()) {
+                s.metadata_mut().insert(LEADER_IDENTITY_METADATA, v);
+            }
+        }
+        s
     }
 }
 
@@ -61,13 +85,20 @@ fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
     })
 }
 
-fn range_input(r: pb::Range) -> RangeInput {
-    RangeInput {
-        range: r.range,
-        range_start: r.range_start,
-        range_end: r.range_end,
-        exclude: r.exclude,
-        gateway: r.gateway,
+// Destructured on both sides: a field added to either type fails to compile here rather
+// than being dropped on the way.
+impl From<pb::Range> for RangeInput {
+    /// The range as given: checked by [`RangeSpec::parse`], which names the bad field.
+    fn from(r: pb::Range) -> RangeInput {
+        let pb::Range { range, range_start, range_end, exclude, gateway } = r;
+        RangeInput { range, range_start, range_end, exclude, gateway }
+    }
+}
+
+impl From<RangeInput> for pb::Range {
+    fn from(r: RangeInput) -> pb::Range {
+        let RangeInput { range, range_start, range_end, exclude, gateway } = r;
+        pb::Range { range, range_start, range_end, exclude, gateway }
     }
 }
 
@@ -81,7 +112,7 @@ fn check_ranges(ranges: Vec<pb::Range>) -> Result<Vec<RangeSpec>, Status> {
         .enumerate()
         .map(|(i, r)| {
             let prefix = if single { String::new() } else { format!("ranges[{i}].") };
-            RangeSpec::parse(&range_input(r), FieldPrefix(&prefix)).map_err(status)
+            RangeSpec::parse(&r.into(), FieldPrefix(&prefix)).map_err(status)
         })
         .collect()
 }
@@ -123,20 +154,69 @@ pub(crate) fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
 }
 
 fn pb_pool(p: PoolUsage) -> pb::Pool {
-    let r = p.range;
     pb::Pool {
         network: p.network.to_string(),
-        range: Some(pb::Range {
-            range: r.range,
-            range_start: r.range_start,
-            range_end: r.range_end,
-            exclude: r.exclude,
-            gateway: r.gateway,
-        }),
+        range: Some(p.range.into()),
         size: p.size.to_string(),
         used: p.used.to_string(),
         excluded: p.excluded.to_string(),
         free: p.free.to_string(),
+    }
+}
+
+impl From<reconcile::Reason> for pb::ReconcileReason {
+    fn from(r: reconcile::Reason) -> pb::ReconcileReason {
+        match r {
+            reconcile::Reason::PodGone => pb::ReconcileReason::PodGone,
+            reconcile::Reason::PodReplaced => pb::ReconcileReason::PodReplaced,
+        }
+    }
+}
+
+impl From<reconcile::Action> for pb::ReconcileAction {
+    fn from(a: reconcile::Action) -> pb::ReconcileAction {
+        match a {
+            reconcile::Action::WouldFree => pb::ReconcileAction::WouldFree,
+            reconcile::Action::Freed => pb::ReconcileAction::Freed,
+            reconcile::Action::KeptYoung => pb::ReconcileAction::KeptYoung,
+            reconcile::Action::KeptPodLive => pb::ReconcileAction::KeptPodLive,
+            reconcile::Action::KeptChanged => pb::ReconcileAction::KeptChanged,
+            reconcile::Action::Failed => pb::ReconcileAction::Failed,
+        }
+    }
+}
+
+/// A protobuf enum value without a domain value: UNSPECIFIED, which is also what prost
+/// reads a value added after this build as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} has no meaning here")]
+pub struct UnspecifiedValue(pub &'static str);
+
+impl TryFrom<pb::ReconcileReason> for reconcile::Reason {
+    type Error = UnspecifiedValue;
+
+    fn try_from(r: pb::ReconcileReason) -> Result<reconcile::Reason, UnspecifiedValue> {
+        match r {
+            pb::ReconcileReason::PodGone => Ok(reconcile::Reason::PodGone),
+            pb::ReconcileReason::PodReplaced => Ok(reconcile::Reason::PodReplaced),
+            pb::ReconcileReason::Unspecified => Err(UnspecifiedValue(r.as_str_name())),
+        }
+    }
+}
+
+impl TryFrom<pb::ReconcileAction> for reconcile::Action {
+    type Error = UnspecifiedValue;
+
+    fn try_from(a: pb::ReconcileAction) -> Result<reconcile::Action, UnspecifiedValue> {
+        match a {
+            pb::ReconcileAction::WouldFree => Ok(reconcile::Action::WouldFree),
+            pb::ReconcileAction::Freed => Ok(reconcile::Action::Freed),
+            pb::ReconcileAction::KeptYoung => Ok(reconcile::Action::KeptYoung),
+            pb::ReconcileAction::KeptPodLive => Ok(reconcile::Action::KeptPodLive),
+            pb::ReconcileAction::KeptChanged => Ok(reconcile::Action::KeptChanged),
+            pb::ReconcileAction::Failed => Ok(reconcile::Action::Failed),
+            pb::ReconcileAction::Unspecified => Err(UnspecifiedValue(a.as_str_name())),
+        }
     }
 }
 
@@ -456,8 +536,8 @@ impl pb::admin_server::Admin for AdminService {
             .into_iter()
             .map(|e| pb::ReconcileEntry {
                 lease: Some(pb_lease(e.lease)),
-                reason: e.reason.as_str().into(),
-                action: e.action.as_str().into(),
+                reason: pb::ReconcileReason::from(e.reason).into(),
+                action: pb::ReconcileAction::from(e.action).into(),
                 age_seconds: e.age.as_secs(),
                 detail: e.detail,
             })
@@ -470,5 +550,93 @@ impl pb::admin_server::Admin for AdminService {
             entries,
             freed,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::role::Peer;
+
+    #[test]
+    fn ranges_convert_both_ways_unchanged() {
+        let pb_range = pb::Range {
+            range: "10.0.0.0/24".into(),
+            range_start: "10.0.0.10".into(),
+            range_end: "10.0.0.20".into(),
+            exclude: vec!["10.0.0.12/31".into()],
+            gateway: "10.0.0.1".into(),
+        };
+        let input = RangeInput::from(pb_range.clone());
+        assert_eq!(
+            input,
+            RangeInput {
+                range: "10.0.0.0/24".into(),
+                range_start: "10.0.0.10".into(),
+                range_end: "10.0.0.20".into(),
+                exclude: vec!["10.0.0.12/31".into()],
+                gateway: "10.0.0.1".into(),
+            }
+        );
+        assert_eq!(pb::Range::from(input), pb_range);
+    }
+
+    #[test]
+    fn reconcile_reasons_and_actions_convert_both_ways() {
+        use reconcile::{Action, Reason};
+        for r in [Reason::PodGone, Reason::PodReplaced] {
+            assert_eq!(Reason::try_from(pb::ReconcileReason::from(r)), Ok(r));
+        }
+        let actions = [
+            Action::WouldFree,
+            Action::Freed,
+            Action::KeptYoung,
+            Action::KeptPodLive,
+            Action::KeptChanged,
+            Action::Failed,
+        ];
+        for a in actions {
+            assert_eq!(Action::try_from(pb::ReconcileAction::from(a)), Ok(a));
+        }
+        assert_eq!(
+            pb::ReconcileAction::from(Action::KeptPodLive).as_str_name(),
+            "RECONCILE_ACTION_KEPT_POD_LIVE"
+        );
+        assert_eq!(
+            Reason::try_from(pb::ReconcileReason::Unspecified),
+            Err(UnspecifiedValue("RECONCILE_REASON_UNSPECIFIED"))
+        );
+        assert_eq!(
+            Action::try_from(pb::ReconcileAction::Unspecified).map_err(|e| e.to_string()),
+            Err("RECONCILE_ACTION_UNSPECIFIED has no meaning here".to_string())
+        );
+    }
+
+    #[test]
+    fn a_follower_names_the_leader_in_the_status() {
+        let p = Peer { identity: "ipam-0".into(), endpoint: "http://10.0.0.5:50051".into() };
+        let st = Status::from(NotServing::Follower(p));
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            st.message(),
+            "this replica is not the leader; the leader is ipam-0 at http://10.0.0.5:50051"
+        );
+        assert_eq!(
+            st.metadata().get(rust_ipam_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            Some("http://10.0.0.5:50051")
+        );
+        assert_eq!(st.metadata().get(LEADER_IDENTITY_METADATA).and_then(|v| v.to_str().ok()), Some("ipam-0"));
+
+        let unknown =
+            Status::from(NotServing::Follower(Peer { identity: "ipam-1".into(), endpoint: String::new() }));
+        assert_eq!(
+            unknown.message(),
+            "this replica is not the leader; the leader is ipam-1 at an unknown endpoint"
+        );
+        assert!(unknown.metadata().get(rust_ipam_proto::LEADER_METADATA).is_none());
+
+        let starting = Status::from(NotServing::Starting);
+        assert_eq!(starting.code(), tonic::Code::Unavailable);
+        assert!(starting.metadata().get(LEADER_IDENTITY_METADATA).is_none());
     }
 }

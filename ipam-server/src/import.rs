@@ -117,20 +117,40 @@ fn split_podref(podref: &str) -> Option<(String, String)> {
     (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| (ns.to_string(), name.to_string()))
 }
 
+/// Why the input as a whole cannot be read (an entry that cannot be read is a
+/// [`Action::Malformed`] row instead). `input` counts the documents given from 1. The
+/// message leaves the parser's words to the source: the command prints the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("input {input} is not YAML")]
+    NotYaml {
+        input: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("input {input} is not a Kubernetes object or List")]
+    NotObjects {
+        input: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
 /// Reads Whereabouts objects (YAML or JSON `kind: List` documents, or single objects) and
 /// decides each entry against `alloc`, adopting the new leases into it. Run on a copy for
 /// a dry run; persist `alloc`'s journal to apply.
-pub fn import(docs: &[String], alloc: &mut Allocator, now_unix_ms: i64) -> Result<Vec<Row>, String> {
+pub fn import(docs: &[String], alloc: &mut Allocator, now_unix_ms: i64) -> Result<Vec<Row>, ImportError> {
     let mut objects = Vec::new();
-    for (i, doc) in docs.iter().enumerate() {
+    for (input, doc) in (1..).zip(docs) {
+        let not_objects = |source| ImportError::NotObjects { input, source };
         for d in serde_yaml::Deserializer::from_str(doc) {
             let v =
-                serde_yaml::Value::deserialize(d).map_err(|e| format!("input {}: not YAML: {e}", i + 1))?;
+                serde_yaml::Value::deserialize(d).map_err(|source| ImportError::NotYaml { input, source })?;
             if v.get("items").is_some() {
-                let list: List = serde_yaml::from_value(v).map_err(|e| format!("input {}: {e}", i + 1))?;
+                let list: List = serde_yaml::from_value(v).map_err(not_objects)?;
                 objects.extend(list.items);
             } else if !v.is_null() {
-                objects.push(serde_yaml::from_value(v).map_err(|e| format!("input {}: {e}", i + 1))?);
+                objects.push(serde_yaml::from_value(v).map_err(not_objects)?);
             }
         }
     }
@@ -340,6 +360,18 @@ mod tests {
 
     fn fixtures() -> Vec<String> {
         vec![fixture("ippools.yaml"), fixture("overlappingrangeipreservations.yaml")]
+    }
+
+    #[test]
+    fn unreadable_input_is_named_by_its_position() {
+        let mut alloc = Allocator::new();
+        let err = import(&[String::new(), "a: [1".into()], &mut alloc, 1).expect_err("not YAML");
+        assert!(matches!(err, ImportError::NotYaml { input: 2, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "input 2 is not YAML");
+        let source = std::error::Error::source(&err).expect("the YAML error");
+        assert!(source.to_string().contains("line 2"), "{source}");
+        let err = import(&["kind: [IPPool]".into()], &mut alloc, 1).expect_err("not an object");
+        assert!(matches!(err, ImportError::NotObjects { input: 1, .. }), "{err:?}");
     }
 
     #[test]

@@ -2,14 +2,8 @@
 //! The gRPC services, health and readiness all read it from one place.
 
 use tokio::sync::watch;
-use tonic::Status;
-use tonic::metadata::MetadataValue;
 
 use crate::engine::Engine;
-
-/// Metadata key naming the leader's identity next to [`rust_ipam_proto::LEADER_METADATA`]
-/// (its endpoint).
-pub const LEADER_IDENTITY_METADATA: &str = "x-rust-ipam-leader-identity";
 
 /// Another replica, as the election Lease names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +44,22 @@ pub enum Role {
     Follower(Option<Peer>),
 }
 
+/// Why this replica does not allocate now; a follower names the leader.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotServing {
+    /// It led, and its engine stopped (the store said it may no longer write).
+    #[error("this replica lost its engine and is reloading")]
+    Reloading,
+    /// Electing, or leading and not loaded yet.
+    #[error("this replica is electing a leader or loading state")]
+    Starting,
+    #[error("this replica is not the leader; no leader is known")]
+    NoLeader,
+    #[error("this replica is not the leader; the leader is {} at {}", .0.identity,
+        if .0.endpoint.is_empty() { "an unknown endpoint" } else { &.0.endpoint })]
+    Follower(Peer),
+}
+
 /// A view of the current [`Role`]; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Serving {
@@ -78,32 +88,15 @@ impl Serving {
         self.rx.changed().await.is_ok()
     }
 
-    /// The engine when leading with state loaded; otherwise UNAVAILABLE naming the leader
-    /// in the metadata, so a client can go there.
-    pub fn engine(&self) -> Result<Engine, Status> {
+    /// The engine when leading with state loaded; otherwise why not, naming the leader
+    /// when one is known so a client can go there.
+    pub fn engine(&self) -> Result<Engine, NotServing> {
         match &*self.rx.borrow() {
             Role::Leader(e) if !e.is_stopped() => Ok(e.clone()),
-            Role::Leader(_) => Err(Status::unavailable("this replica lost its engine and is reloading")),
-            Role::Starting => Err(Status::unavailable("this replica is electing a leader or loading state")),
-            Role::Follower(None) => {
-                Err(Status::unavailable("this replica is not the leader; no leader is known"))
-            }
-            Role::Follower(Some(p)) => {
-                let mut s = Status::unavailable(format!(
-                    "this replica is not the leader; the leader is {} at {}",
-                    p.identity,
-                    if p.endpoint.is_empty() { "an unknown endpoint" } else { &p.endpoint }
-                ));
-                if let Ok(v) = MetadataValue::try_from(p.endpoint.as_str())
-                    && !p.endpoint.is_empty()
-                {
-                    s.metadata_mut().insert(rust_ipam_proto::LEADER_METADATA, v);
-                }
-                if let Ok(v) = MetadataValue::try_from(p.identity.as_str()) {
-                    s.metadata_mut().insert(LEADER_IDENTITY_METADATA, v);
-                }
-                Err(s)
-            }
+            Role::Leader(_) => Err(NotServing::Reloading),
+            Role::Starting => Err(NotServing::Starting),
+            Role::Follower(None) => Err(NotServing::NoLeader),
+            Role::Follower(Some(p)) => Err(NotServing::Follower(p.clone())),
         }
     }
 
@@ -131,23 +124,18 @@ mod tests {
             Peer { identity: "someone@else".into(), endpoint: String::new() }
         );
 
-        let (tx, rx) = watch::channel(Role::Follower(Some(p)));
+        let (tx, rx) = watch::channel(Role::Follower(Some(p.clone())));
         let s = Serving::new(rx);
-        let st = s.engine().expect_err("follower");
-        assert_eq!(st.code(), tonic::Code::Unavailable);
+        let not = s.engine().expect_err("follower");
+        assert_eq!(not, NotServing::Follower(p));
         assert_eq!(
-            st.message(),
+            not.to_string(),
             "this replica is not the leader; the leader is ipam-0 at http://10.0.0.5:50051"
         );
-        assert_eq!(
-            st.metadata().get(rust_ipam_proto::LEADER_METADATA).and_then(|v| v.to_str().ok()),
-            Some("http://10.0.0.5:50051")
-        );
-        assert_eq!(st.metadata().get(LEADER_IDENTITY_METADATA).and_then(|v| v.to_str().ok()), Some("ipam-0"));
         assert_eq!(s.leader_identity("me"), "ipam-0");
         tx.send(Role::Starting).expect("send");
         assert_eq!(
-            s.engine().expect_err("starting").message(),
+            s.engine().expect_err("starting").to_string(),
             "this replica is electing a leader or loading state"
         );
         assert_eq!(s.leader_identity("me"), "");

@@ -1,21 +1,29 @@
-//! Wiring: listeners, the gRPC services, reflection and health.
+//! Wiring: listeners, the gRPC services, reflection and health, the per-request metrics,
+//! and the HTTP endpoint of `/metrics` and the probes.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use rust_ipam_proto::v1::{admin_server::AdminServer, ipam_server::IpamServer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
-use crate::metrics::{Metrics, RpcMetricsLayer, serve_http};
+use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::role::{Role, Serving};
 use crate::tls::ServerTls;
@@ -265,6 +273,196 @@ pub async fn serve(
         let _ = t.await;
     }
     Ok(())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    serving: Serving,
+    metrics: Arc<Metrics>,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        // A follower has no pools to show, but its RPC counters and leader state are real.
+        "/metrics" => match serving.engine() {
+            Ok(engine) => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
+                Ok((pools, leases)) => text(StatusCode::OK, metrics.render(&pools, leases, true)),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            Err(_) => text(StatusCode::OK, metrics.render(&[], 0, false)),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        // Ready only on the leader whose engine answers: state loaded and the store usable,
+        // so a Service sends traffic to the leader alone.
+        "/readyz" => match serving.engine() {
+            Ok(engine) => match engine.call(|_, _| ()).await {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found: /metrics, /healthz, /readyz\n".into()),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+async fn serve_http(
+    listener: TcpListener,
+    serving: Serving,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    // Open connections hold engine handles; they must end with the listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "metrics listener accept failed");
+                    continue;
+                }
+            };
+            let (serving, metrics) = (serving.clone(), metrics.clone());
+            let svc = service_fn(move |req| {
+                let (serving, metrics) = (serving.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(handle(req, serving, metrics).await) }
+            });
+            let mut stop = stop_rx.clone();
+            tokio::spawn(
+                async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            debug!(error = %e, "metrics connection ended");
+                        },
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
+                .instrument(info_span!("metrics_conn", %peer)),
+            );
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    // Let the connection tasks see the signal and drop their handles.
+    drop(stop_rx);
+    stop_tx.closed().await;
+    debug!(?addr, "metrics listener stopped");
+}
+
+/// Methods served, as `package.Service/Method`; anything else counts as `other`.
+const RPCS: &[&str] = &[
+    "rustipam.v1.Ipam/Allocate",
+    "rustipam.v1.Ipam/Release",
+    "rustipam.v1.Ipam/Check",
+    "rustipam.v1.Ipam/Gc",
+    "rustipam.v1.Ipam/Status",
+    "rustipam.v1.Admin/ListPools",
+    "rustipam.v1.Admin/ListLeases",
+    "rustipam.v1.Admin/GetLease",
+    "rustipam.v1.Admin/Reserve",
+    "rustipam.v1.Admin/ReleaseAddress",
+    "rustipam.v1.Admin/Reconcile",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+fn rpc_label(path: &str) -> &'static str {
+    let path = path.trim_start_matches('/');
+    RPCS.iter().find(|r| **r == path).copied().unwrap_or("other")
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// A tower layer that counts every gRPC request by path and status code. The code comes from
+/// the `grpc-status` header: tonic sends errors as trailers-only responses, so a response
+/// without it (and HTTP 200) is a success.
+#[derive(Debug, Clone)]
+struct RpcMetricsLayer(Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> RpcMetrics<S> {
+        RpcMetrics { inner, metrics: self.0.clone() }
+    }
+}
+
+/// The service of [`RpcMetricsLayer`].
+#[derive(Debug, Clone)]
+struct RpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> tower::Service<hyper::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<hyper::Request<B>, Response = hyper::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let rpc = rpc_label(req.uri().path());
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            if let Ok(resp) = &r {
+                let code = match resp.headers().get("grpc-status") {
+                    Some(v) => v
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Unknown, tonic::Code::from),
+                    None if resp.status() == StatusCode::OK => tonic::Code::Ok,
+                    None => tonic::Code::Unknown,
+                };
+                metrics.observe_rpc(rpc, code_label(code), started.elapsed());
+            }
+            r
+        })
+    }
 }
 
 /// Serves with `engine` as the one replica, always leading (the embedded store has no

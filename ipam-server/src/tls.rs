@@ -34,17 +34,34 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Why the TLS files cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the TLS files cannot be used. The messages carry the cause too: a reload failure is
+/// logged with the message alone.
+#[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
+    /// A file cannot be read, or what it holds is refused (PEM, certificate, key, CA).
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{}: holds no PEM CERTIFICATE block", path.display())]
+    NoCertificate { path: PathBuf },
+    /// rustls offers no protocol version with the crypto provider.
     #[error("TLS configuration: {0}")]
-    Config(String),
+    Protocols(#[source] rustls::Error),
+    /// The certificate chain and the key do not go together.
+    #[error("TLS configuration: {} and {}: {source}", cert.display(), key.display())]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
-fn file_error(path: &Path, reason: impl ToString) -> TlsError {
-    TlsError::File { path: path.display().to_string(), reason: reason.to_string() }
+fn file_error(path: &Path, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TlsError {
+    TlsError::File { path: path.to_path_buf(), source: source.into() }
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -53,7 +70,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(path, e))?;
     if certs.is_empty() {
-        return Err(file_error(path, "holds no PEM CERTIFICATE block"));
+        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
     }
     Ok(certs)
 }
@@ -65,7 +82,7 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(TlsError::Protocols)?;
     let builder = match &files.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -79,8 +96,10 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        TlsError::Config(format!("{} and {}: {e}", files.cert.display(), files.key.display()))
+    let mut config = builder.with_single_cert(certs, key).map_err(|source| TlsError::Identity {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        source,
     })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
@@ -217,15 +236,12 @@ mod tests {
         let cert = dir.path().join("tls.crt");
         std::fs::write(&cert, "not a certificate\n").expect("write");
         let files = TlsFiles { cert: cert.clone(), key: dir.path().join("absent.key"), client_ca: None };
-        assert_eq!(
-            load(&files).expect_err("no certificate"),
-            TlsError::File {
-                path: cert.display().to_string(),
-                reason: "holds no PEM CERTIFICATE block".into()
-            }
-        );
+        let err = load(&files).expect_err("no certificate");
+        assert!(matches!(&err, TlsError::NoCertificate { path } if *path == cert), "{err:?}");
+        assert_eq!(err.to_string(), format!("{}: holds no PEM CERTIFICATE block", cert.display()));
         let missing = TlsFiles { cert: dir.path().join("absent.crt"), ..files };
-        let err = load(&missing).expect_err("missing file").to_string();
-        assert!(err.starts_with(&format!("{}: ", dir.path().join("absent.crt").display())), "{err}");
+        let err = load(&missing).expect_err("missing file");
+        let cause = std::error::Error::source(&err).expect("the PEM reader's error").to_string();
+        assert_eq!(err.to_string(), format!("{}: {cause}", dir.path().join("absent.crt").display()));
     }
 }

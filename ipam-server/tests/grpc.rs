@@ -40,8 +40,8 @@ impl Server {
             engine,
             "test-replica".into(),
             listeners.into(),
-            (metrics.clone(), Some(metrics_listener)),
-            Reconciler::disabled(metrics),
+            (metrics, Some(metrics_listener)),
+            Reconciler::disabled(),
             async {
                 let _ = stopped.await;
             },

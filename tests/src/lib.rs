@@ -43,6 +43,52 @@ pub fn workspace_bin(package: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// What a CNI plugin answered.
+#[derive(Debug)]
+pub struct CniOutput {
+    /// The exit status; -1 when a signal ended the plugin.
+    pub code: i32,
+    /// Stdout as JSON (a result, a CNI error, VERSION's answer); `Null` when it printed
+    /// nothing.
+    pub out: serde_json::Value,
+    pub stderr: String,
+}
+
+/// Runs a CNI plugin as a runtime does: `cmd` (the plugin, or a wrapper such as `ip netns
+/// exec NS plugin`) with no environment but `env`, and `stdin` as its input. Panics when it
+/// cannot be run or prints something that is not JSON: no plugin may do that.
+pub fn run_cni(cmd: &mut Command, env: &[(&str, &str)], stdin: &str) -> CniOutput {
+    use std::io::Write as _;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .unwrap_or_else(|e| panic!("writing the input of {program}: {e}"));
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {program}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = if stdout.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{program} printed no JSON ({e}): {stdout:?}"))
+    };
+    CniOutput {
+        code: out.status.code().unwrap_or(-1),
+        out: json,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A free loopback TCP port. It is free when we look and bound a moment later; a process
 /// taking it in between makes the server fail to start, which is reported.
 pub fn free_port() -> anyhow::Result<u16> {

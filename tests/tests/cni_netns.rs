@@ -5,12 +5,11 @@
 //! Needs root, iproute2, ping and /usr/lib/cni; without them it prints SKIP (and fails in CI,
 //! which installs them and runs as root).
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
 use serde_json::{Value, json};
 
 fn rust_ipam_path() -> std::path::PathBuf {
@@ -30,26 +29,20 @@ fn plugin_exec(bin: &Path, command: &str, pod: &str, cid: &str, conf: &Value) ->
 
 fn run(cmd: &mut Command, command: &str, pod: &str, cid: &str, conf: &Value) -> (i32, Value) {
     let rust_ipam = rust_ipam_path();
-    let cni_path = rust_ipam.parent().expect("bin dir").display().to_string();
-    let mut child = cmd
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", format!("{cni_path}:{CNI_DIR}"))
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn plugin");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v = if stdout.trim().is_empty() { Value::Null } else { serde_json::from_str(&stdout).expect("JSON") };
-    (out.status.code().unwrap_or(-1), v)
+    let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
+    let netns = format!("/var/run/netns/{pod}");
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
+    let env = [
+        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", &netns),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", &cni_path),
+        ("CNI_ARGS", &args),
+    ];
+    let out = run_cni(cmd, &env, &conf.to_string());
+    (out.code, out.out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,48 +1,27 @@
 //! The `rust-ipam` CNI plugin binary as a runtime calls it (environment and stdin, JSON on
 //! stdout, exit status), against a real server process.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use rust_ipam_e2e::{ServerProcess, workspace_bin};
+use rust_ipam_e2e::{CniOutput, ServerProcess, run_cni, workspace_bin};
 use serde_json::{Value, json};
 
-struct Call {
-    code: i32,
-    out: Value,
-    stderr: String,
-}
-
-fn cni(command: &str, cid: &str, ifname: &str, args: &str, conf: &Value) -> Call {
+/// Runs the plugin; `cid` empty: no attachment variables (GC, STATUS, VERSION). A JSON
+/// string `conf` is sent as it is (malformed input).
+fn cni(command: &str, cid: &str, ifname: &str, args: &str, conf: &Value) -> CniOutput {
     let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary");
-    let mut cmd = Command::new(bin);
-    cmd.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", "/opt/cni/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut env = vec![("CNI_COMMAND", command), ("CNI_PATH", "/opt/cni/bin")];
     if !cid.is_empty() {
-        cmd.env("CNI_CONTAINERID", cid).env("CNI_IFNAME", ifname).env("CNI_NETNS", "/var/run/netns/test");
+        env.extend([("CNI_CONTAINERID", cid), ("CNI_IFNAME", ifname), ("CNI_NETNS", "/var/run/netns/test")]);
     }
     if !args.is_empty() {
-        cmd.env("CNI_ARGS", args);
+        env.push(("CNI_ARGS", args));
     }
-    let mut child = cmd.spawn().expect("spawn rust-ipam");
-    let input =
-        if conf.is_string() { conf.as_str().unwrap_or_default().to_string() } else { conf.to_string() };
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    Call {
-        code: out.status.code().unwrap_or(-1),
-        out: if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&stdout).expect("JSON on stdout")
-        },
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let input = match conf.as_str() {
+        Some(raw) => raw.to_string(),
+        None => conf.to_string(),
+    };
+    run_cni(&mut Command::new(bin), &env, &input)
 }
 
 fn conf(version: &str, server: &str, ipam: Value) -> Value {

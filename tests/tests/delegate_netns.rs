@@ -7,13 +7,12 @@
 //! result shape); without them it prints SKIP (and fails in CI). This kernel has no ipvlan:
 //! the ipvlan test then asserts the plugin's clear error and prints SKIP for the rest.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
 use rust_ipam_proto::v1::ListLeasesRequest;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
@@ -42,33 +41,20 @@ fn cni_args(
     extra_args: &str,
 ) -> (i32, Value) {
     let rust_ipam = workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
-    let cni_path = rust_ipam.parent().expect("bin dir").display().to_string();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node])
-        .arg(bin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", format!("{cni_path}:{CNI_DIR}"))
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}{extra_args}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn plugin");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v = if stdout.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("{command} printed no JSON ({e}): {stdout:?}"))
-    };
-    (out.status.code().unwrap_or(-1), v)
+    let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
+    let netns = format!("/var/run/netns/{pod}");
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}{extra_args}");
+    let env = [
+        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", &netns),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", &cni_path),
+        ("CNI_ARGS", &args),
+    ];
+    let out = run_cni(Command::new("ip").args(["netns", "exec", node]).arg(bin), &env, &conf.to_string());
+    (out.code, out.out)
 }
 
 /// The server's leases of `network`, as (address, container ID).

@@ -1424,26 +1424,20 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
                  "configuration_path": conf_path}
     });
     let plugin = |command: &str| {
-        let mut child = Command::new(rust_ipam_e2e::workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "c0ffee")
-            .env("CNI_NETNS", "/proc/self/ns/net")
-            .env("CNI_IFNAME", "net1")
-            .env("CNI_PATH", "/nonexistent")
-            .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-a;K8S_POD_UID=uid-a")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn rust-ipam");
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), nad.to_string().as_bytes()).unwrap();
-        child.wait_with_output().expect("rust-ipam")
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "c0ffee"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_PATH", "/nonexistent"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-a;K8S_POD_UID=uid-a"),
+        ];
+        let bin = rust_ipam_e2e::workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        rust_ipam_e2e::run_cni(&mut Command::new(bin), &env, &nad.to_string())
     };
     let o = plugin("ADD");
-    assert!(o.status.success(), "ADD over mutual TLS failed:\n{}", output_text(&o));
-    let result: Value = serde_json::from_slice(&o.stdout).expect("CNI result JSON");
-    assert_eq!(result["ips"][0]["address"], "10.56.0.16/16", "{result}");
+    assert_eq!(o.code, 0, "ADD over mutual TLS failed:\n{}\n{}", o.out, o.stderr);
+    assert_eq!(o.out["ips"][0]["address"], "10.56.0.16/16", "{}", o.out);
 
     // Admin on the socket sees the lease; the TLS port refuses Admin even with a
     // certificate, and refuses any call without one.
@@ -1466,7 +1460,7 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
     let o = ctl(&["--server", &endpoint, "--tls-ca", ca.to_str().unwrap(), "status"]);
     assert!(!o.status.success(), "a client without a certificate got in: {}", output_text(&o));
     let o = plugin("DEL");
-    assert!(o.status.success(), "DEL over mutual TLS failed:\n{}", output_text(&o));
+    assert_eq!(o.code, 0, "DEL over mutual TLS failed:\n{}\n{}", o.out, o.stderr);
     let o = ctl(&["--server", &socket, "leases"]);
     assert!(o.status.success() && !output_text(&o).contains("10.56.0.16"), "{}", output_text(&o));
     let log_text = std::fs::read_to_string(&log).unwrap();

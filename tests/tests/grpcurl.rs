@@ -59,6 +59,12 @@ async fn grpcurl_lists_describes_and_calls_without_proto_files() {
     }
     let d = grpcurl(&["-plaintext", addr, "describe", "rustipam.v1.Admin"]).expect("grpcurl");
     assert!(String::from_utf8_lossy(&d.stdout).contains("rpc ReleaseAddress"));
+    // Reconcile answers with enums, which grpcurl shows by name (RECONCILE_REASON_POD_GONE).
+    let d = grpcurl(&["-plaintext", addr, "describe", "rustipam.v1.ReconcileEntry"]).expect("grpcurl");
+    let entry = String::from_utf8_lossy(&d.stdout);
+    for field in [".rustipam.v1.ReconcileReason reason = 6;", ".rustipam.v1.ReconcileAction action = 7;"] {
+        assert!(entry.contains(field), "{field} missing from:\n{entry}");
+    }
 
     let health = ok_json(
         grpcurl(&[

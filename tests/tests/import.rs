@@ -203,3 +203,32 @@ fn from_namespace_needs_the_kube_store() {
         "{err}"
     );
 }
+
+/// The store flags are global: a new user puts them after the subcommand.
+#[test]
+fn store_flags_after_the_subcommand() {
+    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(&bin)
+        .args(["import-whereabouts", "--from-namespace", "kube-system", "--store", "embedded", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run import");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--from-namespace reads the API server: give --kubeconfig, or run in a cluster"),
+        "{err}"
+    );
+
+    // The kubeconfig given after the subcommand is the one read.
+    let missing = dir.path().join("no-such-kubeconfig");
+    let out = Command::new(&bin)
+        .args(["import-whereabouts", "--from-namespace", "kube-system", "--kubeconfig"])
+        .arg(&missing)
+        .output()
+        .expect("run import");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("reading kubeconfig {}", missing.display())), "{err}");
+}

@@ -5,18 +5,17 @@
 //! acknowledged lease exists and no address is held twice.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use rust_ipam_proto::{LEADER_METADATA, connect};
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -171,23 +170,18 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     std::fs::create_dir_all(&cni_dir).expect("cni dir");
     let conf = json!({"cniVersion": "1.0.0", "name": "ha", "type": "rust-ipam",
         "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": follower_ep, "timeout_ms": 5000}});
-    let mut child = Command::new(workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", "cni-probe")
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", &cni_dir)
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run plugin");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
-    let out = child.wait_with_output().expect("plugin");
-    let result: Value = serde_json::from_slice(&out.stdout).expect("plugin JSON");
-    assert!(out.status.success(), "plugin via follower: {result} {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(result["ips"][0]["address"], "198.18.0.1/16");
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "cni-probe"),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", cni_dir.to_str().expect("utf-8 path")),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe"),
+    ];
+    let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+    let out = run_cni(&mut Command::new(plugin), &env, &conf.to_string());
+    assert_eq!(out.code, 0, "plugin via follower: {} {}", out.out, out.stderr);
+    assert_eq!(out.out["ips"][0]["address"], "198.18.0.1/16");
 
     // A stream of allocations; the leader is killed in the middle of it.
     let endpoints = vec![follower_ep.clone(), leader_ep.clone()];

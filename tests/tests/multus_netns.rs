@@ -6,13 +6,12 @@
 //! Needs root, iproute2, ping and /usr/lib/cni; without them the netns tests print SKIP
 //! (and fail in CI). The annotation-error test needs none of that.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use rust_ipam_e2e::envtest;
 use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
 use rust_ipam_proto::v1::{self as pb, admin_client::AdminClient};
 use serde_json::{Value, json};
 
@@ -106,36 +105,25 @@ impl Node {
     /// Runs rust-multus in the node's namespace for pod `pod` in network namespace `netns`.
     fn multus(&self, command: &str, netns: &str, pod: &str, conf: &Value) -> (i32, Value, String) {
         let cid = format!("cid-{pod}");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.ns.name(0)])
-            .arg(multus_bin())
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &cid)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", cni_path())
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
-                ),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rust-multus");
-        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-        let out = child.wait_with_output().expect("wait");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let v = if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("rust-multus printed {stdout:?}: {e}"))
-        };
-        (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+        let (path, args) = (
+            cni_path(),
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
+            ),
+        );
+        let env = [
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", &cid),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", &path),
+            ("CNI_ARGS", &args),
+        ];
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name(0)]).arg(multus_bin());
+        let out = run_cni(&mut cmd, &env, &conf.to_string());
+        (out.code, out.out, out.stderr)
     }
 }
 
@@ -443,24 +431,20 @@ async fn del_without_the_api_cleans_up_from_the_cache() {
 
 /// Runs rust-multus ADD here (no namespaces are touched: it fails before any delegate).
 fn add_refused(objects: &Path, conf: &Value, pod: &str) -> Value {
-    let mut child = Command::new(multus_bin())
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", "cid-x")
-        .env("CNI_NETNS", "/nonexistent/netns")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/nonexistent")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(1), "must fail: {}", String::from_utf8_lossy(&out.stdout));
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={pod}");
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "cid-x"),
+        ("CNI_NETNS", "/nonexistent/netns"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/nonexistent"),
+        ("CNI_ARGS", &args),
+    ];
+    let out = run_cni(&mut Command::new(multus_bin()), &env, &conf.to_string());
+    assert_eq!(out.code, 1, "must fail: {}", out.out);
+    assert!(out.out.is_object(), "a CNI error JSON: {}", out.out);
     let _ = objects;
-    serde_json::from_slice(&out.stdout).expect("CNI error JSON")
+    out.out
 }
 
 #[test]
@@ -607,18 +591,9 @@ async fn default_route_moves_to_the_requested_network_and_gc_removes_stale_pods(
 
 /// Runs rust-multus with `command` and no pod, here.
 fn plain(command: &str, conf: &Value) -> (i32, Value) {
-    let mut child = Command::new(multus_bin())
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_PATH", "/nonexistent")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), v)
+    let env = [("CNI_COMMAND", command), ("CNI_PATH", "/nonexistent")];
+    let out = run_cni(&mut Command::new(multus_bin()), &env, &conf.to_string());
+    (out.code, out.out)
 }
 
 #[test]
@@ -695,23 +670,16 @@ async fn multus_blocking(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=cid-web"
     );
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(multus_bin())
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "cid-web")
-            .env("CNI_NETNS", &netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &bin_dir)
-            .env("CNI_ARGS", cni_args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-        let out = child.wait_with_output().expect("wait");
-        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "cid-web"),
+            ("CNI_NETNS", netns.to_str().expect("utf-8 path")),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", bin_dir.to_str().expect("utf-8 path")),
+            ("CNI_ARGS", &cni_args),
+        ];
+        let out = run_cni(&mut Command::new(multus_bin()), &env, &conf.to_string());
+        (out.code, out.out, out.stderr)
     })
     .await
     .expect("join")
@@ -866,22 +834,17 @@ exit 0
 "#;
 
 fn run_here(command: &str, conf: &Value, bin: &Path) -> (i32, Value) {
-    let mut child = Command::new(multus_bin())
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", "cid-flaky")
-        .env("CNI_NETNS", "/nonexistent/netns")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin)
-        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME=flaky"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("wait");
-    (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    let args = format!("K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME=flaky");
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", "cid-flaky"),
+        ("CNI_NETNS", "/nonexistent/netns"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", bin.to_str().expect("utf-8 path")),
+        ("CNI_ARGS", &args),
+    ];
+    let out = run_cni(&mut Command::new(multus_bin()), &env, &conf.to_string());
+    (out.code, out.out)
 }
 
 #[test]

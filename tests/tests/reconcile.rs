@@ -329,16 +329,16 @@ async fn a_pod_recreated_while_a_pass_runs_keeps_its_address() {
     hold.release();
 
     let report = pass.await.expect("join").expect("reconcile");
-    let entries: BTreeMap<String, (String, String)> = report
+    let entries: BTreeMap<String, (pb::ReconcileReason, pb::ReconcileAction)> = report
         .entries
         .iter()
-        .map(|e| (e.lease.clone().unwrap_or_default().address, (e.reason.clone(), e.action.clone())))
+        .map(|e| (e.lease.clone().unwrap_or_default().address, (e.reason(), e.action())))
         .collect();
     assert_eq!(
         entries,
         BTreeMap::from([
-            (addr.clone(), ("pod-replaced".to_string(), "kept-changed".to_string())),
-            (addr_gone.clone(), ("pod-gone".to_string(), "freed".to_string())),
+            (addr.clone(), (pb::ReconcileReason::PodReplaced, pb::ReconcileAction::KeptChanged)),
+            (addr_gone.clone(), (pb::ReconcileReason::PodGone, pb::ReconcileAction::Freed)),
         ])
     );
     assert_eq!(report.freed, 1);

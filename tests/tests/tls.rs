@@ -3,14 +3,13 @@
 //! is refused, renewed certificate files are picked up without a restart), and the Admin
 //! service only on its own unix socket.
 
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
@@ -69,23 +68,18 @@ async fn status(endpoint: &str, tls: &ClientTls) -> Result<pb::StatusResponse, S
 
 /// Runs the `rust-ipam` plugin binary: exit code and stdout JSON.
 fn plugin(command: &str, cid: &str, conf: &Value) -> (i32, Value) {
-    let mut child = Command::new(workspace_bin("ipam-cni", "rust-ipam").expect("plugin"))
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", "/proc/self/ns/net")
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", "/nonexistent")
-        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=tls;K8S_POD_NAME={cid}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn plugin");
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("stdin");
-    let out = child.wait_with_output().expect("plugin");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), v)
+    let args = format!("K8S_POD_NAMESPACE=tls;K8S_POD_NAME={cid}");
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", "/proc/self/ns/net"),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", "/nonexistent"),
+        ("CNI_ARGS", &args),
+    ];
+    let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+    let out = run_cni(&mut Command::new(bin), &env, &conf.to_string());
+    (out.code, out.out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

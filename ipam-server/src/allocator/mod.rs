@@ -39,9 +39,9 @@ pub enum AllocError {
     /// The attachment holds another address in the range than the one it asks for.
     #[error("{attachment} already holds {held} in range {range}, not the requested {requested}")]
     Conflict { attachment: String, range: String, held: IpAddr, requested: IpAddr },
-    /// Nothing matched.
-    #[error("{0}")]
-    NotFound(String),
+    /// Nobody holds the address.
+    #[error("address {address} is not held in network \"{network}\"")]
+    NotFound { network: String, address: IpAddr },
 }
 
 /// A shared, immutable string: leases share their network, range and pod strings.
@@ -778,7 +778,7 @@ impl Allocator {
         self.networks
             .get_mut(network)
             .and_then(|net| delete(net, &mut self.journal, &mut self.lease_count, ip))
-            .ok_or_else(|| AllocError::NotFound(format!("address {ip} is not held in network \"{network}\"")))
+            .ok_or_else(|| AllocError::NotFound { network: network.into(), address: ip })
     }
 
     /// Who holds an address.
@@ -787,7 +787,7 @@ impl Allocator {
             .get(network)
             .and_then(|n| n.leases.get(&ip))
             .cloned()
-            .ok_or_else(|| AllocError::NotFound(format!("address {ip} is not held in network \"{network}\"")))
+            .ok_or_else(|| AllocError::NotFound { network: network.into(), address: ip })
     }
 
     /// Pools of one network (or all, for `None`), by network then range.

@@ -373,7 +373,7 @@ fn outcome(e: &AllocError) -> Outcome {
         AllocError::Held { .. } => Outcome::Held,
         AllocError::Conflict { .. } => Outcome::Conflict,
         AllocError::Exhausted { .. } => Outcome::Exhausted,
-        AllocError::NotFound(_) => unreachable!("allocate never answers NotFound"),
+        AllocError::NotFound { .. } => unreachable!("allocate never answers NotFound"),
     }
 }
 

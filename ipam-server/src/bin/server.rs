@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
+use ipam_server::reconcile::ReconcileMetrics;
 use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
 use ipam_server::tls::{ServerTls, TlsFiles};
@@ -47,12 +48,12 @@ struct Args {
     tls_reload_every: std::time::Duration,
     /// Directory of the embedded lease database. Default: /var/lib/rust-ipam as root,
     /// else $XDG_DATA_HOME/rust-ipam or ~/.local/share/rust-ipam.
-    #[arg(long, env = "RUST_IPAM_DATA_DIR")]
+    #[arg(long, env = "RUST_IPAM_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and the `/healthz`, `/readyz` probes over HTTP
     /// (`ip:port`); `off` to serve none.
     #[arg(long, env = "RUST_IPAM_METRICS_LISTEN", default_value = "127.0.0.1:9156")]
-    metrics_listen: String,
+    metrics_listen: MetricsListen,
     /// Name of this replica in Status answers and the leader Lease. Default: the pod name
     /// ($POD_NAME), else the host name and the first listen address.
     #[arg(long, env = "RUST_IPAM_IDENTITY")]
@@ -60,15 +61,15 @@ struct Args {
     /// Where leases live: `embedded` (a file in --data-dir), `kube` (custom resources, with
     /// leader election), or `auto`: kube when --kubeconfig is given or the server runs in a
     /// cluster, else embedded.
-    #[arg(long, env = "RUST_IPAM_STORE", default_value = "auto", value_parser = ["auto", "embedded", "kube"])]
-    store: String,
+    #[arg(long, env = "RUST_IPAM_STORE", default_value = "auto", global = true)]
+    store: StoreKind,
     /// Kubeconfig file for the kube store (with `--store embedded`: only for reconcile to
     /// read pods). Default: the in-cluster service account.
-    #[arg(long, env = "RUST_IPAM_KUBECONFIG")]
+    #[arg(long, env = "RUST_IPAM_KUBECONFIG", global = true)]
     kubeconfig: Option<PathBuf>,
     /// Namespace of the lease objects and the leader Lease. Default: $POD_NAMESPACE, else
     /// the service account's namespace, else `rust-ipam`.
-    #[arg(long, env = "RUST_IPAM_NAMESPACE")]
+    #[arg(long, env = "RUST_IPAM_NAMESPACE", global = true)]
     namespace: Option<String>,
     /// Name of the coordination.k8s.io Lease the replicas elect a leader on.
     #[arg(long, env = "RUST_IPAM_LEASE_NAME", default_value = "rust-ipam-leader")]
@@ -103,6 +104,33 @@ struct Args {
     reconcile_grace: std::time::Duration,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+// No doc comments on the variants: clap would print them as a second description of
+// `--store` in `--help`, which the flag's own doc already gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Auto,
+    Embedded,
+    Kube,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<MetricsListen, String> {
+        if s == "off" {
+            return Ok(MetricsListen::Off);
+        }
+        s.parse().map(MetricsListen::At).map_err(|_| format!("{s:?} is neither ip:port nor off"))
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -223,7 +251,7 @@ fn import_into(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let rows = import(docs, &mut alloc, now).map_err(anyhow::Error::msg)?;
+    let rows = import(docs, &mut alloc, now)?;
     print!("{}", table(&rows));
     let changes: Vec<_> = alloc.drain_journal().collect();
     let count = |f: fn(&Action) -> bool| rows.iter().filter(|r| f(&r.action)).count();
@@ -346,12 +374,12 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 fn reconciler(
     args: &Args,
     client: Option<kube::Client>,
-    metrics: &std::sync::Arc<Metrics>,
+    metrics: ReconcileMetrics,
 ) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
     use ipam_server::reconcile::{PodSource, Reconciler, kube::KubePods};
     let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
     info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(), "stale-lease reconcile");
-    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics.clone())
+    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics)
 }
 
 /// Runs with the kube store: elects a leader, serves while leading, follows otherwise.
@@ -360,11 +388,12 @@ async fn run_kube(
     identity: String,
     listeners: Listeners,
     metrics: (std::sync::Arc<Metrics>, Option<tokio::net::TcpListener>),
+    reconcile_metrics: ReconcileMetrics,
 ) -> anyhow::Result<()> {
     use ipam_server::k8s::leader::{self, Election};
     use ipam_server::role::{Peer, Role, Serving};
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    let reconciler = reconciler(args, Some(client.clone()), &metrics.0);
+    let reconciler = reconciler(args, Some(client.clone()), reconcile_metrics);
     let election = Election {
         namespace: args.namespace.clone().unwrap_or_else(default_namespace),
         lease_name: args.lease_name.clone(),
@@ -395,10 +424,10 @@ async fn run_kube(
 /// Whether the kube store is selected: `--store kube`, or `auto` with a kubeconfig or in a
 /// cluster.
 fn use_kube(args: &Args) -> bool {
-    match args.store.as_str() {
-        "kube" => true,
-        "embedded" => false,
-        _ => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
+    match args.store {
+        StoreKind::Kube => true,
+        StoreKind::Embedded => false,
+        StoreKind::Auto => args.kubeconfig.is_some() || env_nonempty("KUBERNETES_SERVICE_HOST").is_some(),
     }
 }
 
@@ -444,24 +473,21 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    let metrics_listener = match args.metrics_listen.as_str() {
-        "off" => None,
-        addr => {
-            let addr: std::net::SocketAddr = addr
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--metrics-listen {addr:?} is neither ip:port nor off"))?;
-            Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding metrics on {addr}"))?,
-            )
-        }
+    let mut registry = Metrics::builder();
+    let reconcile_metrics = ReconcileMetrics::register(registry.sub_registry("reconcile"));
+    let metrics = registry.build();
+    let metrics_listener = match args.metrics_listen {
+        MetricsListen::Off => None,
+        MetricsListen::At(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics on {addr}"))?,
+        ),
     };
     let listeners = bind_listeners(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     if use_kube(&args) {
-        return run_kube(&args, identity, listeners, (metrics, metrics_listener)).await;
+        return run_kube(&args, identity, listeners, (metrics, metrics_listener), reconcile_metrics).await;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let store = EmbeddedStore::open(&data_dir).context("opening the embedded store")?;
@@ -471,7 +497,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Some(kube_client(Some(path)).await?),
         None => None,
     };
-    let reconciler = reconciler(&args, client, &metrics);
+    let reconciler = reconciler(&args, client, reconcile_metrics);
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
     server::serve_single(
         engine,
@@ -509,4 +535,56 @@ fn main() -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?
         .block_on(run(args))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn store_flags_are_taken_after_a_subcommand_too() {
+        let args = Args::try_parse_from([
+            "rust-ipam-server",
+            "import-whereabouts",
+            "--from-namespace",
+            "kube-system",
+            "--kubeconfig",
+            "K",
+            "--store=kube",
+            "--namespace",
+            "ns",
+            "--data-dir",
+            "D",
+        ])
+        .expect("parse");
+        assert_eq!(args.kubeconfig, Some(PathBuf::from("K")));
+        assert_eq!(args.store, StoreKind::Kube);
+        assert_eq!(args.namespace.as_deref(), Some("ns"));
+        assert_eq!(args.data_dir, Some(PathBuf::from("D")));
+        let before =
+            Args::try_parse_from(["rust-ipam-server", "--store", "embedded", "crds"]).expect("parse");
+        assert_eq!(before.store, StoreKind::Embedded);
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        let parse = |v: &str| Args::try_parse_from(["rust-ipam-server", "--metrics-listen", v]);
+        assert_eq!(parse("off").expect("off").metrics_listen, MetricsListen::Off);
+        assert_eq!(
+            parse("[::1]:9090").expect("addr").metrics_listen,
+            MetricsListen::At("[::1]:9090".parse().expect("addr"))
+        );
+        let err = parse("localhost:9090").expect_err("bad value").to_string();
+        assert!(
+            err.contains("invalid value 'localhost:9090' for '--metrics-listen <METRICS_LISTEN>': \"localhost:9090\" is neither ip:port nor off"),
+            "{err}"
+        );
+    }
 }

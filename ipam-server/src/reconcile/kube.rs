@@ -51,7 +51,7 @@ impl PodSource for KubePods {
                 if let Some(t) = &token {
                     lp = lp.continue_token(t);
                 }
-                let page = api.list_metadata(&lp).await.map_err(|e| PodError(e.to_string()))?;
+                let page = api.list_metadata(&lp).await.map_err(|e| PodError::List(e.into()))?;
                 token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
                 pods.extend(page.items.into_iter().filter_map(info));
                 if token.is_none() {
@@ -68,10 +68,11 @@ impl PodSource for KubePods {
     ) -> BoxFuture<'a, Result<Option<PodInfo>, PodError>> {
         Box::pin(async move {
             let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-            let got = api
-                .get_metadata_opt(name)
-                .await
-                .map_err(|e| PodError(format!("pod {namespace}/{name}: {e}")))?;
+            let got = api.get_metadata_opt(name).await.map_err(|e| PodError::Get {
+                namespace: namespace.into(),
+                name: name.into(),
+                source: e.into(),
+            })?;
             Ok(got.and_then(info))
         })
     }

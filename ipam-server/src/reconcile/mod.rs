@@ -44,10 +44,20 @@ pub struct PodInfo {
     pub uid: String,
 }
 
-/// Reading pods failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct PodError(pub String);
+/// Reading pods failed, with the pod source's own error (the API server's, for
+/// [`kube::KubePods`]) as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    List(Box<dyn std::error::Error + Send + Sync>),
+    #[error("pod {namespace}/{name}: {source}")]
+    Get {
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
 
 /// Where pods are read from: the Kubernetes API ([`kube::KubePods`]), or a test's own.
 pub trait PodSource: Send + Sync + std::fmt::Debug {
@@ -201,7 +211,7 @@ impl Report {
 }
 
 /// Why a pass could not run.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PassError {
     /// No Kubernetes API to read pods from.
     #[error("reconcile needs the Kubernetes API to see pods (run in a cluster or pass --kubeconfig)")]
@@ -209,7 +219,7 @@ pub enum PassError {
     #[error("reading leases: {0}")]
     Engine(#[from] EngineError),
     #[error("listing pods: {0}")]
-    ListPods(PodError),
+    ListPods(#[source] PodError),
 }
 
 /// How to run a pass.
@@ -353,7 +363,8 @@ struct StageLabel {
     stage: &'static str,
 }
 
-/// The reconcile metrics, registered in the server's registry.
+/// The reconcile metrics. `default()` makes unregistered ones: they count, and nothing
+/// exports them.
 #[derive(Debug, Default)]
 pub struct ReconcileMetrics {
     runs: Family<RunLabels, Counter>,
@@ -363,22 +374,19 @@ pub struct ReconcileMetrics {
 }
 
 impl ReconcileMetrics {
-    /// Registers the metrics (`reconcile_*`) in `registry`.
+    /// Registers the metrics (`runs`, `freed`, `kept`, `errors`) in `registry`, the
+    /// reconcile's own sub-registry.
     pub fn register(registry: &mut Registry) -> ReconcileMetrics {
         let m = ReconcileMetrics::default();
+        registry.register("runs", "Reconcile passes by mode (real, dry-run) and result", m.runs.clone());
+        registry.register("freed", "Stale leases freed by reconcile, by reason", m.freed.clone());
         registry.register(
-            "reconcile_runs",
-            "Reconcile passes by mode (real, dry-run) and result",
-            m.runs.clone(),
-        );
-        registry.register("reconcile_freed", "Stale leases freed by reconcile, by reason", m.freed.clone());
-        registry.register(
-            "reconcile_kept",
+            "kept",
             "Stale leases a real reconcile pass kept, by action (kept-young, kept-pod-live, kept-changed)",
             m.kept.clone(),
         );
         registry.register(
-            "reconcile_errors",
+            "errors",
             "Reconcile failures by stage (leases, list-pods, get-pod, release)",
             m.errors.clone(),
         );
@@ -421,7 +429,7 @@ pub struct Reconciler {
     every: Duration,
     /// Grace period of timer passes and of RPCs that name none.
     grace: Duration,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: ReconcileMetrics,
     running: tokio::sync::Mutex<()>,
 }
 
@@ -436,14 +444,15 @@ impl Reconciler {
         pods: Option<Arc<dyn PodSource>>,
         every: Duration,
         grace: Duration,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: ReconcileMetrics,
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler { pods, every, grace, metrics, running: tokio::sync::Mutex::new(()) })
     }
 
-    /// A reconciler without pods and without a timer.
-    pub fn disabled(metrics: Arc<crate::metrics::Metrics>) -> Arc<Reconciler> {
-        Reconciler::new(None, Duration::ZERO, Duration::from_secs(600), metrics)
+    /// A reconciler without pods and without a timer. Its metrics are registered nowhere:
+    /// it never runs a pass to count.
+    pub fn disabled() -> Arc<Reconciler> {
+        Reconciler::new(None, Duration::ZERO, Duration::from_secs(600), ReconcileMetrics::default())
     }
 
     /// The default grace period.
@@ -462,7 +471,7 @@ impl Reconciler {
         let opts = PassOptions { dry_run, grace: grace.unwrap_or(self.grace) };
         let _one_at_a_time = self.running.lock().await;
         let outcome = pass(engine, pods.as_ref(), opts, now_unix_ms()).await;
-        self.metrics.reconcile().observe(dry_run, &outcome);
+        self.metrics.observe(dry_run, &outcome);
         match &outcome {
             Ok(r) => info!(dry_run, grace = ?opts.grace, leases = r.leases_checked, pods = r.pods_listed,
                 stale = r.entries.len(), freed = r.freed(), young = r.count(Action::KeptYoung),

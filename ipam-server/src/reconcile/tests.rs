@@ -73,7 +73,7 @@ impl PodSource for FakePods {
                 let _ = tx.send(());
             }
             if let Some(e) = self.fail_list.lock().expect("lock").clone() {
-                return Err(PodError(e));
+                return Err(PodError::List(e.into()));
             }
             let pods: Vec<PodInfo> = self
                 .pods
@@ -103,7 +103,11 @@ impl PodSource for FakePods {
         Box::pin(async move {
             self.gets.lock().expect("lock").push(format!("{namespace}/{name}"));
             if let Some(e) = self.fail_get.lock().expect("lock").clone() {
-                return Err(PodError(e));
+                return Err(PodError::Get {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    source: e.into(),
+                });
             }
             let uid = self.pods.lock().expect("lock").get(&(namespace.into(), name.into())).cloned();
             Ok(uid.map(|uid| PodInfo { namespace: namespace.into(), name: name.into(), uid }))
@@ -373,28 +377,32 @@ async fn read_failures_free_nothing() {
     *pods.fail_get.lock().expect("lock") = Some("connection refused".into());
     let r = pass(&engine, &pods, PassOptions { dry_run: false, grace: GRACE }, now_ms()).await.expect("pass");
     assert_eq!(summary(&r), vec![("10.0.0.1".to_string(), "pod-gone", "failed")]);
-    assert_eq!(r.entries[0].detail, "reading the pod again: connection refused");
+    assert_eq!(r.entries[0].detail, "reading the pod again: pod ns/web: connection refused");
     assert_eq!(r.entries[0].failed_at, Some("get-pod"));
     *pods.fail_list.lock().expect("lock") = Some("403 forbidden".into());
     let err = pass(&engine, &pods, PassOptions { dry_run: false, grace: GRACE }, now_ms())
         .await
         .expect_err("fails");
     assert_eq!(err.to_string(), "listing pods: 403 forbidden");
+    let cause = std::error::Error::source(&err).expect("the pod source's error");
+    assert_eq!(cause.to_string(), "403 forbidden");
     assert_eq!(held(&engine).await.len(), 1);
 }
 
 #[tokio::test]
 async fn reconciler_counts_passes_and_refuses_without_pods() {
-    let metrics = Metrics::new();
+    let mut builder = Metrics::builder();
+    let counted = ReconcileMetrics::register(builder.sub_registry("reconcile"));
+    let metrics = builder.build();
     let (engine, _store) = mixed_engine_only().await;
-    let none = Reconciler::disabled(metrics.clone());
+    let none = Reconciler::disabled();
     let err = none.run(&engine, false, None).await.expect_err("no pods");
     assert_eq!(
         err.to_string(),
         "reconcile needs the Kubernetes API to see pods (run in a cluster or pass --kubeconfig)"
     );
     let (_, _, pods) = mixed().await;
-    let r = Reconciler::new(Some(Arc::new(pods)), Duration::ZERO, GRACE, metrics.clone());
+    let r = Reconciler::new(Some(Arc::new(pods)), Duration::ZERO, GRACE, counted);
     r.run(&engine, true, None).await.expect("dry run");
     let real = r.run(&engine, false, None).await.expect("pass");
     assert_eq!(real.grace, GRACE);
@@ -422,7 +430,7 @@ async fn only_the_leader_runs_the_timer() {
     let (tx, mut listed) = tokio::sync::mpsc::unbounded_channel();
     let pods = Arc::new(FakePods { listed: Some(tx), ..FakePods::default() });
     let every = Duration::from_secs(300);
-    let r = Reconciler::new(Some(pods.clone()), every, GRACE, Metrics::new());
+    let r = Reconciler::new(Some(pods.clone()), every, GRACE, ReconcileMetrics::default());
     let (role, rx) = tokio::sync::watch::channel(Role::Follower(None));
     let timer = r.spawn_timer(Serving::new(rx)).expect("timer");
 
@@ -453,14 +461,14 @@ async fn only_the_leader_runs_the_timer() {
     timer.abort();
 
     // No timer at all with a zero interval or without pods.
-    let m = Metrics::new();
+    let m = ReconcileMetrics::default;
     let (_, rx) = tokio::sync::watch::channel(Role::Follower(None));
     assert!(
-        Reconciler::new(Some(pods), Duration::ZERO, GRACE, m.clone())
+        Reconciler::new(Some(pods), Duration::ZERO, GRACE, m())
             .spawn_timer(Serving::new(rx.clone()))
             .is_none()
     );
-    assert!(Reconciler::new(None, every, GRACE, m).spawn_timer(Serving::new(rx)).is_none());
+    assert!(Reconciler::new(None, every, GRACE, m()).spawn_timer(Serving::new(rx)).is_none());
 }
 
 #[test]

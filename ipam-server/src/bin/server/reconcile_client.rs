@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use ipam_server::reconcile::{Row, table};
+use ipam_server::reconcile::{Action, Reason, Row, table};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use rust_ipam_proto::{LEADER_METADATA, connect};
@@ -46,7 +46,7 @@ pub(crate) fn run(
             .map_err(|_| anyhow::anyhow!("no answer within --timeout {timeout:?}"))?
     })?;
     print!("{}", render(&response));
-    let failed = response.entries.iter().filter(|e| e.action == "failed").count();
+    let failed = response.entries.iter().filter(|e| e.action() == pb::ReconcileAction::Failed).count();
     Ok(if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
@@ -85,6 +85,14 @@ async fn call(
     bail!("no server ran the pass: {}", errors.join("; "))
 }
 
+/// The words the server's own log and metrics use (`pod-gone`, `kept-young`); a value
+/// this build does not know shows as its protobuf name.
+fn words(e: &pb::ReconcileEntry) -> (String, String) {
+    let reason = Reason::try_from(e.reason()).map_or_else(|u| u.0, Reason::as_str);
+    let action = Action::try_from(e.action()).map_or_else(|u| u.0, Action::as_str);
+    (reason.to_string(), action.to_string())
+}
+
 /// The table and a summary line.
 fn render(r: &pb::ReconcileResponse) -> String {
     let rows: Vec<Row> = r
@@ -93,6 +101,7 @@ fn render(r: &pb::ReconcileResponse) -> String {
         .map(|e| {
             let l = e.lease.clone().unwrap_or_default();
             let pod = l.pod.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
+            let (reason, action) = words(e);
             Row {
                 network: l.network,
                 address: l.address,
@@ -100,8 +109,8 @@ fn render(r: &pb::ReconcileResponse) -> String {
                 node: l.node,
                 container: l.container_id,
                 age: Duration::from_secs(e.age_seconds),
-                reason: e.reason.clone(),
-                action: e.action.clone(),
+                reason,
+                action,
             }
         })
         .collect();
@@ -110,14 +119,15 @@ fn render(r: &pb::ReconcileResponse) -> String {
         let addr = e.lease.as_ref().map(|l| l.address.as_str()).unwrap_or_default();
         out.push_str(&format!("{addr}: {}\n", e.detail));
     }
-    let count = |a: &str| r.entries.iter().filter(|e| e.action == a).count();
-    let kept = count("kept-young") + count("kept-pod-live") + count("kept-changed");
-    let (failed, grace) = (count("failed"), r.grace_seconds);
+    use pb::ReconcileAction as A;
+    let count = |a: A| r.entries.iter().filter(|e| e.action() == a).count();
+    let kept = count(A::KeptYoung) + count(A::KeptPodLive) + count(A::KeptChanged);
+    let (failed, grace) = (count(A::Failed), r.grace_seconds);
     let (leases, pods) = (r.leases_checked, r.pods_listed);
     if r.dry_run {
         out.push_str(&format!(
             "dry run: {} would be freed, {kept} kept, {failed} failed ({leases} pod leases, {pods} pods, grace {grace}s); nothing changed\n",
-            count("would-free")
+            count(A::WouldFree)
         ));
     } else {
         out.push_str(&format!(
