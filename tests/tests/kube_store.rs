@@ -25,7 +25,9 @@ const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/iple
 async fn engine_on(client: kube::Client, namespace: &str) -> (Engine, Fence) {
     let fence = Fence::new();
     fence.open_until(Instant::now() + Duration::from_secs(3600));
-    let store = KubeStore::new(client, namespace, tokio::runtime::Handle::current(), fence.clone());
+    // Small pages, so the 1199 leases of the restart test take three.
+    let store = KubeStore::new(client, namespace, tokio::runtime::Handle::current(), fence.clone())
+        .with_page_size(500);
     (Engine::start(Box::new(store), Metrics::new()).await.expect("load from the API server"), fence)
 }
 

@@ -452,6 +452,36 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     info!(count, secs = wrote.as_secs_f64(), "wrote the IPLeases");
     let status = spawned.process.terminate().context("stopping the first server")?;
     info!(%status, "the first leader stopped");
+    // The API server's own floor: the same paged list, objects decoded and dropped.
+    let t = Instant::now();
+    let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
+    let mut params = kube::api::ListParams::default().limit(2000);
+    let mut listed = 0usize;
+    loop {
+        let page = api.list(&params).await.context("listing the IPLeases")?;
+        listed += page.items.len();
+        match page.metadata.continue_ {
+            Some(c) if !c.is_empty() => params = params.continue_token(&c),
+            _ => break,
+        }
+    }
+    let list_floor = t.elapsed();
+    info!(listed, secs = list_floor.as_secs_f64(), "listed the IPLeases");
+    // The API server's own floor: the same paged list, objects decoded and dropped.
+    let t = Instant::now();
+    let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
+    let mut params = kube::api::ListParams::default().limit(2000);
+    let mut listed = 0usize;
+    loop {
+        let page = api.list(&params).await.context("listing the IPLeases")?;
+        listed += page.items.len();
+        match page.metadata.continue_ {
+            Some(c) if !c.is_empty() => params = params.continue_token(&c),
+            _ => break,
+        }
+    }
+    let list_floor = t.elapsed();
+    info!(listed, secs = list_floor.as_secs_f64(), "listed the IPLeases");
     let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir()?;
     let opts = ServerOptions { startup_timeout: Duration::from_secs(600), ..spawned.opts.clone() };
     let t = Instant::now();
@@ -460,18 +490,15 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     let status = std::fs::read_to_string(format!("/proc/{}/status", second.pid()))?;
     let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?").to_string();
     let ch = rust_ipam_proto::connect(&second.endpoint, Duration::from_secs(5)).await?;
-    let pools = rust_ipam_proto::v1::admin_client::AdminClient::new(ch)
-        .list_pools(pb::ListPoolsRequest::default())
-        .await?
-        .into_inner();
-    let used: u64 = pools.pools.iter().map(|p| p.used.parse::<u64>().unwrap_or(0)).sum();
+    let used = IpamClient::new(ch).status(pb::StatusRequest {}).await?.into_inner().leases;
     println!(
-        "| IPLeases in the API server | written at | new leader: start to serving | leases loaded | server memory |"
+        "| IPLeases in the API server | written at | paged list alone (2000 per page) | new leader: start to serving | leases loaded | server memory |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {count} | {:.0}/s | {:.2} s | {used} | {} |",
+        "| {count} | {:.0}/s | {:.2} s | {:.2} s | {used} | {} |",
         f64::from(count) / wrote.as_secs_f64(),
+        list_floor.as_secs_f64(),
         to_serve.as_secs_f64(),
         rss.trim_start_matches("VmRSS:").trim()
     );
