@@ -177,6 +177,16 @@ impl Engine {
     }
 }
 
+/// Adds whatever else is queued to `jobs`, up to a batch.
+fn fill_batch(rx: &mut mpsc::Receiver<Box<dyn Job>>, jobs: &mut Vec<Box<dyn Job>>) {
+    while jobs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Runs each job, recording which journal entries it made. Returns false if one panicked.
 fn run_jobs(
     alloc: &mut Allocator,
@@ -207,12 +217,7 @@ fn run(
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+        fill_batch(&mut rx, &mut jobs);
         let now = now_unix_ms();
         let mut attempt = 1;
         let mut ran_ok = run_jobs(&mut alloc, &mut jobs, &mut spans, now);
@@ -404,12 +409,7 @@ fn run_pipelined(
             }
             Event::Job(first) => {
                 batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
+                fill_batch(&mut rx, &mut batch);
             }
         }
         // Jobs to run now: refused ones again, then new ones; each gets its writes.

@@ -467,21 +467,6 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     }
     let list_floor = t.elapsed();
     info!(listed, secs = list_floor.as_secs_f64(), "listed the IPLeases");
-    // The API server's own floor: the same paged list, objects decoded and dropped.
-    let t = Instant::now();
-    let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
-    let mut params = kube::api::ListParams::default().limit(2000);
-    let mut listed = 0usize;
-    loop {
-        let page = api.list(&params).await.context("listing the IPLeases")?;
-        listed += page.items.len();
-        match page.metadata.continue_ {
-            Some(c) if !c.is_empty() => params = params.continue_token(&c),
-            _ => break,
-        }
-    }
-    let list_floor = t.elapsed();
-    info!(listed, secs = list_floor.as_secs_f64(), "listed the IPLeases");
     let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir()?;
     let opts = ServerOptions { startup_timeout: Duration::from_secs(600), ..spawned.opts.clone() };
     let t = Instant::now();
