@@ -439,6 +439,16 @@ impl TestNamespace {
         self.dir.join(format!("{account}.kubeconfig"))
     }
 
+    /// A kubeconfig of `account` that reaches the API server at `server` instead (a relay
+    /// in front of it), with the same credentials.
+    pub fn kubeconfig_via(&self, account: &str, server: &str) -> anyhow::Result<PathBuf> {
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(self.kubeconfig(account))?)?;
+        cfg["clusters"][0]["cluster"]["server"] = json!(server);
+        let path = self.dir.join(format!("{account}-via-{}.kubeconfig", server.replace([':', '/'], "_")));
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
+        Ok(path)
+    }
+
     /// A client of `account` on the current tokio runtime.
     pub async fn client(&self, account: &str) -> anyhow::Result<kube::Client> {
         Envtest::client_from(&self.kubeconfig(account)).await

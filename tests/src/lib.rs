@@ -4,6 +4,7 @@
 pub mod envtest;
 pub mod kube_standin;
 pub mod netns;
+pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -271,3 +271,62 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
         held.len()
     );
 }
+
+/// Relay (a stand-in for a partition: see `rust_ipam_e2e::relay`): the leader's connection
+/// to the real API server goes silent while the follower's works. With the shipped
+/// defaults the leader must stop serving (Status, /readyz) before the follower can take
+/// over, so there is never a moment with two serving replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_stops_serving_before_another_takes_over() {
+    let test = "a_leader_cut_off_from_the_api_stops_serving_before_another_takes_over";
+    let Some(env) = envtest::shared(test) else { return };
+    let ns = env.namespace("partition").await.expect("namespace");
+    let api: std::net::SocketAddr = env.url.trim_start_matches("https://").parse().expect("API address");
+    let relay = rust_ipam_e2e::relay::Relay::start(api).await.expect("relay");
+    let via = ns.kubeconfig_via(SERVER_ACCOUNT, &format!("https://{}", relay.addr)).expect("kubeconfig");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = |identity: &str, kubeconfig: &std::path::Path, wait_serving: bool| ServerOptions {
+        identity: identity.into(),
+        log_level: "info".into(),
+        log_file: Some(dir.path().join(format!("{identity}.log"))),
+        wait_serving,
+        // The shipped election defaults.
+        args: ["--kubeconfig", &kubeconfig.display().to_string(), "--namespace", &ns.name]
+            .map(String::from)
+            .to_vec(),
+        ..ServerOptions::default()
+    };
+    let cut =
+        ServerProcess::start_with(&dir.path().join("cut"), &opts("cut", &via, true)).await.expect("leader");
+    let other = ServerProcess::start_with(
+        &dir.path().join("other"),
+        &opts("other", &ns.kubeconfig(SERVER_ACCOUNT), false),
+    )
+    .await
+    .expect("follower");
+    assert!(status(&cut.endpoint).await.is_some_and(|s| s.serving), "the first replica leads");
+    relay.freeze();
+    let frozen = Instant::now();
+    let (mut cut_stopped, mut other_started) = (None, None);
+    while other_started.is_none() {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(20),
+            "the other replica did not take over within 20 s"
+        );
+        if cut_stopped.is_none() && status(&cut.endpoint).await.is_some_and(|s| !s.serving) {
+            cut_stopped = Some(frozen.elapsed());
+        }
+        if status(&other.endpoint).await.is_some_and(|s| s.serving) {
+            other_started = Some(frozen.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (stopped, started) =
+        (cut_stopped.expect("the cut-off leader stopped serving"), other_started.expect("took over"));
+    println!(
+        "partition: the cut-off leader stopped serving {stopped:?} after the cut, the other replica served {started:?} after it"
+    );
+    assert!(stopped < started, "the cut-off leader served until {stopped:?}, the other from {started:?}");
+    let (code, body) = cut.http_get("/readyz").await.expect("readyz");
+    assert_eq!(code, 503, "the cut-off replica is not ready: {body}");
+}

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use super::crd::{RangePool, RangePoolStatus, pool_name};
-use super::lease_lock::{Attempt, LeaseLock};
+use super::lease_lock::{Attempt, LeaseLock, LockError};
 use super::store::{Fence, KubeStore};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -116,7 +116,15 @@ pub async fn run(
     let mut leading: Option<Leading> = None;
     loop {
         let attempt = Instant::now();
-        match lock.try_acquire_or_renew().await {
+        // An API server that stops answering (frozen, partitioned) must not hold this loop:
+        // a leader gives up when its write window closes and steps down (stops being
+        // ready), a third of the TTL before another replica can take over.
+        let limit = match &leading {
+            Some(l) => l.fence.remaining(),
+            None => election.write_window(),
+        };
+        let tried = tokio::time::timeout(limit, lock.try_acquire_or_renew()).await;
+        match tried.unwrap_or_else(|_| Err(LockError::TimedOut(limit))) {
             Ok(Attempt::Leading) => {
                 let l = leading.get_or_insert_with(|| {
                     info!(identity = %election.me.identity, "acquired the leader lease; loading state");

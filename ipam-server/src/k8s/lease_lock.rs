@@ -41,8 +41,10 @@ pub enum LockError {
         op: &'static str,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
+    #[error("the API server did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// A coordination.k8s.io Lease held by one replica at a time.
@@ -77,7 +79,7 @@ impl LeaseLock {
     }
 
     fn err(&self, op: &'static str) -> impl FnOnce(kube::Error) -> LockError + '_ {
-        move |source| LockError::Api { op, name: self.name.clone(), source }
+        move |source| LockError::Api { op, name: self.name.clone(), source: Box::new(source) }
     }
 
     /// Takes the Lease if it is free, released or expired, renews it if this replica holds

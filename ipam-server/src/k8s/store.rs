@@ -59,6 +59,14 @@ impl Fence {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// How long writes stay allowed (zero when they are not).
+    pub fn remaining(&self) -> std::time::Duration {
+        match *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => std::time::Duration::ZERO,
+        }
+    }
+
     /// Ok while writes are allowed; else why not.
     pub fn check(&self) -> Result<(), String> {
         match *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
