@@ -308,8 +308,12 @@ struct Client {
 
 /// How long one endpoint gets to accept a connection before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause between rounds over all endpoints.
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Pause after the first round over all endpoints: short, because a clean leader handover
+/// takes a few hundred milliseconds; it doubles each round up to [`MAX_RETRY_PAUSE`], the
+/// steady pace through a crash's takeover (about the Lease TTL), at most five rounds a
+/// second per waiting ADD.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// An error's message followed by its causes, which hold what went wrong on the wire.
 fn with_sources(e: &dyn std::error::Error) -> String {
@@ -354,6 +358,7 @@ impl Client {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last = String::from("no server tried");
+        let mut pause = RETRY_PAUSE;
         loop {
             let mut order: VecDeque<usize> = (0..self.servers.len()).collect();
             let mut tried = Vec::new();
@@ -409,12 +414,13 @@ impl Client {
                     Err(_) => last = format!("{server}: no answer in time"),
                 }
             }
-            if Instant::now() + RETRY_PAUSE >= self.deadline {
+            if Instant::now() + pause >= self.deadline {
                 return Err(CallError::Unreachable(format!(
                     "no rust-ipam server answered within the timeout; last error: {last}"
                 )));
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
 }

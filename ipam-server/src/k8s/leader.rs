@@ -114,6 +114,8 @@ pub async fn run(
     });
     let _watcher = AbortOnDrop(watcher);
     let mut leading: Option<Leading> = None;
+    // When the current holder's renewal runs out, as last read by a follower.
+    let mut expiry: Option<Instant> = None;
     loop {
         let attempt = Instant::now();
         // An API server that stops answering (frozen, partitioned) must not hold this loop:
@@ -148,7 +150,12 @@ pub async fn run(
                     ));
                 }
             }
-            Ok(Attempt::Following(holder)) => {
+            Ok(Attempt::Following(holder, expires_in)) => {
+                // Try again the moment the holder's renewal runs out, if that comes before
+                // the next poll: after a crash that is what bounds the takeover.
+                if let Some(left) = expires_in {
+                    expiry = Some(Instant::now() + left + EXPIRY_SLACK);
+                }
                 let leader = (!holder.is_empty()).then(|| Peer::from_holder(&holder));
                 if let Some(l) = leading.take() {
                     warn!(leader = %holder, "another replica holds the leader lease; stepping down");
@@ -174,7 +181,8 @@ pub async fn run(
         }
         // Until the next renewal; a load that finishes meanwhile starts serving at once (a
         // new leader's first answer should not wait for a tick).
-        let next = tokio::time::Instant::from_std(attempt + election.renew_every);
+        let poll = attempt + election.renew_every;
+        let next = tokio::time::Instant::from_std(expiry.take().map_or(poll, |e| e.min(poll)));
         loop {
             let following = leading.is_none();
             let loading = leading.as_mut().and_then(|l| l.loading.as_mut());
@@ -213,6 +221,10 @@ pub async fn run(
         }
     }
 }
+
+/// Past a holder's expiry before trying to take over: the Lease's times are written with
+/// the holder's clock, and a try a moment early only finds it held again.
+const EXPIRY_SLACK: Duration = Duration::from_millis(20);
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

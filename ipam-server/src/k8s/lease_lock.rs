@@ -28,9 +28,10 @@ use tracing::debug;
 pub enum Attempt {
     /// This replica holds the Lease (it took or renewed it).
     Leading,
-    /// Another replica holds it; its `holderIdentity` ("" while nobody does and another
-    /// replica took it first).
-    Following(String),
+    /// Another replica holds it: its `holderIdentity` ("" while nobody does and another
+    /// replica took it first), and how long until its renewal runs out, if known (a
+    /// follower tries again right then rather than at its next poll).
+    Following(String, Option<Duration>),
 }
 
 /// Why an attempt failed.
@@ -104,7 +105,7 @@ impl LeaseLock {
                                 "leaseDurationSeconds": self.seconds,
                                 "leaseTransitions": spec.lease_transitions.unwrap_or(0) + 1}})
             } else {
-                return Ok(Attempt::Following(holder));
+                return Ok(Attempt::Following(holder, expires_in(&spec)));
             };
             match self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => return Ok(Attempt::Leading),
@@ -112,7 +113,7 @@ impl LeaseLock {
                 Err(e) => return Err(self.err("patch")(e)),
             }
         }
-        Ok(Attempt::Following(String::new()))
+        Ok(Attempt::Following(String::new(), None))
     }
 
     async fn create(&self) -> Result<Attempt, LockError> {
@@ -126,7 +127,7 @@ impl LeaseLock {
         .map_err(|e| self.err("create")(kube::Error::SerdeError(e)))?;
         match self.api.create(&PostParams::default(), &lease).await {
             Ok(_) => Ok(Attempt::Leading),
-            Err(e) if conflict(&e) => Ok(Attempt::Following(String::new())),
+            Err(e) if conflict(&e) => Ok(Attempt::Following(String::new(), None)),
             Err(e) => Err(self.err("create")(e)),
         }
     }
@@ -170,6 +171,14 @@ impl LeaseLock {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// How long until the holder's renewal runs out by this replica's clock.
+fn expires_in(spec: &k8s_openapi::api::coordination::v1::LeaseSpec) -> Option<Duration> {
+    let (renewed, seconds) = (spec.renew_time.as_ref()?, spec.lease_duration_seconds?);
+    let end = renewed.0.checked_add(SignedDuration::from_secs(i64::from(seconds))).ok()?;
+    let left = end.duration_since(Timestamp::now());
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 /// Whether the holder's renewal has run out by this replica's clock.
