@@ -424,10 +424,7 @@ fn run_pipelined(
             p.job = job;
             let changes: Vec<Change> = alloc.drain_journal().collect();
             if !ok {
-                error!(
-                    "a request panicked; reloading state from the store once the writes in flight are reported"
-                );
-                failed.get_or_insert_with(|| "internal error while handling the request".into());
+                panicked(&mut failed);
             }
             runs.push((seq, changes));
         }
@@ -435,10 +432,7 @@ fn run_pipelined(
             let ok = run_jobs(&mut alloc, &mut batch, &mut spans, now);
             let mut changes: Vec<Change> = alloc.drain_journal().collect();
             if !ok {
-                error!(
-                    "a request panicked; reloading state from the store once the writes in flight are reported"
-                );
-                failed.get_or_insert_with(|| "internal error while handling the batch".into());
+                panicked(&mut failed);
             }
             // Split the journal by job, last first so indices stay valid.
             let mut per_job: Vec<Vec<Change>> = Vec::with_capacity(batch.len());
@@ -515,6 +509,13 @@ fn run_pipelined(
     }
 }
 
+/// A request panicked in the pipelined loop: memory may be half-changed, so nothing of it
+/// is written and state is reloaded once the writes in flight are reported.
+fn panicked(failed: &mut Option<String>) {
+    error!("a request panicked; reloading state from the store once the writes in flight are reported");
+    failed.get_or_insert_with(|| "internal error while handling the batch".into());
+}
+
 /// Stands in for a job while it runs again (the slot must hold something).
 struct Placeholder;
 
@@ -583,6 +584,11 @@ mod tests {
             self.commits.lock().expect("lock").push(applied);
             if refused.is_empty() { Ok(()) } else { Err(CommitError::Refused(refused)) }
         }
+    }
+
+    fn range_28() -> RangeSpec {
+        RangeSpec::parse(&RangeInput { range: "10.0.0.0/28".into(), ..Default::default() }, FieldPrefix(""))
+            .expect("range")
     }
 
     fn reserve(
@@ -659,11 +665,7 @@ mod tests {
     async fn refused_writes_choose_again_and_the_rest_stand() {
         let rec = Recorder::default();
         let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
-        let range = RangeSpec::parse(
-            &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
-            FieldPrefix(""),
-        )
-        .expect("range");
+        let range = range_28();
         let allocate = |cid: &'static str| {
             let engine = engine.clone();
             let req = AllocateRequest {
@@ -830,11 +832,7 @@ mod tests {
     async fn a_pipelined_refusal_reruns_only_its_job() {
         let held = Held::default();
         let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
-        let range = RangeSpec::parse(
-            &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
-            FieldPrefix(""),
-        )
-        .expect("range");
+        let range = range_28();
         let allocate = |cid: &'static str| {
             let (engine, range) = (engine.clone(), range.clone());
             let (tx, rx) = tokio::sync::oneshot::channel();

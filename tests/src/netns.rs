@@ -113,3 +113,32 @@ pub fn addresses_of(ns: &str, dev: &str, family: &str) -> Vec<String> {
 pub fn addresses(ns: &str, dev: &str) -> Vec<String> {
     addresses_of(ns, dev, "inet")
 }
+
+/// Runs `cmd` (a plugin, or `ip netns exec NODE plugin`) as a runtime would for pod `pod`
+/// of namespace `default` in the network namespace of the same name, on `net1`, with the
+/// workspace's `rust-ipam` and the reference plugins on `CNI_PATH`; `extra_args` is
+/// appended to `CNI_ARGS` (`;KEY=VALUE`). Exit code and output.
+pub fn run_for_pod(
+    cmd: &mut Command,
+    command: &str,
+    pod: &str,
+    cid: &str,
+    conf: &Value,
+    extra_args: &str,
+) -> (i32, Value) {
+    let rust_ipam = crate::workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
+    let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
+    let netns = format!("/var/run/netns/{pod}");
+    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}{extra_args}");
+    let env = [
+        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", &netns),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", &cni_path),
+        ("CNI_ARGS", &args),
+    ];
+    let out = crate::run_cni(cmd, &env, &conf.to_string());
+    (out.code, out.out)
+}

@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, run_for_pod, skip};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use serde_json::{Value, json};
 
 fn rust_ipam_path() -> std::path::PathBuf {
@@ -28,21 +28,7 @@ fn plugin_exec(bin: &Path, command: &str, pod: &str, cid: &str, conf: &Value) ->
 }
 
 fn run(cmd: &mut Command, command: &str, pod: &str, cid: &str, conf: &Value) -> (i32, Value) {
-    let rust_ipam = rust_ipam_path();
-    let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
-    let netns = format!("/var/run/netns/{pod}");
-    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
-    let env = [
-        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        ("CNI_COMMAND", command),
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", &netns),
-        ("CNI_IFNAME", "net1"),
-        ("CNI_PATH", &cni_path),
-        ("CNI_ARGS", &args),
-    ];
-    let out = run_cni(cmd, &env, &conf.to_string());
-    (out.code, out.out)
+    run_for_pod(cmd, command, pod, cid, conf, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

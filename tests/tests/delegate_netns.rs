@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, run_for_pod, skip};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1::ListLeasesRequest;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
@@ -40,21 +40,14 @@ fn cni_args(
     conf: &Value,
     extra_args: &str,
 ) -> (i32, Value) {
-    let rust_ipam = workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
-    let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
-    let netns = format!("/var/run/netns/{pod}");
-    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}{extra_args}");
-    let env = [
-        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        ("CNI_COMMAND", command),
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", &netns),
-        ("CNI_IFNAME", "net1"),
-        ("CNI_PATH", &cni_path),
-        ("CNI_ARGS", &args),
-    ];
-    let out = run_cni(Command::new("ip").args(["netns", "exec", node]).arg(bin), &env, &conf.to_string());
-    (out.code, out.out)
+    run_for_pod(
+        Command::new("ip").args(["netns", "exec", node]).arg(bin),
+        command,
+        pod,
+        cid,
+        conf,
+        extra_args,
+    )
 }
 
 /// The server's leases of `network`, as (address, container ID).
