@@ -244,11 +244,7 @@ impl IpamConf {
             return Err(invalid("server is an empty list"));
         }
         for s in &servers {
-            if !(s.starts_with("http://") || s.starts_with("https://") || s.starts_with("unix:///")) {
-                return Err(invalid(format!(
-                    "server {s:?} is not http://host:port, https://host:port or unix:///path"
-                )));
-            }
+            rust_ipam_proto::check_endpoint(s).map_err(invalid)?;
         }
         let tls = client_tls(
             &servers,

@@ -1,7 +1,5 @@
 //! The plugin's verbs: check the invocation, call the server, shape the answer.
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,10 +7,9 @@ use std::time::Duration;
 use cni::{CniArgs, CniError, CniResult, Env, ErrorCode, Failure, IpConfig};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
+use rust_ipam_proto::{CallError, Replicas};
 use serde_json::Value;
-use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::config::{IpamConf, NODE_CONFIG, NetConf};
 
@@ -42,7 +39,7 @@ struct Call<'a> {
     args: CniArgs,
     conf: &'a NetConf,
     ipam: &'a IpamConf,
-    client: Client,
+    client: Replicas,
 }
 
 /// Checks the `ipam` section and runs `verb` against the servers on a runtime of its own.
@@ -70,7 +67,10 @@ where
         .enable_all()
         .build()
         .map_err(|e| CniError::new(ErrorCode::IO_FAILURE, format!("starting the runtime: {e}")))?;
-    let mut c = Call { env, args: env.cni_args()?, conf, ipam, client: Client::new(ipam) };
+    let client = Replicas::new(&ipam.servers, ipam.tls.clone(), ipam.timeout)
+        .map_err(|e| CniError::new(ErrorCode::INVALID_CONFIG, e))?
+        .attempt_timeout(ATTEMPT_TIMEOUT);
+    let mut c = Call { env, args: env.cni_args()?, conf, ipam, client };
     rt.block_on(verb(&mut c))
 }
 
@@ -172,12 +172,12 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
     };
     let leases = c
         .client
-        .call(|mut c| {
+        .call(|ch| {
             let req = req.clone();
-            async move { c.allocate(req).await }
+            async move { IpamClient::new(ch).allocate(req).await }
         })
         .await
-        .map_err(CniError::from)?
+        .map_err(cni_error)?
         .leases;
     let ips = leases
         .iter()
@@ -204,21 +204,21 @@ async fn del(c: &mut Call<'_>) -> Result<(), CniError> {
     let req = pb::ReleaseRequest { attachment: Some(attachment(c)), network: c.ipam.network_name.clone() };
     match c
         .client
-        .call(|mut c| {
+        .call(|ch| {
             let req = req.clone();
-            async move { c.release(req).await }
+            async move { IpamClient::new(ch).release(req).await }
         })
         .await
     {
         Ok(_) => Ok(()),
-        Err(CallError::Unreachable(why)) => {
+        Err(why @ CallError::Unreachable { .. }) => {
             eprintln!(
                 "rust-ipam: DEL of {}/{} could not reach the server ({why}); the lease stays until GC or reconcile frees it",
                 c.env.container_id, c.env.ifname
             );
             Ok(())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(cni_error(e)),
     }
 }
 
@@ -236,9 +236,9 @@ async fn check(c: &mut Call<'_>) -> Result<(), CniError> {
     let req = pb::CheckRequest { attachment: Some(attachment(c)), network: c.ipam.network_name.clone() };
     let leases = match c
         .client
-        .call(|mut c| {
+        .call(|ch| {
             let req = req.clone();
-            async move { c.check(req).await }
+            async move { IpamClient::new(ch).check(req).await }
         })
         .await
     {
@@ -246,7 +246,7 @@ async fn check(c: &mut Call<'_>) -> Result<(), CniError> {
         Err(CallError::Refused(s)) if s.code() == Code::NotFound => {
             return Err(CniError::new(ErrorCode::LEASE_MISMATCH, s.message()));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(cni_error(e)),
     };
     for l in &leases {
         let want = format!("{}/{}", l.address, l.prefix_len);
@@ -275,17 +275,17 @@ async fn gc(c: &mut Call<'_>) -> Result<(), CniError> {
             .collect(),
     };
     c.client
-        .call(|mut c| {
+        .call(|ch| {
             let req = req.clone();
-            async move { c.gc(req).await }
+            async move { IpamClient::new(ch).gc(req).await }
         })
         .await
         .map(|_| ())
-        .map_err(CniError::from)
+        .map_err(cni_error)
 }
 
 async fn status(c: &mut Call<'_>) -> Result<(), CniError> {
-    match c.client.call(|mut c| async move { c.status(pb::StatusRequest {}).await }).await {
+    match c.client.call(|ch| async move { IpamClient::new(ch).status(pb::StatusRequest {}).await }).await {
         Ok(s) if s.serving => Ok(()),
         Ok(s) => Err(CniError::new(
             ErrorCode::NOT_AVAILABLE,
@@ -297,166 +297,23 @@ async fn status(c: &mut Call<'_>) -> Result<(), CniError> {
     }
 }
 
-/// Calls the servers of the config in turn until one answers, within the config's timeout.
-/// A replica that answers UNAVAILABLE with a leader hint sends the call there next.
-struct Client {
-    /// Endpoints with their open channel; leader hints are appended.
-    servers: Vec<(String, Option<Channel>)>,
-    tls: Option<rust_ipam_proto::ClientTls>,
-    deadline: Instant,
-}
+/// How long one replica gets to answer before the call moves on: a frozen leader costs
+/// this much of the config's timeout, not all of it.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long one endpoint gets to accept a connection before the next is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause after the first round over all endpoints: short, because a clean leader handover
-/// takes a few hundred milliseconds; it doubles each round up to [`MAX_RETRY_PAUSE`], the
-/// steady pace through a crash's takeover (about the Lease TTL), at most five rounds a
-/// second per waiting ADD.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
-const MAX_RETRY_PAUSE: Duration = Duration::from_millis(200);
-
-/// An error's message followed by its causes, which hold what went wrong on the wire.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    sources_after(e.to_string(), e)
-}
-
-/// A status's message followed by its causes (its Display would add debug dumps).
-fn status_text(s: &tonic::Status) -> String {
-    sources_after(s.message().to_string(), s)
-}
-
-fn sources_after(mut out: String, e: &dyn std::error::Error) -> String {
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out = format!("{out}: {text}");
+/// The CNI error for a failed call: the server's refusals keep their gRPC code in `details`.
+fn cni_error(e: CallError) -> CniError {
+    match e {
+        CallError::Refused(s) => {
+            let code = match s.code() {
+                Code::InvalidArgument => ErrorCode::INVALID_CONFIG,
+                // Other servers wrote the same addresses meanwhile; a retry is safe.
+                Code::Aborted => ErrorCode::TRY_AGAIN_LATER,
+                _ => ErrorCode::SERVER_REFUSED,
+            };
+            CniError::new(code, s.message()).with_details(format!("{:?}", s.code()))
         }
-        cause = c.source();
-    }
-    out
-}
-
-/// The leader endpoint a follower named, if it is one this plugin can dial.
-fn leader_hint(s: &tonic::Status) -> Option<String> {
-    let hint = s.metadata().get(rust_ipam_proto::LEADER_METADATA)?.to_str().ok()?;
-    ["http://", "https://", "unix:///"].iter().any(|p| hint.starts_with(p)).then(|| hint.to_string())
-}
-
-impl Client {
-    fn new(ipam: &IpamConf) -> Client {
-        Client {
-            servers: ipam.servers.iter().map(|s| (s.clone(), None)).collect(),
-            tls: ipam.tls.clone(),
-            deadline: Instant::now() + ipam.timeout,
-        }
-    }
-
-    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, CallError>
-    where
-        F: Fn(IpamClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut last = String::from("no server tried");
-        let mut pause = RETRY_PAUSE;
-        loop {
-            let mut order: VecDeque<usize> = (0..self.servers.len()).collect();
-            let mut tried = Vec::new();
-            while let Some(i) = order.pop_front() {
-                let left = self.deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                tried.push(i);
-                let server = self.servers[i].0.clone();
-                let channel = match &self.servers[i].1 {
-                    Some(c) => c.clone(),
-                    None => match rust_ipam_proto::connect_with(
-                        &server,
-                        CONNECT_TIMEOUT.min(left),
-                        self.tls.as_ref(),
-                    )
-                    .await
-                    {
-                        Ok(c) => {
-                            self.servers[i].1 = Some(c.clone());
-                            c
-                        }
-                        Err(e) => {
-                            last = format!("{server}: {}", with_sources(&e));
-                            continue;
-                        }
-                    },
-                };
-                match tokio::time::timeout(left, f(IpamClient::new(channel))).await {
-                    Ok(Ok(r)) => return Ok(r.into_inner()),
-                    // Not the leader, going away, or the connection dropped (a TLS server
-                    // that refused this client's certificate closes it): another replica
-                    // may answer.
-                    Ok(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
-                        last = format!("{server}: {}", status_text(&s));
-                        self.servers[i].1 = None;
-                        if let Some(hint) = leader_hint(&s) {
-                            let j = match self.servers.iter().position(|(e, _)| *e == hint) {
-                                Some(j) => j,
-                                None => {
-                                    self.servers.push((hint, None));
-                                    self.servers.len() - 1
-                                }
-                            };
-                            if !tried.contains(&j) {
-                                order.retain(|k| *k != j);
-                                order.push_front(j);
-                            }
-                        }
-                    }
-                    Ok(Err(s)) => return Err(CallError::Refused(s)),
-                    Err(_) => last = format!("{server}: no answer in time"),
-                }
-            }
-            if Instant::now() + pause >= self.deadline {
-                return Err(CallError::Unreachable(format!(
-                    "no rust-ipam server answered within the timeout; last error: {last}"
-                )));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_RETRY_PAUSE);
-        }
-    }
-}
-
-/// Why a call to the servers failed.
-#[derive(Debug)]
-enum CallError {
-    /// A server gave a definite answer.
-    Refused(tonic::Status),
-    /// No server answered within the timeout.
-    Unreachable(String),
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::Refused(s) => write!(f, "{:?}: {}", s.code(), s.message()),
-            CallError::Unreachable(why) => f.write_str(why),
-        }
-    }
-}
-
-impl From<CallError> for CniError {
-    fn from(e: CallError) -> CniError {
-        match e {
-            CallError::Refused(s) => {
-                let code = match s.code() {
-                    Code::InvalidArgument => ErrorCode::INVALID_CONFIG,
-                    // Other servers wrote the same addresses meanwhile; a retry is safe.
-                    Code::Aborted => ErrorCode::TRY_AGAIN_LATER,
-                    _ => ErrorCode::SERVER_REFUSED,
-                };
-                CniError::new(code, s.message()).with_details(format!("{:?}", s.code()))
-            }
-            CallError::Unreachable(why) => CniError::new(ErrorCode::TRY_AGAIN_LATER, why),
-        }
+        e @ CallError::Unreachable { .. } => CniError::new(ErrorCode::TRY_AGAIN_LATER, e.to_string()),
     }
 }
 

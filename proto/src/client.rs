@@ -26,12 +26,22 @@ pub async fn connect_with(
     timeout: Duration,
     tls: Option<&ClientTls>,
 ) -> Result<Channel, tonic::transport::Error> {
+    open(endpoint, timeout, timeout, tls).await
+}
+
+/// Opens a channel whose connection may take `connect` and each of whose calls `call`.
+pub(crate) async fn open(
+    endpoint: &str,
+    connect: Duration,
+    call: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
     if let Some(path) = endpoint.strip_prefix("unix://") {
         let path = path.to_string();
         // The URI is required by the builder but unused: the connector dials the socket.
         return Endpoint::from_static("http://unix.socket")
-            .connect_timeout(timeout)
-            .timeout(timeout)
+            .connect_timeout(connect)
+            .timeout(call)
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
@@ -46,5 +56,5 @@ pub async fn connect_with(
         }
         ep = ep.tls_config(config)?;
     }
-    ep.connect_timeout(timeout).timeout(timeout).tcp_nodelay(true).connect().await
+    ep.connect_timeout(connect).timeout(call).tcp_nodelay(true).connect().await
 }

@@ -1,7 +1,10 @@
-//! Generated `rustipam.v1` messages, clients and servers, and [`connect`] to reach a server.
+//! Generated `rustipam.v1` messages, clients and servers; [`connect`] to reach a server and
+//! [`Replicas`] to call whichever replica leads.
 
 mod client;
+mod replicas;
 pub use client::{ClientTls, connect, connect_with};
+pub use replicas::{CallError, Replicas, check_endpoint};
 
 /// Metadata key of an UNAVAILABLE status from a replica that does not allocate: the
 /// endpoint (`http://host:port`, ...) of the replica that does, for the client to try next.

@@ -1,6 +1,7 @@
 //! Stale-lease reconcile against a real kube-apiserver (`rust_ipam_e2e::envtest`), with real
-//! `rust-ipam-server` processes on the kube store running as the server's ServiceAccount: pods appear, vanish and are recreated under the same name;
-//! `rust-ipam-server reconcile --dry-run` prints what a real pass then frees, exactly; leases
+//! `rust-ipam-server` processes on the kube store running as the server's ServiceAccount: pods
+//! appear, vanish and are recreated under the same name;
+//! `rust-ipam-ctl reconcile --dry-run` prints what a real pass then frees, exactly; leases
 //! of live pods, young leases and manual reservations stay; a pod recreated (and its lease
 //! taken back) while a pass runs keeps its address; only the leader reconciles.
 
@@ -127,9 +128,15 @@ fn lease_objects(objects: &[serde_json::Value]) -> BTreeMap<String, (String, Str
         .collect()
 }
 
-/// Runs `rust-ipam-server reconcile ARGS`: exit code, stdout, stderr.
+/// Runs `rust-ipam-ctl reconcile ARGS`: exit code, stdout, stderr.
 fn reconcile_cli(args: &[&str]) -> (i32, String, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    reconcile_with("rust-ipam-ctl", args)
+}
+
+/// Runs `BIN reconcile ARGS` (`rust-ipam-ctl`, or `rust-ipam-server`'s spelling that
+/// deployed manifests may still use): exit code, stdout, stderr.
+fn reconcile_with(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let bin = workspace_bin("ipam-server", bin).expect("binary");
     let out = Command::new(bin).arg("reconcile").args(args).output().expect("run reconcile");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
@@ -400,6 +407,10 @@ async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
     let (code, out, err) = reconcile_cli(&["--server", &follower.endpoint, "--dry-run"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().last().is_some_and(|l| l.starts_with("dry run: 0 would be freed")), "{out}");
+    // The server binary's older spelling runs the same pass, hint followed.
+    let (code, alias, err) =
+        reconcile_with("rust-ipam-server", &["--server", &follower.endpoint, "--dry-run"]);
+    assert_eq!((code, alias.lines().last()), (0, out.lines().last()), "{err}");
 
     // The leader's timer (every second, no grace) frees a lease once its pod is gone.
     let uid = create_pod(&admin, &jobs, "batch-1").await.expect("pod");

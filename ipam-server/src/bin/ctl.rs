@@ -1,31 +1,41 @@
 //! `rust-ipam-ctl`: a small command-line client for the Ipam and Admin services.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use ipam_server::cli::{client_tls, parse_duration};
+use rust_ipam_proto::Replicas;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
-use rust_ipam_proto::{ClientTls, connect_with};
 
-/// Talk to a rust-ipam server.
+/// Talk to a rust-ipam server. The connection flags may come before or after the command.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Server endpoint: http://host:port, https://host:port or unix:///path.
-    #[arg(long, env = "RUST_IPAM_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
+    /// Server endpoint: http://host:port, https://host:port or unix:///path; repeat (or a
+    /// comma list) for the replicas of one server: a replica that does not lead sends the
+    /// call to the one that does.
+    #[arg(
+        long = "server",
+        env = "RUST_IPAM_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    servers: Vec<String>,
     /// PEM CA of the server's certificate, for https://.
-    #[arg(long, env = "RUST_IPAM_TLS_CA")]
+    #[arg(long, env = "RUST_IPAM_TLS_CA", global = true)]
     tls_ca: Option<std::path::PathBuf>,
     /// PEM client certificate for mutual TLS (with --tls-key).
-    #[arg(long, env = "RUST_IPAM_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    #[arg(long, env = "RUST_IPAM_TLS_CERT", requires_all = ["tls_key", "tls_ca"], global = true)]
     tls_cert: Option<std::path::PathBuf>,
     /// PEM key of --tls-cert.
-    #[arg(long, env = "RUST_IPAM_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "RUST_IPAM_TLS_KEY", requires = "tls_cert", global = true)]
     tls_key: Option<std::path::PathBuf>,
-    /// Give up on a call after this many milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    /// Give up on a call after this many milliseconds, waiting for a leader included
+    /// (`reconcile` has its own --timeout).
+    #[arg(long, default_value_t = 5000, global = true)]
     timeout_ms: u64,
     #[command(subcommand)]
     cmd: Cmd,
@@ -85,6 +95,21 @@ enum Cmd {
     },
     /// Show the server's status.
     Status,
+    /// Run one stale-lease reconcile pass on the leader (e.g. from a CronJob) and print its
+    /// table: network, address, pod, node, container, age, reason, action. Exit status 0
+    /// when the pass ran, 2 when some leases could not be checked or freed, 1 on error.
+    Reconcile {
+        /// Print what would be freed and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep leases younger than this (whole seconds: `10m`, `90s`). Default: the
+        /// server's --reconcile-grace.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<Duration>,
+        /// Give up after this long (a pass over many leases takes a while).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn split_pod(pod: &str) -> (String, String) {
@@ -112,23 +137,14 @@ fn print_lease(l: &pb::Lease) {
     println!("{}/{}\tnetwork={:?}\trange={}\t{holder}", l.address, l.prefix_len, l.network, l.range);
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let tls = match &args.tls_ca {
-        Some(ca) => Some(ClientTls {
-            ca: read(ca)?,
-            identity: match (&args.tls_cert, &args.tls_key) {
-                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-                _ => None,
-            },
-        }),
-        None => None,
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let tls = client_tls(args.tls_ca.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref())?;
+    let budget = match args.cmd {
+        Cmd::Reconcile { timeout, .. } => timeout,
+        _ => Duration::from_millis(args.timeout_ms),
     };
-    let channel = connect_with(&args.server, Duration::from_millis(args.timeout_ms), tls.as_ref())
-        .await
-        .with_context(|| format!("connecting to {}", args.server))?;
-    let mut ipam = IpamClient::new(channel.clone());
-    let mut admin = AdminClient::new(channel);
+    let mut replicas =
+        Replicas::new(&args.servers, tls, budget).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     match args.cmd {
         Cmd::Allocate { who, range, exclude, pod, ip } => {
             let ranges = range
@@ -141,14 +157,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ranges,
                 requested_addresses: ip,
             };
-            for l in ipam.allocate(req).await?.into_inner().leases {
+            let leases = replicas
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { IpamClient::new(ch).allocate(req).await }
+                })
+                .await?
+                .leases;
+            for l in leases {
                 print_lease(&l);
             }
         }
         Cmd::Release { who } => {
             let req =
                 pb::ReleaseRequest { attachment: Some(attachment(&who, "")), network: who.network.clone() };
-            let released = ipam.release(req).await?.into_inner().released;
+            let released = replicas
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { IpamClient::new(ch).release(req).await }
+                })
+                .await?
+                .released;
             println!("released {} address(es)", released.len());
             released.iter().for_each(print_lease);
         }
@@ -157,7 +186,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut req =
                 pb::ListLeasesRequest { network, pod_namespace, pod_name, node, ..Default::default() };
             loop {
-                let page = admin.list_leases(req.clone()).await?.into_inner();
+                let page = replicas
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { AdminClient::new(ch).list_leases(req).await }
+                    })
+                    .await?;
                 page.leases.iter().for_each(print_lease);
                 if page.next_page_token.is_empty() {
                     break;
@@ -170,7 +204,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "{:<10} {:<28} {:>12} {:>12} {:>12} {:>12}",
                 "NETWORK", "RANGE", "SIZE", "USED", "EXCLUDED", "FREE"
             );
-            for p in admin.list_pools(pb::ListPoolsRequest { network }).await?.into_inner().pools {
+            let req = pb::ListPoolsRequest { network };
+            let pools = replicas
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { AdminClient::new(ch).list_pools(req).await }
+                })
+                .await?
+                .pools;
+            for p in pools {
                 let range = p.range.map(|r| r.range).unwrap_or_default();
                 println!(
                     "{:<10} {:<28} {:>12} {:>12} {:>12} {:>12}",
@@ -184,26 +226,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Cmd::Status => {
-            let s = ipam.status(pb::StatusRequest {}).await?.into_inner();
+            let s = replicas
+                .call(|ch| async move { IpamClient::new(ch).status(pb::StatusRequest {}).await })
+                .await?;
             println!(
                 "serving={} leader={} store={} leases={} pools={} version={}",
                 s.serving, s.leader, s.store, s.leases, s.pools, s.version
             );
         }
+        Cmd::Reconcile { dry_run, grace, .. } => {
+            return ipam_server::cli::reconcile(&mut replicas, dry_run, grace).await;
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            match e.downcast_ref::<tonic::Status>() {
-                Some(s) => eprintln!("error: {:?}: {}", s.code(), s.message()),
-                None => eprintln!("error: {e:#}"),
-            }
-            std::process::ExitCode::FAILURE
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

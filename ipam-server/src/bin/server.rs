@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use ipam_server::cli::parse_duration;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
 use ipam_server::reconcile::ReconcileMetrics;
@@ -12,9 +13,6 @@ use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
 use ipam_server::tls::{ServerTls, TlsFiles};
 use tracing::info;
-
-#[path = "server/reconcile_client.rs"]
-mod reconcile_client;
 
 /// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
 #[derive(Debug, Parser)]
@@ -152,9 +150,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Run one stale-lease reconcile pass on the leader (e.g. from a CronJob) and print its
-    /// table: network, address, pod, node, container, age, reason, action. Exit status 0
-    /// when the pass ran, 2 when some leases could not be checked or freed, 1 on error.
+    /// The same as `rust-ipam-ctl reconcile` without TLS, kept for manifests that run it:
+    /// one stale-lease reconcile pass on the leader, printed as a table. Exit status 0 when
+    /// the pass ran, 2 when some leases could not be checked or freed, 1 on error.
     Reconcile {
         /// Server endpoint (http://host:port, https://host:port or unix:///path); repeat to
         /// try several. A replica that is not the leader sends the call to the leader.
@@ -300,18 +298,6 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// `15s`, `1500ms`, `2m`, or `0`.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 15s or 500ms"))?;
-    match unit {
-        "" if n == 0 => Ok(std::time::Duration::ZERO),
-        "ms" => Ok(std::time::Duration::from_millis(n)),
-        "s" => Ok(std::time::Duration::from_secs(n)),
-        "m" => Ok(std::time::Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration like 15s or 500ms (units: ms, s, m)")),
-    }
-}
-
 fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -525,7 +511,13 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Some(Command::Crds { out }) => return write_crds(out.as_deref()),
         Some(Command::Reconcile { servers, dry_run, grace, timeout }) => {
-            return reconcile_client::run(servers, *dry_run, *grace, *timeout);
+            let mut replicas = rust_ipam_proto::Replicas::new(servers, None, *timeout)
+                .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(ipam_server::cli::reconcile(&mut replicas, *dry_run, *grace));
         }
         None => {}
     }
