@@ -362,7 +362,8 @@ fn reconciler(
     client: Option<kube::Client>,
     metrics: ReconcileMetrics,
 ) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
-    use ipam_server::reconcile::{PodSource, Reconciler, kube::KubePods};
+    use ipam_server::k8s::pods::KubePods;
+    use ipam_server::reconcile::{PodSource, Reconciler};
     let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
     info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(), "stale-lease reconcile");
     Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics)

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use futures::FutureExt as _;
 use futures::future::Shared;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams, Preconditions};
 use kube::core::ApiResource;
 use kube::{Client, Resource as _, ResourceExt as _};
 use serde::Deserialize as _;
@@ -190,19 +190,9 @@ impl Inner {
         what: &'static str,
         mut each: impl FnMut(DynamicObject),
     ) -> Result<(), StoreError> {
-        let mut token: Option<String> = None;
-        loop {
-            let mut lp = ListParams::default().limit(self.page);
-            if let Some(t) = &token {
-                lp = lp.continue_token(t);
-            }
-            let page = api.list(&lp).await.map_err(|e| StoreError::new(what, e))?;
-            page.items.into_iter().for_each(&mut each);
-            match page.metadata.continue_ {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => return Ok(()),
-            }
-        }
+        super::for_each_page(self.page, |lp| async move { api.list(&lp).await }, &mut each)
+            .await
+            .map_err(|e| StoreError::new(what, e))
     }
 
     /// Reads one lease object. A name that exists but cannot be read as a lease is still

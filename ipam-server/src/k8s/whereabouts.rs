@@ -1,7 +1,7 @@
 //! Reading Whereabouts' objects straight from the API server, for the import.
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{Value, json};
 
 /// Whereabouts' API group and version.
@@ -21,22 +21,20 @@ pub async fn list_objects(client: Client, namespace: &str) -> Result<String, kub
         let resource =
             ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, kind), plural);
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-        let mut params = ListParams::default().limit(PAGE);
-        loop {
-            let page = api.list(&params).await?;
-            for mut obj in page.items {
+        let api = &api;
+        super::for_each_page(
+            PAGE,
+            |lp| async move { api.list(&lp).await },
+            |mut obj| {
                 // A list's items carry no type of their own; the import needs it.
                 obj.types = Some(kube::api::TypeMeta {
                     api_version: format!("{GROUP}/{VERSION}"),
                     kind: kind.to_string(),
                 });
                 items.push(serde_json::to_value(obj).unwrap_or(Value::Null));
-            }
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
-            }
-        }
+            },
+        )
+        .await?;
     }
     Ok(json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string())
 }

@@ -19,8 +19,6 @@
 //! takes the same steps up to (not including) the release, so it lists what a real pass
 //! would free.
 
-pub mod kube;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,7 +43,7 @@ pub struct PodInfo {
 }
 
 /// Reading pods failed, with the pod source's own error (the API server's, for
-/// [`kube::KubePods`]) as the source.
+/// [`crate::k8s::pods::KubePods`]) as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error(transparent)]
@@ -59,7 +57,7 @@ pub enum PodError {
     },
 }
 
-/// Where pods are read from: the Kubernetes API ([`kube::KubePods`]), or a test's own.
+/// Where pods are read from: the Kubernetes API ([`crate::k8s::pods::KubePods`]), or a test's own.
 pub trait PodSource: Send + Sync + std::fmt::Debug {
     /// Every pod of the cluster, read fresh (not from a cache).
     fn list(&self) -> BoxFuture<'_, Result<Vec<PodInfo>, PodError>>;

@@ -6,12 +6,12 @@
 //! `resourceVersion`, so the API server answers from etcd (a quorum read), never from its
 //! watch cache: the pod list is at least as new as the lease snapshot read before it.
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::PartialObjectMeta;
 
-use super::{PodError, PodInfo, PodSource};
-use futures::future::BoxFuture;
+use crate::reconcile::{PodError, PodInfo, PodSource};
 
 /// Pods per list page.
 const PAGE: u32 = 500;
@@ -45,19 +45,15 @@ impl PodSource for KubePods {
         Box::pin(async move {
             let api: Api<Pod> = Api::all(self.client.clone());
             let mut pods = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let mut lp = ListParams::default().limit(PAGE);
-                if let Some(t) = &token {
-                    lp = lp.continue_token(t);
-                }
-                let page = api.list_metadata(&lp).await.map_err(|e| PodError::List(e.into()))?;
-                token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
-                pods.extend(page.items.into_iter().filter_map(info));
-                if token.is_none() {
-                    return Ok(pods);
-                }
-            }
+            let api = &api;
+            super::for_each_page(
+                PAGE,
+                |lp| async move { api.list_metadata(&lp).await },
+                |m| pods.extend(info(m)),
+            )
+            .await
+            .map_err(|e| PodError::List(e.into()))?;
+            Ok(pods)
         })
     }
 
