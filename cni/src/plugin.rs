@@ -44,6 +44,16 @@ pub trait Plugin {
     fn status(&self, env: &Env, conf: &Self::Config, stdin: &[u8]) -> Result<(), CniError>;
 }
 
+/// Stdin as the JSON object every network configuration is, or the DECODE error saying
+/// why it is not one; a plugin then reads its keys from the object.
+pub fn config_object(stdin: &[u8]) -> Result<serde_json::Map<String, Value>, CniError> {
+    match serde_json::from_slice::<Value>(stdin) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object")),
+        Err(e) => Err(CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))),
+    }
+}
+
 /// The `cniVersion` of stdin, when it has one: VERSION answers in it.
 fn asked_version(stdin: &[u8]) -> Option<String> {
     serde_json::from_slice::<Value>(stdin)

@@ -139,12 +139,7 @@ impl NetConf {
     /// Parses stdin. `node_file` is read for the ipam keys the config does not set
     /// (`configuration_path` in the config names another file).
     pub fn parse(stdin: &[u8], node_file: &Path) -> Result<NetConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
-        })?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object"))?;
+        let obj = &cni::config_object(stdin)?;
         let cni_version = obj.get("cniVersion").and_then(Value::as_str).unwrap_or("0.1.0").to_string();
         let name = obj.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
         let mut static_ips =

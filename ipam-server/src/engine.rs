@@ -586,9 +586,23 @@ mod tests {
         }
     }
 
-    fn range_28() -> RangeSpec {
-        RangeSpec::parse(&RangeInput { range: "10.0.0.0/28".into(), ..Default::default() }, FieldPrefix(""))
-            .expect("range")
+    /// An allocation from 10.0.0.0/28 for container `cid`'s net1.
+    fn request_28(cid: &str) -> AllocateRequest {
+        let range = RangeSpec::parse(
+            &RangeInput { range: "10.0.0.0/28".into(), ..Default::default() },
+            FieldPrefix(""),
+        )
+        .expect("range");
+        AllocateRequest {
+            attachment: Arc::new(Attachment {
+                container_id: cid.into(),
+                ifname: "net1".into(),
+                ..Default::default()
+            }),
+            network: "".into(),
+            ranges: vec![range],
+            requested: vec![],
+        }
     }
 
     fn reserve(
@@ -665,19 +679,9 @@ mod tests {
     async fn refused_writes_choose_again_and_the_rest_stand() {
         let rec = Recorder::default();
         let engine = Engine::start(Box::new(rec.clone()), Metrics::new()).await.expect("start");
-        let range = range_28();
         let allocate = |cid: &'static str| {
             let engine = engine.clone();
-            let req = AllocateRequest {
-                attachment: Arc::new(Attachment {
-                    container_id: cid.into(),
-                    ifname: "net1".into(),
-                    ..Default::default()
-                }),
-                network: "".into(),
-                ranges: vec![range.clone()],
-                requested: vec![],
-            };
+            let req = request_28(cid);
             async move { engine.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address)).await }
         };
         // Another server already wrote 10.0.0.1 and 10.0.0.2 to the shared store.
@@ -832,21 +836,11 @@ mod tests {
     async fn a_pipelined_refusal_reruns_only_its_job() {
         let held = Held::default();
         let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
-        let range = range_28();
         let allocate = |cid: &'static str| {
-            let (engine, range) = (engine.clone(), range.clone());
+            let engine = engine.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                let req = AllocateRequest {
-                    attachment: Arc::new(Attachment {
-                        container_id: cid.into(),
-                        ifname: "net1".into(),
-                        ..Default::default()
-                    }),
-                    network: "".into(),
-                    ranges: vec![range],
-                    requested: vec![],
-                };
+                let req = request_28(cid);
                 let got =
                     engine.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address.to_string())).await;
                 let _ = tx.send(got);

@@ -99,6 +99,10 @@ pub struct Listeners {
     pub admin: Vec<Bound>,
     /// TLS (mutual when it has a client CA) on every TCP listener.
     pub tls: Option<Arc<ServerTls>>,
+    /// TLS on the `admin` TCP listeners instead of `tls`: the same certificate with the
+    /// admins' client CA, so the certificates the main listeners accept (the nodes') cannot
+    /// reach Admin.
+    pub admin_tls: Option<Arc<ServerTls>>,
 }
 
 impl From<Vec<Bound>> for Listeners {
@@ -186,6 +190,9 @@ pub async fn serve(
     if let Some(tls) = &listeners.tls {
         info!(mutual = tls.mutual(), "TLS on the TCP listeners");
     }
+    if listeners.admin_tls.is_some() {
+        info!("the admin TCP listeners take client certificates of their own CA");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -200,13 +207,14 @@ pub async fn serve(
             .instrument(info_span!("metrics", %endpoint)),
         )
     });
-    let tls = listeners.tls.clone();
+    let main_tls = listeners.tls.clone();
+    let admin_tls = listeners.admin_tls.clone().or_else(|| main_tls.clone());
     let all = listeners
         .main
         .into_iter()
-        .map(|b| (b, !separate_admin))
-        .chain(listeners.admin.into_iter().map(|b| (b, true)));
-    for (bound, admin) in all {
+        .map(|b| (b, !separate_admin, main_tls.clone()))
+        .chain(listeners.admin.into_iter().map(|b| (b, true, admin_tls.clone())));
+    for (bound, admin, tls) in all {
         let endpoint = Listeners { tls: tls.clone(), ..Listeners::default() }.endpoint(&bound);
         let router = if admin { with_admin.clone() } else { without_admin.clone() };
         let mut stop = stop_rx.clone();

@@ -1,7 +1,8 @@
 //! Access control on the real server binary: mutual TLS on the gRPC listener (the CNI
 //! plugin keeps working through it, a client with a certificate from another CA or none
 //! is refused, renewed certificate files are picked up without a restart), and the Admin
-//! service only on its own unix socket.
+//! service only on its own listeners: a unix socket, and a TLS port that takes only the
+//! admins' CA (`rust-ipam-ctl` over it, as the mTLS overlay's reconcile CronJob runs it).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -83,13 +84,15 @@ fn plugin(command: &str, cid: &str, conf: &Value) -> (i32, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
+async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = |name: &str| -> PathBuf { dir.path().join(name) };
     let (server_ca, node_ca, rogue_ca) = (Ca::new("server CA"), Ca::new("node CA"), Ca::new("rogue CA"));
+    let admin_ca = Ca::new("admin CA");
     let (cert, key) = server_ca.issue("rust-ipam", &["127.0.0.1", "localhost"]);
     let node = node_ca.issue("node-a", &["node-a"]);
     let rogue = rogue_ca.issue("node-a", &["node-a"]);
+    let admin = admin_ca.issue("reconcile", &["reconcile"]);
     for (name, text) in [
         ("tls.crt", &cert),
         ("tls.key", &key),
@@ -97,10 +100,18 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
         ("server-ca.crt", &server_ca.pem),
         ("node.crt", &node.0),
         ("node.key", &node.1),
+        ("admin-ca.crt", &admin_ca.pem),
+        ("admin.crt", &admin.0),
+        ("admin.key", &admin.1),
     ] {
         std::fs::write(file(name), text).expect("write pem");
     }
     let admin_sock = file("admin.sock");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let admin_tcp = format!("https://127.0.0.1:{admin_port}");
     let path = |name: &str| file(name).display().to_string();
     let opts = ServerOptions {
         log_level: "info".into(),
@@ -117,6 +128,10 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
             "100ms".into(),
             "--admin-listen".into(),
             format!("unix:{}", admin_sock.display()),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{admin_port}"),
+            "--admin-tls-client-ca".into(),
+            path("admin-ca.crt"),
         ],
         ..ServerOptions::default()
     };
@@ -198,6 +213,32 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_socket() {
     let pools = pools.into_inner().pools;
     let range = pools[0].range.as_ref().map(|r| r.range.as_str());
     assert_eq!((pools.len(), range, pools[0].used.as_str()), (1, Some("10.77.0.0/24"), "1"));
+
+    // The admin TLS port takes the admins' CA only: rust-ipam-ctl with an admin certificate
+    // lists pools and runs reconcile there (refused for want of the Kubernetes API, which
+    // proves the call arrived); a node's certificate, valid on the main port, is refused.
+    let ctl = |server: &str, (cert, key): (&str, &str), args: &[&str]| {
+        let bin = workspace_bin("ipam-server", "rust-ipam-ctl").expect("ctl");
+        let out = Command::new(bin)
+            .args(["--server", server, "--tls-ca", &path("server-ca.crt"), "--tls-cert", &path(cert)])
+            .args(["--tls-key", &path(key), "--timeout-ms", "1000"])
+            .args(args)
+            .output()
+            .expect("run rust-ipam-ctl");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = ctl(&admin_tcp, ("admin.crt", "admin.key"), &["pools"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.lines().nth(1).is_some_and(|l| l.contains("10.77.0.0/24")), "{out}");
+    let (code, _, err) = ctl(&admin_tcp, ("admin.crt", "admin.key"), &["reconcile", "--dry-run"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("FailedPrecondition: reconcile needs the Kubernetes API to see pods"), "{err}");
+    let (code, _, err) = ctl(&admin_tcp, ("node.crt", "node.key"), &["pools"]);
+    assert_eq!(code, Some(1), "a node certificate on the admin port: {err}");
+    assert!(err.contains("no rust-ipam server answered within 1s"), "{err}");
+    let (code, _, err) = ctl(&ep, ("admin.crt", "admin.key"), &["status"]);
+    assert_eq!(code, Some(1), "an admin certificate on the nodes' port: {err}");
 
     // grpcurl, as the README shows it, over mutual TLS.
     match Command::new("grpcurl")

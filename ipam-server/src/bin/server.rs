@@ -41,6 +41,11 @@ struct Args {
     /// such a certificate cannot connect.
     #[arg(long, env = "RUST_IPAM_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// PEM CA bundle that client certificates on the --admin-listen TCP listeners must
+    /// chain to, instead of --tls-client-ca: Admin gets its own CA, so a node's certificate
+    /// (which the main listeners accept) cannot call it.
+    #[arg(long, env = "RUST_IPAM_ADMIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    admin_tls_client_ca: Option<PathBuf>,
     /// How often the TLS files are checked for changes (new connections use new files).
     #[arg(long, env = "RUST_IPAM_TLS_RELOAD_EVERY", default_value = "10s", value_parser = parse_duration)]
     tls_reload_every: std::time::Duration,
@@ -420,17 +425,20 @@ fn use_kube(args: &Args) -> bool {
 
 /// Binds the gRPC listeners and loads TLS, failing before anything serves if either fails.
 async fn bind_listeners(args: &Args) -> anyhow::Result<Listeners> {
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let files =
-                TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
-            let tls = ServerTls::new(files)?;
-            tokio::spawn(tls.clone().watch(args.tls_reload_every));
-            Some(tls)
-        }
-        _ => None,
+    // The server's certificate with a client CA (or none); reloaded when the files change.
+    let load = |client_ca: Option<&PathBuf>| -> anyhow::Result<_> {
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+        let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: client_ca.cloned() };
+        let tls = ServerTls::new(files)?;
+        tokio::spawn(tls.clone().watch(args.tls_reload_every));
+        Ok(Some(tls))
     };
-    let mut listeners = Listeners { tls, ..Listeners::default() };
+    let admin_tls = match &args.admin_tls_client_ca {
+        Some(ca) => load(Some(ca))?,
+        None => None,
+    };
+    let mut listeners =
+        Listeners { tls: load(args.tls_client_ca.as_ref())?, admin_tls, ..Listeners::default() };
     for l in &args.listen {
         listeners.main.push(Bound::bind(l).await?);
     }

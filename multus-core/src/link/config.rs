@@ -189,12 +189,7 @@ fn mac(s: &str, field: &str) -> Result<Mac, CniError> {
 impl LinkConf {
     /// Parses and checks the configuration on stdin for `kind`; `args` is `CNI_ARGS`.
     pub fn parse(kind: Kind, stdin: &[u8], args: &CniArgs) -> Result<LinkConf, CniError> {
-        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(ErrorCode::DECODE, format!("network configuration is not JSON: {e}"))
-        })?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| CniError::new(ErrorCode::DECODE, "network configuration is not a JSON object"))?;
+        let obj = &cni::config_object(stdin)?;
         let cni_version = string(obj, "cniVersion")?.unwrap_or("0.1.0").to_string();
         let name = string(obj, "name")?.unwrap_or_default().to_string();
         let master = match string(obj, "master")? {
