@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image for everything deploy/ runs: the server Deployment and the reconcile CronJob
-# (entrypoint rust-ipam-server) and the node DaemonSet (/usr/local/bin/rust-ipam-node-install,
+# One image for everything deploy/ runs: the server Deployment (entrypoint rust-ipam-server),
+# the reconcile CronJob (rust-ipam-ctl) and the node DaemonSet (/usr/local/bin/rust-ipam-node-install,
 # which copies the CNI binaries in /opt/rust-ipam/cni onto the host).
 #
 #   docker build -t registry.example.com/rust-ipam:0.1.0 .
@@ -45,7 +45,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/rust-ipam-server /usr/local/bin/rust-ipam-server
-# For `kubectl exec` into a server pod: the Admin socket of deploy/overlays/mtls.
+# The reconcile CronJob's command, and for `kubectl exec` into a server pod (the Admin socket).
 COPY --from=build /out/rust-ipam-ctl /usr/local/bin/rust-ipam-ctl
 COPY --from=build /out/cni/ /opt/rust-ipam/cni/
 COPY --chmod=0755 deploy/node/install-cni.sh /usr/local/bin/rust-ipam-node-install

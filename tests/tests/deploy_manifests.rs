@@ -276,6 +276,7 @@ fn kustomize_renders_every_object_wired_together() {
     // The CronJob reaches the Service by its DNS name.
     assert_eq!(cronjob["spec"]["concurrencyPolicy"], "Forbid");
     let rc = container(&cron_pod["spec"], "reconcile");
+    assert_eq!(rc["command"], json!(["rust-ipam-ctl"]));
     assert_eq!(rc["args"], json!(["reconcile", format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051")]));
 
     // The node installer: the host paths it writes to are mounted where the script writes
@@ -333,7 +334,8 @@ fn kustomize_renders_every_object_wired_together() {
 
 // ---- deploy/overlays/mtls ----
 
-/// The production overlay: mutual TLS on the gRPC port, Admin on a unix socket, no CronJob.
+/// The production overlay: mutual TLS on the gRPC port, Admin on a unix socket and a TLS
+/// port of its own CA, the CronJob calling it there.
 const MTLS_OVERLAY: &str = "deploy/overlays/mtls";
 
 fn string_list(v: &Value) -> Vec<&str> {
@@ -366,8 +368,8 @@ fn remove_named(v: &mut Value, pointer: &str, name: &str) {
 }
 
 #[test]
-fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
-    const TEST: &str = "mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob";
+fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
+    const TEST: &str = "mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob";
     if let Some(why) = missing("kubectl", &["version", "--client"]) {
         return skip(TEST, &why);
     }
@@ -376,17 +378,15 @@ fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
     let base_keys: BTreeSet<_> = base.iter().map(key).collect();
     let got: BTreeSet<_> = docs.iter().map(key).collect();
     let ns = |kind: &str, name: &str| (kind.to_string(), NAMESPACE.to_string(), name.to_string());
-    // The base's objects less the CronJob (it cannot speak TLS) and its unused account.
-    let removed: BTreeSet<_> = base_keys.difference(&got).cloned().collect();
-    assert_eq!(
-        removed,
-        BTreeSet::from([ns("CronJob", "rust-ipam-reconcile"), ns("ServiceAccount", "rust-ipam-reconcile")])
-    );
-    assert!(got.is_subset(&base_keys), "the overlay adds no object: {:?}", got.difference(&base_keys));
-    assert!(!docs.iter().any(|d| d["kind"] == "CronJob" || d["kind"] == "Job"));
-    // Only the server, the node DaemonSet and the Service change.
-    let changed =
-        [ns("Deployment", "rust-ipam-server"), ns("DaemonSet", "rust-ipam-node"), ns("Service", "rust-ipam")];
+    // The base's objects, no more, no fewer.
+    assert_eq!(got, base_keys);
+    // Only the server, the node DaemonSet, the Service and the CronJob change.
+    let changed = [
+        ns("Deployment", "rust-ipam-server"),
+        ns("DaemonSet", "rust-ipam-node"),
+        ns("Service", "rust-ipam"),
+        ns("CronJob", "rust-ipam-reconcile"),
+    ];
     for d in &docs {
         if !changed.contains(&key(d)) {
             let b = base.iter().find(|b| key(b) == key(d)).unwrap();
@@ -394,8 +394,8 @@ fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
         }
     }
 
-    // The server: the base's flags, then TLS from the Secret, Admin on the socket, and the
-    // reconcile timer that replaces the CronJob.
+    // The server: the base's flags, then TLS from the Secret, Admin on the socket and on a
+    // TLS port that takes the admins' CA.
     let deployment = find(&docs, "Deployment", "rust-ipam-server");
     let pod = &deployment["spec"]["template"]["spec"];
     let server = container(pod, "server");
@@ -409,9 +409,20 @@ fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
             "--tls-key=/etc/rust-ipam/tls/tls.key",
             "--tls-client-ca=/etc/rust-ipam/tls/ca.crt",
             "--admin-listen=unix:/run/rust-ipam/admin.sock",
-            "--reconcile-every=5m",
+            "--admin-listen=0.0.0.0:50052",
+            "--admin-tls-client-ca=/etc/rust-ipam/admin-ca/ca.crt",
         ]
     );
+    // Only the admins' CA from their Secret, not its key.
+    let (m, vol) = mounted(pod, server, "/etc/rust-ipam/admin-ca");
+    assert_eq!(
+        vol["secret"],
+        json!({"secretName": "rust-ipam-admin-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}],
+               "defaultMode": 0o440})
+    );
+    assert_eq!(m["readOnly"], true);
+    let admin_port = server["ports"].as_array().unwrap().iter().find(|p| p["name"] == "admin");
+    assert_eq!(admin_port, Some(&json!({"name": "admin", "containerPort": 50052, "protocol": "TCP"})));
     let (m, vol) = mounted(pod, server, "/etc/rust-ipam/tls");
     assert_eq!(vol["secret"], json!({"secretName": "rust-ipam-server-tls", "defaultMode": 0o440}));
     // No subPath: the kubelet's updates of a renewed Secret must reach the files.
@@ -437,24 +448,71 @@ fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
     *rest.pointer_mut(&format!("{c}/args")).unwrap() =
         base_deployment.pointer(&format!("{c}/args")).unwrap().clone();
     remove_named(&mut rest, &format!("{c}/volumeMounts"), "tls");
+    remove_named(&mut rest, &format!("{c}/volumeMounts"), "admin-ca");
     remove_named(&mut rest, &format!("{c}/volumeMounts"), "admin-socket");
+    remove_named(&mut rest, &format!("{c}/ports"), "admin");
     let c_obj = rest.pointer_mut(c).unwrap().as_object_mut().unwrap();
     assert_eq!(c_obj.remove("volumeMounts"), Some(json!([])));
     let spec = rest.pointer_mut("/spec/template/spec").unwrap().as_object_mut().unwrap();
-    assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(2));
+    assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(3));
     spec["securityContext"].as_object_mut().unwrap().remove("fsGroup");
     assert_eq!(&rest, base_deployment);
 
-    // The Service: gRPC over TLS, not h2c.
+    // The Service: gRPC over TLS, not h2c, and the admin port.
     let service = find(&docs, "Service", "rust-ipam");
-    let grpc = service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "grpc").unwrap();
+    let port = |name: &str| service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == name);
     assert_eq!(
-        grpc,
-        &json!({"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "https"})
+        port("grpc"),
+        Some(
+            &json!({"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "https"})
+        )
+    );
+    assert_eq!(
+        port("admin"),
+        Some(
+            &json!({"name": "admin", "port": 50052, "targetPort": "admin", "protocol": "TCP", "appProtocol": "https"})
+        )
     );
     let mut rest = service.clone();
+    remove_named(&mut rest, "/spec/ports", "admin");
     rest["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
     assert_eq!(&rest, find(&base, "Service", "rust-ipam"));
+
+    // The CronJob: rust-ipam-ctl over TLS to the admin port, with the admin certificate and
+    // the CA of the server's certificate (the node Secret's ca.crt, nothing else of it).
+    let cronjob = find(&docs, "CronJob", "rust-ipam-reconcile");
+    let cron_pod = &cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    let rc = container(cron_pod, "reconcile");
+    assert_eq!(
+        string_list(&rc["args"]),
+        [
+            "reconcile",
+            "--server=https://rust-ipam.rust-ipam.svc:50052",
+            "--tls-ca=/etc/rust-ipam/admin-tls/server-ca.crt",
+            "--tls-cert=/etc/rust-ipam/admin-tls/tls.crt",
+            "--tls-key=/etc/rust-ipam/admin-tls/tls.key",
+        ]
+    );
+    let (_, vol) = mounted(cron_pod, rc, "/etc/rust-ipam/admin-tls");
+    assert_eq!(
+        vol["projected"],
+        json!({"defaultMode": 0o440, "sources": [
+            {"secret": {"name": "rust-ipam-admin-tls", "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                                                 {"key": "tls.key", "path": "tls.key"}]}},
+            {"secret": {"name": "rust-ipam-node-tls", "items": [{"key": "ca.crt", "path": "server-ca.crt"}]}}]})
+    );
+    assert_eq!(cron_pod["securityContext"]["fsGroup"], 65532);
+    let mut rest = cronjob.clone();
+    let t = "/spec/jobTemplate/spec/template/spec";
+    *rest.pointer_mut(&format!("{t}/containers/0/args")).unwrap() =
+        json!(["reconcile", format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051")]);
+    remove_named(&mut rest, &format!("{t}/containers/0/volumeMounts"), "admin-tls");
+    let c_obj = rest.pointer_mut(&format!("{t}/containers/0")).unwrap().as_object_mut().unwrap();
+    assert_eq!(c_obj.remove("volumeMounts"), Some(json!([])));
+    let spec = rest.pointer_mut(t).unwrap().as_object_mut().unwrap();
+    assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(1));
+    spec["securityContext"].as_object_mut().unwrap().remove("fsGroup");
+    assert_eq!(&rest, find(&base, "CronJob", "rust-ipam-reconcile"), "the rest of the CronJob is the base's");
 
     // The node installer: the client Secret mounted where RUST_IPAM_TLS_DIR points.
     let daemonset = find(&docs, "DaemonSet", "rust-ipam-node");
@@ -481,7 +539,7 @@ fn mtls_overlay_wires_tls_and_the_admin_socket_and_drops_the_cronjob() {
     );
     find(&base, "CronJob", "rust-ipam-reconcile");
 
-    // The image carries the ctl the docs tell operators to exec.
+    // The image carries the ctl the CronJob runs and the docs tell operators to exec.
     let dockerfile = read("Dockerfile");
     for line in [
         "install -D -m 0755 target/release/rust-ipam-ctl /out/rust-ipam-ctl",
@@ -1309,13 +1367,21 @@ openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=rust-ipam-node -keyout node.key -out node.csr
 openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -out node.crt -extfile <(
   printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n')
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 -subj /CN=rust-ipam-admin-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+  -keyout admin-ca.key -out admin-ca.crt
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=rust-ipam-reconcile -keyout admin.key -out admin.csr
+openssl x509 -req -in admin.csr -CA admin-ca.crt -CAkey admin-ca.key -CAcreateserial -days 365 -out admin.crt -extfile <(
+  printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n')
 "#;
 
 /// The pieces working together as in a cluster with the overlay: certificates made by the
 /// documented openssl commands, the server started with the overlay's own args (paths and
 /// addresses mapped to a temp dir and loopback, the embedded store for the kube store), the
 /// installer writing the node file in TLS mode, and the real `rust-ipam` plugin allocating
-/// through it over mutual TLS; Admin answers on the socket only; no certificate, no entry.
+/// through it over mutual TLS; Admin answers on the socket and, to the CronJob's own args
+/// and admin certificate, on the admin port, never on the gRPC port; no certificate, no
+/// entry.
 #[test]
 fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
     const TEST: &str = "mtls_overlay_args_docs_certificates_installer_and_plugin_work_together";
@@ -1354,11 +1420,23 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
         &[("tls.crt", &pem("node.crt")), ("tls.key", &pem("node.key")), ("ca.crt", &pem("ca.crt"))],
     );
 
+    // The server's view of the admin Secret (its ca.crt only) and the CronJob's projected
+    // volume (the admin certificate, and the node Secret's ca.crt as server-ca.crt).
+    let admin_ca = root.join("admin-ca");
+    secret_volume(&admin_ca, 1, &[("ca.crt", &pem("admin-ca.crt"))]);
+    let cron_tls = root.join("admin-tls");
+    secret_volume(
+        &cron_tls,
+        1,
+        &[("tls.crt", &pem("admin.crt")), ("tls.key", &pem("admin.key")), ("server-ca.crt", &pem("ca.crt"))],
+    );
+
     // The server with the overlay's args.
     let docs = yaml_docs(&render_dir(MTLS_OVERLAY));
     let deployment = find(&docs, "Deployment", "rust-ipam-server");
     let server = container(&deployment["spec"]["template"]["spec"], "server");
     let (port, metrics) = (rust_ipam_e2e::free_port().unwrap(), rust_ipam_e2e::free_port().unwrap());
+    let admin_port = rust_ipam_e2e::free_port().unwrap();
     let run_dir = root.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
     let mut args: Vec<String> = string_list(&server["args"])
@@ -1367,7 +1445,9 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
             a.replace("--listen=0.0.0.0:50051", &format!("--listen=127.0.0.1:{port}"))
                 .replace("--metrics-listen=0.0.0.0:9090", &format!("--metrics-listen=127.0.0.1:{metrics}"))
                 .replace("--store=kube", "--store=embedded")
+                .replace("--admin-listen=0.0.0.0:50052", &format!("--admin-listen=127.0.0.1:{admin_port}"))
                 .replace("/etc/rust-ipam/tls", server_secret.to_str().unwrap())
+                .replace("/etc/rust-ipam/admin-ca", admin_ca.to_str().unwrap())
                 .replace("/run/rust-ipam", run_dir.to_str().unwrap())
         })
         .collect();
@@ -1459,6 +1539,38 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
     assert!(!o.status.success() && output_text(&o).contains("Unimplemented"), "{}", output_text(&o));
     let o = ctl(&["--server", &endpoint, "--tls-ca", ca.to_str().unwrap(), "status"]);
     assert!(!o.status.success(), "a client without a certificate got in: {}", output_text(&o));
+
+    // The CronJob's own args, reaching the admin port as the Service would: the pass runs
+    // there (the embedded store has no pods to check against, and says so), and the admin
+    // certificate lists the lease. A node's certificate is refused there.
+    let cronjob = find(&docs, "CronJob", "rust-ipam-reconcile");
+    let rc = container(&cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"], "reconcile");
+    assert_eq!(rc["command"], json!(["rust-ipam-ctl"]));
+    let admin_endpoint = format!("https://127.0.0.1:{admin_port}");
+    let cron_args: Vec<String> = string_list(&rc["args"])
+        .iter()
+        .map(|a| {
+            a.replace("https://rust-ipam.rust-ipam.svc:50052", &admin_endpoint)
+                .replace("/etc/rust-ipam/admin-tls", cron_tls.to_str().unwrap())
+        })
+        .collect();
+    let cron_args: Vec<&str> = cron_args.iter().map(String::as_str).collect();
+    let o = ctl(&cron_args);
+    assert!(
+        !o.status.success()
+            && output_text(&o).contains("FailedPrecondition: reconcile needs the Kubernetes API to see pods"),
+        "the CronJob's call did not reach the pass: {}",
+        output_text(&o)
+    );
+    let mut list = cron_args[1..].to_vec();
+    list.push("leases");
+    let o = ctl(&list);
+    assert!(o.status.success() && output_text(&o).contains("10.56.0.16"), "{}", output_text(&o));
+    let o =
+        ctl(&[&["--server", admin_endpoint.as_str(), "--timeout-ms", "1000"][..], &tls_args, &["pools"]]
+            .concat());
+    assert!(!o.status.success(), "a node certificate reached Admin: {}", output_text(&o));
+
     let o = plugin("DEL");
     assert_eq!(o.code, 0, "DEL over mutual TLS failed:\n{}\n{}", o.out, o.stderr);
     let o = ctl(&["--server", &socket, "leases"]);
