@@ -237,6 +237,12 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     let gap = first_after - last_before;
     let survivor = status(&follower_ep).await.expect("survivor status");
     assert!(survivor.serving, "the former follower leads now");
+    // It took over from its warm copy of the leases (the watch), not by listing them all.
+    let log = std::fs::read_to_string(dir.path().join(["a.log", "b.log"][follower])).expect("survivor log");
+    assert!(
+        log.lines().any(|l| l.contains("leases from the mirror") && l.contains("leases=")),
+        "the new leader did not load from its mirror:\n{log}"
+    );
 
     // What the API server holds: every acknowledged lease, each address once.
     let mut held = BTreeMap::new();

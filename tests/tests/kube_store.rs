@@ -298,3 +298,78 @@ async fn a_copy_under_another_name_and_an_unreadable_address_are_skipped() {
     assert!(note.starts_with("unreadable IPLease 198.18.3.4: "), "{note}");
     assert_eq!(stored(&ns).await.len(), 6);
 }
+
+/// A new leader loads from the replica's mirror (a list, then a watch that brings what
+/// changed after it), and its writes go through under the preconditions the watch
+/// delivered. An account without `watch` (RBAC older than this server) leaves the mirror
+/// failing, and the load lists instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch() {
+    const TEST: &str = "a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch";
+    let Some(ns) = namespace(TEST).await else { return };
+    let (e, _f) = engine(&ns).await;
+    for i in 0..20 {
+        allocate(&e, "198.18.32.0/24", &format!("c{i}"), &format!("p{i}"))
+            .await
+            .expect("engine")
+            .expect("allocate");
+    }
+    let client = ns.client(SERVER_ACCOUNT).await.expect("client");
+    let mirror = KubeStore::start_mirror(client.clone(), &ns.name);
+    // Written while the mirror lists or watches: the watch brings both either way.
+    let late = allocate(&e, "198.18.32.0/24", "late", "late").await.expect("engine").expect("allocate");
+    let freed = e.call(|a, _| a.release("", "c3", "net1")).await.expect("engine");
+    assert_eq!(freed.len(), 1);
+    drop(e);
+    let leader = |client: kube::Client, mirror| {
+        let fence = Fence::new();
+        fence.open_until(Instant::now() + Duration::from_secs(3600));
+        let store = KubeStore::new(client, &ns.name, tokio::runtime::Handle::current(), fence);
+        Engine::start(Box::new(store.with_mirror(mirror)), Metrics::new())
+    };
+    let held = |e: Engine| async move {
+        let leases = e.call(|a, _| a.leases(&LeaseFilter::default())).await.expect("engine");
+        let mut v: Vec<(String, String)> =
+            leases.iter().map(|l| (l.address.to_string(), l.holder.container_id.clone())).collect();
+        v.sort();
+        v
+    };
+    let again = leader(client, mirror).await.expect("load from the mirror");
+    let loaded = held(again.clone()).await;
+    assert_eq!(loaded.len(), 20, "{loaded:?}");
+    assert!(loaded.contains(&(late.to_string(), "late".to_string())), "{loaded:?}");
+    assert_eq!(loaded, stored(&ns).await);
+    // Its delete carries the resourceVersion and uid the watch delivered, and applies.
+    let freed = again.call(|a, _| a.release("", "late", "net1")).await.expect("engine");
+    assert_eq!(freed.len(), 1);
+    assert!(!stored(&ns).await.iter().any(|(_, cid)| cid == "late"));
+    drop(again);
+
+    // An account that may do everything the store does but watch.
+    let admin = ns.admin_client().await.expect("admin");
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "no-watch"}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "no-watch"},
+               "rules": [{"apiGroups": ["ipam.rust-ipam.io"], "resources": ["ipleases"],
+                          "verbs": ["get", "list", "create", "update", "delete"]},
+                         {"apiGroups": ["ipam.rust-ipam.io"], "resources": ["rangepools"],
+                          "verbs": ["list", "create"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "no-watch"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-watch"},
+               "subjects": [{"kind": "ServiceAccount", "name": "no-watch", "namespace": ns.name}]}),
+    ];
+    for o in objects {
+        envtest::create(&admin, Some(&ns.name), o).await.expect("create");
+    }
+    let kubeconfig = kube::config::Kubeconfig::read_from(&ns.admin_kubeconfig).expect("kubeconfig");
+    let mut cfg =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("config");
+    cfg.auth_info.impersonate = Some(format!("system:serviceaccount:{}:no-watch", ns.name));
+    let no_watch = kube::Client::try_from(cfg).expect("client");
+    let mirror = KubeStore::start_mirror(no_watch.clone(), &ns.name);
+    let third = tokio::time::timeout(Duration::from_secs(30), leader(no_watch, mirror))
+        .await
+        .expect("the load waited for a mirror that cannot watch")
+        .expect("load by listing");
+    assert_eq!(held(third).await, stored(&ns).await);
+}

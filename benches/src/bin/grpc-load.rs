@@ -450,8 +450,45 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     }
     let wrote = started.elapsed();
     info!(count, secs = wrote.as_secs_f64(), "wrote the IPLeases");
+
+    // A follower beside the leader: its mirror lists and watches the leases. Then a
+    // handover (SIGTERM releases the Lease): the clock runs from the signal to the
+    // follower's first `serving` Status.
+    let follower_dir = tempfile::Builder::new().prefix("grpc-load-").tempdir()?;
+    let follower_log = follower_dir.path().join("follower.log");
+    let follower_opts = ServerOptions {
+        identity: "grpc-load-follower".into(),
+        log_level: "info".into(),
+        log_file: Some(follower_log.clone()),
+        wait_serving: false,
+        ..spawned.opts.clone()
+    };
+    let follower = ServerProcess::start_with(&follower_dir.path().join("data"), &follower_opts).await?;
+    let t = Instant::now();
+    while !std::fs::read_to_string(&follower_log)?.contains("lease mirror listed") {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the follower's mirror did not list the leases within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mirror_listed = t.elapsed();
+    let follower_rss = rss(follower.pid())?;
+    let t = Instant::now();
     let status = spawned.process.terminate().context("stopping the first server")?;
     info!(%status, "the first leader stopped");
+    let ch = rust_ipam_proto::connect(&follower.endpoint, Duration::from_secs(5)).await?;
+    let mut ipam = IpamClient::new(ch);
+    let taken_over = loop {
+        if ipam.status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving) {
+            break t.elapsed();
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the follower did not take over within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let warm_used = ipam.status(pb::StatusRequest {}).await?.into_inner().leases;
+    drop(follower);
     // The API server's own floor: the same paged list, objects decoded and dropped.
     let t = Instant::now();
     let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
@@ -472,22 +509,29 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     let t = Instant::now();
     let second = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
     let to_serve = t.elapsed();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", second.pid()))?;
-    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?").to_string();
+    let cold_rss = rss(second.pid())?;
     let ch = rust_ipam_proto::connect(&second.endpoint, Duration::from_secs(5)).await?;
     let used = IpamClient::new(ch).status(pb::StatusRequest {}).await?.into_inner().leases;
     println!(
-        "| IPLeases in the API server | written at | paged list alone (2000 per page) | new leader: start to serving | leases loaded | server memory |"
+        "| IPLeases in the API server | written at | paged list alone (2000 per page) | follower's mirror listed | handover: SIGTERM to the follower serving | leases loaded | follower memory | new leader alone: start to serving | leases loaded | its memory |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {count} | {:.0}/s | {:.2} s | {:.2} s | {used} | {} |",
+        "| {count} | {:.0}/s | {:.2} s | {:.2} s | {:.2} s | {warm_used} | {follower_rss} | {:.2} s | {used} | {cold_rss} |",
         f64::from(count) / wrote.as_secs_f64(),
         list_floor.as_secs_f64(),
+        mirror_listed.as_secs_f64(),
+        taken_over.as_secs_f64(),
         to_serve.as_secs_f64(),
-        rss.trim_start_matches("VmRSS:").trim()
     );
     Ok(())
+}
+
+/// The resident memory of process `pid`, as /proc shows it (`123456 kB`).
+fn rss(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?");
+    Ok(line.trim_start_matches("VmRSS:").trim().to_string())
 }
 
 /// Writes (create, update, patch, delete) the API server has served on rust-ipam's

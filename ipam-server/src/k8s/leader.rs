@@ -113,6 +113,8 @@ pub async fn run(
             .instrument(info_span!("lease-watch"))
     });
     let _watcher = AbortOnDrop(watcher);
+    // Followers keep the leases warm, so a takeover serves without listing them all.
+    let mirror = KubeStore::start_mirror(client.clone(), &election.namespace);
     let mut leading: Option<Leading> = None;
     // When the current holder's renewal runs out, as last read by a follower.
     let mut expiry: Option<Instant> = None;
@@ -143,7 +145,8 @@ pub async fn run(
                         &election.namespace,
                         tokio::runtime::Handle::current(),
                         l.fence.clone(),
-                    );
+                    )
+                    .with_mirror(mirror.clone());
                     let m = metrics.clone();
                     l.loading = Some(tokio::spawn(
                         async move { Engine::start(Box::new(store), m).await }.instrument(info_span!("load")),

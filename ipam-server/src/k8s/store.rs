@@ -24,9 +24,10 @@ use kube::api::{Api, DeleteParams, DynamicObject, PostParams, Preconditions};
 use kube::core::ApiResource;
 use kube::{Client, Resource as _, ResourceExt as _};
 use serde::Deserialize as _;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::crd::{IPLease, IPLeaseSpec, RangePool, RangePoolSpec, lease_name, pool_name};
+use super::mirror::LeaseMirror;
 use crate::allocator::{Attachment, Change, Lease, LoadProblem};
 use crate::store::{
     CommitError, LeaseStore, Loaded, PipelinedStore, Refusal, StoreError, WriteOutcome, WriteReport,
@@ -79,13 +80,13 @@ impl Fence {
 
 /// Identity of one object as last seen: the preconditions of the next write to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Seen {
+pub(super) struct Seen {
     uid: String,
     resource_version: String,
 }
 
 impl Seen {
-    fn of(meta: &kube::api::ObjectMeta) -> Option<Seen> {
+    pub(super) fn of(meta: &kube::api::ObjectMeta) -> Option<Seen> {
         Some(Seen { uid: meta.uid.clone()?, resource_version: meta.resource_version.clone()? })
     }
 }
@@ -125,6 +126,8 @@ struct Inner {
     fence: Fence,
     /// Objects per list page.
     page: u32,
+    /// The replica's warm copy of the leases: loaded from instead of listing.
+    mirror: Option<Arc<LeaseMirror>>,
 }
 
 type Outcome = WriteOutcome;
@@ -157,6 +160,7 @@ impl KubeStore {
             seen: Mutex::new(HashMap::new()),
             fence,
             page: PAGE,
+            mirror: None,
         };
         KubeStore {
             inner: Arc::new(inner),
@@ -175,6 +179,22 @@ impl KubeStore {
         }
         self
     }
+
+    /// Loads the leases from `mirror` (once it follows the API server) instead of listing
+    /// them.
+    pub fn with_mirror(mut self, mirror: Arc<LeaseMirror>) -> KubeStore {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.mirror = Some(mirror);
+        }
+        self
+    }
+
+    /// Starts the warm copy of the lease objects in `namespace` that a store of this
+    /// replica loads from when it leads; on the current runtime.
+    pub fn start_mirror(client: Client, namespace: &str) -> Arc<LeaseMirror> {
+        let res = ApiResource::erase::<IPLease>(&());
+        LeaseMirror::start(Api::namespaced_with(client, namespace, &res), PAGE)
+    }
 }
 
 impl Inner {
@@ -192,6 +212,7 @@ impl Inner {
     ) -> Result<(), StoreError> {
         super::for_each_page(self.page, |lp| async move { api.list(&lp).await }, &mut each)
             .await
+            .map(|_| ())
             .map_err(|e| StoreError::new(what, e))
     }
 
@@ -332,7 +353,7 @@ fn object_name(c: &Change) -> String {
     }
 }
 
-fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
+pub(super) fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
     let spec = obj.data.get("spec").ok_or("has no spec")?;
     let spec = IPLeaseSpec::deserialize(spec).map_err(|e| format!("spec: {e}"))?;
     spec.to_lease(&obj.name_any()).map_err(|e| e.to_string())
@@ -372,6 +393,25 @@ impl LeaseStore for KubeStore {
                 }
             })
             .await?;
+            if let Some(mirror) = &this.mirror {
+                let started = Instant::now();
+                match mirror.snapshot().await {
+                    Ok(snapshot) => {
+                        info!(
+                            leases = snapshot.leases.len(),
+                            secs = started.elapsed().as_secs_f64(),
+                            "leases from the mirror"
+                        );
+                        out.leases = snapshot.leases;
+                        out.problems.extend(snapshot.problems);
+                        *this.seen() = snapshot.seen;
+                        return Ok(out);
+                    }
+                    Err(why) => {
+                        warn!(%why, "the lease mirror does not follow the API server; listing instead")
+                    }
+                }
+            }
             let mut seen = HashMap::new();
             this.list_each(&this.raw_leases, "list leases", |obj| {
                 let name = obj.name_any();
