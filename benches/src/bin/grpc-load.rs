@@ -72,8 +72,10 @@ struct Args {
     #[arg(long, conflicts_with_all = ["server", "kube_standin_ms"])]
     envtest: bool,
     /// Instead of load levels: write this many IPLeases straight to the API server (64 at
-    /// a time), stop the server with SIGTERM, start another, and print how long it takes
-    /// to serve (win the election, load every lease, answer Status) and its memory.
+    /// a time); start a follower and wait until its mirror has listed them; stop the leader
+    /// with SIGTERM and time the follower's takeover (win the election, load from the
+    /// mirror, answer Status as serving); then start a server alone (no warm copy: it
+    /// lists) and time its start to serving. Prints both with the servers' memory.
     #[arg(long, requires = "envtest", value_name = "LEASES")]
     leader_start: Option<u32>,
     /// Connect timeout and per-call deadline.
