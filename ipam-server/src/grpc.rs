@@ -248,7 +248,8 @@ impl pb::ipam_server::Ipam for IpamService {
         let req = check_allocate(request.into_inner())?;
         let got = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, now| a.allocate(&req, now))
             .await
             .map_err(engine_status)?
@@ -270,7 +271,8 @@ impl pb::ipam_server::Ipam for IpamService {
         let network = r.network;
         let released = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| a.release(&network, &cid, &ifname))
             .await
             .map_err(engine_status)?;
@@ -285,8 +287,13 @@ impl pb::ipam_server::Ipam for IpamService {
         let (cid, ifname) = attachment_key(r.attachment)?;
         let network = r.network;
         let (c2, i2, n2) = (cid.clone(), ifname.clone(), network.clone());
-        let leases =
-            self.serving.engine()?.call(move |a, _| a.check(&n2, &c2, &i2)).await.map_err(engine_status)?;
+        let leases = self
+            .serving
+            .ready_engine()
+            .await?
+            .call(move |a, _| a.check(&n2, &c2, &i2))
+            .await
+            .map_err(engine_status)?;
         if leases.is_empty() {
             return Err(Status::not_found(format!(
                 "container {cid} interface {ifname} holds no address in network \"{network}\""
@@ -318,7 +325,8 @@ impl pb::ipam_server::Ipam for IpamService {
         let (network, node) = (r.network, r.node);
         let released = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| a.gc(&network, &node, &valid))
             .await
             .map_err(engine_status)?;
@@ -412,7 +420,8 @@ impl pb::admin_server::Admin for AdminService {
         let network = request.into_inner().network;
         let pools = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| a.pools((!network.is_empty()).then_some(network.as_str())))
             .await
             .map_err(engine_status)?;
@@ -442,7 +451,8 @@ impl pb::admin_server::Admin for AdminService {
         };
         let (page, more) = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| {
                 let all = a.leases(&filter);
                 // Sorted by (network, address): the page starts after the token's lease.
@@ -470,7 +480,8 @@ impl pb::admin_server::Admin for AdminService {
         let network = r.network;
         let lease = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| a.get(&network, ip))
             .await
             .map_err(engine_status)?
@@ -485,7 +496,8 @@ impl pb::admin_server::Admin for AdminService {
         let network = r.network;
         let lease = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, now| a.reserve(&network, ip, &note, now))
             .await
             .map_err(engine_status)?
@@ -504,7 +516,8 @@ impl pb::admin_server::Admin for AdminService {
         let network = r.network;
         let lease = self
             .serving
-            .engine()?
+            .ready_engine()
+            .await?
             .call(move |a, _| a.release_address(&network, ip))
             .await
             .map_err(engine_status)?
@@ -519,7 +532,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let r = request.into_inner();
-        let engine = self.serving.engine()?;
+        let engine = self.serving.ready_engine().await?;
         let reconciler = self
             .reconciler
             .as_ref()

@@ -36,12 +36,15 @@ impl Peer {
 /// What this replica is doing.
 #[derive(Debug, Clone)]
 pub enum Role {
-    /// Electing, or leading and loading state: nothing is served yet.
+    /// Electing, or leading and loading state: nothing is served yet, and calls wait a
+    /// moment for it (see [`Serving::ready_engine`]).
     Starting,
     /// Leading with its state loaded.
     Leader(Engine),
     /// Another replica leads (`None`: none is known).
     Follower(Option<Peer>),
+    /// Shutting down: calls are refused at once, to go to another replica.
+    Stopping,
 }
 
 /// Why this replica does not allocate now; a follower names the leader.
@@ -55,10 +58,15 @@ pub enum NotServing {
     Starting,
     #[error("this replica is not the leader; no leader is known")]
     NoLeader,
+    #[error("this replica is shutting down")]
+    Stopping,
     #[error("this replica is not the leader; the leader is {} at {}", .0.identity,
         if .0.endpoint.is_empty() { "an unknown endpoint" } else { &.0.endpoint })]
     Follower(Peer),
 }
+
+/// How long a call waits for a starting replica (see [`Serving::ready_engine`]).
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A view of the current [`Role`]; cheap to clone.
 #[derive(Debug, Clone)]
@@ -97,7 +105,20 @@ impl Serving {
             Role::Starting => Err(NotServing::Starting),
             Role::Follower(None) => Err(NotServing::NoLeader),
             Role::Follower(Some(p)) => Err(NotServing::Follower(p.clone())),
+            Role::Stopping => Err(NotServing::Stopping),
         }
+    }
+
+    /// As [`Serving::engine`], but a replica that is starting (electing, or leading and
+    /// loading its state) holds the call up to [`START_WAIT`] for that to finish. A leader
+    /// loads from its warm copy in a fraction of a second, so a call that arrives during a
+    /// handover is answered when the new leader is ready instead of being sent back to
+    /// retry after a pause.
+    pub async fn ready_engine(&self) -> Result<Engine, NotServing> {
+        let mut rx = self.rx.clone();
+        let starting = |r: &Role| matches!(r, Role::Starting);
+        let _ = tokio::time::timeout(START_WAIT, rx.wait_for(|r| !starting(r))).await;
+        self.engine()
     }
 
     /// Who leads, as Status reports it: this replica's identity when it leads.
@@ -105,7 +126,7 @@ impl Serving {
         match &*self.rx.borrow() {
             Role::Leader(_) => me.to_string(),
             Role::Follower(Some(p)) => p.identity.clone(),
-            Role::Starting | Role::Follower(None) => String::new(),
+            Role::Starting | Role::Follower(None) | Role::Stopping => String::new(),
         }
     }
 }
@@ -139,5 +160,32 @@ mod tests {
             "this replica is electing a leader or loading state"
         );
         assert_eq!(s.leader_identity("me"), "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starting_replica_holds_calls_until_it_knows_its_role() {
+        let (tx, rx) = watch::channel(Role::Starting);
+        let s = Serving::new(rx);
+        // Still starting after the wait: refused, having waited it out.
+        let t = tokio::time::Instant::now();
+        assert_eq!(s.ready_engine().await.expect_err("starting"), NotServing::Starting);
+        assert_eq!(t.elapsed(), START_WAIT);
+        // The role settles during the wait: the call gets the answer of the new role then.
+        let p = Peer { identity: "ipam-1".into(), endpoint: "http://10.0.0.6:50051".into() };
+        let call = tokio::spawn({
+            let s = s.clone();
+            async move { s.ready_engine().await.map(|_| ()) }
+        });
+        tokio::time::sleep(START_WAIT / 4).await;
+        tx.send(Role::Follower(Some(p.clone()))).expect("send");
+        assert_eq!(call.await.expect("join"), Err(NotServing::Follower(p)));
+        // A replica shutting down refuses at once.
+        tx.send(Role::Stopping).expect("send");
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            s.ready_engine().await.expect_err("stopping").to_string(),
+            "this replica is shutting down"
+        );
+        assert_eq!(t.elapsed(), std::time::Duration::ZERO);
     }
 }

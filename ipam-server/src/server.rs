@@ -487,7 +487,7 @@ pub async fn serve_single(
     let (serving, role) = Serving::fixed(engine.clone());
     let served = serve(serving, identity, listeners, metrics, reconciler, shutdown).await;
     // The role holds an engine handle however many views of it are still alive.
-    let _ = role.send(Role::Starting);
+    let _ = role.send(Role::Stopping);
     drain(engine).await?;
     served
 }

@@ -256,7 +256,7 @@ async fn step_down(
     role: &watch::Sender<Role>,
     metrics: &Metrics,
 ) -> Option<Engine> {
-    let engine = leading.and_then(|l| l.end(role, Role::Starting));
+    let engine = leading.and_then(|l| l.end(role, Role::Stopping));
     if engine.is_some() {
         metrics.set_leader(false);
         match lock.step_down().await {
