@@ -283,9 +283,19 @@ pub async fn serve(
     Ok(())
 }
 
+/// The media type of what [`Metrics::render`] writes: OpenMetrics text, ending `# EOF`.
+/// Prometheus picks its parser by it (and refuses a scrape without one).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    typed(status, "text/plain; charset=utf-8", body)
+}
+
+fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     r
 }
 
@@ -298,10 +308,12 @@ async fn handle(
         // A follower has no pools to show, but its RPC counters and leader state are real.
         "/metrics" => match serving.engine() {
             Ok(engine) => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
-                Ok((pools, leases)) => text(StatusCode::OK, metrics.render(&pools, leases, true)),
+                Ok((pools, leases)) => {
+                    typed(StatusCode::OK, OPENMETRICS, metrics.render(&pools, leases, true))
+                }
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             },
-            Err(_) => text(StatusCode::OK, metrics.render(&[], 0, false)),
+            Err(_) => typed(StatusCode::OK, OPENMETRICS, metrics.render(&[], 0, false)),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         // Ready only on the leader whose engine answers: state loaded and the store usable,
@@ -485,6 +497,8 @@ pub async fn serve_single(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (serving, role) = Serving::fixed(engine.clone());
+    // The one replica leads for as long as it runs.
+    metrics.0.set_leader(true);
     let served = serve(serving, identity, listeners, metrics, reconciler, shutdown).await;
     // The role holds an engine handle however many views of it are still alive.
     let _ = role.send(Role::Stopping);

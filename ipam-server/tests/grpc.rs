@@ -429,13 +429,19 @@ async fn health_reports_serving() {
 
 /// A plain HTTP/1.0 GET; returns (status line, body).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let (head, body) = http_response(addr, path).await;
+    (head.lines().next().unwrap_or_default().to_string(), body)
+}
+
+/// A plain HTTP/1.0 GET; returns (head, body).
+async fn http_response(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     let (head, body) = out.split_once("\r\n\r\n").expect("http response");
-    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    (head.to_string(), body.to_string())
 }
 
 #[tokio::test]
@@ -450,9 +456,19 @@ async fn metrics_count_requests_and_show_pools() {
     ipam.allocate(alloc_req("c", "c", r())).await.expect_err("exhausted");
     ipam.allocate(alloc_req("d", "d", vec![range("fd00::/64", &[])])).await.expect("allocate");
 
-    let (status, body) = http_get(server.metrics_addr, "/metrics").await;
-    assert_eq!(status, "HTTP/1.0 200 OK");
+    let (head, body) = http_response(server.metrics_addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    // What Prometheus needs to pick its parser: the body is OpenMetrics, ending # EOF.
+    assert!(
+        head.lines().any(|l| l.eq_ignore_ascii_case(
+            "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        )),
+        "{head}"
+    );
+    assert_eq!(body.lines().last(), Some("# EOF"));
     for line in [
+        // The embedded store's one replica leads.
+        "rustipam_leader 1",
         r#"rustipam_requests_total{rpc="rustipam.v1.Ipam/Allocate",code="Ok"} 3"#,
         r#"rustipam_requests_total{rpc="rustipam.v1.Ipam/Allocate",code="ResourceExhausted"} 1"#,
         r#"rustipam_pool_free{network="",range="10.9.0.0/30"} 0.0"#,
