@@ -101,6 +101,10 @@ pub struct KubeStore {
     next_tail: u64,
     /// Bounds the writes in flight (and so the connections to the API server).
     permits: Arc<tokio::sync::Semaphore>,
+    /// Objects per list page.
+    page: u32,
+    /// The replica's warm copy of the leases: loaded from instead of listing.
+    mirror: Option<Arc<LeaseMirror>>,
 }
 
 /// Completion of the last write submitted to an object: `true` if it applied.
@@ -124,10 +128,6 @@ struct Inner {
     /// The lease objects this server knows, by name.
     seen: Mutex<HashMap<String, Seen>>,
     fence: Fence,
-    /// Objects per list page.
-    page: u32,
-    /// The replica's warm copy of the leases: loaded from instead of listing.
-    mirror: Option<Arc<LeaseMirror>>,
 }
 
 type Outcome = WriteOutcome;
@@ -159,14 +159,14 @@ impl KubeStore {
             raw_pools: Api::namespaced_with(client, namespace, &pool_res),
             seen: Mutex::new(HashMap::new()),
             fence,
-            page: PAGE,
-            mirror: None,
         };
         KubeStore {
             inner: Arc::new(inner),
             tails: Arc::default(),
             next_tail: 0,
             permits: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            page: PAGE,
+            mirror: None,
         }
     }
 }
@@ -174,18 +174,14 @@ impl KubeStore {
 impl KubeStore {
     /// Loads with pages of `objects` instead of the default.
     pub fn with_page_size(mut self, objects: u32) -> KubeStore {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.page = objects.max(1);
-        }
+        self.page = objects.max(1);
         self
     }
 
     /// Loads the leases from `mirror` (once it follows the API server) instead of listing
     /// them.
     pub fn with_mirror(mut self, mirror: Arc<LeaseMirror>) -> KubeStore {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.mirror = Some(mirror);
-        }
+        self.mirror = Some(mirror);
         self
     }
 
@@ -200,20 +196,6 @@ impl KubeStore {
 impl Inner {
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Hands every object of `api` to `each`, page by page, so only one page is held at
-    /// a time (a leader loading 100,000 leases holds its decoded leases, not the JSON).
-    async fn list_each(
-        &self,
-        api: &Api<DynamicObject>,
-        what: &'static str,
-        mut each: impl FnMut(DynamicObject),
-    ) -> Result<(), StoreError> {
-        super::for_each_page(self.page, |lp| async move { api.list(&lp).await }, &mut each)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::new(what, e))
     }
 
     /// Reads one lease object. A name that exists but cannot be read as a lease is still
@@ -353,6 +335,20 @@ fn object_name(c: &Change) -> String {
     }
 }
 
+/// Hands every object of `api` to `each`, `page` objects a page, so only one page is held
+/// at a time (a leader loading 100,000 leases holds its decoded leases, not the JSON).
+async fn list_each(
+    api: &Api<DynamicObject>,
+    page: u32,
+    what: &'static str,
+    mut each: impl FnMut(DynamicObject),
+) -> Result<(), StoreError> {
+    super::for_each_page(page, |lp| async move { api.list(&lp).await }, &mut each)
+        .await
+        .map(|_| ())
+        .map_err(|e| StoreError::new(what, e))
+}
+
 pub(super) fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
     let spec = obj.data.get("spec").ok_or("has no spec")?;
     let spec = IPLeaseSpec::deserialize(spec).map_err(|e| format!("spec: {e}"))?;
@@ -382,7 +378,7 @@ impl LeaseStore for KubeStore {
         let this = &*self.inner;
         this.rt.block_on(async {
             let mut out = Loaded::default();
-            this.list_each(&this.raw_pools, "list range pools", |obj| {
+            list_each(&this.raw_pools, self.page, "list range pools", |obj| {
                 let name = obj.name_any();
                 let spec = obj.data.get("spec").cloned().unwrap_or_default();
                 match serde_json::from_value::<RangePoolSpec>(spec) {
@@ -393,7 +389,7 @@ impl LeaseStore for KubeStore {
                 }
             })
             .await?;
-            if let Some(mirror) = &this.mirror {
+            if let Some(mirror) = &self.mirror {
                 let started = Instant::now();
                 match mirror.snapshot().await {
                     Ok(snapshot) => {
@@ -413,7 +409,7 @@ impl LeaseStore for KubeStore {
                 }
             }
             let mut seen = HashMap::new();
-            this.list_each(&this.raw_leases, "list leases", |obj| {
+            list_each(&this.raw_leases, self.page, "list leases", |obj| {
                 let name = obj.name_any();
                 match decode_lease(&obj) {
                     Ok(l) => {
