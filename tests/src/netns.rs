@@ -126,7 +126,7 @@ pub fn run_for_pod(
     conf: &Value,
     extra_args: &str,
 ) -> (i32, Value) {
-    let rust_ipam = crate::workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
+    let rust_ipam = crate::workspace_bin("rust-ipam").expect("rust-ipam binary");
     let cni_path = format!("{}:{CNI_DIR}", rust_ipam.parent().expect("bin dir").display());
     let netns = format!("/var/run/netns/{pod}");
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}{extra_args}");

@@ -93,7 +93,7 @@ struct Load {
 
 impl Load {
     fn start(servers: Vec<String>, tag: &str) -> Load {
-        let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        let plugin = workspace_bin("rust-ipam").expect("plugin");
         let dir = tempfile::tempdir().expect("tempdir");
         let cni_dir = dir.path().to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));

@@ -13,7 +13,7 @@ use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use serde_json::{Value, json};
 
 fn rust_ipam_path() -> std::path::PathBuf {
-    workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary")
+    workspace_bin("rust-ipam").expect("plugin binary")
 }
 
 /// Runs a reference plugin inside the `host` namespace for a pod namespace.

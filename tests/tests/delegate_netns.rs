@@ -18,11 +18,11 @@ use rust_ipam_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
 
 fn macvlan_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-macvlan").expect("rust-macvlan binary")
+    workspace_bin("rust-macvlan").expect("rust-macvlan binary")
 }
 
 fn ipvlan_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-ipvlan").expect("rust-ipvlan binary")
+    workspace_bin("rust-ipvlan").expect("rust-ipvlan binary")
 }
 
 /// Runs a CNI plugin binary inside the `node` namespace for the pod namespace `pod`, with

@@ -1372,8 +1372,8 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
         })
         .collect();
     args.push(format!("--data-dir={}", root.join("data").display()));
-    let bin = rust_ipam_e2e::workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
-    let ctl_bin = rust_ipam_e2e::workspace_bin("ipam-server", "rust-ipam-ctl").expect("ctl binary");
+    let bin = rust_ipam_e2e::workspace_bin("rust-ipam-server").expect("server binary");
+    let ctl_bin = rust_ipam_e2e::workspace_bin("rust-ipam-ctl").expect("ctl binary");
     let log = root.join("server.log");
     let _server = Killed(
         Command::new(&bin)
@@ -1432,7 +1432,7 @@ fn mtls_overlay_args_docs_certificates_installer_and_plugin_work_together() {
             ("CNI_PATH", "/nonexistent"),
             ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-a;K8S_POD_UID=uid-a"),
         ];
-        let bin = rust_ipam_e2e::workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        let bin = rust_ipam_e2e::workspace_bin("rust-ipam").expect("plugin");
         rust_ipam_e2e::run_cni(&mut Command::new(bin), &env, &nad.to_string())
     };
     let o = plugin("ADD");

@@ -18,7 +18,7 @@ fn fixtures() -> Vec<PathBuf> {
 }
 
 fn import(data: &Path, dry_run: bool) -> (i32, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let mut cmd = Command::new(bin);
     cmd.arg("--data-dir").arg(data).arg("import-whereabouts").args(fixtures());
     if dry_run {
@@ -113,7 +113,7 @@ async fn seed_whereabouts(admin: &kube::Client, namespace: &str) {
 /// The import run as the cluster's operator (it reads Whereabouts' objects, which the
 /// server's account may not) from `from` into the kube store in `into`.
 fn import_kube(kubeconfig: &Path, from: &str, into: &str, dry_run: bool) -> (i32, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let mut cmd = Command::new(bin);
     cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", into]);
     cmd.args(["import-whereabouts", "--from-namespace", from]);
@@ -188,7 +188,7 @@ async fn import_from_the_api_server_into_the_kube_store() {
 
 #[test]
 fn from_namespace_needs_the_kube_store() {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(bin)
         .args(["--store", "embedded", "--data-dir"])
@@ -207,7 +207,7 @@ fn from_namespace_needs_the_kube_store() {
 /// The store flags are global: a new user puts them after the subcommand.
 #[test]
 fn store_flags_after_the_subcommand() {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(&bin)
         .args(["import-whereabouts", "--from-namespace", "kube-system", "--store", "embedded", "--data-dir"])

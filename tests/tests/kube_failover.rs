@@ -178,7 +178,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
         ("CNI_PATH", cni_dir.to_str().expect("utf-8 path")),
         ("CNI_ARGS", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe"),
     ];
-    let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+    let plugin = workspace_bin("rust-ipam").expect("plugin");
     let out = run_cni(&mut Command::new(plugin), &env, &conf.to_string());
     assert_eq!(out.code, 0, "plugin via follower: {} {}", out.out, out.stderr);
     assert_eq!(out.out["ips"][0]["address"], "198.18.0.1/16");

@@ -22,14 +22,14 @@ const POD_NS: &str = "team";
 const PLUGINS: &[&str] = &["bridge", "host-local"];
 
 fn multus_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-multus").expect("rust-multus binary")
+    workspace_bin("rust-multus").expect("rust-multus binary")
 }
 
 /// The directory of the workspace's binaries (rust-ipam) and Debian's plugins.
 fn cni_path() -> String {
-    let ipam = workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
+    let ipam = workspace_bin("rust-ipam").expect("rust-ipam binary");
     // The backend delegate, built beside rust-ipam.
-    workspace_bin("multus-core", BACKEND_TYPE).expect("backend delegate binary");
+    workspace_bin(BACKEND_TYPE).expect("backend delegate binary");
     format!("{}:{CNI_DIR}", ipam.parent().expect("bin dir").display())
 }
 

@@ -129,7 +129,7 @@ fn lease_objects(objects: &[serde_json::Value]) -> BTreeMap<String, (String, Str
 
 /// Runs `rust-ipam-server reconcile ARGS`: exit code, stdout, stderr.
 fn reconcile_cli(args: &[&str]) -> (i32, String, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let out = Command::new(bin).arg("reconcile").args(args).output().expect("run reconcile");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))

@@ -77,7 +77,7 @@ fn plugin(command: &str, cid: &str, conf: &Value) -> (i32, Value) {
         ("CNI_PATH", "/nonexistent"),
         ("CNI_ARGS", &args),
     ];
-    let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+    let bin = workspace_bin("rust-ipam").expect("plugin");
     let out = run_cni(&mut Command::new(bin), &env, &conf.to_string());
     (out.code, out.out)
 }
