@@ -37,6 +37,26 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
         let built = BUILT.get_or_init(|| {
             let mut cmd = Command::new(under_cargo.unwrap_or_else(|| "cargo".into()));
             cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+            // Without what cargo sets for the test it runs (a shell has none of it): build
+            // scripts that watch these (ring's watches CARGO_MANIFEST_DIR and CARGO_PKG_*)
+            // would rerun, and every crate above them rebuild, at each switch between this
+            // build and `.ci/run`'s.
+            for (key, _) in std::env::vars_os() {
+                if key.to_str().is_some_and(|k| {
+                    k.starts_with("CARGO_PKG_")
+                        || [
+                            "CARGO_MANIFEST_DIR",
+                            "CARGO_MANIFEST_PATH",
+                            "CARGO_CRATE_NAME",
+                            "CARGO_BIN_NAME",
+                            "CARGO_PRIMARY_PACKAGE",
+                            "CARGO_TARGET_TMPDIR",
+                        ]
+                        .contains(&k)
+                }) {
+                    cmd.env_remove(key);
+                }
+            }
             // The profile's directory: `debug` is the dev profile's (and the test
             // profile's), any other is named after its profile (`release` for bench too).
             let profile = dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
