@@ -2,6 +2,7 @@
 //! load driver use them.
 
 pub mod envtest;
+pub mod fixtures;
 pub mod kube_standin;
 pub mod netns;
 pub mod relay;
@@ -82,6 +83,13 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Prints `SKIP` and why for a test this machine cannot run; in CI (`CI` set), where
+/// everything is installed, it fails the test instead.
+pub fn skip(test: &str, why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "CI must run {test}: {why}");
+    println!("SKIP {test}: {why}");
+}
+
 /// What a CNI plugin answered.
 #[derive(Debug)]
 pub struct CniOutput {
@@ -128,6 +136,23 @@ pub fn run_cni(cmd: &mut Command, env: &[(&str, &str)], stdin: &str) -> CniOutpu
     }
 }
 
+/// Runs the workspace's `rust-ipam` plugin as a runtime runs an IPAM plugin for `net1` of
+/// container `cid`: `cni_args` is `CNI_ARGS` (the pod), `conf` the network configuration.
+/// Outside any pod namespace: the plugin only talks to its server.
+pub fn run_ipam_plugin(command: &str, cid: &str, cni_args: &str, conf: &serde_json::Value) -> CniOutput {
+    let bin = workspace_bin("rust-ipam").expect("the rust-ipam binary");
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", "/proc/self/ns/net"),
+        ("CNI_IFNAME", "net1"),
+        // Required, and never searched: an IPAM plugin calls no other plugin.
+        ("CNI_PATH", "/nonexistent"),
+        ("CNI_ARGS", cni_args),
+    ];
+    run_cni(&mut Command::new(bin), &env, &conf.to_string())
+}
+
 /// A free loopback TCP port. It is free when we look and bound a moment later; a process
 /// taking it in between makes the server fail to start, which is reported.
 pub fn free_port() -> anyhow::Result<u16> {
@@ -171,6 +196,33 @@ impl Default for ServerOptions {
             args: Vec::new(),
             wait_serving: true,
             tls: None,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// A replica on the kube store: `kubeconfig`'s credentials, leases in `namespace`,
+    /// `identity`, info log to `log`, `extra` arguments after those; started without
+    /// waiting to lead (a replica may follow).
+    pub fn kube_replica(
+        identity: &str,
+        kubeconfig: &Path,
+        namespace: &str,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> ServerOptions {
+        let mut args: Vec<String> =
+            ["--kubeconfig", &kubeconfig.display().to_string(), "--namespace", namespace]
+                .map(String::from)
+                .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ServerOptions {
+            identity: identity.into(),
+            log_level: "info".into(),
+            log_file: Some(log),
+            wait_serving: false,
+            args,
+            ..ServerOptions::default()
         }
     }
 }
