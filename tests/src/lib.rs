@@ -1,6 +1,7 @@
 //! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
 //! load driver use them.
 
+pub mod deploy;
 pub mod envtest;
 pub mod fixtures;
 pub mod kube_standin;
