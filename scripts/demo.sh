@@ -4,7 +4,8 @@
 # Arguments are passed to the server (e.g. --data-dir /tmp/ipam).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet -p ipam-server --bins
+# All of the workspace's binaries, as the tests build them: one feature set, one build.
+cargo build --quiet --workspace --bins
 bin=target/debug
 
 "$bin/rust-ipam-server" "$@" &

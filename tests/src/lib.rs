@@ -1,25 +1,33 @@
 //! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
 //! load driver use them.
 
+pub mod deploy;
 pub mod envtest;
+pub mod fixtures;
 pub mod kube_standin;
 pub mod netns;
 pub mod relay;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use rust_ipam_proto::v1::{StatusRequest, ipam_client::IpamClient};
 
-/// Path of a binary built from this workspace, next to the running executable (a test in
+/// Path of the workspace's binary `name`, next to the running executable (a test in
 /// `target/<profile>/deps/` or a binary in `target/<profile>/`). Under cargo (`CARGO` set,
-/// as in `cargo test`) it is built once per process first, so a test never runs a stale
-/// binary of another package; otherwise it is built only if missing.
-pub fn workspace_bin(package: &str, name: &str) -> anyhow::Result<PathBuf> {
-    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// as in `cargo test`) the first call of a process runs `cargo build --workspace --bins` in
+/// that profile, so a test never runs a stale binary; otherwise that build runs only when
+/// the binary is missing.
+///
+/// Every binary, in one build: cargo unifies features over the packages it is asked for,
+/// so `-p PACKAGE` builds give each package's binaries their own copies of kube, rustls,
+/// tokio and the rest (a minute and more each); `.ci/run` and `scripts/demo.sh` run the
+/// same command, which leaves this one nothing to do.
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe().context("locating the running executable")?;
     let mut dir = exe.parent().context("the running executable has no directory")?;
     if dir.file_name().is_some_and(|d| d == "deps") {
@@ -27,21 +35,60 @@ pub fn workspace_bin(package: &str, name: &str) -> anyhow::Result<PathBuf> {
     }
     let bin = dir.join(name);
     let under_cargo = std::env::var_os("CARGO");
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    let stale_check = under_cargo.is_some() && !built.iter().any(|b| b == name);
-    if stale_check || !bin.exists() {
-        let mut cmd = Command::new(under_cargo.unwrap_or_else(|| "cargo".into()));
-        cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
-        if dir.file_name().is_some_and(|p| p == "release") {
-            cmd.arg("--release");
+    if under_cargo.is_some() || !bin.exists() {
+        let built = BUILT.get_or_init(|| {
+            let mut cmd = Command::new(under_cargo.unwrap_or_else(|| "cargo".into()));
+            cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+            // Without what cargo sets for the test it runs (a shell has none of it): build
+            // scripts that watch these (ring's watches CARGO_MANIFEST_DIR and CARGO_PKG_*)
+            // would rerun, and every crate above them rebuild, at each switch between this
+            // build and `.ci/run`'s.
+            for (key, _) in std::env::vars_os() {
+                if key.to_str().is_some_and(|k| {
+                    k.starts_with("CARGO_PKG_")
+                        || [
+                            "CARGO_MANIFEST_DIR",
+                            "CARGO_MANIFEST_PATH",
+                            "CARGO_CRATE_NAME",
+                            "CARGO_BIN_NAME",
+                            "CARGO_PRIMARY_PACKAGE",
+                            "CARGO_TARGET_TMPDIR",
+                        ]
+                        .contains(&k)
+                }) {
+                    cmd.env_remove(key);
+                }
+            }
+            // The profile's directory: `debug` is the dev profile's (and the test
+            // profile's), any other is named after its profile (`release` for bench too).
+            let profile = dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
+            if profile != "debug" {
+                cmd.args(["--profile", profile]);
+            }
+            match cmd.status() {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("{cmd:?} failed ({s})")),
+                Err(e) => Err(format!("running {cmd:?}: {e}")),
+            }
+        });
+        if let Err(e) = built {
+            bail!("{} could not be built: {e}", bin.display());
         }
-        let status = cmd.status().with_context(|| format!("building {name}"))?;
-        if !status.success() || !bin.exists() {
-            bail!("{} could not be built (cargo build -p {package} --bin {name})", bin.display());
-        }
-        built.push(name.to_string());
+    }
+    if !bin.exists() {
+        bail!(
+            "{} is not among the workspace's binaries (cargo build --workspace --bins made no such file)",
+            bin.display()
+        );
     }
     Ok(bin)
+}
+
+/// Prints `SKIP` and why for a test this machine cannot run; in CI (`CI` set), where
+/// everything is installed, it fails the test instead.
+pub fn skip(test: &str, why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "CI must run {test}: {why}");
+    println!("SKIP {test}: {why}");
 }
 
 /// What a CNI plugin answered.
@@ -88,6 +135,23 @@ pub fn run_cni(cmd: &mut Command, env: &[(&str, &str)], stdin: &str) -> CniOutpu
         out: json,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Runs the workspace's `rust-ipam` plugin as a runtime runs an IPAM plugin for `net1` of
+/// container `cid`: `cni_args` is `CNI_ARGS` (the pod), `conf` the network configuration.
+/// Outside any pod namespace: the plugin only talks to its server.
+pub fn run_ipam_plugin(command: &str, cid: &str, cni_args: &str, conf: &serde_json::Value) -> CniOutput {
+    let bin = workspace_bin("rust-ipam").expect("the rust-ipam binary");
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", "/proc/self/ns/net"),
+        ("CNI_IFNAME", "net1"),
+        // Required, and never searched: an IPAM plugin calls no other plugin.
+        ("CNI_PATH", "/nonexistent"),
+        ("CNI_ARGS", cni_args),
+    ];
+    run_cni(&mut Command::new(bin), &env, &conf.to_string())
 }
 
 /// A free loopback TCP port. It is free when we look and bound a moment later; a process
@@ -137,6 +201,33 @@ impl Default for ServerOptions {
     }
 }
 
+impl ServerOptions {
+    /// A replica on the kube store: `kubeconfig`'s credentials, leases in `namespace`,
+    /// `identity`, info log to `log`, `extra` arguments after those; started without
+    /// waiting to lead (a replica may follow).
+    pub fn kube_replica(
+        identity: &str,
+        kubeconfig: &Path,
+        namespace: &str,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> ServerOptions {
+        let mut args: Vec<String> =
+            ["--kubeconfig", &kubeconfig.display().to_string(), "--namespace", namespace]
+                .map(String::from)
+                .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ServerOptions {
+            identity: identity.into(),
+            log_level: "info".into(),
+            log_file: Some(log),
+            wait_serving: false,
+            args,
+            ..ServerOptions::default()
+        }
+    }
+}
+
 /// A `rust-ipam-server` process serving on loopback; killed when dropped.
 #[derive(Debug)]
 pub struct ServerProcess {
@@ -169,7 +260,7 @@ impl ServerProcess {
     pub async fn start_with(data_dir: &Path, opts: &ServerOptions) -> anyhow::Result<ServerProcess> {
         let bin = match &opts.bin {
             Some(b) => b.clone(),
-            None => workspace_bin("ipam-server", "rust-ipam-server")?,
+            None => workspace_bin("rust-ipam-server")?,
         };
         let addr = format!("127.0.0.1:{}", free_port()?);
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);

@@ -6,41 +6,28 @@
 //! answered address is in the API server once.
 
 use std::collections::HashSet;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
-use rust_ipam_proto::v1 as pb;
-use rust_ipam_proto::v1::ipam_client::IpamClient;
-use serde_json::{Value, json};
+use rust_ipam_e2e::fixtures::{lease_objects, status};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin};
+use serde_json::json;
 
 const CLIENTS: usize = 10;
 
 /// One ADD: when it finished, its container ID, and the address or the CNI error.
 type Outcome = (Instant, String, Result<String, String>);
 
+/// A replica with the shipped election defaults: no --lease-ttl or --renew-every.
 fn options(ns: &TestNamespace, identity: &str, log: PathBuf) -> ServerOptions {
-    ServerOptions {
-        identity: identity.into(),
-        log_level: "info".into(),
-        log_file: Some(log),
-        wait_serving: false,
-        // The shipped election defaults: no --lease-ttl or --renew-every.
-        args: ["--kubeconfig", &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(), "--namespace", &ns.name]
-            .map(String::from)
-            .to_vec(),
-        ..ServerOptions::default()
-    }
+    ServerOptions::kube_replica(identity, &ns.kubeconfig(SERVER_ACCOUNT), &ns.name, log, &[])
 }
 
 async fn serving(endpoint: &str) -> bool {
-    let Ok(ch) = rust_ipam_proto::connect(endpoint, Duration::from_millis(300)).await else { return false };
-    IpamClient::new(ch).status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
+    status(endpoint).await.is_some_and(|s| s.serving)
 }
 
 /// Index of the replica that serves, once one does.
@@ -58,28 +45,14 @@ async fn leader(replicas: &[&ServerProcess]) -> usize {
 }
 
 /// Runs the plugin's ADD for one pod; the address or the plugin's error output.
-fn cni_add(plugin: &Path, cni_dir: &Path, servers: &[String], cid: &str) -> Result<String, String> {
+fn cni_add(servers: &[String], cid: &str) -> Result<String, String> {
     // The plugin's own default budget (no timeout_ms): what a NAD gets unless it says more.
     let conf = json!({"cniVersion": "1.0.0", "name": "failover", "type": "rust-ipam",
         "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": servers}});
-    let mut child = Command::new(plugin)
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", "/proc/self/ns/net")
-        .env("CNI_IFNAME", "net1")
-        .env("CNI_PATH", cni_dir)
-        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=failover;K8S_POD_NAME={cid}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running the plugin: {e}"))?;
-    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
-    let out = child.wait_with_output().map_err(|e| format!("waiting for the plugin: {e}"))?;
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    match (out.status.success(), result["ips"][0]["address"].as_str()) {
-        (true, Some(a)) => Ok(a.split('/').next().unwrap_or(a).to_string()),
-        _ => Err(format!("{result} {}", String::from_utf8_lossy(&out.stderr))),
+    let out = run_ipam_plugin("ADD", cid, &format!("K8S_POD_NAMESPACE=failover;K8S_POD_NAME={cid}"), &conf);
+    match (out.code, out.out["ips"][0]["address"].as_str()) {
+        (0, Some(a)) => Ok(a.split('/').next().unwrap_or(a).to_string()),
+        _ => Err(format!("{} {}", out.out, out.stderr)),
     }
 }
 
@@ -88,38 +61,28 @@ struct Load {
     stop: Arc<AtomicBool>,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    _cni_dir: tempfile::TempDir,
 }
 
 impl Load {
     fn start(servers: Vec<String>, tag: &str) -> Load {
-        let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cni_dir = dir.path().to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
         let seq = Arc::new(AtomicUsize::new(0));
         let threads = (0..CLIENTS)
             .map(|_| {
-                let (plugin, cni_dir, servers, stop, outcomes, seq) = (
-                    plugin.clone(),
-                    cni_dir.clone(),
-                    servers.clone(),
-                    stop.clone(),
-                    outcomes.clone(),
-                    seq.clone(),
-                );
+                let (servers, stop, outcomes, seq) =
+                    (servers.clone(), stop.clone(), outcomes.clone(), seq.clone());
                 let tag = tag.to_string();
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
                         let cid = format!("{tag}-{}", seq.fetch_add(1, Ordering::Relaxed));
-                        let got = cni_add(&plugin, &cni_dir, &servers, &cid);
+                        let got = cni_add(&servers, &cid);
                         outcomes.lock().expect("lock").push((Instant::now(), cid, got));
                     }
                 })
             })
             .collect();
-        Load { stop, outcomes, threads, _cni_dir: dir }
+        Load { stop, outcomes, threads }
     }
 
     fn answered_since(&self, t: Instant) -> usize {
@@ -237,18 +200,8 @@ async fn leader_kill_and_rolling_stop_fail_no_add() {
 
     // Every answered address is stored once, for its pod.
     let admin = ns.admin_client().await.expect("admin client");
-    let objects = envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await;
-    let stored: HashSet<(String, String)> = objects
-        .expect("IPLeases")
-        .iter()
-        .map(|o| {
-            let s = &o["spec"];
-            (
-                s["containerId"].as_str().unwrap_or_default().into(),
-                s["address"].as_str().unwrap_or_default().into(),
-            )
-        })
-        .collect();
+    let stored: HashSet<(String, String)> =
+        lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
     let answered: Vec<(String, String)> = killed
         .iter()
         .chain(&stopped)

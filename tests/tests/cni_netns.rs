@@ -8,12 +8,12 @@
 use std::path::Path;
 use std::process::Command;
 
-use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, run_for_pod, skip};
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, ping, run_for_pod, skip};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use serde_json::{Value, json};
 
 fn rust_ipam_path() -> std::path::PathBuf {
-    workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary")
+    workspace_bin("rust-ipam").expect("plugin binary")
 }
 
 /// Runs a reference plugin inside the `host` namespace for a pod namespace.
@@ -54,16 +54,7 @@ async fn reference_bridge_and_macvlan_get_addresses_from_rust_ipam() {
     assert_eq!(addresses(pod1, "net1"), vec!["198.18.0.16/24"]);
     assert_eq!(addresses(pod2, "net1"), vec!["198.18.0.17/24"]);
     assert_eq!(r2["ips"][0]["address"], "198.18.0.17/24");
-    let ping = Command::new("ip")
-        .args(["netns", "exec", pod1, "ping", "-c", "1", "-W", "3", "198.18.0.17"])
-        .output()
-        .expect("ping");
-    assert!(
-        ping.status.success(),
-        "pod1 cannot reach pod2: {}{}",
-        String::from_utf8_lossy(&ping.stdout),
-        String::from_utf8_lossy(&ping.stderr)
-    );
+    ping(pod1, "198.18.0.17", &[], "pod1 cannot reach pod2");
 
     // CHECK pod2: the bridge's MAC (in prevResult) changes as ports join, so only the last
     // ADD's result still matches it.

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 /// Runs the plugin; `cid` empty: no attachment variables (GC, STATUS, VERSION). A JSON
 /// string `conf` is sent as it is (malformed input).
 fn cni(command: &str, cid: &str, ifname: &str, args: &str, conf: &Value) -> CniOutput {
-    let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin binary");
+    let bin = workspace_bin("rust-ipam").expect("plugin binary");
     let mut env = vec![("CNI_COMMAND", command), ("CNI_PATH", "/opt/cni/bin")];
     if !cid.is_empty() {
         env.extend([("CNI_CONTAINERID", cid), ("CNI_IFNAME", ifname), ("CNI_NETNS", "/var/run/netns/test")]);
@@ -135,7 +135,7 @@ async fn errors_come_as_cni_json_with_their_codes() {
     let old = cni("ADD", "c", "net1", "", &conf("0.2.0", &ep, small.clone()));
     assert_eq!(old.out["code"], 1);
     let no_ifname = {
-        let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
+        let bin = workspace_bin("rust-ipam").expect("plugin");
         let out = Command::new(bin)
             .env_clear()
             .env("CNI_COMMAND", "ADD")

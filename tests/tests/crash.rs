@@ -8,30 +8,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rust_ipam_e2e::ServerProcess;
+use rust_ipam_e2e::fixtures::{allocate_request, leases, pod};
 use rust_ipam_proto::connect;
 use rust_ipam_proto::v1 as pb;
-use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use rust_ipam_proto::v1::ipam_client::IpamClient;
 
 const CLIENTS: usize = 32;
 /// Kill once this many allocations were acknowledged.
 const KILL_AFTER: usize = 3000;
 
 fn request(cid: &str) -> pb::AllocateRequest {
-    pb::AllocateRequest {
-        attachment: Some(pb::Attachment {
-            container_id: cid.into(),
-            ifname: "net1".into(),
-            pod: Some(pb::PodRef { namespace: "crash".into(), name: cid.into(), uid: String::new() }),
-            node: String::new(),
-        }),
-        network: String::new(),
-        // Two overlapping ranges, so the overlap index is exercised across the restart too.
-        ranges: vec![pb::Range {
-            range: if cid.ends_with('0') { "198.18.0.0/16" } else { "198.18.0.0/20" }.into(),
-            ..Default::default()
-        }],
-        requested_addresses: vec![],
-    }
+    // Two overlapping ranges, so the overlap index is exercised across the restart too.
+    let range = if cid.ends_with('0') { "198.18.0.0/16" } else { "198.18.0.0/20" };
+    allocate_request(cid, Some(pod("crash", cid, "")), "", range)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,18 +73,7 @@ async fn acknowledged_leases_survive_kill_9() {
     );
 
     let server = ServerProcess::start(dir.path()).await.expect("restart");
-    let ch = connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
-    let mut admin = AdminClient::new(ch.clone());
-    let mut leases = Vec::new();
-    let mut req = pb::ListLeasesRequest { page_size: 1000, ..Default::default() };
-    loop {
-        let page = admin.list_leases(req.clone()).await.expect("list").into_inner();
-        leases.extend(page.leases);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        req.page_token = page.next_page_token;
-    }
+    let leases = leases(&server.endpoint, pb::ListLeasesRequest::default()).await;
     let mut seen = HashSet::new();
     let mut by_cid = BTreeMap::new();
     for l in &leases {
@@ -113,6 +91,7 @@ async fn acknowledged_leases_survive_kill_9() {
     assert!(leases.len() >= acked.len() && leases.len() <= acked.len() + CLIENTS);
     // And the restarted server still answers an acknowledged attachment with its lease.
     let (cid, addr) = acked.iter().next().expect("something was acknowledged");
+    let ch = connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
     let again = IpamClient::new(ch).allocate(request(cid)).await.expect("allocate").into_inner();
     assert_eq!(&again.leases[0].address, addr);
     println!("acknowledged {} leases before kill -9; {} stored after restart", acked.len(), leases.len());

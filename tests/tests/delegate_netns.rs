@@ -9,20 +9,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, run_for_pod, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, ping, run_for_pod, skip};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures, workspace_bin};
 use rust_ipam_proto::v1::ListLeasesRequest;
-use rust_ipam_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
 
 fn macvlan_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-macvlan").expect("rust-macvlan binary")
+    workspace_bin("rust-macvlan").expect("rust-macvlan binary")
 }
 
 fn ipvlan_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-ipvlan").expect("rust-ipvlan binary")
+    workspace_bin("rust-ipvlan").expect("rust-ipvlan binary")
 }
 
 /// Runs a CNI plugin binary inside the `node` namespace for the pod namespace `pod`, with
@@ -52,12 +50,9 @@ fn cni_args(
 
 /// The server's leases of `network`, as (address, container ID).
 async fn leases(server: &ServerProcess, network: &str) -> Vec<(String, String)> {
-    let ch = rust_ipam_proto::connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
-    let resp = AdminClient::new(ch)
-        .list_leases(ListLeasesRequest { network: Some(network.to_string()), ..Default::default() })
-        .await
-        .expect("ListLeases");
-    resp.into_inner().leases.into_iter().map(|l| (l.address, l.container_id)).collect()
+    let filter = ListLeasesRequest { network: Some(network.to_string()), ..Default::default() };
+    let all = fixtures::leases(&server.endpoint, filter).await;
+    all.into_iter().map(|l| (l.address, l.container_id)).collect()
 }
 
 /// Names of the links in `ns`.
@@ -141,16 +136,7 @@ async fn macvlan_pods_get_addresses_reach_each_other_check_and_del() {
     assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "1", "arp_notify is set in the pod");
     assert!(links(node).iter().all(|l| !l.starts_with("cni")), "no temporary link left on the node");
 
-    let ping = Command::new("ip")
-        .args(["netns", "exec", pod1, "ping", "-c", "1", "-W", "3", "198.18.10.2"])
-        .output()
-        .expect("ping");
-    assert!(
-        ping.status.success(),
-        "pod1 cannot reach pod2 over net1: {}{}",
-        String::from_utf8_lossy(&ping.stdout),
-        String::from_utf8_lossy(&ping.stderr)
-    );
+    ping(pod1, "198.18.10.2", &[], "pod1 cannot reach pod2 over net1");
 
     let (code, out) = cni(&bin, "CHECK", node, pod1, "cid-1", &with_prev(&conf, &r1));
     assert_eq!((code, &out), (0, &Value::Null), "CHECK pod1");
@@ -564,16 +550,7 @@ async fn dual_stack_addresses_are_usable_at_once() {
     assert!(info.get("tentative").is_none(), "{info}");
     let route = ip(&["-n", pod2, "-6", "route", "show", "fd01::/16"]);
     assert!(route.starts_with("fd01::/16 dev net1"), "{route}");
-    let ping = Command::new("ip")
-        .args(["netns", "exec", pod1, "ping", "-6", "-c", "1", "-W", "3", "fd00:18:16::2"])
-        .output()
-        .expect("ping");
-    assert!(
-        ping.status.success(),
-        "pod1 cannot reach pod2 over IPv6: {}{}",
-        String::from_utf8_lossy(&ping.stdout),
-        String::from_utf8_lossy(&ping.stderr)
-    );
+    ping(pod1, "fd00:18:16::2", &["-6"], "pod1 cannot reach pod2 over IPv6");
     let (code, out) = cni(&bin, "CHECK", node, pod2, "cid-2", &with_prev(&conf, &r2));
     assert_eq!((code, &out), (0, &Value::Null), "CHECK dual stack");
     for (pod, cid, r) in [(pod1, "cid-1", &r1), (pod2, "cid-2", &r2)] {

@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures, workspace_bin};
 use rust_ipam_proto::v1 as pb;
-use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use rust_ipam_proto::v1::ipam_client::IpamClient;
 use serde_json::Value;
 
 fn fixtures() -> Vec<PathBuf> {
@@ -18,7 +18,7 @@ fn fixtures() -> Vec<PathBuf> {
 }
 
 fn import(data: &Path, dry_run: bool) -> (i32, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let mut cmd = Command::new(bin);
     cmd.arg("--data-dir").arg(data).arg("import-whereabouts").args(fixtures());
     if dry_run {
@@ -28,11 +28,10 @@ fn import(data: &Path, dry_run: bool) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The server's leases, as "network address container".
 async fn leases(server: &ServerProcess) -> Vec<String> {
-    let ch = rust_ipam_proto::connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
-    let list = AdminClient::new(ch).list_leases(pb::ListLeasesRequest::default()).await.expect("list");
-    list.into_inner()
-        .leases
+    fixtures::leases(&server.endpoint, pb::ListLeasesRequest::default())
+        .await
         .iter()
         .map(|l| format!("{:?} {} {}", l.network, l.address, l.container_id))
         .collect()
@@ -74,20 +73,15 @@ async fn imported_pods_keep_their_whereabouts_addresses() {
     // gets the next free one.
     let ch = rust_ipam_proto::connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
     let mut ipam = IpamClient::new(ch);
-    let add = |cid: &str, pod: &str| pb::AllocateRequest {
-        attachment: Some(pb::Attachment {
-            container_id: cid.into(),
-            ifname: "net1".into(),
-            pod: Some(pb::PodRef { namespace: "ai-training".into(), name: pod.into(), uid: String::new() }),
-            node: String::new(),
-        }),
-        network: String::new(),
-        ranges: vec![pb::Range {
-            range: "192.168.100.0/24".into(),
-            exclude: vec!["192.168.100.0/28".into()],
-            ..Default::default()
-        }],
-        requested_addresses: vec![],
+    let add = |cid: &str, pod: &str| {
+        let mut req = fixtures::allocate_request(
+            cid,
+            Some(fixtures::pod("ai-training", pod, "")),
+            "",
+            "192.168.100.0/24",
+        );
+        req.ranges[0].exclude = vec!["192.168.100.0/28".into()];
+        req
     };
     let same = ipam.allocate(add("cid-new", "train-0")).await.expect("allocate").into_inner();
     assert_eq!(same.leases[0].address, "192.168.100.16");
@@ -113,7 +107,7 @@ async fn seed_whereabouts(admin: &kube::Client, namespace: &str) {
 /// The import run as the cluster's operator (it reads Whereabouts' objects, which the
 /// server's account may not) from `from` into the kube store in `into`.
 fn import_kube(kubeconfig: &Path, from: &str, into: &str, dry_run: bool) -> (i32, String) {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let mut cmd = Command::new(bin);
     cmd.arg("--kubeconfig").arg(kubeconfig).args(["--namespace", into]);
     cmd.args(["import-whereabouts", "--from-namespace", from]);
@@ -134,33 +128,26 @@ async fn import_from_the_api_server_into_the_kube_store() {
     seed_whereabouts(&admin, &wa).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = &ns.admin_kubeconfig;
-    let objects = || envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease");
+    let objects = || fixtures::lease_objects(&admin, &ns.name);
 
     let (code, out) = import_kube(cfg, &wa, &ns.name, true);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("dry run: 5 would be created, 5 exist, 0 not importable; nothing changed"), "{out}");
-    assert!(objects().await.expect("list").is_empty(), "a dry run writes nothing");
+    assert!(objects().await.is_empty(), "a dry run writes nothing");
 
     let (code, out) = import_kube(cfg, &wa, &ns.name, false);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("5 created, 5 already present, 0 not importable"), "{out}");
-    let mut stored: Vec<String> = objects()
-        .await
-        .expect("list")
-        .iter()
-        .map(|o| {
-            let (name, spec) = (&o["metadata"]["name"], &o["spec"]);
-            format!("{} {} {}", name.as_str().unwrap_or_default(), spec["address"], spec["containerId"])
-        })
-        .collect();
+    let mut stored: Vec<String> =
+        objects().await.iter().map(|o| format!("{} {} {}", o.name, o.address, o.container_id)).collect();
     stored.sort();
     assert_eq!(
         stored,
         vec![
-            "192.168.100.1 \"192.168.100.1\" \"cid-c1\"",
-            "192.168.100.16 \"192.168.100.16\" \"cid-a1\"",
-            "192.168.100.17 \"192.168.100.17\" \"cid-a2\"",
-            "fd00-0050-0000-0000-0000-0000-0000-0001 \"fd00:50::1\" \"cid-d1\"",
+            "192.168.100.1 192.168.100.1 cid-c1",
+            "192.168.100.16 192.168.100.16 cid-a1",
+            "192.168.100.17 192.168.100.17 cid-a2",
+            "fd00-0050-0000-0000-0000-0000-0000-0001 fd00:50::1 cid-d1",
         ]
         .into_iter()
         .map(String::from)
@@ -188,7 +175,7 @@ async fn import_from_the_api_server_into_the_kube_store() {
 
 #[test]
 fn from_namespace_needs_the_kube_store() {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(bin)
         .args(["--store", "embedded", "--data-dir"])
@@ -207,7 +194,7 @@ fn from_namespace_needs_the_kube_store() {
 /// The store flags are global: a new user puts them after the subcommand.
 #[test]
 fn store_flags_after_the_subcommand() {
-    let bin = workspace_bin("ipam-server", "rust-ipam-server").expect("server binary");
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(&bin)
         .args(["import-whereabouts", "--from-namespace", "kube-system", "--store", "embedded", "--data-dir"])

@@ -5,13 +5,13 @@
 //! acknowledged lease exists and no address is held twice.
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
+use rust_ipam_e2e::fixtures::{allocate_request, lease_objects, objects, pod, status};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use rust_ipam_proto::{LEADER_METADATA, connect};
@@ -20,26 +20,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const GROUP: &str = "ipam.rust-ipam.io/v1alpha1";
 const CLIENTS: usize = 16;
 
 fn request(cid: &str) -> pb::AllocateRequest {
-    pb::AllocateRequest {
-        attachment: Some(pb::Attachment {
-            container_id: cid.into(),
-            ifname: "net1".into(),
-            pod: Some(pb::PodRef { namespace: "ha".into(), name: cid.into(), uid: String::new() }),
-            node: "node-a".into(),
-        }),
-        network: String::new(),
-        ranges: vec![pb::Range { range: "198.18.0.0/16".into(), ..Default::default() }],
-        requested_addresses: vec![],
-    }
-}
-
-async fn status(endpoint: &str) -> Option<pb::StatusResponse> {
-    let ch = connect(endpoint, Duration::from_millis(500)).await.ok()?;
-    IpamClient::new(ch).status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+    allocate_request(cid, Some(pod("ha", cid, "")), "node-a", "198.18.0.0/16")
 }
 
 /// Allocates through whichever replica leads: follows the leader hint, else tries the
@@ -70,27 +54,8 @@ async fn allocate(endpoints: &[String], cid: &str, deadline: Instant) -> Option<
 type Ack = (Instant, String, String, String);
 
 fn options(ns: &TestNamespace, identity: &str, log: std::path::PathBuf) -> ServerOptions {
-    ServerOptions {
-        identity: identity.into(),
-        log_level: "info".into(),
-        log_file: Some(log),
-        wait_serving: false,
-        args: [
-            "--kubeconfig",
-            &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(),
-            "--namespace",
-            &ns.name,
-            "--lease-ttl",
-            "3s",
-            "--renew-every",
-            "500ms",
-            "--pool-status-every",
-            "300ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..ServerOptions::default()
-    }
+    let timings = ["--lease-ttl", "3s", "--renew-every", "500ms", "--pool-status-every", "300ms"];
+    ServerOptions::kube_replica(identity, &ns.kubeconfig(SERVER_ACCOUNT), &ns.name, log, &timings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,21 +130,9 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     }
 
     // The CNI plugin pointed at the follower alone follows the hint to the leader.
-    let netns = "/proc/self/ns/net";
-    let cni_dir = dir.path().join("cni");
-    std::fs::create_dir_all(&cni_dir).expect("cni dir");
     let conf = json!({"cniVersion": "1.0.0", "name": "ha", "type": "rust-ipam",
         "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": follower_ep, "timeout_ms": 5000}});
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "cni-probe"),
-        ("CNI_NETNS", netns),
-        ("CNI_IFNAME", "net1"),
-        ("CNI_PATH", cni_dir.to_str().expect("utf-8 path")),
-        ("CNI_ARGS", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe"),
-    ];
-    let plugin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
-    let out = run_cni(&mut Command::new(plugin), &env, &conf.to_string());
+    let out = run_ipam_plugin("ADD", "cni-probe", "K8S_POD_NAMESPACE=ha;K8S_POD_NAME=cni-probe", &conf);
     assert_eq!(out.code, 0, "plugin via follower: {} {}", out.out, out.stderr);
     assert_eq!(out.out["ips"][0]["address"], "198.18.0.1/16");
 
@@ -247,10 +200,9 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     // What the API server holds: every acknowledged lease, each address once.
     let mut held = BTreeMap::new();
     let mut addresses = HashSet::new();
-    for o in envtest::list(&admin, Some(&ns.name), GROUP, "IPLease").await.expect("IPLeases") {
-        let addr = o["spec"]["address"].as_str().expect("address").to_string();
-        assert!(addresses.insert(addr.clone()), "{addr} stored twice");
-        held.insert(o["spec"]["containerId"].as_str().expect("cid").to_string(), addr);
+    for o in lease_objects(&admin, &ns.name).await {
+        assert!(addresses.insert(o.address.clone()), "{} stored twice", o.address);
+        held.insert(o.container_id, o.address);
     }
     for (_, cid, addr, _) in &acked {
         assert_eq!(held.get(cid), Some(addr), "acknowledged lease of {cid} is not in the store");
@@ -258,7 +210,7 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     // The new leader keeps the pool's usage in the RangePool status.
     let deadline = Instant::now() + Duration::from_secs(10);
     let used = loop {
-        let pools = envtest::list(&admin, Some(&ns.name), GROUP, "RangePool").await.expect("RangePools");
+        let pools = objects(&admin, &ns.name, "RangePool").await;
         let used = pools
             .iter()
             .find(|p| p["spec"]["range"] == "198.18.0.0/16")
@@ -291,16 +243,16 @@ async fn a_leader_cut_off_from_the_api_stops_serving_before_another_takes_over()
     let relay = rust_ipam_e2e::relay::Relay::start(api).await.expect("relay");
     let via = ns.kubeconfig_via(SERVER_ACCOUNT, &format!("https://{}", relay.addr)).expect("kubeconfig");
     let dir = tempfile::tempdir().expect("tempdir");
+    // The shipped election defaults.
     let opts = |identity: &str, kubeconfig: &std::path::Path, wait_serving: bool| ServerOptions {
-        identity: identity.into(),
-        log_level: "info".into(),
-        log_file: Some(dir.path().join(format!("{identity}.log"))),
         wait_serving,
-        // The shipped election defaults.
-        args: ["--kubeconfig", &kubeconfig.display().to_string(), "--namespace", &ns.name]
-            .map(String::from)
-            .to_vec(),
-        ..ServerOptions::default()
+        ..ServerOptions::kube_replica(
+            identity,
+            kubeconfig,
+            &ns.name,
+            dir.path().join(format!("{identity}.log")),
+            &[],
+        )
     };
     let cut =
         ServerProcess::start_with(&dir.path().join("cut"), &opts("cut", &via, true)).await.expect("leader");

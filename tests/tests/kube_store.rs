@@ -15,10 +15,9 @@ use ipam_server::engine::{Engine, EngineError};
 use ipam_server::k8s::store::{Fence, KubeStore};
 use ipam_server::metrics::Metrics;
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
+use rust_ipam_e2e::fixtures::{iplease, ipleases_path, lease_objects, objects};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use serde_json::{Value, json};
-
-const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
 
 /// An engine on `client`'s API server whose fence is open for an hour: a server that
 /// believes it leads.
@@ -71,24 +70,11 @@ async fn allocate(
     e.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address).map_err(|e| e.to_string())).await
 }
 
-/// (address, container ID) of every lease object in `ns`.
+/// (address, container ID) of every lease object in `ns`, sorted.
 async fn stored(ns: &TestNamespace) -> Vec<(String, String)> {
     let client = ns.client(SERVER_ACCOUNT).await.expect("client");
-    let objects = envtest::list(&client, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease");
-    leases_of(&objects.await.expect("list IPLeases"))
-}
-
-/// (address, container ID) of lease objects, sorted.
-fn leases_of(objects: &[Value]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = objects
-        .iter()
-        .map(|o| {
-            (
-                o["spec"]["address"].as_str().unwrap_or("?").to_string(),
-                o["spec"]["containerId"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let mut v: Vec<(String, String)> =
+        lease_objects(&client, &ns.name).await.into_iter().map(|o| (o.address, o.container_id)).collect();
     v.sort();
     v
 }
@@ -235,17 +221,17 @@ async fn hand_edited_nonsense_is_skipped_and_never_causes_a_duplicate() {
             .expect("allocate");
     }
     drop(e);
-    let obj = |name: &str, spec: Value| json!({"apiVersion": "ipam.rust-ipam.io/v1alpha1", "kind": "IPLease", "metadata": {"name": name}, "spec": spec});
-    let good = standin.objects(LEASES)[0].clone();
+    let leases = ipleases_path("rust-ipam");
+    let good = standin.objects(&leases)[0].clone();
     // A copy of .1's object under another name: it must not make .1 look held twice, nor
     // free .1 if someone deletes the copy.
     let mut copy = good.clone();
     copy["metadata"] = json!({"name": "198.18.3.9"});
-    standin.put_raw(LEASES, copy);
+    standin.put_raw(&leases, copy);
     // Nonsense under .4's proper name: the address stays held by something unreadable.
-    standin.put_raw(LEASES, obj("198.18.3.4", json!({"address": "banana", "prefixLen": 24})));
-    standin.put_raw(LEASES, obj("no-spec", Value::Null));
-    standin.put_raw(LEASES, obj("198.18.3.6", json!({"address": "198.18.3.6", "prefixLen": "wide"})));
+    standin.put_raw(&leases, iplease("198.18.3.4", json!({"address": "banana", "prefixLen": 24})));
+    standin.put_raw(&leases, iplease("no-spec", Value::Null));
+    standin.put_raw(&leases, iplease("198.18.3.6", json!({"address": "198.18.3.6", "prefixLen": "wide"})));
 
     let (e, _g) = engine_on(client(), "rust-ipam").await;
     let n = e.call(|a, _| a.lease_count()).await.expect("engine");
@@ -275,15 +261,13 @@ async fn a_copy_under_another_name_and_an_unreadable_address_are_skipped() {
     }
     drop(e);
     let admin = ns.admin_client().await.expect("admin");
-    let objects = envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await;
-    let mut good = objects.expect("list")[0].clone();
+    let mut good = objects(&admin, &ns.name, "IPLease").await[0].clone();
     let spec = good["spec"].clone();
     // A copy of .1's object under another name: it must not make .1 look held twice, nor
     // free .1 if someone deletes the copy. And an unparsable address under .4's name.
     good["metadata"] = json!({"name": "198.18.3.9"});
     envtest::create(&admin, Some(&ns.name), good).await.expect("copy");
-    let mut banana = json!({"apiVersion": "ipam.rust-ipam.io/v1alpha1", "kind": "IPLease",
-                            "metadata": {"name": "198.18.3.4"}, "spec": spec});
+    let mut banana = iplease("198.18.3.4", spec);
     banana["spec"]["address"] = json!("banana");
     envtest::create(&admin, Some(&ns.name), banana).await.expect("banana");
 

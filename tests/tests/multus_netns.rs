@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rust_ipam_e2e::envtest;
-use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, skip};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
-use rust_ipam_proto::v1::{self as pb, admin_client::AdminClient};
+use rust_ipam_e2e::netns::{CNI_DIR, Netns, addresses, ip, ping, skip};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures, run_cni, workspace_bin};
+use rust_ipam_proto::v1 as pb;
 use serde_json::{Value, json};
 
 /// The backend delegate's plugin type: this project's macvlan delegate.
@@ -22,14 +22,14 @@ const POD_NS: &str = "team";
 const PLUGINS: &[&str] = &["bridge", "host-local"];
 
 fn multus_bin() -> PathBuf {
-    workspace_bin("multus-core", "rust-multus").expect("rust-multus binary")
+    workspace_bin("rust-multus").expect("rust-multus binary")
 }
 
 /// The directory of the workspace's binaries (rust-ipam) and Debian's plugins.
 fn cni_path() -> String {
-    let ipam = workspace_bin("ipam-cni", "rust-ipam").expect("rust-ipam binary");
+    let ipam = workspace_bin("rust-ipam").expect("rust-ipam binary");
     // The backend delegate, built beside rust-ipam.
-    workspace_bin("multus-core", BACKEND_TYPE).expect("backend delegate binary");
+    workspace_bin(BACKEND_TYPE).expect("backend delegate binary");
     format!("{}:{CNI_DIR}", ipam.parent().expect("bin dir").display())
 }
 
@@ -138,11 +138,8 @@ fn link_exists(ns: &str, dev: &str) -> bool {
 
 /// Every lease the server holds, as (network, address, container, ifname, pod).
 async fn leases(endpoint: &str) -> Vec<(String, String, String, String, String)> {
-    let ch = rust_ipam_proto::connect(endpoint, std::time::Duration::from_secs(5)).await.expect("connect");
-    let list = AdminClient::new(ch).list_leases(pb::ListLeasesRequest::default()).await.expect("list");
-    list.into_inner()
-        .leases
-        .into_iter()
+    let all = fixtures::leases(endpoint, pb::ListLeasesRequest::default()).await;
+    all.into_iter()
         .map(|l| {
             let pod = l.pod.map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default();
             (l.network, l.address, l.container_id, l.ifname, pod)
@@ -226,16 +223,7 @@ async fn two_pods_get_eth0_and_a_backend_net1_and_reach_each_other() {
         ]
     );
 
-    let ping = Command::new("ip")
-        .args(["netns", "exec", pods.name(0), "ping", "-c", "1", "-W", "3", "-I", "net1", "198.18.8.2"])
-        .output()
-        .expect("ping");
-    assert!(
-        ping.status.success(),
-        "pod1 cannot reach pod2 over net1: {}{}",
-        String::from_utf8_lossy(&ping.stdout),
-        String::from_utf8_lossy(&ping.stderr)
-    );
+    ping(pods.name(0), "198.18.8.2", &["-I", "net1"], "pod1 cannot reach pod2 over net1");
 
     // network-status written into the pod's file, and kept in the cache.
     let status = json!([

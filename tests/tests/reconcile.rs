@@ -10,14 +10,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace, create_pod, delete_pod};
+use rust_ipam_e2e::fixtures::{self, LeaseObject, allocate_request, ipleases_path, lease_objects, status};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
 use rust_ipam_proto::{LEADER_METADATA, connect};
 
-const LEASES: &str = "/apis/ipam.rust-ipam.io/v1alpha1/namespaces/rust-ipam/ipleases";
-
+/// A replica whose election runs on short timings.
 fn options(
     dir: &std::path::Path,
     cfg: &std::path::Path,
@@ -25,27 +25,8 @@ fn options(
     identity: &str,
     extra: &[&str],
 ) -> ServerOptions {
-    let mut args: Vec<String> = [
-        "--kubeconfig",
-        &cfg.display().to_string(),
-        "--namespace",
-        ns,
-        "--lease-ttl",
-        "3s",
-        "--renew-every",
-        "500ms",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    ServerOptions {
-        identity: identity.into(),
-        log_level: "info".into(),
-        log_file: Some(dir.join(format!("{identity}.log"))),
-        wait_serving: false,
-        args,
-        ..ServerOptions::default()
-    }
+    let args = [&["--lease-ttl", "3s", "--renew-every", "500ms"][..], extra].concat();
+    ServerOptions::kube_replica(identity, cfg, ns, dir.join(format!("{identity}.log")), &args)
 }
 
 /// The test API server: a namespace for the server and an admin client (which makes and
@@ -73,12 +54,7 @@ async fn standin(dir: &std::path::Path) -> (KubeStandin, std::path::PathBuf) {
 
 async fn wait_serving(endpoint: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(ch) = connect(endpoint, Duration::from_millis(500)).await
-            && IpamClient::new(ch).status(pb::StatusRequest {}).await.is_ok_and(|s| s.get_ref().serving)
-        {
-            return;
-        }
+    while !status(endpoint).await.is_some_and(|s| s.serving) {
         assert!(Instant::now() < deadline, "{endpoint} did not lead within 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -86,46 +62,26 @@ async fn wait_serving(endpoint: &str) {
 
 async fn allocate(endpoint: &str, cid: &str, pod: Option<(&str, &str, &str)>) -> String {
     let ch = connect(endpoint, Duration::from_secs(5)).await.expect("connect");
-    let pod =
-        pod.map(|(ns, name, uid)| pb::PodRef { namespace: ns.into(), name: name.into(), uid: uid.into() });
-    let req = pb::AllocateRequest {
-        attachment: Some(pb::Attachment {
-            container_id: cid.into(),
-            ifname: "net1".into(),
-            pod,
-            node: "node-a".into(),
-        }),
-        network: String::new(),
-        ranges: vec![pb::Range { range: "198.18.7.0/24".into(), ..Default::default() }],
-        requested_addresses: vec![],
-    };
+    let pod = pod.map(|(ns, name, uid)| fixtures::pod(ns, name, uid));
+    let req = allocate_request(cid, pod, "node-a", "198.18.7.0/24");
     let r = IpamClient::new(ch).allocate(req).await.expect("allocate");
     r.into_inner().leases[0].address.clone()
 }
 
 /// Admin ListLeases: address -> container ID ("" for a reservation).
 async fn leases(endpoint: &str) -> BTreeMap<String, String> {
-    let ch = connect(endpoint, Duration::from_secs(5)).await.expect("connect");
-    let r = AdminClient::new(ch).list_leases(pb::ListLeasesRequest::default()).await.expect("list leases");
-    r.into_inner().leases.into_iter().map(|l| (l.address, l.container_id)).collect()
+    let all = fixtures::leases(endpoint, pb::ListLeasesRequest::default()).await;
+    all.into_iter().map(|l| (l.address, l.container_id)).collect()
 }
 
 /// The IPLease objects in `ns`: address -> (container ID, pod UID).
 async fn objects(admin: &kube::Client, ns: &TestNamespace) -> BTreeMap<String, (String, String)> {
-    let list = envtest::list(admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await;
-    lease_objects(&list.expect("IPLeases"))
+    by_address(lease_objects(admin, &ns.name).await)
 }
 
 /// Lease objects as address -> (container ID, pod UID).
-fn lease_objects(objects: &[serde_json::Value]) -> BTreeMap<String, (String, String)> {
-    objects
-        .iter()
-        .map(|o| {
-            let s = &o["spec"];
-            let text = |k: &str| s[k].as_str().unwrap_or_default().to_string();
-            (text("address"), (text("containerId"), text("podUid")))
-        })
-        .collect()
+fn by_address(objects: impl IntoIterator<Item = LeaseObject>) -> BTreeMap<String, (String, String)> {
+    objects.into_iter().map(|o| (o.address, (o.container_id, o.pod_uid))).collect()
 }
 
 /// Runs `rust-ipam-ctl reconcile ARGS`: exit code, stdout, stderr.
@@ -136,7 +92,7 @@ fn reconcile_cli(args: &[&str]) -> (i32, String, String) {
 /// Runs `BIN reconcile ARGS` (`rust-ipam-ctl`, or `rust-ipam-server`'s spelling that
 /// deployed manifests may still use): exit code, stdout, stderr.
 fn reconcile_with(bin: &str, args: &[&str]) -> (i32, String, String) {
-    let bin = workspace_bin("ipam-server", bin).expect("binary");
+    let bin = workspace_bin(bin).expect("binary");
     let out = Command::new(bin).arg("reconcile").args(args).output().expect("run reconcile");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
@@ -352,7 +308,7 @@ async fn a_pod_recreated_while_a_pass_runs_keeps_its_address() {
     // db-0's address is held by its new sandbox, in the server and in the API server.
     assert_eq!(leases(&ep).await, BTreeMap::from([(addr.clone(), "sandbox-2".to_string())]));
     assert_eq!(
-        lease_objects(&standin.objects(LEASES)),
+        by_address(standin.objects(&ipleases_path("rust-ipam")).iter().map(LeaseObject::of)),
         BTreeMap::from([(addr, ("sandbox-2".to_string(), u2))])
     );
 }
@@ -382,8 +338,7 @@ async fn only_the_leader_reconciles_and_the_cli_follows_the_hint() {
     .expect("replica b");
     let deadline = Instant::now() + Duration::from_secs(20);
     let (leader, follower) = loop {
-        let ch = connect(&a.endpoint, Duration::from_millis(500)).await.expect("connect");
-        let st = IpamClient::new(ch).status(pb::StatusRequest {}).await.expect("status").into_inner();
+        let st = status(&a.endpoint).await.expect("status");
         match st.leader.as_str() {
             "replica-a" => break (&a, &b),
             "replica-b" => break (&b, &a),

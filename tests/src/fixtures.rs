@@ -1,0 +1,108 @@
+//! What the tests build and read the same way: an Allocate request, a server's Status and
+//! leases over gRPC, and our custom resources in an API server.
+
+use std::time::Duration;
+
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use serde_json::{Value, json};
+
+use crate::envtest;
+
+/// apiVersion of IPLease and RangePool.
+pub const API_VERSION: &str = "ipam.rust-ipam.io/v1alpha1";
+
+/// The path of the IPLease collection of `namespace`, as the API serves it.
+pub fn ipleases_path(namespace: &str) -> String {
+    format!("/apis/{API_VERSION}/namespaces/{namespace}/ipleases")
+}
+
+/// An IPLease object named `name` with `spec` as it is, valid or not.
+pub fn iplease(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": API_VERSION, "kind": "IPLease", "metadata": {"name": name}, "spec": spec})
+}
+
+/// A pod reference.
+pub fn pod(namespace: &str, name: &str, uid: &str) -> pb::PodRef {
+    pb::PodRef { namespace: namespace.into(), name: name.into(), uid: uid.into() }
+}
+
+/// An Allocate for container `cid`'s `net1` (of `pod`, on `node`): one address from `range`
+/// in the default network.
+pub fn allocate_request(cid: &str, pod: Option<pb::PodRef>, node: &str, range: &str) -> pb::AllocateRequest {
+    pb::AllocateRequest {
+        attachment: Some(pb::Attachment {
+            container_id: cid.into(),
+            ifname: "net1".into(),
+            pod,
+            node: node.into(),
+        }),
+        network: String::new(),
+        ranges: vec![pb::Range { range: range.into(), ..Default::default() }],
+        requested_addresses: Vec::new(),
+    }
+}
+
+/// The Status of the server at `endpoint`; `None` when it does not answer.
+pub async fn status(endpoint: &str) -> Option<pb::StatusResponse> {
+    let ch = rust_ipam_proto::connect(endpoint, Duration::from_millis(500)).await.ok()?;
+    IpamClient::new(ch).status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
+/// Every lease `filter` selects on the server at `endpoint` (its Admin service), through
+/// every page. Panics when the server does not answer.
+pub async fn leases(endpoint: &str, filter: pb::ListLeasesRequest) -> Vec<pb::Lease> {
+    let ch = rust_ipam_proto::connect(endpoint, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {endpoint}: {e}"));
+    let mut admin = AdminClient::new(ch);
+    let (mut req, mut out) = (filter, Vec::new());
+    loop {
+        let page = admin
+            .list_leases(req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("ListLeases on {endpoint}: {e}"))
+            .into_inner();
+        out.extend(page.leases);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// The objects of our `kind` (IPLease, RangePool) in `namespace`, listed by `client`.
+/// Panics when the API server refuses.
+pub async fn objects(client: &kube::Client, namespace: &str, kind: &str) -> Vec<Value> {
+    envtest::list(client, Some(namespace), API_VERSION, kind)
+        .await
+        .unwrap_or_else(|e| panic!("listing {kind} in {namespace}: {e:#}"))
+}
+
+/// An IPLease object as the tests compare it: its name and holder ("" for what it lacks).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseObject {
+    pub name: String,
+    pub address: String,
+    pub container_id: String,
+    pub pod_uid: String,
+}
+
+impl LeaseObject {
+    /// Reads an IPLease object.
+    pub fn of(object: &Value) -> LeaseObject {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let spec = &object["spec"];
+        LeaseObject {
+            name: text(&object["metadata"]["name"]),
+            address: text(&spec["address"]),
+            container_id: text(&spec["containerId"]),
+            pod_uid: text(&spec["podUid"]),
+        }
+    }
+}
+
+/// The IPLease objects in `namespace`, listed by `client`, in the API server's order.
+pub async fn lease_objects(client: &kube::Client, namespace: &str) -> Vec<LeaseObject> {
+    objects(client, namespace, "IPLease").await.iter().map(LeaseObject::of).collect()
+}
