@@ -440,7 +440,7 @@ impl Network {
         }
         let mut pool = RangePool::new(spec.clone());
         for ip in self.leases.addresses() {
-            pool.mark(*ip, true);
+            pool.mark(ip, true);
         }
         self.pools.insert(spec.key_str().clone(), pool);
         true
