@@ -5,9 +5,14 @@
 //! on a free 127.0.0.1 port with a fresh temporary data directory (so every Allocate is a
 //! durable redb commit), and kills it at the end. It only ever talks to a loopback address
 //! or a unix socket.
+//!
+//! `--preload N --list-while` measures what listing costs allocation: the started server
+//! begins with N leases written straight into its embedded store, and each level runs
+//! twice, alone and then beside one more client that pages through ListLeases without a
+//! pause.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,11 +20,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ipam_server::allocator::{Attachment, Change, FieldPrefix, Lease, PodRef, RangeInput, RangeSpec, Str};
 use ipam_server::k8s::crd::{IPLease, IPLeaseSpec};
+use ipam_server::store::LeaseStore as _;
+use ipam_server::store::embedded::EmbeddedStore;
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures};
 use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::admin_client::AdminClient;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use tonic::transport::Channel;
 use tracing::{Instrument as _, info, info_span, warn};
@@ -78,6 +87,17 @@ struct Args {
     /// lists) and time its start to serving. Prints both with the servers' memory.
     #[arg(long, requires = "envtest", value_name = "LEASES")]
     leader_start: Option<u32>,
+    /// Before starting the server (on the embedded store), write this many attachment
+    /// leases of `--network` into its store, lowest addresses of `--range` first.
+    #[arg(long, value_name = "LEASES", conflicts_with_all = ["server", "kube_standin_ms", "envtest"])]
+    preload: Option<u32>,
+    /// Run each level twice: alone, then while one more client pages through ListLeases
+    /// (all networks, no filter) from the first page to the last, over and over.
+    #[arg(long, conflicts_with = "envtest")]
+    list_while: bool,
+    /// ListLeases page size of `--list-while`.
+    #[arg(long, default_value_t = 1000)]
+    list_page: u32,
     /// Connect timeout and per-call deadline.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
@@ -165,9 +185,61 @@ async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
     } else {
         None
     };
+    if let Some(count) = args.preload {
+        let t = Instant::now();
+        preload(&dir.path().join("data"), &args.network, &args.range, count)?;
+        info!(count, secs = t.elapsed().as_secs_f64(), "preloaded the store");
+        // Loading a million leases takes the server seconds, not the default 20 s bound.
+        opts.startup_timeout = Duration::from_secs(600);
+    }
+    let t = Instant::now();
     let process = ServerProcess::start_with(&dir.path().join("data"), &opts).await?;
-    info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), "started server");
+    info!(endpoint = %process.endpoint, data_dir = %dir.path().display(), secs = t.elapsed().as_secs_f64(),
+        "started server");
     Ok(SpawnedServer { process, opts, _standin: standin, namespace, _dir: dir })
+}
+
+/// Leases written to the embedded store per commit by [`preload`].
+const PRELOAD_CHUNK: u32 = 100_000;
+
+/// Writes `count` attachment leases (one pod each, as a full cluster holds them) of
+/// `network` into a new embedded store in `data_dir`: the records a server would have
+/// written, without a million gRPC round trips first.
+fn preload(data_dir: &Path, network: &str, range: &str, count: u32) -> anyhow::Result<()> {
+    let input = RangeInput { range: range.to_string(), ..Default::default() };
+    let spec =
+        RangeSpec::parse(&input, FieldPrefix("")).map_err(|e| anyhow::anyhow!("--range {range}: {e}"))?;
+    if u128::from(count) >= spec.size() {
+        bail!("--range {range} ({} addresses) cannot hold {count} leases and allocate more", spec.size());
+    }
+    let mut store = EmbeddedStore::open(data_dir)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let (network, range_str) = (Str::from(network), Str::from(spec.display()));
+    let mut changes = vec![Change::PutPool { network: network.clone(), range: input.clone() }];
+    for n in 0..count {
+        let id = format!("preload-{n}");
+        let holder = Attachment {
+            container_id: id.clone(),
+            ifname: IFNAME.into(),
+            pod: PodRef { namespace: "grpc-load".into(), name: id, uid: String::new() },
+            node: NODE.into(),
+        };
+        changes.push(Change::PutLease(Arc::new(Lease {
+            address: spec.addr(u128::from(n)),
+            network: network.clone(),
+            range: range_str.clone(),
+            prefix_len: spec.prefix_len(),
+            gateway: spec.gateway(),
+            holder: Arc::new(holder),
+            created_unix_ms: now,
+            note: String::new(),
+        })));
+        if changes.len() as u32 == PRELOAD_CHUNK || n + 1 == count {
+            store.commit(&changes).map_err(|e| anyhow::anyhow!("preloading the store: {e}"))?;
+            changes.clear();
+        }
+    }
+    Ok(())
 }
 
 /// What every client of one level shares.
@@ -241,9 +313,59 @@ async fn client(mut ipam: IpamClient<Channel>, plan: Arc<Plan>, id: usize) -> an
     Ok(tally)
 }
 
+/// What the `--list-while` client measured in one level.
+#[derive(Debug)]
+struct Listed {
+    leases: u64,
+    /// Latency of each page, in microseconds.
+    pages: Histogram<u64>,
+    /// Times it read from the first page to the last.
+    passes: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// Pages through every lease until `deadline`, starting over after the last page.
+async fn list_until(
+    mut admin: AdminClient<Channel>,
+    deadline: Instant,
+    page_size: u32,
+) -> anyhow::Result<Listed> {
+    let started = Instant::now();
+    let mut listed =
+        Listed { leases: 0, pages: new_histogram()?, passes: 0, errors: 0, elapsed: Duration::ZERO };
+    let mut req = pb::ListLeasesRequest { page_size, ..Default::default() };
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        match admin.list_leases(req.clone()).await {
+            Ok(page) => {
+                let page = page.into_inner();
+                listed
+                    .pages
+                    .saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                listed.leases += page.leases.len() as u64;
+                if page.next_page_token.is_empty() {
+                    listed.passes += 1;
+                }
+                req.page_token = page.next_page_token;
+            }
+            Err(status) => {
+                if listed.errors == 0 {
+                    warn!(code = ?status.code(), message = status.message(), "ListLeases failed");
+                }
+                listed.errors += 1;
+            }
+        }
+    }
+    listed.elapsed = started.elapsed();
+    Ok(listed)
+}
+
 /// One row of the table.
 #[derive(Debug)]
 struct Row {
+    /// With `--list-while`: what the lister did meanwhile (`None`: the level ran alone).
+    listed: Option<Listed>,
     /// With `--envtest`: raw IPLease creates at the same concurrency, and the API writes
     /// per op of ours.
     raw: Option<(Box<Row>, f64)>,
@@ -262,6 +384,7 @@ async fn run_level(
     level: usize,
     clients: usize,
     run_id: &str,
+    list: bool,
 ) -> anyhow::Result<Row> {
     let timeout = Duration::from_secs(args.timeout_secs);
     // Connect every client before the clock starts: connection setup is not what we measure.
@@ -272,9 +395,15 @@ async fn run_level(
             .with_context(|| format!("connecting client {i} to {endpoint}"))?;
         channels.push(IpamClient::new(ch));
     }
+    let admin = match list {
+        true => Some(AdminClient::new(
+            rust_ipam_proto::connect(endpoint, timeout).await.context("connecting the lister")?,
+        )),
+        false => None,
+    };
     let started = Instant::now();
     let plan = Arc::new(Plan {
-        id_prefix: format!("load-{run_id}-{level}"),
+        id_prefix: format!("load-{run_id}-{level}-{}", if list { "list" } else { "alone" }),
         network: args.network.clone(),
         range: args.range.clone(),
         release_after: args.release_after,
@@ -287,6 +416,9 @@ async fn run_level(
         let span = info_span!("client", clients, id = i);
         tasks.spawn(client(ipam, plan.clone(), i).instrument(span));
     }
+    let lister = admin.map(|admin| {
+        tokio::spawn(list_until(admin, plan.deadline, args.list_page).instrument(info_span!("lister")))
+    });
     let mut hist = new_histogram()?;
     let mut errors = 0;
     let mut first_error = None;
@@ -299,7 +431,11 @@ async fn run_level(
     if let Some(e) = first_error {
         warn!(clients, errors, code = ?e.code(), message = e.message(), "calls failed; first error shown");
     }
-    Ok(row(clients, &hist, errors, started.elapsed()))
+    let mut row = row(clients, &hist, errors, started.elapsed());
+    if let Some(lister) = lister {
+        row.listed = Some(lister.await.context("lister panicked")??);
+    }
+    Ok(row)
 }
 
 fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) -> Row {
@@ -307,6 +443,7 @@ fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) ->
     let ms = |us: u64| us as f64 / 1000.0;
     let ok = hist.len();
     Row {
+        listed: None,
         raw: None,
         clients,
         requests: ok + errors,
@@ -533,6 +670,41 @@ async fn api_writes(admin: &kube::Client) -> anyhow::Result<f64> {
 }
 
 fn print_table(rows: &[Row]) {
+    if rows.iter().any(|r| r.listed.is_some()) {
+        println!(
+            "| clients | lister | requests | ops/s | p50 ms | p99 ms | max ms | errors | leases listed/s | list page p50 ms | list page p99 ms | list page max ms |"
+        );
+        println!(
+            "|--------:|:------|---------:|------:|-------:|-------:|-------:|-------:|------:|------:|------:|------:|"
+        );
+        for r in rows {
+            let list = match &r.listed {
+                Some(l) => {
+                    let ms = |q: f64| l.pages.value_at_quantile(q) as f64 / 1000.0;
+                    format!(
+                        "{:.0} | {:.2} | {:.2} | {:.2}",
+                        l.leases as f64 / l.elapsed.as_secs_f64(),
+                        ms(0.5),
+                        ms(0.99),
+                        l.pages.max() as f64 / 1000.0
+                    )
+                }
+                None => "- | - | - | -".into(),
+            };
+            println!(
+                "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {list} |",
+                r.clients,
+                if r.listed.is_some() { "yes" } else { "no" },
+                r.requests,
+                r.ops_per_sec,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.errors + r.listed.as_ref().map_or(0, |l| l.errors),
+            );
+        }
+        return;
+    }
     if rows.iter().any(|r| r.raw.is_some()) {
         println!(
             "| clients | raw creates/s | raw p99 ms | ops/s | p50 ms | p99 ms | max ms | errors | ops/s vs raw | p99 vs raw | API writes/op |"
@@ -622,7 +794,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(a) => api_writes(a).await?,
                 None => 0.0,
             };
-            let mut row = run_level(&endpoint, &args, level, clients, &run_id).await?;
+            if args.list_while {
+                for list in [false, true] {
+                    let row = run_level(&endpoint, &args, level, clients, &run_id, list).await?;
+                    if let Some(l) = &row.listed {
+                        info!(clients, leases_listed = l.leases, passes = l.passes, "lister done");
+                    }
+                    info!(
+                        clients,
+                        list,
+                        ops_per_sec = row.ops_per_sec as u64,
+                        p99_ms = row.p99_ms,
+                        "level done"
+                    );
+                    rows.push(row);
+                }
+                continue;
+            }
+            let mut row = run_level(&endpoint, &args, level, clients, &run_id, false).await?;
             if let (Some(raw), Some(a)) = (raw, &admin) {
                 let writes = api_writes(a).await? - writes_before;
                 let ops = (row.requests - row.errors).max(1) as f64;

@@ -6,11 +6,13 @@
 //! persists; the caller answers only after that commit.
 
 pub mod bitmap;
+mod by_address;
 pub mod range;
 mod sharded;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::{Arc, LazyLock};
 
 use std::hash::BuildHasher as _;
@@ -22,6 +24,7 @@ use sharded::{Shard, ShardedMap, shard_of_hash};
 use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
+use by_address::ByAddress;
 pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, parse_address};
 
 /// Errors of the allocator, each naming what was wrong.
@@ -366,7 +369,7 @@ type Held = SmallVec<[IpAddr; 2]>;
 struct Network {
     name: Str,
     pools: BTreeMap<Str, RangePool>,
-    leases: ShardedMap<IpAddr, Arc<Lease>>,
+    leases: ByAddress,
     by_attachment: ShardedMap<AttachKey, Held>,
     by_pod: ShardedMap<PodKey, Held>,
     keys: KeyHasher,
@@ -390,7 +393,7 @@ impl Network {
         Network {
             name,
             pools: BTreeMap::new(),
-            leases: ShardedMap::default(),
+            leases: ByAddress::default(),
             by_attachment: ShardedMap::default(),
             by_pod: ShardedMap::default(),
             keys: KeyHasher::default(),
@@ -411,7 +414,7 @@ impl Network {
                 self.by_pod.entry(PodKey { hash, holder: h.clone() }).or_default().push(ip);
             }
         }
-        self.leases.insert(ip, lease);
+        self.leases.insert(lease);
     }
 
     fn remove(&mut self, ip: IpAddr) -> Option<Arc<Lease>> {
@@ -436,8 +439,8 @@ impl Network {
             return false;
         }
         let mut pool = RangePool::new(spec.clone());
-        for ip in self.leases.keys() {
-            pool.mark(*ip, true);
+        for ip in self.leases.addresses() {
+            pool.mark(ip, true);
         }
         self.pools.insert(spec.key_str().clone(), pool);
         true
@@ -802,17 +805,99 @@ impl Allocator {
         out
     }
 
-    /// Leases that match the filter, by network then address.
+    /// Every lease that matches the filter, by network then address, in one call. It
+    /// visits and sorts every lease: for tests and tools on small allocators; the server
+    /// reads in pages with [`Allocator::leases_after`].
     pub fn leases(&self, filter: &LeaseFilter) -> Vec<Arc<Lease>> {
         let mut out: Vec<Arc<Lease>> = self
             .networks
             .values()
             .filter(|net| filter.network.as_deref().is_none_or(|n| n == &*net.name))
-            .flat_map(|net| net.leases.values().filter(|l| filter.matches(l)).cloned())
+            .flat_map(|net| net.leases.from(Bound::Unbounded).filter(|l| filter.matches(l)).cloned())
             .collect();
         out.sort_by(|a, b| (&a.network, a.address).cmp(&(&b.network, b.address)));
         out
     }
+
+    /// Up to `limit` leases that match the filter, by network then address, starting after
+    /// the key `after` (network, address); `limit` is taken as 1 to [`SCAN_LIMIT`].
+    ///
+    /// It seeks to the key and looks at no more than [`SCAN_LIMIT`] leases, so one call
+    /// costs about its own page whatever the allocator holds: a filter that matches few
+    /// leases may answer a short (even empty) page with a continuation. Reading on from
+    /// [`LeasePage::next`] until it is `None` sees every lease that was held throughout,
+    /// once; one that comes or goes between calls may or may not be seen.
+    pub fn leases_after(
+        &self,
+        filter: &LeaseFilter,
+        after: Option<(&str, IpAddr)>,
+        limit: usize,
+    ) -> LeasePage {
+        self.scan_after(filter, after, limit, SCAN_LIMIT)
+    }
+
+    /// [`Allocator::leases_after`] looking at no more than `scan_limit` leases (at least 1),
+    /// so tests can reach the limit with a handful.
+    fn scan_after(
+        &self,
+        filter: &LeaseFilter,
+        after: Option<(&str, IpAddr)>,
+        limit: usize,
+        scan_limit: usize,
+    ) -> LeasePage {
+        let scan_limit = scan_limit.max(1);
+        let limit = limit.clamp(1, SCAN_LIMIT);
+        // Few networks: sorting their names per call is cheap next to the page.
+        let mut nets: Vec<&Network> = self
+            .networks
+            .values()
+            .filter(|net| filter.network.as_deref().is_none_or(|n| n == &*net.name))
+            .filter(|net| after.is_none_or(|(from, _)| &*net.name >= from))
+            .collect();
+        nets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let mut leases = Vec::new();
+        // The last key looked at: where the next call goes on when this one stops early.
+        let mut cursor: Option<&Arc<Lease>> = None;
+        let next = |cursor: Option<&Arc<Lease>>| match cursor {
+            Some(l) => Some((l.network.clone(), l.address)),
+            None => after.map(|(net, ip)| (Str::from(net), ip)),
+        };
+        let mut examined = 0;
+        for net in nets {
+            let from = match after {
+                Some((name, ip)) if name == &*net.name => Bound::Excluded(ip),
+                _ => Bound::Unbounded,
+            };
+            for lease in net.leases.from(from) {
+                if examined == scan_limit {
+                    return LeasePage { leases, next: next(cursor) };
+                }
+                examined += 1;
+                if filter.matches(lease) {
+                    if leases.len() == limit {
+                        // One more match exists: the next page starts with it.
+                        return LeasePage { leases, next: next(cursor) };
+                    }
+                    leases.push(lease.clone());
+                }
+                cursor = Some(lease);
+            }
+        }
+        LeasePage { leases, next: None }
+    }
+}
+
+/// Most leases one [`Allocator::leases_after`] call looks at: it runs on the engine thread,
+/// where every allocation waits for it (a few milliseconds at most).
+pub const SCAN_LIMIT: usize = 16_384;
+
+/// One page of an ordered read of leases, see [`Allocator::leases_after`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeasePage {
+    /// The matching leases, by network then address.
+    pub leases: Vec<Arc<Lease>>,
+    /// The key (network, address) to read on after; `None`: nothing is left.
+    pub next: Option<(Str, IpAddr)>,
 }
 
 #[cfg(test)]

@@ -196,6 +196,45 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
 }
 
 #[test]
+fn leases_after_pages_by_key_across_networks() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    for (net, c) in [("rail1", "a"), ("", "b"), ("rail0", "c"), ("", "d"), ("rail0", "e")] {
+        al.allocate(&req(att(c, "net1", c), net, vec![r.clone()], &[]), 1).expect("allocate");
+    }
+    al.reserve("", ip("10.0.0.200"), "router", 1).expect("reserve");
+    let keys =
+        |p: &LeasePage| p.leases.iter().map(|l| format!("{}/{}", l.network, l.address)).collect::<Vec<_>>();
+    let all = LeaseFilter::default();
+
+    let first = al.leases_after(&all, None, 2);
+    assert_eq!(keys(&first), ["/10.0.0.1", "/10.0.0.2"]);
+    assert_eq!(first.next, Some(("".into(), ip("10.0.0.2"))));
+    let second = al.leases_after(&all, Some(("", ip("10.0.0.2"))), 3);
+    assert_eq!(keys(&second), ["/10.0.0.200", "rail0/10.0.0.1", "rail0/10.0.0.2"]);
+    let last = al.leases_after(&all, Some(("rail0", ip("10.0.0.2"))), 3);
+    assert_eq!((keys(&last), last.next), (vec!["rail1/10.0.0.1".to_string()], None));
+    // A page that ends exactly at the last lease says so.
+    assert_eq!(al.leases_after(&all, Some(("rail0", ip("10.0.0.1"))), 2).next, None);
+    // A key that is no longer held (or a network that does not exist) still seeks.
+    assert_eq!(keys(&al.leases_after(&all, Some(("", ip("10.0.0.3"))), 1)), ["/10.0.0.200"]);
+    assert_eq!(keys(&al.leases_after(&all, Some(("rail00", ip("0.0.0.0"))), 9)), ["rail1/10.0.0.1"]);
+
+    // A filter that skips most leases: a short page stops at the scan limit and goes on
+    // after the last lease it looked at.
+    let pod_e = LeaseFilter { pod_name: "e".into(), ..LeaseFilter::default() };
+    let short = al.scan_after(&pod_e, None, 10, 3);
+    assert_eq!((keys(&short), short.next), (vec![], Some(("".into(), ip("10.0.0.200")))));
+    let found = al.scan_after(&pod_e, Some(("", ip("10.0.0.200"))), 10, 2);
+    assert_eq!(keys(&found), ["rail0/10.0.0.2"]);
+    assert_eq!(found.next, Some(("rail0".into(), ip("10.0.0.2"))), "rail1 was not looked at yet");
+    let rest = al.scan_after(&pod_e, found.next.as_ref().map(|(n, a)| (&**n, *a)), 10, 2);
+    assert_eq!((keys(&rest), rest.next), (vec![], None));
+    // Limit 0 is taken as 1, so every call makes progress.
+    assert_eq!(keys(&al.leases_after(&all, None, 0)), ["/10.0.0.1"]);
+}
+
+#[test]
 fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
     let mut al = Allocator::new();
     let r = spec("10.0.0.0/30", &[], "");
@@ -458,6 +497,52 @@ fn snapshot(al: &Allocator) -> ModelState {
         .collect()
 }
 
+/// Every page of a paged read (`limit` per page, `scan` looked at per call) joined, or
+/// why the pages are wrong: too long, or a continuation that does not move forward.
+fn read_paged(
+    al: &Allocator,
+    filter: &LeaseFilter,
+    limit: usize,
+    scan: usize,
+) -> Result<Vec<Arc<Lease>>, String> {
+    let mut out = Vec::new();
+    let mut after: Option<(Str, IpAddr)> = None;
+    loop {
+        let page = al.scan_after(filter, after.as_ref().map(|(n, a)| (&**n, *a)), limit, scan);
+        if page.leases.len() > limit.max(1) {
+            return Err(format!("{} leases on a page of {limit}", page.leases.len()));
+        }
+        out.extend(page.leases);
+        match page.next {
+            Some(next) if after.as_ref().is_some_and(|a| *a >= next) => {
+                return Err(format!("continuation {next:?} does not move past {after:?}"));
+            }
+            Some(next) => after = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Filters the property test reads with: the leases it makes differ in network, pod,
+/// container, range and whether they are manual.
+fn model_filters() -> Vec<LeaseFilter> {
+    let f = LeaseFilter::default;
+    vec![
+        f(),
+        LeaseFilter { network: Some("rail0".into()), ..f() },
+        LeaseFilter { network: Some("".into()), ..f() },
+        LeaseFilter { pod_name: "pod-a".into(), ..f() },
+        LeaseFilter { pod_namespace: "ns".into(), container_id: "c1".into(), ..f() },
+        LeaseFilter { range: "198.18.0.0/28".into(), ..f() },
+        LeaseFilter {
+            container_id: "".into(),
+            pod_name: "pod-b".into(),
+            network: Some("rail0".into()),
+            ..f()
+        },
+    ]
+}
+
 /// What a store holds after applying the journal.
 #[derive(Default)]
 struct FakeStore {
@@ -566,6 +651,24 @@ proptest! {
             let persisted: BTreeMap<_, _> = store.leases.values().map(|l| ((l.network.clone(), l.address), l.clone())).collect();
             prop_assert_eq!(persisted.values().cloned().collect::<Vec<_>>(), al.leases(&LeaseFilter::default()), "journal and memory differ");
             prop_assert_eq!(al.lease_count(), model.len());
+            // Paged reads, at any page size and scan limit, equal the sorted filter.
+            for filter in model_filters() {
+                let want = al.leases(&filter);
+                for (limit, scan) in [(1, 1), (2, 3), (3, 1), (1, 7), (1000, SCAN_LIMIT)] {
+                    let got = read_paged(&al, &filter, limit, scan).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(&got, &want, "filter {:?}, pages of {}, scanning {}", filter, limit, scan);
+                }
+            }
+            // Reading on from any key gives what follows it.
+            let all = al.leases(&LeaseFilter::default());
+            for net in nets {
+                for a in cands.iter().copied() {
+                    let page = al.leases_after(&LeaseFilter::default(), Some((net, a)), 1000);
+                    let after: Vec<_> = all.iter().filter(|l| (&*l.network, l.address) > (net, a)).cloned().collect();
+                    prop_assert_eq!(page.leases, after);
+                    prop_assert_eq!(page.next, None);
+                }
+            }
             for p in al.pools(None) {
                 prop_assert_eq!(p.size, p.used + p.excluded + p.free);
             }

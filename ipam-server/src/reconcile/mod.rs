@@ -6,7 +6,10 @@
 //! duplicate addresses, so a pass is built to never free the address of a live pod:
 //!
 //! 1. the leases are read (from the leader's memory) **before** the pods, so a lease in the
-//!    snapshot was taken for a pod that existed before the pod list was read;
+//!    snapshot was taken for a pod that existed before the pod list was read. They are read
+//!    in pages, one bounded engine call each, so allocations go on in between: the snapshot
+//!    is not one instant, each lease is as its page saw it (one taken or moved meanwhile
+//!    may be missed until the next pass; one freed meanwhile is caught by step 3);
 //! 2. each candidate's pod is read again right before it is freed;
 //! 3. the release itself is conditional and runs on the engine thread, atomically with
 //!    every allocation: it frees the address only if it is still held by the very same
@@ -20,6 +23,7 @@
 //! would free.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +34,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::allocator::{Allocator, Lease, LeaseFilter};
+use crate::allocator::{Allocator, Lease, LeaseFilter, Str};
 use crate::engine::{Engine, EngineError};
 use crate::role::Serving;
 
@@ -246,13 +250,7 @@ pub async fn pass(
 ) -> Result<Report, PassError> {
     let cutoff = now_unix_ms.saturating_sub(duration_ms(opts.grace));
     // Leases first: see the module docs.
-    let leases = engine
-        .call(|a, _| {
-            let mut all = a.leases(&LeaseFilter::default());
-            all.retain(|l| names_a_pod(l));
-            all
-        })
-        .await?;
+    let leases = read_leases(engine).await?;
     let listed = pods.list().await.map_err(PassError::ListPods)?;
     let mut report = Report {
         dry_run: opts.dry_run,
@@ -279,6 +277,32 @@ pub async fn pass(
         report.entries.push(entry);
     }
     Ok(report)
+}
+
+/// Leases per engine call of [`read_leases`]: each call is bounded (see
+/// [`Allocator::leases_after`]), so allocations wait for one page, not for every lease.
+const SNAPSHOT_PAGE: usize = 4096;
+
+/// Every lease held for a pod, read page by page in (network, address) order.
+async fn read_leases(engine: &Engine) -> Result<Vec<Arc<Lease>>, EngineError> {
+    let mut out = Vec::new();
+    let mut after: Option<(Str, IpAddr)> = None;
+    loop {
+        let from = after.take();
+        let page = engine
+            .call(move |a, _| {
+                let from = from.as_ref().map(|(net, ip)| (&**net, *ip));
+                let mut page = a.leases_after(&LeaseFilter::default(), from, SNAPSHOT_PAGE);
+                page.leases.retain(|l| names_a_pod(l));
+                page
+            })
+            .await?;
+        out.extend(page.leases);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(out),
+        }
+    }
 }
 
 /// Re-checks one stale lease and, unless dry, frees it under the engine's condition.

@@ -321,6 +321,37 @@ async fn dry_run_and_real_pass_agree_and_only_stale_old_pod_leases_go() {
 /// the pass listed pods without it: the conditional release sees another holder and keeps
 /// the lease.
 #[tokio::test]
+async fn the_lease_snapshot_is_read_in_pages_and_misses_none() {
+    let old = now_ms() - HOUR_MS;
+    let per_net = SNAPSHOT_PAGE + SNAPSHOT_PAGE / 2;
+    let mut leases = Vec::new();
+    for net in ["", "rail0"] {
+        for i in 0..per_net {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0001 + i as u32).to_string();
+            let l = lease(&ip, holder(&format!("c{i}"), "ns", &format!("p{i}"), ""), old);
+            leases.push(Lease { network: net.into(), ..l });
+        }
+    }
+    // A manual reservation between the two networks' pages is never judged.
+    leases.push(manual("10.200.0.1", old));
+    let (engine, _store) = engine_with(leases).await;
+    // Every pod is there but two, on either side of a page boundary (in both networks).
+    let pods = FakePods::default();
+    let gone = [SNAPSHOT_PAGE - 1, SNAPSHOT_PAGE];
+    for i in (0..per_net).filter(|i| !gone.contains(i)) {
+        pods.put("ns", &format!("p{i}"), "");
+    }
+    let report =
+        pass(&engine, &pods, PassOptions { dry_run: true, grace: GRACE }, now_ms()).await.expect("dry run");
+    assert_eq!(report.leases_checked, 2 * per_net);
+    let stale: Vec<String> =
+        report.entries.iter().map(|e| format!("{}/{}", e.lease.network, e.lease.holder.pod.name)).collect();
+    let want: Vec<String> =
+        ["", "rail0"].iter().flat_map(|net| gone.map(|i| format!("{net}/p{i}"))).collect();
+    assert_eq!(stale, want, "the stale leases on both sides of page boundaries");
+}
+
+#[tokio::test]
 async fn a_pod_recreated_while_the_pass_runs_keeps_its_lease() {
     let old = now_ms() - HOUR_MS;
     let (engine, _store) =
