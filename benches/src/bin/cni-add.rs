@@ -4,6 +4,10 @@
 //!
 //! Each ADD is a fresh attachment; the plugins run sequentially, as a kubelet starting pods
 //! one by one would call them. Prints a markdown table of median, p99 and max.
+//!
+//! With `--envtest`, rust-ipam also runs against a server on the kube store with a real
+//! kube-apiserver, and the same number of raw IPLease creates, one at a time as the ADDs
+//! are, gives the API server's own latency in the same run.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ipam_server::k8s::crd::IPLease;
+use rust_ipam_benches::{new_histogram, raw_creates};
+use rust_ipam_e2e::envtest;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, workspace_bin};
 use serde_json::{Value, json};
 
@@ -25,11 +32,30 @@ struct Args {
     /// The reference host-local plugin.
     #[arg(long, default_value = "/usr/lib/cni/host-local")]
     host_local: PathBuf,
+    /// Also time rust-ipam on the kube store against a real kube-apiserver and etcd (found
+    /// as the tests find them: $KUBEBUILDER_ASSETS, /usr/local/kubebuilder/bin, PATH), and
+    /// raw IPLease creates one at a time beside it.
+    #[arg(long)]
+    envtest: bool,
 }
 
 struct Row {
     plugin: &'static str,
     hist: Histogram<u64>,
+}
+
+/// `adds` raw IPLease creates in `ns`, one after another: what one ADD on the kube store
+/// cannot be faster than.
+async fn raw(ns: &envtest::TestNamespace, adds: u32) -> anyhow::Result<Row> {
+    let api = kube::Api::<IPLease>::namespaced(ns.client(envtest::SERVER_ACCOUNT).await?, &ns.name);
+    let mut warm = new_histogram()?;
+    raw_creates(&api, "cni-add", 0xC615_0000, "warm", |n| n <= 5, &mut warm).await;
+    let mut hist = new_histogram()?;
+    let errors = raw_creates(&api, "cni-add", 0xC616_0000, "raw", |n| n <= adds, &mut hist).await;
+    if errors > 0 {
+        bail!("{errors} raw IPLease creates failed");
+    }
+    Ok(Row { plugin: "raw IPLease create (in-process, no exec)", hist })
 }
 
 /// Runs one ADD of `bin` and returns how long the process took.
@@ -59,7 +85,7 @@ fn add(bin: &Path, cid: &str, conf: &Value) -> anyhow::Result<Duration> {
 }
 
 fn measure(plugin: &'static str, bin: &Path, adds: u32, conf: &Value) -> anyhow::Result<Row> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = new_histogram()?;
     // A few unmeasured calls first: page cache, server connections warmed like a node's.
     for i in 0..5 {
         add(bin, &format!("warm-{plugin}-{i}"), conf)?;
@@ -90,10 +116,28 @@ async fn main() -> anyhow::Result<()> {
         "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": server.endpoint}});
     let hl_conf = json!({"cniVersion": "1.0.0", "name": "bench", "type": "macvlan",
         "ipam": {"type": "host-local", "subnet": "198.19.0.0/16", "dataDir": dir.path().join("host-local")}});
-    let rows = [
+    let mut rows = vec![
         measure("host-local", &args.host_local, args.adds, &hl_conf)?,
         measure("rust-ipam", &rust_ipam, args.adds, &rust_conf)?,
     ];
+    let kube = if args.envtest {
+        let env = envtest::shared("cni-add --envtest").context("kube-apiserver and etcd are needed")?;
+        let ns = env.namespace("cni-add").await?;
+        let kubeconfig = ns.kubeconfig(envtest::SERVER_ACCOUNT).display().to_string();
+        let opts = ServerOptions {
+            identity: "cni-add".into(),
+            args: ["--kubeconfig", &kubeconfig, "--namespace", &ns.name].map(String::from).to_vec(),
+            ..ServerOptions::default()
+        };
+        let server = ServerProcess::start_with(&dir.path().join("kube-data"), &opts).await?;
+        let conf = json!({"cniVersion": "1.0.0", "name": "bench", "type": "macvlan",
+            "ipam": {"type": "rust-ipam", "range": "198.20.0.0/16", "server": server.endpoint}});
+        rows.push(measure("rust-ipam, kube store", &rust_ipam, args.adds, &conf)?);
+        rows.push(raw(&ns, args.adds).await?);
+        Some(server)
+    } else {
+        None
+    };
     println!("| plugin | ADDs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
     for r in &rows {
@@ -106,7 +150,14 @@ async fn main() -> anyhow::Result<()> {
             ms(r.hist.max())
         );
     }
-    let ratio = rows[1].hist.value_at_quantile(0.5) as f64 / rows[0].hist.value_at_quantile(0.5) as f64;
-    println!("\nrust-ipam median / host-local median = {ratio:.2}");
+    let median = |r: &Row| r.hist.value_at_quantile(0.5) as f64;
+    println!("\nrust-ipam median / host-local median = {:.2}", median(&rows[1]) / median(&rows[0]));
+    if kube.is_some() {
+        println!(
+            "rust-ipam on the kube store: median {:.2} ms over the raw create's; the embedded store's median over host-local's: {:.2} ms",
+            (median(&rows[2]) - median(&rows[3])) / 1000.0,
+            (median(&rows[1]) - median(&rows[0])) / 1000.0
+        );
+    }
     Ok(())
 }

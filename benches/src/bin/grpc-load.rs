@@ -21,9 +21,10 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use ipam_server::allocator::{Attachment, Change, FieldPrefix, Lease, PodRef, RangeInput, RangeSpec, Str};
-use ipam_server::k8s::crd::{IPLease, IPLeaseSpec};
+use ipam_server::k8s::crd::IPLease;
 use ipam_server::store::LeaseStore as _;
 use ipam_server::store::embedded::EmbeddedStore;
+use rust_ipam_benches::{IFNAME, lease_spec, new_histogram, raw_creates};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures};
@@ -103,11 +104,8 @@ struct Args {
     timeout_secs: u64,
 }
 
-/// Histogram bounds: 1 µs to 60 s at 3 significant digits.
-const HIST_MAX_US: u64 = 60_000_000;
 /// How long a started server may take to answer Status.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-const IFNAME: &str = "net1";
 /// The node every lease of a run is allocated from (and GC frees on cleanup).
 const NODE: &str = "grpc-load";
 
@@ -263,10 +261,6 @@ struct Tally {
     hist: Histogram<u64>,
     errors: u64,
     first_error: Option<tonic::Status>,
-}
-
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("creating a latency histogram")
 }
 
 /// One op: Allocate, and Release too with `--release-after`.
@@ -455,24 +449,6 @@ fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) ->
     }
 }
 
-/// The spec of a lease of this tool's pod `cid` (its namesake), as the server writes one.
-fn lease_spec(network: &str, address: &str, range: &str, prefix_len: u8, cid: &str) -> IPLeaseSpec {
-    IPLeaseSpec {
-        network: network.into(),
-        address: address.into(),
-        range: range.into(),
-        prefix_len,
-        gateway: None,
-        container_id: cid.into(),
-        ifname: IFNAME.into(),
-        pod_ref: format!("grpc-load/{cid}"),
-        pod_uid: String::new(),
-        node: NODE.into(),
-        created_unix_ms: 0,
-        note: String::new(),
-    }
-}
-
 /// The API server's limit at `clients`: each client creates IPLeases over its own kube
 /// client (keep-alive connections) as fast as it is answered, for the level's duration.
 async fn raw_level(
@@ -496,26 +472,8 @@ async fn raw_level(
         let prefix = format!("raw-{run_id}-{level}-{i}");
         tasks.spawn(async move {
             let mut hist = new_histogram()?;
-            let mut errors = 0u64;
-            for n in 1u32.. {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let address = std::net::Ipv4Addr::from(base + n).to_string();
-                let spec = lease_spec("raw", &address, "", 16, &format!("{prefix}-{n}"));
-                let obj = IPLease::new(&format!("raw.{address}"), spec);
-                let t = Instant::now();
-                match api.create(&kube::api::PostParams::default(), &obj).await {
-                    Ok(_) => hist
-                        .saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)),
-                    Err(e) => {
-                        errors += 1;
-                        if errors == 1 {
-                            warn!(error = %e, "a raw create failed");
-                        }
-                    }
-                }
-            }
+            let errors =
+                raw_creates(&api, NODE, base, &prefix, |_| Instant::now() < deadline, &mut hist).await;
             anyhow::Ok((hist, errors))
         });
     }
@@ -552,6 +510,7 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
                 }
                 let address = IpAddr::V4((base + n as u32).into());
                 let spec = lease_spec(
+                    NODE,
                     &network,
                     &address.to_string(),
                     &range_text,

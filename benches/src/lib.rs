@@ -1,0 +1,80 @@
+//! What the benchmark drivers share: the API server's own rate, as raw IPLease creates at
+//! the concurrency the measured path has, so a ratio is measured in the same run.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use ipam_server::k8s::crd::{IPLease, IPLeaseSpec};
+use tracing::warn;
+
+/// Histogram bounds: 1 µs to 60 s at 3 significant digits.
+pub const HIST_MAX_US: u64 = 60_000_000;
+/// The interface of every lease the drivers take.
+pub const IFNAME: &str = "net1";
+
+/// An empty latency histogram (microseconds).
+pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("creating a latency histogram")
+}
+
+/// The spec of a lease of pod `cid` (its namesake, in namespace `tool`) on node `tool`, as
+/// the server writes one.
+pub fn lease_spec(
+    tool: &str,
+    network: &str,
+    address: &str,
+    range: &str,
+    prefix_len: u8,
+    cid: &str,
+) -> IPLeaseSpec {
+    IPLeaseSpec {
+        network: network.into(),
+        address: address.into(),
+        range: range.into(),
+        prefix_len,
+        gateway: None,
+        container_id: cid.into(),
+        ifname: IFNAME.into(),
+        pod_ref: format!("{tool}/{cid}"),
+        pod_uid: String::new(),
+        node: tool.into(),
+        created_unix_ms: 0,
+        note: String::new(),
+    }
+}
+
+/// Creates IPLeases one after another through `api` (a client's own keep-alive
+/// connection), the n-th for address `base + n` in network `raw`, while `more(n)` says so,
+/// recording each answered create's latency in `hist`. Returns how many were refused.
+pub async fn raw_creates(
+    api: &kube::Api<IPLease>,
+    tool: &str,
+    base: u32,
+    prefix: &str,
+    mut more: impl FnMut(u32) -> bool,
+    hist: &mut Histogram<u64>,
+) -> u64 {
+    let mut errors = 0u64;
+    for n in 1u32.. {
+        if !more(n) {
+            break;
+        }
+        let address = std::net::Ipv4Addr::from(base.wrapping_add(n)).to_string();
+        let spec = lease_spec(tool, "raw", &address, "", 16, &format!("{prefix}-{n}"));
+        let obj = IPLease::new(&format!("raw.{address}"), spec);
+        let t = Instant::now();
+        match api.create(&kube::api::PostParams::default(), &obj).await {
+            Ok(_) => {
+                hist.saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))
+            }
+            Err(e) => {
+                errors += 1;
+                if errors == 1 {
+                    warn!(error = %e, "a raw create failed");
+                }
+            }
+        }
+    }
+    errors
+}
