@@ -18,6 +18,8 @@ RUN apt-get update \
  && rustup target add "$(uname -m)-unknown-linux-musl"
 WORKDIR /src
 COPY . .
+# `--release` strips debuginfo and keeps symbol names (Cargo.toml); the line tables are in
+# `--profile release-debug`, for a build outside the image.
 # The server runs in this image's runtime stage: built against the same Debian's glibc.
 # Target and registry are cache mounts, so the binaries are copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \

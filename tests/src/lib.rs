@@ -1,5 +1,5 @@
-//! Helpers for running the workspace's binaries as real processes: end-to-end tests and the
-//! load driver use them.
+//! What the end-to-end tests and the load drivers share: the workspace's binaries as real
+//! processes (here), and in the modules the fixtures, namespaces, API servers and `deploy/`.
 
 pub mod deploy;
 pub mod envtest;
