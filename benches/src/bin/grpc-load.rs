@@ -571,16 +571,11 @@ async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> a
     // The API server's own floor: the same paged list, objects decoded and dropped.
     let t = Instant::now();
     let api = kube::Api::<IPLease>::namespaced(ns.client(SERVER_ACCOUNT).await?, &ns.name);
-    let mut params = kube::api::ListParams::default().limit(2000);
+    let api = &api;
     let mut listed = 0usize;
-    loop {
-        let page = api.list(&params).await.context("listing the IPLeases")?;
-        listed += page.items.len();
-        match page.metadata.continue_ {
-            Some(c) if !c.is_empty() => params = params.continue_token(&c),
-            _ => break,
-        }
-    }
+    ipam_server::k8s::for_each_page(2000, |lp| async move { api.list(&lp).await }, |_| listed += 1)
+        .await
+        .context("listing the IPLeases")?;
     let list_floor = t.elapsed();
     info!(listed, secs = list_floor.as_secs_f64(), "listed the IPLeases");
     let dir = tempfile::Builder::new().prefix("grpc-load-").tempdir()?;
