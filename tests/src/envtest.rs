@@ -34,8 +34,9 @@ pub const SERVER_ACCOUNT: &str = "rust-ipam-server";
 /// The ServiceAccount of the node DaemonSet, which rust-multus uses.
 pub const NODE_ACCOUNT: &str = "rust-ipam-node";
 
-/// The pair of binaries a test needs, or why they cannot be found.
-fn assets() -> Result<(PathBuf, PathBuf), String> {
+/// Where envtest's convention puts a test binary `name`: `$KUBEBUILDER_ASSETS`, then
+/// `/usr/local/kubebuilder/bin` (envtest's default), then `PATH`.
+pub fn find_asset(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(d) = std::env::var_os("KUBEBUILDER_ASSETS").filter(|d| !d.is_empty()) {
         dirs.push(d.into());
@@ -44,8 +45,12 @@ fn assets() -> Result<(PathBuf, PathBuf), String> {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    let find = |name: &str| dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
-    match (find("kube-apiserver"), find("etcd")) {
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The pair of binaries a test needs, or why they cannot be found.
+fn assets() -> Result<(PathBuf, PathBuf), String> {
+    match (find_asset("kube-apiserver"), find_asset("etcd")) {
         (Some(a), Some(e)) => Ok((a, e)),
         (a, e) => {
             let missing: Vec<&str> = [("kube-apiserver", a.is_none()), ("etcd", e.is_none())]
@@ -85,7 +90,6 @@ pub fn shared(test: &str) -> Option<&'static Envtest> {
 }
 
 /// A running etcd + kube-apiserver pair.
-#[derive(Debug)]
 pub struct Envtest {
     /// `https://127.0.0.1:PORT`.
     pub url: String,
@@ -94,12 +98,25 @@ pub struct Envtest {
     /// kubeconfig of a cluster admin (client certificate in `system:masters`).
     pub admin_kubeconfig: PathBuf,
     ca_pem: String,
+    /// Signs client certificates: the API server trusts this CA for them.
+    ca: Issuer<'static, KeyPair>,
     pids: (u32, u32),
+}
+
+impl std::fmt::Debug for Envtest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envtest").field("url", &self.url).field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 /// Starts `bin` under a watchdog that kills it once this process is gone; the watchdog of
 /// etcd (`cleanup`) then removes the data directory.
-fn spawn_watched(bin: &Path, args: &[String], log: &Path, cleanup: Option<&Path>) -> anyhow::Result<u32> {
+pub(crate) fn spawn_watched(
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    cleanup: Option<&Path>,
+) -> anyhow::Result<u32> {
     let script = format!(
         r#""$@" >"{log}" 2>&1 & c=$!; echo $c; exec >/dev/null
 while kill -0 {parent} 2>/dev/null && kill -0 $c 2>/dev/null; do sleep 0.5; done
@@ -128,7 +145,7 @@ kill -KILL $c 2>/dev/null; wait $c; {cleanup}"#,
     pid.trim().parse().with_context(|| format!("watchdog of {} printed no pid ({pid:?})", bin.display()))
 }
 
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -146,6 +163,7 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
 
 struct Pki {
     ca_pem: String,
+    ca: Issuer<'static, KeyPair>,
     serving: (String, String),
     admin: (String, String),
     sa_key: KeyPair,
@@ -158,25 +176,33 @@ impl Pki {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate()?;
         let ca_pem = params.self_signed(&key)?.pem();
-        let issuer = Issuer::new(params, key);
-        let leaf = |cn: &str, org: Option<&str>, sans: Vec<SanType>| -> anyhow::Result<(String, String)> {
-            let mut p = CertificateParams::new(Vec::<String>::new())?;
-            p.distinguished_name.push(DnType::CommonName, cn);
-            if let Some(o) = org {
-                p.distinguished_name.push(DnType::OrganizationName, o);
-            }
-            p.subject_alt_names = sans;
-            let k = KeyPair::generate()?;
-            Ok((p.signed_by(&k, &issuer)?.pem(), k.serialize_pem()))
-        };
+        let ca = Issuer::new(params, key);
         let serving = leaf(
+            &ca,
             "kube-apiserver",
             None,
             vec![SanType::IpAddress([127, 0, 0, 1].into()), SanType::DnsName("localhost".try_into()?)],
         )?;
-        let admin = leaf("envtest-admin", Some("system:masters"), vec![])?;
-        Ok(Pki { ca_pem, serving, admin, sa_key: KeyPair::generate()? })
+        let admin = leaf(&ca, "envtest-admin", Some("system:masters"), vec![])?;
+        Ok(Pki { ca_pem, ca, serving, admin, sa_key: KeyPair::generate()? })
     }
+}
+
+/// A certificate (PEM) for `cn`, in group `org` if any, signed by `ca`, and its key (PEM).
+fn leaf(
+    ca: &Issuer<'static, KeyPair>,
+    cn: &str,
+    org: Option<&str>,
+    sans: Vec<SanType>,
+) -> anyhow::Result<(String, String)> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        p.distinguished_name.push(DnType::OrganizationName, o);
+    }
+    p.subject_alt_names = sans;
+    let k = KeyPair::generate()?;
+    Ok((p.signed_by(&k, ca)?.pem(), k.serialize_pem()))
 }
 
 fn b64(s: &str) -> String {
@@ -241,7 +267,8 @@ impl Envtest {
                 format!("--api-audiences={issuer}"),
                 format!("--service-account-key-file={}", sa_pub.display()),
                 format!("--service-account-signing-key-file={}", sa_key.display()),
-                "--authorization-mode=RBAC".into(),
+                // Node: kubelets (tests/src/node.rs) get what a real cluster gives them.
+                "--authorization-mode=Node,RBAC".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 format!("--cert-dir={}", dir.join("certs").display()),
             ],
@@ -254,6 +281,7 @@ impl Envtest {
             dir: dir.clone(),
             admin_kubeconfig,
             ca_pem: pki.ca_pem.clone(),
+            ca: pki.ca,
             pids: (etcd_pid, api_pid),
         };
         env.write_kubeconfig(
@@ -287,6 +315,17 @@ impl Envtest {
     /// The PIDs of etcd and kube-apiserver (to stop or freeze one).
     pub fn pids(&self) -> (u32, u32) {
         self.pids
+    }
+
+    /// Writes a kubeconfig of user `cn` in group `group` (a client certificate of the API
+    /// server's CA), as a kubelet's `system:node:NAME` in `system:nodes`.
+    pub fn certificate_kubeconfig(&self, path: &Path, cn: &str, group: &str) -> anyhow::Result<()> {
+        let (cert, key) = leaf(&self.ca, cn, Some(group), vec![])?;
+        self.write_kubeconfig(
+            path,
+            "default",
+            json!({"client-certificate-data": b64(&cert), "client-key-data": b64(&key)}),
+        )
     }
 
     /// Writes a kubeconfig for this API server with `user` as the credentials and

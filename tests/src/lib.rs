@@ -6,6 +6,7 @@ pub mod envtest;
 pub mod fixtures;
 pub mod kube_standin;
 pub mod netns;
+pub mod node;
 pub mod relay;
 
 use std::path::{Path, PathBuf};
