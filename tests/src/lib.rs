@@ -179,6 +179,9 @@ pub struct ServerOptions {
     pub unix_socket: Option<PathBuf>,
     /// More command-line arguments (e.g. the kube store's).
     pub args: Vec<String>,
+    /// The gRPC address (`127.0.0.1:PORT`); `None`: a free port. A server started again
+    /// where clients already point.
+    pub addr: Option<String>,
     /// Wait until it serves (leads); `false`: until it answers Status at all (a follower).
     pub wait_serving: bool,
     /// The server runs TLS (pass its `--tls-*` flags in `args`): the endpoint is
@@ -196,6 +199,7 @@ impl Default for ServerOptions {
             startup_timeout: Duration::from_secs(20),
             unix_socket: None,
             args: Vec::new(),
+            addr: None,
             wait_serving: true,
             tls: None,
         }
@@ -263,7 +267,10 @@ impl ServerProcess {
             Some(b) => b.clone(),
             None => workspace_bin("rust-ipam-server")?,
         };
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = match &opts.addr {
+            Some(a) => a.clone(),
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
         let stderr = match &opts.log_file {
             Some(path) => Stdio::from(

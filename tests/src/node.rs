@@ -263,6 +263,27 @@ impl Node {
         self.wait_ready(Duration::from_secs(60)).await
     }
 
+    /// Stops the whole node as a power loss would and starts it again: the kubelet,
+    /// containerd and every container killed, containerd's runtime state and the pod
+    /// network namespaces gone (on a node they live in /run, which a boot empties), the
+    /// rest of containerd's and the kubelet's state kept. The kubelet then finds every
+    /// sandbox dead, stops it (the runtime's CNI DEL, with no network namespace left) and
+    /// makes a new one.
+    pub async fn reboot(&self) -> anyhow::Result<()> {
+        let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
+        let mut containerd = self.containerd.lock().unwrap_or_else(|e| e.into_inner());
+        for child in [&mut *kubelet, &mut *containerd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        run("bash", &["-c", &containers_gone(&self.dir, &self.programs.runc)])?;
+        std::fs::remove_dir_all(self.dir.join("containerd/state"))?;
+        *containerd = spawn_containerd(&self.dir, &self.programs)?;
+        *kubelet = spawn_kubelet(&self.dir, &self.programs)?;
+        drop((kubelet, containerd));
+        self.wait_ready(Duration::from_secs(90)).await
+    }
+
     /// The containerd socket, for `ctr --address`.
     pub fn socket(&self) -> String {
         sock(&self.dir)
@@ -305,6 +326,38 @@ impl Node {
             }
         }
         Ok(None)
+    }
+
+    /// Pod network namespaces this node made that no running sandbox uses: what a
+    /// half-built or half-torn-down pod would leave.
+    pub fn stray_netns(&self) -> anyhow::Result<Vec<String>> {
+        let started = std::fs::metadata(self.dir.join("started"))?.modified()?;
+        let mut live = Vec::new();
+        for line in self.ctr(&["tasks", "ls"])?.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(2) != Some(&"RUNNING") {
+                continue;
+            }
+            let info: Value = serde_json::from_str(&self.ctr(&["containers", "info", cols[0]])?)?;
+            for n in info["Spec"]["linux"]["namespaces"].as_array().into_iter().flatten() {
+                if n["type"] == "network"
+                    && let Some(p) = n["path"].as_str()
+                {
+                    live.push(p.to_string());
+                }
+            }
+        }
+        let mut stray = Vec::new();
+        for entry in std::fs::read_dir("/var/run/netns")? {
+            let entry = entry?;
+            let path = entry.path();
+            let ours = entry.file_name().to_string_lossy().starts_with("cni-")
+                && entry.metadata()?.modified()? >= started;
+            if ours && !live.iter().any(|l| Path::new(l) == path) {
+                stray.push(path.display().to_string());
+            }
+        }
+        Ok(stray)
     }
 
     fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -709,6 +762,25 @@ fn spawn_kubelet(dir: &Path, programs: &Programs) -> anyhow::Result<Child> {
     )
 }
 
+/// Shell that kills every container of the node's containerd (which must be stopped
+/// already) and their shims, unmounts containerd's state and deletes the pod network
+/// namespaces: what a power loss takes from a node (it all lives in /run).
+fn containers_gone(dir: &Path, runc: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"for root in '{d}'/runc/*; do
+  for id in $('{runc}' --root "$root" list -q); do '{runc}' --root "$root" delete --force "$id"; done
+done
+# [2]: the pattern must not match this script's own command line.
+pkill -KILL -f 'containerd-shim-runc-v[2] .*-address {d}/containerd.sock'
+sleep 0.5
+grep -o ' {d}/containerd/state[^ ]*' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
+for ns in $(find /var/run/netns -maxdepth 1 -name 'cni-*' -newer '{d}/started'); do ip netns del "$(basename "$ns")"; done
+"#,
+        runc = runc.display()
+    )
+}
+
 /// Starts the shell that tears the node down once this process has exited.
 fn watchdog(dir: &Path, programs: &Programs) -> anyhow::Result<()> {
     let d = dir.display();
@@ -716,22 +788,15 @@ fn watchdog(dir: &Path, programs: &Programs) -> anyhow::Result<()> {
     let script = format!(
         r#"exec >/dev/null 2>&1
 while kill -0 {parent}; do sleep 0.5; done
-kill -KILL $(cat '{d}/kubelet.pid')
-for root in '{d}'/runc/*; do
-  for id in $('{runc}' --root "$root" list -q); do '{runc}' --root "$root" delete --force "$id"; done
-done
-kill -KILL $(cat '{d}/containerd.pid')
-# [2]: the pattern must not match this script's own command line.
-pkill -KILL -f 'containerd-shim-runc-v[2] .*-address {d}/containerd.sock'
-sleep 0.5
+kill -KILL $(cat '{d}/kubelet.pid') $(cat '{d}/containerd.pid')
+{gone}
 grep -o ' {d}[^ ]*' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
-for ns in $(find /var/run/netns -maxdepth 1 -name 'cni-*' -newer '{d}/started'); do ip netns del "$(basename "$ns")"; done
 for l in {masters} {bridge}; do ip link del "$l"; done
 for c in /sys/fs/cgroup/*/kubepods; do find "$c" -depth -type d -exec rmdir {{}} \; ; done
-rm -f /var/lib/cni/results/multus-cni-network-*
+rm -f /var/lib/cni/results/multus-cni-network-* /var/lib/cni/results/cni-loopback-*
 rm -rf '{d}'"#,
         parent = std::process::id(),
-        runc = programs.runc.display(),
+        gone = containers_gone(dir, &programs.runc),
         masters = masters.join(" "),
         bridge = CLUSTER_BRIDGE,
     );
