@@ -270,17 +270,18 @@ impl Node {
     /// sandbox dead, stops it (the runtime's CNI DEL, with no network namespace left) and
     /// makes a new one.
     pub async fn reboot(&self) -> anyhow::Result<()> {
-        let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
-        let mut containerd = self.containerd.lock().unwrap_or_else(|e| e.into_inner());
-        for child in [&mut *kubelet, &mut *containerd] {
-            let _ = child.kill();
-            let _ = child.wait();
+        {
+            let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
+            let mut containerd = self.containerd.lock().unwrap_or_else(|e| e.into_inner());
+            for child in [&mut *kubelet, &mut *containerd] {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            run("bash", &["-c", &containers_gone(&self.dir, &self.programs.runc)])?;
+            std::fs::remove_dir_all(self.dir.join("containerd/state"))?;
+            *containerd = spawn_containerd(&self.dir, &self.programs)?;
+            *kubelet = spawn_kubelet(&self.dir, &self.programs)?;
         }
-        run("bash", &["-c", &containers_gone(&self.dir, &self.programs.runc)])?;
-        std::fs::remove_dir_all(self.dir.join("containerd/state"))?;
-        *containerd = spawn_containerd(&self.dir, &self.programs)?;
-        *kubelet = spawn_kubelet(&self.dir, &self.programs)?;
-        drop((kubelet, containerd));
         self.wait_ready(Duration::from_secs(90)).await
     }
 
