@@ -182,14 +182,6 @@ impl Node {
 
         std::fs::write(dir.join("containerd.toml"), containerd_config(&dir, &bin_dir, &conf_dir))?;
         let containerd = spawn_containerd(&dir, &programs)?;
-        let out = Command::new(&programs.ctr)
-            .args(["--address", &sock(&dir), "--namespace", "k8s.io", "images", "import"])
-            .arg(&programs.pause)
-            .output()
-            .context("running ctr images import")?;
-        if !out.status.success() {
-            bail!("importing {}: {}", programs.pause.display(), String::from_utf8_lossy(&out.stderr));
-        }
 
         envtest.certificate_kubeconfig(
             &dir.join("kubelet.kubeconfig"),
@@ -263,26 +255,58 @@ impl Node {
         self.wait_ready(Duration::from_secs(60)).await
     }
 
-    /// Stops the whole node as a power loss would and starts it again: the kubelet,
-    /// containerd and every container killed, containerd's runtime state and the pod
-    /// network namespaces gone (on a node they live in /run, which a boot empties), the
-    /// rest of containerd's and the kubelet's state kept. The kubelet then finds every
-    /// sandbox dead, stops it (the runtime's CNI DEL, with no network namespace left) and
-    /// makes a new one.
-    pub async fn reboot(&self) -> anyhow::Result<()> {
+    /// Stops the whole node as a power loss would: the kubelet, containerd and every
+    /// container killed, containerd's runtime state and the pod network namespaces gone
+    /// (on a node they live in /run, which a boot empties), the rest of containerd's and
+    /// the kubelet's state kept. With `forget_sandboxes`, containerd's own store goes too
+    /// (a reinstalled runtime, a replaced disk): the runtime then knows no sandbox of
+    /// before, and no DEL ever comes for them. Pods keep their status in the API server
+    /// until [`Node::power_on`].
+    pub fn power_off(&self, forget_sandboxes: bool) -> anyhow::Result<()> {
+        let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
+        let mut containerd = self.containerd.lock().unwrap_or_else(|e| e.into_inner());
+        for child in [&mut *kubelet, &mut *containerd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        run("bash", &["-c", &containers_gone(&self.dir, &self.programs.runc)])?;
+        std::fs::remove_dir_all(self.dir.join("containerd/state"))?;
+        if forget_sandboxes {
+            std::fs::remove_dir_all(self.dir.join("containerd/root"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts containerd and the kubelet again after [`Node::power_off`] and waits for
+    /// Ready. The kubelet then finds every pod's sandbox dead (or unknown), stops the dead
+    /// ones (the runtime's CNI DEL, with no network namespace left) and makes new ones.
+    pub async fn power_on(&self) -> anyhow::Result<()> {
         {
-            let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
-            let mut containerd = self.containerd.lock().unwrap_or_else(|e| e.into_inner());
-            for child in [&mut *kubelet, &mut *containerd] {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            run("bash", &["-c", &containers_gone(&self.dir, &self.programs.runc)])?;
-            std::fs::remove_dir_all(self.dir.join("containerd/state"))?;
-            *containerd = spawn_containerd(&self.dir, &self.programs)?;
-            *kubelet = spawn_kubelet(&self.dir, &self.programs)?;
+            *self.containerd.lock().unwrap_or_else(|e| e.into_inner()) =
+                spawn_containerd(&self.dir, &self.programs)?;
+            *self.kubelet.lock().unwrap_or_else(|e| e.into_inner()) =
+                spawn_kubelet(&self.dir, &self.programs)?;
         }
         self.wait_ready(Duration::from_secs(90)).await
+    }
+
+    /// The IDs of the sandboxes running on this node, each with its network namespace.
+    pub fn live_sandboxes(&self) -> anyhow::Result<Vec<Sandbox>> {
+        let mut live = Vec::new();
+        for line in self.ctr(&["tasks", "ls"])?.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(2) != Some(&"RUNNING") {
+                continue;
+            }
+            let info: Value = serde_json::from_str(&self.ctr(&["containers", "info", cols[0]])?)?;
+            if info["Labels"]["io.cri-containerd.kind"] != "sandbox" {
+                continue;
+            }
+            if let Some(netns) = sandbox_netns_path(&info) {
+                live.push(Sandbox { id: cols[0].to_string(), netns });
+            }
+        }
+        Ok(live)
     }
 
     /// The containerd socket, for `ctr --address`.
@@ -315,14 +339,7 @@ impl Node {
             if info["Labels"]["io.cri-containerd.kind"] != "sandbox" {
                 continue;
             }
-            let netns = info["Spec"]["linux"]["namespaces"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["type"] == "network")
-                .and_then(|n| n["path"].as_str())
-                .map(str::to_string);
-            if let Some(path) = netns.filter(|p| Path::new(p).exists()) {
+            if let Some(path) = sandbox_netns_path(&info).filter(|p| Path::new(p).exists()) {
                 return Ok(Some(Sandbox { id: id.to_string(), netns: path }));
             }
         }
@@ -333,28 +350,14 @@ impl Node {
     /// half-built or half-torn-down pod would leave.
     pub fn stray_netns(&self) -> anyhow::Result<Vec<String>> {
         let started = std::fs::metadata(self.dir.join("started"))?.modified()?;
-        let mut live = Vec::new();
-        for line in self.ctr(&["tasks", "ls"])?.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.get(2) != Some(&"RUNNING") {
-                continue;
-            }
-            let info: Value = serde_json::from_str(&self.ctr(&["containers", "info", cols[0]])?)?;
-            for n in info["Spec"]["linux"]["namespaces"].as_array().into_iter().flatten() {
-                if n["type"] == "network"
-                    && let Some(p) = n["path"].as_str()
-                {
-                    live.push(p.to_string());
-                }
-            }
-        }
+        let live = self.live_sandboxes()?;
         let mut stray = Vec::new();
         for entry in std::fs::read_dir("/var/run/netns")? {
             let entry = entry?;
             let path = entry.path();
             let ours = entry.file_name().to_string_lossy().starts_with("cni-")
                 && entry.metadata()?.modified()? >= started;
-            if ours && !live.iter().any(|l| Path::new(l) == path) {
+            if ours && !live.iter().any(|l| Path::new(&l.netns) == path) {
                 stray.push(path.display().to_string());
             }
         }
@@ -528,6 +531,16 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The network namespace path in a sandbox container's `ctr containers info`.
+fn sandbox_netns_path(info: &Value) -> Option<String> {
+    info["Spec"]["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .map(str::to_string)
 }
 
 /// A pod's live sandbox.
@@ -706,7 +719,8 @@ fn spawn_logged(
     Ok(child)
 }
 
-/// Starts containerd and waits until it answers. `NODE_NAME` in its environment reaches
+/// Starts containerd, waits until it answers and imports the pause image (again, if it
+/// has it: the import is idempotent). `NODE_NAME` in its environment reaches
 /// the CNI plugins it runs, as the node DaemonSet's downward-API variable does (the
 /// machine's hostname is not the node's name here).
 fn spawn_containerd(dir: &Path, programs: &Programs) -> anyhow::Result<Child> {
@@ -726,6 +740,14 @@ fn spawn_containerd(dir: &Path, programs: &Programs) -> anyhow::Result<Child> {
             .status()
             .is_ok_and(|s| s.success());
         if ok {
+            let out = Command::new(&programs.ctr)
+                .args(["--address", &sock(dir), "--namespace", "k8s.io", "images", "import"])
+                .arg(&programs.pause)
+                .output()
+                .context("running ctr images import")?;
+            if !out.status.success() {
+                bail!("importing {}: {}", programs.pause.display(), String::from_utf8_lossy(&out.stderr));
+            }
             return Ok(child);
         }
         if let Some(status) = child.try_wait()? {

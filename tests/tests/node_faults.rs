@@ -20,8 +20,10 @@ use tokio::sync::Mutex;
 /// One test at a time on the node.
 static NODE_TURN: Mutex<()> = Mutex::const_new(());
 
+/// A NAD `name` in `ns`: `rust-macvlan` on host link `master`, `rust-ipam` giving
+/// addresses of `range` from `server`; CNI 1.1.0, so GC reaches it.
 async fn macvlan_nad(ns: &TestNamespace, name: &str, master: &str, range: &str, server: &str) {
-    let config = json!({"cniVersion": "1.0.0", "name": name, "type": "rust-macvlan", "master": master,
+    let config = json!({"cniVersion": "1.1.0", "name": name, "type": "rust-macvlan", "master": master,
         "mode": "bridge", "ipam": {"type": "rust-ipam", "range": range, "server": server}});
     let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
         "metadata": {"name": name}, "spec": {"config": config.to_string()}});
@@ -160,7 +162,8 @@ async fn node_stopped_and_started_recreates_sandboxes_and_frees_the_old() {
         .expect("pods");
     leases_match(node, &server.endpoint, &run.pods, &network).await;
 
-    node.reboot().await.expect("node back");
+    node.power_off(false).expect("node off");
+    node.power_on().await.expect("node back");
     let old: BTreeSet<String> = run.pods.iter().map(|p| p.sandbox.id.clone()).collect();
     let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
     let again = checked_again(node, &admin, &ns.name, &names, &old, Duration::from_secs(90)).await;
@@ -218,4 +221,79 @@ async fn pods_wait_for_an_absent_server_and_start_when_it_returns() {
         pods.push(node.check_pod(&admin, &ns.name, n).await.expect("pod checks out"));
     }
     leases_match(node, &server.endpoint, &pods, &format!("{}/backend", ns.name)).await;
+}
+
+/// A node whose runtime lost its own store (reinstalled, disk replaced) comes back knowing
+/// none of its old sandboxes, so no DEL comes for them. A pod still in the API server gets
+/// a new sandbox and keeps its address (same pod and interface: the lease moves to the new
+/// sandbox); a pod deleted while the node was down leaves its lease behind, and the
+/// runtime's CNI GC through rust-multus frees it and keeps the live one.
+///
+/// Debian 12's containerd 1.6 predates CNI GC (CNI 1.1), so the test sends the GC a
+/// runtime that has it sends: the node's network config at version 1.1.0 with every
+/// running sandbox in `cni.dev/valid-attachments`, to the node's rust-multus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_gc_frees_what_a_forgotten_sandbox_held() {
+    let Some(node) = Node::shared("runtime_gc_frees_what_a_forgotten_sandbox_held") else { return };
+    let _turn = NODE_TURN.lock().await;
+    let ns = node.envtest.namespace("forgot").await.expect("namespace");
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(data.path()).await.expect("server");
+    macvlan_nad(&ns, "backend", &node::master(5), "10.61.0.0/24", &server.endpoint).await;
+    let admin = ns.admin_client().await.expect("admin client");
+    let network = format!("{}/backend", ns.name);
+    let run = node
+        .run_pods(&admin, &ns.name, "app", 2, Some("backend"), Duration::from_secs(60))
+        .await
+        .expect("pods");
+    let (kept, gone) = (&run.pods[0], &run.pods[1]);
+
+    node.power_off(true).expect("node off");
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(admin.clone(), &ns.name);
+    pods.delete(&gone.name, &kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .await
+        .expect("force delete");
+    node.power_on().await.expect("node back");
+    let old: BTreeSet<String> = run.pods.iter().map(|p| p.sandbox.id.clone()).collect();
+    let again = checked_again(
+        node,
+        &admin,
+        &ns.name,
+        std::slice::from_ref(&kept.name),
+        &old,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        again[0].ips_of(&network),
+        kept.ips_of(&network),
+        "the pod keeps its address in a new sandbox"
+    );
+    let mut want = alive(&again, &network);
+    want.extend(alive(std::slice::from_ref(gone), &network));
+    want.sort();
+    assert_eq!(held(&server.endpoint).await, want, "the live pod's lease moved; the deleted pod's is left");
+
+    let conf: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(node.conf_dir.join("00-rust-multus.conf")).expect("node config"),
+    )
+    .expect("node config JSON");
+    let mut gc = conf.clone();
+    gc["cniVersion"] = json!("1.1.0");
+    let live = node.live_sandboxes().expect("sandboxes");
+    gc["cni.dev/valid-attachments"] =
+        live.iter().map(|s| json!({"containerID": s.id, "ifname": "eth0"})).collect::<Vec<_>>().into();
+    let bin_dir = node.bin_dir.display().to_string();
+    let out = rust_ipam_e2e::run_cni(
+        &mut std::process::Command::new(node.bin_dir.join("rust-multus")),
+        &[
+            ("CNI_COMMAND", "GC"),
+            ("CNI_PATH", &bin_dir),
+            ("NODE_NAME", node::NODE_NAME),
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        ],
+        &gc.to_string(),
+    );
+    assert_eq!(out.code, 0, "GC: {:?} {}", out.out, out.stderr);
+    leases_match(node, &server.endpoint, &again, &network).await;
 }
