@@ -171,9 +171,13 @@ impl ErrorList {
         Err(it.fold(first, |a, b| merge(a, b, separator)))
     }
 
-    /// `first`, the error that started a cleanup, followed by the cleanup's own errors.
+    /// `first`, the error that started a cleanup, followed by the cleanup's own errors. A
+    /// cleanup error with `first`'s very message is left out: the cleanup met the same cause
+    /// (an ipam plugin that cannot be found fails its DEL as it failed its ADD), and saying it
+    /// twice tells nothing more.
     pub fn after(self, first: CniError, separator: &str) -> CniError {
-        self.errors.into_iter().fold(first, |a, b| merge(a, b, separator))
+        let msg = first.msg.clone();
+        self.errors.into_iter().filter(|e| e.msg != msg).fold(first, |a, b| merge(a, b, separator))
     }
 }
 
@@ -237,6 +241,23 @@ mod tests {
         assert_eq!(
             ErrorList::new().after(CniError::new(ErrorCode(7), "a"), "; "),
             CniError::new(ErrorCode(7), "a")
+        );
+    }
+
+    #[test]
+    fn a_cleanup_error_repeating_the_first_is_said_once() {
+        let first =
+            CniError::new(ErrorCode::INVALID_CONFIG, "plugin \"x\" not found in CNI_PATH [/opt/cni/bin]");
+        let mut cleanup = ErrorList::new();
+        cleanup.push(first.clone());
+        cleanup.push(CniError::new(ErrorCode::NETLINK_FAILED, "removing link cni0: busy"));
+        let e = cleanup.after(first, "; ");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (
+                ErrorCode::INVALID_CONFIG,
+                "plugin \"x\" not found in CNI_PATH [/opt/cni/bin]; removing link cni0: busy"
+            )
         );
     }
 }

@@ -5,6 +5,7 @@ pub mod deploy;
 pub mod envtest;
 pub mod fixtures;
 pub mod kube_standin;
+pub mod microvm;
 pub mod netns;
 pub mod node;
 pub mod relay;

@@ -30,6 +30,13 @@ pub(crate) struct FakeLink {
     pub(crate) announced: bool,
 }
 
+impl FakeLink {
+    /// The link as a netlink answer shows it: up as it was set.
+    fn seen(&self) -> Link {
+        Link { up: self.up, ..self.link.clone() }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Each namespace's links; `None` is the plugin's own namespace.
@@ -85,6 +92,8 @@ impl FakeNamespaces {
             kind: String::new(),
             kind_data: None,
             parent: None,
+            up: true,
+            parent_elsewhere: false,
         };
         let ns = st.namespaces.entry(netns.map(PathBuf::from)).or_default();
         ns.push(FakeLink { link, up: true, addresses: Vec::new(), routes: Vec::new(), announced: false });
@@ -162,6 +171,10 @@ impl Namespaces for FakeNamespaces {
     fn exists(&self, path: &Path) -> bool {
         self.lock().namespaces.contains_key(&Some(path.to_path_buf()))
     }
+
+    fn named(&self) -> Vec<PathBuf> {
+        self.lock().namespaces.keys().flatten().cloned().collect()
+    }
 }
 
 fn ns_name(ns: &Option<PathBuf>) -> String {
@@ -203,14 +216,18 @@ fn by_index<'a>(st: &'a mut State, ns: &Option<PathBuf>, index: u32) -> Result<&
 impl Netlink for FakeNl {
     async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NlError> {
         self.with("link_by_name", |st, ns| {
-            Ok(links(st, ns).iter().find(|l| l.link.name == name).map(|l| l.link.clone()))
+            Ok(links(st, ns).iter().find(|l| l.link.name == name).map(FakeLink::seen))
         })
     }
 
     async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NlError> {
         self.with("link_by_index", |st, ns| {
-            Ok(links(st, ns).iter().find(|l| l.link.index == index).map(|l| l.link.clone()))
+            Ok(links(st, ns).iter().find(|l| l.link.index == index).map(FakeLink::seen))
         })
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, NlError> {
+        self.with("links", |st, ns| Ok(links(st, ns).iter().map(FakeLink::seen).collect()))
     }
 
     async fn default_route_link(&self) -> Result<Option<String>, NlError> {
@@ -257,6 +274,8 @@ impl Netlink for FakeNl {
                 kind: kind_name(kind),
                 kind_data: Some(new.kind),
                 parent: Some(master.index),
+                up: false,
+                parent_elsewhere: target != *ns,
             };
             let fake =
                 FakeLink { link, up: false, addresses: Vec::new(), routes: Vec::new(), announced: false };

@@ -34,7 +34,7 @@ use std::path::Path;
 
 use cni::{CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, Interface, IpResult};
 
-use self::config::{LinkConf, is_ifname};
+use self::config::{KindData, LinkConf, is_ifname};
 use self::netlink::{EEXIST, EOPNOTSUPP, Kernel, Link, Namespaces, Netlink, NewLink, failed, kind_name};
 use crate::exec::{self, Call};
 
@@ -126,6 +126,39 @@ async fn find_master(nl: &impl Netlink, conf: &LinkConf) -> Result<Link, CniErro
         })
 }
 
+/// The kernel keeps one ipvlan mode per master: a new link in another mode silently switches
+/// every link on the master to it, breaking the pods that have them. So an ipvlan ADD is
+/// refused when `candidates` (links of one namespace, `ns`; `None`: the plugin's own) hold an
+/// ipvlan link on `master` in another mode. A link in another namespace is known to be on
+/// this master by its parent's index and the master's MAC, which ipvlan links share.
+fn one_ipvlan_mode<'a>(
+    conf: &LinkConf,
+    master: &Link,
+    candidates: impl Iterator<Item = &'a Link>,
+    ns: Option<&Path>,
+) -> Result<(), CniError> {
+    let KindData::Ipvlan(_) = conf.kind else { return Ok(()) };
+    let other = candidates.into_iter().find(|l| {
+        l.kind == kind_name(Kind::Ipvlan)
+            && l.parent == Some(master.index)
+            && l.kind_data.is_some_and(|k| k != conf.kind)
+    });
+    match other {
+        None => Ok(()),
+        Some(l) => {
+            let mode = l.kind_data.map(|k| k.to_string()).unwrap_or_default();
+            let place = ns.map_or_else(|| "the node's namespace".to_string(), |p| p.display().to_string());
+            Err(CniError::new(
+                ErrorCode::INVALID_CONFIG,
+                format!(
+                    "master {:?} already has ipvlan links in mode {mode} ({} in {place}): the kernel keeps one mode per master and would switch them all to {}",
+                    master.name, l.name, conf.kind
+                ),
+            ))
+        }
+    }
+}
+
 /// A name for the new link until it is in the pod's namespace: the final name may be taken
 /// on the node, so the link is made under a random one and renamed there.
 fn temp_name() -> String {
@@ -161,15 +194,47 @@ fn add<S: Namespaces>(sys: &S, env: &Env, conf: &LinkConf, stdin: &[u8]) -> Resu
     let master_ns = conf.link_in_container.then_some(pod_path);
     let into = (!conf.link_in_container).then_some(pod_path);
     let tmp_name = tmp.as_str();
-    // Everything checked before the first change: the master exists and its MTU allows ours.
-    sys.run(master_ns, |nl| async move {
+    // Everything checked before the first change: the master exists, is up, its MTU allows
+    // ours, and (ipvlan) it has no links of another mode.
+    let master = sys.run(master_ns, |nl| async move {
         let master = find_master(&nl, conf).await?;
+        if !master.up {
+            return Err(CniError::new(
+                ErrorCode::INVALID_CONFIG,
+                format!(
+                    "master {:?} is down: a link on it would pass no traffic (ip link set {} up)",
+                    master.name, master.name
+                ),
+            ));
+        }
         if conf.mtu > master.mtu {
             return Err(CniError::new(
                 ErrorCode::INVALID_CONFIG,
                 format!("mtu {} is larger than the MTU {} of master {:?}", conf.mtu, master.mtu, master.name),
             ));
         }
+        // Links still beside their master, in its own namespace.
+        let here = nl.links().await.map_err(|e| failed("listing links", &e))?;
+        one_ipvlan_mode(conf, &master, here.iter().filter(|l| !l.parent_elsewhere), master_ns)?;
+        Ok(master)
+    })?;
+    if matches!(conf.kind, KindData::Ipvlan(_)) && !conf.link_in_container {
+        // The node's links moved into pods: look in every named namespace.
+        for ns in sys.named() {
+            let master = &master;
+            let there =
+                sys.run(
+                    Some(&ns),
+                    |nl| async move { nl.links().await.map_err(|e| failed("listing links", &e)) },
+                );
+            // A namespace that went away meanwhile holds nothing.
+            let Ok(there) = there else { continue };
+            let moved = there.iter().filter(|l| l.parent_elsewhere && l.mac == master.mac);
+            one_ipvlan_mode(conf, master, moved, Some(&ns))?;
+        }
+    }
+    let master = &master;
+    sys.run(master_ns, |nl| async move {
         let new = NewLink {
             name: tmp_name,
             master: master.index,
@@ -806,5 +871,77 @@ mod driver_tests {
         let (c, stdin) = conf(Kind::Macvlan, &macvlan());
         del(&sys, &gone, &c, &stdin).expect("gone");
         assert_eq!(calls(&dir), "ADD\nDEL\nDEL\n");
+    }
+
+    #[test]
+    fn a_master_that_is_down_is_refused_before_anything_is_made() {
+        let (sys, dir) = rig();
+        sys.edit(None, "eth1", |l| l.up = false);
+        let (c, stdin) = conf(
+            Kind::Ipvlan,
+            &json!({"cniVersion": "1.0.0", "master": "eth1", "ipam": {"type": "fake-ipam"}}),
+        );
+        let e = add(&sys, &env(Command::Add, &dir), &c, &stdin).expect_err("down");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (
+                ErrorCode::INVALID_CONFIG,
+                "master \"eth1\" is down: a link on it would pass no traffic (ip link set eth1 up)"
+            )
+        );
+        assert!(sys.links(Some(POD)).is_empty());
+        assert_eq!(calls(&dir), "", "no lease asked for");
+    }
+
+    #[test]
+    fn one_ipvlan_mode_per_master_wherever_its_links_are() {
+        let (sys, dir) = rig();
+        let other = "/run/netns/other";
+        sys.add_netns(other);
+        let l2 =
+            json!({"cniVersion": "1.0.0", "master": "eth1", "mode": "l2", "ipam": {"type": "fake-ipam"}});
+        let (c, stdin) = conf(Kind::Ipvlan, &l2);
+        let mut in_other = env(Command::Add, &dir);
+        in_other.netns = other.into();
+        add(&sys, &in_other, &c, &stdin).expect("the first ipvlan link sets the mode");
+        let mut l3 = l2.clone();
+        l3["mode"] = json!("l3");
+        let (c3, stdin3) = conf(Kind::Ipvlan, &l3);
+        let e = add(&sys, &env(Command::Add, &dir), &c3, &stdin3).expect_err("another mode");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (
+                ErrorCode::INVALID_CONFIG,
+                "master \"eth1\" already has ipvlan links in mode l2 (net1 in /run/netns/other): the kernel keeps one mode per master and would switch them all to l3"
+            )
+        );
+        assert!(sys.links(Some(POD)).is_empty(), "nothing made");
+        // The same mode is welcome.
+        add(&sys, &env(Command::Add, &dir), &c, &stdin).expect("the same mode");
+        assert_eq!(calls(&dir), "ADD\nADD\n", "no lease for the refused one");
+        // A link still in the node's namespace counts too; another master does not.
+        let (sys, dir) = rig();
+        sys.add_device(None, "eth2", 1500);
+        sys.run(None, |nl| async move {
+            let new = NewLink {
+                name: "iv0",
+                master: 1,
+                kind: KindData::Ipvlan(config::IpvlanMode::L3s),
+                mtu: 0,
+                mac: None,
+                into: None,
+            };
+            create(&nl, &new).await
+        })
+        .expect("a node-side ipvlan link");
+        let e = add(&sys, &env(Command::Add, &dir), &c, &stdin).expect_err("l3s on eth1");
+        assert_eq!(
+            e.msg,
+            "master \"eth1\" already has ipvlan links in mode l3s (iv0 in the node's namespace): the kernel keeps one mode per master and would switch them all to l2"
+        );
+        let mut on_eth2 = l2.clone();
+        on_eth2["master"] = json!("eth2");
+        let (c2, stdin2) = conf(Kind::Ipvlan, &on_eth2);
+        add(&sys, &env(Command::Add, &dir), &c2, &stdin2).expect("eth2 has no ipvlan links");
     }
 }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cni::{CniError, ErrorCode, ResultRoute};
 use futures::TryStreamExt as _;
@@ -20,7 +20,7 @@ use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoIpVlan, InfoKind, InfoMacVlan, IpVlanMode, LinkAttribute, LinkInfo, LinkMessage,
+    InfoData, InfoIpVlan, InfoKind, InfoMacVlan, IpVlanMode, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
     MacVlanMode,
 };
 use rtnetlink::packet_route::route::{
@@ -73,6 +73,11 @@ pub(crate) struct Link {
     pub(crate) kind_data: Option<KindData>,
     /// `IFLA_LINK`: the parent's index (in the parent's namespace).
     pub(crate) parent: Option<u32>,
+    /// Administratively up (`IFF_UP`).
+    pub(crate) up: bool,
+    /// The parent is in another namespace (`IFLA_LINK_NETNSID` is set): a link made on a
+    /// node's master and moved into a pod.
+    pub(crate) parent_elsewhere: bool,
 }
 
 impl Link {
@@ -85,6 +90,8 @@ impl Link {
             kind: String::new(),
             kind_data: None,
             parent: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+            parent_elsewhere: false,
         };
         for a in &m.attributes {
             match a {
@@ -92,6 +99,7 @@ impl Link {
                 LinkAttribute::Mtu(n) => link.mtu = *n,
                 LinkAttribute::Address(a) => link.mac = a.clone(),
                 LinkAttribute::Link(p) => link.parent = Some(*p),
+                LinkAttribute::LinkNetNsId(_) => link.parent_elsewhere = true,
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         match i {
@@ -172,6 +180,9 @@ pub(crate) trait Namespaces: Sync {
 
     /// True when something is at `path` (a DEL's namespace may be gone).
     fn exists(&self, path: &Path) -> bool;
+    /// The namespaces pinned by name on the node (`ip netns`, where containerd and CRI-O
+    /// keep their pods'), to look for the other links of a master.
+    fn named(&self) -> Vec<PathBuf>;
 }
 
 /// The requests the drivers make in one namespace. Errors are the kernel's; the drivers
@@ -181,6 +192,8 @@ pub(crate) trait Netlink {
     async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NlError>;
     /// The link with index `index`, if there is one.
     async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NlError>;
+    /// Every link of the namespace.
+    async fn links(&self) -> Result<Vec<Link>, NlError>;
     /// The name of the link of the first default route (IPv4, then IPv6) of the main table.
     async fn default_route_link(&self) -> Result<Option<String>, NlError>;
     /// Creates a macvlan or ipvlan link; `EOPNOTSUPP` when the kernel lacks the kind.
@@ -228,6 +241,17 @@ impl Namespaces for Kernel {
 
     fn exists(&self, path: &Path) -> bool {
         path.exists()
+    }
+
+    fn named(&self) -> Vec<PathBuf> {
+        // /var/run is /run on current systems; a path seen through both is listed once.
+        let mut seen = std::collections::BTreeSet::new();
+        ["/run/netns", "/var/run/netns"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .filter(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())))
+            .collect()
     }
 }
 
@@ -354,6 +378,11 @@ impl Netlink for Nl {
                 if e.errno == Some(ENODEV) { Ok(None) } else { Err(e) }
             }
         }
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, NlError> {
+        let msgs: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await?;
+        Ok(msgs.iter().map(Link::from_message).collect())
     }
 
     /// The name of the link of the first default route (IPv4, then IPv6), as the
