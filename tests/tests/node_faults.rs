@@ -102,6 +102,14 @@ async fn leases_match(node: &Node, server: &str, pods: &[PodCheck], network: &st
     assert!(stray.is_empty(), "pod network namespaces without a sandbox: {stray:?}");
 }
 
+/// Deletes a test's pods while its server still runs, and checks that their DELs freed
+/// every lease: the next test on the node (whose runtime GC reaches every network of
+/// every pod there) finds nothing of this one.
+async fn finish(node: &Node, client: &kube::Client, ns: &str, names: &[String], server: &str) {
+    node.delete_pods(client, ns, names, Duration::from_secs(60)).await.expect("pods deleted");
+    leases_match(node, server, &[], "").await;
+}
+
 /// Pods keep running, their sandboxes and leases unchanged, across a kubelet restart and a
 /// containerd restart (SIGKILL each): nothing is added, released or leaked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +146,8 @@ async fn kubelet_and_containerd_restarts_change_nothing() {
         assert_eq!(alive(&again, &network), before, "addresses after the {what} restart");
         leases_match(node, &server.endpoint, &again, &network).await;
     }
+    let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
+    finish(node, &admin, &ns.name, &names, &server.endpoint).await;
 }
 
 /// The whole node stopped (kubelet, containerd and every container killed, /run's state
@@ -168,6 +178,7 @@ async fn node_stopped_and_started_recreates_sandboxes_and_frees_the_old() {
     let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
     let again = checked_again(node, &admin, &ns.name, &names, &old, Duration::from_secs(90)).await;
     leases_match(node, &server.endpoint, &again, &network).await;
+    finish(node, &admin, &ns.name, &names, &server.endpoint).await;
 }
 
 /// With the rust-ipam server away, new pods wait (the plugin fails, the runtime tears the
@@ -221,6 +232,7 @@ async fn pods_wait_for_an_absent_server_and_start_when_it_returns() {
         pods.push(node.check_pod(&admin, &ns.name, n).await.expect("pod checks out"));
     }
     leases_match(node, &server.endpoint, &pods, &format!("{}/backend", ns.name)).await;
+    finish(node, &admin, &ns.name, &names, &server.endpoint).await;
 }
 
 /// A node whose runtime lost its own store (reinstalled, disk replaced) comes back knowing
@@ -296,4 +308,5 @@ async fn runtime_gc_frees_what_a_forgotten_sandbox_held() {
     );
     assert_eq!(out.code, 0, "GC: {:?} {}", out.out, out.stderr);
     leases_match(node, &server.endpoint, &again, &network).await;
+    finish(node, &admin, &ns.name, std::slice::from_ref(&kept.name), &server.endpoint).await;
 }
