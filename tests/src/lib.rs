@@ -2,6 +2,7 @@
 //! processes (here), and in the modules the fixtures, namespaces, API servers and `deploy/`.
 
 pub mod deploy;
+pub mod device_plugin;
 pub mod envtest;
 pub mod fixtures;
 pub mod kube_standin;

@@ -170,7 +170,8 @@ impl Node {
         // rust-multus first by name: with max_conf_num 1 containerd takes only it.
         let multus = json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus",
             "clusterNetwork": "cluster-net", "confDir": conf_dir, "binDir": bin_dir,
-            "cniDir": dir.join("multus-cache"), "kubeconfig": account.kubeconfig(envtest::NODE_ACCOUNT)});
+            "cniDir": dir.join("multus-cache"), "kubeconfig": account.kubeconfig(envtest::NODE_ACCOUNT),
+            "rustMultus": {"podResourcesSocket": pod_resources_socket(&dir)}});
         std::fs::write(conf_dir.join("00-rust-multus.conf"), serde_json::to_vec_pretty(&multus)?)?;
 
         for i in 0..MASTERS {
@@ -389,11 +390,23 @@ impl Node {
         networks: Option<&str>,
         within: Duration,
     ) -> anyhow::Result<PodsRun> {
+        self.run_pods_with(client, ns, prefix, count, |name| Node::pod(name, networks), within).await
+    }
+
+    /// As [`Node::run_pods`], each pod made by `pod` from its name.
+    pub async fn run_pods_with(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        prefix: &str,
+        count: usize,
+        pod: impl Fn(&str) -> Value,
+        within: Duration,
+    ) -> anyhow::Result<PodsRun> {
         let started = Instant::now();
         let mut creates = tokio::task::JoinSet::new();
         for i in 0..count {
-            let (client, ns, pod) =
-                (client.clone(), ns.to_string(), Node::pod(&format!("{prefix}-{i}"), networks));
+            let (client, ns, pod) = (client.clone(), ns.to_string(), pod(&format!("{prefix}-{i}")));
             creates.spawn(async move { envtest::create(&client, Some(&ns), pod).await });
         }
         while let Some(r) = creates.join_next().await {
@@ -616,6 +629,11 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
         bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// The kubelet's PodResources socket: under its root directory.
+pub fn pod_resources_socket(dir: &Path) -> PathBuf {
+    dir.join("kubelet/pod-resources/kubelet.sock")
 }
 
 fn sock(dir: &Path) -> String {

@@ -48,6 +48,11 @@ pub struct MultusConf {
     pub log_file: Option<PathBuf>,
     /// `rustMultus.objectsDir`: read Pods and NADs from YAML files instead of the API.
     pub objects_dir: Option<PathBuf>,
+    /// `rustMultus.podResourcesSocket`: the kubelet's PodResources API, asked for the
+    /// devices of networks with a resource name.
+    pub pod_resources_socket: PathBuf,
+    /// `rustMultus.deviceInfoDir`: where device plugins leave device-info files.
+    pub device_info_dir: PathBuf,
     /// GC: `cni.dev/valid-attachments`, as (container ID, ifname).
     pub valid_attachments: Vec<(String, String)>,
 }
@@ -86,6 +91,8 @@ struct Raw {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RustMultus {
     objects_dir: Option<String>,
+    pod_resources_socket: Option<String>,
+    device_info_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,16 +141,20 @@ impl MultusConf {
             }
             _ => vec![DEFAULT_GLOBAL_NAMESPACE.to_string()],
         };
-        let objects_dir = match raw.rust_multus {
-            Some(r) => {
-                let d = path(r.objects_dir);
-                if d.is_none() {
-                    return Err(invalid("rustMultus.objectsDir is empty"));
-                }
-                d
+        let own = raw.rust_multus.unwrap_or(RustMultus {
+            objects_dir: None,
+            pod_resources_socket: None,
+            device_info_dir: None,
+        });
+        for (key, v) in [
+            ("objectsDir", &own.objects_dir),
+            ("podResourcesSocket", &own.pod_resources_socket),
+            ("deviceInfoDir", &own.device_info_dir),
+        ] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(invalid(format!("rustMultus.{key} is empty")));
             }
-            None => None,
-        };
+        }
         let valid_attachments = raw
             .valid_attachments
             .or(raw.old_attachments)
@@ -173,7 +184,11 @@ impl MultusConf {
             readiness_indicator_file: path(raw.readiness_indicator_file),
             runtime_config: raw.runtime_config.unwrap_or_default(),
             log_file: path(raw.log_file),
-            objects_dir,
+            objects_dir: path(own.objects_dir),
+            pod_resources_socket: path(own.pod_resources_socket)
+                .unwrap_or_else(|| super::devices::DEFAULT_POD_RESOURCES_SOCKET.into()),
+            device_info_dir: path(own.device_info_dir)
+                .unwrap_or_else(|| super::devices::DEFAULT_DEVICE_INFO_DIR.into()),
             valid_attachments,
         })
     }
@@ -209,6 +224,8 @@ mod tests {
         assert_eq!(c.global_namespaces, vec!["default"]);
         assert_eq!(c.system_namespaces, vec!["kube-system"]);
         assert_eq!((c.kubeconfig, c.objects_dir, c.readiness_indicator_file), (None, None, None));
+        assert_eq!(c.pod_resources_socket, PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"));
+        assert_eq!(c.device_info_dir, PathBuf::from("/var/run/k8s.cni.cncf.io/devinfo"));
     }
 
     #[test]
@@ -218,7 +235,8 @@ mod tests {
             "binDir": "/b", "multusNamespace": "multus", "namespaceIsolation": true,
             "globalNamespaces": "default, shared ,", "systemNamespaces": ["kube-system", "ops"],
             "readinessindicatorfile": "/run/ready", "logFile": "/var/log/m.log",
-            "runtimeConfig": {"portMappings": []}, "rustMultus": {"objectsDir": "/objs"},
+            "runtimeConfig": {"portMappings": []}, "rustMultus": {"objectsDir": "/objs",
+            "podResourcesSocket": "/k/pr.sock", "deviceInfoDir": "/di"},
             "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]}))
         .expect("valid");
         assert_eq!(c.cluster_network.as_deref(), Some("k8s-pod-network"));
@@ -234,6 +252,10 @@ mod tests {
         assert_eq!(c.system_namespaces, vec!["kube-system", "ops"]);
         assert_eq!(c.readiness_indicator_file, Some(PathBuf::from("/run/ready")));
         assert_eq!(c.objects_dir, Some(PathBuf::from("/objs")));
+        assert_eq!(
+            (c.pod_resources_socket.to_str(), c.device_info_dir.to_str()),
+            (Some("/k/pr.sock"), Some("/di"))
+        );
         assert_eq!(c.runtime_config.get("portMappings"), Some(&json!([])));
         assert_eq!(c.valid_attachments, vec![("c1".to_string(), "eth0".to_string())]);
         assert_eq!(
@@ -261,6 +283,14 @@ mod tests {
                 .expect_err("typo");
         assert_eq!(e.code, ErrorCode::DECODE);
         assert!(e.msg.contains("unknown field `objectDir`"), "{e}");
+        let e = parse(
+            json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "rustMultus": {"podResourcesSocket": " "}}),
+        )
+        .expect_err("empty");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::INVALID_CONFIG, "rustMultus.podResourcesSocket is empty")
+        );
         let e = parse(json!({"cniVersion": "1.0.0", "clusterNetwork": "x", "namespaceIsolation": "yes"}))
             .expect_err("bool");
         assert!(e.msg.starts_with("network configuration is not valid: invalid type: string \"yes\""), "{e}");

@@ -37,6 +37,13 @@ pub struct Delegate {
     pub filter_v4_gateway: bool,
     #[serde(rename = "IsFilterV6Gateway", default)]
     pub filter_v6_gateway: bool,
+    /// The NAD's `k8s.v1.cni.cncf.io/resourceName`: the device plugin resource it needs.
+    #[serde(rename = "resourceName", default, skip_serializing_if = "String::is_empty")]
+    pub resource_name: String,
+    /// The device of that resource this network got (also in `bytes`, see
+    /// [`super::devices`]).
+    #[serde(rename = "deviceID", default, skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
     /// The config as the delegate gets it (base64 in JSON, as Go writes `[]byte`).
     #[serde(rename = "Bytes", serialize_with = "ser_b64", deserialize_with = "de_b64")]
     pub bytes: Vec<u8>,
@@ -201,6 +208,8 @@ impl Delegate {
             gateway_request: None,
             filter_v4_gateway: false,
             filter_v6_gateway: false,
+            resource_name: String::new(),
+            device_id: String::new(),
             bytes,
         })
     }
@@ -230,6 +239,9 @@ impl Delegate {
         }
         if !self.mac_request.is_empty() {
             m.insert("mac".into(), json!(self.mac_request));
+        }
+        if !self.device_id.is_empty() {
+            m.insert("deviceID".into(), json!(self.device_id));
         }
         m
     }

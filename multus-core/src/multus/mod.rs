@@ -22,6 +22,7 @@ pub mod annotation;
 pub mod cache;
 pub mod config;
 pub mod delegate;
+pub mod devices;
 pub mod plugin;
 pub mod resolve;
 pub mod route;

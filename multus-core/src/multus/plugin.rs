@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use super::cache;
 use super::config::MultusConf;
 use super::delegate::{self, AddResult, Attachment, Delegate, PodArgs};
+use super::devices;
 use super::resolve::{self, Pod};
 use super::route;
 use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
@@ -160,7 +161,9 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
         }
     }
     let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
-    let delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
+    let mut delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
+    let kubelet = devices::PodResources { socket: conf.pod_resources_socket.clone() };
+    devices::assign(&mut delegates, &pod.namespace, &pod.name, &kubelet)?;
     let path = conf.plugin_path(&inv.path);
     let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for idx in 0..delegates.len() {
@@ -185,7 +188,18 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
         .iter()
         .zip(&results)
         .enumerate()
-        .map(|(idx, (d, r))| status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0))
+        .map(|(idx, (d, r))| {
+            let mut s = status::from_result(&d.name, &d.ifname(&inv.ifname, idx), r, idx == 0);
+            if !d.device_id.is_empty() {
+                s.device_info = devices::device_info(
+                    &conf.device_info_dir,
+                    Path::new("/sys"),
+                    &d.resource_name,
+                    &d.device_id,
+                );
+            }
+            s
+        })
         .collect();
     // The cluster network's result; the harness prints it in the runtime's version.
     let answer = match &results[0] {

@@ -108,7 +108,9 @@ pub fn nad_delegate(
         }
         serde_json::to_vec(&v).unwrap_or_default()
     };
-    Delegate::load(&bytes, Some(&key), cni_args)
+    let mut d = Delegate::load(&bytes, Some(&key), cni_args)?;
+    d.resource_name = nad.resource_name;
+    Ok(d)
 }
 
 /// A cluster or default network named as Multus allows: an absolute path to a config file

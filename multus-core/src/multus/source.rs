@@ -22,10 +22,13 @@ pub struct PodInfo {
 }
 
 /// What the plugin needs of a NAD.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NadInfo {
     /// `spec.config`; empty when the NAD points at a file in `confDir` by its name.
     pub config: String,
+    /// The `k8s.v1.cni.cncf.io/resourceName` annotation: the device plugin resource whose
+    /// device the network needs (SR-IOV); empty when it has none.
+    pub resource_name: String,
 }
 
 /// Why a lookup failed (a missing object is not an error: lookups return `None`).
@@ -65,11 +68,22 @@ fn pod_info(obj: &Value) -> PodInfo {
 }
 
 fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
-    match &obj["spec"]["config"] {
-        Value::Null => Ok(NadInfo { config: String::new() }),
-        Value::String(s) => Ok(NadInfo { config: s.clone() }),
-        other => Err(SourceError::Invalid(format!("{what}: spec.config is {other}, not a string"))),
-    }
+    let config = match &obj["spec"]["config"] {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => return Err(SourceError::Invalid(format!("{what}: spec.config is {other}, not a string"))),
+    };
+    let resource_name = match &obj["metadata"]["annotations"][super::devices::RESOURCE_NAME_ANNOTATION] {
+        Value::Null => String::new(),
+        Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(SourceError::Invalid(format!(
+                "{what}: annotation {} is {other}, not a string",
+                super::devices::RESOURCE_NAME_ANNOTATION
+            )));
+        }
+    };
+    Ok(NadInfo { config, resource_name })
 }
 
 /// Objects from `*.yaml`, `*.yml` and `*.json` files in one directory (not recursive). A
@@ -331,7 +345,8 @@ impl ObjectSource for KubeSource {
             kube::Api::namespaced_with(self.client.clone(), namespace, &ar);
         let what = format!("NetworkAttachmentDefinition {namespace}/{name}");
         let obj = self.rt.block_on(api.get_opt(name)).map_err(|e| kube_err(e, &what))?;
-        obj.map(|o| nad_info(&o.data, &what)).transpose()
+        // The whole object: its annotations are in the metadata, the config in `data`.
+        obj.map(|o| nad_info(&serde_json::to_value(&o).unwrap_or_default(), &what)).transpose()
     }
 
     fn annotate_pod(
@@ -362,6 +377,8 @@ kind: NetworkAttachmentDefinition
 metadata:
   name: rail-0
   namespace: fixture
+  annotations:
+    k8s.v1.cni.cncf.io/resourceName: nvidia.com/rail0_vf
 spec:
   config: '{"cniVersion":"1.0.0","type":"macvlan"}'
 ---
@@ -390,7 +407,8 @@ items:
         let s = DirSource::new(dir.path());
         let nad = s.nad("fixture", "rail-0").expect("read").expect("found");
         assert_eq!(nad.config, r#"{"cniVersion":"1.0.0","type":"macvlan"}"#);
-        assert_eq!(s.nad("default", "from-file").expect("read"), Some(NadInfo { config: String::new() }));
+        assert_eq!(nad.resource_name, "nvidia.com/rail0_vf");
+        assert_eq!(s.nad("default", "from-file").expect("read"), Some(NadInfo::default()));
         assert_eq!(s.nad("other", "rail-0").expect("read"), None);
         let pod = s.pod("fixture", "trainer").expect("read").expect("found");
         assert_eq!(pod.uid, "0b6e8ad1");

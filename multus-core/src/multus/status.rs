@@ -24,6 +24,9 @@ pub struct NetworkStatus {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub default: bool,
     pub dns: Value,
+    /// The device of a device-plugin network (the device-info spec's object).
+    #[serde(rename = "device-info", skip_serializing_if = "Option::is_none")]
+    pub device_info: Option<Value>,
 }
 
 /// The entry for `network`, attached as `ifname`, from its delegate's result.
@@ -35,6 +38,7 @@ pub fn from_result(network: &str, ifname: &str, result: &AddResult, default: boo
         mac: None,
         default,
         dns: Value::Object(Map::new()),
+        device_info: None,
     };
     match result {
         AddResult::Typed(r, _) => {
