@@ -636,10 +636,11 @@ fn status_needs_the_readiness_file_and_version_answers() {
     );
 }
 
-/// A delegate for the kube-source test: logs each call and answers ADD with an address
-/// derived from the interface (eth0 -> 10.0.0.5, net1 -> 10.1.0.5).
+/// A delegate for the kube-source tests: logs each call, keeps its config as
+/// `<COMMAND>-<IFNAME>.json` beside itself, and answers ADD with an address derived from
+/// the interface (eth0 -> 10.0.0.5, net1 -> 10.1.0.5).
 const FAKE_NET: &str = r#"#!/bin/sh
-cat >/dev/null
+cat >"$(dirname "$0")/$CNI_COMMAND-$CNI_IFNAME.json"
 echo "$CNI_COMMAND $CNI_IFNAME $CNI_ARGS" >> "$(dirname "$0")/calls.log"
 n=$(echo "$CNI_IFNAME" | tr -dc 0-9)
 [ "$CNI_COMMAND" = ADD ] && printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","mac":"02:00:00:00:00:0%s","sandbox":"%s"}],"ips":[{"address":"10.%s.0.5/24","interface":0}]}' "$CNI_IFNAME" "$n" "$CNI_NETNS" "$n"
@@ -885,4 +886,92 @@ fn del_tries_every_delegate_and_reports_every_failure() {
     assert_eq!(run_here("DEL", &conf, &bin), (0, Value::Null));
     assert_eq!(calls()[6..], ["DEL net2", "DEL net1", "DEL eth0"]);
     assert!(!cache.join("cid-flaky").exists());
+}
+
+/// DRA on a real kube-apiserver, the node's ServiceAccount reading: the test writes what a
+/// DRA driver and the scheduler would (a ResourceSlice of the node's VFs with Multus' device
+/// attributes, a ResourceClaim allocated two of them and a GPU), and a pod that uses the
+/// claim asks for two NADs of the VFs' resource. Each delegate gets one allocated VF's
+/// deviceID, in the claim's order; the GPU (no resource name) is no network's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_gives_networks_the_devices_of_the_pods_resource_claims() {
+    let Some(env) = envtest::shared("kube_source_gives_networks_the_devices_of_the_pods_resource_claims")
+    else {
+        return;
+    };
+    let ns = env.namespace("dra").await.expect("namespace");
+    let team = ns.name.clone();
+    let admin = ns.admin_client().await.expect("admin client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, mut conf) = kube_source_conf(dir.path(), &ns.kubeconfig(envtest::NODE_ACCOUNT));
+    // No kubelet here: the claims alone give the devices. The cluster network is this
+    // namespace's (kube-system's is another test's).
+    conf["rustMultus"] = json!({"podResourcesSocket": dir.path().join("no-kubelet.sock")});
+    conf["clusterNetwork"] = json!(format!("{team}/cluster"));
+    let driver = format!("vf-{team}.example.com");
+    let vf = |name: &str, id: &str| {
+        json!({"name": name, "attributes": {
+            "k8s.cni.cncf.io/resourceName": {"string": "example.com/rail_vf"},
+            "k8s.cni.cncf.io/deviceID": {"string": id}}})
+    };
+    let slice = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", "metadata": {"name": format!("{team}-node-a")},
+        "spec": {"driver": driver, "nodeName": "node-a", "pool": {"name": "node-a", "generation": 1, "resourceSliceCount": 1},
+            "devices": [vf("vf-0", "0000:3b:00.2"), vf("vf-1", "0000:3b:00.3"), vf("vf-2", "0000:3b:00.4"),
+                {"name": "gpu-0", "attributes": {"model": {"string": "h100"}}}]}});
+    envtest::create(&admin, None, slice).await.expect("ResourceSlice");
+    let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": "rails"},
+        "spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.example.com"}},
+            {"name": "vf", "exactly": {"deviceClassName": "vf.example.com", "count": 2, "allocationMode": "ExactCount"}}]}}});
+    envtest::create(&admin, Some(&team), claim).await.expect("ResourceClaim");
+    // The allocation, as the scheduler writes it: the GPU, then vf-2 and vf-0.
+    let result = |request: &str, device: &str| json!({"request": request, "driver": driver, "pool": "node-a", "device": device});
+    let status = json!({"status": {"allocation": {"devices": {"results": [
+        result("gpu", "gpu-0"), result("vf", "vf-2"), result("vf", "vf-0")]}}}});
+    let claims: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        admin.clone(),
+        &team,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
+            "resourceclaims",
+        ),
+    );
+    claims
+        .patch_status("rails", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+        .await
+        .expect("allocation written");
+    envtest::create(&admin, Some(&team), fake_nad(&team, "cluster")).await.expect("NAD");
+    for name in ["rail-a", "rail-b"] {
+        let mut nad = fake_nad(&team, name);
+        nad["metadata"]["annotations"] = json!({"k8s.v1.cni.cncf.io/resourceName": "example.com/rail_vf"});
+        envtest::create(&admin, Some(&team), nad).await.expect("NAD");
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "rail-a,rail-b"}},
+        "spec": {"resourceClaims": [{"name": "rails", "resourceClaimName": "rails"}],
+            "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "resources": {"claims": [{"name": "rails"}]}}]}});
+    envtest::create(&admin, Some(&team), pod).await.expect("pod");
+
+    let netns = dir.path().to_path_buf();
+    let (code, out, err) = multus_blocking("ADD", &team, bin.clone(), netns.clone(), conf.clone()).await;
+    assert_eq!(code, 0, "ADD: {out} {err}");
+    let got = |ifname: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(bin.join(format!("ADD-{ifname}.json"))).expect("recorded"))
+            .expect("JSON")
+    };
+    assert_eq!(
+        (got("net1")["deviceID"].as_str(), got("net2")["deviceID"].as_str()),
+        (Some("0000:3b:00.4"), Some("0000:3b:00.2"))
+    );
+    assert!(got("eth0").get("deviceID").is_none(), "the cluster network has no device");
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(admin.clone(), &team);
+    let annotations = pods.get("web").await.expect("pod").metadata.annotations.unwrap_or_default();
+    let status: Value =
+        serde_json::from_str(&annotations["k8s.v1.cni.cncf.io/network-status"]).expect("status");
+    assert_eq!(
+        status[1]["device-info"],
+        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": "0000:3b:00.4"}})
+    );
+    let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns, conf).await;
+    assert_eq!(code, 0, "DEL: {out} {err}");
 }

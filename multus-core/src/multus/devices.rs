@@ -7,6 +7,13 @@
 //! `runtimeConfig.deviceID` where the delegate declares the `deviceID` capability; the
 //! network-status entry gets its `device-info` (the device plugin's device-info file, or
 //! the PCI address the ID is).
+//!
+//! Devices allocated through DRA count the same way: for each of the pod's ResourceClaims,
+//! each allocated device (`status.allocation.devices.results`) is looked up in its
+//! driver's ResourceSlices, and its attributes `k8s.cni.cncf.io/resourceName` and
+//! `k8s.cni.cncf.io/deviceID` say which resource it is and what to hand the delegate (the
+//! attributes Multus reads). A device without a resource name (a GPU in the same claim) is
+//! not a network's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +24,7 @@ use rust_ipam_proto::kubelet::podresources as pr;
 use serde_json::{Value, json};
 
 use super::delegate::Delegate;
+use super::source::ObjectSource;
 
 /// The NAD annotation naming the device plugin resource of a network.
 pub const RESOURCE_NAME_ANNOTATION: &str = "k8s.v1.cni.cncf.io/resourceName";
@@ -34,7 +42,7 @@ const KUBELET_TIMEOUT: Duration = Duration::from_secs(5);
 pub type PodDevices = BTreeMap<String, Vec<String>>;
 
 /// Where the pod's devices come from: the kubelet, or a test's table.
-pub trait DeviceSource {
+pub trait DeviceSource: std::fmt::Debug {
     /// The devices of pod `namespace/name`, or why they cannot be read.
     fn devices(&self, namespace: &str, name: &str) -> Result<PodDevices, String>;
 }
@@ -87,6 +95,87 @@ impl DeviceSource for PodResources {
                 .map(collect)
                 .unwrap_or_default())
         })
+    }
+}
+
+/// The device attribute naming the resource a DRA device is (the NAD's `resourceName`).
+pub const DRA_RESOURCE_NAME: &str = "k8s.cni.cncf.io/resourceName";
+/// The device attribute holding the ID a delegate gets.
+pub const DRA_DEVICE_ID: &str = "k8s.cni.cncf.io/deviceID";
+
+/// A string attribute of a ResourceSlice device (`v1`: `attributes`; `v1beta1`:
+/// `basic.attributes`).
+fn attribute<'a>(device: &'a Value, name: &str) -> Option<&'a str> {
+    let attrs = device.get("attributes").or_else(|| device.get("basic").and_then(|b| b.get("attributes")))?;
+    attrs.get(name)?.get("string")?.as_str()
+}
+
+/// The network devices the pod's ResourceClaims `claims` (in `namespace`) were allocated,
+/// by resource name, in claim and result order.
+pub fn claimed(source: &dyn ObjectSource, namespace: &str, claims: &[String]) -> Result<PodDevices, String> {
+    let mut out = PodDevices::new();
+    let mut slices: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for claim in claims {
+        let what = format!("ResourceClaim {namespace}/{claim}");
+        let c = source
+            .resource_claim(namespace, claim)
+            .map_err(|e| e.to_string())?
+            .ok_or(format!("{what} not found"))?;
+        let Some(results) = c["status"]["allocation"]["devices"]["results"].as_array() else {
+            return Err(format!("{what} is not allocated (no status.allocation.devices.results)"));
+        };
+        for r in results {
+            let (driver, pool, name) = (
+                r["driver"].as_str().unwrap_or_default(),
+                r["pool"].as_str().unwrap_or_default(),
+                r["device"].as_str().unwrap_or_default(),
+            );
+            if !slices.contains_key(driver) {
+                let got = source.resource_slices(driver).map_err(|e| e.to_string())?;
+                slices.insert(driver.to_string(), got);
+            }
+            let device = slices[driver]
+                .iter()
+                .filter(|s| s["spec"]["pool"]["name"] == pool)
+                .flat_map(|s| s["spec"]["devices"].as_array().into_iter().flatten())
+                .find(|d| d["name"] == name)
+                .ok_or_else(|| {
+                    format!(
+                        "{what}: device {name:?} of pool {pool:?} (driver {driver}) is in no ResourceSlice"
+                    )
+                })?;
+            let Some(resource) = attribute(device, DRA_RESOURCE_NAME) else { continue };
+            let id = attribute(device, DRA_DEVICE_ID).ok_or_else(|| {
+                format!("{what}: device {name:?} of pool {pool:?} (driver {driver}) is resource {resource:?} but has no {DRA_DEVICE_ID} attribute")
+            })?;
+            out.entry(resource.to_string()).or_default().push(id.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The pod's devices from its ResourceClaims and from the kubelet together. When the
+/// claims gave devices, the kubelet not answering is no error: a pod of DRA devices only
+/// does not need it.
+#[derive(Debug)]
+pub struct ClaimedAndKubelet<'a> {
+    pub claimed: PodDevices,
+    pub kubelet: &'a dyn DeviceSource,
+}
+
+impl DeviceSource for ClaimedAndKubelet<'_> {
+    fn devices(&self, namespace: &str, name: &str) -> Result<PodDevices, String> {
+        let mut all = self.claimed.clone();
+        match self.kubelet.devices(namespace, name) {
+            Ok(plugged) => {
+                for (resource, ids) in plugged {
+                    all.entry(resource).or_default().extend(ids);
+                }
+            }
+            Err(e) if all.is_empty() => return Err(e),
+            Err(_) => {}
+        }
+        Ok(all)
     }
 }
 
@@ -214,6 +303,7 @@ mod tests {
     use super::*;
     use serde_json::Map;
 
+    #[derive(Debug)]
     struct Table(Result<PodDevices, String>);
 
     impl DeviceSource for Table {
@@ -325,5 +415,78 @@ mod tests {
         assert!(
             !is_pci_address("0000:3b:00.8") && !is_pci_address("0000:3g:00.1") && !is_pci_address("3b:00.1")
         );
+    }
+
+    #[test]
+    fn dra_devices_come_from_claims_and_their_slices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let objects = r#"
+apiVersion: resource.k8s.io/v1
+kind: ResourceSlice
+metadata: {name: node-a-vf}
+spec:
+  driver: vf.example.com
+  nodeName: node-a
+  pool: {name: node-a, generation: 1, resourceSliceCount: 1}
+  devices:
+  - name: vf-0
+    attributes:
+      k8s.cni.cncf.io/resourceName: {string: example.com/rail0}
+      k8s.cni.cncf.io/deviceID: {string: "0000:3b:00.2"}
+  - name: vf-1
+    attributes:
+      k8s.cni.cncf.io/resourceName: {string: example.com/rail0}
+  - name: gpu-0
+    attributes:
+      model: {string: h100}
+---
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: rails, namespace: team}
+status:
+  allocation:
+    devices:
+      results:
+      - {request: gpu, driver: vf.example.com, pool: node-a, device: gpu-0}
+      - {request: vf, driver: vf.example.com, pool: node-a, device: vf-0}
+---
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: broken, namespace: team}
+status:
+  allocation:
+    devices:
+      results:
+      - {request: vf, driver: vf.example.com, pool: node-a, device: vf-1}
+---
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: pending, namespace: team}
+spec: {}
+"#;
+        std::fs::write(dir.path().join("dra.yaml"), objects).expect("write");
+        let src = super::super::source::DirSource::new(dir.path());
+        let got = claimed(&src, "team", &["rails".into()]).expect("claimed");
+        assert_eq!(
+            got,
+            PodDevices::from([("example.com/rail0".to_string(), vec!["0000:3b:00.2".to_string()])])
+        );
+        assert_eq!(
+            claimed(&src, "team", &["broken".into()]).expect_err("no id"),
+            "ResourceClaim team/broken: device \"vf-1\" of pool \"node-a\" (driver vf.example.com) is resource \"example.com/rail0\" but has no k8s.cni.cncf.io/deviceID attribute"
+        );
+        assert_eq!(
+            claimed(&src, "team", &["pending".into()]).expect_err("unallocated"),
+            "ResourceClaim team/pending is not allocated (no status.allocation.devices.results)"
+        );
+        assert_eq!(
+            claimed(&src, "team", &["gone".into()]).expect_err("missing"),
+            "ResourceClaim team/gone not found"
+        );
+        // With devices from claims, a kubelet that does not answer is no error.
+        let both = ClaimedAndKubelet { claimed: got.clone(), kubelet: &Table(Err("no socket".into())) };
+        assert_eq!(both.devices("team", "gpu").expect("claims suffice"), got);
+        let none = ClaimedAndKubelet { claimed: PodDevices::new(), kubelet: &Table(Err("no socket".into())) };
+        assert_eq!(none.devices("team", "gpu").expect_err("nothing"), "no socket");
     }
 }

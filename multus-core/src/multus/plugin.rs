@@ -163,7 +163,21 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
     let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
     let mut delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
     let kubelet = devices::PodResources { socket: conf.pod_resources_socket.clone() };
-    devices::assign(&mut delegates, &pod.namespace, &pod.name, &kubelet)?;
+    let claimed = match (&source, &info) {
+        (Some(s), Some(i))
+            if !i.claims.is_empty() && delegates.iter().any(|d| !d.resource_name.is_empty()) =>
+        {
+            devices::claimed(s.as_ref(), &pod.namespace, &i.claims).map_err(|e| {
+                CniError::new(
+                    ErrorCode::TRY_AGAIN_LATER,
+                    format!("pod {}/{}: its ResourceClaims: {e}", pod.namespace, pod.name),
+                )
+            })?
+        }
+        _ => devices::PodDevices::new(),
+    };
+    let devices = devices::ClaimedAndKubelet { claimed, kubelet: &kubelet };
+    devices::assign(&mut delegates, &pod.namespace, &pod.name, &devices)?;
     let path = conf.plugin_path(&inv.path);
     let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for idx in 0..delegates.len() {

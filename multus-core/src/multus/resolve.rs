@@ -317,6 +317,7 @@ mod tests {
             let info = PodInfo {
                 uid: "u".into(),
                 annotations: [(NETWORKS_ANNOTATION.to_string(), networks.to_string())].into_iter().collect(),
+                ..PodInfo::default()
             };
             let pod = Pod { namespace: pod_ns, info: Some(&info) };
             delegates(conf, Some(&self.source), &pod, "eth0")
@@ -429,6 +430,7 @@ mod tests {
             annotations: [(DEFAULT_NETWORK_ANNOTATION.to_string(), "second".to_string())]
                 .into_iter()
                 .collect(),
+            ..PodInfo::default()
         };
         let ds = delegates(
             &w.conf(json!({})),
@@ -475,6 +477,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            ..PodInfo::default()
         };
         let ds = delegates(&c, Some(&w.source), &Pod { namespace: "team", info: Some(&info) }, "eth0")
             .expect("ok");

@@ -19,6 +19,10 @@ pub const NAD_KIND: &str = "NetworkAttachmentDefinition";
 pub struct PodInfo {
     pub uid: String,
     pub annotations: BTreeMap<String, String>,
+    /// The names of the pod's ResourceClaims (DRA): those it names in
+    /// `spec.resourceClaims[].resourceClaimName`, and those made for it from templates
+    /// (`status.resourceClaimStatuses[].resourceClaimName`).
+    pub claims: Vec<String>,
 }
 
 /// What the plugin needs of a NAD.
@@ -56,6 +60,17 @@ pub trait ObjectSource: std::fmt::Debug {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), SourceError>;
+    /// A ResourceClaim (`resource.k8s.io/v1`) as JSON, or `None` when it does not exist.
+    fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
+        let _ = name;
+        Err(SourceError::Unreachable(format!(
+            "this source cannot read ResourceClaims (namespace {namespace})"
+        )))
+    }
+    /// The ResourceSlices (`resource.k8s.io/v1`) of DRA driver `driver`, as JSON.
+    fn resource_slices(&self, driver: &str) -> Result<Vec<Value>, SourceError> {
+        Err(SourceError::Unreachable(format!("this source cannot read the ResourceSlices of {driver}")))
+    }
 }
 
 fn pod_info(obj: &Value) -> PodInfo {
@@ -64,7 +79,17 @@ fn pod_info(obj: &Value) -> PodInfo {
         .as_object()
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default();
-    PodInfo { uid: meta["uid"].as_str().unwrap_or_default().to_string(), annotations }
+    let named = obj["spec"]["resourceClaims"].as_array().into_iter().flatten();
+    let made = obj["status"]["resourceClaimStatuses"].as_array().into_iter().flatten();
+    let mut claims: Vec<String> = Vec::new();
+    for c in named.chain(made) {
+        if let Some(n) = c["resourceClaimName"].as_str().filter(|n| !n.is_empty())
+            && !claims.iter().any(|k| k == n)
+        {
+            claims.push(n.to_string());
+        }
+    }
+    PodInfo { uid: meta["uid"].as_str().unwrap_or_default().to_string(), annotations, claims }
 }
 
 fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
@@ -198,7 +223,38 @@ fn write_docs(path: &Path, docs: &[Value]) -> Result<(), SourceError> {
     std::fs::rename(&tmp, path).map_err(fail)
 }
 
+/// API version of ResourceClaims and ResourceSlices (DRA).
+pub const DRA_API_VERSION: &str = "resource.k8s.io/v1";
+
 impl ObjectSource for DirSource {
+    fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
+        let mut out = None;
+        self.visit(Some(DRA_API_VERSION), "ResourceClaim", namespace, name, |o| {
+            out = Some(o.clone());
+            Ok(false)
+        })?;
+        Ok(out)
+    }
+
+    fn resource_slices(&self, driver: &str) -> Result<Vec<Value>, SourceError> {
+        let mut out = Vec::new();
+        for path in self.files()? {
+            for doc in Self::read_docs(&path)? {
+                let objects = if doc["kind"] == "List" {
+                    doc["items"].as_array().cloned().unwrap_or_default()
+                } else {
+                    vec![doc]
+                };
+                out.extend(objects.into_iter().filter(|o| {
+                    o["apiVersion"] == DRA_API_VERSION
+                        && o["kind"] == "ResourceSlice"
+                        && o["spec"]["driver"] == driver
+                }));
+            }
+        }
+        Ok(out)
+    }
+
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
         let mut out = None;
         self.visit(Some("v1"), "Pod", namespace, name, |o| {
@@ -326,6 +382,32 @@ impl KubeSource {
 }
 
 impl ObjectSource for KubeSource {
+    fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
+        let ar = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
+            "resourceclaims",
+        );
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(self.client.clone(), namespace, &ar);
+        let what = format!("ResourceClaim {namespace}/{name}");
+        let obj = self.rt.block_on(api.get_opt(name)).map_err(|e| kube_err(e, &what))?;
+        Ok(obj.map(|o| serde_json::to_value(&o).unwrap_or_default()))
+    }
+
+    fn resource_slices(&self, driver: &str) -> Result<Vec<Value>, SourceError> {
+        let ar = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
+            "resourceslices",
+        );
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(self.client.clone(), &ar);
+        let params = kube::api::ListParams::default().fields(&format!("spec.driver={driver}"));
+        let list = self
+            .rt
+            .block_on(api.list(&params))
+            .map_err(|e| kube_err(e, &format!("the ResourceSlices of {driver}")))?;
+        Ok(list.items.iter().map(|o| serde_json::to_value(o).unwrap_or_default()).collect())
+    }
+
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
         use k8s_openapi::api::core::v1::Pod;
         let api: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), namespace);
