@@ -750,6 +750,34 @@ async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
         delegate_calls(&bin),
         vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]
     );
+    // The pod's events, as Multus writes them.
+    let mut events: Vec<(String, String, String, String)> = envtest::list(&admin, Some(&team), "v1", "Event")
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (s(&e["type"]), s(&e["reason"]), s(&e["message"]), s(&e["involvedObject"]["uid"]))
+        })
+        .collect();
+    events.sort();
+    assert_eq!(
+        events,
+        [
+            (
+                "Normal".into(),
+                "AddedInterface".into(),
+                "Add eth0 [10.0.0.5/24] from kube-system/cluster".into(),
+                uid.clone()
+            ),
+            (
+                "Normal".into(),
+                "AddedInterface".into(),
+                format!("Add net1 [10.1.0.5/24] from {team}/fast"),
+                uid.clone()
+            ),
+        ]
+    );
 
     // DEL clears the annotation (merge patch with null).
     let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns.clone(), conf.clone()).await;
@@ -974,4 +1002,39 @@ async fn kube_source_gives_networks_the_devices_of_the_pods_resource_claims() {
     );
     let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns, conf).await;
     assert_eq!(code, 0, "DEL: {out} {err}");
+}
+
+/// A pod naming a NAD that does not exist (a typo) fails its ADD, and the pod hears why: a
+/// Warning event `NoNetworkFound` naming the NAD and its namespace, nothing attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_tells_the_pod_about_a_missing_nad() {
+    let Some(env) = envtest::shared("kube_source_tells_the_pod_about_a_missing_nad") else { return };
+    let ns = env.namespace("typo").await.expect("namespace");
+    let team = ns.name.clone();
+    let admin = ns.admin_client().await.expect("admin client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, mut conf) = kube_source_conf(dir.path(), &ns.kubeconfig(envtest::NODE_ACCOUNT));
+    conf["clusterNetwork"] = json!(format!("{team}/cluster"));
+    envtest::create(&admin, Some(&team), fake_nad(&team, "cluster")).await.expect("NAD");
+    envtest::create(&admin, Some(&team), fake_nad(&team, "fast")).await.expect("NAD");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "fsat"}},
+        "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10"}]}});
+    let stored = envtest::create(&admin, Some(&team), pod).await.expect("pod");
+    let (code, out, err) = multus_blocking("ADD", &team, bin.clone(), dir.path().to_path_buf(), conf).await;
+    let msg = format!(
+        "NetworkAttachmentDefinition {team}/fsat not found (networks are looked up in the pod's namespace unless one is given)"
+    );
+    assert_eq!((code, out["code"].as_u64(), out["msg"].as_str()), (1, Some(7), Some(msg.as_str())), "{err}");
+    assert!(!bin.join("calls.log").exists(), "nothing was attached");
+    let events = envtest::list(&admin, Some(&team), "v1", "Event").await.expect("events");
+    fn s(v: &Value) -> &str {
+        v.as_str().unwrap_or_default()
+    }
+    let seen: Vec<(&str, &str, &str, &str)> = events
+        .iter()
+        .map(|e| (s(&e["type"]), s(&e["reason"]), s(&e["message"]), s(&e["involvedObject"]["uid"])))
+        .collect();
+    let uid = stored["metadata"]["uid"].as_str().expect("uid");
+    assert_eq!(seen, [("Warning", "NoNetworkFound", msg.as_str(), uid)]);
 }

@@ -14,7 +14,7 @@ use super::delegate::{self, AddResult, Attachment, Delegate, PodArgs};
 use super::devices;
 use super::resolve::{self, Pod};
 use super::route;
-use super::source::{DirSource, KubeSource, ObjectSource, SourceError};
+use super::source::{DirSource, KubeSource, ObjectSource, PodEvent, PodInfo, SourceError};
 use super::status::{self, NETWORK_STATUS_ANNOTATION};
 
 /// The meta-plugin `rust-multus`.
@@ -160,41 +160,99 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
             pod.uid = info.uid.clone();
         }
     }
-    let podref = Pod { namespace: &pod.namespace, info: info.as_ref() };
-    let mut delegates = resolve::delegates(conf, source.as_deref(), &podref, &inv.ifname)?;
+    let mut events = Vec::new();
+    let added = add_networks(inv, conf, log, source.as_deref(), &pod, info.as_ref(), &mut events);
+    if let (Some(s), Some(info)) = (&source, &info) {
+        let events: Vec<PodEvent<'_>> = events
+            .into_iter()
+            .map(|(kind, reason, message)| PodEvent {
+                namespace: &pod.namespace,
+                name: &pod.name,
+                uid: &info.uid,
+                kind,
+                reason,
+                message,
+            })
+            .collect();
+        // An event that cannot be written never fails the ADD.
+        if let Err(e) = s.pod_events(&events) {
+            log.warn(&format!("recording events of pod {}/{}: {e}", pod.namespace, pod.name));
+        }
+    }
+    added
+}
+
+/// An event for the pod: `Normal` or `Warning`, its reason and message.
+type Event = (&'static str, &'static str, String);
+
+/// The networks of an ADD: resolved, given their devices, added in order (rolled back on a
+/// failure), cached and written to network-status. What the pod should hear of it goes to
+/// `events` (Multus' reasons where Multus has one).
+fn add_networks(
+    inv: &Env,
+    conf: &MultusConf,
+    log: &Log,
+    source: Option<&dyn ObjectSource>,
+    pod: &PodArgs,
+    info: Option<&PodInfo>,
+    events: &mut Vec<Event>,
+) -> Result<CniResult, CniError> {
+    let warn = |events: &mut Vec<Event>, reason: &'static str, e: CniError| {
+        events.push(("Warning", reason, e.msg.clone()));
+        e
+    };
+    let podref = Pod { namespace: &pod.namespace, info };
+    let mut delegates = resolve::delegates(conf, source, &podref, &inv.ifname).map_err(|e| {
+        let reason = if resolve::nad_missing(&e) { "NoNetworkFound" } else { "InvalidNetworks" };
+        warn(events, reason, e)
+    })?;
     let kubelet = devices::PodResources { socket: conf.pod_resources_socket.clone() };
-    let claimed = match (&source, &info) {
+    let claimed = match (source, info) {
         (Some(s), Some(i))
             if !i.claims.is_empty() && delegates.iter().any(|d| !d.resource_name.is_empty()) =>
         {
-            devices::claimed(s.as_ref(), &pod.namespace, &i.claims).map_err(|e| {
-                CniError::new(
+            devices::claimed(s, &pod.namespace, &i.claims).map_err(|e| {
+                let e = CniError::new(
                     ErrorCode::TRY_AGAIN_LATER,
                     format!("pod {}/{}: its ResourceClaims: {e}", pod.namespace, pod.name),
-                )
+                );
+                warn(events, "NoDeviceFound", e)
             })?
         }
         _ => devices::PodDevices::new(),
     };
     let devices = devices::ClaimedAndKubelet { claimed, kubelet: &kubelet };
-    devices::assign(&mut delegates, &pod.namespace, &pod.name, &devices)?;
+    devices::assign(&mut delegates, &pod.namespace, &pod.name, &devices)
+        .map_err(|e| warn(events, "NoDeviceFound", e))?;
     let path = conf.plugin_path(&inv.path);
     let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for idx in 0..delegates.len() {
         let d = &delegates[idx];
         let ifname = d.ifname(&inv.ifname, idx);
-        let args = delegate::cni_args(&pod, &inv.args, &d.ip_request, &d.mac_request);
+        let args = delegate::cni_args(pod, &inv.args, &d.ip_request, &d.mac_request);
         let a = attachment(inv, conf, &path, &ifname, args, caps(conf, d, idx));
         let added = delegate::add(d, &a).and_then(|r| default_route(inv, conf, d, &ifname, r));
         match added {
-            Ok(r) => results.push(r),
+            Ok(r) => {
+                let ips: Vec<String> = match &r {
+                    AddResult::Typed(t, _) => t.ips.iter().map(|ip| ip.address.to_string()).collect(),
+                    AddResult::Legacy(_) => Vec::new(),
+                };
+                events.push((
+                    "Normal",
+                    "AddedInterface",
+                    format!("Add {ifname} [{}] from {}", ips.join(" "), d.name),
+                ));
+                results.push(r);
+            }
             Err(e) => {
-                rollback(inv, conf, &pod, &delegates[..=idx], &path, log);
-                return Err(CniError::new(
+                rollback(inv, conf, pod, &delegates[..=idx], &path, log);
+                let e = CniError::new(
                     e.code,
                     format!("error adding container to network {:?} ({ifname}): {}", d.name, e.msg),
                 )
-                .with_details(e.details));
+                .with_details(e.details);
+                return Err(warn(events, "FailedAddingInterface", e));
             }
         }
     }
@@ -223,16 +281,16 @@ fn add(inv: &Env, conf: &MultusConf, log: &Log) -> Result<CniResult, CniError> {
     let answer = match answer {
         Ok(r) => r,
         Err(e) => {
-            rollback(inv, conf, &pod, &delegates, &path, log);
+            rollback(inv, conf, pod, &delegates, &path, log);
             return Err(CniError::new(e.code, format!("the cluster network's result: {}", e.msg)));
         }
     };
     let status_json = serde_json::to_string(&statuses).unwrap_or_default();
     if let Err(e) = cache::save(&conf.cni_dir, &inv.container_id, &delegates, &status_json) {
-        rollback(inv, conf, &pod, &delegates, &path, log);
+        rollback(inv, conf, pod, &delegates, &path, log);
         return Err(e);
     }
-    if let (Some(s), Some(_)) = (&source, &info)
+    if let (Some(s), Some(_)) = (source, info)
         && let Err(e) =
             s.annotate_pod(&pod.namespace, &pod.name, NETWORK_STATUS_ANNOTATION, Some(&status_json))
     {

@@ -28,6 +28,14 @@ fn unreachable(e: SourceError) -> CniError {
     }
 }
 
+/// How the error of a NAD that does not exist ends (after its `namespace/name`).
+const NAD_NOT_FOUND: &str = "not found (networks are looked up in the pod's namespace unless one is given)";
+
+/// Whether `e` says a NAD the pod names does not exist (a likely typo in its annotation).
+pub fn nad_missing(e: &CniError) -> bool {
+    e.msg.contains(NAD_NOT_FOUND)
+}
+
 /// Multus' namespace isolation: a pod may use NADs of its own namespace and of
 /// `globalNamespaces` only.
 pub fn check_isolation(conf: &MultusConf, pod_namespace: &str, target: &str) -> Result<(), CniError> {
@@ -84,9 +92,10 @@ pub fn nad_delegate(
             "NetworkAttachmentDefinition {key}: no source of NADs is configured (kubeconfig or rustMultus.objectsDir)"
         )));
     };
-    let nad = source.nad(namespace, name).map_err(unreachable)?.ok_or_else(|| {
-        invalid(format!("NetworkAttachmentDefinition {key} not found (networks are looked up in the pod's namespace unless one is given)"))
-    })?;
+    let nad = source
+        .nad(namespace, name)
+        .map_err(unreachable)?
+        .ok_or_else(|| invalid(format!("NetworkAttachmentDefinition {key} {NAD_NOT_FOUND}")))?;
     let bytes = if nad.config.trim().is_empty() {
         conf_by_name(&conf.conf_dir, name).ok_or_else(|| {
             invalid(format!(

@@ -35,6 +35,18 @@ pub struct NadInfo {
     pub resource_name: String,
 }
 
+/// An event about a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// `Normal` or `Warning`.
+    pub kind: &'a str,
+    pub reason: &'a str,
+    pub message: String,
+}
+
 /// Why a lookup failed (a missing object is not an error: lookups return `None`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
@@ -60,6 +72,12 @@ pub trait ObjectSource: std::fmt::Debug {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), SourceError>;
+    /// Records events on pods (`Normal` or `Warning`, a reason, a message), as Multus
+    /// does; all of them at once. Sources without events (a directory) record nothing.
+    fn pod_events(&self, events: &[PodEvent<'_>]) -> Result<(), SourceError> {
+        let _ = events;
+        Ok(())
+    }
     /// A ResourceClaim (`resource.k8s.io/v1`) as JSON, or `None` when it does not exist.
     fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
         let _ = name;
@@ -370,6 +388,29 @@ impl KubeSource {
         Ok(KubeSource { rt, client })
     }
 
+    /// Creates one core/v1 Event about a pod.
+    async fn create_event(&self, e: &PodEvent<'_>, now: &str, host: &str) -> Result<(), SourceError> {
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+            self.client.clone(),
+            e.namespace,
+            &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
+        );
+        let event: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{}.", e.name), "namespace": e.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": e.namespace, "name": e.name, "uid": e.uid},
+            "type": e.kind, "reason": e.reason, "message": e.message,
+            "source": {"component": "rust-multus", "host": host},
+            "reportingComponent": "rust-multus", "reportingInstance": host,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }))
+        .map_err(|err| SourceError::Invalid(format!("an event of pod {}/{}: {err}", e.namespace, e.name)))?;
+        api.create(&kube::api::PostParams::default(), &event)
+            .await
+            .map_err(|err| kube_err(err, &format!("an event of pod {}/{}", e.namespace, e.name)))?;
+        Ok(())
+    }
+
     fn nad_resource() -> kube::api::ApiResource {
         kube::api::ApiResource {
             group: "k8s.cni.cncf.io".into(),
@@ -382,6 +423,21 @@ impl KubeSource {
 }
 
 impl ObjectSource for KubeSource {
+    fn pod_events(&self, events: &[PodEvent<'_>]) -> Result<(), SourceError> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let host = std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string())
+            })
+            .unwrap_or_default();
+        let writes = events.iter().map(|e| self.create_event(e, &now, &host));
+        // At once: one round trip for all of them, not one per interface.
+        let results = self.rt.block_on(futures::future::join_all(writes));
+        results.into_iter().collect()
+    }
+
     fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
         let ar = kube::api::ApiResource::from_gvk_with_plural(
             &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
