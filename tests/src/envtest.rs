@@ -100,7 +100,24 @@ pub struct Envtest {
     ca_pem: String,
     /// Signs client certificates: the API server trusts this CA for them.
     ca: Issuer<'static, KeyPair>,
-    pids: (u32, u32),
+    procs: std::sync::Mutex<[Proc; 2]>,
+}
+
+/// One of the two processes, as it was started (to start it again).
+#[derive(Debug, Clone)]
+struct Proc {
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    cleanup: Option<PathBuf>,
+    pid: u32,
+}
+
+/// The processes of an [`Envtest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Etcd = 0,
+    ApiServer = 1,
 }
 
 impl std::fmt::Debug for Envtest {
@@ -110,7 +127,8 @@ impl std::fmt::Debug for Envtest {
 }
 
 /// Starts `bin` under a watchdog that kills it once this process is gone; the watchdog of
-/// etcd (`cleanup`) then removes the data directory.
+/// etcd (`cleanup`) then removes the data directory (only then: a test may kill etcd and
+/// start it again on the same data).
 pub(crate) fn spawn_watched(
     bin: &Path,
     args: &[String],
@@ -118,12 +136,12 @@ pub(crate) fn spawn_watched(
     cleanup: Option<&Path>,
 ) -> anyhow::Result<u32> {
     let script = format!(
-        r#""$@" >"{log}" 2>&1 & c=$!; echo $c; exec >/dev/null
+        r#""$@" >>"{log}" 2>&1 & c=$!; echo $c; exec >/dev/null
 while kill -0 {parent} 2>/dev/null && kill -0 $c 2>/dev/null; do sleep 0.5; done
-kill -KILL $c 2>/dev/null; wait $c; {cleanup}"#,
+kill -KILL $c 2>/dev/null; wait $c; kill -0 {parent} 2>/dev/null || {{ {cleanup}; }}"#,
         log = log.display(),
         parent = std::process::id(),
-        cleanup = cleanup.map(|d| format!("rm -rf '{}'", d.display())).unwrap_or_default(),
+        cleanup = cleanup.map_or_else(|| ":".to_string(), |d| format!("rm -rf '{}'", d.display())),
     );
     let mut child = Command::new("bash")
         .arg("-c")
@@ -143,6 +161,32 @@ kill -KILL $c 2>/dev/null; wait $c; {cleanup}"#,
         pid.push(byte[0] as char);
     }
     pid.trim().parse().with_context(|| format!("watchdog of {} printed no pid ({pid:?})", bin.display()))
+}
+
+impl Proc {
+    /// Starts it (under its watchdog); itself with the new PID.
+    fn spawned(mut self) -> anyhow::Result<Proc> {
+        self.pid = spawn_watched(&self.bin, &self.args, &self.log, self.cleanup.as_deref())?;
+        Ok(self)
+    }
+}
+
+/// Waits until etcd (`p`) is healthy.
+fn wait_etcd(p: &Proc) -> anyhow::Result<()> {
+    let client = p
+        .args
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen-client-urls=http://"))
+        .context("etcd has no client URL")?
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_status(&client, "/health") != Some(200) {
+        if Instant::now() > deadline {
+            bail!("etcd was not healthy within 30 s; its log ends:\n{}", tail(&p.log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 pub(crate) fn tail(log: &Path) -> String {
@@ -227,10 +271,9 @@ impl Envtest {
         let (client_port, peer_port, api_port) =
             (crate::free_port()?, crate::free_port()?, crate::free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client_port}");
-        let etcd_log = dir.join("etcd.log");
-        let etcd_pid = spawn_watched(
-            etcd,
-            &[
+        let etcd = Proc {
+            bin: etcd.to_path_buf(),
+            args: vec![
                 format!("--data-dir={}", dir.join("etcd").display()),
                 format!("--listen-client-urls={etcd_url}"),
                 format!("--advertise-client-urls={etcd_url}"),
@@ -239,23 +282,18 @@ impl Envtest {
                 format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
                 "--log-level=warn".into(),
             ],
-            &etcd_log,
-            Some(&dir),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_status(&format!("127.0.0.1:{client_port}"), "/health") != Some(200) {
-            if Instant::now() > deadline {
-                bail!("etcd was not healthy within 30 s; its log ends:\n{}", tail(&etcd_log));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            log: dir.join("etcd.log"),
+            cleanup: Some(dir.clone()),
+            pid: 0,
         }
+        .spawned()?;
+        wait_etcd(&etcd)?;
 
         let url = format!("https://127.0.0.1:{api_port}");
-        let api_log = dir.join("kube-apiserver.log");
         let issuer = "https://kubernetes.default.svc.cluster.local";
-        let api_pid = spawn_watched(
-            apiserver,
-            &[
+        let api = Proc {
+            bin: apiserver.to_path_buf(),
+            args: vec![
                 format!("--etcd-servers={etcd_url}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
@@ -272,9 +310,12 @@ impl Envtest {
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 format!("--cert-dir={}", dir.join("certs").display()),
             ],
-            &api_log,
-            None,
-        )?;
+            log: dir.join("kube-apiserver.log"),
+            cleanup: None,
+            pid: 0,
+        }
+        .spawned()?;
+        let api_log = api.log.clone();
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         let env = Envtest {
             url,
@@ -282,7 +323,7 @@ impl Envtest {
             admin_kubeconfig,
             ca_pem: pki.ca_pem.clone(),
             ca: pki.ca,
-            pids: (etcd_pid, api_pid),
+            procs: std::sync::Mutex::new([etcd, api]),
         };
         env.write_kubeconfig(
             &env.admin_kubeconfig,
@@ -295,26 +336,63 @@ impl Envtest {
 
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
-            let client = env.admin_client().await?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                match client.request_text(req).await {
-                    Ok(t) if t == "ok" => break,
-                    _ if Instant::now() > deadline => {
-                        bail!("kube-apiserver was not ready within 60 s; its log ends:\n{}", tail(&api_log))
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-            env.install_crds(&client).await
+            env.wait_ready(&api_log, Duration::from_secs(60)).await?;
+            env.install_crds(&env.admin_client().await?).await
         })?;
         Ok(env)
     }
 
-    /// The PIDs of etcd and kube-apiserver (to stop or freeze one).
-    pub fn pids(&self) -> (u32, u32) {
-        self.pids
+    /// The PID of `c` now.
+    pub fn pid(&self, c: Component) -> u32 {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())[c as usize].pid
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to `c`.
+    pub fn signal(&self, c: Component, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid(c).to_string();
+        let ok = Command::new("kill").args([format!("-{signal}").as_str(), &pid]).status()?.success();
+        if !ok {
+            bail!("kill -{signal} {pid} ({c:?}) failed");
+        }
+        Ok(())
+    }
+
+    /// Kills `c` (SIGKILL, as a crash or an OOM kill) and starts it again with the same
+    /// flags, data and port; returns once it serves again (etcd healthy, the API server
+    /// ready).
+    pub async fn restart(&self, c: Component) -> anyhow::Result<()> {
+        let p = {
+            let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+            let old = procs[c as usize].pid;
+            let _ = Command::new("kill").args(["-KILL", &old.to_string()]).status();
+            // Gone before the new one binds the same ports.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{old}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            procs[c as usize] = procs[c as usize].clone().spawned()?;
+            procs[c as usize].clone()
+        };
+        match c {
+            Component::Etcd => tokio::task::spawn_blocking(move || wait_etcd(&p)).await?,
+            Component::ApiServer => self.wait_ready(&p.log, Duration::from_secs(60)).await,
+        }
+    }
+
+    /// Waits until the API server answers `/readyz` with `ok`.
+    async fn wait_ready(&self, log: &Path, within: Duration) -> anyhow::Result<()> {
+        let client = self.admin_client().await?;
+        let deadline = Instant::now() + within;
+        loop {
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            match client.request_text(req).await {
+                Ok(t) if t == "ok" => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!("kube-apiserver was not ready within {within:?}; its log ends:\n{}", tail(log))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// Writes a kubeconfig of user `cn` in group `group` (a client certificate of the API

@@ -305,9 +305,10 @@ async fn a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch() {
     let freed = e.call(|a, _| a.release("", "c3", "net1")).await.expect("engine");
     assert_eq!(freed.len(), 1);
     drop(e);
-    // A new leader takes over a third of the lease TTL (5 s by default) or more after the
-    // old one's last write (src/k8s/mirror.rs): the watch has brought those writes by then.
-    // Taking over at once, as this test could, would read the copy before they arrived.
+    // A new leader takes over a third of the lease TTL or more after the old one's last
+    // write (src/k8s/mirror.rs): the watch has brought those writes by then. Taking over at
+    // once, as this test could, would read the copy before they arrived; 5 s (the default
+    // TTL is 2 s) leaves room for a loaded machine.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let leader = |client: kube::Client, mirror| {
         let fence = Fence::new();
