@@ -1,6 +1,7 @@
 //! What the end-to-end tests and the load drivers share: the workspace's binaries as real
 //! processes (here), and in the modules the fixtures, namespaces, API servers and `deploy/`.
 
+pub mod cni_load;
 pub mod deploy;
 pub mod device_plugin;
 pub mod envtest;

@@ -7,19 +7,12 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rust_ipam_e2e::cni_load::{CLIENTS, Load, Outcome, longest_gap};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::fixtures::{lease_objects, status};
-use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin};
-use serde_json::json;
-
-const CLIENTS: usize = 10;
-
-/// One ADD: when it finished, its container ID, and the address or the CNI error.
-type Outcome = (Instant, String, Result<String, String>);
+use rust_ipam_e2e::{ServerOptions, ServerProcess};
 
 /// A replica with the shipped election defaults: no --lease-ttl or --renew-every.
 fn options(ns: &TestNamespace, identity: &str, log: PathBuf) -> ServerOptions {
@@ -44,77 +37,6 @@ async fn leader(replicas: &[&ServerProcess]) -> usize {
     }
 }
 
-/// Runs the plugin's ADD for one pod; the address or the plugin's error output.
-fn cni_add(servers: &[String], cid: &str) -> Result<String, String> {
-    // The plugin's own default budget (no timeout_ms): what a NAD gets unless it says more.
-    let conf = json!({"cniVersion": "1.0.0", "name": "failover", "type": "rust-ipam",
-        "ipam": {"type": "rust-ipam", "range": "198.18.0.0/16", "server": servers}});
-    let out = run_ipam_plugin("ADD", cid, &format!("K8S_POD_NAMESPACE=failover;K8S_POD_NAME={cid}"), &conf);
-    match (out.code, out.out["ips"][0]["address"].as_str()) {
-        (0, Some(a)) => Ok(a.split('/').next().unwrap_or(a).to_string()),
-        _ => Err(format!("{} {}", out.out, out.stderr)),
-    }
-}
-
-/// CNI clients adding pods until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(servers: Vec<String>, tag: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-        let seq = Arc::new(AtomicUsize::new(0));
-        let threads = (0..CLIENTS)
-            .map(|_| {
-                let (servers, stop, outcomes, seq) =
-                    (servers.clone(), stop.clone(), outcomes.clone(), seq.clone());
-                let tag = tag.to_string();
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        let cid = format!("{tag}-{}", seq.fetch_add(1, Ordering::Relaxed));
-                        let got = cni_add(&servers, &cid);
-                        outcomes.lock().expect("lock").push((Instant::now(), cid, got));
-                    }
-                })
-            })
-            .collect();
-        Load { stop, outcomes, threads }
-    }
-
-    fn answered_since(&self, t: Instant) -> usize {
-        self.outcomes.lock().expect("lock").iter().filter(|o| o.0 > t && o.2.is_ok()).count()
-    }
-
-    /// Stops the clients; every outcome, in the order they finished.
-    fn stop(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::SeqCst);
-        let Load { threads, outcomes, .. } = self;
-        for t in threads {
-            t.join().expect("client thread");
-        }
-        let mut v = Arc::try_unwrap(outcomes).expect("clients done").into_inner().expect("lock");
-        v.sort_by_key(|o| o.0);
-        v
-    }
-}
-
-/// The longest time without an answered ADD, from `from` to the last outcome.
-fn longest_gap(outcomes: &[Outcome], from: Instant) -> Duration {
-    let mut last = from;
-    let mut gap = Duration::ZERO;
-    for (t, _, r) in outcomes {
-        if *t > from && r.is_ok() {
-            gap = gap.max(*t - last);
-            last = *t;
-        }
-    }
-    gap
-}
-
 /// Runs the load across `event` (a leader loss), until the replica left has answered for
 /// two seconds; asserts no ADD failed; the outcomes and the longest gap after the event.
 async fn across(
@@ -122,20 +44,15 @@ async fn across(
     tag: &str,
     event: impl FnOnce() -> Instant,
 ) -> (Vec<Outcome>, Duration) {
-    let load = Load::start(servers, tag);
-    let warm = Instant::now();
-    while load.answered_since(warm) < 50 {
-        assert!(warm.elapsed() < Duration::from_secs(30), "no ADDs went through before the {tag}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let load = Load::start(servers, tag, false);
+    load.wait_answers(Instant::now(), 50, Duration::from_secs(30), &format!("before the {tag}")).await;
     // The event is timed from a moment an ADD had just been answered, so the gap measured
     // from it includes all of the outage.
     let at = tokio::task::block_in_place(event);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let after = load.answered_since(at + Duration::from_millis(100));
-        let first =
-            load.outcomes.lock().expect("lock").iter().filter(|o| o.0 > at && o.2.is_ok()).map(|o| o.0).min();
+        let first = load.first_answer_after(at);
         if after > 0 && first.is_some_and(|f| f.elapsed() > Duration::from_secs(2)) {
             break;
         }
@@ -143,7 +60,7 @@ async fn across(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let outcomes = load.stop();
-    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.2.is_err()).collect();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     assert!(
         failed.is_empty(),
         "{} of {} ADDs failed across the {tag}: {failed:?}",
@@ -202,11 +119,8 @@ async fn leader_kill_and_rolling_stop_fail_no_add() {
     let admin = ns.admin_client().await.expect("admin client");
     let stored: HashSet<(String, String)> =
         lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
-    let answered: Vec<(String, String)> = killed
-        .iter()
-        .chain(&stopped)
-        .map(|(_, cid, r)| (cid.clone(), r.clone().expect("answered")))
-        .collect();
+    let answered: Vec<(String, String)> =
+        killed.iter().chain(&stopped).map(|o| (o.cid.clone(), o.result.clone().expect("answered"))).collect();
     let distinct: HashSet<&String> = answered.iter().map(|(_, a)| a).collect();
     assert_eq!(distinct.len(), answered.len(), "an address was answered twice");
     for a in &answered {

@@ -1,0 +1,187 @@
+//! Faults of the real API server and of the leader, under ten CNI clients allocating and
+//! releasing (tests/src/cni_load.rs) through two `rust-ipam-server` replicas on the kube
+//! store with the shipped election defaults: the API server killed and restarted, etcd
+//! killed and restarted, the API server frozen (SIGSTOP) for longer than the leader Lease's
+//! TTL and resumed, the leader frozen for longer than the TTL and resumed (its late writes
+//! must be refused). Each fault ends with:
+//! - every failure the plugin saw a clean CNI error (exit 1, a code and a message);
+//! - no address told to two pods; every acknowledged, unreleased lease in the API server
+//!   and nothing else once the DELs the runtime would repeat are done;
+//! - ADDs answered again within [`BACK_WITHIN`] of the fault's end (printed).
+//!
+//! The faults break the API server for everyone, so the tests take turns.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rust_ipam_e2e::cni_load::{self, Load, Outcome, held, pending_dels};
+use rust_ipam_e2e::envtest::{self, Component, Envtest, SERVER_ACCOUNT, TestNamespace};
+use rust_ipam_e2e::fixtures::{lease_objects, status};
+use rust_ipam_e2e::{ServerOptions, ServerProcess};
+use tokio::sync::Mutex;
+
+/// One fault at a time.
+static TURN: Mutex<()> = Mutex::const_new(());
+
+/// How soon after a fault ends ADDs must be answered again.
+const BACK_WITHIN: Duration = Duration::from_secs(20);
+/// How long a freeze lasts: longer than the leader Lease's default TTL (2 s).
+const FREEZE: Duration = Duration::from_secs(6);
+
+fn options(ns: &TestNamespace, identity: &str, log: PathBuf) -> ServerOptions {
+    ServerOptions::kube_replica(identity, &ns.kubeconfig(SERVER_ACCOUNT), &ns.name, log, &[])
+}
+
+/// Two replicas in a fresh namespace; the leader first.
+async fn replicas(
+    env: &Envtest,
+    tag: &str,
+    dir: &std::path::Path,
+) -> (TestNamespace, ServerProcess, ServerProcess) {
+    let ns = env.namespace(tag).await.expect("namespace");
+    let start = |name: &str| {
+        let (ns, dir, name) = (ns.clone(), dir.to_path_buf(), name.to_string());
+        async move {
+            ServerProcess::start_with(&dir.join(&name), &options(&ns, &name, dir.join(format!("{name}.log"))))
+                .await
+                .expect("replica")
+        }
+    };
+    let a = start("replica-a").await;
+    let b = start("replica-b").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if status(&a.endpoint).await.is_some_and(|s| s.serving) {
+            return (ns, a, b);
+        }
+        if status(&b.endpoint).await.is_some_and(|s| s.serving) {
+            return (ns, b, a);
+        }
+        assert!(Instant::now() < deadline, "no replica served within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the load across `fault` (which returns when the fault is over), then checks what
+/// the module's doc says. Returns how long after the fault's end ADDs were answered again.
+async fn across<F>(ns: &TestNamespace, servers: Vec<String>, tag: &str, fault: F) -> Duration
+where
+    F: std::future::Future<Output = ()>,
+{
+    let load = Load::start(servers.clone(), tag, true);
+    load.wait_answers(Instant::now(), 30, Duration::from_secs(30), &format!("before the {tag}")).await;
+    let began = Instant::now();
+    fault.await;
+    let ended = Instant::now();
+    load.wait_answers(ended, 20, BACK_WITHIN + Duration::from_secs(10), &format!("after the {tag}")).await;
+    let back = load.first_answer_after(ended).expect("answered") - ended;
+    let outcomes = load.stop();
+
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    for f in &failures {
+        let e = f.result.as_ref().expect_err("a failure");
+        assert!(
+            e.is_clean_cni_error(),
+            "{tag}: {} {} did not fail with a clean CNI error: {e:?}",
+            f.command,
+            f.cid
+        );
+    }
+    let mut codes: BTreeMap<(&str, u64), usize> = BTreeMap::new();
+    for f in &failures {
+        let code = f.result.as_ref().err().and_then(|e| e.out["code"].as_u64()).unwrap_or_default();
+        *codes.entry((f.command, code)).or_default() += 1;
+    }
+    // The DELs a runtime would repeat, now that the fault is over.
+    for cid in pending_dels(&outcomes) {
+        cni_load::call("DEL", &servers, &cid)
+            .unwrap_or_else(|e| panic!("{tag}: DEL {cid} after the fault: {e:?}"));
+    }
+    let held = held(&outcomes);
+    let mut by_address: BTreeMap<&str, &str> = BTreeMap::new();
+    for (cid, a) in &held {
+        if let Some(other) = by_address.insert(a, cid) {
+            panic!("{tag}: {a} was told to {other} and to {cid}");
+        }
+    }
+    let admin = ns.admin_client().await.expect("admin client");
+    let stored: BTreeMap<String, String> =
+        lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
+    assert_eq!(stored, held, "{tag}: the API server holds exactly what the pods were told they hold");
+    let adds = outcomes.iter().filter(|o| o.command == "ADD").count();
+    println!(
+        "{tag}: {adds} ADDs, {} calls failed (by command and CNI code: {codes:?}), {} leases held, fault {:?}, answered again {back:?} after it",
+        failures.len(),
+        held.len(),
+        ended - began
+    );
+    assert!(
+        back <= BACK_WITHIN,
+        "{tag}: ADDs answered again {back:?} after the fault (at most {BACK_WITHIN:?})"
+    );
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_restarted() {
+    let Some(env) = envtest::shared("api_server_restarted") else { return };
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, a, b) = replicas(env, "apirestart", dir.path()).await;
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server restart", async {
+        env.restart(Component::ApiServer).await.expect("API server back");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted() {
+    let Some(env) = envtest::shared("etcd_restarted") else { return };
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, a, b) = replicas(env, "etcdrestart", dir.path()).await;
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "etcd restart", async {
+        env.restart(Component::Etcd).await.expect("etcd back");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_frozen_longer_than_the_lease() {
+    let Some(env) = envtest::shared("api_server_frozen_longer_than_the_lease") else { return };
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, a, b) = replicas(env, "apifreeze", dir.path()).await;
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server freeze", async {
+        env.signal(Component::ApiServer, "STOP").expect("SIGSTOP");
+        tokio::time::sleep(FREEZE).await;
+        env.signal(Component::ApiServer, "CONT").expect("SIGCONT");
+    })
+    .await;
+}
+
+/// The leader frozen past its Lease: the follower takes over; when the old leader wakes,
+/// what it still had to write is refused (its Lease is gone, its preconditions stale), it
+/// follows, and no address is held twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_frozen_longer_than_its_lease() {
+    let Some(env) = envtest::shared("leader_frozen_longer_than_its_lease") else { return };
+    let _turn = TURN.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, leader, follower) = replicas(env, "leaderfreeze", dir.path()).await;
+    let pid = leader.pid().to_string();
+    let servers = vec![leader.endpoint.clone(), follower.endpoint.clone()];
+    across(&ns, servers, "leader freeze", async {
+        assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+        tokio::time::sleep(FREEZE).await;
+        assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
+    })
+    .await;
+    assert!(status(&follower.endpoint).await.is_some_and(|s| s.serving), "the follower leads");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&leader.endpoint).await.is_some_and(|s| s.serving) {
+        assert!(Instant::now() < deadline, "the woken leader still serves beside the new one");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
