@@ -50,6 +50,33 @@ pub const NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";
 /// The annotation rust-multus writes.
 pub const NETWORK_STATUS: &str = "k8s.v1.cni.cncf.io/network-status";
 
+/// Creates NAD `name` in `ns` with `annotations` and `config` (its `spec.config`, `name`
+/// set to the NAD's).
+pub async fn create_nad(
+    ns: &TestNamespace,
+    name: &str,
+    annotations: Value,
+    mut config: Value,
+) -> anyhow::Result<()> {
+    config["name"] = json!(name);
+    let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "annotations": annotations}, "spec": {"config": config.to_string()}});
+    envtest::create(&ns.admin_client().await?, Some(&ns.name), nad).await?;
+    Ok(())
+}
+
+/// Creates NAD `name` in `ns`: `rust-macvlan` (bridge mode) on host link `master` with
+/// `ipam`; CNI 1.1.0, so the runtime's GC reaches it.
+pub async fn macvlan_nad(ns: &TestNamespace, name: &str, master: &str, ipam: Value) -> anyhow::Result<()> {
+    let config = json!({"cniVersion": "1.1.0", "type": "rust-macvlan", "master": master, "mode": "bridge", "ipam": ipam});
+    create_nad(ns, name, json!({}), config).await
+}
+
+/// `rust-ipam` giving addresses of `range` from the server at `server`.
+pub fn rust_ipam(range: &str, server: &str) -> Value {
+    json!({"type": "rust-ipam", "range": range, "server": server})
+}
+
 /// Host link `i` (0..[`MASTERS`]) that NADs use as `master`: one end of a veth pair whose
 /// other end stays on this host, so nothing the pods send leaves the machine.
 pub fn master(i: usize) -> String {

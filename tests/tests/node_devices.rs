@@ -59,13 +59,10 @@ struct Rail<'a> {
 
 async fn rail_nad(ns: &TestNamespace, rail: Rail<'_>) {
     let Rail { name, resource, plugin, master, range, server, caps } = rail;
-    let config = json!({"cniVersion": "1.0.0", "name": name, "type": plugin, "master": master, "mode": "bridge",
-        "capabilities": caps, "ipam": {"type": "rust-ipam", "range": range, "server": server}});
-    let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name, "annotations": {"k8s.v1.cni.cncf.io/resourceName": resource}},
-        "spec": {"config": config.to_string()}});
-    let admin = ns.admin_client().await.expect("admin client");
-    envtest::create(&admin, Some(&ns.name), nad).await.expect("NAD");
+    let config = json!({"cniVersion": "1.0.0", "type": plugin, "master": master, "mode": "bridge",
+        "capabilities": caps, "ipam": node::rust_ipam(range, server)});
+    let annotations = json!({"k8s.v1.cni.cncf.io/resourceName": resource});
+    node::create_nad(ns, name, annotations, config).await.expect("NAD");
 }
 
 /// Waits until the kubelet reports `count` of every rail resource as allocatable.

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use rust_ipam_e2e::envtest::{self, TestNamespace};
+use rust_ipam_e2e::envtest;
 use rust_ipam_e2e::fixtures::leases;
 use rust_ipam_e2e::node::{self, Node, PodCheck};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
@@ -19,17 +19,6 @@ use tokio::sync::Mutex;
 
 /// One test at a time on the node.
 static NODE_TURN: Mutex<()> = Mutex::const_new(());
-
-/// A NAD `name` in `ns`: `rust-macvlan` on host link `master`, `rust-ipam` giving
-/// addresses of `range` from `server`; CNI 1.1.0, so GC reaches it.
-async fn macvlan_nad(ns: &TestNamespace, name: &str, master: &str, range: &str, server: &str) {
-    let config = json!({"cniVersion": "1.1.0", "name": name, "type": "rust-macvlan", "master": master,
-        "mode": "bridge", "ipam": {"type": "rust-ipam", "range": range, "server": server}});
-    let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name}, "spec": {"config": config.to_string()}});
-    let admin = ns.admin_client().await.expect("admin client");
-    envtest::create(&admin, Some(&ns.name), nad).await.expect("NAD");
-}
 
 /// The leases `server` holds as (sandbox, address), sorted.
 async fn held(server: &str) -> Vec<(String, String)> {
@@ -119,7 +108,9 @@ async fn kubelet_and_containerd_restarts_change_nothing() {
     let ns = node.envtest.namespace("restarts").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(2), "10.58.0.0/24", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(2), node::rust_ipam("10.58.0.0/24", &server.endpoint))
+        .await
+        .expect("NAD");
     let admin = ns.admin_client().await.expect("admin client");
     let network = format!("{}/backend", ns.name);
     let run = node
@@ -163,7 +154,9 @@ async fn node_stopped_and_started_recreates_sandboxes_and_frees_the_old() {
     let ns = node.envtest.namespace("reboot").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(3), "10.59.0.0/24", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(3), node::rust_ipam("10.59.0.0/24", &server.endpoint))
+        .await
+        .expect("NAD");
     let admin = ns.admin_client().await.expect("admin client");
     let network = format!("{}/backend", ns.name);
     let run = node
@@ -195,7 +188,9 @@ async fn pods_wait_for_an_absent_server_and_start_when_it_returns() {
         ..ServerOptions::default()
     };
     let mut server = ServerProcess::start_with(data.path(), &opts).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(4), "10.60.0.0/24", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(4), node::rust_ipam("10.60.0.0/24", &server.endpoint))
+        .await
+        .expect("NAD");
     server.kill_hard().expect("server stopped");
 
     let admin = ns.admin_client().await.expect("admin client");
@@ -251,7 +246,9 @@ async fn runtime_gc_frees_what_a_forgotten_sandbox_held() {
     let ns = node.envtest.namespace("forgot").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(5), "10.61.0.0/24", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(5), node::rust_ipam("10.61.0.0/24", &server.endpoint))
+        .await
+        .expect("NAD");
     let admin = ns.admin_client().await.expect("admin client");
     let network = format!("{}/backend", ns.name);
     let run = node

@@ -9,22 +9,9 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 use rust_ipam_e2e::ServerProcess;
-use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::fixtures::leases;
 use rust_ipam_e2e::node::{self, CLUSTER_SUBNET, Node, PodCheck};
 use rust_ipam_proto::v1 as pb;
-use serde_json::json;
-
-/// Creates a NAD `name` in `ns`: `rust-macvlan` (bridge mode) on host link `master` with
-/// `rust-ipam` giving addresses of `range` from `server`.
-async fn macvlan_nad(ns: &TestNamespace, name: &str, master: &str, range: &str, server: &str) {
-    let config = json!({"cniVersion": "1.0.0", "name": name, "type": "rust-macvlan", "master": master,
-        "mode": "bridge", "ipam": {"type": "rust-ipam", "range": range, "server": server}});
-    let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name}, "spec": {"config": config.to_string()}});
-    let admin = ns.admin_client().await.expect("admin client");
-    envtest::create(&admin, Some(&ns.name), nad).await.expect("NAD");
-}
 
 /// Pings `to` from inside `from`'s sandbox.
 fn ping(from: &PodCheck, to: &str) -> bool {
@@ -51,7 +38,9 @@ async fn seeds_pod_gets_cluster_eth0_and_backend_net1() {
     let ns = node.envtest.namespace("seeds").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(0), "10.56.0.0/16", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(0), node::rust_ipam("10.56.0.0/16", &server.endpoint))
+        .await
+        .expect("NAD");
 
     let admin = ns.admin_client().await.expect("admin client");
     let run = node
@@ -119,7 +108,14 @@ async fn eight_rail_pods_get_one_address_per_rail() {
     let server = ServerProcess::start(data.path()).await.expect("server");
     let range = |r: usize| format!("10.{}.0.0/24", 80 + r);
     for r in 0..node::MASTERS {
-        macvlan_nad(&ns, &format!("rail{r}"), &node::master(r), &range(r), &server.endpoint).await;
+        node::macvlan_nad(
+            &ns,
+            &format!("rail{r}"),
+            &node::master(r),
+            node::rust_ipam(&range(r), &server.endpoint),
+        )
+        .await
+        .expect("NAD");
     }
     let networks: Vec<String> = (0..node::MASTERS).map(|r| format!("rail{r}")).collect();
 
@@ -162,7 +158,9 @@ async fn deleted_pod_frees_its_lease_and_comes_back_fresh() {
     let ns = node.envtest.namespace("churn").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");
-    macvlan_nad(&ns, "backend", &node::master(1), "10.57.0.0/24", &server.endpoint).await;
+    node::macvlan_nad(&ns, "backend", &node::master(1), node::rust_ipam("10.57.0.0/24", &server.endpoint))
+        .await
+        .expect("NAD");
     let admin = ns.admin_client().await.expect("admin client");
     let first = node
         .run_pods(&admin, &ns.name, "web", 1, Some("backend"), Duration::from_secs(60))

@@ -53,7 +53,6 @@ impl Ipam {
 
 /// Creates the NADs `nad0..` in `ns`, each on its own host link and range.
 async fn nads(ns: &TestNamespace, count: usize, ipam: Value) -> anyhow::Result<()> {
-    let admin = ns.admin_client().await?;
     for i in 0..count {
         let mut ipam = ipam.clone();
         let range = format!("10.{}.0.0/16", 100 + i);
@@ -63,11 +62,7 @@ async fn nads(ns: &TestNamespace, count: usize, ipam: Value) -> anyhow::Result<(
         } else {
             ipam["range"] = json!(range);
         }
-        let config = json!({"cniVersion": "1.0.0", "name": format!("nad{i}"), "type": "rust-macvlan",
-            "master": node::master(i), "mode": "bridge", "ipam": ipam});
-        let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": format!("nad{i}")}, "spec": {"config": config.to_string()}});
-        envtest::create(&admin, Some(&ns.name), nad).await?;
+        node::macvlan_nad(ns, &format!("nad{i}"), &node::master(i), ipam).await?;
     }
     Ok(())
 }
