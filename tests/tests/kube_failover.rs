@@ -100,8 +100,16 @@ async fn the_follower_takes_over_and_nothing_acknowledged_is_lost() {
     let leader_ep = replicas[leader].as_ref().expect("leader").endpoint.clone();
     let follower_ep = replicas[follower].as_ref().expect("follower").endpoint.clone();
 
-    // The follower refers clients to the leader and says it does not serve.
-    let st = status(&follower_ep).await.expect("follower status");
+    // The follower refers clients to the leader and says it does not serve. It learns who
+    // leads at its next look at the Lease, which may come after the leader serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let st = loop {
+        let st = status(&follower_ep).await.expect("follower status");
+        if !st.leader.is_empty() || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(!st.serving);
     assert_eq!(st.leader, if leader == 0 { "replica-a" } else { "replica-b" });
     let ch = connect(&follower_ep, Duration::from_secs(2)).await.expect("connect");
