@@ -50,6 +50,9 @@ pub struct MultusConf {
     pub objects_dir: Option<PathBuf>,
     /// GC: `cni.dev/valid-attachments`, as (container ID, ifname).
     pub valid_attachments: Vec<(String, String)>,
+    /// Pods and NADs from a source the caller already holds (the thick daemon's watch
+    /// cache), in place of `kubeconfig` and `objectsDir`; never read from the config.
+    pub objects: Option<super::source::SharedSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +178,7 @@ impl MultusConf {
             log_file: path(raw.log_file),
             objects_dir,
             valid_attachments,
+            objects: None,
         })
     }
 

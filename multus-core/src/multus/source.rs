@@ -55,7 +55,45 @@ pub trait ObjectSource: std::fmt::Debug {
     ) -> Result<(), SourceError>;
 }
 
-fn pod_info(obj: &Value) -> PodInfo {
+/// A source shared by many calls, handed to the plugin in place of the one its config
+/// names (`kubeconfig`, `objectsDir`): the thick daemon's watch cache
+/// ([`super::watch::WatchCache`]) reaches every verb this way. Equal only to itself.
+#[derive(Clone)]
+pub struct SharedSource(pub std::sync::Arc<dyn ObjectSource + Send + Sync>);
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SharedSource").field(&self.0).finish()
+    }
+}
+
+impl PartialEq for SharedSource {
+    fn eq(&self, other: &SharedSource) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl ObjectSource for SharedSource {
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
+        self.0.pod(namespace, name)
+    }
+
+    fn nad(&self, namespace: &str, name: &str) -> Result<Option<NadInfo>, SourceError> {
+        self.0.nad(namespace, name)
+    }
+
+    fn annotate_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), SourceError> {
+        self.0.annotate_pod(namespace, name, key, value)
+    }
+}
+
+pub(super) fn pod_info(obj: &Value) -> PodInfo {
     let meta = &obj["metadata"];
     let annotations = meta["annotations"]
         .as_object()
@@ -64,7 +102,7 @@ fn pod_info(obj: &Value) -> PodInfo {
     PodInfo { uid: meta["uid"].as_str().unwrap_or_default().to_string(), annotations }
 }
 
-fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
+pub(super) fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
     match &obj["spec"]["config"] {
         Value::Null => Ok(NadInfo { config: String::new() }),
         Value::String(s) => Ok(NadInfo { config: s.clone() }),
