@@ -21,11 +21,14 @@
 pub mod annotation;
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod delegate;
 pub mod plugin;
 pub mod resolve;
 pub mod route;
 pub mod source;
 pub mod status;
+pub mod thick;
+pub mod watch;
 
 pub use plugin::MultusPlugin;
