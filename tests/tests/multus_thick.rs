@@ -305,7 +305,7 @@ async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
     assert_eq!(status[0]["ips"], json!([eth0]));
     assert_eq!(
         addresses(pod_ns.name(0), "eth0").iter().map(|a| strip(a)).collect::<Vec<_>>(),
-        [eth0.clone()]
+        vec![eth0.clone()]
     );
     let mut held = Vec::new();
     for r in 0..8 {
@@ -316,7 +316,7 @@ async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
         assert!(want.starts_with(&format!("198.19.{}.", 10 + r)), "{e}");
         let got: Vec<String> =
             addresses(pod_ns.name(0), &format!("net{}", r + 1)).iter().map(|a| strip(a)).collect();
-        assert_eq!(got, [want.clone()], "net{}", r + 1);
+        assert_eq!(got, vec![want.clone()], "net{}", r + 1);
         held.push(want);
     }
     let mut leased: Vec<String> = fixtures::leases(&server.endpoint, pb::ListLeasesRequest::default())
@@ -327,7 +327,7 @@ async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
     leased.sort();
     held.sort();
     assert_eq!(leased, held, "the server holds the pod's eight addresses");
-    assert_eq!(node.host_local_leases(), [eth0.clone()]);
+    assert_eq!(node.host_local_leases(), vec![eth0.clone()]);
 
     let out = tokio::task::block_in_place(|| node.shim("CHECK", "gpu", &pod_ns.path(0)));
     assert_eq!(out.code, 0, "CHECK: {}", out.out);

@@ -220,6 +220,12 @@ impl Daemon {
         self.metrics.in_flight.dec();
         drop(permit);
         let result = if out.success { "ok" } else { "error" };
+        let container = req.env.get("CNI_CONTAINERID").map_or("", String::as_str);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match (&out.stdout, out.success) {
+            (Some(answer), false) => tracing::warn!(verb, container, ms, %answer, "call failed"),
+            _ => tracing::debug!(verb, container, ms, "call answered"),
+        }
         self.count(verb, result, started, out)
     }
 
