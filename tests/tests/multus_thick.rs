@@ -540,3 +540,60 @@ impl Shim {
         run_cni(&mut Command::new(shim), &env, &self.conf.to_string())
     }
 }
+
+/// SIGTERM with two ADDs in flight: the daemon removes its socket at once, finishes both
+/// (each ADD runs once: nothing undone, nothing sent again) and exits; a new daemon binds
+/// the socket meanwhile and answers the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_calls_in_flight() {
+    let test = "sigterm_drains_the_calls_in_flight";
+    let Some(env) = needs(test) else { return };
+    let mut node = Thick::new(env, "tkt", 0).await;
+    node.nad("slow", json!({"cniVersion": "1.0.0", "name": "slow", "type": "slow-net"})).await;
+    std::fs::write(node.path("bin/SLOW_SECONDS"), "1.5").expect("write");
+    for i in 0..3 {
+        node.pod(&format!("p{i}"), "slow").await;
+    }
+    node.start();
+    node.wait_cached_pods(3.0);
+    let pods = Netns::new(&["tkt-0", "tkt-1", "tkt-2"]);
+    let shim = std::sync::Arc::new(Shim { ns: node.ns.name.clone(), conf: node.shim_conf() });
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let (s, netns) = (shim.clone(), pods.path(i));
+            std::thread::spawn(move || s.call("ADD", &format!("p{i}"), &netns))
+        })
+        .collect();
+    let bin = node.path("bin");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow_adds_started(&bin) < 2 {
+        assert!(Instant::now() < deadline, "the ADDs never reached slow-net");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut old = node.daemon.take().expect("daemon");
+    let status = Command::new("kill").args(["-TERM", &old.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while node.socket.exists() {
+        assert!(Instant::now() < deadline, "the socket is still there after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(old.try_wait().expect("wait"), None, "the daemon exited with calls in flight");
+    // The old daemon still holds its metrics port while it drains.
+    node.metrics = free_port().expect("port");
+    node.start();
+    for c in calls {
+        let out = c.join().expect("thread");
+        assert_eq!(out.code, 0, "ADD during the drain: {} {}", out.out, out.stderr);
+    }
+    assert!(old.wait().expect("wait").success(), "the old daemon exits cleanly");
+    let log = std::fs::read_to_string(bin.join("slow.log")).expect("log");
+    assert_eq!(log.lines().filter(|l| l.starts_with("start ")).count(), 2, "each ADD ran once:\n{log}");
+    let out = shim.call("ADD", "p2", &pods.path(2));
+    assert_eq!(out.code, 0, "ADD on the new daemon: {}", out.out);
+    for i in 0..3 {
+        let out = shim.call("DEL", &format!("p{i}"), &pods.path(i));
+        assert_eq!(out.code, 0, "{}", out.out);
+    }
+    assert!(node.host_local_leases().is_empty());
+}
