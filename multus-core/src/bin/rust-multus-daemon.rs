@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use multus_core::link::{Kind, LinkPlugin};
 use multus_core::multus::daemon::{self, Daemon, Settings};
 use multus_core::multus::thick::DEFAULT_SOCKET;
 use multus_core::multus::watch::WatchCache;
@@ -38,6 +39,10 @@ struct Args {
     /// After SIGTERM, how long calls in flight may take to finish.
     #[arg(long, env = "RUST_MULTUS_SHUTDOWN_GRACE", default_value = "25s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Start `rust-macvlan` and `rust-ipvlan` as processes, as the runtime would, instead of
+    /// answering them inside the daemon (the default: no process per network).
+    #[arg(long, env = "RUST_MULTUS_EXEC_LINK_DELEGATES")]
+    exec_link_delegates: bool,
     /// HTTP address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "RUST_MULTUS_METRICS_LISTEN", default_value = "127.0.0.1:9159")]
     metrics_listen: SocketAddr,
@@ -77,7 +82,20 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// `rust-macvlan` answered inside the daemon: the binary's own code.
+fn macvlan(env: &cni::Env, stdin: &[u8]) -> cni::Output {
+    cni::Output::of(cni::run(&LinkPlugin(Kind::Macvlan), env, stdin))
+}
+
+/// `rust-ipvlan` answered inside the daemon.
+fn ipvlan(env: &cni::Env, stdin: &[u8]) -> cni::Output {
+    cni::Output::of(cni::run(&LinkPlugin(Kind::Ipvlan), env, stdin))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.exec_link_delegates {
+        multus_core::exec::answer_in_process(vec![("rust-macvlan", macvlan), ("rust-ipvlan", ipvlan)]);
+    }
     let base_config = match &args.config {
         None => None,
         Some(p) => {
@@ -102,7 +120,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the socket {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), node = %args.node_name, max_calls = args.max_calls,
-        metrics = %args.metrics_listen, "serving CNI calls");
+        metrics = %args.metrics_listen, exec_link_delegates = args.exec_link_delegates, "serving CNI calls");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
