@@ -36,7 +36,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     target="$(uname -m)-unknown-linux-musl" \
  && cargo build --release --locked --target "$target" --workspace --bins \
       --exclude ipam-server --exclude rust-ipam-benches --exclude rust-ipam-e2e \
- && for b in rust-ipam rust-multus rust-macvlan rust-ipvlan; do \
+ && for b in rust-ipam rust-multus rust-multus-shim rust-multus-daemon rust-macvlan rust-ipvlan; do \
       install -D -m 0755 "target/$target/release/$b" "/out/cni/$b" || exit 1; \
     done
 

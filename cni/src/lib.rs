@@ -14,7 +14,7 @@ mod version;
 
 pub use env::{CniArgs, Env, split_path};
 pub use error::{CniError, ErrorCode, ErrorList, Failure};
-pub use plugin::{NetworkConfig, Plugin, config_object, main, run};
+pub use plugin::{NetworkConfig, Output, Plugin, config_object, main, read_invocation, run};
 pub use result::{
     CniResult, Dns, Interface, IpConfig, IpResult, ResultRoute, Route, check_ipam_extras, ipam_result,
     parse_cidr,

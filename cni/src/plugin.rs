@@ -82,33 +82,57 @@ pub fn run<P: Plugin>(plugin: &P, env: &Env, stdin: &[u8]) -> Result<Option<Valu
     .map_err(fail)
 }
 
+/// What a plugin binary prints and how it exits: a process that answers for a plugin
+/// (a daemon behind a shim) hands this back so the shim prints the very same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The JSON printed on stdout (a result, VERSION's answer or an error); `None` prints
+    /// nothing.
+    pub stdout: Option<Value>,
+    /// Whether the exit status is success (0) or failure (1).
+    pub success: bool,
+}
+
+impl Output {
+    /// The output of a command's answer, as [`run`] gives it.
+    pub fn of(answer: Result<Option<Value>, Failure>) -> Output {
+        match answer {
+            Ok(stdout) => Output { stdout, success: true },
+            Err(f) => Output { stdout: Some(f.error.to_json(&f.version)), success: false },
+        }
+    }
+
+    /// The output of `error`, reported in `version`.
+    pub fn error(error: &CniError, version: &str) -> Output {
+        Output { stdout: Some(error.to_json(version)), success: false }
+    }
+
+    /// Prints stdout (a line of JSON) and gives the exit status.
+    pub fn print(&self) -> ExitCode {
+        if let Some(v) = &self.stdout {
+            let mut out = std::io::stdout().lock();
+            // Nothing is left to tell the caller if stdout itself is gone.
+            let _ = serde_json::to_writer(&mut out, v);
+            let _ = out.write_all(b"\n");
+        }
+        if self.success { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    }
+}
+
+/// The environment and stdin of this process, as a plugin binary gets them.
+pub fn read_invocation() -> Result<(Env, Vec<u8>), Failure> {
+    let env = Env::from_env(|k| std::env::var(k).ok()).map_err(Failure::latest)?;
+    let mut stdin = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut stdin)
+        .map_err(|e| Failure::latest(CniError::new(ErrorCode::IO_FAILURE, format!("reading stdin: {e}"))))?;
+    Ok((env, stdin))
+}
+
 /// A plugin binary's whole `main`: the process environment and stdin in, the answer on
 /// stdout, failure as the exit status.
 pub fn main<P: Plugin>(plugin: P) -> ExitCode {
-    let print = |v: &Value| {
-        let mut out = std::io::stdout().lock();
-        // Nothing is left to tell the caller if stdout itself is gone.
-        let _ = serde_json::to_writer(&mut out, v);
-        let _ = out.write_all(b"\n");
-    };
-    let answer = Env::from_env(|k| std::env::var(k).ok()).map_err(Failure::latest).and_then(|env| {
-        let mut stdin = Vec::new();
-        std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
-            Failure::latest(CniError::new(ErrorCode::IO_FAILURE, format!("reading stdin: {e}")))
-        })?;
-        run(&plugin, &env, &stdin)
-    });
-    match answer {
-        Ok(Some(v)) => {
-            print(&v);
-            ExitCode::SUCCESS
-        }
-        Ok(None) => ExitCode::SUCCESS,
-        Err(f) => {
-            print(&f.error.to_json(&f.version));
-            ExitCode::FAILURE
-        }
-    }
+    Output::of(read_invocation().and_then(|(env, stdin)| run(&plugin, &env, &stdin))).print()
 }
 
 #[cfg(test)]

@@ -61,12 +61,54 @@ pub fn find(kind: &str, path: &[PathBuf]) -> Result<PathBuf, CniError> {
     })
 }
 
+/// A plugin answered by a function of this process instead of a binary: what the binary
+/// would print and its exit status, from the call's environment and stdin.
+pub type InProcess = fn(&Env, &[u8]) -> cni::Output;
+
+static IN_PROCESS: std::sync::OnceLock<Vec<(&'static str, InProcess)>> = std::sync::OnceLock::new();
+
+/// Makes [`run`] answer these plugin types in this process, for the rest of its life,
+/// instead of starting their binaries: the thick daemon does this for our own link
+/// delegates, saving a process per network. Only the first call counts (false after).
+pub fn answer_in_process(plugins: Vec<(&'static str, InProcess)>) -> bool {
+    IN_PROCESS.set(plugins).is_ok()
+}
+
 /// Runs plugin `kind` with `config` on stdin. Returns its result: the parsed JSON of its
 /// stdout, or `Value::Null` when a successful DEL, CHECK, GC or STATUS printed nothing.
 /// A plugin's own error JSON comes back as that `CniError`, code and all.
 pub fn run(kind: &str, call: &Call<'_>, config: &[u8]) -> Result<Value, CniError> {
+    if let Some(f) = IN_PROCESS.get().and_then(|p| p.iter().find(|(k, _)| *k == kind)).map(|(_, f)| *f) {
+        return run_in_process(kind, f, call, config);
+    }
     let binary = find(kind, call.path)?;
     run_binary(&binary, call, config)
+}
+
+/// As [`run_binary`], for a plugin answered by `f` in this process; a panic in it is an
+/// error of the call, not of the process.
+fn run_in_process(kind: &str, f: InProcess, call: &Call<'_>, config: &[u8]) -> Result<Value, CniError> {
+    let failed = |what: String| CniError::new(ErrorCode::PLUGIN_FAILED, what);
+    let env = Env {
+        command: call.command,
+        container_id: call.container_id.to_string(),
+        netns: call.netns.to_string(),
+        ifname: call.ifname.to_string(),
+        args: call.args.to_string(),
+        path: call.path.to_vec(),
+    };
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&env, config)))
+        .map_err(|_| failed(format!("{kind} {} panicked (in process)", call.command.name())))?;
+    match (out.success, out.stdout) {
+        (true, Some(v)) => Ok(v),
+        (true, None) if matches!(call.command, Command::Add | Command::Version) => {
+            Err(failed(format!("{kind} {} succeeded but gave no result", call.command.name())))
+        }
+        (true, None) => Ok(Value::Null),
+        (false, v) => Err(v.as_ref().and_then(CniError::from_json).unwrap_or_else(|| {
+            failed(format!("{kind} {} failed (in process) without an error", call.command.name()))
+        })),
+    }
 }
 
 /// As [`run`], for a binary already found.
@@ -132,6 +174,52 @@ mod tests {
 
     fn call(command: Command, path: &[PathBuf]) -> Call<'_> {
         Call { command, container_id: "cid", netns: "/proc/1/ns/net", ifname: "net1", args: "A=1", path }
+    }
+
+    /// Plugins answered in this process read like binaries: a result, a quiet DEL, a
+    /// missing ADD result, the plugin's own error, and a panic as error 110.
+    #[test]
+    fn in_process_plugins_answer_as_binaries_do() {
+        fn echo(env: &Env, stdin: &[u8]) -> cni::Output {
+            let v: Value = serde_json::from_slice(stdin).unwrap_or_default();
+            match env.command {
+                Command::Add if v["quiet"] == true => cni::Output { stdout: None, success: true },
+                Command::Add => cni::Output {
+                    stdout: Some(json!({"ifname": env.ifname, "args": env.args})),
+                    success: true,
+                },
+                Command::Check => cni::Output::error(&CniError::new(ErrorCode(121), "differs"), "1.0.0"),
+                _ => cni::Output { stdout: None, success: true },
+            }
+        }
+        fn boom(_: &Env, _: &[u8]) -> cni::Output {
+            panic!("boom")
+        }
+        assert!(answer_in_process(vec![("inproc-echo", echo), ("inproc-boom", boom)]));
+        assert!(!answer_in_process(Vec::new()), "only the first call counts");
+        let path = [PathBuf::from("/nonexistent")];
+        assert_eq!(
+            run("inproc-echo", &call(Command::Add, &path), b"{}"),
+            Ok(json!({"ifname": "net1", "args": "A=1"}))
+        );
+        assert_eq!(run("inproc-echo", &call(Command::Del, &path), b"{}"), Ok(Value::Null));
+        assert_eq!(
+            run("inproc-echo", &call(Command::Add, &path), br#"{"quiet":true}"#),
+            Err(CniError::new(ErrorCode::PLUGIN_FAILED, "inproc-echo ADD succeeded but gave no result"))
+        );
+        assert_eq!(
+            run("inproc-echo", &call(Command::Check, &path), b"{}"),
+            Err(CniError::new(ErrorCode(121), "differs"))
+        );
+        assert_eq!(
+            run("inproc-boom", &call(Command::Add, &path), b"{}"),
+            Err(CniError::new(ErrorCode::PLUGIN_FAILED, "inproc-boom ADD panicked (in process)"))
+        );
+        // Other types still need their binary.
+        assert_eq!(
+            run("inproc-other", &call(Command::Add, &path), b"{}").expect_err("no binary").code,
+            ErrorCode::INVALID_CONFIG
+        );
     }
 
     #[test]

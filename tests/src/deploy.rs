@@ -14,6 +14,8 @@ pub const NAMESPACE: &str = "rust-ipam";
 /// The production overlay: mutual TLS on the gRPC port, Admin on a unix socket and a TLS
 /// port of its own CA, the CronJob calling it there.
 pub const MTLS_OVERLAY: &str = "deploy/overlays/mtls";
+/// rust-multus in thick mode: the base plus the per-node daemon, its config and RBAC.
+pub const THICK_OVERLAY: &str = "deploy/overlays/thick";
 /// `kubectl` (for kustomize) and how to ask it whether it runs.
 pub const KUBECTL: (&str, &[&str]) = ("kubectl", &["version", "--client"]);
 

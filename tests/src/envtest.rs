@@ -474,9 +474,9 @@ impl Envtest {
         Ok(())
     }
 
-    /// A fresh namespace `<prefix>-<n>` holding what `deploy/base/rbac.yaml` puts in
-    /// `rust-ipam` (its ServiceAccounts, Role and bindings, the ClusterRoleBindings renamed
-    /// per namespace) and a `default` ServiceAccount (pods need one; there is no controller
+    /// A fresh namespace `<prefix>-<n>` holding what `deploy/base/rbac.yaml` and
+    /// `deploy/overlays/thick/rbac.yaml` put in `rust-ipam` (ServiceAccounts, Role and
+    /// bindings, the ClusterRoleBindings renamed per namespace) and a `default` ServiceAccount (pods need one; there is no controller
     /// to make it), with kubeconfigs for its accounts.
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -490,8 +490,14 @@ impl Envtest {
             json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}),
         )
         .await?;
-        let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/rbac.yaml");
-        for mut obj in yaml_objects(&rbac)? {
+        // The base's accounts and rights, and what thick mode adds to the node account.
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let files = [repo.join("deploy/base/rbac.yaml"), repo.join("deploy/overlays/thick/rbac.yaml")];
+        let objects = files
+            .iter()
+            .map(|f| yaml_objects(f).map(|objs| objs.into_iter().map(move |o| (f, o))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (rbac, mut obj) in objects.into_iter().flatten() {
             if obj["metadata"]["namespace"].is_string() {
                 obj["metadata"]["namespace"] = json!(name);
             }

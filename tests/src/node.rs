@@ -139,7 +139,14 @@ pub struct Node {
     programs: Programs,
     containerd: Mutex<Child>,
     kubelet: Mutex<Child>,
+    /// `rust-multus-daemon` while the node is in thick mode ([`Node::set_thick`]).
+    daemon: Mutex<Option<Child>>,
+    /// The daemon's `/metrics` and probes port (loopback).
+    pub daemon_metrics: u16,
 }
+
+/// The node's CNI config file: rust-multus (thin) or rust-multus-shim (thick).
+const MULTUS_CONF: &str = "00-rust-multus.conf";
 
 impl Node {
     /// The node of this test binary, started on first use. Prints SKIP with the reason and
@@ -180,7 +187,7 @@ impl Node {
 
         // The plugins: ours (the workspace's build) and the reference plugins containerd
         // and the cluster network need, by symbolic link.
-        for name in ["rust-multus", "rust-ipam", "rust-macvlan", "rust-ipvlan"] {
+        for name in ["rust-multus", "rust-multus-shim", "rust-ipam", "rust-macvlan", "rust-ipvlan"] {
             std::os::unix::fs::symlink(crate::workspace_bin(name)?, bin_dir.join(name))?;
         }
         for name in ["loopback", "bridge", "host-local", "macvlan", "ipvlan"] {
@@ -199,7 +206,13 @@ impl Node {
             "clusterNetwork": "cluster-net", "confDir": conf_dir, "binDir": bin_dir,
             "cniDir": dir.join("multus-cache"), "kubeconfig": account.kubeconfig(envtest::NODE_ACCOUNT),
             "rustMultus": {"podResourcesSocket": pod_resources_socket(&dir)}});
-        std::fs::write(conf_dir.join("00-rust-multus.conf"), serde_json::to_vec_pretty(&multus)?)?;
+        std::fs::write(conf_dir.join(MULTUS_CONF), serde_json::to_vec_pretty(&multus)?)?;
+        // What [`Node::set_thick`] puts back, and the daemon's config: the same keys
+        // without the kubeconfig (the daemon has its own client).
+        std::fs::write(dir.join("multus-thin.conf"), serde_json::to_vec_pretty(&multus)?)?;
+        let mut daemon_conf = multus.clone();
+        daemon_conf.as_object_mut().map(|o| o.remove("kubeconfig"));
+        std::fs::write(dir.join("multus-daemon.json"), serde_json::to_vec_pretty(&daemon_conf)?)?;
 
         for i in 0..MASTERS {
             let (m, peer) = (master(i), format!("{}p", master(i)));
@@ -228,9 +241,94 @@ impl Node {
             programs,
             containerd: Mutex::new(containerd),
             kubelet: Mutex::new(kubelet),
+            daemon: Mutex::new(None),
+            daemon_metrics: crate::free_port()?,
         };
         node.wait_ready(Duration::from_secs(90)).await?;
         Ok(node)
+    }
+
+    /// The node of this test binary in thick mode: as [`Node::shared`], then
+    /// [`Node::set_thick`]. Fails the test when the daemon does not become ready.
+    pub fn shared_thick(test: &str) -> Option<&'static Node> {
+        let node = Node::shared(test)?;
+        if let Err(e) = node.set_thick(true) {
+            panic!("{test}: thick mode: {e:#}");
+        }
+        Some(node)
+    }
+
+    /// Thick mode on: `rust-multus-daemon` runs (the node ServiceAccount's kubeconfig, the
+    /// thin config's keys as its `--config`, socket and log under the node's directory,
+    /// metrics on [`Node::daemon_metrics`]) and the node's CNI config is the shim's. Off:
+    /// the thin config again, and the daemon stopped (SIGTERM). containerd reloads the
+    /// config directory on change; this waits a moment for it.
+    pub fn set_thick(&self, on: bool) -> anyhow::Result<()> {
+        let mut daemon = self.daemon.lock().unwrap_or_else(|e| e.into_inner());
+        if on == daemon.is_some() {
+            return Ok(());
+        }
+        let socket = self.dir.join("multus-daemon/daemon.sock");
+        if on {
+            let child = spawn_logged(
+                &[("NODE_NAME", NODE_NAME), ("RUST_LOG", "info")],
+                &crate::workspace_bin("rust-multus-daemon")?,
+                &[
+                    format!("--kubeconfig={}", self.account.kubeconfig(envtest::NODE_ACCOUNT).display()),
+                    format!("--node-name={NODE_NAME}"),
+                    format!("--socket={}", socket.display()),
+                    format!("--config={}", self.dir.join("multus-daemon.json").display()),
+                    format!("--metrics-listen=127.0.0.1:{}", self.daemon_metrics),
+                ],
+                &self.dir.join("multus-daemon.log"),
+                &self.dir.join("multus-daemon.pid"),
+            )?;
+            *daemon = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.daemon_http("/readyz")?.0 != 200 {
+                if Instant::now() > deadline {
+                    bail!(
+                        "rust-multus-daemon not ready within 30 s; its log ends:\n{}",
+                        envtest::tail(&self.dir.join("multus-daemon.log"))
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let shim = json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus-shim",
+                "daemonSocket": socket, "daemonTimeoutSeconds": 60});
+            std::fs::write(self.conf_dir.join(MULTUS_CONF), serde_json::to_vec_pretty(&shim)?)?;
+        } else {
+            std::fs::copy(self.dir.join("multus-thin.conf"), self.conf_dir.join(MULTUS_CONF))?;
+            if let Some(mut child) = daemon.take() {
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+                child.wait()?;
+            }
+        }
+        // containerd's CRI reloads the CNI config directory on an inotify event.
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(())
+    }
+
+    /// A GET of the daemon's HTTP endpoint: status and body (0 when nothing answers).
+    pub fn daemon_http(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.daemon_metrics)) else {
+            return Ok((0, String::new()));
+        };
+        write!(s, "GET {path} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    }
+
+    /// The value of the daemon's metric line `name` (with its labels), 0 when absent.
+    pub fn daemon_metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, body) = self.daemon_http("/metrics")?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+            .unwrap_or(0.0))
     }
 
     /// Waits until the Node object says Ready.
@@ -856,7 +954,7 @@ fn watchdog(dir: &Path, programs: &Programs) -> anyhow::Result<()> {
     let script = format!(
         r#"exec >/dev/null 2>&1
 while kill -0 {parent}; do sleep 0.5; done
-kill -KILL $(cat '{d}/kubelet.pid') $(cat '{d}/containerd.pid')
+kill -KILL $(cat '{d}/kubelet.pid') $(cat '{d}/containerd.pid') $(cat '{d}/multus-daemon.pid')
 {gone}
 grep -o ' {d}[^ ]*' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
 for l in {masters} {bridge}; do ip link del "$l"; done

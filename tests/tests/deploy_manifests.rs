@@ -2,7 +2,9 @@
 //! pods, probes to ports, the CronJob and the node config to the Service, bindings to
 //! accounts, the Role to the code's Lease name, host paths to the installer script, the image
 //! to both), and the production overlay `deploy/overlays/mtls` (mutual TLS, admin socket, no
-//! CronJob) changing only what it documents.
+//! CronJob) changing only what it documents, and the thick overlay `deploy/overlays/thick`
+//! (the daemon, its config as rust-multus reads it, its socket shared with the shim, its
+//! RBAC).
 //!
 //! Needs `kubectl` (for kustomize); without it the tests print `SKIP` (and fail when `CI` is
 //! set).
@@ -10,7 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rust_ipam_e2e::deploy::{
-    KUBECTL, MTLS_OVERLAY, NAMESPACE, container, find, missing, read, render, repo, string_list, yaml_docs,
+    KUBECTL, MTLS_OVERLAY, NAMESPACE, THICK_OVERLAY, container, find, missing, read, render, repo,
+    string_list, yaml_docs,
 };
 use rust_ipam_e2e::skip;
 use serde_json::{Value, json};
@@ -239,7 +242,7 @@ fn kustomize_renders_every_object_wired_together() {
     for line in [
         "COPY --chmod=0755 deploy/node/install-cni.sh /usr/local/bin/rust-ipam-node-install",
         "COPY --from=build /out/cni/ /opt/rust-ipam/cni/",
-        "for b in rust-ipam rust-multus rust-macvlan rust-ipvlan; do",
+        "for b in rust-ipam rust-multus rust-multus-shim rust-multus-daemon rust-macvlan rust-ipvlan; do",
     ] {
         assert!(dockerfile.contains(line), "Dockerfile must contain {line}");
     }
@@ -455,5 +458,117 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
         "COPY --from=build /out/rust-ipam-ctl /usr/local/bin/rust-ipam-ctl",
     ] {
         assert!(dockerfile.contains(line), "Dockerfile must contain {line}");
+    }
+}
+
+/// The thick overlay: the base unchanged but for the installer also installing the shim;
+/// the daemon's config is a rust-multus config, the shim's config names the socket the
+/// daemon binds on a host path; the daemon's account may list and watch pods and NADs; the
+/// image builds the binaries the DaemonSet runs.
+#[test]
+fn thick_overlay_wires_the_daemon_the_shim_and_the_rbac() {
+    const TEST: &str = "thick_overlay_wires_the_daemon_the_shim_and_the_rbac";
+    if let Some(why) = missing(&[KUBECTL]) {
+        return skip(TEST, &why);
+    }
+    let base = yaml_docs(&render("deploy"));
+    let thick = yaml_docs(&render(THICK_OVERLAY));
+    let daemon = find(&thick, "DaemonSet", "rust-multus-daemon");
+    let spec = &daemon["spec"]["template"]["spec"];
+    let c = container(spec, "daemon");
+    let args = string_list(&c["args"]);
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{flag}=")))
+            .unwrap_or_else(|| panic!("the daemon has no --{flag}: {args:?}"))
+            .to_string()
+    };
+    assert_eq!(
+        c["image"],
+        find(&base, "Deployment", "rust-ipam-server")["spec"]["template"]["spec"]["containers"][0]["image"]
+    );
+    assert_eq!(spec["serviceAccountName"], "rust-ipam-node");
+    assert_eq!(spec["hostNetwork"], true, "the delegates make links on the host's masters");
+    assert_eq!(env_field_ref(c, "NODE_NAME"), "spec.nodeName");
+
+    // The config: a ConfigMap mounted where --config points, holding a config rust-multus
+    // accepts, and the shim's config naming the socket the daemon binds.
+    let config = std::path::Path::new(&arg("config")).to_path_buf();
+    let (_, vol) = mounted(spec, c, config.parent().and_then(|p| p.to_str()).expect("dir"));
+    let cm = find(&thick, "ConfigMap", vol["configMap"]["name"].as_str().expect("a ConfigMap volume"));
+    let file = config.file_name().and_then(|f| f.to_str()).expect("file");
+    let daemon_json = cm["data"][file].as_str().expect("daemon config in the ConfigMap");
+    let conf =
+        multus_core::multus::config::MultusConf::parse(daemon_json.as_bytes()).expect("a rust-multus config");
+    assert_eq!(conf.cni_dir, std::path::Path::new("/var/lib/cni/multus"));
+    let shim_json = cm["data"]["00-rust-multus.conf"].as_str().expect("the shim's config");
+    let shim: Value = serde_json::from_str(shim_json).expect("JSON");
+    assert_eq!(shim["type"], "rust-multus-shim");
+    let shim = multus_core::multus::thick::ShimConf::parse(shim_json.as_bytes()).expect("a shim config");
+    assert_eq!(shim.socket, std::path::Path::new(&arg("socket")), "shim and daemon agree on the socket");
+    let (_, sock_vol) = mounted(spec, c, shim.socket.parent().and_then(|p| p.to_str()).expect("dir"));
+    assert_eq!(
+        sock_vol["hostPath"]["path"], "/run/rust-multus",
+        "the socket is on the host, where the shim runs"
+    );
+    // Where the daemon looks for delegates and the cluster network is the host's.
+    for (path, host) in [
+        ("/opt/cni/bin", "/opt/cni/bin"),
+        ("/etc/cni/net.d", "/etc/cni/net.d"),
+        ("/var/lib/cni", "/var/lib/cni"),
+    ] {
+        assert_eq!(mounted(spec, c, path).1["hostPath"]["path"], host, "{path}");
+    }
+    // Probes reach the metrics listener.
+    let listen = arg("metrics-listen");
+    let port: i64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], port);
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], port);
+
+    // RBAC: list and watch of pods and NADs, bound to the daemon's account.
+    let role = find(&thick, "ClusterRole", "rust-ipam-node-watch");
+    let rules = role["rules"].as_array().expect("rules");
+    for (group, resource) in [("", "pods"), ("k8s.cni.cncf.io", "network-attachment-definitions")] {
+        assert!(
+            rules.iter().any(|r| string_list(&r["apiGroups"]) == [group]
+                && string_list(&r["resources"]) == [resource]
+                && string_list(&r["verbs"]) == ["list", "watch"]),
+            "list+watch of {resource}: {rules:?}"
+        );
+    }
+    let binding = find(&thick, "ClusterRoleBinding", "rust-ipam-node-watch");
+    assert_eq!(binding["roleRef"]["name"], "rust-ipam-node-watch");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "rust-ipam-node", "namespace": NAMESPACE}])
+    );
+
+    // The installer installs the shim; the image has both binaries.
+    let install =
+        container(&find(&thick, "DaemonSet", "rust-ipam-node")["spec"]["template"]["spec"], "install")
+            .clone();
+    let binaries = env_value(&install, "RUST_IPAM_BINARIES").expect("RUST_IPAM_BINARIES");
+    assert!(binaries.split(' ').any(|b| b == "rust-multus-shim"), "{binaries}");
+    let dockerfile = read("Dockerfile");
+    for b in ["rust-multus-shim", "rust-multus-daemon"] {
+        assert!(dockerfile.contains(&format!(" {b} ")), "the image must build {b}");
+    }
+    assert_eq!(c["command"], json!(["/opt/rust-ipam/cni/rust-multus-daemon"]));
+
+    // Nothing of the base changes but the installer's environment.
+    let mut base_objects: Vec<(String, String, String)> = base.iter().map(key).collect();
+    base_objects.sort();
+    for k in &base_objects {
+        let (kind, ns, name) = k;
+        let b = base.iter().find(|o| &key(o) == k).expect("base object");
+        let t = thick
+            .iter()
+            .find(|o| &key(o) == k)
+            .unwrap_or_else(|| panic!("{kind} {ns}/{name} missing from the overlay"));
+        if kind == "DaemonSet" && name == "rust-ipam-node" {
+            continue;
+        }
+        assert_eq!(normalize(t.clone()), normalize(b.clone()), "{kind} {ns}/{name} changed");
     }
 }

@@ -19,7 +19,8 @@ use ipam_server::k8s::crd::{
     IPLease, IPLeaseSpec, RangePool, RangePoolSpec, RangePoolStatus, lease_name, pool_name,
 };
 use rust_ipam_e2e::deploy::{
-    KUBECTL, MTLS_OVERLAY, NAMESPACE, example, missing, nad_ipam, output_text, read, render, repo, yaml_docs,
+    KUBECTL, MTLS_OVERLAY, NAMESPACE, THICK_OVERLAY, example, missing, nad_ipam, output_text, read, render,
+    repo, yaml_docs,
 };
 use rust_ipam_e2e::skip;
 use serde_json::{Value, json};
@@ -57,7 +58,9 @@ fn manifests_pass_kubernetes_validate_strict() {
     std::fs::write(&rendered, render("deploy")).expect("write");
     let rendered_mtls = dir.path().join("rendered-mtls.yaml");
     std::fs::write(&rendered_mtls, render(MTLS_OVERLAY)).expect("write");
-    let mut files = vec![rendered, rendered_mtls];
+    let rendered_thick = dir.path().join("rendered-thick.yaml");
+    std::fs::write(&rendered_thick, render(THICK_OVERLAY)).expect("write");
+    let mut files = vec![rendered, rendered_mtls, rendered_thick];
     // Manifests applied by hand, outside the kustomization (built-in kinds only: CRD-typed
     // objects are checked against our CRDs below).
     for entry in std::fs::read_dir(repo().join("deploy/uninstall")).expect("deploy/uninstall") {

@@ -3,11 +3,13 @@
 //! from the first create to all Running, every address then checked inside each pod's
 //! sandbox against its network-status (no address twice).
 //!
-//! Three IPAMs in the same run, one after the other per round, the pods deleted between:
-//! the reference `host-local` (node-local, the floor), and `rust-ipam` against a server on
-//! the embedded store and on the kube store (a real kube-apiserver, the server under the
-//! ServiceAccount and RBAC of deploy/). Prints a markdown table with each time and its
-//! ratio to the floor of the same round.
+//! Four runs in the same process, one after the other per round, the pods deleted between:
+//! thin rust-multus with the reference `host-local` (node-local, the floor), and with
+//! `rust-ipam` against a server on the embedded store and on the kube store (a real
+//! kube-apiserver, the server under the ServiceAccount and RBAC of deploy/); then thick
+//! mode (`rust-multus-shim` + `rust-multus-daemon`, tests/src/node.rs' `set_thick`) with
+//! `rust-ipam` on the embedded store. Prints a markdown table with each time and its ratio
+//! to the floor of the same round.
 //!
 //! Needs root and what the node tests need (README: "A real node for the tests").
 
@@ -20,7 +22,7 @@ use rust_ipam_e2e::node::{self, Node};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use serde_json::{Value, json};
 
-/// Pods × NADs to Running on a real node, host-local vs rust-ipam.
+/// Pods × NADs to Running on a real node, host-local vs rust-ipam, thin vs thick.
 #[derive(Debug, Parser)]
 struct Args {
     /// Pods per run.
@@ -29,7 +31,7 @@ struct Args {
     /// NADs (net1..netM) per pod, at most the node's host links (8).
     #[arg(long, default_value_t = 8)]
     nads: usize,
-    /// Rounds of the three runs.
+    /// Rounds of the four runs.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
 }
@@ -39,6 +41,8 @@ enum Ipam {
     HostLocal,
     Embedded,
     Kube,
+    /// Thick mode, rust-ipam on the embedded store.
+    Thick,
 }
 
 impl Ipam {
@@ -47,6 +51,7 @@ impl Ipam {
             Ipam::HostLocal => "rust-multus + host-local (node-local, the floor)",
             Ipam::Embedded => "rust-multus + rust-ipam, embedded store",
             Ipam::Kube => "rust-multus + rust-ipam, kube store (real API server)",
+            Ipam::Thick => "rust-multus thick (shim + daemon) + rust-ipam, embedded store",
         }
     }
 }
@@ -73,7 +78,7 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     let data = tempfile::tempdir()?;
     let server = match ipam {
         Ipam::HostLocal => None,
-        Ipam::Embedded => Some(ServerProcess::start(data.path()).await?),
+        Ipam::Embedded | Ipam::Thick => Some(ServerProcess::start(data.path()).await?),
         Ipam::Kube => {
             let opts = ServerOptions {
                 wait_serving: true,
@@ -96,6 +101,7 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     nads(&ns, args.nads, conf).await?;
     let networks: Vec<String> = (0..args.nads).map(|i| format!("nad{i}")).collect();
     let admin = ns.admin_client().await?;
+    tokio::task::block_in_place(|| node.set_thick(ipam == Ipam::Thick))?;
     let out = node
         .run_pods(&admin, &ns.name, "p", args.pods, Some(&networks.join(",")), Duration::from_secs(300))
         .await
@@ -108,6 +114,7 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     }
     let names: Vec<String> = out.pods.iter().map(|p| p.name.clone()).collect();
     node.delete_pods(&admin, &ns.name, &names, Duration::from_secs(300)).await?;
+    tokio::task::block_in_place(|| node.set_thick(false))?;
     Ok(out.running)
 }
 
@@ -123,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for round in 0..args.rounds {
         let mut floor = None;
-        for ipam in [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube] {
+        for ipam in [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube, Ipam::Thick] {
             let took = run(node, &args, ipam, round).await?;
             let floor = *floor.get_or_insert(took);
             println!(

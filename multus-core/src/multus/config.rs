@@ -55,6 +55,9 @@ pub struct MultusConf {
     pub device_info_dir: PathBuf,
     /// GC: `cni.dev/valid-attachments`, as (container ID, ifname).
     pub valid_attachments: Vec<(String, String)>,
+    /// Pods and NADs from a source the caller already holds (the thick daemon's watch
+    /// cache), in place of `kubeconfig` and `objectsDir`; never read from the config.
+    pub objects: Option<super::source::SharedSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +193,7 @@ impl MultusConf {
             device_info_dir: path(own.device_info_dir)
                 .unwrap_or_else(|| super::devices::DEFAULT_DEVICE_INFO_DIR.into()),
             valid_attachments,
+            objects: None,
         })
     }
 

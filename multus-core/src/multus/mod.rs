@@ -21,6 +21,7 @@
 pub mod annotation;
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod delegate;
 pub mod devices;
 pub mod plugin;
@@ -28,5 +29,7 @@ pub mod resolve;
 pub mod route;
 pub mod source;
 pub mod status;
+pub mod thick;
+pub mod watch;
 
 pub use plugin::MultusPlugin;

@@ -14,7 +14,7 @@ use super::delegate::{self, AddResult, Attachment, Delegate, PodArgs};
 use super::devices;
 use super::resolve::{self, Pod};
 use super::route;
-use super::source::{DirSource, KubeSource, ObjectSource, PodEvent, PodInfo, SourceError};
+use super::source::{DirSource, KubeSource, ObjectSource, PodEvent, PodInfo, SharedSource, SourceError};
 use super::status::{self, NETWORK_STATUS_ANNOTATION};
 
 /// The meta-plugin `rust-multus`.
@@ -58,6 +58,48 @@ impl cni::Plugin for MultusPlugin {
     }
 }
 
+/// One CNI call of `rust-multus` from its environment and stdin: what the binary would
+/// print and whether it would exit with success. With `objects`, Pods and NADs come from
+/// that source instead of the config's `kubeconfig` or `objectsDir`. The thick daemon
+/// answers every verb through this, so thin and thick run the same code.
+pub fn call(env: &Env, stdin: &[u8], objects: Option<SharedSource>) -> cni::Output {
+    cni::Output::of(cni::run(&WithObjects(objects), env, stdin))
+}
+
+/// [`MultusPlugin`] with its Pods and NADs from a source the caller holds.
+#[derive(Debug)]
+struct WithObjects(Option<SharedSource>);
+
+impl cni::Plugin for WithObjects {
+    type Config = MultusConf;
+
+    fn parse(&self, env: &Env, stdin: &[u8]) -> Result<MultusConf, Failure> {
+        let mut conf = cni::Plugin::parse(&MultusPlugin, env, stdin)?;
+        conf.objects = self.0.clone();
+        Ok(conf)
+    }
+
+    fn add(&self, env: &Env, conf: &MultusConf, stdin: &[u8]) -> Result<CniResult, CniError> {
+        cni::Plugin::add(&MultusPlugin, env, conf, stdin)
+    }
+
+    fn del(&self, env: &Env, conf: &MultusConf, stdin: &[u8]) -> Result<(), CniError> {
+        cni::Plugin::del(&MultusPlugin, env, conf, stdin)
+    }
+
+    fn check(&self, env: &Env, conf: &MultusConf, stdin: &[u8]) -> Result<(), CniError> {
+        cni::Plugin::check(&MultusPlugin, env, conf, stdin)
+    }
+
+    fn gc(&self, env: &Env, conf: &MultusConf, stdin: &[u8]) -> Result<(), CniError> {
+        cni::Plugin::gc(&MultusPlugin, env, conf, stdin)
+    }
+
+    fn status(&self, env: &Env, conf: &MultusConf, stdin: &[u8]) -> Result<(), CniError> {
+        cni::Plugin::status(&MultusPlugin, env, conf, stdin)
+    }
+}
+
 /// Warnings: Multus' `logFile`, else stderr.
 #[derive(Debug)]
 struct Log {
@@ -82,6 +124,9 @@ impl Log {
 }
 
 fn open_source(conf: &MultusConf) -> Result<Option<Box<dyn ObjectSource>>, SourceError> {
+    if let Some(shared) = &conf.objects {
+        return Ok(Some(Box::new(shared.clone())));
+    }
     if let Some(dir) = &conf.objects_dir {
         return Ok(Some(Box::new(DirSource::new(dir))));
     }

@@ -91,7 +91,57 @@ pub trait ObjectSource: std::fmt::Debug {
     }
 }
 
-fn pod_info(obj: &Value) -> PodInfo {
+/// A source shared by many calls, handed to the plugin in place of the one its config
+/// names (`kubeconfig`, `objectsDir`): the thick daemon's watch cache
+/// ([`super::watch::WatchCache`]) reaches every verb this way. Equal only to itself.
+#[derive(Clone)]
+pub struct SharedSource(pub std::sync::Arc<dyn ObjectSource + Send + Sync>);
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SharedSource").field(&self.0).finish()
+    }
+}
+
+impl PartialEq for SharedSource {
+    fn eq(&self, other: &SharedSource) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl ObjectSource for SharedSource {
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
+        self.0.pod(namespace, name)
+    }
+
+    fn nad(&self, namespace: &str, name: &str) -> Result<Option<NadInfo>, SourceError> {
+        self.0.nad(namespace, name)
+    }
+
+    fn annotate_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), SourceError> {
+        self.0.annotate_pod(namespace, name, key, value)
+    }
+
+    fn pod_events(&self, events: &[PodEvent<'_>]) -> Result<(), SourceError> {
+        self.0.pod_events(events)
+    }
+
+    fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
+        self.0.resource_claim(namespace, name)
+    }
+
+    fn resource_slices(&self, driver: &str) -> Result<Vec<Value>, SourceError> {
+        self.0.resource_slices(driver)
+    }
+}
+
+pub(super) fn pod_info(obj: &Value) -> PodInfo {
     let meta = &obj["metadata"];
     let annotations = meta["annotations"]
         .as_object()
@@ -110,7 +160,7 @@ fn pod_info(obj: &Value) -> PodInfo {
     PodInfo { uid: meta["uid"].as_str().unwrap_or_default().to_string(), annotations, claims }
 }
 
-fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
+pub(super) fn nad_info(obj: &Value, what: &str) -> Result<NadInfo, SourceError> {
     let config = match &obj["spec"]["config"] {
         Value::Null => String::new(),
         Value::String(s) => s.clone(),
@@ -388,29 +438,6 @@ impl KubeSource {
         Ok(KubeSource { rt, client })
     }
 
-    /// Creates one core/v1 Event about a pod.
-    async fn create_event(&self, e: &PodEvent<'_>, now: &str, host: &str) -> Result<(), SourceError> {
-        let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
-            self.client.clone(),
-            e.namespace,
-            &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
-        );
-        let event: kube::api::DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": format!("{}.", e.name), "namespace": e.namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": e.namespace, "name": e.name, "uid": e.uid},
-            "type": e.kind, "reason": e.reason, "message": e.message,
-            "source": {"component": "rust-multus", "host": host},
-            "reportingComponent": "rust-multus", "reportingInstance": host,
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        }))
-        .map_err(|err| SourceError::Invalid(format!("an event of pod {}/{}: {err}", e.namespace, e.name)))?;
-        api.create(&kube::api::PostParams::default(), &event)
-            .await
-            .map_err(|err| kube_err(err, &format!("an event of pod {}/{}", e.namespace, e.name)))?;
-        Ok(())
-    }
-
     fn nad_resource() -> kube::api::ApiResource {
         kube::api::ApiResource {
             group: "k8s.cni.cncf.io".into(),
@@ -422,46 +449,89 @@ impl KubeSource {
     }
 }
 
+/// Creates core/v1 Events about pods, all at once (one round trip, not one per event);
+/// the first failure, if any.
+pub(super) async fn create_events(client: &kube::Client, events: &[PodEvent<'_>]) -> Result<(), SourceError> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let host = std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_default();
+    let writes = events.iter().map(|e| {
+        let (now, host) = (&now, &host);
+        async move {
+            let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+                client.clone(),
+                e.namespace,
+                &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
+            );
+            let event: kube::api::DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": format!("{}.", e.name), "namespace": e.namespace},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": e.namespace, "name": e.name, "uid": e.uid},
+                "type": e.kind, "reason": e.reason, "message": e.message,
+                "source": {"component": "rust-multus", "host": host},
+                "reportingComponent": "rust-multus", "reportingInstance": host,
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            }))
+            .map_err(|err| SourceError::Invalid(format!("an event of pod {}/{}: {err}", e.namespace, e.name)))?;
+            api.create(&kube::api::PostParams::default(), &event)
+                .await
+                .map_err(|err| kube_err(err, &format!("an event of pod {}/{}", e.namespace, e.name)))?;
+            Ok::<(), SourceError>(())
+        }
+    });
+    futures::future::join_all(writes).await.into_iter().collect()
+}
+
+fn dra_resource(kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", kind),
+        plural,
+    )
+}
+
+/// A ResourceClaim as JSON, or `None`.
+pub(super) async fn get_resource_claim(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Value>, SourceError> {
+    let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &dra_resource("ResourceClaim", "resourceclaims"),
+    );
+    let obj =
+        api.get_opt(name).await.map_err(|e| kube_err(e, &format!("ResourceClaim {namespace}/{name}")))?;
+    Ok(obj.map(|o| serde_json::to_value(&o).unwrap_or_default()))
+}
+
+/// The ResourceSlices of DRA driver `driver` as JSON (a field selector on `spec.driver`).
+pub(super) async fn list_resource_slices(
+    client: &kube::Client,
+    driver: &str,
+) -> Result<Vec<Value>, SourceError> {
+    let api: kube::Api<kube::api::DynamicObject> =
+        kube::Api::all_with(client.clone(), &dra_resource("ResourceSlice", "resourceslices"));
+    let params = kube::api::ListParams::default().fields(&format!("spec.driver={driver}"));
+    let list =
+        api.list(&params).await.map_err(|e| kube_err(e, &format!("the ResourceSlices of {driver}")))?;
+    Ok(list.items.iter().map(|o| serde_json::to_value(o).unwrap_or_default()).collect())
+}
+
 impl ObjectSource for KubeSource {
     fn pod_events(&self, events: &[PodEvent<'_>]) -> Result<(), SourceError> {
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let host = std::env::var("NODE_NAME")
-            .ok()
-            .filter(|n| !n.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string())
-            })
-            .unwrap_or_default();
-        let writes = events.iter().map(|e| self.create_event(e, &now, &host));
-        // At once: one round trip for all of them, not one per interface.
-        let results = self.rt.block_on(futures::future::join_all(writes));
-        results.into_iter().collect()
+        self.rt.block_on(create_events(&self.client, events))
     }
 
     fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<Value>, SourceError> {
-        let ar = kube::api::ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
-            "resourceclaims",
-        );
-        let api: kube::Api<kube::api::DynamicObject> =
-            kube::Api::namespaced_with(self.client.clone(), namespace, &ar);
-        let what = format!("ResourceClaim {namespace}/{name}");
-        let obj = self.rt.block_on(api.get_opt(name)).map_err(|e| kube_err(e, &what))?;
-        Ok(obj.map(|o| serde_json::to_value(&o).unwrap_or_default()))
+        self.rt.block_on(get_resource_claim(&self.client, namespace, name))
     }
 
     fn resource_slices(&self, driver: &str) -> Result<Vec<Value>, SourceError> {
-        let ar = kube::api::ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
-            "resourceslices",
-        );
-        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(self.client.clone(), &ar);
-        let params = kube::api::ListParams::default().fields(&format!("spec.driver={driver}"));
-        let list = self
-            .rt
-            .block_on(api.list(&params))
-            .map_err(|e| kube_err(e, &format!("the ResourceSlices of {driver}")))?;
-        Ok(list.items.iter().map(|o| serde_json::to_value(o).unwrap_or_default()).collect())
+        self.rt.block_on(list_resource_slices(&self.client, driver))
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
