@@ -393,7 +393,7 @@ impl std::fmt::Debug for KubeSource {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
-fn kube_err(e: kube::Error, what: &str) -> SourceError {
+pub(super) fn kube_err(e: kube::Error, what: &str) -> SourceError {
     match e {
         // Overload and server errors are the API being away, not a bad object.
         kube::Error::Api(s) if s.code == 429 || s.code >= 500 => {

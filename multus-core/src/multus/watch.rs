@@ -31,7 +31,9 @@ use kube::api::{
 use serde_json::json;
 use tokio::runtime::Handle;
 
-use super::source::{NAD_API_VERSION, NAD_KIND, NadInfo, ObjectSource, PodInfo, SourceError, nad_info};
+use super::source::{
+    NAD_API_VERSION, NAD_KIND, NadInfo, ObjectSource, PodInfo, SourceError, kube_err, nad_info,
+};
 
 /// Pause after a failed list or watch call before the next.
 pub const RETRY: Duration = Duration::from_secs(1);
@@ -117,16 +119,6 @@ fn nad_resource() -> ApiResource {
         api_version: NAD_API_VERSION.into(),
         kind: NAD_KIND.into(),
         plural: "network-attachment-definitions".into(),
-    }
-}
-
-fn kube_err(e: kube::Error, what: &str) -> SourceError {
-    match e {
-        kube::Error::Api(s) if s.code == 429 || s.code >= 500 => {
-            SourceError::Unreachable(format!("{what}: API server answered {} {}", s.code, s.message))
-        }
-        kube::Error::Api(s) => SourceError::Invalid(format!("{what}: {} ({})", s.message, s.reason)),
-        other => SourceError::Unreachable(format!("{what}: {other}")),
     }
 }
 
