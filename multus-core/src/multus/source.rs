@@ -437,15 +437,16 @@ impl KubeSource {
         })?;
         Ok(KubeSource { rt, client })
     }
+}
 
-    fn nad_resource() -> kube::api::ApiResource {
-        kube::api::ApiResource {
-            group: "k8s.cni.cncf.io".into(),
-            version: "v1".into(),
-            api_version: NAD_API_VERSION.into(),
-            kind: NAD_KIND.into(),
-            plural: "network-attachment-definitions".into(),
-        }
+/// The API resource of NetworkAttachmentDefinitions.
+pub(super) fn nad_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "k8s.cni.cncf.io".into(),
+        version: "v1".into(),
+        api_version: NAD_API_VERSION.into(),
+        kind: NAD_KIND.into(),
+        plural: "network-attachment-definitions".into(),
     }
 }
 
@@ -548,7 +549,7 @@ impl ObjectSource for KubeSource {
     }
 
     fn nad(&self, namespace: &str, name: &str) -> Result<Option<NadInfo>, SourceError> {
-        let ar = Self::nad_resource();
+        let ar = nad_resource();
         let api: kube::Api<kube::api::DynamicObject> =
             kube::Api::namespaced_with(self.client.clone(), namespace, &ar);
         let what = format!("NetworkAttachmentDefinition {namespace}/{name}");

@@ -25,15 +25,13 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
-    Api, ApiResource, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams,
-    WatchEvent, WatchParams,
+    Api, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams, WatchEvent,
+    WatchParams,
 };
 use serde_json::json;
 use tokio::runtime::Handle;
 
-use super::source::{
-    NAD_API_VERSION, NAD_KIND, NadInfo, ObjectSource, PodInfo, SourceError, kube_err, nad_info,
-};
+use super::source::{NadInfo, ObjectSource, PodInfo, SourceError, kube_err, nad_info, nad_resource};
 
 /// Pause after a failed list or watch call before the next.
 pub const RETRY: Duration = Duration::from_secs(1);
@@ -110,16 +108,6 @@ fn nad_of(obj: &DynamicObject) -> Result<NadInfo, String> {
     // The whole object: the resource name is an annotation, the config in `data`.
     let whole = serde_json::to_value(obj).unwrap_or_default();
     nad_info(&whole, &format!("NetworkAttachmentDefinition {ns}/{name}")).map_err(|e| e.to_string())
-}
-
-fn nad_resource() -> ApiResource {
-    ApiResource {
-        group: "k8s.cni.cncf.io".into(),
-        version: "v1".into(),
-        api_version: NAD_API_VERSION.into(),
-        kind: NAD_KIND.into(),
-        plural: "network-attachment-definitions".into(),
-    }
 }
 
 impl WatchCache {
