@@ -298,6 +298,12 @@ struct Pending {
     refused: Option<String>,
     /// A write of its latest run has an unknown outcome: it is answered with the error.
     unknown: bool,
+    /// When its latest run was, in the order of all runs.
+    ran: u64,
+    /// Its latest run wrote something. One that wrote nothing may have answered from what
+    /// earlier runs wrote (a retried allocation finding its lease): when one of those
+    /// writes is refused or fails, its answer is not durable and it runs again or fails.
+    wrote: bool,
     /// The outcome once known: `None` while it waits.
     outcome: Option<Result<(), EngineError>>,
 }
@@ -344,9 +350,11 @@ fn next_event(
 
 /// The engine loop for a [`crate::store::PipelinedStore`]. Jobs run in arrival order and
 /// are answered in that order (see the module doc). A refused write makes its job run
-/// again once all of that run's writes are reported; a write whose outcome is unknown
-/// stops intake until everything in flight has been reported, then memory is reloaded from
-/// the store and every job not known to be durable is answered with the error.
+/// again once all of that run's writes are reported, and with it every later run that
+/// wrote nothing (its answer may rest on the refused write); a write whose outcome is
+/// unknown stops intake until everything in flight has been reported, then memory is
+/// reloaded from the store and every job not known to be durable is answered with the
+/// error.
 fn run_pipelined(
     mut alloc: Allocator,
     mut store: Box<dyn LeaseStore>,
@@ -365,6 +373,10 @@ fn run_pipelined(
     let mut next_write = 0usize;
     // Set when a write's outcome is unknown: the error the unsettled jobs get.
     let mut failed: Option<String> = None;
+    // The earliest run with a write of unknown outcome (or a panic) since the last reload.
+    let mut failed_run = u64::MAX;
+    // Runs so far: the stamp of the next one.
+    let mut next_run = 0u64;
     let mut closed = false;
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(MAX_BATCH);
@@ -388,13 +400,23 @@ fn run_pipelined(
                         warn!(network = %r.network, address = %r.address, reason = %r.reason, "store refused a write; choosing again");
                         p.refused = Some(format!("{} in network \"{}\": {}", r.address, r.network, r.reason));
                         alloc.sync_from_store(&r.network, r.address, r.truth);
+                        let after = p.ran;
+                        for (i, q) in pending.iter_mut().enumerate() {
+                            let again = base + i;
+                            if q.ran > after && !q.wrote && !rerun.contains(&again) {
+                                q.outcome = None;
+                                rerun.push(again);
+                            }
+                        }
                     }
                     WriteOutcome::Failed(e) => {
                         error!(error = %e, "a write's outcome is unknown; reloading state once the writes in flight are reported");
                         p.unknown = true;
+                        failed_run = failed_run.min(p.ran);
                         failed.get_or_insert_with(|| e.to_string());
                     }
                 }
+                let p = &mut pending[seq - base];
                 // Settled with the error at the reload.
                 if p.outstanding == 0 && p.outcome.is_none() && !p.unknown {
                     match p.refused.take() {
@@ -403,7 +425,10 @@ fn run_pipelined(
                         Some(why) if p.attempt >= MAX_ATTEMPTS => {
                             p.outcome = Some(Err(EngineError::Conflict(why)))
                         }
-                        Some(_) => rerun.push(seq),
+                        Some(_) => {
+                            p.attempt += 1;
+                            rerun.push(seq);
+                        }
                     }
                 }
             }
@@ -417,22 +442,23 @@ fn run_pipelined(
         let mut runs: Vec<(usize, Vec<Change>)> = Vec::new();
         for seq in rerun.drain(..) {
             let p = &mut pending[seq - base];
-            p.attempt += 1;
             let mut one = [std::mem::replace(&mut p.job, Box::new(Placeholder))];
             let ok = run_jobs(&mut alloc, &mut one, &mut spans, now);
             let [job] = one;
             p.job = job;
             let changes: Vec<Change> = alloc.drain_journal().collect();
+            (p.ran, p.wrote) = (next_run, !changes.is_empty());
             if !ok {
-                panicked(&mut failed);
+                panicked(&mut failed, &mut failed_run, next_run);
             }
+            next_run += 1;
             runs.push((seq, changes));
         }
         if !batch.is_empty() {
             let ok = run_jobs(&mut alloc, &mut batch, &mut spans, now);
             let mut changes: Vec<Change> = alloc.drain_journal().collect();
             if !ok {
-                panicked(&mut failed);
+                panicked(&mut failed, &mut failed_run, next_run);
             }
             // Split the journal by job, last first so indices stay valid.
             let mut per_job: Vec<Vec<Change>> = Vec::with_capacity(batch.len());
@@ -448,8 +474,11 @@ fn run_pipelined(
                     attempt: 1,
                     refused: None,
                     unknown: false,
+                    ran: next_run,
+                    wrote: !changes.is_empty(),
                     outcome: None,
                 });
+                next_run += 1;
                 runs.push((seq, changes));
             }
         }
@@ -486,9 +515,10 @@ fn run_pipelined(
             && writes.is_empty()
         {
             let e = EngineError::Commit(why);
-            for p in pending.iter_mut().filter(|p| p.outcome.is_none()) {
+            for p in pending.iter_mut().filter(|p| p.outcome.is_none() || (p.ran > failed_run && !p.wrote)) {
                 p.outcome = Some(Err(e.clone()));
             }
+            failed_run = u64::MAX;
             match restore(store.as_ref()) {
                 Ok(a) => alloc = a,
                 Err(err) => {
@@ -511,8 +541,9 @@ fn run_pipelined(
 
 /// A request panicked in the pipelined loop: memory may be half-changed, so nothing of it
 /// is written and state is reloaded once the writes in flight are reported.
-fn panicked(failed: &mut Option<String>) {
+fn panicked(failed: &mut Option<String>, failed_run: &mut u64, run: u64) {
     error!("a request panicked; reloading state from the store once the writes in flight are reported");
+    *failed_run = (*failed_run).min(run);
     failed.get_or_insert_with(|| "internal error while handling the batch".into());
 }
 
@@ -877,6 +908,90 @@ mod tests {
         held.settle("10.0.0.2", None);
         assert_eq!(a.await.expect("answer").expect("engine").expect("allocated"), "10.0.0.3");
         assert_eq!(b.await.expect("answer").expect("engine").expect("allocated"), "10.0.0.2");
+    }
+
+    /// Allocates for container `cid` in the background: the answered address, and a
+    /// receiver that gets a message each time the request runs.
+    fn allocate_bg(
+        engine: &Engine,
+        cid: &'static str,
+    ) -> (tokio::sync::oneshot::Receiver<Result<String, String>>, mpsc::UnboundedReceiver<()>) {
+        let engine = engine.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (ran_tx, ran) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let req = request_28(cid);
+            let got = engine
+                .call(move |a, now| {
+                    let _ = ran_tx.send(());
+                    a.allocate(&req, now).map(|l| l[0].address.to_string())
+                })
+                .await;
+            let _ = tx.send(got.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())));
+        });
+        (rx, ran)
+    }
+
+    /// A plugin that gave up on a slow answer asks again for the same container; the retry
+    /// finds the first request's lease in memory and writes nothing. When the first write
+    /// is then refused (the API server had not stored it after all) the first request
+    /// chooses again, and the retry must not answer with the address that was never stored
+    /// (seen across an etcd restart: a pod told one address while the store held another).
+    #[tokio::test]
+    async fn a_retry_that_wrote_nothing_runs_again_when_the_write_it_found_is_refused() {
+        let held = Held::default();
+        let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
+        let (first, _) = allocate_bg(&engine, "x");
+        held.in_flight(2).await; // the pool and .1
+        let (retry, mut retry_ran) = allocate_bg(&engine, "x");
+        // The retry ran (it wrote nothing) and waits behind the first.
+        retry_ran.recv().await.expect("the retry ran");
+        let refusal = Refusal {
+            index: 0,
+            network: "".into(),
+            address: "10.0.0.1".parse().expect("ip"),
+            truth: None,
+            reason: "write failed: the API server timed out".into(),
+        };
+        held.settle("10.0.0.1", Some(WriteOutcome::Refused(refusal)));
+        held.settle("pool", None);
+        // One of the two chose again; that write is the only lease written.
+        held.in_flight(1).await;
+        let again = match &held.inflight.lock().expect("lock")[0].1 {
+            Change::PutLease(l) => l.address.to_string(),
+            other => panic!("expected a lease write, got {other:?}"),
+        };
+        held.settle(&again, None);
+        assert_eq!(first.await.expect("answer"), Ok(again.clone()));
+        assert_eq!(retry.await.expect("answer"), Ok(again.clone()), "the retry answers what is stored");
+        assert!(retry_ran.try_recv().is_ok(), "the retry ran again");
+        let stored = held.load().expect("load").leases;
+        assert_eq!(stored.iter().map(|l| l.address.to_string()).collect::<Vec<_>>(), vec![again]);
+    }
+
+    /// As above, but the first write's outcome is unknown: the retry that wrote nothing is
+    /// answered with the error too, not with the address whose write may not have applied.
+    #[tokio::test]
+    async fn a_retry_that_wrote_nothing_fails_when_the_write_it_found_is_unknown() {
+        let held = Held::default();
+        let engine = Engine::start(Box::new(held.clone()), Metrics::new()).await.expect("start");
+        let (first, _) = allocate_bg(&engine, "x");
+        held.in_flight(2).await;
+        let (retry, mut retry_ran) = allocate_bg(&engine, "x");
+        retry_ran.recv().await.expect("the retry ran");
+        held.settle("pool", None);
+        let lost = WriteOutcome::Failed(StoreError::new("create lease", "etcd unavailable"));
+        held.settle("10.0.0.1", Some(lost));
+        let want =
+            Err("lease store commit failed, nothing was changed: create lease: etcd unavailable".to_string());
+        assert_eq!(first.await.expect("answer"), want);
+        assert_eq!(retry.await.expect("answer"), want);
+        // Asked again, it gets a lease that is stored.
+        let (third, _) = allocate_bg(&engine, "x");
+        held.in_flight(2).await; // the pool (the test store does not read pools back) and .1
+        held.settle("pool", None);
+        held.settle("10.0.0.1", None);
+        assert_eq!(third.await.expect("answer"), Ok("10.0.0.1".to_string()));
     }
 
     #[tokio::test]

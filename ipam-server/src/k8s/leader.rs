@@ -19,7 +19,7 @@ use tracing::{Instrument as _, error, info, info_span, warn};
 
 use super::crd::{RangePool, RangePoolStatus, pool_name};
 use super::lease_lock::{Attempt, LeaseLock, LockError};
-use super::store::{Fence, KubeStore};
+use super::store::{Fence, KubeStore, WritesInFlight};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::role::{Peer, Role};
@@ -115,6 +115,7 @@ pub async fn run(
     let _watcher = AbortOnDrop(watcher);
     // Followers keep the leases warm, so a takeover serves without listing them all.
     let mirror = KubeStore::start_mirror(client.clone(), &election.namespace);
+    let writes = WritesInFlight::default();
     let mut leading: Option<Leading> = None;
     // When the current holder's renewal runs out, as last read by a follower.
     let mut expiry: Option<Instant> = None;
@@ -146,7 +147,8 @@ pub async fn run(
                         tokio::runtime::Handle::current(),
                         l.fence.clone(),
                     )
-                    .with_mirror(mirror.clone());
+                    .with_mirror(mirror.clone())
+                    .with_writes_in_flight(writes.clone());
                     let m = metrics.clone();
                     l.loading = Some(tokio::spawn(
                         async move { Engine::start(Box::new(store), m).await }.instrument(info_span!("load")),

@@ -8,7 +8,9 @@
 //! A create under a name that exists is refused and read back, a replace or delete
 //! carries the resourceVersion last seen and is refused if it changed. The old leader's
 //! last writes happened a third of the TTL or more before a follower may take over, long
-//! after their watch events arrived. The copy is only offered while the watch is running
+//! after their watch events arrived, unless the API server held them (frozen): then the
+//! old leader usually leads on once it answers, and its next store lists instead of
+//! loading from here once those writes have landed (`WritesInFlight`). The copy is only offered while the watch is running
 //! from where the list left off; after an error it is offered again once the watch has
 //! resumed (or, when the API server no longer has that history, once it has listed anew).
 //! While it cannot be offered (a watch the API server refuses, e.g. RBAC without `watch`),

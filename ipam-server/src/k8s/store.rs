@@ -78,6 +78,50 @@ impl Fence {
     }
 }
 
+/// The lease writes a replica has in flight, across the stores it makes. When its engine
+/// stops (fenced off while the API server was frozen) and it leads again, the new store
+/// must not load before the old one's writes have landed or failed: a create held in a
+/// frozen API server lands when it resumes, and a load taken before that misses it, so a
+/// retried ADD would get a second address while the first stays stored.
+#[derive(Debug, Clone)]
+pub struct WritesInFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for WritesInFlight {
+    fn default() -> WritesInFlight {
+        WritesInFlight(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl WritesInFlight {
+    /// Counts one write until the returned guard is dropped.
+    fn start(&self) -> WriteGuard {
+        self.0.send_modify(|n| *n += 1);
+        WriteGuard(self.clone())
+    }
+
+    /// Waits until no write is in flight; true if it had to wait.
+    async fn settled(&self) -> bool {
+        let mut rx = self.0.subscribe();
+        if *rx.borrow_and_update() == 0 {
+            return false;
+        }
+        let n = *rx.borrow();
+        info!(writes = n, "waiting for this replica's earlier writes before loading");
+        // The sender lives in `self`, so the wait ends only when the count is zero.
+        let _ = rx.wait_for(|n| *n == 0).await;
+        true
+    }
+}
+
+/// One write in flight.
+struct WriteGuard(WritesInFlight);
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Identity of one object as last seen: the preconditions of the next write to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Seen {
@@ -105,6 +149,8 @@ pub struct KubeStore {
     page: u32,
     /// The replica's warm copy of the leases: loaded from instead of listing.
     mirror: Option<Arc<LeaseMirror>>,
+    /// The replica's writes in flight, this store's and earlier ones'.
+    in_flight: WritesInFlight,
 }
 
 /// Completion of the last write submitted to an object: `true` if it applied.
@@ -167,6 +213,7 @@ impl KubeStore {
             permits: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             page: PAGE,
             mirror: None,
+            in_flight: WritesInFlight::default(),
         }
     }
 }
@@ -182,6 +229,13 @@ impl KubeStore {
     /// them.
     pub fn with_mirror(mut self, mirror: Arc<LeaseMirror>) -> KubeStore {
         self.mirror = Some(mirror);
+        self
+    }
+
+    /// Counts this store's writes in `writes`, shared with the replica's earlier and later
+    /// stores; a load waits until none is in flight.
+    pub fn with_writes_in_flight(mut self, writes: WritesInFlight) -> KubeStore {
+        self.in_flight = writes;
         self
     }
 
@@ -377,6 +431,8 @@ impl LeaseStore for KubeStore {
     fn load(&self) -> Result<Loaded, StoreError> {
         let this = &*self.inner;
         this.rt.block_on(async {
+            // Earlier writes that just landed may not have reached the mirror yet.
+            let waited = self.in_flight.settled().await;
             let mut out = Loaded::default();
             list_each(&this.raw_pools, self.page, "list range pools", |obj| {
                 let name = obj.name_any();
@@ -389,7 +445,7 @@ impl LeaseStore for KubeStore {
                 }
             })
             .await?;
-            if let Some(mirror) = &self.mirror {
+            if let Some(mirror) = self.mirror.as_ref().filter(|_| !waited) {
                 let started = Instant::now();
                 match mirror.snapshot().await {
                     Ok(snapshot) => {
@@ -478,7 +534,9 @@ impl PipelinedStore for KubeStore {
             let (inner, tails, permits, report) =
                 (self.inner.clone(), self.tails.clone(), self.permits.clone(), report.clone());
             let me = self.next_tail;
+            let counted = self.in_flight.start();
             self.inner.rt.spawn(async move {
+                let _counted = counted;
                 // The previous write to this object first; a dropped one counts as failed.
                 let before_applied = match before {
                     Some(t) => t.applied.await.unwrap_or(false),
@@ -507,5 +565,27 @@ impl PipelinedStore for KubeStore {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WritesInFlight;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_load_waits_for_every_write_in_flight_across_stores() {
+        let writes = WritesInFlight::default();
+        assert!(!writes.settled().await, "nothing in flight: no wait");
+        let (old_store, new_store) = (writes.clone(), writes.clone());
+        let a = old_store.start();
+        let b = old_store.start();
+        let waiting = tokio::spawn(async move { new_store.settled().await });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "one write is still in flight");
+        drop(b);
+        assert!(waiting.await.expect("join"), "it waited");
+        assert!(!writes.settled().await);
     }
 }
