@@ -308,7 +308,12 @@ async fn a_follower_reports_no_leader_until_it_takes_over() {
         .expect("release the ghost's Lease");
     assert_eq!(prom.wait_for("rustipam_leader", |v| v == [1.0]).await, vec![1.0]);
     prom.wait_for(NO_LEADER, <[f64]>::is_empty).await;
-    assert_eq!(server.http_get("/readyz").await.expect("readyz").0, 200);
+    // rustipam_leader is 1 from the moment the Lease is held; ready once the state loaded.
+    let deadline = Instant::now() + SETTLE;
+    while server.http_get("/readyz").await.expect("readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "the new leader is not ready after {SETTLE:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Now as RFC 3339 seconds in UTC (`date -u`), for the Lease's MicroTime fields.
