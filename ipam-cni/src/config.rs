@@ -171,8 +171,37 @@ impl NetConf {
     }
 }
 
+/// Most bytes read from a file a config names (node file, PEM files): far above any real
+/// one, and a bound on what a NAD can make the plugin read.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Reads a file a config names: a regular file of at most [`MAX_FILE`] bytes. A NAD's
+/// author chooses these paths and the plugin runs as root, so `/dev/zero`, a FIFO or a
+/// huge log must fail at once instead of hanging the pod's ADD or exhausting memory.
+fn read_named_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let not_regular = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+    // Before opening too: opening a FIFO would wait for a writer.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 fn read_node_file(path: &Path, explicit: bool) -> Result<RawIpam, CniError> {
-    match std::fs::read(path) {
+    match read_named_file(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map_err(|e| invalid(format!("node config {} is not valid: {e}", path.display()))),
         // The default file is optional; a configuration_path that names nothing is a mistake.
@@ -281,7 +310,7 @@ fn client_tls(
     key: Option<String>,
 ) -> Result<Option<ClientTls>, CniError> {
     let read = |field: &str, path: &str| {
-        std::fs::read(path).map_err(|e| invalid(format!("{field} {path:?} cannot be read: {e}")))
+        read_named_file(Path::new(path)).map_err(|e| invalid(format!("{field} {path:?} cannot be read: {e}")))
     };
     let identity = match (cert.filter(|c| !c.is_empty()), key.filter(|k| !k.is_empty())) {
         (Some(c), Some(k)) => Some((read("tls_cert", &c)?, read("tls_key", &k)?)),
@@ -309,6 +338,32 @@ mod tests {
 
     fn parse(json: &str) -> Result<NetConf, CniError> {
         NetConf::parse(json.as_bytes(), Path::new("/nonexistent/rust-ipam.conf"))
+    }
+
+    #[test]
+    fn files_named_by_the_config_must_be_small_regular_files() {
+        // A NAD naming a device or a directory fails at once (reading /dev/zero would never
+        // end); the plugin runs as root with the path the NAD's author chose.
+        let conf = |key: &str, path: &str| {
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","ipam":{{"type":"rust-ipam","range":"10.0.0.0/24",
+                   "server":"https://s:1","{key}":"{path}"}}}}"#
+            )
+        };
+        let e = parse(&conf("configuration_path", "/dev/zero")).expect_err("a device");
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (ErrorCode::INVALID_CONFIG, "configuration_path /dev/zero: not a regular file")
+        );
+        let e = parse(&conf("configuration_path", "/")).expect_err("a directory");
+        assert_eq!(e.msg, "configuration_path /: not a regular file");
+        let e = parse(&conf("tls_ca", "/dev/zero")).expect_err("a device");
+        assert_eq!(e.msg, r#"tls_ca "/dev/zero" cannot be read: not a regular file"#);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big.conf");
+        std::fs::write(&big, vec![b' '; (MAX_FILE + 1) as usize]).expect("write");
+        let e = parse(&conf("configuration_path", big.to_str().expect("utf-8"))).expect_err("too big");
+        assert_eq!(e.msg, format!("configuration_path {}: larger than 1048576 bytes", big.display()));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::grpc::{AdminService, IpamService};
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::role::{Role, Serving};
-use crate::tls::ServerTls;
+use crate::tls::{HANDSHAKE_TIMEOUT, ServerTls};
 
 /// How long shutdown waits for the engine to finish its last batch.
 const ENGINE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -103,6 +103,9 @@ pub struct Listeners {
     /// admins' client CA, so the certificates the main listeners accept (the nodes') cannot
     /// reach Admin.
     pub admin_tls: Option<Arc<ServerTls>>,
+    /// TLS on the metrics listener (`/metrics`, `/healthz`, `/readyz` over HTTPS, HTTP/1.1);
+    /// `None`: plain HTTP.
+    pub metrics_tls: Option<Arc<ServerTls>>,
 }
 
 impl From<Vec<Bound>> for Listeners {
@@ -196,12 +199,14 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let metrics_tls = listeners.metrics_tls.clone();
     let metrics_task = metrics_listener.map(|l| {
-        let endpoint = l.local_addr().map_or_else(|e| e.to_string(), |a| format!("http://{a}/metrics"));
+        let scheme = if metrics_tls.is_some() { "https" } else { "http" };
+        let endpoint = l.local_addr().map_or_else(|e| e.to_string(), |a| format!("{scheme}://{a}/metrics"));
         info!(%endpoint, "serving metrics and probes");
         let mut stop = stop_rx.clone();
         tokio::spawn(
-            serve_http(l, serving.clone(), metrics.clone(), async move {
+            serve_http(l, metrics_tls, serving.clone(), metrics.clone(), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .instrument(info_span!("metrics", %endpoint)),
@@ -329,9 +334,12 @@ async fn handle(
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves,
+/// over TLS when `tls` is given (each handshake runs in the connection's own task, so a
+/// slow client delays no one else).
 async fn serve_http(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     serving: Serving,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -354,10 +362,29 @@ async fn serve_http(
                 async move { Ok::<_, Infallible>(handle(req, serving, metrics).await) }
             });
             let mut stop = stop_rx.clone();
+            let acceptor = tls.as_ref().map(|t| t.acceptor());
             tokio::spawn(
                 async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
+                    let http1 = hyper::server::conn::http1::Builder::new();
+                    let conn = async {
+                        match acceptor {
+                            None => http1.serve_connection(TokioIo::new(stream), svc).await,
+                            Some(acceptor) => {
+                                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                                match tls {
+                                    Ok(Ok(stream)) => http1.serve_connection(TokioIo::new(stream), svc).await,
+                                    Ok(Err(e)) => {
+                                        warn!(error = %e, "metrics TLS handshake failed");
+                                        Ok(())
+                                    }
+                                    Err(_) => {
+                                        warn!("metrics TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}");
+                                        Ok(())
+                                    }
+                                }
+                            }
+                        }
+                    };
                     tokio::select! {
                         r = conn => if let Err(e) = r {
                             debug!(error = %e, "metrics connection ended");

@@ -1,5 +1,5 @@
-//! TLS on the gRPC TCP listeners: the server's certificate and, for mutual TLS, the CA that
-//! client certificates must chain to. All of it comes from PEM files that are read again
+//! TLS on the gRPC TCP listeners (and on the metrics listener, `--metrics-tls-cert`): the
+//! server's certificate and, for mutual TLS, the CA that client certificates must chain to. All of it comes from PEM files that are read again
 //! when they change (a renewed certificate, a rotated Kubernetes Secret), so new
 //! connections use the new files and established ones keep going.
 
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 /// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes completed but not yet taken by the gRPC server, per listener.
 const ACCEPT_BACKLOG: usize = 128;
@@ -75,8 +75,33 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// Builds the rustls configuration from the files as they are now.
+/// The protocols a listener speaks, offered in the TLS handshake (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// gRPC: HTTP/2 only.
+    H2,
+    /// `/metrics` and the probes: HTTP/1.1 only (Prometheus scrapes with HTTP/1.1 unless
+    /// told otherwise, and the kubelet's probes speak it).
+    Http1,
+}
+
+impl Alpn {
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Alpn::H2 => vec![b"h2".to_vec()],
+            Alpn::Http1 => vec![b"http/1.1".to_vec()],
+        }
+    }
+}
+
+/// Builds the gRPC listeners' rustls configuration from the files as they are now.
 pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    load_for(files, Alpn::H2)
+}
+
+/// Builds the rustls configuration of a listener speaking `alpn` from the files as they
+/// are now.
+pub fn load_for(files: &TlsFiles, alpn: Alpn) -> Result<ServerConfig, TlsError> {
     let certs = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -101,7 +126,7 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         key: files.key.clone(),
         source,
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.protocols();
     Ok(config)
 }
 
@@ -121,16 +146,28 @@ fn stamp(files: &TlsFiles) -> Stamp {
 #[derive(Debug)]
 pub struct ServerTls {
     files: TlsFiles,
+    alpn: Alpn,
     current: RwLock<Arc<ServerConfig>>,
     seen: Mutex<Stamp>,
 }
 
 impl ServerTls {
-    /// Loads the files; the server does not start with files it cannot use.
+    /// Loads the files for a gRPC listener; the server does not start with files it cannot
+    /// use.
     pub fn new(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+        ServerTls::for_protocol(files, Alpn::H2)
+    }
+
+    /// Loads the files for a listener speaking `alpn`.
+    pub fn for_protocol(files: TlsFiles, alpn: Alpn) -> Result<Arc<ServerTls>, TlsError> {
         let seen = stamp(&files);
-        let config = load(&files)?;
-        Ok(Arc::new(ServerTls { files, current: RwLock::new(Arc::new(config)), seen: Mutex::new(seen) }))
+        let config = load_for(&files, alpn)?;
+        Ok(Arc::new(ServerTls {
+            files,
+            alpn,
+            current: RwLock::new(Arc::new(config)),
+            seen: Mutex::new(seen),
+        }))
     }
 
     /// Whether clients must present a certificate.
@@ -138,7 +175,8 @@ impl ServerTls {
         self.files.client_ca.is_some()
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// The acceptor for a new connection, with the configuration in use now.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
@@ -154,7 +192,7 @@ impl ServerTls {
             }
             *seen = now;
         }
-        match load(&self.files) {
+        match load_for(&self.files, self.alpn) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
                 info!(cert = %self.files.cert.display(), "TLS files changed: new connections use them");

@@ -323,8 +323,15 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
             "--admin-listen=unix:/run/rust-ipam/admin.sock",
             "--admin-listen=0.0.0.0:50052",
             "--admin-tls-client-ca=/etc/rust-ipam/admin-ca/ca.crt",
+            "--metrics-tls-cert=/etc/rust-ipam/tls/tls.crt",
+            "--metrics-tls-key=/etc/rust-ipam/tls/tls.key",
         ]
     );
+    // The metrics port is HTTPS: the probes and Prometheus' discovery are told so.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(server[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
+    assert_eq!(deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"], "https");
     // Only the admins' CA from their Secret, not its key.
     let (m, vol) = mounted(pod, server, "/etc/rust-ipam/admin-ca");
     assert_eq!(
@@ -368,6 +375,14 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
     let spec = rest.pointer_mut("/spec/template/spec").unwrap().as_object_mut().unwrap();
     assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(3));
     spec["securityContext"].as_object_mut().unwrap().remove("fsGroup");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        rest.pointer_mut(&format!("{c}/{probe}/httpGet")).unwrap().as_object_mut().unwrap().remove("scheme");
+    }
+    rest.pointer_mut("/spec/template/metadata/annotations")
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("prometheus.io/scheme");
     assert_eq!(&rest, base_deployment);
 
     // The Service: gRPC over TLS, not h2c, and the admin port.
@@ -385,9 +400,16 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
             &json!({"name": "admin", "port": 50052, "targetPort": "admin", "protocol": "TCP", "appProtocol": "https"})
         )
     );
+    assert_eq!(
+        port("metrics"),
+        Some(
+            &json!({"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP", "appProtocol": "https"})
+        )
+    );
     let mut rest = service.clone();
     remove_named(&mut rest, "/spec/ports", "admin");
     rest["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
+    rest["spec"]["ports"][1]["appProtocol"] = json!("http");
     assert_eq!(&rest, find(&base, "Service", "rust-ipam"));
 
     // The CronJob: rust-ipam-ctl over TLS to the admin port, with the admin certificate and

@@ -11,7 +11,7 @@ use ipam_server::metrics::Metrics;
 use ipam_server::reconcile::ReconcileMetrics;
 use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
-use ipam_server::tls::{ServerTls, TlsFiles};
+use ipam_server::tls::{Alpn, ServerTls, TlsFiles};
 use tracing::info;
 
 /// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
@@ -57,6 +57,13 @@ struct Args {
     /// (`ip:port`); `off` to serve none.
     #[arg(long, env = "RUST_IPAM_METRICS_LISTEN", default_value = "127.0.0.1:9156")]
     metrics_listen: MetricsListen,
+    /// PEM certificate chain for the metrics listener: with it (and --metrics-tls-key),
+    /// `/metrics` and the probes are served over HTTPS only (reloaded like --tls-cert).
+    #[arg(long, env = "RUST_IPAM_METRICS_TLS_CERT", requires = "metrics_tls_key")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// PEM private key of --metrics-tls-cert.
+    #[arg(long, env = "RUST_IPAM_METRICS_TLS_KEY", requires = "metrics_tls_cert")]
+    metrics_tls_key: Option<PathBuf>,
     /// Name of this replica in Status answers and the leader Lease. Default: the pod name
     /// ($POD_NAME), else the host name and the first listen address.
     #[arg(long, env = "RUST_IPAM_IDENTITY")]
@@ -437,8 +444,19 @@ async fn bind_listeners(args: &Args) -> anyhow::Result<Listeners> {
         Some(ca) => load(Some(ca))?,
         None => None,
     };
+    // The metrics listener's own certificate (or the gRPC one given again): HTTP/1.1, no
+    // client certificates (Prometheus and the kubelet's HTTPS probes present none).
+    let metrics_tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: None };
+            let tls = ServerTls::for_protocol(files, Alpn::Http1).context("metrics TLS")?;
+            tokio::spawn(tls.clone().watch(args.tls_reload_every));
+            Some(tls)
+        }
+        _ => None,
+    };
     let mut listeners =
-        Listeners { tls: load(args.tls_client_ca.as_ref())?, admin_tls, ..Listeners::default() };
+        Listeners { tls: load(args.tls_client_ca.as_ref())?, admin_tls, metrics_tls, ..Listeners::default() };
     for l in &args.listen {
         listeners.main.push(Bound::bind(l).await?);
     }

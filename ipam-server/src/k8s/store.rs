@@ -403,7 +403,9 @@ async fn list_each(
         .map_err(|e| StoreError::new(what, e))
 }
 
-pub(super) fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
+/// The lease an IPLease object read back from the API server holds, or why it holds none
+/// (public for the fuzz target `kube_objects`, which feeds it what an API server could return).
+pub fn decode_lease(obj: &DynamicObject) -> Result<Lease, String> {
     let spec = obj.data.get("spec").ok_or("has no spec")?;
     let spec = IPLeaseSpec::deserialize(spec).map_err(|e| format!("spec: {e}"))?;
     spec.to_lease(&obj.name_any()).map_err(|e| e.to_string())
