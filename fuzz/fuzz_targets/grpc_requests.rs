@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 
 use ipam_server::allocator::Change;
+use ipam_server::authz::Authz;
 use ipam_server::engine::Engine;
 use ipam_server::grpc::{AdminService, IpamService};
 use ipam_server::metrics::Metrics;
@@ -70,8 +71,8 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let engine = Engine::start(Box::new(Forget), Metrics::new()).await.expect("engine");
         let (serving, _role) = Serving::fixed(engine);
-        let ipam = IpamService::new(serving.clone(), "fuzz".into());
-        let admin = AdminService::new(serving);
+        let ipam = IpamService::new(serving.clone(), "fuzz".into(), Authz::off());
+        let admin = AdminService::new(serving, Authz::off());
         let mut rest = data;
         while rest.len() >= 3 {
             let method = rest[0];

@@ -64,6 +64,9 @@ struct RawIpam {
     tls_ca: Option<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    /// A ServiceAccount token file (the node DaemonSet's projected token, copied to the
+    /// host), sent to servers that authorize callers (`--authorize`).
+    token_file: Option<String>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -93,6 +96,8 @@ pub struct IpamConf {
     pub log_file: String,
     /// TLS material for `https://` servers, read when the config is.
     pub tls: Option<ClientTls>,
+    /// The token from `token_file`, read when the config is.
+    pub token: Option<String>,
     /// Keys accepted and not used (Whereabouts' datastore keys, for instance).
     pub ignored: Vec<String>,
 }
@@ -276,6 +281,10 @@ impl IpamConf {
             nad.tls_cert.clone().or(node.tls_cert.clone()),
             nad.tls_key.clone().or(node.tls_key.clone()),
         )?;
+        let token = match nad.token_file.clone().or(node.token_file.clone()).filter(|p| !p.is_empty()) {
+            Some(path) => Some(read_token(&path)?),
+            None => None,
+        };
         let timeout_ms = nad.timeout_ms.or(node.timeout_ms).unwrap_or(DEFAULT_TIMEOUT_MS);
         if timeout_ms == 0 {
             return Err(invalid("timeout_ms must be positive"));
@@ -297,9 +306,24 @@ impl IpamConf {
             debug: pick(nad.log_level.clone(), node.log_level.clone()).eq_ignore_ascii_case("debug"),
             log_file: pick(nad.log_file.clone(), node.log_file.clone()),
             tls,
+            token,
             ignored,
         })
     }
+}
+
+/// Reads the token `token_file` names: one line of printable ASCII.
+fn read_token(path: &str) -> Result<String, CniError> {
+    let bytes = read_named_file(Path::new(path))
+        .map_err(|e| invalid(format!("token_file {path:?} cannot be read: {e}")))?;
+    let token = String::from_utf8(bytes).unwrap_or_default();
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "token_file {path:?} does not hold a token (one line of printable ASCII)"
+        )));
+    }
+    Ok(token.to_string())
 }
 
 /// Reads the TLS files the keys name; `https://` servers need at least the CA.

@@ -7,9 +7,11 @@ use std::time::Duration;
 use cni::{CniArgs, CniError, CniResult, Env, ErrorCode, Failure, IpConfig};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
-use rust_ipam_proto::{CallError, Replicas};
+use rust_ipam_proto::{Bearer, CallError, Replicas};
 use serde_json::Value;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::config::{IpamConf, NODE_CONFIG, NetConf};
 
@@ -40,6 +42,14 @@ struct Call<'a> {
     conf: &'a NetConf,
     ipam: &'a IpamConf,
     client: Replicas,
+    bearer: Bearer,
+}
+
+type Ipam = IpamClient<InterceptedService<Channel, Bearer>>;
+
+/// The Ipam client on `ch`, sending the config's token.
+fn ipam_client(ch: Channel, bearer: &Bearer) -> Ipam {
+    IpamClient::with_interceptor(ch, bearer.clone())
 }
 
 /// Checks the `ipam` section and runs `verb` against the servers on a runtime of its own.
@@ -70,7 +80,9 @@ where
     let client = Replicas::new(&ipam.servers, ipam.tls.clone(), ipam.timeout)
         .map_err(|e| CniError::new(ErrorCode::INVALID_CONFIG, e))?
         .attempt_timeout(ATTEMPT_TIMEOUT);
-    let mut c = Call { env, args: env.cni_args()?, conf, ipam, client };
+    let bearer = Bearer::new(ipam.token.as_deref())
+        .map_err(|e| CniError::new(ErrorCode::INVALID_CONFIG, format!("token_file: {e}")))?;
+    let mut c = Call { env, args: env.cni_args()?, conf, ipam, client, bearer };
     rt.block_on(verb(&mut c))
 }
 
@@ -170,11 +182,12 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
         ranges: ranges(ipam),
         requested_addresses: requested,
     };
+    let bearer = c.bearer.clone();
     let leases = c
         .client
         .call(|ch| {
-            let req = req.clone();
-            async move { IpamClient::new(ch).allocate(req).await }
+            let (req, bearer) = (req.clone(), bearer.clone());
+            async move { ipam_client(ch, &bearer).allocate(req).await }
         })
         .await
         .map_err(cni_error)?
@@ -202,11 +215,12 @@ fn parse_ip(s: &str) -> Result<IpAddr, CniError> {
 /// of valid attachments) or the server's reconcile pass (the pod is gone). Nothing is lost.
 async fn del(c: &mut Call<'_>) -> Result<(), CniError> {
     let req = pb::ReleaseRequest { attachment: Some(attachment(c)), network: c.ipam.network_name.clone() };
+    let bearer = c.bearer.clone();
     match c
         .client
         .call(|ch| {
-            let req = req.clone();
-            async move { IpamClient::new(ch).release(req).await }
+            let (req, bearer) = (req.clone(), bearer.clone());
+            async move { ipam_client(ch, &bearer).release(req).await }
         })
         .await
     {
@@ -234,11 +248,12 @@ async fn check(c: &mut Call<'_>) -> Result<(), CniError> {
         })
         .unwrap_or_default();
     let req = pb::CheckRequest { attachment: Some(attachment(c)), network: c.ipam.network_name.clone() };
+    let bearer = c.bearer.clone();
     let leases = match c
         .client
         .call(|ch| {
-            let req = req.clone();
-            async move { IpamClient::new(ch).check(req).await }
+            let (req, bearer) = (req.clone(), bearer.clone());
+            async move { ipam_client(ch, &bearer).check(req).await }
         })
         .await
     {
@@ -274,10 +289,11 @@ async fn gc(c: &mut Call<'_>) -> Result<(), CniError> {
             .map(|(id, i)| pb::AttachmentKey { container_id: id.clone(), ifname: i.clone() })
             .collect(),
     };
+    let bearer = c.bearer.clone();
     c.client
         .call(|ch| {
-            let req = req.clone();
-            async move { IpamClient::new(ch).gc(req).await }
+            let (req, bearer) = (req.clone(), bearer.clone());
+            async move { ipam_client(ch, &bearer).gc(req).await }
         })
         .await
         .map(|_| ())
@@ -285,7 +301,12 @@ async fn gc(c: &mut Call<'_>) -> Result<(), CniError> {
 }
 
 async fn status(c: &mut Call<'_>) -> Result<(), CniError> {
-    match c.client.call(|ch| async move { IpamClient::new(ch).status(pb::StatusRequest {}).await }).await {
+    let bearer = c.bearer.clone();
+    let status = |ch| {
+        let bearer = bearer.clone();
+        async move { ipam_client(ch, &bearer).status(pb::StatusRequest {}).await }
+    };
+    match c.client.call(status).await {
         Ok(s) if s.serving => Ok(()),
         Ok(s) => Err(CniError::new(
             ErrorCode::NOT_AVAILABLE,

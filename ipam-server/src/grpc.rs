@@ -13,9 +13,10 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::allocator::{
-    self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, PoolUsage, RangeInput,
-    RangeSpec,
+    self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, Leases, PodRef, PoolUsage,
+    RangeInput, RangeSpec,
 };
+use crate::authz::{Authz, Caller};
 use crate::engine::EngineError;
 use crate::reconcile::{self, PassError, Reconciler};
 use crate::role::{NotServing, Serving};
@@ -220,9 +221,31 @@ impl TryFrom<pb::ReconcileAction> for reconcile::Action {
     }
 }
 
-fn attachment_key(a: Option<pb::Attachment>) -> Result<(String, String), Status> {
-    let a = check_attachment(a)?;
-    Ok((a.container_id, a.ifname))
+/// The node other than the caller's that holds one of `held`, if any: a node may act only
+/// on the leases recorded for it.
+fn foreign_node(held: &Leases, caller: &Caller) -> Option<String> {
+    if caller.admin {
+        return None;
+    }
+    held.iter().map(|l| &l.holder.node).find(|n| !caller.nodes.contains(n)).cloned()
+}
+
+/// What an engine call answers when the caller may not touch the attachment's leases.
+enum Guarded<T> {
+    Done(T),
+    /// The attachment's leases are recorded for this other node.
+    Foreign(String),
+}
+
+impl<T> Guarded<T> {
+    fn or_deny(self, rpc: &'static str, caller: &Caller, authz: &Authz) -> Result<T, Status> {
+        match self {
+            Guarded::Done(t) => Ok(t),
+            Guarded::Foreign(node) => {
+                Err(authz.deny(rpc, caller, &format!("may not act on leases recorded for node {node:?}")))
+            }
+        }
+    }
 }
 
 /// The `rustipam.v1.Ipam` service.
@@ -230,12 +253,28 @@ fn attachment_key(a: Option<pb::Attachment>) -> Result<(String, String), Status>
 pub struct IpamService {
     serving: Serving,
     identity: String,
+    authz: Arc<Authz>,
 }
 
 impl IpamService {
-    /// Serves allocation while this replica leads; `identity` names it in Status.
-    pub fn new(serving: Serving, identity: String) -> IpamService {
-        IpamService { serving, identity }
+    /// Serves allocation while this replica leads; `identity` names it in Status; `authz`
+    /// decides who may do what.
+    pub fn new(serving: Serving, identity: String, authz: Arc<Authz>) -> IpamService {
+        IpamService { serving, identity, authz }
+    }
+
+    /// The attachment's key, once the node the request names (if any) is the caller's.
+    fn own_attachment(
+        &self,
+        rpc: &'static str,
+        caller: &Caller,
+        a: Option<pb::Attachment>,
+    ) -> Result<(String, String), Status> {
+        let a = check_attachment(a)?;
+        if !a.node.is_empty() {
+            caller.may_act_for(rpc, &a.node, &self.authz)?;
+        }
+        Ok((a.container_id, a.ifname))
     }
 }
 
@@ -245,14 +284,28 @@ impl pb::ipam_server::Ipam for IpamService {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let req = check_allocate(request.into_inner())?;
+        let caller = self.authz.caller("Allocate", &request).await?;
+        let mut req = check_allocate(request.into_inner())?;
+        let node = caller.node_for(&req.attachment.node);
+        caller.may_act_for("Allocate", &node, &self.authz)?;
+        if node != req.attachment.node {
+            Arc::make_mut(&mut req.attachment).node = node;
+        }
+        let who = caller.clone();
         let got = self
             .serving
             .ready_engine()
             .await?
-            .call(move |a, now| a.allocate(&req, now))
+            .call(move |a, now| {
+                let held = a.check(&req.network, &req.attachment.container_id, &req.attachment.ifname);
+                match foreign_node(&held, &who) {
+                    Some(node) => Guarded::Foreign(node),
+                    None => Guarded::Done(a.allocate(&req, now)),
+                }
+            })
             .await
             .map_err(engine_status)?
+            .or_deny("Allocate", &caller, &self.authz)?
             .map_err(status)?;
         for l in &got {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname,
@@ -266,16 +319,22 @@ impl pb::ipam_server::Ipam for IpamService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = self.authz.caller("Release", &request).await?;
         let r = request.into_inner();
-        let (cid, ifname) = attachment_key(r.attachment)?;
+        let (cid, ifname) = self.own_attachment("Release", &caller, r.attachment)?;
         let network = r.network;
+        let who = caller.clone();
         let released = self
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| a.release(&network, &cid, &ifname))
+            .call(move |a, _| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
+                Some(node) => Guarded::Foreign(node),
+                None => Guarded::Done(a.release(&network, &cid, &ifname)),
+            })
             .await
-            .map_err(engine_status)?;
+            .map_err(engine_status)?
+            .or_deny("Release", &caller, &self.authz)?;
         for l in &released {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released");
         }
@@ -283,8 +342,9 @@ impl pb::ipam_server::Ipam for IpamService {
     }
 
     async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+        let caller = self.authz.caller("Check", &request).await?;
         let r = request.into_inner();
-        let (cid, ifname) = attachment_key(r.attachment)?;
+        let (cid, ifname) = self.own_attachment("Check", &caller, r.attachment)?;
         let network = r.network;
         let (c2, i2, n2) = (cid.clone(), ifname.clone(), network.clone());
         let leases = self
@@ -294,6 +354,9 @@ impl pb::ipam_server::Ipam for IpamService {
             .call(move |a, _| a.check(&n2, &c2, &i2))
             .await
             .map_err(engine_status)?;
+        if let Some(node) = foreign_node(&leases, &caller) {
+            return Err(Guarded::<()>::Foreign(node).or_deny("Check", &caller, &self.authz).unwrap_err());
+        }
         if leases.is_empty() {
             return Err(Status::not_found(format!(
                 "container {cid} interface {ifname} holds no address in network \"{network}\""
@@ -303,6 +366,7 @@ impl pb::ipam_server::Ipam for IpamService {
     }
 
     async fn gc(&self, request: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
+        let caller = self.authz.caller("Gc", &request).await?;
         let r = request.into_inner();
         let mut valid = HashSet::new();
         for (i, k) in r.valid_attachments.into_iter().enumerate() {
@@ -322,6 +386,7 @@ impl pb::ipam_server::Ipam for IpamService {
                 "is required: a GC frees only the leases of the node that sent it",
             ));
         }
+        caller.may_act_for("Gc", &r.node, &self.authz)?;
         let (network, node) = (r.network, r.node);
         let released = self
             .serving
@@ -363,12 +428,14 @@ impl pb::ipam_server::Ipam for IpamService {
 pub struct AdminService {
     serving: Serving,
     reconciler: Option<Arc<Reconciler>>,
+    authz: Arc<Authz>,
 }
 
 impl AdminService {
-    /// Serves operator queries and changes while this replica leads.
-    pub fn new(serving: Serving) -> AdminService {
-        AdminService { serving, reconciler: None }
+    /// Serves operator queries and changes while this replica leads, to the callers
+    /// `authz` takes for admins.
+    pub fn new(serving: Serving, authz: Arc<Authz>) -> AdminService {
+        AdminService { serving, reconciler: None, authz }
     }
 
     /// Runs Reconcile passes with `reconciler` (without one, Reconcile answers
@@ -417,6 +484,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        self.authz.admin("ListPools", &request).await?;
         let network = request.into_inner().network;
         let pools = self
             .serving
@@ -432,6 +500,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        self.authz.admin("ListLeases", &request).await?;
         let r = request.into_inner();
         let page_size = match r.page_size {
             0 => DEFAULT_PAGE,
@@ -467,6 +536,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn get_lease(&self, request: Request<pb::GetLeaseRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.authz.admin("GetLease", &request).await?;
         let r = request.into_inner();
         let ip = check_address("address", &r.address)?;
         let network = r.network;
@@ -482,6 +552,7 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.authz.admin("Reserve", &request).await?;
         let r = request.into_inner();
         let ip = check_address("address", &r.address)?;
         let note = check_note("note", &r.note)?;
@@ -502,6 +573,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReleaseAddressRequest>,
     ) -> Result<Response<pb::ReleaseAddressResponse>, Status> {
+        self.authz.admin("ReleaseAddress", &request).await?;
         let r = request.into_inner();
         let ip = check_address("address", &r.address)?;
         let reason = check_note("reason", &r.reason)?;
@@ -523,6 +595,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        self.authz.admin("Reconcile", &request).await?;
         let r = request.into_inner();
         let engine = self.serving.ready_engine().await?;
         let reconciler = self

@@ -2,6 +2,7 @@
 //! them.
 
 pub mod allocator;
+pub mod authz;
 pub mod cli;
 pub mod engine;
 pub mod grpc;

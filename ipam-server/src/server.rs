@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use crate::authz::Authz;
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 use crate::metrics::Metrics;
@@ -106,6 +107,9 @@ pub struct Listeners {
     /// TLS on the metrics listener (`/metrics`, `/healthz`, `/readyz` over HTTPS, HTTP/1.1);
     /// `None`: plain HTTP.
     pub metrics_tls: Option<Arc<ServerTls>>,
+    /// Who may do what (`--authorize`); `None`: every caller a listener admits may do
+    /// everything.
+    pub authz: Option<Arc<Authz>>,
 }
 
 impl From<Vec<Bound>> for Listeners {
@@ -179,8 +183,10 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
-    let ipam = IpamServer::new(IpamService::new(serving.clone(), identity));
-    let admin = AdminServer::new(AdminService::new(serving.clone()).with_reconciler(reconciler.clone()));
+    let authz = listeners.authz.clone().unwrap_or_else(Authz::off);
+    let ipam = IpamServer::new(IpamService::new(serving.clone(), identity, authz.clone()));
+    let admin =
+        AdminServer::new(AdminService::new(serving.clone(), authz).with_reconciler(reconciler.clone()));
     let reconcile_timer = reconciler.spawn_timer(serving.clone());
     let without_admin = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer(metrics.clone()))

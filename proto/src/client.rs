@@ -6,6 +6,33 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// Adds `authorization: Bearer <token>` to every request of a client it intercepts (the
+/// server's `--authorize` takes a ServiceAccount token that way); nothing without a token.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    /// A bearer of `token`; refused when it cannot be sent as a header value.
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        match token {
+            None => Ok(Bearer(None)),
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| "the token holds characters a header cannot carry".to_string()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// What a client needs for `https://` endpoints, as PEM: the CA that signed the server's
 /// certificate and, for mutual TLS, this client's certificate chain and key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 mod client;
 mod replicas;
-pub use client::{ClientTls, connect, connect_with};
+pub use client::{Bearer, ClientTls, connect, connect_with};
 pub use replicas::{CallError, Replicas, check_endpoint};
 
 /// Metadata key of an UNAVAILABLE status from a replica that does not allocate: the

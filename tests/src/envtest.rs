@@ -534,13 +534,58 @@ impl Envtest {
     /// A token of `account` from the TokenRequest API (a day long, as a projected token
     /// that the kubelet would renew).
     async fn token(&self, client: &kube::Client, ns: &str, account: &str) -> anyhow::Result<String> {
-        let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 86400}});
-        let req = http::Request::post(format!("/api/v1/namespaces/{ns}/serviceaccounts/{account}/token"))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&req)?)?;
-        let answer: Value = client.request(req).await.with_context(|| format!("token of {ns}/{account}"))?;
-        answer["status"]["token"].as_str().map(str::to_string).context("TokenRequest answered no token")
+        token_request(client, ns, account, json!({"expirationSeconds": 86400})).await
     }
+
+    /// `token` (a JWT this API server issued) signed again with its service-account key,
+    /// expired an hour ago: what a node would present with a token it failed to renew.
+    pub fn expired_copy(&self, token: &str) -> anyhow::Result<String> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (Some(header), Some(claims)) = (parts.next(), parts.next()) else { bail!("not a JWT") };
+        let mut claims: Value = serde_json::from_slice(&b64.decode(claims)?)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        claims["exp"] = json!(now - 3600);
+        claims["iat"] = json!(now - 7200);
+        claims["nbf"] = json!(now - 7200);
+        let signed = format!("{header}.{}", b64.encode(serde_json::to_vec(&claims)?));
+        let key = KeyPair::from_pem(&std::fs::read_to_string(self.dir.join("sa.key"))?)?;
+        let der = rcgen::SigningKey::sign(&key, signed.as_bytes())?;
+        Ok(format!("{signed}.{}", b64.encode(ecdsa_fixed(&der)?)))
+    }
+}
+
+/// A token of `account` in `ns` from the TokenRequest API with `spec` (audiences,
+/// expirationSeconds, boundObjectRef).
+pub async fn token_request(
+    client: &kube::Client,
+    ns: &str,
+    account: &str,
+    spec: Value,
+) -> anyhow::Result<String> {
+    let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec});
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/serviceaccounts/{account}/token"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&req)?)?;
+    let answer: Value = client.request(req).await.with_context(|| format!("token of {ns}/{account}"))?;
+    answer["status"]["token"].as_str().map(str::to_string).context("TokenRequest answered no token")
+}
+
+/// An ECDSA P-256 signature as JWT's ES256 wants it (r and s, 32 bytes each) from the DER
+/// SEQUENCE of two INTEGERs that the signer gives.
+fn ecdsa_fixed(der: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(64);
+    let mut at = 2; // SEQUENCE tag and its (short) length
+    for _ in 0..2 {
+        anyhow::ensure!(der.get(at) == Some(&0x02), "not an ECDSA DER signature");
+        let len = usize::from(*der.get(at + 1).context("short signature")?);
+        let int = der.get(at + 2..at + 2 + len).context("short signature")?;
+        let int = &int[int.len().saturating_sub(32)..];
+        out.extend(std::iter::repeat_n(0u8, 32 - int.len()));
+        out.extend_from_slice(int);
+        at += 2 + len;
+    }
+    Ok(out)
 }
 
 /// One test's namespace on the shared API server.

@@ -10,6 +10,7 @@ pub mod kube_standin;
 pub mod microvm;
 pub mod netns;
 pub mod node;
+pub mod pki;
 pub mod relay;
 
 use std::path::{Path, PathBuf};

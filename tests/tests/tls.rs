@@ -9,40 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rust_ipam_e2e::pki::Ca;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin, skip, workspace_bin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::admin_client::AdminClient;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
 use rust_ipam_proto::{ClientTls, connect, connect_with};
 use serde_json::{Value, json};
-
-/// A certificate authority that issues leaf certificates.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().expect("key");
-        let pem = params.self_signed(&key).expect("self-signed").pem();
-        Ca { pem, issuer: Issuer::new(params, key) }
-    }
-
-    /// A leaf certificate and key (PEM) for `names` (DNS names or IP addresses).
-    fn issue(&self, cn: &str, names: &[&str]) -> (String, String) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// Writes `text` to `path` the way a Secret volume changes: a new file renamed over the old.
 fn replace(path: &Path, text: &str) {

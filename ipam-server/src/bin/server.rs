@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use ipam_server::authz::{Authz, AuthzConfig};
 use ipam_server::cli::parse_duration;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
@@ -46,6 +47,28 @@ struct Args {
     /// (which the main listeners accept) cannot call it.
     #[arg(long, env = "RUST_IPAM_ADMIN_TLS_CLIENT_CA", requires = "tls_cert")]
     admin_tls_client_ca: Option<PathBuf>,
+    /// Enforce who may do what: a node allocates, releases, checks and GCs only its own
+    /// node's attachments; Admin needs an --admin identity. Callers identify with a
+    /// ServiceAccount token (`authorization: Bearer`, checked by TokenReview) or a client
+    /// certificate naming their node (CN or DNS name, `system:node:NAME` or `NAME`).
+    #[arg(long, env = "RUST_IPAM_AUTHORIZE")]
+    authorize: bool,
+    /// ServiceAccounts (`namespace/name`) whose pod-bound tokens speak for the node their pod
+    /// runs on (the node DaemonSet's). Repeat or comma list.
+    #[arg(long = "node-service-account", env = "RUST_IPAM_NODE_SERVICE_ACCOUNTS", value_delimiter = ',',
+          value_parser = parse_account)]
+    node_service_accounts: Vec<String>,
+    /// Identities allowed the Admin service: `system:serviceaccount:NS:NAME`, or a client
+    /// certificate's CN or DNS name. Repeat or comma list.
+    #[arg(long = "admin", env = "RUST_IPAM_ADMINS", value_delimiter = ',')]
+    admins: Vec<String>,
+    /// The audience node tokens must be issued for (the projected token's `audience`).
+    #[arg(long, env = "RUST_IPAM_TOKEN_AUDIENCE", default_value = "rust-ipam")]
+    token_audience: String,
+    /// How long a token's TokenReview answer is used before asking again; past it, while
+    /// the API server cannot be reached, until the token expires.
+    #[arg(long, env = "RUST_IPAM_TOKEN_CACHE", default_value = "1m", value_parser = parse_duration)]
+    token_cache: std::time::Duration,
     /// How often the TLS files are checked for changes (new connections use new files).
     #[arg(long, env = "RUST_IPAM_TLS_RELOAD_EVERY", default_value = "10s", value_parser = parse_duration)]
     tls_reload_every: std::time::Duration,
@@ -123,6 +146,14 @@ enum StoreKind {
     Auto,
     Embedded,
     Kube,
+}
+
+/// `--node-service-account`: `namespace/name`.
+fn parse_account(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not namespace/name")),
+    }
 }
 
 /// `--metrics-listen`: an address, or `off`.
@@ -488,6 +519,25 @@ async fn shutdown_signal() {
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = Metrics::builder();
     let reconcile_metrics = ReconcileMetrics::register(registry.sub_registry("reconcile"));
+    let authz = if args.authorize {
+        // Tokens are reviewed by the API server the store uses, or the --kubeconfig one.
+        let client = match use_kube(&args) || args.kubeconfig.is_some() {
+            true => Some(kube_client(args.kubeconfig.as_deref()).await?),
+            false => None,
+        };
+        let config = AuthzConfig {
+            enabled: true,
+            node_accounts: args.node_service_accounts.clone(),
+            admins: args.admins.clone(),
+            audience: args.token_audience.clone(),
+            cache_for: args.token_cache,
+        };
+        info!(node_accounts = ?config.node_accounts, admins = ?config.admins, tokens = client.is_some(),
+              "authorization on");
+        Some(std::sync::Arc::new(Authz::new(config, client, registry.sub_registry("authz"))))
+    } else {
+        None
+    };
     let metrics = registry.build();
     let metrics_listener = match args.metrics_listen {
         MetricsListen::Off => None,
@@ -497,7 +547,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("binding metrics on {addr}"))?,
         ),
     };
-    let listeners = bind_listeners(&args).await?;
+    let mut listeners = bind_listeners(&args).await?;
+    listeners.authz = authz;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     if use_kube(&args) {
         return run_kube(&args, identity, listeners, (metrics, metrics_listener), reconcile_metrics).await;
