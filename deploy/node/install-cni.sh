@@ -19,6 +19,9 @@
 #   $HOST_CONF_DIR/ca.crt, rust-multus.token  the node ServiceAccount's CA and token
 #   $HOST_CONF_DIR/tls/{ca.crt,tls.crt,tls.key}  with RUST_IPAM_TLS_DIR (below): the node's
 #                                         client certificate for mutual TLS (key mode 0600)
+#   $HOST_CONF_DIR/rust-ipam.token        with RUST_IPAM_TOKEN_DIR: this pod's projected token
+#                                         (audience rust-ipam), the plugin's token_file for a
+#                                         server run with --authorize (mode 0600)
 #
 # The plugins run in the host's network namespace, where the cluster's DNS names usually do
 # not resolve, so the node config names the Service by its ClusterIP: the
@@ -44,6 +47,7 @@ BINARIES=${RUST_IPAM_BINARIES:-rust-ipam rust-multus rust-macvlan rust-ipvlan}
 SA_DIR=${RUST_IPAM_SA_DIR:-/var/run/secrets/kubernetes.io/serviceaccount}
 REFRESH_SECONDS=${RUST_IPAM_REFRESH_SECONDS:-60}
 TLS_DIR=${RUST_IPAM_TLS_DIR:-}
+TOKEN_DIR=${RUST_IPAM_TOKEN_DIR:-}
 TLS_FILES="ca.crt tls.crt tls.key"
 
 log() { echo "rust-ipam-node-install: $*" >&2; }
@@ -122,6 +126,7 @@ install_all() {
 	[ "$timeout_ms" -gt 0 ] || die "RUST_IPAM_TIMEOUT_MS must be positive"
 	servers=$(servers_json)
 	check_tls_dir
+	[ -z "$TOKEN_DIR" ] || [ -s "$TOKEN_DIR/token" ] || die "RUST_IPAM_TOKEN_DIR $TOKEN_DIR holds no token"
 
 	mkdir -p "$HOST_BIN_DIR" "$HOST_CONF_DIR" || die "cannot create $HOST_BIN_DIR or $HOST_CONF_DIR"
 	chmod 0755 "$HOST_CONF_DIR"
@@ -140,11 +145,19 @@ install_all() {
   \"tls_cert\": \"$NODE_CONF_DIR/tls/tls.crt\",
   \"tls_key\": \"$NODE_CONF_DIR/tls/tls.key\""
 	fi
+	token_key=""
+	if [ -n "$TOKEN_DIR" ]; then
+		put "$TOKEN_DIR/token" "$HOST_CONF_DIR/rust-ipam.token" 0600
+		token_key=",
+  \"token_file\": \"$NODE_CONF_DIR/rust-ipam.token\""
+	else
+		rm -f "$HOST_CONF_DIR/rust-ipam.token"
+	fi
 	put_text "$HOST_CONF_DIR/rust-ipam.conf" 0644 <<CONF
 {
   "server": $servers,
   "node_name": "$NODE_NAME",
-  "timeout_ms": $timeout_ms$tls_keys
+  "timeout_ms": $timeout_ms$tls_keys$token_key
 }
 CONF
 	if [ -z "$TLS_DIR" ] && [ -d "$HOST_CONF_DIR/tls" ]; then
@@ -236,13 +249,16 @@ install)
 	;;
 run)
 	install_all
-	log "installed; refreshing the token${TLS_DIR:+ and the TLS files} every ${REFRESH_SECONDS}s"
+	log "installed; refreshing the tokens${TLS_DIR:+ and the TLS files} every ${REFRESH_SECONDS}s"
 	trap 'exit 0' TERM INT
 	while :; do
 		sleep "$REFRESH_SECONDS" &
 		wait $! || true
 		if [ -f "$SA_DIR/token" ] && [ -d "$HOST_CONF_DIR" ]; then
 			put "$SA_DIR/token" "$HOST_CONF_DIR/rust-multus.token" 0600
+		fi
+		if [ -n "$TOKEN_DIR" ] && [ -s "$TOKEN_DIR/token" ] && [ -d "$HOST_CONF_DIR" ]; then
+			put "$TOKEN_DIR/token" "$HOST_CONF_DIR/rust-ipam.token" 0600
 		fi
 		# A renewed certificate (the kubelet updates the mounted Secret): copy it over.
 		# A Secret caught half-updated is skipped until the next round.

@@ -25,7 +25,7 @@ impl ObjectSource for OneConfig {
         Ok(None)
     }
     fn nad(&self, _: &str, _: &str) -> Result<Option<NadInfo>, SourceError> {
-        Ok(Some(NadInfo { config: self.0.clone() }))
+        Ok(Some(NadInfo { config: self.0.clone(), resource_name: String::new() }))
     }
     fn annotate_pod(&self, _: &str, _: &str, _: &str, _: Option<&str>) -> Result<(), SourceError> {
         Ok(())
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     if !f[3].is_empty() {
         annotations.insert(DEFAULT_NETWORK_ANNOTATION.to_string(), text(f[3]));
     }
-    let info = PodInfo { uid: "uid-1".into(), annotations };
+    let info = PodInfo { uid: "uid-1".into(), annotations, claims: Vec::new() };
     let source = OneConfig(nad);
     let pod = Pod { namespace: "default", info: Some(&info) };
     match resolve::delegates(&conf, Some(&source), &pod, "eth0") {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::admin_client::AdminClient;
-use rust_ipam_proto::{ClientTls, Replicas};
+use rust_ipam_proto::{Bearer, ClientTls, Replicas};
 
 use crate::reconcile::{Action, Reason, Row, table};
 
@@ -46,6 +46,7 @@ pub fn client_tls(
 /// Exit status 0 when the pass ran, 2 when some leases could not be checked or freed.
 pub async fn reconcile(
     replicas: &mut Replicas,
+    bearer: &Bearer,
     dry_run: bool,
     grace: Option<Duration>,
 ) -> anyhow::Result<ExitCode> {
@@ -55,7 +56,12 @@ pub async fn reconcile(
         bail!("--grace {g:?} is not a whole number of seconds");
     }
     let request = pb::ReconcileRequest { dry_run, grace_seconds: grace.map(|g| g.as_secs()) };
-    let response = replicas.call(|ch| async move { AdminClient::new(ch).reconcile(request).await }).await?;
+    let response = replicas
+        .call(|ch| {
+            let bearer = bearer.clone();
+            async move { AdminClient::with_interceptor(ch, bearer).reconcile(request).await }
+        })
+        .await?;
     print!("{}", render(&response));
     let failed = response.entries.iter().filter(|e| e.action() == pb::ReconcileAction::Failed).count();
     Ok(if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })

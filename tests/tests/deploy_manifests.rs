@@ -89,7 +89,9 @@ fn kustomize_renders_every_object_wired_together() {
         ns("RoleBinding", "rust-ipam-server"),
         cluster("ClusterRole", "rust-ipam-pod-reader"),
         cluster("ClusterRole", "rust-ipam-node"),
+        cluster("ClusterRole", "rust-ipam-token-reviewer"),
         cluster("ClusterRoleBinding", "rust-ipam-server-pod-reader"),
+        cluster("ClusterRoleBinding", "rust-ipam-server-token-reviewer"),
         cluster("ClusterRoleBinding", "rust-ipam-node"),
         ns("Service", "rust-ipam"),
         ns("Deployment", "rust-ipam-server"),
@@ -143,11 +145,23 @@ fn kustomize_renders_every_object_wired_together() {
     ] {
         assert_eq!(pod["spec"]["serviceAccountName"], sa);
     }
-    // The reconcile Job only calls the server: no binding, no token.
+    // The reconcile Job only calls the server: no binding, no API token; a token for the
+    // server (audience rust-ipam), passed to rust-ipam-ctl.
     assert!(!docs.iter().any(|d| {
         d["subjects"].as_array().is_some_and(|ss| ss.iter().any(|s| s["name"] == "rust-ipam-reconcile"))
     }));
     assert_eq!(cron_pod["spec"]["automountServiceAccountToken"], false);
+    for pod in [&cron_pod["spec"], &daemonset["spec"]["template"]["spec"]] {
+        let projected = &pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "ipam-token")
+            .unwrap()["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(projected["audience"], "rust-ipam", "{pod}");
+    }
+    let cron_args = string_list(&cron_pod["spec"]["containers"][0]["args"]);
+    assert!(cron_args.contains(&"--token-file=/var/run/secrets/rust-ipam/token"), "{cron_args:?}");
     let role = find(&docs, "Role", "rust-ipam-server");
     assert!(
         role["rules"].as_array().unwrap().iter().any(|r| r["resources"] == json!(["leases"])
@@ -162,7 +176,17 @@ fn kustomize_renders_every_object_wired_together() {
     let pod = &deployment["spec"]["template"];
     let server = container(&pod["spec"], "server");
     let args: Vec<&str> = server["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(args, ["--listen=0.0.0.0:50051", "--metrics-listen=0.0.0.0:9090", "--store=kube"]);
+    assert_eq!(
+        args,
+        [
+            "--listen=0.0.0.0:50051",
+            "--metrics-listen=0.0.0.0:9090",
+            "--store=kube",
+            "--authorize",
+            "--node-service-account=rust-ipam/rust-ipam-node",
+            "--admin=system:serviceaccount:rust-ipam:rust-ipam-reconcile",
+        ]
+    );
     assert_eq!(named_port(server, "grpc"), 50051);
     assert_eq!(named_port(server, "metrics"), 9090);
     assert_eq!(env_field_ref(server, "POD_NAME"), "metadata.name");
@@ -199,7 +223,14 @@ fn kustomize_renders_every_object_wired_together() {
     assert_eq!(cronjob["spec"]["concurrencyPolicy"], "Forbid");
     let rc = container(&cron_pod["spec"], "reconcile");
     assert_eq!(rc["command"], json!(["rust-ipam-ctl"]));
-    assert_eq!(rc["args"], json!(["reconcile", format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051")]));
+    assert_eq!(
+        rc["args"],
+        json!([
+            "reconcile",
+            format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051"),
+            "--token-file=/var/run/secrets/rust-ipam/token"
+        ])
+    );
 
     // The node installer: the host paths it writes to are mounted where the script writes
     // by default, and it learns the Service's ClusterIP from the variables Kubernetes
@@ -209,13 +240,18 @@ fn kustomize_renders_every_object_wired_together() {
     assert_eq!(install["command"], json!(["/usr/local/bin/rust-ipam-node-install", "run"]));
     assert_eq!(env_field_ref(install, "NODE_NAME"), "spec.nodeName");
     assert_ne!(ds_pod["enableServiceLinks"], false, "the installer needs the Service's variables");
+    // The projected token for --authorize, where the installer looks for it.
+    let token_dir =
+        env_value(install, "RUST_IPAM_TOKEN_DIR").expect("RUST_IPAM_TOKEN_DIR in the node installer");
+    let (_, vol) = mounted(ds_pod, install, token_dir);
+    assert_eq!(vol["projected"]["sources"][0]["serviceAccountToken"]["audience"], "rust-ipam");
     let mounts: BTreeMap<&str, &str> = install["volumeMounts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
+        .filter_map(|m| {
             let vol = ds_pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == m["name"]).unwrap();
-            (m["mountPath"].as_str().unwrap(), vol["hostPath"]["path"].as_str().unwrap())
+            Some((m["mountPath"].as_str().unwrap(), vol["hostPath"]["path"].as_str()?))
         })
         .collect();
     assert_eq!(
@@ -317,6 +353,9 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
             "--listen=0.0.0.0:50051",
             "--metrics-listen=0.0.0.0:9090",
             "--store=kube",
+            "--authorize",
+            "--node-service-account=rust-ipam/rust-ipam-node",
+            "--admin=system:serviceaccount:rust-ipam:rust-ipam-reconcile",
             "--tls-cert=/etc/rust-ipam/tls/tls.crt",
             "--tls-key=/etc/rust-ipam/tls/tls.key",
             "--tls-client-ca=/etc/rust-ipam/tls/ca.crt",
@@ -425,6 +464,7 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
             "--tls-ca=/etc/rust-ipam/admin-tls/server-ca.crt",
             "--tls-cert=/etc/rust-ipam/admin-tls/tls.crt",
             "--tls-key=/etc/rust-ipam/admin-tls/tls.key",
+            "--token-file=/var/run/secrets/rust-ipam/token",
         ]
     );
     let (_, vol) = mounted(cron_pod, rc, "/etc/rust-ipam/admin-tls");
@@ -438,13 +478,14 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
     assert_eq!(cron_pod["securityContext"]["fsGroup"], 65532);
     let mut rest = cronjob.clone();
     let t = "/spec/jobTemplate/spec/template/spec";
-    *rest.pointer_mut(&format!("{t}/containers/0/args")).unwrap() =
-        json!(["reconcile", format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051")]);
+    *rest.pointer_mut(&format!("{t}/containers/0/args")).unwrap() = json!([
+        "reconcile",
+        format!("--server=http://rust-ipam.{NAMESPACE}.svc:50051"),
+        "--token-file=/var/run/secrets/rust-ipam/token"
+    ]);
     remove_named(&mut rest, &format!("{t}/containers/0/volumeMounts"), "admin-tls");
-    let c_obj = rest.pointer_mut(&format!("{t}/containers/0")).unwrap().as_object_mut().unwrap();
-    assert_eq!(c_obj.remove("volumeMounts"), Some(json!([])));
+    remove_named(&mut rest, &format!("{t}/volumes"), "admin-tls");
     let spec = rest.pointer_mut(t).unwrap().as_object_mut().unwrap();
-    assert_eq!(spec.remove("volumes").map(|v| v.as_array().unwrap().len()), Some(1));
     spec["securityContext"].as_object_mut().unwrap().remove("fsGroup");
     assert_eq!(&rest, find(&base, "CronJob", "rust-ipam-reconcile"), "the rest of the CronJob is the base's");
 
@@ -469,7 +510,9 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
     let base_server =
         container(&find(&base, "Deployment", "rust-ipam-server")["spec"]["template"]["spec"], "server");
     assert!(
-        !string_list(&base_server["args"]).iter().any(|a| a.starts_with("--tls") || a.starts_with("--admin"))
+        !string_list(&base_server["args"])
+            .iter()
+            .any(|a| a.starts_with("--tls") || a.starts_with("--admin-"))
     );
     find(&base, "CronJob", "rust-ipam-reconcile");
 

@@ -315,3 +315,49 @@ fn node_installer_tls_mode_copies_the_certificates_and_writes_https() {
     assert!(!tls_dir.exists());
     assert!(output_text(&o).contains("removed"), "{}", output_text(&o));
 }
+
+/// RUST_IPAM_TOKEN_DIR (the node DaemonSet's projected token for `--authorize`): the token
+/// copied to the host readable by root only, named as the plugin's token_file, read by the
+/// plugin, and a renewed token copied over by `install` again.
+#[test]
+fn node_installer_token_mode_gives_the_plugin_the_pods_token() {
+    const TEST: &str = "node_installer_token_mode_gives_the_plugin_the_pods_token";
+    if let Some(why) = missing(&[("sh", &["-c", "command -v cmp >/dev/null && command -v grep >/dev/null"])])
+    {
+        return skip(TEST, &why);
+    }
+    let inst = Installer::in_temp_dir();
+    let projected = inst.dir.path().join("ipam-token");
+    secret_volume(&projected, 1, &[("token", "header.claims.signature\n")]);
+    let conf_dir = inst.conf_dir();
+    let env = [
+        ("RUST_IPAM_TOKEN_DIR", projected.to_str().unwrap()),
+        ("RUST_IPAM_NODE_CONF_DIR", conf_dir.to_str().unwrap()),
+    ];
+    let o = inst.run("install", &env);
+    assert!(o.status.success(), "install failed:\n{}", output_text(&o));
+    let token = conf_dir.join("rust-ipam.token");
+    assert_eq!(mode(&token), 0o600);
+    let conf: Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("rust-ipam.conf")).unwrap())
+            .expect("JSON");
+    assert_eq!(conf["token_file"], json!(token.to_str().unwrap()));
+    assert_eq!(nad_ipam(&conf_dir.join("rust-ipam.conf")).token.as_deref(), Some("header.claims.signature"));
+
+    secret_volume(&projected, 2, &[("token", "header.claims.renewed\n")]);
+    assert!(inst.run("install", &env).status.success());
+    assert_eq!(std::fs::read_to_string(&token).unwrap(), "header.claims.renewed\n");
+
+    // Without the variable the token and the key are gone.
+    let o = inst.run("install", &[]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(!token.exists());
+    let conf = std::fs::read_to_string(conf_dir.join("rust-ipam.conf")).unwrap();
+    assert!(!conf.contains("token_file"), "{conf}");
+    // A directory without a token fails before anything is written, and says why.
+    let empty = inst.dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = inst.run("install", &[("RUST_IPAM_TOKEN_DIR", empty.to_str().unwrap())]);
+    assert!(!o.status.success());
+    assert!(output_text(&o).contains("holds no token"), "{}", output_text(&o));
+}

@@ -3,11 +3,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ipam_server::cli::{client_tls, parse_duration};
-use rust_ipam_proto::Replicas;
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::{admin_client::AdminClient, ipam_client::IpamClient};
+use rust_ipam_proto::{Bearer, Replicas};
 
 /// Talk to a rust-ipam server. The connection flags may come before or after the command.
 #[derive(Debug, Parser)]
@@ -33,6 +34,10 @@ struct Args {
     /// PEM key of --tls-cert.
     #[arg(long, env = "RUST_IPAM_TLS_KEY", requires = "tls_cert", global = true)]
     tls_key: Option<std::path::PathBuf>,
+    /// A ServiceAccount token file sent as `authorization: Bearer` (servers with
+    /// --authorize; Admin calls need an --admin identity), e.g. a projected token.
+    #[arg(long, env = "RUST_IPAM_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     /// Give up on a call after this many milliseconds, waiting for a leader included
     /// (`reconcile` has its own --timeout).
     #[arg(long, default_value_t = 5000, global = true)]
@@ -137,6 +142,20 @@ fn print_lease(l: &pb::Lease) {
     println!("{}/{}\tnetwork={:?}\trange={}\t{holder}", l.address, l.prefix_len, l.network, l.range);
 }
 
+/// The bearer of `--token-file`'s token (none without the flag).
+fn bearer(token_file: Option<&std::path::Path>) -> anyhow::Result<Bearer> {
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Bearer::new(token.as_deref()).map_err(|e| anyhow::anyhow!("--token-file: {e}"))
+}
+
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let tls = client_tls(args.tls_ca.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     let budget = match args.cmd {
@@ -145,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut replicas =
         Replicas::new(&args.servers, tls, budget).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    let bearer = bearer(args.token_file.as_deref())?;
     match args.cmd {
         Cmd::Allocate { who, range, exclude, pod, ip } => {
             let ranges = range
@@ -159,8 +179,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let leases = replicas
                 .call(|ch| {
-                    let req = req.clone();
-                    async move { IpamClient::new(ch).allocate(req).await }
+                    let (req, bearer) = (req.clone(), bearer.clone());
+                    async move { IpamClient::with_interceptor(ch, bearer).allocate(req).await }
                 })
                 .await?
                 .leases;
@@ -173,8 +193,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 pb::ReleaseRequest { attachment: Some(attachment(&who, "")), network: who.network.clone() };
             let released = replicas
                 .call(|ch| {
-                    let req = req.clone();
-                    async move { IpamClient::new(ch).release(req).await }
+                    let (req, bearer) = (req.clone(), bearer.clone());
+                    async move { IpamClient::with_interceptor(ch, bearer).release(req).await }
                 })
                 .await?
                 .released;
@@ -188,8 +208,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             loop {
                 let page = replicas
                     .call(|ch| {
-                        let req = req.clone();
-                        async move { AdminClient::new(ch).list_leases(req).await }
+                        let (req, bearer) = (req.clone(), bearer.clone());
+                        async move { AdminClient::with_interceptor(ch, bearer).list_leases(req).await }
                     })
                     .await?;
                 page.leases.iter().for_each(print_lease);
@@ -207,8 +227,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let req = pb::ListPoolsRequest { network };
             let pools = replicas
                 .call(|ch| {
-                    let req = req.clone();
-                    async move { AdminClient::new(ch).list_pools(req).await }
+                    let (req, bearer) = (req.clone(), bearer.clone());
+                    async move { AdminClient::with_interceptor(ch, bearer).list_pools(req).await }
                 })
                 .await?
                 .pools;
@@ -227,7 +247,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status => {
             let s = replicas
-                .call(|ch| async move { IpamClient::new(ch).status(pb::StatusRequest {}).await })
+                .call(|ch| {
+                    let bearer = bearer.clone();
+                    async move { IpamClient::with_interceptor(ch, bearer).status(pb::StatusRequest {}).await }
+                })
                 .await?;
             println!(
                 "serving={} leader={} store={} leases={} pools={} version={}",
@@ -235,7 +258,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
         Cmd::Reconcile { dry_run, grace, .. } => {
-            return ipam_server::cli::reconcile(&mut replicas, dry_run, grace).await;
+            return ipam_server::cli::reconcile(&mut replicas, &bearer, dry_run, grace).await;
         }
     }
     Ok(ExitCode::SUCCESS)

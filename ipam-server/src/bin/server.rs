@@ -595,7 +595,12 @@ fn main() -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(ipam_server::cli::reconcile(&mut replicas, *dry_run, *grace));
+                .block_on(ipam_server::cli::reconcile(
+                    &mut replicas,
+                    &rust_ipam_proto::Bearer::default(),
+                    *dry_run,
+                    *grace,
+                ));
         }
         None => {}
     }
