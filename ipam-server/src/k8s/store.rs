@@ -538,7 +538,6 @@ impl PipelinedStore for KubeStore {
             let me = self.next_tail;
             let counted = self.in_flight.start();
             self.inner.rt.spawn(async move {
-                let _counted = counted;
                 // The previous write to this object first; a dropped one counts as failed.
                 let before_applied = match before {
                     Some(t) => t.applied.await.unwrap_or(false),
@@ -563,6 +562,8 @@ impl PipelinedStore for KubeStore {
                         tails.remove(&name);
                     }
                 }
+                // Settled before it is reported: a reload the report leads to finds it done.
+                drop(counted);
                 report(id, outcome);
             });
         }
