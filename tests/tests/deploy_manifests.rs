@@ -68,6 +68,16 @@ fn labels_match(selector: &Value, labels: &Value) -> bool {
         .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
+/// The server's flags in the base.
+const BASE_SERVER_ARGS: [&str; 6] = [
+    "--listen=0.0.0.0:50051",
+    "--metrics-listen=0.0.0.0:9090",
+    "--store=kube",
+    "--authorize",
+    "--node-service-account=rust-ipam/rust-ipam-node",
+    "--admin=system:serviceaccount:rust-ipam:rust-ipam-reconcile",
+];
+
 #[test]
 fn kustomize_renders_every_object_wired_together() {
     const TEST: &str = "kustomize_renders_every_object_wired_together";
@@ -176,17 +186,7 @@ fn kustomize_renders_every_object_wired_together() {
     let pod = &deployment["spec"]["template"];
     let server = container(&pod["spec"], "server");
     let args: Vec<&str> = server["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(
-        args,
-        [
-            "--listen=0.0.0.0:50051",
-            "--metrics-listen=0.0.0.0:9090",
-            "--store=kube",
-            "--authorize",
-            "--node-service-account=rust-ipam/rust-ipam-node",
-            "--admin=system:serviceaccount:rust-ipam:rust-ipam-reconcile",
-        ]
-    );
+    assert_eq!(args, BASE_SERVER_ARGS);
     assert_eq!(named_port(server, "grpc"), 50051);
     assert_eq!(named_port(server, "metrics"), 9090);
     assert_eq!(env_field_ref(server, "POD_NAME"), "metadata.name");
@@ -347,15 +347,12 @@ fn mtls_overlay_wires_tls_the_admin_listeners_and_the_cronjob() {
     let deployment = find(&docs, "Deployment", "rust-ipam-server");
     let pod = &deployment["spec"]["template"]["spec"];
     let server = container(pod, "server");
+    let overlay_args = string_list(&server["args"]);
+    let (base_args, added) = overlay_args.split_at(BASE_SERVER_ARGS.len().min(overlay_args.len()));
+    assert_eq!(base_args, BASE_SERVER_ARGS, "the overlay appends to the base's flags");
     assert_eq!(
-        string_list(&server["args"]),
+        added,
         [
-            "--listen=0.0.0.0:50051",
-            "--metrics-listen=0.0.0.0:9090",
-            "--store=kube",
-            "--authorize",
-            "--node-service-account=rust-ipam/rust-ipam-node",
-            "--admin=system:serviceaccount:rust-ipam:rust-ipam-reconcile",
             "--tls-cert=/etc/rust-ipam/tls/tls.crt",
             "--tls-key=/etc/rust-ipam/tls/tls.key",
             "--tls-client-ca=/etc/rust-ipam/tls/ca.crt",

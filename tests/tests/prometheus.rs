@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
+use rust_ipam_e2e::pki::Ca;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, free_port, skip};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -324,20 +324,12 @@ fn utc_now() -> String {
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (ca, cert, key).
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.distinguished_name.push(DnType::CommonName, "metrics CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().expect("key");
-    let ca_pem = ca_params.self_signed(&ca_key).expect("self-signed").pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
-    params.distinguished_name.push(DnType::CommonName, "rust-ipam-server");
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let ca = Ca::new("metrics CA");
+    let (cert, key) = ca.issue("rust-ipam-server", &["127.0.0.1"]);
     let files = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&files.0, ca_pem).expect("write ca");
-    std::fs::write(&files.1, cert.pem()).expect("write cert");
-    std::fs::write(&files.2, key.serialize_pem()).expect("write key");
+    std::fs::write(&files.0, &ca.pem).expect("write ca");
+    std::fs::write(&files.1, cert).expect("write cert");
+    std::fs::write(&files.2, key).expect("write key");
     files
 }
 
