@@ -6,7 +6,10 @@
 //!   audience `--token-audience`. A token of a node account (`--node-service-account`) is
 //!   bound to the pod it was issued for; that pod's `spec.nodeName` is the caller's node.
 //! - else a client certificate: its subject CN and DNS names (`system:node:NAME` or `NAME`)
-//!   are the nodes it speaks for.
+//!   are the nodes it speaks for;
+//! - else, on a unix socket, a process of root or of the server's own user is an admin: it
+//!   could read the server's files anyway (`kubectl exec ... rust-ipam-ctl --server
+//!   unix:///run/rust-ipam/admin.sock`).
 //!
 //! A node may allocate, check and release only attachments on its own node (the request's
 //! node and the node recorded on the lease) and GC only its own node. Admin RPCs need an
@@ -194,6 +197,13 @@ impl Authz {
             return certificate_caller(leaf.as_ref(), &self.config.admins)
                 .map_err(|why| self.unauthenticated(rpc, format!("client certificate: {why}")));
         }
+        if let Some(uid) = local_user(request) {
+            return Ok(Caller {
+                identity: format!("uid {uid} on a unix socket"),
+                nodes: Vec::new(),
+                admin: true,
+            });
+        }
         Err(self.unauthenticated(rpc, "no ServiceAccount token and no client certificate".into()))
     }
 
@@ -305,6 +315,16 @@ enum ReviewError {
     Api(#[from] kube::Error),
     #[error("the API server did not answer within {REVIEW_TIMEOUT:?}")]
     TimedOut,
+}
+
+/// The caller's uid when it came over a unix socket as root or as the server's own user.
+fn local_user<T>(request: &Request<T>) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let info = request.extensions().get::<tonic::transport::server::UdsConnectInfo>()?;
+    let uid = info.peer_cred.as_ref()?.uid();
+    // /proc/self belongs to this process's effective user.
+    let own = std::fs::metadata("/proc/self").ok()?.uid();
+    (uid == 0 || uid == own).then_some(uid)
 }
 
 /// The `exp` claim of a JWT, read without checking the signature (the TokenReview did).

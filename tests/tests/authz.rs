@@ -1,8 +1,8 @@
 //! `--authorize` against a real API server: node identities from pod-bound ServiceAccount
 //! tokens (TokenRequest with a boundObjectRef, checked by the server's TokenReview under
-//! deploy/'s RBAC) and from client certificates; admins from `--admin`. Each refusal is
-//! asserted by its gRPC code and its message (the identity and the node), and by what the
-//! store still holds afterwards.
+//! deploy/'s RBAC) and from client certificates; admins from `--admin` and the server's
+//! own user on a unix socket. Each refusal is asserted by its gRPC code and its message (the
+//! identity and the node), and by what the store still holds afterwards.
 
 use std::time::Duration;
 
@@ -327,4 +327,21 @@ async fn a_client_certificate_speaks_for_the_node_it_names() {
     let ops = client_ca.issue("ops-admin", &[]);
     let pools = AdminClient::new(channel(&ops).await).list_pools(pb::ListPoolsRequest::default()).await;
     assert_eq!(pools.expect("admin").into_inner().pools.len(), 1);
+}
+
+/// On a unix socket the server's own user (here: the test's) is an admin without a token;
+/// the same call over TCP is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_own_user_on_a_unix_socket_is_an_admin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("admin.sock");
+    let args = ["--authorize".to_string()].to_vec();
+    let opts = ServerOptions { args, unix_socket: Some(sock.clone()), ..ServerOptions::default() };
+    let server = ServerProcess::start_with(dir.path(), &opts).await.expect("server");
+    let local = connect(&format!("unix://{}", sock.display()), Duration::from_secs(5)).await.expect("socket");
+    let pools = AdminClient::new(local).list_pools(pb::ListPoolsRequest::default()).await;
+    assert!(pools.expect("admin over the socket").into_inner().pools.is_empty());
+    let tcp = connect(&server.endpoint, Duration::from_secs(5)).await.expect("tcp");
+    let s = refused(AdminClient::new(tcp).list_pools(pb::ListPoolsRequest::default()).await);
+    assert_eq!(s.code(), Code::Unauthenticated);
 }
