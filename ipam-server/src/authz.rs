@@ -155,10 +155,6 @@ impl Authz {
         a
     }
 
-    pub fn enabled(&self) -> bool {
-        self.config.enabled
-    }
-
     /// PERMISSION_DENIED for `caller`, logged and counted.
     pub fn deny(&self, rpc: &'static str, caller: &Caller, what: &str) -> Status {
         self.denied.get_or_create(&Denied { rpc }).inc();

@@ -241,11 +241,14 @@ impl<T> Guarded<T> {
     fn or_deny(self, rpc: &'static str, caller: &Caller, authz: &Authz) -> Result<T, Status> {
         match self {
             Guarded::Done(t) => Ok(t),
-            Guarded::Foreign(node) => {
-                Err(authz.deny(rpc, caller, &format!("may not act on leases recorded for node {node:?}")))
-            }
+            Guarded::Foreign(node) => Err(deny_foreign(rpc, caller, &node, authz)),
         }
     }
+}
+
+/// PERMISSION_DENIED: the leases are recorded for `node`, not the caller's.
+fn deny_foreign(rpc: &'static str, caller: &Caller, node: &str, authz: &Authz) -> Status {
+    authz.deny(rpc, caller, &format!("may not act on leases recorded for node {node:?}"))
 }
 
 /// The `rustipam.v1.Ipam` service.
@@ -355,7 +358,7 @@ impl pb::ipam_server::Ipam for IpamService {
             .await
             .map_err(engine_status)?;
         if let Some(node) = foreign_node(&leases, &caller) {
-            return Err(Guarded::<()>::Foreign(node).or_deny("Check", &caller, &self.authz).unwrap_err());
+            return Err(deny_foreign("Check", &caller, &node, &self.authz));
         }
         if leases.is_empty() {
             return Err(Status::not_found(format!(
