@@ -1,6 +1,5 @@
 //! Compiles `proto/` with protox (pure Rust), so a fresh machine needs no `protoc`: our
-//! `rustipam.v1` (whose descriptor the server offers for reflection) and, apart from it,
-//! the parts of the kubelet's APIs that rust-multus and the tests speak.
+//! `rustipam.v1`, whose descriptor the server offers for reflection.
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -9,10 +8,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("rustipam_v1_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    let kubelet = protox::compile(
-        ["kubelet/podresources/v1/api.proto", "kubelet/deviceplugin/v1beta1/api.proto"],
-        ["proto"],
-    )?;
-    tonic_prost_build::configure().compile_fds(kubelet)?;
     Ok(())
 }

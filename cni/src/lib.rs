@@ -1,13 +1,15 @@
 //! The CNI protocol and nothing else (spec 1.1, with the 0.3.x/0.4.0 result shape): the
 //! commands and their environment ([`Env`], [`CniArgs`]), versions ([`Version`]), results
 //! ([`CniResult`]) and errors ([`CniError`], [`ErrorCode`], [`ErrorList`]), and the harness
-//! every plugin binary of the workspace runs in ([`Plugin`], [`main`]).
+//! every plugin binary of the workspace runs in ([`Plugin`], [`main`]), and calling another
+//! plugin as the spec says ([`exec`]).
 //!
-//! It knows no transport (gRPC, Kubernetes) and no system call, so a plugin's protocol side
-//! is tested without a server or root.
+//! It knows no transport (gRPC, Kubernetes) and no system call beyond running a plugin, so a
+//! plugin's protocol side is tested without a server or root.
 
 mod env;
 mod error;
+pub mod exec;
 mod plugin;
 mod result;
 mod version;

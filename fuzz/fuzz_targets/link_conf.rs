@@ -5,8 +5,8 @@
 
 use cni::CniArgs;
 use libfuzzer_sys::fuzz_target;
-use multus_core::link::Kind;
-use multus_core::link::config::LinkConf;
+use cni_link::Kind;
+use cni_link::config::LinkConf;
 use rust_ipam_fuzz::{check_cni_error, fields, text};
 
 fuzz_target!(|data: &[u8]| {

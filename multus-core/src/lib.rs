@@ -1,9 +1,6 @@
-//! Multus-compatible meta-plugin and the macvlan/ipvlan link drivers.
-//!
-//! The meta-plugin `rust-multus` with the pod annotations it reads and writes ([`multus`]);
-//! calling CNI plugins ([`exec`]); the macvlan and ipvlan link drivers ([`link`], binaries
-//! `rust-macvlan` and `rust-ipvlan`). The CNI protocol itself is the `cni` crate's.
+//! The Multus-compatible meta-plugin: thin (`rust-multus`) and thick (`rust-multus-shim`
+//! forwarding to `rust-multus-daemon`), with the pod annotations it reads and writes
+//! ([`multus`]). The CNI protocol and calling plugins are the `cni` crate's; the macvlan and
+//! ipvlan drivers, which the daemon can run in-process, are `cni-link`'s.
 
-pub mod exec;
-pub mod link;
 pub mod multus;

@@ -1,7 +1,5 @@
 //! Generated `rustipam.v1` messages, clients and servers; [`connect`] to reach a server and
-//! [`Replicas`] to call whichever replica leads. Also the kubelet's PodResources (read by
-//! rust-multus for device IDs) and device plugin (the tests' fake devices) APIs, in
-//! [`kubelet`].
+//! [`Replicas`] to call whichever replica leads.
 
 mod client;
 mod replicas;
@@ -16,19 +14,6 @@ pub const LEADER_METADATA: &str = "x-rust-ipam-leader";
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("rustipam.v1");
-}
-
-/// The parts of the kubelet's gRPC APIs this project speaks (`proto/kubelet/`).
-#[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
-pub mod kubelet {
-    /// PodResources API, package `v1`.
-    pub mod podresources {
-        tonic::include_proto!("v1");
-    }
-    /// Device plugin API, package `v1beta1`.
-    pub mod deviceplugin {
-        tonic::include_proto!("v1beta1");
-    }
 }
 
 /// Encoded `FileDescriptorSet` of every file in `proto/`, for server reflection.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::Stream;
-use rust_ipam_proto::kubelet::deviceplugin as dp;
+use kubelet_api::deviceplugin as dp;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -115,10 +115,10 @@ impl FakeDevicePlugin {
                 .await;
         });
         let plugin = FakeDevicePlugin { resource: resource.to_string(), ids, socket, server };
-        let kubelet = format!("unix://{DEVICE_PLUGIN_DIR}/kubelet.sock");
-        let channel = rust_ipam_proto::connect(&kubelet, Duration::from_secs(5))
+        let kubelet = Path::new(DEVICE_PLUGIN_DIR).join("kubelet.sock");
+        let channel = kubelet_api::connect(&kubelet, Duration::from_secs(5))
             .await
-            .with_context(|| format!("the kubelet's registration socket {kubelet}"))?;
+            .with_context(|| format!("the kubelet's registration socket {}", kubelet.display()))?;
         dp::registration_client::RegistrationClient::new(channel)
             .register(dp::RegisterRequest {
                 version: "v1beta1".into(),

@@ -13,11 +13,11 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kubelet_api::podresources as pr;
 use rust_ipam_e2e::ServerProcess;
 use rust_ipam_e2e::device_plugin::{FakeDevicePlugin, vf_ids};
 use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::node::{self, NODE_NAME, Node};
-use rust_ipam_proto::kubelet::podresources as pr;
 use serde_json::{Value, json};
 
 const RAILS: usize = 8;
@@ -86,9 +86,7 @@ async fn wait_allocatable(node: &Node, count: usize) {
 /// The devices the kubelet gave pod `ns/name`, by resource, from its PodResources API.
 async fn kubelet_devices(node: &Node, ns: &str, name: &str) -> BTreeMap<String, Vec<String>> {
     let socket = node::pod_resources_socket(&node.dir);
-    let ch = rust_ipam_proto::connect(&format!("unix://{}", socket.display()), Duration::from_secs(5))
-        .await
-        .expect("PodResources socket");
+    let ch = kubelet_api::connect(&socket, Duration::from_secs(5)).await.expect("PodResources socket");
     let list = pr::pod_resources_lister_client::PodResourcesListerClient::new(ch)
         .list(pr::ListPodResourcesRequest {})
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use multus_core::link::{Kind, LinkPlugin};
+use cni_link::{Kind, LinkPlugin};
 use multus_core::multus::daemon::{self, Daemon, Settings};
 use multus_core::multus::thick::DEFAULT_SOCKET;
 use multus_core::multus::watch::WatchCache;
@@ -94,7 +94,7 @@ fn ipvlan(env: &cni::Env, stdin: &[u8]) -> cni::Output {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if !args.exec_link_delegates {
-        multus_core::exec::answer_in_process(vec![("rust-macvlan", macvlan), ("rust-ipvlan", ipvlan)]);
+        cni::exec::answer_in_process(vec![("rust-macvlan", macvlan), ("rust-ipvlan", ipvlan)]);
     }
     let base_config = match &args.config {
         None => None,

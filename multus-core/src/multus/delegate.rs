@@ -11,7 +11,7 @@ use cni::{CniError, CniResult, Command, ErrorCode, LATEST_VERSION, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
-use crate::exec;
+use cni::exec;
 
 /// One delegate network, in the JSON shape of Multus' cache file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cni::{CniError, ErrorCode};
-use rust_ipam_proto::kubelet::podresources as pr;
+use kubelet_api::podresources as pr;
 use serde_json::{Value, json};
 
 use super::delegate::Delegate;
@@ -71,7 +71,7 @@ impl DeviceSource for PodResources {
             .build()
             .map_err(|e| format!("starting the runtime: {e}"))?;
         rt.block_on(async {
-            let channel = rust_ipam_proto::connect(&format!("unix://{socket}"), KUBELET_TIMEOUT)
+            let channel = kubelet_api::connect(&self.socket, KUBELET_TIMEOUT)
                 .await
                 .map_err(|e| format!("the kubelet's PodResources API at {socket}: {e}"))?;
             let mut client = pr::pod_resources_lister_client::PodResourcesListerClient::new(channel);

@@ -1,59 +1,12 @@
 //! Default routes for the `default-route` request of the networks annotation (Multus'
-//! `DeleteDefaultGW`/`SetDefaultGW`): in the pod's network namespace, over the netlink code
-//! of the link drivers (so CNI_NETNS may be any namespace path and no `ip` binary is
-//! needed), and in the network's typed result.
+//! `DeleteDefaultGW`/`SetDefaultGW`): in the pod's network namespace (`cni_link::route`,
+//! the link drivers' netlink code) and in the network's typed result.
 
-use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
 
-use cni::{CniError, CniResult, ErrorCode, ResultRoute};
+use cni::{CniResult, ResultRoute};
+pub use cni_link::route::{add_default, delete_default};
 use ipnetwork::IpNetwork;
-
-use crate::link::netlink::{Link, Netlink as _, Nl, NlError, in_netns};
-
-fn io(what: impl Display, netns: &str, e: &NlError) -> CniError {
-    CniError::new(ErrorCode::IO_FAILURE, format!("{what} in {netns}: {}", e.text))
-}
-
-async fn link(nl: &Nl, netns: &str, ifname: &str) -> Result<Link, CniError> {
-    nl.link_by_name(ifname)
-        .await
-        .map_err(|e| io(format_args!("looking up {ifname}"), netns, &e))?
-        .ok_or_else(|| CniError::new(ErrorCode::IO_FAILURE, format!("interface {ifname} is not in {netns}")))
-}
-
-fn family(v6: bool) -> &'static str {
-    if v6 { "IPv6" } else { "IPv4" }
-}
-
-/// Removes every default route of one family through `ifname`.
-pub fn delete_default(netns: &str, ifname: &str, v6: bool) -> Result<(), CniError> {
-    in_netns(Some(Path::new(netns)), |nl| async move {
-        let link = link(&nl, netns, ifname).await?;
-        let fam = family(v6);
-        let routes = nl
-            .default_routes(link.index, v6)
-            .await
-            .map_err(|e| io(format_args!("listing the {fam} default routes of {ifname}"), netns, &e))?;
-        for r in routes {
-            nl.delete_route(r)
-                .await
-                .map_err(|e| io(format_args!("deleting an {fam} default route of {ifname}"), netns, &e))?;
-        }
-        Ok(())
-    })
-}
-
-/// Makes `gw` on `ifname` the default route of its family.
-pub fn add_default(netns: &str, ifname: &str, gw: IpAddr) -> Result<(), CniError> {
-    in_netns(Some(Path::new(netns)), |nl| async move {
-        let link = link(&nl, netns, ifname).await?;
-        nl.replace_default(link.index, gw)
-            .await
-            .map_err(|e| io(format_args!("setting the default route via {gw} dev {ifname}"), netns, &e))
-    })
-}
 
 /// The result without its default routes of the families given.
 pub fn result_without_default(result: &mut CniResult, v4: bool, v6: bool) {

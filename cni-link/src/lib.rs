@@ -27,6 +27,7 @@ pub mod config;
 #[cfg(test)]
 mod fake;
 pub(crate) mod netlink;
+pub mod route;
 
 use std::fmt;
 use std::io::Read as _;
@@ -36,7 +37,7 @@ use cni::{CniError, CniResult, Command, Env, ErrorCode, ErrorList, Failure, Inte
 
 use self::config::{KindData, LinkConf, is_ifname};
 use self::netlink::{EEXIST, EOPNOTSUPP, Kernel, Link, Namespaces, Netlink, NewLink, failed, kind_name};
-use crate::exec::{self, Call};
+use cni::exec::{self, Call};
 
 /// The link kind a binary makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 
-use cni::{CniError, Command, Env, ErrorCode};
+use crate::{CniError, Command, Env, ErrorCode};
 use serde_json::Value;
 
 /// One call: the command and the CNI_* variables it carries.
@@ -63,7 +63,7 @@ pub fn find(kind: &str, path: &[PathBuf]) -> Result<PathBuf, CniError> {
 
 /// A plugin answered by a function of this process instead of a binary: what the binary
 /// would print and its exit status, from the call's environment and stdin.
-pub type InProcess = fn(&Env, &[u8]) -> cni::Output;
+pub type InProcess = fn(&Env, &[u8]) -> crate::Output;
 
 static IN_PROCESS: std::sync::OnceLock<Vec<(&'static str, InProcess)>> = std::sync::OnceLock::new();
 
@@ -180,19 +180,19 @@ mod tests {
     /// missing ADD result, the plugin's own error, and a panic as error 110.
     #[test]
     fn in_process_plugins_answer_as_binaries_do() {
-        fn echo(env: &Env, stdin: &[u8]) -> cni::Output {
+        fn echo(env: &Env, stdin: &[u8]) -> crate::Output {
             let v: Value = serde_json::from_slice(stdin).unwrap_or_default();
             match env.command {
-                Command::Add if v["quiet"] == true => cni::Output { stdout: None, success: true },
-                Command::Add => cni::Output {
+                Command::Add if v["quiet"] == true => crate::Output { stdout: None, success: true },
+                Command::Add => crate::Output {
                     stdout: Some(json!({"ifname": env.ifname, "args": env.args})),
                     success: true,
                 },
-                Command::Check => cni::Output::error(&CniError::new(ErrorCode(121), "differs"), "1.0.0"),
-                _ => cni::Output { stdout: None, success: true },
+                Command::Check => crate::Output::error(&CniError::new(ErrorCode(121), "differs"), "1.0.0"),
+                _ => crate::Output { stdout: None, success: true },
             }
         }
-        fn boom(_: &Env, _: &[u8]) -> cni::Output {
+        fn boom(_: &Env, _: &[u8]) -> crate::Output {
             panic!("boom")
         }
         assert!(answer_in_process(vec![("inproc-echo", echo), ("inproc-boom", boom)]));
