@@ -54,6 +54,10 @@ struct Thick {
     metrics: u16,
     daemon: Option<Child>,
     extra_args: Vec<String>,
+    /// Whether the shim's CNI_PATH holds our plugin binaries (`rust-ipam`, `rust-macvlan`)
+    /// beside the reference plugins; without them only the daemon's in-process answers
+    /// can serve those types.
+    ours_on_path: bool,
     _links: HostLinks,
 }
 
@@ -99,6 +103,7 @@ impl Thick {
             metrics: free_port().expect("port"),
             daemon: None,
             extra_args: Vec::new(),
+            ours_on_path: true,
             dir,
             _links: HostLinks(links),
         }
@@ -171,11 +176,12 @@ impl Thick {
 
     /// Runs the shim as the runtime would for pod `pod` of this namespace in netns `netns`.
     fn shim(&self, command: &str, pod: &str, netns: &str) -> CniOutput {
-        let path = format!(
-            "{}:{CNI_DIR}",
-            workspace_bin("rust-ipam").expect("rust-ipam").parent().expect("dir").display()
-        );
+        let ours = workspace_bin("rust-ipam").expect("rust-ipam");
         workspace_bin("rust-macvlan").expect("rust-macvlan");
+        let path = match self.ours_on_path {
+            true => format!("{}:{CNI_DIR}", ours.parent().expect("dir").display()),
+            false => CNI_DIR.to_string(),
+        };
         let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID=cid-{pod}",
             self.ns.name
@@ -263,11 +269,14 @@ fn strip(a: &str) -> String {
 /// API (the watch cache had the pod and NADs) and wrote the status once. DEL through the
 /// daemon frees every delegate's IPAM, the conflist cluster network's host-local lease
 /// included (what Multus 4.3's thick daemon leaks, #1449), and every rust-ipam lease.
+/// Neither `rust-macvlan` nor `rust-ipam` is on the CNI path: the daemon answers both in
+/// process (its default), which is what this test runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
     let test = "eight_rails_through_the_daemon_and_del_frees_every_ipam";
     let Some(env) = needs(test) else { return };
     let mut node = Thick::new(env, "tk8", 8).await;
+    node.ours_on_path = false;
     let sock = node.path("ipam.sock");
     let opts = ServerOptions { unix_socket: Some(sock.clone()), ..ServerOptions::default() };
     let server = ServerProcess::start_with(&node.path("data"), &opts).await.expect("server");
@@ -341,6 +350,51 @@ async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
     // Again: DEL is idempotent.
     let out = tokio::task::block_in_place(|| node.shim("DEL", "gpu", &pod_ns.path(0)));
     assert_eq!(out.code, 0, "second DEL: {}", out.out);
+}
+
+/// `--exec-ipam`: the daemon starts `rust-ipam` as a process, found on the CNI path like any
+/// other plugin; with it missing there, the ADD fails naming it and undoes the link (the
+/// in-process `rust-macvlan` made it). With it on the path, the same ADD works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_ipam_starts_rust_ipam_from_the_cni_path() {
+    let test = "exec_ipam_starts_rust_ipam_from_the_cni_path";
+    let Some(env) = needs(test) else { return };
+    let mut node = Thick::new(env, "tkx", 1).await;
+    node.extra_args.push("--exec-ipam".into());
+    let sock = node.path("ipam.sock");
+    let opts = ServerOptions { unix_socket: Some(sock.clone()), ..ServerOptions::default() };
+    let server = ServerProcess::start_with(&node.path("data"), &opts).await.expect("server");
+    node.nad(
+        "rail",
+        json!({"cniVersion": "1.0.0", "name": "rail", "type": "rust-macvlan", "master": "tkxm0",
+        "ipam": {"type": "rust-ipam", "range": "198.19.30.0/24", "server": format!("unix://{}", sock.display())}}),
+    )
+    .await;
+    node.pod("x", "rail").await;
+    node.start();
+    node.wait_cached_pods(1.0);
+    let pod_ns = Netns::new(&["tkx-a"]);
+
+    node.ours_on_path = false;
+    let out = tokio::task::block_in_place(|| node.shim("ADD", "x", &pod_ns.path(0)));
+    assert_eq!(out.code, 1, "{}", out.out);
+    let msg = out.out["msg"].as_str().expect("msg");
+    assert!(msg.contains("plugin \"rust-ipam\" not found in CNI_PATH"), "{}", out.out);
+    assert!(addresses(pod_ns.name(0), "net1").is_empty(), "the failed ADD left net1");
+    assert!(fixtures::leases(&server.endpoint, pb::ListLeasesRequest::default()).await.is_empty());
+
+    node.ours_on_path = true;
+    let out = tokio::task::block_in_place(|| node.shim("ADD", "x", &pod_ns.path(0)));
+    assert_eq!(out.code, 0, "{} {}", out.out, node.log());
+    let leases = fixtures::leases(&server.endpoint, pb::ListLeasesRequest::default()).await;
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(
+        addresses(pod_ns.name(0), "net1").iter().map(|a| strip(a)).collect::<Vec<_>>(),
+        vec![leases[0].address.clone()]
+    );
+    let out = tokio::task::block_in_place(|| node.shim("DEL", "x", &pod_ns.path(0)));
+    assert_eq!(out.code, 0, "{}", out.out);
+    assert!(fixtures::leases(&server.endpoint, pb::ListLeasesRequest::default()).await.is_empty());
 }
 
 /// An ADD for a pod the cache lacks asks the API server: one that does not exist is error

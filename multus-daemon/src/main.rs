@@ -1,6 +1,10 @@
 //! `rust-multus-daemon`: rust-multus in thick mode, one per node. Answers the calls
 //! `rust-multus-shim` forwards with the thin plugin's code, reading Pods (of this node) and
-//! NADs from a watch cache; see `multus_core::multus::daemon`.
+//! NADs from a watch cache; see `multus_core::multus::daemon`. Our own plugins
+//! (`rust-macvlan`, `rust-ipvlan`, `rust-ipam`) are answered by their code in this process
+//! instead of a process per network; every other plugin is exec'd as the runtime would.
+//! This crate is where the meta-plugin meets our IPAM plugin: multus-core itself does not
+//! depend on ipam-cni.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use cni_link::{Kind, LinkPlugin};
+use ipam_cni::plugin::IpamPlugin;
 use multus_core::multus::daemon::{self, Daemon, Settings};
 use multus_core::multus::thick::DEFAULT_SOCKET;
 use multus_core::multus::watch::WatchCache;
@@ -43,6 +48,10 @@ struct Args {
     /// answering them inside the daemon (the default: no process per network).
     #[arg(long, env = "RUST_MULTUS_EXEC_LINK_DELEGATES")]
     exec_link_delegates: bool,
+    /// Start `rust-ipam` as a process for every IPAM call instead of answering it inside the
+    /// daemon (the default). Either way it reads the same node file, token and NODE_NAME.
+    #[arg(long, env = "RUST_MULTUS_EXEC_IPAM")]
+    exec_ipam: bool,
     /// HTTP address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "RUST_MULTUS_METRICS_LISTEN", default_value = "127.0.0.1:9159")]
     metrics_listen: SocketAddr,
@@ -92,10 +101,25 @@ fn ipvlan(env: &cni::Env, stdin: &[u8]) -> cni::Output {
     cni::Output::of(cni::run(&LinkPlugin(Kind::Ipvlan), env, stdin))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// `rust-ipam` answered inside the daemon: the binary's own code, node file included.
+fn ipam(env: &cni::Env, stdin: &[u8]) -> cni::Output {
+    cni::Output::of(cni::run(&IpamPlugin::default(), env, stdin))
+}
+
+/// The plugins this daemon answers itself.
+fn in_process(args: &Args) -> Vec<(&'static str, cni::exec::InProcess)> {
+    let mut plugins: Vec<(&'static str, cni::exec::InProcess)> = Vec::new();
     if !args.exec_link_delegates {
-        cni::exec::answer_in_process(vec![("rust-macvlan", macvlan), ("rust-ipvlan", ipvlan)]);
+        plugins.extend([("rust-macvlan", macvlan as cni::exec::InProcess), ("rust-ipvlan", ipvlan)]);
     }
+    if !args.exec_ipam {
+        plugins.push(("rust-ipam", ipam));
+    }
+    plugins
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    cni::exec::answer_in_process(in_process(&args));
     let base_config = match &args.config {
         None => None,
         Some(p) => {
@@ -120,7 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the socket {}", args.socket.display()))?;
     info!(socket = %args.socket.display(), node = %args.node_name, max_calls = args.max_calls,
-        metrics = %args.metrics_listen, exec_link_delegates = args.exec_link_delegates, "serving CNI calls");
+        metrics = %args.metrics_listen, exec_link_delegates = args.exec_link_delegates, exec_ipam = args.exec_ipam, "serving CNI calls");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
