@@ -66,9 +66,12 @@ pub async fn create_nad(
 }
 
 /// Creates NAD `name` in `ns`: `rust-macvlan` (bridge mode) on host link `master` with
-/// `ipam`; CNI 1.1.0, so the runtime's GC reaches it.
+/// `ipam`; CNI 1.1.0, so the runtime's GC reaches it (1.0.0 with host-local, below).
 pub async fn macvlan_nad(ns: &TestNamespace, name: &str, master: &str, ipam: Value) -> anyhow::Result<()> {
-    let config = json!({"cniVersion": "1.1.0", "type": "rust-macvlan", "master": master, "mode": "bridge", "ipam": ipam});
+    // Debian's host-local (the benchmark's floor) speaks CNI up to 1.0.0 and refuses a 1.1.0
+    // config; our plugins speak 1.1.0 (GC, STATUS).
+    let version = if ipam["type"] == "host-local" { "1.0.0" } else { "1.1.0" };
+    let config = json!({"cniVersion": version, "type": "rust-macvlan", "master": master, "mode": "bridge", "ipam": ipam});
     create_nad(ns, name, json!({}), config).await
 }
 

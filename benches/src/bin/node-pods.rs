@@ -3,13 +3,13 @@
 //! from the first create to all Running, every address then checked inside each pod's
 //! sandbox against its network-status (no address twice).
 //!
-//! Four runs in the same process, one after the other per round, the pods deleted between:
+//! Five runs in the same process, one after the other per round, the pods deleted between:
 //! thin rust-multus with the reference `host-local` (node-local, the floor), and with
 //! `rust-ipam` against a server on the embedded store and on the kube store (a real
 //! kube-apiserver, the server under the ServiceAccount and RBAC of deploy/); then thick
 //! mode (`rust-multus-shim` + `rust-multus-daemon`, tests/src/node.rs' `set_thick`) with
-//! `rust-ipam` on the embedded store. Prints a markdown table with each time and its ratio
-//! to the floor of the same round.
+//! `rust-ipam` on the embedded and on the kube store. Prints a markdown table with each
+//! time and its ratio to the floor of the same round.
 //!
 //! Needs root and what the node tests need (README: "A real node for the tests").
 
@@ -31,7 +31,7 @@ struct Args {
     /// NADs (net1..netM) per pod, at most the node's host links (8).
     #[arg(long, default_value_t = 8)]
     nads: usize,
-    /// Rounds of the four runs.
+    /// Rounds of the five runs.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
 }
@@ -43,6 +43,8 @@ enum Ipam {
     Kube,
     /// Thick mode, rust-ipam on the embedded store.
     Thick,
+    /// Thick mode, rust-ipam on the kube store.
+    ThickKube,
 }
 
 impl Ipam {
@@ -52,7 +54,12 @@ impl Ipam {
             Ipam::Embedded => "rust-multus + rust-ipam, embedded store",
             Ipam::Kube => "rust-multus + rust-ipam, kube store (real API server)",
             Ipam::Thick => "rust-multus thick (shim + daemon) + rust-ipam, embedded store",
+            Ipam::ThickKube => "rust-multus thick (shim + daemon) + rust-ipam, kube store",
         }
+    }
+
+    fn thick(self) -> bool {
+        matches!(self, Ipam::Thick | Ipam::ThickKube)
     }
 }
 
@@ -79,7 +86,7 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     let server = match ipam {
         Ipam::HostLocal => None,
         Ipam::Embedded | Ipam::Thick => Some(ServerProcess::start(data.path()).await?),
-        Ipam::Kube => {
+        Ipam::Kube | Ipam::ThickKube => {
             let opts = ServerOptions {
                 wait_serving: true,
                 log_level: "warn".into(),
@@ -101,7 +108,7 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     nads(&ns, args.nads, conf).await?;
     let networks: Vec<String> = (0..args.nads).map(|i| format!("nad{i}")).collect();
     let admin = ns.admin_client().await?;
-    tokio::task::block_in_place(|| node.set_thick(ipam == Ipam::Thick))?;
+    tokio::task::block_in_place(|| node.set_thick(ipam.thick()))?;
     let out = node
         .run_pods(&admin, &ns.name, "p", args.pods, Some(&networks.join(",")), Duration::from_secs(300))
         .await
@@ -130,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for round in 0..args.rounds {
         let mut floor = None;
-        for ipam in [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube, Ipam::Thick] {
+        for ipam in [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube, Ipam::Thick, Ipam::ThickKube] {
             let took = run(node, &args, ipam, round).await?;
             let floor = *floor.get_or_insert(took);
             println!(
