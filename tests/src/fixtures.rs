@@ -106,3 +106,50 @@ impl LeaseObject {
 pub async fn lease_objects(client: &kube::Client, namespace: &str) -> Vec<LeaseObject> {
     objects(client, namespace, "IPLease").await.iter().map(LeaseObject::of).collect()
 }
+
+/// The device-plugin resource name of the VFs [`dra_rail_claim`] allocates.
+pub const DRA_VF_RESOURCE: &str = "example.com/rail_vf";
+
+/// What a DRA driver and the scheduler write for a pod's ResourceClaim `rails` in
+/// `namespace` on node `node`: a ResourceSlice of three VFs (with Multus' device attributes
+/// `k8s.cni.cncf.io/resourceName` = [`DRA_VF_RESOURCE`] and `k8s.cni.cncf.io/deviceID`) and
+/// a GPU, the claim asking for the GPU and two VFs, and its allocation: the GPU, then vf-2
+/// and vf-0. Returns the VFs' device IDs in the claim's order, which the pod's networks of
+/// that resource get one each.
+pub async fn dra_rail_claim(
+    admin: &kube::Client,
+    namespace: &str,
+    node: &str,
+) -> anyhow::Result<[&'static str; 2]> {
+    let driver = format!("vf-{namespace}.example.com");
+    let vf = |name: &str, id: &str| {
+        json!({"name": name, "attributes": {
+            "k8s.cni.cncf.io/resourceName": {"string": DRA_VF_RESOURCE},
+            "k8s.cni.cncf.io/deviceID": {"string": id}}})
+    };
+    let slice = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", "metadata": {"name": format!("{namespace}-{node}")},
+        "spec": {"driver": driver, "nodeName": node, "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [vf("vf-0", "0000:3b:00.2"), vf("vf-1", "0000:3b:00.3"), vf("vf-2", "0000:3b:00.4"),
+                {"name": "gpu-0", "attributes": {"model": {"string": "h100"}}}]}});
+    envtest::create(admin, None, slice).await?;
+    let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": "rails"},
+        "spec": {"devices": {"requests": [
+            {"name": "gpu", "exactly": {"deviceClassName": "gpu.example.com"}},
+            {"name": "vf", "exactly": {"deviceClassName": "vf.example.com", "count": 2, "allocationMode": "ExactCount"}}]}}});
+    envtest::create(admin, Some(namespace), claim).await?;
+    let result = |request: &str, device: &str| json!({"request": request, "driver": driver, "pool": node, "device": device});
+    let status = json!({"status": {"allocation": {"devices": {"results": [
+        result("gpu", "gpu-0"), result("vf", "vf-2"), result("vf", "vf-0")]}}}});
+    let claims: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        admin.clone(),
+        namespace,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
+            "resourceclaims",
+        ),
+    );
+    claims
+        .patch_status("rails", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+        .await?;
+    Ok(["0000:3b:00.4", "0000:3b:00.2"])
+}

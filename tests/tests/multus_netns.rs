@@ -936,42 +936,12 @@ async fn kube_source_gives_networks_the_devices_of_the_pods_resource_claims() {
     // namespace's (kube-system's is another test's).
     conf["rustMultus"] = json!({"podResourcesSocket": dir.path().join("no-kubelet.sock")});
     conf["clusterNetwork"] = json!(format!("{team}/cluster"));
-    let driver = format!("vf-{team}.example.com");
-    let vf = |name: &str, id: &str| {
-        json!({"name": name, "attributes": {
-            "k8s.cni.cncf.io/resourceName": {"string": "example.com/rail_vf"},
-            "k8s.cni.cncf.io/deviceID": {"string": id}}})
-    };
-    let slice = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", "metadata": {"name": format!("{team}-node-a")},
-        "spec": {"driver": driver, "nodeName": "node-a", "pool": {"name": "node-a", "generation": 1, "resourceSliceCount": 1},
-            "devices": [vf("vf-0", "0000:3b:00.2"), vf("vf-1", "0000:3b:00.3"), vf("vf-2", "0000:3b:00.4"),
-                {"name": "gpu-0", "attributes": {"model": {"string": "h100"}}}]}});
-    envtest::create(&admin, None, slice).await.expect("ResourceSlice");
-    let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim", "metadata": {"name": "rails"},
-        "spec": {"devices": {"requests": [
-            {"name": "gpu", "exactly": {"deviceClassName": "gpu.example.com"}},
-            {"name": "vf", "exactly": {"deviceClassName": "vf.example.com", "count": 2, "allocationMode": "ExactCount"}}]}}});
-    envtest::create(&admin, Some(&team), claim).await.expect("ResourceClaim");
-    // The allocation, as the scheduler writes it: the GPU, then vf-2 and vf-0.
-    let result = |request: &str, device: &str| json!({"request": request, "driver": driver, "pool": "node-a", "device": device});
-    let status = json!({"status": {"allocation": {"devices": {"results": [
-        result("gpu", "gpu-0"), result("vf", "vf-2"), result("vf", "vf-0")]}}}});
-    let claims: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
-        admin.clone(),
-        &team,
-        &kube::api::ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
-            "resourceclaims",
-        ),
-    );
-    claims
-        .patch_status("rails", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
-        .await
-        .expect("allocation written");
+    let devices = fixtures::dra_rail_claim(&admin, &team, "node-a").await.expect("claim and slice");
     envtest::create(&admin, Some(&team), fake_nad(&team, "cluster")).await.expect("NAD");
     for name in ["rail-a", "rail-b"] {
         let mut nad = fake_nad(&team, name);
-        nad["metadata"]["annotations"] = json!({"k8s.v1.cni.cncf.io/resourceName": "example.com/rail_vf"});
+        nad["metadata"]["annotations"] =
+            json!({"k8s.v1.cni.cncf.io/resourceName": fixtures::DRA_VF_RESOURCE});
         envtest::create(&admin, Some(&team), nad).await.expect("NAD");
     }
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
@@ -989,7 +959,7 @@ async fn kube_source_gives_networks_the_devices_of_the_pods_resource_claims() {
     };
     assert_eq!(
         (got("net1")["deviceID"].as_str(), got("net2")["deviceID"].as_str()),
-        (Some("0000:3b:00.4"), Some("0000:3b:00.2"))
+        (Some(devices[0]), Some(devices[1]))
     );
     assert!(got("eth0").get("deviceID").is_none(), "the cluster network has no device");
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(admin.clone(), &team);
@@ -998,7 +968,7 @@ async fn kube_source_gives_networks_the_devices_of_the_pods_resource_claims() {
         serde_json::from_str(&annotations["k8s.v1.cni.cncf.io/network-status"]).expect("status");
     assert_eq!(
         status[1]["device-info"],
-        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": "0000:3b:00.4"}})
+        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": devices[0]}})
     );
     let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns, conf).await;
     assert_eq!(code, 0, "DEL: {out} {err}");

@@ -23,10 +23,11 @@ use serde_json::{Value, json};
 const PLUGINS: &[&str] = &["bridge", "host-local", "tuning"];
 
 /// A delegate that takes `SLOW_SECONDS` (file beside it, default 0) on ADD and logs when
-/// each call starts and ends, so a test sees how many ran at once.
+/// each call starts and ends, so a test sees how many ran at once; the config it was given
+/// is kept beside it as `<command>-<ifname>.json`.
 const SLOW_NET: &str = r#"#!/bin/sh
-cat >/dev/null
 d=$(dirname "$0")
+cat >"$d/$CNI_COMMAND-$CNI_IFNAME.json"
 echo "start $(date +%s.%N) $CNI_COMMAND $CNI_CONTAINERID" >> "$d/slow.log"
 [ "$CNI_COMMAND" = ADD ] && sleep "$(cat "$d/SLOW_SECONDS" 2>/dev/null || echo 0)"
 echo "end $(date +%s.%N) $CNI_COMMAND $CNI_CONTAINERID" >> "$d/slow.log"
@@ -91,9 +92,11 @@ impl Thick {
         std::fs::write(dir.path().join("bin/slow-net"), SLOW_NET).expect("plugin");
         std::fs::set_permissions(dir.path().join("bin/slow-net"), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
+        // No kubelet here: devices come from DRA claims alone.
         let base = json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus",
             "clusterNetwork": "cluster-net", "confDir": dir.path().join("conf"),
-            "cniDir": dir.path().join("cache"), "binDir": dir.path().join("bin")});
+            "cniDir": dir.path().join("cache"), "binDir": dir.path().join("bin"),
+            "rustMultus": {"podResourcesSocket": dir.path().join("no-kubelet.sock")}});
         std::fs::write(dir.path().join("daemon.json"), base.to_string()).expect("config");
         let socket = dir.path().join("run/daemon.sock");
         Thick {
@@ -350,6 +353,73 @@ async fn eight_rails_through_the_daemon_and_del_frees_every_ipam() {
     // Again: DEL is idempotent.
     let out = tokio::task::block_in_place(|| node.shim("DEL", "gpu", &pod_ns.path(0)));
     assert_eq!(out.code, 0, "second DEL: {}", out.out);
+}
+
+/// DRA through the daemon: the pod's ResourceClaim (written as a DRA driver and the
+/// scheduler would) gives its two networks of the VFs' resource one allocated VF each, in
+/// the claim's order: `deviceID` in each delegate's config and `device-info` in the
+/// network-status. The claims come from the cached pod (its spec), so the daemon must watch
+/// pods whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dra_devices_through_the_daemon() {
+    let test = "dra_devices_through_the_daemon";
+    let Some(env) = needs(test) else { return };
+    let mut node = Thick::new(env, "tkd", 0).await;
+    let admin = node.ns.admin_client().await.expect("admin");
+    let team = node.ns.name.clone();
+    let devices = fixtures::dra_rail_claim(&admin, &team, &node.node).await.expect("claim and slice");
+    for name in ["rail-a", "rail-b"] {
+        let nad = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "annotations": {"k8s.v1.cni.cncf.io/resourceName": fixtures::DRA_VF_RESOURCE}},
+            "spec": {"config": json!({"cniVersion": "1.0.0", "name": name, "type": "slow-net"}).to_string()}});
+        envtest::create(&admin, Some(&team), nad).await.expect("NAD");
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dra",
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "rail-a,rail-b"}},
+        "spec": {"nodeName": node.node, "resourceClaims": [{"name": "rails", "resourceClaimName": "rails"}],
+            "containers": [{"name": "pause", "image": "localhost/pause:3.10.2", "resources": {"claims": [{"name": "rails"}]}}]}});
+    envtest::create(&admin, Some(&team), pod).await.expect("pod");
+    node.start();
+    node.wait_cached_pods(1.0);
+    let gets_before = node.metric("rust_multus_api_calls{kind=\"get\"}");
+    let pod_ns = Netns::new(&["tkd-a"]);
+
+    let out = tokio::task::block_in_place(|| node.shim("ADD", "dra", &pod_ns.path(0)));
+    assert_eq!(out.code, 0, "ADD: {} {}\n{}", out.out, out.stderr, node.log());
+    assert_eq!(
+        (
+            recorded(&node, "ADD", "net1")["deviceID"].as_str(),
+            recorded(&node, "ADD", "net2")["deviceID"].as_str()
+        ),
+        (Some(devices[0]), Some(devices[1]))
+    );
+    assert_eq!(
+        node.metric("rust_multus_api_calls{kind=\"get\"}"),
+        gets_before,
+        "the pod came from the cache"
+    );
+    let status = node.network_status("dra").await.expect("network-status written");
+    assert_eq!(
+        status[1]["device-info"],
+        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": devices[0]}})
+    );
+    assert_eq!(
+        status[2]["device-info"],
+        json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": devices[1]}})
+    );
+    let out = tokio::task::block_in_place(|| node.shim("DEL", "dra", &pod_ns.path(0)));
+    assert_eq!(out.code, 0, "DEL: {}", out.out);
+    assert_eq!(
+        recorded(&node, "DEL", "net1")["deviceID"].as_str(),
+        Some(devices[0]),
+        "DEL gets the same device"
+    );
+}
+
+/// The config `slow-net` was last given for `command` of `ifname`.
+fn recorded(node: &Thick, command: &str, ifname: &str) -> Value {
+    let file = node.path(&format!("bin/{command}-{ifname}.json"));
+    serde_json::from_slice(&std::fs::read(&file).expect("recorded")).expect("JSON")
 }
 
 /// `--exec-ipam`: the daemon starts `rust-ipam` as a process, found on the CNI path like any

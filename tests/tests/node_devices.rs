@@ -2,7 +2,8 @@
 //! tests (tests/src/device_plugin.rs) registers two fake VFs on each of eight rails
 //! (`example.com/rail0` .. `rail7`, PCI-shaped IDs) with the kubelet; a pod asks for one of
 //! each in `resources.limits` and for eight NADs, each annotated with its rail's resource.
-//! rust-multus reads the kubelet's PodResources API and hands each delegate its device.
+//! rust-multus (thin, and the thick daemon) reads the kubelet's PodResources API and hands
+//! each delegate its device.
 //!
 //! The delegate is `rust-macvlan` behind a recording wrapper (a shell script that keeps the
 //! config it was given, then runs the real plugin): the links are real, and the test sees
@@ -103,14 +104,21 @@ async fn kubelet_devices(node: &Node, ns: &str, name: &str) -> BTreeMap<String, 
     out
 }
 
-/// Eight rails, eight device IDs per pod, end to end: each delegate's config has the
-/// device the kubelet gave the pod for its rail (`deviceID`, `pciBusID`, and
-/// `runtimeConfig.deviceID` where the NAD declares the capability), the network-status
-/// lists it as the device's PCI address, no device is given twice, and DEL carries the
-/// same device.
+/// The node's mode (thin or thick) is the node's, not a test's: the tests of this binary
+/// take turns.
+static NODE_MODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Eight rails, eight device IDs per pod, end to end, through thin rust-multus and then
+/// through the thick daemon: each delegate's config has the device the kubelet gave the
+/// pod for its rail (`deviceID`, `pciBusID`, and `runtimeConfig.deviceID` where the NAD
+/// declares the capability), the network-status lists it as the device's PCI address, no
+/// device is given twice, and DEL carries the same device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_rails_get_the_kubelets_eight_devices() {
-    let Some(node) = Node::shared("eight_rails_get_the_kubelets_eight_devices") else { return };
+async fn eight_rails_get_the_kubelets_eight_devices_thin_and_thick() {
+    let Some(node) = Node::shared("eight_rails_get_the_kubelets_eight_devices_thin_and_thick") else {
+        return;
+    };
+    let _turn = NODE_MODE.lock().await;
     let mut plugins = Vec::new();
     for r in 0..RAILS {
         let p =
@@ -144,67 +152,76 @@ async fn eight_rails_get_the_kubelets_eight_devices() {
     let limits: serde_json::Map<String, Value> =
         (0..RAILS).map(|r| (format!("example.com/rail{r}"), json!("1"))).collect();
     let admin = ns.admin_client().await.expect("admin client");
-    let run = node
-        .run_pods_with(
-            &admin,
-            &ns.name,
-            "gpu",
-            2,
-            |name| {
-                let mut pod = Node::pod(name, Some(&networks.join(",")));
-                pod["spec"]["containers"][0]["resources"] = json!({"limits": limits});
-                pod
-            },
-            Duration::from_secs(60),
-        )
-        .await
-        .expect("pods run and check out");
+    for thick in [false, true] {
+        tokio::task::block_in_place(|| node.set_thick(thick)).expect("node mode");
+        let run = node
+            .run_pods_with(
+                &admin,
+                &ns.name,
+                if thick { "gpu-thick" } else { "gpu" },
+                2,
+                |name| {
+                    let mut pod = Node::pod(name, Some(&networks.join(",")));
+                    pod["spec"]["containers"][0]["resources"] = json!({"limits": limits});
+                    pod
+                },
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("pods run and check out");
+        if thick {
+            let adds =
+                node.daemon_metric("rust_multus_calls_total{verb=\"ADD\",result=\"ok\"}").expect("metrics");
+            assert!(adds >= 2.0, "the daemon answered the pods' ADDs: {adds}");
+        }
 
-    let mut given = BTreeSet::new();
-    for p in &run.pods {
-        let devices = kubelet_devices(node, &ns.name, &p.name).await;
-        for r in 0..RAILS {
-            let resource = format!("example.com/rail{r}");
-            let want = &devices[&resource];
-            assert_eq!(want.len(), 1, "{}: the kubelet gave {want:?} of {resource}", p.name);
-            let ifname = format!("net{}", r + 1);
-            let conf = recorded(records.path(), "ADD", &p.sandbox.id, &ifname);
-            assert_eq!(conf["deviceID"], want[0], "{} {ifname}: {conf}", p.name);
-            assert_eq!(conf["pciBusID"], want[0], "{} {ifname}: {conf}", p.name);
-            if r == 0 {
-                assert_eq!(conf["runtimeConfig"]["deviceID"], want[0], "{conf}");
-            } else {
-                assert!(
-                    conf["runtimeConfig"].get("deviceID").is_none(),
-                    "no capability, no runtimeConfig: {conf}"
+        let mut given = BTreeSet::new();
+        for p in &run.pods {
+            let devices = kubelet_devices(node, &ns.name, &p.name).await;
+            for r in 0..RAILS {
+                let resource = format!("example.com/rail{r}");
+                let want = &devices[&resource];
+                assert_eq!(want.len(), 1, "{}: the kubelet gave {want:?} of {resource}", p.name);
+                let ifname = format!("net{}", r + 1);
+                let conf = recorded(records.path(), "ADD", &p.sandbox.id, &ifname);
+                assert_eq!(conf["deviceID"], want[0], "{} {ifname}: {conf}", p.name);
+                assert_eq!(conf["pciBusID"], want[0], "{} {ifname}: {conf}", p.name);
+                if r == 0 {
+                    assert_eq!(conf["runtimeConfig"]["deviceID"], want[0], "{conf}");
+                } else {
+                    assert!(
+                        conf["runtimeConfig"].get("deviceID").is_none(),
+                        "no capability, no runtimeConfig: {conf}"
+                    );
+                }
+                let entry = &p.status[r + 1];
+                assert_eq!(entry["interface"], ifname.as_str(), "{:?}", p.status);
+                assert_eq!(
+                    entry["device-info"],
+                    json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": want[0]}}),
+                    "{:?}",
+                    p.status
                 );
+                assert!(given.insert(want[0].clone()), "{} given twice", want[0]);
             }
-            let entry = &p.status[r + 1];
-            assert_eq!(entry["interface"], ifname.as_str(), "{:?}", p.status);
-            assert_eq!(
-                entry["device-info"],
-                json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": want[0]}}),
-                "{:?}",
+            assert!(
+                p.status[0].get("device-info").is_none(),
+                "the cluster network has no device: {:?}",
                 p.status
             );
-            assert!(given.insert(want[0].clone()), "{} given twice", want[0]);
         }
-        assert!(
-            p.status[0].get("device-info").is_none(),
-            "the cluster network has no device: {:?}",
-            p.status
-        );
-    }
-    let all: BTreeSet<String> = (0..RAILS).flat_map(|r| vf_ids(r, 2)).collect();
-    assert_eq!(given, all, "two pods take both VFs of every rail");
+        let all: BTreeSet<String> = (0..RAILS).flat_map(|r| vf_ids(r, 2)).collect();
+        assert_eq!(given, all, "two pods take both VFs of every rail");
 
-    let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
-    node.delete_pods(&admin, &ns.name, &names, Duration::from_secs(60)).await.expect("deleted");
-    for p in &run.pods {
-        let add = recorded(records.path(), "ADD", &p.sandbox.id, "net3");
-        let del = recorded(records.path(), "DEL", &p.sandbox.id, "net3");
-        assert_eq!(del["deviceID"], add["deviceID"], "DEL gets the device ADD got");
+        let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
+        node.delete_pods(&admin, &ns.name, &names, Duration::from_secs(60)).await.expect("deleted");
+        for p in &run.pods {
+            let add = recorded(records.path(), "ADD", &p.sandbox.id, "net3");
+            let del = recorded(records.path(), "DEL", &p.sandbox.id, "net3");
+            assert_eq!(del["deviceID"], add["deviceID"], "DEL gets the device ADD got");
+        }
     }
+    tokio::task::block_in_place(|| node.set_thick(false)).expect("thin again");
     drop(plugins);
 }
 
@@ -215,6 +232,7 @@ async fn a_network_without_its_device_fails_naming_network_and_resource() {
     let Some(node) = Node::shared("a_network_without_its_device_fails_naming_network_and_resource") else {
         return;
     };
+    let _turn = NODE_MODE.lock().await;
     let ns = node.envtest.namespace("nodev").await.expect("namespace");
     let data = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start(data.path()).await.expect("server");

@@ -1,6 +1,8 @@
 //! The thick daemon's Pods and NADs: a list and then a watch of every
-//! NetworkAttachmentDefinition and of the pods of this node (`spec.nodeName`, metadata
-//! only), kept in memory, so an ADD reads them without a call to the API server.
+//! NetworkAttachmentDefinition and of the pods of this node (`spec.nodeName`), kept in
+//! memory as what an ADD reads of them (a pod's UID, annotations and ResourceClaims, as the
+//! thin plugin decodes them), so an ADD reads them without a call to the API server. Pods
+//! are watched whole, not as metadata: a pod's DRA claims are in its spec and status.
 //!
 //! The copy trails the API server by the watch's delay, and a pod is usually created a
 //! moment before its sandbox, so a lookup that misses asks the API server (a GET) and keeps
@@ -25,13 +27,14 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
-    Api, DynamicObject, ListParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams, WatchEvent,
-    WatchParams,
+    Api, ApiResource, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, WatchEvent, WatchParams,
 };
 use serde_json::json;
 use tokio::runtime::Handle;
 
-use super::source::{NadInfo, ObjectSource, PodInfo, SourceError, kube_err, nad_info, nad_resource};
+use super::source::{
+    NadInfo, ObjectSource, PodInfo, SourceError, kube_err, nad_info, nad_resource, pod_info,
+};
 
 /// Pause after a failed list or watch call before the next.
 pub const RETRY: Duration = Duration::from_secs(1);
@@ -93,14 +96,14 @@ fn key_of(meta: &ObjectMeta) -> Key {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-/// A pod as the cache keeps it: its metadata only, so no ResourceClaims (a pod with DRA
-/// devices needs a thin rust-multus for now).
-fn pod_of(meta: &ObjectMeta) -> PodInfo {
-    PodInfo {
-        uid: meta.uid.clone().unwrap_or_default(),
-        annotations: meta.annotations.clone().unwrap_or_default(),
-        ..PodInfo::default()
-    }
+/// A pod as the cache keeps it: what the thin plugin reads of a pod from the API.
+fn pod_of(obj: &DynamicObject) -> PodInfo {
+    pod_info(&serde_json::to_value(obj).unwrap_or_default())
+}
+
+/// Pods as untyped objects: decoded once, by [`pod_info`], as the thin plugin does.
+fn pod_resource() -> ApiResource {
+    ApiResource::erase::<Pod>(&())
 }
 
 fn nad_of(obj: &DynamicObject) -> Result<NadInfo, String> {
@@ -121,7 +124,7 @@ impl WatchCache {
             nads: Arc::default(),
             calls: Arc::default(),
         });
-        let pods: Api<Pod> = Api::all(client.clone());
+        let pods: Api<DynamicObject> = Api::all_with(client.clone(), &pod_resource());
         let selector = format!("spec.nodeName={node}");
         let calls = cache.calls.clone();
         tokio::spawn(follow(
@@ -134,21 +137,16 @@ impl WatchCache {
                 async move {
                     match wp {
                         None => {
-                            let l = pods.list_metadata(&lp.fields(&selector)).await?;
+                            let l = pods.list(&lp.fields(&selector)).await?;
                             let next = l.metadata.continue_.clone().filter(|c| !c.is_empty());
                             let rv = l.metadata.resource_version.clone().unwrap_or_default();
                             let items: Vec<(Key, PodInfo)> =
-                                l.items.iter().map(|p| (key_of(&p.metadata), pod_of(&p.metadata))).collect();
+                                l.items.iter().map(|p| (key_of(&p.metadata), pod_of(p))).collect();
                             Ok(Step::Page(items, next, rv))
                         }
                         Some((wp, rv)) => {
-                            let s = pods.watch_metadata(&wp.fields(&selector), &rv).await?;
-                            Ok(Step::Watch(
-                                s.map(|e| {
-                                    e.map(|e| event(e, |p: &PartialObjectMeta<Pod>| pod_of(&p.metadata)))
-                                })
-                                .boxed(),
-                            ))
+                            let s = pods.watch(&wp.fields(&selector), &rv).await?;
+                            Ok(Step::Watch(s.map(|e| e.map(|e| event(e, pod_of))).boxed()))
                         }
                     }
                 }
@@ -216,10 +214,9 @@ impl WatchCache {
 
     async fn get_pod(&self, namespace: &str, name: &str) -> Result<Option<PodInfo>, SourceError> {
         self.calls.gets.fetch_add(1, Ordering::Relaxed);
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let got =
-            api.get_metadata_opt(name).await.map_err(|e| kube_err(e, &format!("pod {namespace}/{name}")))?;
-        let info = got.map(|p| pod_of(&p.metadata));
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &pod_resource());
+        let got = api.get_opt(name).await.map_err(|e| kube_err(e, &format!("pod {namespace}/{name}")))?;
+        let info = got.as_ref().map(pod_of);
         if let Some(info) = &info {
             lock(&self.pods).objects.insert((namespace.to_string(), name.to_string()), info.clone());
         }
