@@ -20,8 +20,10 @@ pub struct PodInfo {
     pub uid: String,
     pub annotations: BTreeMap<String, String>,
     /// The names of the pod's ResourceClaims (DRA): those it names in
-    /// `spec.resourceClaims[].resourceClaimName`, and those made for it from templates
-    /// (`status.resourceClaimStatuses[].resourceClaimName`).
+    /// `spec.resourceClaims[].resourceClaimName`, those made for it from templates
+    /// (`status.resourceClaimStatuses[].resourceClaimName`), and the one the scheduler made
+    /// for extended resources backed by DRA (`status.extendedResourceClaimStatus`, asked for
+    /// in `resources.limits` like a device plugin's).
     pub claims: Vec<String>,
 }
 
@@ -149,8 +151,9 @@ pub(super) fn pod_info(obj: &Value) -> PodInfo {
         .unwrap_or_default();
     let named = obj["spec"]["resourceClaims"].as_array().into_iter().flatten();
     let made = obj["status"]["resourceClaimStatuses"].as_array().into_iter().flatten();
+    let extended = Some(&obj["status"]["extendedResourceClaimStatus"]).filter(|c| c.is_object());
     let mut claims: Vec<String> = Vec::new();
-    for c in named.chain(made) {
+    for c in named.chain(made).chain(extended) {
         if let Some(n) = c["resourceClaimName"].as_str().filter(|n| !n.is_empty())
             && !claims.iter().any(|k| k == n)
         {
@@ -607,6 +610,25 @@ items:
   metadata:
     name: from-file
 "#;
+
+    #[test]
+    fn a_pods_claims_are_named_templated_and_extended_each_once() {
+        let pod = serde_json::json!({
+            "metadata": {"uid": "u1", "annotations": {"k8s.v1.cni.cncf.io/networks": "rail-0"}},
+            "spec": {"resourceClaims": [
+                {"name": "gpu", "resourceClaimName": "shared-gpu"},
+                {"name": "vf", "resourceClaimTemplateName": "vf-template"}]},
+            "status": {
+                "resourceClaimStatuses": [
+                    {"name": "gpu", "resourceClaimName": "shared-gpu"},
+                    {"name": "vf", "resourceClaimName": "trainer-vf-x7k2p"}],
+                "extendedResourceClaimStatus": {"resourceClaimName": "trainer-extended-resources-9qz",
+                    "requestMappings": [{"containerName": "c", "resourceName": "example.com/rail_vf", "requestName": "r0"}]}}});
+        let info = pod_info(&pod);
+        assert_eq!(info.uid, "u1");
+        assert_eq!(info.claims, ["shared-gpu", "trainer-vf-x7k2p", "trainer-extended-resources-9qz"]);
+        assert_eq!(pod_info(&serde_json::json!({"metadata": {}})).claims, Vec::<String>::new());
+    }
 
     #[test]
     fn directory_lookups_and_write_back() {
