@@ -331,9 +331,9 @@ impl pb::ipam_server::Ipam for IpamService {
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
+            .call(move |a, now| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
                 Some(node) => Guarded::Foreign(node),
-                None => Guarded::Done(a.release(&network, &cid, &ifname)),
+                None => Guarded::Done(a.release(&network, &cid, &ifname, now)),
             })
             .await
             .map_err(engine_status)?
@@ -395,7 +395,7 @@ impl pb::ipam_server::Ipam for IpamService {
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| a.gc(&network, &node, &valid))
+            .call(move |a, now| a.gc(&network, &node, &valid, now))
             .await
             .map_err(engine_status)?;
         for l in &released {
@@ -585,7 +585,7 @@ impl pb::admin_server::Admin for AdminService {
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| a.release_address(&network, ip))
+            .call(move |a, now| a.release_address(&network, ip, now))
             .await
             .map_err(engine_status)?
             .map_err(status)?;
