@@ -220,6 +220,28 @@ impl RangeSpec {
         Ok(spec)
     }
 
+    /// Refuses a gateway outside the range's network and an exclusion that shares no
+    /// address with it (parsing takes both, as Whereabouts does; a pool is checked more
+    /// strictly).
+    pub fn check_contained(&self, prefix: FieldPrefix<'_>) -> Result<(), AllocError> {
+        if let Some(gw) = self.gateway
+            && !self.network.contains(gw)
+        {
+            let field = prefix.field("gateway");
+            return Err(invalid(field, &self.input.gateway, format!("is outside range {}", self.network)));
+        }
+        let (lo, hi) = (ip_to_u128(self.network.network()), ip_to_u128(self.network.broadcast()));
+        for (i, ex) in self.input.exclude.iter().enumerate() {
+            if let Some((a, b)) = parse_exclusion(ex.trim())
+                && (ip_to_u128(b) < lo || ip_to_u128(a) > hi)
+            {
+                let field = prefix.field(&format!("exclude[{i}]"));
+                return Err(invalid(field, ex, format!("is outside range {}", self.network)));
+            }
+        }
+        Ok(())
+    }
+
     /// The range as configured.
     pub fn input(&self) -> &RangeInput {
         &self.input

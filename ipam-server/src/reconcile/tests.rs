@@ -437,7 +437,7 @@ async fn reconciler_counts_passes_and_refuses_without_pods() {
     r.run(&engine, true, None).await.expect("dry run");
     let real = r.run(&engine, false, None).await.expect("pass");
     assert_eq!(real.grace, GRACE);
-    let text = metrics.render(&[], 0, true);
+    let text = metrics.render(&[], &[], 0, true);
     for line in [
         "rustipam_reconcile_runs_total{mode=\"dry-run\",result=\"ok\"} 1",
         "rustipam_reconcile_runs_total{mode=\"real\",result=\"ok\"} 1",
