@@ -1,0 +1,382 @@
+//! IPPools end to end through the `rust-ipam` plugin binary: NADs naming a pool
+//! (`"pool": "rail0"`) against a server on the embedded store with `--pools-dir`, and
+//! against the real kube-apiserver (`rust_ipam_e2e::envtest`) with the server as its
+//! ServiceAccount under deploy/'s RBAC. What is asserted is what the plugin printed, what
+//! the API server holds and the error text: two NADs naming one pool never share an
+//! address, the pool's gateway, routes and DNS are in the result, an unknown or invalid
+//! pool is a CNI error naming it, a released address waits out the pool's cooldown (and is
+//! handed out anyway, logged, when nothing else is free), the leader writes usage and
+//! validity into the IPPool's status, and the schema refuses what it can.
+
+use std::time::{Duration, Instant};
+
+use ipam_server::k8s::crd::{IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute};
+use kube::api::{Api, PostParams};
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
+use rust_ipam_e2e::fixtures::lease_objects;
+use rust_ipam_e2e::{CniOutput, ServerOptions, ServerProcess, run_ipam_plugin};
+use serde_json::{Value, json};
+
+/// A NAD named `nad` whose ipam section is `ipam` (plus type and server).
+fn nad(nad: &str, server: &str, mut ipam: Value) -> Value {
+    ipam["type"] = json!("rust-ipam");
+    ipam["server"] = json!(server);
+    json!({"cniVersion": "1.0.0", "name": nad, "type": "macvlan", "master": "eth1", "ipam": ipam})
+}
+
+fn pod(name: &str) -> String {
+    format!("K8S_POD_NAMESPACE=ml;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}")
+}
+
+/// ADD for container `cid` (pod of the same name); the result, which must be a success.
+fn add(cid: &str, conf: &Value) -> Value {
+    let out = run_ipam_plugin("ADD", cid, &pod(cid), conf);
+    assert_eq!(out.code, 0, "ADD {cid}: {} {}", out.out, out.stderr);
+    out.out
+}
+
+/// The first address of an ADD's result, without prefix.
+fn first_ip(result: &Value) -> String {
+    let a = result["ips"][0]["address"].as_str().expect("an address");
+    a.split('/').next().expect("address").to_string()
+}
+
+fn del(cid: &str, conf: &Value) {
+    let out = run_ipam_plugin("DEL", cid, &pod(cid), conf);
+    assert_eq!(out.code, 0, "DEL {cid}: {} {}", out.out, out.stderr);
+}
+
+/// An ADD that must fail: (CNI error code, message).
+fn refused(cid: &str, conf: &Value) -> (u64, String) {
+    let CniOutput { code, out, stderr } = run_ipam_plugin("ADD", cid, &pod(cid), conf);
+    assert_eq!(code, 1, "ADD {cid} should fail: {out} {stderr}");
+    (out["code"].as_u64().expect("code"), out["msg"].as_str().expect("msg").to_string())
+}
+
+const POOLS: &str = "\
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail0
+spec:
+  ranges:
+  - range: 198.18.10.0/28
+    gateway: 198.18.10.1
+    exclude: [198.18.10.2/31]
+  - range: fd00:10::/125
+  routes:
+  - dst: 198.19.0.0/16
+    gw: 198.18.10.1
+  dns:
+    nameservers: [198.18.10.53]
+    search: [rail.example]
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: bad
+spec:
+  ranges:
+  - range: 198.18.12.0/24
+    range_start: 198.18.11.200
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: cool
+spec:
+  ranges:
+  - range: 198.18.13.0/29
+  cooldown: 2s
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: tight
+spec:
+  ranges:
+  - range: 198.18.14.0/30
+  cooldown: 60m
+";
+
+/// The value of metric `name` with labels `labels` in a Prometheus text exposition.
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_from_a_directory_through_the_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools");
+    std::fs::create_dir(&pools).expect("pools dir");
+    std::fs::write(pools.join("pools.yaml"), POOLS).expect("write pools");
+    let log = dir.path().join("server.log");
+    let opts = ServerOptions {
+        args: vec!["--pools-dir".into(), pools.display().to_string()],
+        log_level: "info".into(),
+        log_file: Some(log.clone()),
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
+    let ep = server.endpoint.as_str();
+    let (a, b) = (nad("rail0-a", ep, json!({"pool": "rail0"})), nad("rail0-b", ep, json!({"pool": "rail0"})));
+
+    // Two NADs naming one pool share its addresses: never the same one twice.
+    let first = add("c1", &a);
+    assert_eq!(
+        first,
+        json!({"cniVersion": "1.0.0",
+            "ips": [{"address": "198.18.10.4/28", "gateway": "198.18.10.1"}, {"address": "fd00:10::1/125"}],
+            "routes": [{"dst": "198.19.0.0/16", "gw": "198.18.10.1"}],
+            "dns": {"nameservers": ["198.18.10.53"], "search": ["rail.example"]}})
+    );
+    let got: Vec<String> =
+        [("c2", &b), ("c3", &a), ("c4", &b)].iter().map(|(cid, conf)| first_ip(&add(cid, conf))).collect();
+    assert_eq!(got, ["198.18.10.5", "198.18.10.6", "198.18.10.7"]);
+    // The same attachment through the other NAD: the same address (one network).
+    assert_eq!(first_ip(&add("c1", &b)), "198.18.10.4");
+
+    // An unknown pool, an invalid one, and a NAD that names a pool and ranges.
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "nope"}))),
+        (100, r#"pool "nope" does not exist (no IPPool of that name)"#.into())
+    );
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "bad"}))),
+        (
+            100,
+            r#"pool "bad" is invalid: spec.ranges[0].range_start "198.18.11.200" is outside range 198.18.12.0/24"#
+                .into()
+        )
+    );
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "rail0", "range": "198.18.10.0/28"}))),
+        (
+            7,
+            r#"ipam sets both "pool" ("rail0") and "range": the pool gives the ranges, gateway and network; remove one"#
+                .into()
+        )
+    );
+
+    // Cooldown: a released address waits 2 s; then it is the lowest free one again.
+    let cool = nad("cool", ep, json!({"pool": "cool"}));
+    assert_eq!(first_ip(&add("k1", &cool)), "198.18.13.1");
+    del("k1", &cool);
+    let released = Instant::now();
+    assert_eq!(first_ip(&add("k2", &cool)), "198.18.13.2", "198.18.13.1 is cooling");
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    assert_eq!(metric(&text, r#"rustipam_ippool_cooldown_holds{pool="cool"}"#), Some(1.0), "{text}");
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(released.elapsed())).await;
+    assert_eq!(first_ip(&add("k3", &cool)), "198.18.13.1", "its cooldown has passed");
+
+    // A pool with nothing else free hands out a cooling address, and the log says so.
+    let tight = nad("tight", ep, json!({"pool": "tight"}));
+    assert_eq!(first_ip(&add("t1", &tight)), "198.18.14.1");
+    assert_eq!(first_ip(&add("t2", &tight)), "198.18.14.2");
+    del("t1", &tight);
+    assert_eq!(first_ip(&add("t3", &tight)), "198.18.14.1");
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("before its cooldown has passed") && l.contains("address=198.18.14.1")),
+        "{logged}"
+    );
+
+    // Per-pool metrics: 4 attachments of rail0 hold two addresses each; 3 are excluded.
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    let m = |name: &str| metric(&text, name);
+    assert_eq!(m(r#"rustipam_ippool_size{pool="rail0"}"#), Some(20.0), "{text}");
+    assert_eq!(m(r#"rustipam_ippool_used{pool="rail0"}"#), Some(8.0));
+    assert_eq!(m(r#"rustipam_ippool_free{pool="rail0"}"#), Some(9.0));
+    assert_eq!(m(r#"rustipam_ippool_valid{pool="rail0"}"#), Some(1.0));
+    assert_eq!(m(r#"rustipam_ippool_valid{pool="bad"}"#), Some(0.0));
+    assert_eq!(m(r#"rustipam_ippool_used{pool="bad"}"#), None);
+
+    // A pool written while the server runs is used without a restart.
+    let late = nad("late", ep, json!({"pool": "late"}));
+    std::fs::write(pools.join("late.yaml"), POOLS.split("---").next().expect("doc").replace("rail0", "late"))
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_ipam_plugin("ADD", "l1", &pod("l1"), &late);
+        if out.code == 0 {
+            assert_eq!(first_ip(&out.out), "198.18.10.4", "its own network: rail0's addresses are not seen");
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool late not read within 10 s: {}", out.out);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn range(r: &str) -> PoolRange {
+    PoolRange { range: r.into(), ..PoolRange::default() }
+}
+
+fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
+    IPPoolSpec { ranges, routes: Vec::new(), dns: None, cooldown: String::new() }
+}
+
+/// Waits until the status of IPPool `name` satisfies `ok`; the last status seen.
+async fn wait_status(api: &Api<IPPool>, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let obj = api.get(name).await.expect("get IPPool");
+        let status = serde_json::to_value(&obj.status).expect("json");
+        if ok(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "status of {name} is still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_from_the_api_server_through_the_plugin() {
+    const TEST: &str = "pools_from_the_api_server_through_the_plugin";
+    let Some(env) = envtest::shared(TEST) else { return };
+    let ns = env.namespace("pools").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    let pools: Api<IPPool> = Api::all(admin.clone());
+    // IPPools are cluster-scoped: names of this test's namespace, so runs never meet.
+    let name = |p: &str| format!("{}-{p}", ns.name);
+    let (rail, bad, cool, late) = (name("rail"), name("bad"), name("cool"), name("late"));
+
+    // What the schema refuses, the API server refuses, naming the field.
+    let mut wrong = spec(vec![range("198.18.20.0/28")]);
+    wrong.cooldown = "30 seconds".into();
+    let e = pools.create(&PostParams::default(), &IPPool::new(&name("x"), wrong)).await.expect_err("pattern");
+    assert!(e.to_string().contains("spec.cooldown"), "{e}");
+    let e = pools
+        .create(&PostParams::default(), &IPPool::new(&name("y"), spec(vec![])))
+        .await
+        .expect_err("empty");
+    assert!(e.to_string().contains("spec.ranges"), "{e}");
+
+    // Pools made before the server starts, and one after.
+    let mut rail_spec = spec(vec![PoolRange { gateway: "198.18.20.1".into(), ..range("198.18.20.0/28") }]);
+    rail_spec.routes = vec![PoolRoute { dst: "198.19.0.0/16".into(), gw: String::new() }];
+    rail_spec.dns = Some(PoolDns { nameservers: vec!["198.18.20.53".into()], ..PoolDns::default() });
+    pools.create(&PostParams::default(), &IPPool::new(&rail, rail_spec)).await.expect("create rail");
+    let bad_spec =
+        spec(vec![PoolRange { exclude: vec!["198.18.99.0/28".into()], ..range("198.18.21.0/28") }]);
+    pools.create(&PostParams::default(), &IPPool::new(&bad, bad_spec)).await.expect("create bad");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
+    let opts = ServerOptions::kube_replica(
+        "solo",
+        &cfg,
+        &ns.name,
+        dir.path().join("solo.log"),
+        &[
+            "--lease-ttl",
+            "3s",
+            "--renew-every",
+            "500ms",
+            "--pool-status-every",
+            "200ms",
+            "--reconcile-every",
+            "0",
+        ],
+    );
+    let server =
+        ServerProcess::start_with(&dir.path().join("data"), &ServerOptions { wait_serving: true, ..opts })
+            .await
+            .expect("server");
+    let ep = server.endpoint.as_str();
+
+    let mut cool_spec = spec(vec![range("198.18.22.0/29")]);
+    cool_spec.cooldown = "2s".into();
+    pools.create(&PostParams::default(), &IPPool::new(&cool, cool_spec)).await.expect("create cool");
+
+    // Two NADs naming the pool: distinct addresses, each an IPLease in the pool's network.
+    let (a, b) = (nad("rail-a", ep, json!({"pool": rail})), nad("rail-b", ep, json!({"pool": rail})));
+    let first = add("r1", &a);
+    assert_eq!(
+        first,
+        json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.20.2/28", "gateway": "198.18.20.1"}],
+            "routes": [{"dst": "198.19.0.0/16"}], "dns": {"nameservers": ["198.18.20.53"]}})
+    );
+    let got: Vec<String> =
+        [("r2", &b), ("r3", &a), ("r4", &b)].iter().map(|(cid, conf)| first_ip(&add(cid, conf))).collect();
+    assert_eq!(got, ["198.18.20.3", "198.18.20.4", "198.18.20.5"]);
+    let server_client = ns.client(SERVER_ACCOUNT).await.expect("client");
+    let mut stored: Vec<(String, String)> = lease_objects(&server_client, &ns.name)
+        .await
+        .into_iter()
+        .map(|l| (l.address, l.container_id))
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [("198.18.20.2", "r1"), ("198.18.20.3", "r2"), ("198.18.20.4", "r3"), ("198.18.20.5", "r4")]
+            .map(|(a, c)| (a.to_string(), c.to_string()))
+    );
+    let lease_list =
+        envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await.expect("list");
+    assert!(lease_list.iter().all(|l| l["spec"]["network"] == json!(rail)), "{lease_list:?}");
+
+    // Unknown and invalid pools.
+    assert_eq!(
+        refused("r9", &nad("x", ep, json!({"pool": name("nope")}))),
+        (100, format!("pool {:?} does not exist (no IPPool of that name)", name("nope")))
+    );
+    let msg = format!(
+        "pool {bad:?} is invalid: spec.ranges[0].exclude[0] \"198.18.99.0/28\" is outside range 198.18.21.0/28"
+    );
+    assert_eq!(refused("r9", &nad("x", ep, json!({"pool": bad}))), (100, msg.clone()));
+
+    // Cooldown across release and allocate, on a pool made while the server runs.
+    let c = nad("cool", ep, json!({"pool": cool}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "k1", &pod("k1"), &c).code != 0 {
+        assert!(Instant::now() < deadline, "pool {cool} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(first_ip(&add("k1", &c)), "198.18.22.1");
+    del("k1", &c);
+    let released = Instant::now();
+    assert_eq!(first_ip(&add("k2", &c)), "198.18.22.2", "198.18.22.1 is cooling");
+    let status = wait_status(&pools, &cool, |s| s["cooldownHolds"] == "1").await;
+    assert_eq!(status["used"], "1");
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(released.elapsed())).await;
+    assert_eq!(first_ip(&add("k3", &c)), "198.18.22.1", "its cooldown has passed");
+
+    // Status on the objects: usage, and why a pool is not used.
+    let status = wait_status(&pools, &rail, |s| s["used"] == "4").await;
+    assert_eq!(
+        status,
+        json!({"ranges": "198.18.20.0/28", "size": "14", "used": "4", "excluded": "1", "free": "9",
+            "cooldownHolds": "0", "conditions": [{"type": "Valid", "status": "True", "reason": "Valid", "message": ""}]})
+    );
+    let status = wait_status(&pools, &bad, |s| !s["conditions"].is_null()).await;
+    assert_eq!(
+        status["conditions"],
+        json!([{"type": "Valid", "status": "False", "reason": "Invalid", "message": msg}])
+    );
+
+    // Deleting a pool makes it unknown.
+    pools
+        .create(&PostParams::default(), &IPPool::new(&late, spec(vec![range("198.18.23.0/29")])))
+        .await
+        .expect("late");
+    pools.delete(&late, &Default::default()).await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_ipam_plugin("ADD", "z1", &pod("z1"), &nad("late", ep, json!({"pool": late})));
+        if out.code == 1
+            && out.out["msg"] == json!(format!("pool {late:?} does not exist (no IPPool of that name)"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool {late} still used: {}", out.out);
+        // It may have been seen and taken before the delete arrived: give it back.
+        if out.code == 0 {
+            del("z1", &nad("late", ep, json!({"pool": late})));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
