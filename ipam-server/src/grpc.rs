@@ -324,6 +324,15 @@ impl IpamService {
         IpamService { pools, ..self }
     }
 
+    /// The cooldown of the pool whose network `network` is, if it is one: set before a
+    /// release too, so a release before the first allocation since the start cools.
+    fn pool_cooldown(&self, network: &str) -> Option<u64> {
+        if network.is_empty() {
+            return None;
+        }
+        self.pools.get(network).ok().map(|p| p.cooldown_ms())
+    }
+
     /// The attachment's key, once the node the request names (if any) is the caller's.
     fn own_attachment(
         &self,
@@ -399,13 +408,19 @@ impl pb::ipam_server::Ipam for IpamService {
         let (cid, ifname) = self.own_attachment("Release", &caller, r.attachment)?;
         let network = r.network;
         let who = caller.clone();
+        let cooldown_ms = self.pool_cooldown(&network);
         let released = self
             .serving
             .ready_engine()
             .await?
             .call(move |a, now| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
                 Some(node) => Guarded::Foreign(node),
-                None => Guarded::Done(a.release(&network, &cid, &ifname, now)),
+                None => {
+                    if let Some(ms) = cooldown_ms {
+                        a.set_cooldown(&network, ms);
+                    }
+                    Guarded::Done(a.release(&network, &cid, &ifname, now))
+                }
             })
             .await
             .map_err(engine_status)?
@@ -463,11 +478,17 @@ impl pb::ipam_server::Ipam for IpamService {
         }
         caller.may_act_for("Gc", &r.node, &self.authz)?;
         let (network, node) = (r.network, r.node);
+        let cooldown_ms = self.pool_cooldown(&network);
         let released = self
             .serving
             .ready_engine()
             .await?
-            .call(move |a, now| a.gc(&network, &node, &valid, now))
+            .call(move |a, now| {
+                if let Some(ms) = cooldown_ms {
+                    a.set_cooldown(&network, ms);
+                }
+                a.gc(&network, &node, &valid, now)
+            })
             .await
             .map_err(engine_status)?;
         for l in &released {
