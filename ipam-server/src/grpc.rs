@@ -35,6 +35,7 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
         AllocError::NotFound { .. } => Status::not_found(msg),
+        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => Status::resource_exhausted(msg),
     }
 }
 
@@ -363,6 +364,15 @@ impl pb::ipam_server::Ipam for IpamService {
         }
         let who = caller.clone();
         let cooldown_ms = pool.as_ref().map(|p| p.cooldown_ms());
+        let per_node = pool.as_ref().and_then(|p| p.per_node.map(|pn| (pn, p.ranges.clone())));
+        if per_node.is_some() && req.attachment.node.is_empty() {
+            let name = pool.as_ref().map(|p| p.name.as_str()).unwrap_or_default();
+            return Err(invalid(
+                "attachment.node",
+                "",
+                &format!("is required: pool {name:?} gives each node its own block"),
+            ));
+        }
         let got = self
             .serving
             .ready_engine()
@@ -375,7 +385,10 @@ impl pb::ipam_server::Ipam for IpamService {
                         if let Some(ms) = cooldown_ms {
                             a.set_cooldown(&req.network, ms);
                         }
-                        let got = a.allocate(&req, now);
+                        let got = match &per_node {
+                            None => a.allocate(&req, now),
+                            Some((pn, ranges)) => crate::pools::allocate_in_blocks(a, &req, *pn, ranges, now),
+                        };
                         Guarded::Done(got.map(|l| (l, a.take_cooldown_overrides())))
                     }
                 }

@@ -6,7 +6,10 @@
 //! address, the pool's gateway, routes and DNS are in the result, an unknown or invalid
 //! pool is a CNI error naming it, a released address waits out the pool's cooldown (and is
 //! handed out anyway, logged, when nothing else is free), the leader writes usage and
-//! validity into the IPPool's status, and the schema refuses what it can.
+//! validity into the IPPool's status, and the schema refuses what it can. Per-node blocks
+//! (`perNodePrefix`, `gatewayIndex`): two rails on simulated nodes (the plugin's
+//! `node_name`), each node its own block and gateway on every rail, kept across a restart,
+//! a full block and a full pool named with their counts.
 
 use std::time::{Duration, Instant};
 
@@ -221,12 +224,99 @@ async fn pools_from_a_directory_through_the_plugin() {
     }
 }
 
+/// Two rails, one IPPool each: a /29 block per node, its gateway at index 1.
+const RAILS: &str = "\
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail0
+spec:
+  ranges:
+  - range: 198.18.40.0/27
+  perNodePrefix: 29
+  gatewayIndex: 1
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail1
+spec:
+  ranges:
+  - range: 198.18.41.0/27
+  perNodePrefix: 29
+  gatewayIndex: 1
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_blocks_through_the_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools");
+    std::fs::create_dir(&pools).expect("pools dir");
+    std::fs::write(pools.join("rails.yaml"), RAILS).expect("write pools");
+    let opts = ServerOptions {
+        args: vec!["--pools-dir".into(), pools.display().to_string()],
+        ..ServerOptions::default()
+    };
+    let data = dir.path().join("data");
+    let mut server = ServerProcess::start_with(&data, &opts).await.expect("server");
+    // A pod's interface on each rail, on a simulated node (the plugin's node_name).
+    let on = |ep: &str, rail: &str, node: &str| nad(rail, ep, json!({"pool": rail, "node_name": node}));
+    let pod_on = |ep: &str, cid: &str, node: &str| -> Vec<Value> {
+        ["rail0", "rail1"].iter().map(|rail| add(&format!("{cid}-{rail}"), &on(ep, rail, node))).collect()
+    };
+    let ep = server.endpoint.clone();
+    let p1 = pod_on(&ep, "p1", "n1");
+    assert_eq!(p1[0]["ips"], json!([{"address": "198.18.40.2/29", "gateway": "198.18.40.1"}]));
+    assert_eq!(p1[1]["ips"], json!([{"address": "198.18.41.2/29", "gateway": "198.18.41.1"}]));
+    let p2 = pod_on(&ep, "p2", "n2");
+    assert_eq!(p2[0]["ips"], json!([{"address": "198.18.40.10/29", "gateway": "198.18.40.9"}]));
+    assert_eq!(p2[1]["ips"], json!([{"address": "198.18.41.10/29", "gateway": "198.18.41.9"}]));
+    let p3 = pod_on(&ep, "p3", "n1");
+    assert_eq!(p3.iter().map(first_ip).collect::<Vec<_>>(), ["198.18.40.3", "198.18.41.3"]);
+
+    // The blocks are derived from the stored leases: a restart keeps them.
+    server.terminate().expect("stop");
+    let server = ServerProcess::start_with(&data, &opts).await.expect("restart");
+    let ep = server.endpoint.clone();
+    let p4 = pod_on(&ep, "p4", "n2");
+    assert_eq!(p4.iter().map(first_ip).collect::<Vec<_>>(), ["198.18.40.11", "198.18.41.11"]);
+
+    // A node's block full: its own error, with the node's and the pool's counts.
+    for i in 4..7 {
+        add(&format!("q{i}"), &on(&ep, "rail0", "n1"));
+    }
+    assert_eq!(
+        refused("q7", &on(&ep, "rail0", "n1")),
+        (
+            100,
+            r#"block 198.18.40.0/29 of node "n1" in network "rail0" is exhausted: size 6, held 5, excluded 1 (the whole pool: size 30, held 7)"#
+                .into()
+        )
+    );
+    // Four blocks: two more nodes fit, a fifth does not.
+    add("r3", &on(&ep, "rail0", "n3"));
+    add("r4", &on(&ep, "rail0", "n4"));
+    assert_eq!(
+        refused("r5", &on(&ep, "rail0", "n5")),
+        (
+            100,
+            r#"no free /29 block for node "n5" in 198.18.40.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#
+                .into()
+        )
+    );
+    // n2 releases both of its rail0 addresses: its block goes to n5.
+    for cid in ["p2-rail0", "p4-rail0"] {
+        del(cid, &on(&ep, "rail0", "n2"));
+    }
+    assert_eq!(first_ip(&add("r5", &on(&ep, "rail0", "n5"))), "198.18.40.10");
+}
+
 fn range(r: &str) -> PoolRange {
     PoolRange { range: r.into(), ..PoolRange::default() }
 }
 
 fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
-    IPPoolSpec { ranges, routes: Vec::new(), dns: None, cooldown: String::new() }
+    IPPoolSpec { ranges, ..IPPoolSpec::default() }
 }
 
 /// Waits until the status of IPPool `name` satisfies `ok`; the last status seen.
@@ -367,6 +457,50 @@ async fn pools_from_the_api_server_through_the_plugin() {
     assert_eq!(
         status["conditions"],
         json!([{"type": "Valid", "status": "False", "reason": "Invalid", "message": msg}])
+    );
+
+    // Per-node blocks on the kube store: each node its own /29, the gateway at index 1.
+    let blocks = name("blocks");
+    let block_spec = IPPoolSpec {
+        ranges: vec![range("198.18.24.0/27")],
+        per_node_prefix: Some(29),
+        gateway_index: Some(1),
+        ..IPPoolSpec::default()
+    };
+    pools.create(&PostParams::default(), &IPPool::new(&blocks, block_spec)).await.expect("create blocks");
+    let on = |node: &str| nad("blocks", ep, json!({"pool": blocks, "node_name": node}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "b1", &pod("b1"), &on("n1")).code != 0 {
+        assert!(Instant::now() < deadline, "pool {blocks} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got =
+        [("b1", "n1"), ("b2", "n2"), ("b3", "n1")].map(|(cid, node)| add(cid, &on(node))["ips"][0].clone());
+    assert_eq!(
+        got,
+        [
+            json!({"address": "198.18.24.2/29", "gateway": "198.18.24.1"}),
+            json!({"address": "198.18.24.10/29", "gateway": "198.18.24.9"}),
+            json!({"address": "198.18.24.3/29", "gateway": "198.18.24.1"}),
+        ]
+    );
+    let leases =
+        envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await.expect("list");
+    let mut by_node: Vec<(String, String)> = leases
+        .iter()
+        .filter(|l| l["spec"]["network"] == json!(blocks))
+        .map(|l| {
+            (
+                l["spec"]["address"].as_str().unwrap_or_default().into(),
+                l["spec"]["node"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    by_node.sort();
+    assert_eq!(
+        by_node,
+        [("198.18.24.10", "n2"), ("198.18.24.2", "n1"), ("198.18.24.3", "n1")]
+            .map(|(a, n)| (a.to_string(), n.to_string()))
     );
 
     // Deleting a pool makes it unknown.

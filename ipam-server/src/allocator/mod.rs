@@ -25,7 +25,7 @@ use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
 use by_address::ByAddress;
-pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, parse_address};
+pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, ip_to_u128, parse_address, u128_to_ip};
 
 /// Errors of the allocator, each naming what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +45,30 @@ pub enum AllocError {
     /// Nobody holds the address.
     #[error("address {address} is not held in network \"{network}\"")]
     NotFound { network: String, address: IpAddr },
+    /// Every per-node block of a range is another node's.
+    #[error(
+        "no free /{prefix} block for node {node:?} in {range} (network \"{network}\"): all {blocks} blocks hold other nodes' addresses"
+    )]
+    NoFreeBlock { network: String, node: String, range: String, prefix: u8, blocks: u128 },
+    /// A node's block has no free address.
+    #[error(transparent)]
+    BlockExhausted(Box<BlockFull>),
+}
+
+/// A node's per-node block with no free address, with the node's and the pool's counts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "block {block} of node {node:?} in network \"{network}\" is exhausted: size {size}, held {held}, excluded {excluded} (the whole pool: size {pool_size}, held {pool_held})"
+)]
+pub struct BlockFull {
+    pub network: String,
+    pub node: String,
+    pub block: String,
+    pub size: u128,
+    pub held: u128,
+    pub excluded: u128,
+    pub pool_size: u128,
+    pub pool_held: u128,
 }
 
 /// A shared, immutable string: leases share their network, range and pod strings.
@@ -949,6 +973,69 @@ impl Allocator {
             t.free += size - excluded - used;
         }
         t
+    }
+
+    /// The block of prefix length `prefix` within `within` that belongs to `node` in
+    /// `network`: the lowest block holding an address of one of the node's attachments;
+    /// for a node holding none, the lowest block holding no attachment's address at all.
+    /// Derived from the leases alone, so it survives restarts and leader changes with
+    /// them, and a block whose last lease goes is free again. Manual reservations claim
+    /// no block.
+    pub fn node_block(
+        &self,
+        network: &str,
+        within: ipnetwork::IpNetwork,
+        prefix: u8,
+        node: &str,
+    ) -> Result<ipnetwork::IpNetwork, AllocError> {
+        let family = Family::of(within.ip());
+        let bits: u8 = if family == Family::V4 { 32 } else { 128 };
+        if prefix <= within.prefix() || prefix > bits {
+            return Err(AllocError::Invalid {
+                field: "perNodePrefix".into(),
+                value: prefix.to_string(),
+                reason: format!("is not longer than {within}'s prefix and at most {bits}"),
+            });
+        }
+        let shift = u32::from(bits - prefix);
+        let (first, last) = (ip_to_u128(within.network()), ip_to_u128(within.broadcast()));
+        let blocks = ((last - first) >> shift) + 1;
+        let block = |i: u128| {
+            let ip = u128_to_ip(family, first + (i << shift));
+            ipnetwork::IpNetwork::new(ip, prefix).unwrap_or(within)
+        };
+        let mut taken = std::collections::BTreeSet::new();
+        if let Some(net) = self.networks.get(network) {
+            let held = net
+                .leases
+                .from(Bound::Included(within.network()))
+                .take_while(|l| Family::of(l.address) == family && ip_to_u128(l.address) <= last);
+            for l in held.filter(|l| !l.is_manual()) {
+                let i = (ip_to_u128(l.address) - first) >> shift;
+                if l.holder.node == node {
+                    return Ok(block(i));
+                }
+                taken.insert(i);
+            }
+        }
+        // The lowest index not taken: `taken` is sorted, so walk it.
+        let mut free = 0u128;
+        for i in taken {
+            if i != free {
+                break;
+            }
+            free += 1;
+        }
+        if free >= blocks {
+            return Err(AllocError::NoFreeBlock {
+                network: network.to_string(),
+                node: node.to_string(),
+                range: within.to_string(),
+                prefix,
+                blocks,
+            });
+        }
+        Ok(block(free))
     }
 
     /// Who holds an address.

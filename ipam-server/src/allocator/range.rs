@@ -31,7 +31,8 @@ pub enum Family {
 }
 
 impl Family {
-    fn of(ip: IpAddr) -> Family {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
@@ -56,7 +57,8 @@ pub fn ip_to_u128(ip: IpAddr) -> u128 {
     }
 }
 
-fn u128_to_ip(family: Family, v: u128) -> IpAddr {
+/// An address from its integer (see [`ip_to_u128`]).
+pub fn u128_to_ip(family: Family, v: u128) -> IpAddr {
     match family {
         Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
         Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
@@ -291,6 +293,11 @@ impl RangeSpec {
                 self.network.prefix()
             )
         }
+    }
+
+    /// The range's network (the CIDR, host bits cleared by the prefix).
+    pub fn network(&self) -> IpNetwork {
+        IpNetwork::new(self.network.network(), self.network.prefix()).unwrap_or(self.network)
     }
 
     /// Address family.

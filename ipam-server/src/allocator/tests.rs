@@ -413,6 +413,9 @@ fn outcome(e: &AllocError) -> Outcome {
         AllocError::Conflict { .. } => Outcome::Conflict,
         AllocError::Exhausted { .. } => Outcome::Exhausted,
         AllocError::NotFound { .. } => unreachable!("allocate never answers NotFound"),
+        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => {
+            unreachable!("allocate never answers per-node block errors")
+        }
     }
 }
 
@@ -786,4 +789,38 @@ fn usage_of_sums_a_pools_ranges_before_and_after_allocation() {
     assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 1, excluded: 2, free: 9 });
     al.allocate(&req(att("a", "net1", "a"), "p", vec![v4, v6], &[]), 1).expect("allocate");
     assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 3, excluded: 2, free: 7 });
+}
+
+#[test]
+fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
+    let mut al = Allocator::new();
+    let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
+    let block = |al: &Allocator, node: &str| al.node_block("rail0", within, 28, node).map(|b| b.to_string());
+    assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
+    let on = |node: &str, cid: &str| Attachment { node: node.into(), ..att(cid, "net1", cid) };
+    let take = |al: &mut Allocator, node: &str, cid: &str, cidr: &str| {
+        addrs(
+            &al.allocate(&req(on(node, cid), "rail0", vec![spec(cidr, &[], "")], &[]), 1).expect("allocate"),
+        )[0]
+    };
+    assert_eq!(take(&mut al, "n1", "a", "198.18.0.0/28"), ip("198.18.0.1"));
+    assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
+    assert_eq!(block(&al, "n2"), Ok("198.18.0.16/28".into()));
+    take(&mut al, "n2", "b", "198.18.0.16/28");
+    // A manual reservation claims no block.
+    al.reserve("rail0", ip("198.18.0.40"), "router", 1).expect("reserve");
+    assert_eq!(block(&al, "n3"), Ok("198.18.0.32/28".into()));
+    take(&mut al, "n3", "c", "198.18.0.32/28");
+    take(&mut al, "n4", "d", "198.18.0.48/28");
+    assert_eq!(
+        block(&al, "n5").expect_err("full").to_string(),
+        "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks hold other nodes' addresses"
+    );
+    // n1's last lease goes: its block is free for the next node.
+    al.release("rail0", "a", "net1", 2);
+    assert_eq!(block(&al, "n5"), Ok("198.18.0.0/28".into()));
+    // Every lease of another network or family is ignored; IPv6 works alike.
+    let v6: ipnetwork::IpNetwork = "fd00::/120".parse().expect("cidr");
+    assert_eq!(al.node_block("rail0", v6, 124, "n1").map(|b| b.to_string()), Ok("fd00::/124".into()));
+    assert!(al.node_block("rail0", within, 26, "n1").is_err(), "a block must be smaller than the range");
 }

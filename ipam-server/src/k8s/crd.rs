@@ -143,7 +143,7 @@ impl RangePoolSpec {
 /// its ranges, their exclusions and gateways, and the routes and DNS every attachment gets.
 /// The pool's name is the network its addresses are unique in, so every NAD naming it
 /// shares them. Cluster-scoped; the leader writes its usage and validity into status.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "ipam.rust-ipam.io",
     version = "v1alpha1",
@@ -178,6 +178,18 @@ pub struct IPPoolSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(regex(pattern = r"^(0|[0-9]+(ms|s|m))$"))]
     pub cooldown: String,
+    /// Per-node subnets: every range is cut into blocks of this prefix length (`28`: a /28
+    /// per node), and a node's pods get addresses from its own block. A node's block is the
+    /// one holding its pods' addresses; a node holding none takes the lowest free one.
+    /// Ranges then take no range_start, range_end or gateway (see gatewayIndex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub per_node_prefix: Option<u8>,
+    /// With perNodePrefix: the gateway of each node's block, as an index from the block's
+    /// first address (`1`: the first usable one); never handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub gateway_index: Option<u32>,
 }
 
 /// One range of a pool, with the keys and meaning of a NAD's inline ipam config

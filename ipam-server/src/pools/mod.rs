@@ -18,7 +18,9 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
-use crate::allocator::{AllocError, Allocator, FieldPrefix, PoolTotals, RangeInput, RangeSpec};
+use crate::allocator::{
+    AllocError, AllocateRequest, Allocator, BlockFull, FieldPrefix, Leases, PoolTotals, RangeInput, RangeSpec,
+};
 use crate::k8s::crd::{IPPoolSpec, PoolDns, PoolRoute};
 
 /// A pool as the allocator uses it.
@@ -32,6 +34,36 @@ pub struct Pool {
     pub dns: Option<PoolDns>,
     /// Released addresses are not handed out again for this long (zero: no cooldown).
     pub cooldown: Duration,
+    /// Per-node subnets, if the pool has them.
+    pub per_node: Option<PerNode>,
+}
+
+/// How a pool is cut into per-node blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerNode {
+    /// Prefix length of a node's block.
+    pub prefix: u8,
+    /// The gateway of a block: this index from its first address.
+    pub gateway_index: Option<u32>,
+}
+
+impl PerNode {
+    /// The range a node allocates from: its block, with the pool range's exclusions (clipped
+    /// to the block) and the block's gateway.
+    pub fn block_range(&self, block: IpNetwork, pool_range: &RangeSpec) -> Result<RangeSpec, AllocError> {
+        let family = crate::allocator::Family::of(block.ip());
+        let gateway = self.gateway_index.map_or_else(String::new, |i| {
+            let ip = crate::allocator::ip_to_u128(block.network()) + u128::from(i);
+            crate::allocator::u128_to_ip(family, ip).to_string()
+        });
+        let input = RangeInput {
+            range: block.to_string(),
+            exclude: pool_range.input().exclude.clone(),
+            gateway,
+            ..RangeInput::default()
+        };
+        RangeSpec::parse(&input, FieldPrefix(""))
+    }
 }
 
 impl Pool {
@@ -117,13 +149,83 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
             }
         }
     }
+    let per_node = check_per_node(name, spec, &ranges)?;
     Ok(Pool {
         name: name.to_string(),
         ranges,
         routes: spec.routes.clone(),
         dns: spec.dns.clone(),
         cooldown: parse_cooldown(name, &spec.cooldown)?,
+        per_node,
     })
+}
+
+/// perNodePrefix and gatewayIndex: a block must fit every range and hold its gateway
+/// with room to spare; the ranges then describe no bounds or gateway of their own.
+fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result<Option<PerNode>, PoolError> {
+    let Some(prefix) = spec.per_node_prefix else {
+        if let Some(i) = spec.gateway_index {
+            return Err(field_error(name, "spec.gatewayIndex".into(), &i.to_string(), "needs perNodePrefix"));
+        }
+        return Ok(None);
+    };
+    let field = || "spec.perNodePrefix".to_string();
+    for (i, r) in ranges.iter().enumerate() {
+        let net = r.network();
+        let bits: u8 = if net.is_ipv4() { 32 } else { 128 };
+        if prefix <= net.prefix() || prefix > bits {
+            return Err(field_error(
+                name,
+                field(),
+                &prefix.to_string(),
+                format!(
+                    "does not cut spec.ranges[{i}].range {net} into blocks (it must be longer than /{} and at most /{bits})",
+                    net.prefix()
+                ),
+            ));
+        }
+        // The block's network and last addresses are never handed out, nor its gateway.
+        let usable = (1u128 << (bits - prefix)).saturating_sub(2);
+        if usable < 1 + u128::from(spec.gateway_index.is_some()) {
+            return Err(field_error(
+                name,
+                field(),
+                &prefix.to_string(),
+                "leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)",
+            ));
+        }
+        if let Some(gi) = spec.gateway_index
+            && (gi == 0 || u128::from(gi) > usable)
+        {
+            return Err(field_error(
+                name,
+                "spec.gatewayIndex".into(),
+                &gi.to_string(),
+                format!("is not a usable address of a /{prefix} block (1 to {usable})"),
+            ));
+        }
+        let input = &spec.ranges[i];
+        for (key, set) in [
+            ("range_start", !input.range_start.is_empty()),
+            ("range_end", !input.range_end.is_empty()),
+            ("gateway", !input.gateway.is_empty()),
+        ] {
+            if set {
+                let value = match key {
+                    "range_start" => &input.range_start,
+                    "range_end" => &input.range_end,
+                    _ => &input.gateway,
+                };
+                return Err(field_error(
+                    name,
+                    format!("spec.ranges[{i}].{key}"),
+                    value,
+                    "is not taken with perNodePrefix (blocks are whole; a block's gateway is gatewayIndex)",
+                ));
+            }
+        }
+    }
+    Ok(Some(PerNode { prefix, gateway_index: spec.gateway_index }))
 }
 
 /// Every pool a source holds, by name: usable, or the reason it is not.
@@ -224,6 +326,42 @@ impl Pools {
     }
 }
 
+/// Allocates for `req` (whose network is the pool's) from its node's block of each of
+/// `pool_ranges`: the blocks the node's addresses are in, or the lowest free ones. An
+/// exhausted block is named with the node's and the pool's counts. Runs on the engine
+/// thread, so choosing a block and holding an address in it are one step.
+pub fn allocate_in_blocks(
+    a: &mut Allocator,
+    req: &AllocateRequest,
+    per_node: PerNode,
+    pool_ranges: &[RangeSpec],
+    now_unix_ms: i64,
+) -> Result<Leases, AllocError> {
+    let node = &req.attachment.node;
+    let mut blocks = Vec::with_capacity(pool_ranges.len());
+    for r in pool_ranges {
+        let block = a.node_block(&req.network, r.network(), per_node.prefix, node)?;
+        blocks.push(per_node.block_range(block, r)?);
+    }
+    let in_blocks = AllocateRequest { ranges: blocks, ..req.clone() };
+    a.allocate(&in_blocks, now_unix_ms).map_err(|e| match e {
+        AllocError::Exhausted { range, size, held, excluded } => {
+            let pool = a.usage_of(&req.network, pool_ranges);
+            AllocError::BlockExhausted(Box::new(BlockFull {
+                network: req.network.to_string(),
+                node: node.clone(),
+                block: range,
+                size,
+                held,
+                excluded,
+                pool_size: pool.size,
+                pool_held: pool.used,
+            }))
+        }
+        e => e,
+    })
+}
+
 /// One pool's state, for status and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
@@ -267,7 +405,7 @@ mod tests {
     use crate::k8s::crd::PoolRange;
 
     fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
-        IPPoolSpec { ranges, routes: Vec::new(), dns: None, cooldown: String::new() }
+        IPPoolSpec { ranges, ..IPPoolSpec::default() }
     }
 
     fn range(r: &str) -> PoolRange {
@@ -296,6 +434,7 @@ mod tests {
             routes: vec![PoolRoute { dst: "198.19.0.0/16".into(), gw: "198.18.0.1".into() }],
             dns: Some(PoolDns { nameservers: vec!["198.18.0.53".into()], ..Default::default() }),
             cooldown: "30s".into(),
+            ..IPPoolSpec::default()
         };
         let p = check("rail0", &s).expect("valid");
         assert_eq!(p.ranges_text(), "198.18.0.0/24,fd00::10-fd00::20/64");
@@ -371,6 +510,90 @@ mod tests {
         assert_eq!(
             Pools::new().get("good").expect_err("not loaded").to_string(),
             r#"the IPPools have not been read yet (looking for pool "good"); try again"#
+        );
+    }
+
+    #[test]
+    fn per_node_blocks_are_checked_and_a_block_gets_its_gateway() {
+        let per_node = |prefix: u8, gw: Option<u32>, r: PoolRange| IPPoolSpec {
+            ranges: vec![r],
+            per_node_prefix: Some(prefix),
+            gateway_index: gw,
+            ..IPPoolSpec::default()
+        };
+        let p = check("rail0", &per_node(28, Some(1), range("198.18.0.0/24"))).expect("valid");
+        let pn = p.per_node.expect("per node");
+        let block = pn.block_range("198.18.0.16/28".parse().expect("cidr"), &p.ranges[0]).expect("block");
+        assert_eq!(
+            (block.display(), block.gateway()),
+            ("198.18.0.16/28", Some("198.18.0.17".parse().expect("ip")))
+        );
+        // 14 usable addresses less the gateway.
+        assert_eq!(block.size() - block.excluded_count(), 13);
+        assert_eq!(
+            err(&per_node(24, None, range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.perNodePrefix "24" does not cut spec.ranges[0].range 198.18.0.0/24 into blocks (it must be longer than /24 and at most /32)"#
+        );
+        assert_eq!(
+            err(&per_node(30, Some(3), range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.gatewayIndex "3" is not a usable address of a /30 block (1 to 2)"#
+        );
+        assert_eq!(
+            err(&per_node(31, None, range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.perNodePrefix "31" leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)"#
+        );
+        assert_eq!(
+            err(&per_node(28, None, PoolRange { gateway: "198.18.0.1".into(), ..range("198.18.0.0/24") })),
+            r#"pool "rail0" is invalid: spec.ranges[0].gateway "198.18.0.1" is not taken with perNodePrefix (blocks are whole; a block's gateway is gatewayIndex)"#
+        );
+        let mut no_prefix = spec(vec![range("198.18.0.0/24")]);
+        no_prefix.gateway_index = Some(1);
+        assert_eq!(err(&no_prefix), r#"pool "rail0" is invalid: spec.gatewayIndex "1" needs perNodePrefix"#);
+    }
+
+    #[test]
+    fn each_node_allocates_from_its_own_block() {
+        let spec = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &spec).expect("valid");
+        let pn = pool.per_node.expect("per node");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            let req = AllocateRequest {
+                attachment: Arc::new(crate::allocator::Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    node: node.into(),
+                    ..Default::default()
+                }),
+                network: "rail0".into(),
+                ranges: Vec::new(),
+                requested: Vec::new(),
+            };
+            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+                .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
+                .map_err(|e| e.to_string())
+        };
+        // A /29 block: .1 is the gateway, .2 to .6 go to pods.
+        assert_eq!(take(&mut a, "n1", "a1"), Ok(("198.18.0.2".into(), 29, Some("198.18.0.1".into()))));
+        assert_eq!(take(&mut a, "n2", "b1"), Ok(("198.18.0.10".into(), 29, Some("198.18.0.9".into()))));
+        assert_eq!(take(&mut a, "n1", "a2"), Ok(("198.18.0.3".into(), 29, Some("198.18.0.1".into()))));
+        for cid in ["a3", "a4", "a5"] {
+            take(&mut a, "n1", cid).expect("room in n1's block");
+        }
+        assert_eq!(
+            take(&mut a, "n1", "a6"),
+            Err(r#"block 198.18.0.0/29 of node "n1" in network "rail0" is exhausted: size 6, held 5, excluded 1 (the whole pool: size 30, held 6)"#.into())
+        );
+        take(&mut a, "n3", "c1").expect("third block");
+        take(&mut a, "n4", "d1").expect("fourth block");
+        assert_eq!(
+            take(&mut a, "n5", "e1"),
+            Err(r#"no free /29 block for node "n5" in 198.18.0.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#.into())
         );
     }
 }
