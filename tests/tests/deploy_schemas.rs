@@ -393,6 +393,28 @@ fn the_example_pool_is_valid_and_the_pool_nad_names_it() {
 }
 
 #[test]
+fn the_eight_rail_example_is_eight_valid_per_node_pools() {
+    let docs = yaml_docs(&read("deploy/examples/rails.yaml"));
+    assert_eq!(docs.len(), 8);
+    let crd = crd_for("IPPool");
+    for (i, doc) in docs.iter().enumerate() {
+        let errs = validate_against_crd(&crd, doc);
+        assert!(errs.is_empty(), "deploy/examples/rails.yaml document {i}: {errs:#?}");
+        let pool: IPPool = serde_json::from_value(doc.clone()).expect("an IPPool");
+        assert_eq!(pool.metadata.name.as_deref(), Some(format!("rail{i}").as_str()));
+        let checked = ipam_server::pools::check(&format!("rail{i}"), &pool.spec).expect("valid");
+        let per_node = checked.per_node.expect("per-node blocks");
+        assert_eq!((per_node.prefix, per_node.gateway_index), (28, Some(1)));
+        // The first node's block on this rail: .1 the gateway, .2 to .14 for pods.
+        let range = &checked.ranges[0];
+        let first: ipnetwork::IpNetwork = format!("198.18.{}.0/28", 16 * i).parse().expect("cidr");
+        let block = per_node.block_range(first, range).expect("block");
+        assert_eq!(block.gateway(), Some(format!("198.18.{}.1", 16 * i).parse().expect("ip")));
+        assert_eq!(block.size() - block.excluded_count(), 13);
+    }
+}
+
+#[test]
 fn examples_are_what_the_server_writes_for_the_example_nad() {
     let ipam = nad_ipam(Path::new("/nonexistent/rust-ipam.conf"));
     assert_eq!(ipam.ranges.len(), 1);
