@@ -65,6 +65,7 @@ pub struct Metrics {
     ippool_free: Family<IpPool, FloatGauge>,
     ippool_cooldown_holds: Family<IpPool, Gauge>,
     ippool_valid: Family<IpPool, Gauge>,
+    ippool_blocks: Family<IpPool, Gauge>,
 }
 
 /// Builds [`Metrics`]: modules register their own metrics in sub-registries first.
@@ -105,6 +106,7 @@ impl Metrics {
             ippool_free: Family::default(),
             ippool_cooldown_holds: Family::default(),
             ippool_valid: Family::default(),
+            ippool_blocks: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -142,6 +144,11 @@ impl Metrics {
             "ippool_cooldown_holds",
             "Released addresses of an IPPool whose cooldown has not passed",
             m.ippool_cooldown_holds.clone(),
+        );
+        registry.register(
+            "ippool_blocks",
+            "Per-node blocks of an IPPool that hold addresses",
+            m.ippool_blocks.clone(),
         );
         registry.register(
             "ippool_valid",
@@ -191,6 +198,7 @@ impl Metrics {
         }
         self.ippool_cooldown_holds.clear();
         self.ippool_valid.clear();
+        self.ippool_blocks.clear();
         for p in ippools {
             let l = IpPool { pool: p.name.clone() };
             self.ippool_valid.get_or_create(&l).set(i64::from(p.error.is_none()));
@@ -199,6 +207,9 @@ impl Metrics {
                 self.ippool_used.get_or_create(&l).set(p.totals.used as f64);
                 self.ippool_free.get_or_create(&l).set(p.totals.free as f64);
                 self.ippool_cooldown_holds.get_or_create(&l).set(p.cooldown_holds as i64);
+                if !p.blocks.is_empty() {
+                    self.ippool_blocks.get_or_create(&l).set(p.blocks.len() as i64);
+                }
             }
         }
         let mut out = String::new();

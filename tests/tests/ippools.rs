@@ -304,6 +304,9 @@ async fn per_node_blocks_through_the_plugin() {
                 .into()
         )
     );
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail0"}"#), Some(4.0), "{text}");
+    assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail1"}"#), Some(2.0), "{text}");
     // n2 releases both of its rail0 addresses: its block goes to n5.
     for cid in ["p2-rail0", "p4-rail0"] {
         del(cid, &on(&ep, "rail0", "n2"));
@@ -501,6 +504,12 @@ async fn pools_from_the_api_server_through_the_plugin() {
         by_node,
         [("198.18.24.10", "n2"), ("198.18.24.2", "n1"), ("198.18.24.3", "n1")]
             .map(|(a, n)| (a.to_string(), n.to_string()))
+    );
+    // The blocks in the pool's status.
+    let status = wait_status(&pools, &blocks, |s| s["used"] == "3").await;
+    assert_eq!(
+        status["blocks"],
+        json!([{"node": "n1", "block": "198.18.24.0/29", "used": "2"}, {"node": "n2", "block": "198.18.24.8/29", "used": "1"}])
     );
 
     // Deleting a pool makes it unknown.

@@ -1038,6 +1038,44 @@ impl Allocator {
         Ok(block(free))
     }
 
+    /// The per-node blocks of prefix length `prefix` within `within` that hold attachment
+    /// addresses in `network`, lowest first: each block, the node holding it (the first
+    /// found, should two) and how many addresses it holds.
+    pub fn node_blocks(
+        &self,
+        network: &str,
+        within: ipnetwork::IpNetwork,
+        prefix: u8,
+    ) -> Vec<(ipnetwork::IpNetwork, String, u128)> {
+        let Some(net) = self.networks.get(network) else { return Vec::new() };
+        let family = Family::of(within.ip());
+        let bits: u8 = if family == Family::V4 { 32 } else { 128 };
+        if prefix <= within.prefix() || prefix > bits {
+            return Vec::new();
+        }
+        let shift = u32::from(bits - prefix);
+        let (first, last) = (ip_to_u128(within.network()), ip_to_u128(within.broadcast()));
+        let mut out: Vec<(ipnetwork::IpNetwork, String, u128)> = Vec::new();
+        let mut current: Option<u128> = None;
+        let held = net
+            .leases
+            .from(Bound::Included(within.network()))
+            .take_while(|l| Family::of(l.address) == family && ip_to_u128(l.address) <= last);
+        for l in held.filter(|l| !l.is_manual()) {
+            let i = (ip_to_u128(l.address) - first) >> shift;
+            match (current, out.last_mut()) {
+                (Some(c), Some(entry)) if c == i => entry.2 += 1,
+                _ => {
+                    let ip = u128_to_ip(family, first + (i << shift));
+                    let block = ipnetwork::IpNetwork::new(ip, prefix).unwrap_or(within);
+                    out.push((block, l.holder.node.clone(), 1));
+                    current = Some(i);
+                }
+            }
+        }
+        out
+    }
+
     /// Who holds an address.
     pub fn get(&self, network: &str, ip: IpAddr) -> Result<Arc<Lease>, AllocError> {
         self.networks

@@ -816,6 +816,19 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
         block(&al, "n5").expect_err("full").to_string(),
         "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks hold other nodes' addresses"
     );
+    take(&mut al, "n2", "b2", "198.18.0.16/28");
+    let blocks: Vec<(String, String, u128)> =
+        al.node_blocks("rail0", within, 28).into_iter().map(|(b, n, u)| (b.to_string(), n, u)).collect();
+    assert_eq!(
+        blocks,
+        [
+            ("198.18.0.0/28", "n1", 1),
+            ("198.18.0.16/28", "n2", 2),
+            ("198.18.0.32/28", "n3", 1),
+            ("198.18.0.48/28", "n4", 1)
+        ]
+        .map(|(b, n, u)| (b.to_string(), n.to_string(), u))
+    );
     // n1's last lease goes: its block is free for the next node.
     al.release("rail0", "a", "net1", 2);
     assert_eq!(block(&al, "n5"), Ok("198.18.0.0/28".into()));

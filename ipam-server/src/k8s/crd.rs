@@ -251,6 +251,19 @@ pub struct IPPoolStatus {
     /// `Valid`: whether the server uses the pool, and if not why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<PoolCondition>,
+    /// With perNodePrefix: the blocks holding addresses, and whose they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<NodeBlock>,
+}
+
+/// A node's block of a per-node pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct NodeBlock {
+    pub node: String,
+    /// The block's CIDR.
+    pub block: String,
+    /// Addresses held in it (a decimal string, as the other counts).
+    pub used: String,
 }
 
 /// A status condition, in the shape Kubernetes conditions take.

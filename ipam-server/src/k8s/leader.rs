@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
-use super::crd::{IPPool, IPPoolStatus, PoolCondition, RangePool, RangePoolStatus, pool_name};
+use super::crd::{IPPool, IPPoolStatus, NodeBlock, PoolCondition, RangePool, RangePoolStatus, pool_name};
 use super::lease_lock::{Attempt, LeaseLock, LockError};
 use super::store::{Fence, KubeStore, WritesInFlight};
 use crate::engine::Engine;
@@ -296,6 +296,15 @@ pub fn ippool_status(stats: &PoolStats) -> IPPoolStatus {
         free: t.free.to_string(),
         cooldown_holds: stats.cooldown_holds.to_string(),
         conditions: vec![condition],
+        blocks: stats
+            .blocks
+            .iter()
+            .map(|(block, node, used)| NodeBlock {
+                node: node.clone(),
+                block: block.clone(),
+                used: used.to_string(),
+            })
+            .collect(),
     }
 }
 

@@ -373,6 +373,8 @@ pub struct PoolStats {
     pub cooldown_holds: usize,
     /// Why the pool is not used; `None`: it is.
     pub error: Option<String>,
+    /// Per-node pools: the blocks holding addresses, (block, node, held), lowest first.
+    pub blocks: Vec<(String, String, u128)>,
 }
 
 /// Usage of every pool of `set` at `now_unix_ms` (an invalid pool with zeros and its
@@ -387,6 +389,13 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 totals: alloc.usage_of(name, &pool.ranges),
                 cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
                 error: None,
+                blocks: pool.per_node.map_or_else(Vec::new, |pn| {
+                    pool.ranges
+                        .iter()
+                        .flat_map(|r| alloc.node_blocks(name, r.network(), pn.prefix))
+                        .map(|(b, node, held)| (b.to_string(), node, held))
+                        .collect()
+                }),
             },
             Err(e) => PoolStats {
                 name: name.clone(),
@@ -394,6 +403,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 totals: PoolTotals::default(),
                 cooldown_holds: 0,
                 error: Some(e.to_string()),
+                blocks: Vec::new(),
             },
         })
         .collect()
