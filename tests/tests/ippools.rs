@@ -307,6 +307,8 @@ async fn per_node_blocks_through_the_plugin() {
     let (_, text) = server.http_get("/metrics").await.expect("metrics");
     assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail0"}"#), Some(4.0), "{text}");
     assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail1"}"#), Some(2.0), "{text}");
+    // rail1: four blocks of five addresses for pods, four held.
+    assert_eq!(metric(&text, r#"rustipam_ippool_free{pool="rail1"}"#), Some(16.0), "{text}");
     // n2 releases both of its rail0 addresses: its block goes to n5.
     for cid in ["p2-rail0", "p4-rail0"] {
         del(cid, &on(&ep, "rail0", "n2"));

@@ -295,6 +295,32 @@ impl RangeSpec {
         }
     }
 
+    /// How many addresses cutting the range into blocks of prefix length `prefix` keeps
+    /// from being handed out beyond its own exclusions: each block's network and last
+    /// address, and the address `gateway_index` from its start. Counted, not listed (a
+    /// range may hold 2^56 blocks).
+    pub fn block_reserved(&self, prefix: u8, gateway_index: Option<u32>) -> u128 {
+        let bits: u32 = if self.family == Family::V4 { 32 } else { 128 };
+        let Some(shift) = bits.checked_sub(u32::from(prefix)).filter(|s| *s < bits) else { return 0 };
+        let base = ip_to_u128(self.network.network());
+        let bs = 1u128 << shift;
+        let mut offsets = vec![0, bs - 1];
+        if let Some(gi) = gateway_index.map(u128::from).filter(|gi| *gi < bs && !offsets.contains(gi)) {
+            offsets.push(gi);
+        }
+        // Addresses x <= y with (x - base) % bs == r, counted from base.
+        let upto = |y: u128, r: u128| if y < base + r { 0 } else { (y - base - r) / bs + 1 };
+        let between = |lo: u128, hi: u128, r: u128| upto(hi, r) - if lo == 0 { 0 } else { upto(lo - 1, r) };
+        let mut n = 0;
+        for r in offsets {
+            n += between(self.first, self.last, r);
+            for (lo, hi) in &self.excluded {
+                n -= between(self.first + lo, self.first + hi, r);
+            }
+        }
+        n
+    }
+
     /// The range's network (the CIDR, host bits cleared by the prefix).
     pub fn network(&self) -> IpNetwork {
         IpNetwork::new(self.network.network(), self.network.prefix()).unwrap_or(self.network)

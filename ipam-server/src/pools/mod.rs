@@ -377,6 +377,18 @@ pub struct PoolStats {
     pub blocks: Vec<(String, String, u128)>,
 }
 
+/// Size and use of `pool`: per-node blocks count their network, last and gateway
+/// addresses as excluded (they are never handed out).
+fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
+    let mut t = alloc.usage_of(&pool.name, &pool.ranges);
+    if let Some(pn) = pool.per_node {
+        let reserved: u128 = pool.ranges.iter().map(|r| r.block_reserved(pn.prefix, pn.gateway_index)).sum();
+        t.excluded += reserved;
+        t.free = t.free.saturating_sub(reserved);
+    }
+    t
+}
+
 /// Usage of every pool of `set` at `now_unix_ms` (an invalid pool with zeros and its
 /// error), by name. Runs on the engine thread.
 pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStats> {
@@ -386,7 +398,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
             Ok(pool) => PoolStats {
                 name: name.clone(),
                 ranges: pool.ranges_text(),
-                totals: alloc.usage_of(name, &pool.ranges),
+                totals: totals(alloc, pool),
                 cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
                 error: None,
                 blocks: pool.per_node.map_or_else(Vec::new, |pn| {
@@ -605,5 +617,31 @@ mod tests {
             take(&mut a, "n5", "e1"),
             Err(r#"no free /29 block for node "n5" in 198.18.0.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#.into())
         );
+    }
+
+    #[test]
+    fn a_per_node_pool_counts_each_blocks_reserved_addresses_as_excluded() {
+        let with = |exclude: Vec<String>| IPPoolSpec {
+            ranges: vec![PoolRange { exclude, ..range("198.18.0.0/27") }],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let set = PoolSet::from_specs([("a", &with(vec![])), ("b", &with(vec!["198.18.0.8/30".into()]))]);
+        let got = stats(&Allocator::new(), &set, 0);
+        // Four /29 blocks of 5 addresses each; the range's own first and last are not in size.
+        assert_eq!(got[0].totals, PoolTotals { size: 30, used: 0, excluded: 10, free: 20 });
+        // .8 and .9 were excluded anyway; .10 and .11 are lost to pods.
+        assert_eq!(got[1].totals, PoolTotals { size: 30, used: 0, excluded: 12, free: 18 });
+        let v6 = IPPoolSpec {
+            ranges: vec![range("fd00::/64")],
+            per_node_prefix: Some(120),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let set = PoolSet::from_specs([("v6", &v6)]);
+        let t = stats(&Allocator::new(), &set, 0)[0].totals;
+        // 2^56 blocks of 253 addresses.
+        assert_eq!(t.size - t.excluded, (1u128 << 56) * 253);
     }
 }
