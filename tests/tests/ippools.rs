@@ -222,6 +222,25 @@ async fn pools_from_a_directory_through_the_plugin() {
         assert!(Instant::now() < deadline, "pool late not read within 10 s: {}", out.out);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A change the poll cannot see (same size, same modification time) is read on SIGHUP.
+    let file = pools.join("late.yaml");
+    let mtime = std::fs::metadata(&file).and_then(|m| m.modified()).expect("mtime");
+    let text = std::fs::read_to_string(&file).expect("read").replace("name: late", "name: hupp");
+    std::fs::write(&file, text).expect("write");
+    std::fs::File::options().write(true).open(&file).and_then(|f| f.set_modified(mtime)).expect("set mtime");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let hupp = nad("hupp", ep, json!({"pool": "hupp"}));
+    assert_eq!(refused("h1", &hupp), (100, r#"pool "hupp" does not exist (no IPPool of that name)"#.into()));
+    let hup =
+        std::process::Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run_ipam_plugin("ADD", "h1", &pod("h1"), &hupp).code != 0 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the pools directory");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused("l2", &late), (100, r#"pool "late" does not exist (no IPPool of that name)"#.into()));
 }
 
 /// Two rails, one IPPool each: a /29 block per node, its gateway at index 1.
