@@ -957,7 +957,8 @@ impl Allocator {
     }
 
     /// Size and use of `ranges` in `network` together (an IPPool's), whether or not an
-    /// allocation has made their pools yet.
+    /// allocation has made their pools yet. Sums saturate: two IPv6 ranges can hold more
+    /// addresses than a u128 counts.
     pub fn usage_of(&self, network: &str, ranges: &[RangeSpec]) -> PoolTotals {
         let mut t = PoolTotals::default();
         let net = self.networks.get(network);
@@ -967,10 +968,10 @@ impl Allocator {
                 Some(pool) => pool.held.count(),
                 None => net.map_or(0, |n| n.leases.addresses().filter(|ip| spec.allows(*ip)).count() as u128),
             };
-            t.size += size;
-            t.used += used;
-            t.excluded += excluded;
-            t.free += size - excluded - used;
+            t.size = t.size.saturating_add(size);
+            t.used = t.used.saturating_add(used);
+            t.excluded = t.excluded.saturating_add(excluded);
+            t.free = t.free.saturating_add(size - excluded - used);
         }
         t
     }

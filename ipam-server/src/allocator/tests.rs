@@ -789,6 +789,10 @@ fn usage_of_sums_a_pools_ranges_before_and_after_allocation() {
     assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 1, excluded: 2, free: 9 });
     al.allocate(&req(att("a", "net1", "a"), "p", vec![v4, v6], &[]), 1).expect("allocate");
     assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 3, excluded: 2, free: 7 });
+    // Found by the ippools fuzz target: ::/0 and one more range count past u128.
+    let huge = [spec("::/0", &[], ""), spec("fd00::/64", &[], "")];
+    let t = al.usage_of("p", &huge);
+    assert_eq!((t.size, t.free), (u128::MAX, u128::MAX));
 }
 
 #[test]

@@ -66,52 +66,64 @@ pub fn load(dir: &Path) -> PoolSet {
     let mut defined_in: BTreeMap<String, String> = BTreeMap::new();
     for file in files {
         let shown = file.display().to_string();
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
+        match std::fs::read_to_string(&file) {
+            Ok(text) => read_text(&shown, &text, &mut set, &mut defined_in),
             Err(e) => {
-                set.unreadable.push(PoolError::Unreadable { source_name: shown, reason: e.to_string() });
-                continue;
+                set.unreadable.push(PoolError::Unreadable { source_name: shown, reason: e.to_string() })
             }
-        };
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let at = format!("{shown} document {}", i + 1);
-            let unreadable = |reason: String| PoolError::Unreadable { source_name: at.clone(), reason };
-            let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue,
-                Ok(v) => v,
-                Err(e) => {
-                    set.unreadable.push(unreadable(format!("is not YAML: {e}")));
-                    continue;
-                }
-            };
-            let (kind, api) = (value.get("kind").and_then(|k| k.as_str()), value.get("apiVersion"));
-            if kind != Some("IPPool") || api.and_then(|a| a.as_str()) != Some(API_VERSION) {
-                set.unreadable.push(unreadable(format!(
-                    "is not an IPPool of {API_VERSION} (kind {kind:?}, apiVersion {:?})",
-                    api.and_then(|a| a.as_str())
-                )));
-                continue;
-            }
-            let pool: IPPool = match serde_yaml::from_value(value) {
-                Ok(p) => p,
-                Err(e) => {
-                    set.unreadable.push(unreadable(format!("is not a valid IPPool: {e}")));
-                    continue;
-                }
-            };
-            let Some(name) = pool.metadata.name.clone().filter(|n| !n.is_empty()) else {
-                set.unreadable.push(unreadable("has no metadata.name".into()));
-                continue;
-            };
-            if let Some(first) = defined_in.get(&name) {
-                set.unreadable.push(unreadable(format!("defines pool {name:?} again (first in {first})")));
-                continue;
-            }
-            defined_in.insert(name.clone(), at.clone());
-            set.pools.insert(name.clone(), check(&name, &pool.spec).map(std::sync::Arc::new));
         }
     }
     set
+}
+
+/// The pools of one file's text (`shown` names it in errors), as [`load`] reads each file.
+pub fn from_text(shown: &str, text: &str) -> PoolSet {
+    let mut set = PoolSet::default();
+    read_text(shown, text, &mut set, &mut BTreeMap::new());
+    set
+}
+
+/// Adds the IPPools of `text` to `set`; `defined_in` says where each name was first
+/// defined, so a second definition is refused naming both places.
+fn read_text(shown: &str, text: &str, set: &mut PoolSet, defined_in: &mut BTreeMap<String, String>) {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let at = format!("{shown} document {}", i + 1);
+        let unreadable = |reason: String| PoolError::Unreadable { source_name: at.clone(), reason };
+        let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                set.unreadable.push(unreadable(format!("is not YAML: {e}")));
+                // The rest of the stream cannot be trusted to split where the author meant.
+                break;
+            }
+        };
+        let (kind, api) = (value.get("kind").and_then(|k| k.as_str()), value.get("apiVersion"));
+        if kind != Some("IPPool") || api.and_then(|a| a.as_str()) != Some(API_VERSION) {
+            set.unreadable.push(unreadable(format!(
+                "is not an IPPool of {API_VERSION} (kind {kind:?}, apiVersion {:?})",
+                api.and_then(|a| a.as_str())
+            )));
+            continue;
+        }
+        let pool: IPPool = match serde_yaml::from_value(value) {
+            Ok(p) => p,
+            Err(e) => {
+                set.unreadable.push(unreadable(format!("is not a valid IPPool: {e}")));
+                continue;
+            }
+        };
+        let Some(name) = pool.metadata.name.clone().filter(|n| !n.is_empty()) else {
+            set.unreadable.push(unreadable("has no metadata.name".into()));
+            continue;
+        };
+        if let Some(first) = defined_in.get(&name) {
+            set.unreadable.push(unreadable(format!("defines pool {name:?} again (first in {first})")));
+            continue;
+        }
+        defined_in.insert(name.clone(), at.clone());
+        set.pools.insert(name.clone(), check(&name, &pool.spec).map(std::sync::Arc::new));
+    }
 }
 
 /// Loads `dir` into `pools` now, then again on SIGHUP and on every change, until the

@@ -382,8 +382,12 @@ pub struct PoolStats {
 fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
     let mut t = alloc.usage_of(&pool.name, &pool.ranges);
     if let Some(pn) = pool.per_node {
-        let reserved: u128 = pool.ranges.iter().map(|r| r.block_reserved(pn.prefix, pn.gateway_index)).sum();
-        t.excluded += reserved;
+        let reserved = pool
+            .ranges
+            .iter()
+            .map(|r| r.block_reserved(pn.prefix, pn.gateway_index))
+            .fold(0u128, u128::saturating_add);
+        t.excluded = t.excluded.saturating_add(reserved);
         t.free = t.free.saturating_sub(reserved);
     }
     t
@@ -498,6 +502,10 @@ mod tests {
         assert_eq!(
             with(&|s| s.cooldown = "30 seconds".into()),
             r#"pool "rail0" is invalid: spec.cooldown "30 seconds" is not a duration like 30s, 500ms or 5m"#
+        );
+        assert_eq!(
+            with(&|s| s.cooldown = "999999999999999999m".into()),
+            r#"pool "rail0" is invalid: spec.cooldown "999999999999999999m" is not a duration like 30s, 500ms or 5m"#
         );
         assert_eq!(
             with(&|s| s.routes = vec![PoolRoute { dst: "default".into(), gw: String::new() }]),
