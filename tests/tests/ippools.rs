@@ -328,6 +328,16 @@ async fn per_node_blocks_through_the_plugin() {
     assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail1"}"#), Some(2.0), "{text}");
     // rail1: four blocks of five addresses for pods, four held.
     assert_eq!(metric(&text, r#"rustipam_ippool_free{pool="rail1"}"#), Some(16.0), "{text}");
+    // A pod recreated on another node (same name, new sandbox) moves to that node's block;
+    // its address in the old node's block is given back.
+    let moved = |cid: &str, node: &str| {
+        let out = run_ipam_plugin("ADD", cid, &pod("mover"), &on(&ep, "rail1", node));
+        assert_eq!(out.code, 0, "{} {}", out.out, out.stderr);
+        first_ip(&out.out)
+    };
+    assert_eq!(moved("mover-1", "n1"), "198.18.41.4");
+    assert_eq!(moved("mover-2", "n3"), "198.18.41.18");
+    assert_eq!(first_ip(&add("after-move", &on(&ep, "rail1", "n1"))), "198.18.41.4", "n1's .4 is free again");
     // n2 releases both of its rail0 addresses: its block goes to n5.
     for cid in ["p2-rail0", "p4-rail0"] {
         del(cid, &on(&ep, "rail0", "n2"));

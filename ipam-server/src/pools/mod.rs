@@ -330,6 +330,10 @@ impl Pools {
 /// `pool_ranges`: the blocks the node's addresses are in, or the lowest free ones. An
 /// exhausted block is named with the node's and the pool's counts. Runs on the engine
 /// thread, so choosing a block and holding an address in it are one step.
+///
+/// A pod back on another node (same name and interface, a new sandbox) gets an address
+/// of the new node's block; the address it held in the old node's block is released once
+/// the new one is held (kept, it would make the old block look like the new node's).
 pub fn allocate_in_blocks(
     a: &mut Allocator,
     req: &AllocateRequest,
@@ -344,7 +348,15 @@ pub fn allocate_in_blocks(
         blocks.push(per_node.block_range(block, r)?);
     }
     let in_blocks = AllocateRequest { ranges: blocks, ..req.clone() };
-    a.allocate(&in_blocks, now_unix_ms).map_err(|e| match e {
+    let got = a.allocate(&in_blocks, now_unix_ms);
+    if got.is_ok() {
+        let held = a.check(&req.network, &req.attachment.container_id, &req.attachment.ifname);
+        for l in held.iter().filter(|l| !in_blocks.ranges.iter().any(|b| b.allows(l.address))) {
+            // It is held (just checked), so this cannot fail.
+            let _ = a.release_address(&req.network, l.address, now_unix_ms);
+        }
+    }
+    got.map_err(|e| match e {
         AllocError::Exhausted { range, size, held, excluded } => {
             let pool = a.usage_of(&req.network, pool_ranges);
             AllocError::BlockExhausted(Box::new(BlockFull {
@@ -651,5 +663,53 @@ mod tests {
         let t = stats(&Allocator::new(), &set, 0)[0].totals;
         // 2^56 blocks of 253 addresses.
         assert_eq!(t.size - t.excluded, (1u128 << 56) * 253);
+    }
+
+    #[test]
+    fn a_pod_back_on_another_node_moves_to_that_nodes_block() {
+        let spec = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &spec).expect("valid");
+        let pn = pool.per_node.expect("per node");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            let req = AllocateRequest {
+                attachment: Arc::new(crate::allocator::Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    pod: crate::allocator::PodRef {
+                        namespace: "ml".into(),
+                        name: "train-0".into(),
+                        uid: cid.into(),
+                    },
+                    node: node.into(),
+                }),
+                network: "rail0".into(),
+                ranges: Vec::new(),
+                requested: Vec::new(),
+            };
+            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+                .map(|l| l[0].address.to_string())
+                .expect("allocate")
+        };
+        assert_eq!(take(&mut a, "n1", "sandbox-1"), "198.18.0.2");
+        // The same pod, recreated on n2: n2's block, and nothing left in n1's.
+        assert_eq!(take(&mut a, "n2", "sandbox-2"), "198.18.0.10");
+        let held: Vec<String> =
+            a.check("rail0", "sandbox-2", "net1").iter().map(|l| l.address.to_string()).collect();
+        assert_eq!(held, ["198.18.0.10"]);
+        assert_eq!(a.lease_count(), 1);
+        let within = pool.ranges[0].network();
+        assert_eq!(
+            a.node_block("rail0", within, 29, "n3").map(|b| b.to_string()),
+            Ok("198.18.0.0/29".into())
+        );
+        // Back on the same node in a new sandbox: the same address, moved to it.
+        assert_eq!(take(&mut a, "n2", "sandbox-3"), "198.18.0.10");
+        assert_eq!(a.lease_count(), 1);
     }
 }
