@@ -161,7 +161,7 @@ impl Filled {
     /// Returns the allocated leases (dropping them is part of the work, as in the server).
     fn cycle(&mut self) -> Leases {
         let leases = self.alloc.allocate(&self.hot, NOW_UNIX_MS).expect("the range has room");
-        black_box(self.alloc.release(NETWORK, HOT_CONTAINER, IFNAME));
+        black_box(self.alloc.release(NETWORK, HOT_CONTAINER, IFNAME, 0));
         self.alloc.drain_journal().for_each(drop);
         leases
     }

@@ -154,6 +154,16 @@ put("kube_objects", "list", json.dumps({"apiVersion": "v1", "kind": "List", "ite
 put("kube_objects", "lease-yaml", "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPLease\nmetadata:\n  name: rail0.fd00-50--1\n"
     "spec:\n  network: rail0\n  address: fd00:50::1\n  prefixLen: 64\n  range: fd00:50::/64\n  note: by hand\n")
 
+# --- IPPools as a pools directory file holds them --------------------------------------
+EXAMPLES = HERE.parent.parent / "deploy" / "examples"
+put("ippools", "example", (EXAMPLES / "ippool.yaml").read_text())
+put("ippools", "rails", (EXAMPLES / "rails.yaml").read_text())
+put("ippools", "edges", "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: v6all\n"
+    "spec:\n  ranges:\n  - range: ::/0\n  perNodePrefix: 1\n  gatewayIndex: 1\n---\n"
+    "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: tight\n"
+    "spec:\n  ranges:\n  - range: 198.18.0.0/30\n    exclude: [198.18.0.1]\n  cooldown: 60m\n---\n"
+    "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: bad\n"
+    "spec:\n  ranges:\n  - range: 198.18.12.0/24\n    range_start: 198.18.11.200\n")
 
 # --- gRPC requests: method byte, u16 LE length, protobuf ------------------------------
 def varint(n):

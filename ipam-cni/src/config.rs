@@ -44,6 +44,8 @@ struct RawIpam {
     range: RawRange,
     #[serde(rename = "ipRanges")]
     ip_ranges: Option<Vec<RangeConf>>,
+    /// An IPPool to allocate from instead of ranges written here.
+    pool: Option<String>,
     gateway: Option<String>,
     routes: Option<Vec<Route>>,
     dns: Option<Value>,
@@ -82,6 +84,9 @@ struct RawRange {
 /// The effective ipam configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamConf {
+    /// The IPPool named by `pool` ("" for ranges written in the config); its name is the
+    /// network, and the server gives its ranges, routes and DNS.
+    pub pool: String,
     pub ranges: Vec<RangeConf>,
     pub gateway: String,
     pub routes: Vec<Route>,
@@ -237,6 +242,13 @@ impl IpamConf {
         };
         let node = read_node_file(&file_path, explicit)?;
         let pick = |a: Option<String>, b: Option<String>| a.or(b).unwrap_or_default();
+        let pool = nad.pool.clone().unwrap_or_default().trim().to_string();
+        if !pool.is_empty() {
+            return IpamConf::with_pool(pool, nad, node);
+        }
+        if nad.pool.is_some() {
+            return Err(invalid("pool is empty: name an IPPool, or leave pool out and set \"range\""));
+        }
 
         // Whereabouts: a top-level range comes first, then ipRanges.
         let mut ranges = Vec::new();
@@ -256,7 +268,9 @@ impl IpamConf {
         }
         ranges.extend(nad.ip_ranges.clone().or(node.ip_ranges.clone()).unwrap_or_default());
         if ranges.is_empty() {
-            return Err(invalid("ipam has no range: set \"range\" or \"ipRanges\""));
+            return Err(invalid(
+                "ipam has no range: set \"range\" or \"ipRanges\", or name an IPPool with \"pool\"",
+            ));
         }
         for (i, r) in ranges.iter().enumerate() {
             if r.range.trim().is_empty() {
@@ -264,6 +278,53 @@ impl IpamConf {
             }
         }
 
+        IpamConf::finish(
+            String::new(),
+            ranges,
+            pick(nad.gateway.clone(), node.gateway.clone()),
+            pick(nad.network_name.clone(), node.network_name.clone()),
+            nad,
+            node,
+        )
+    }
+
+    /// The config of a NAD naming an IPPool: the NAD may not also describe ranges (the
+    /// pool does); the node file's range keys are not used.
+    fn with_pool(pool: String, nad: RawIpam, node: RawIpam) -> Result<IpamConf, CniError> {
+        let both = |key: &str| {
+            invalid(format!(
+                "ipam sets both \"pool\" ({pool:?}) and \"{key}\": the pool gives the ranges, gateway and network; remove one"
+            ))
+        };
+        let r = &nad.range;
+        let set = [
+            ("range", r.range.is_some()),
+            ("range_start", r.range_start.is_some()),
+            ("range_end", r.range_end.is_some()),
+            ("exclude", r.exclude.is_some()),
+            ("ipRanges", nad.ip_ranges.is_some()),
+            ("gateway", nad.gateway.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+            return Err(both(key));
+        }
+        if nad.network_name.as_deref().is_some_and(|n| n != pool) {
+            return Err(both("network_name"));
+        }
+        let network = pool.clone();
+        IpamConf::finish(pool, Vec::new(), String::new(), network, nad, node)
+    }
+
+    /// The keys every config has, whether it names a pool or writes ranges.
+    fn finish(
+        pool: String,
+        ranges: Vec<RangeConf>,
+        gateway: String,
+        network_name: String,
+        nad: RawIpam,
+        node: RawIpam,
+    ) -> Result<IpamConf, CniError> {
+        let pick = |a: Option<String>, b: Option<String>| a.or(b).unwrap_or_default();
         let servers = match nad.server.clone().or(node.server.clone()) {
             None => vec![DEFAULT_SERVER.to_string()],
             Some(Servers::One(s)) => vec![s],
@@ -295,11 +356,12 @@ impl IpamConf {
             ignored.push("enable_overlapping_ranges".into());
         }
         Ok(IpamConf {
+            pool,
             ranges,
-            gateway: pick(nad.gateway.clone(), node.gateway.clone()),
+            gateway,
             routes: nad.routes.clone().or(node.routes.clone()).unwrap_or_default(),
             dns: nad.dns.clone().or(node.dns.clone()),
-            network_name: pick(nad.network_name.clone(), node.network_name.clone()),
+            network_name,
             servers,
             timeout: Duration::from_millis(timeout_ms),
             node_name: pick(nad.node_name.clone(), node.node_name.clone()),
@@ -480,7 +542,7 @@ mod tests {
         assert_eq!(err("[1]").msg, "network configuration is not a JSON object");
         assert_eq!(
             err(r#"{"cniVersion":"1.0.0","ipam":{"type":"rust-ipam"}}"#).msg,
-            "ipam has no range: set \"range\" or \"ipRanges\""
+            "ipam has no range: set \"range\" or \"ipRanges\", or name an IPPool with \"pool\""
         );
         assert_eq!(
             err(r#"{"cniVersion":"1.0.0","ipam":{"range":"10.0.0.0/24","server":"10.0.0.1:50051"}}"#).msg,
@@ -492,6 +554,52 @@ mod tests {
         assert_eq!(
             err(r#"{"cniVersion":"1.0.0","runtimeConfig":{"ips":"10.0.0.1"}}"#).msg,
             "runtimeConfig.ips is \"10.0.0.1\", not a list of strings"
+        );
+    }
+
+    #[test]
+    fn a_pool_is_the_network_and_takes_the_place_of_ranges() {
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"rail0-a","ipam":{"type":"rust-ipam","pool":"rail0",
+              "routes":[{"dst":"10.0.0.0/8"}],"server":"http://127.0.0.1:1"}}"#,
+        )
+        .expect("parse");
+        let ipam = c.ipam.expect("ipam");
+        assert_eq!((ipam.pool.as_str(), ipam.network_name.as_str()), ("rail0", "rail0"));
+        assert!(ipam.ranges.is_empty());
+        assert_eq!(ipam.routes.len(), 1, "routes of the NAD are kept (after the pool's)");
+        // network_name equal to the pool's name says the same thing.
+        let same =
+            parse(r#"{"cniVersion":"1.0.0","ipam":{"pool":"rail0","network_name":"rail0"}}"#).expect("parse");
+        assert_eq!(same.ipam.expect("ipam").network_name, "rail0");
+    }
+
+    #[test]
+    fn a_pool_with_ranges_is_refused_naming_both_keys() {
+        let err = |ipam: &str| {
+            let e = parse(&format!(r#"{{"cniVersion":"1.0.0","ipam":{ipam}}}"#)).expect_err("refused");
+            assert_eq!(e.code, ErrorCode::INVALID_CONFIG);
+            e.msg
+        };
+        assert_eq!(
+            err(r#"{"pool":"rail0","range":"10.0.0.0/24"}"#),
+            r#"ipam sets both "pool" ("rail0") and "range": the pool gives the ranges, gateway and network; remove one"#
+        );
+        assert_eq!(
+            err(r#"{"pool":"rail0","ipRanges":[{"range":"10.0.0.0/24"}]}"#),
+            r#"ipam sets both "pool" ("rail0") and "ipRanges": the pool gives the ranges, gateway and network; remove one"#
+        );
+        assert_eq!(
+            err(r#"{"pool":"rail0","gateway":"10.0.0.1"}"#),
+            r#"ipam sets both "pool" ("rail0") and "gateway": the pool gives the ranges, gateway and network; remove one"#
+        );
+        assert_eq!(
+            err(r#"{"pool":"rail0","network_name":"other"}"#),
+            r#"ipam sets both "pool" ("rail0") and "network_name": the pool gives the ranges, gateway and network; remove one"#
+        );
+        assert_eq!(
+            err(r#"{"pool":" "}"#),
+            r#"pool is empty: name an IPPool, or leave pool out and set "range""#
         );
     }
 }

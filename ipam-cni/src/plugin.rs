@@ -181,17 +181,18 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
         network: ipam.network_name.clone(),
         ranges: ranges(ipam),
         requested_addresses: requested,
+        pool: ipam.pool.clone(),
     };
     let bearer = c.bearer.clone();
-    let leases = c
+    let answer = c
         .client
         .call(|ch| {
             let (req, bearer) = (req.clone(), bearer.clone());
             async move { ipam_client(ch, &bearer).allocate(req).await }
         })
         .await
-        .map_err(cni_error)?
-        .leases;
+        .map_err(cni_error)?;
+    let leases = answer.leases;
     let ips = leases
         .iter()
         .map(|l| {
@@ -202,7 +203,33 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
             })
         })
         .collect::<Result<Vec<_>, CniError>>()?;
-    cni::ipam_result(&ips, &ipam.routes, ipam.dns.as_ref())
+    if ipam.pool.is_empty() {
+        return cni::ipam_result(&ips, &ipam.routes, ipam.dns.as_ref());
+    }
+    let (routes, dns) = pool_extras(ipam, answer.routes, answer.dns);
+    cni::ipam_result(&ips, &routes, dns.as_ref())
+}
+
+/// The routes and DNS of an attachment of a pool: the pool's routes then the config's, and
+/// the config's `dns` when it has one, else the pool's.
+fn pool_extras(
+    ipam: &IpamConf,
+    routes: Vec<pb::Route>,
+    dns: Option<pb::Dns>,
+) -> (Vec<cni::Route>, Option<Value>) {
+    let mut all: Vec<cni::Route> = routes
+        .into_iter()
+        .map(|r| cni::Route { dst: r.dst, gw: (!r.gw.is_empty()).then_some(r.gw) })
+        .collect();
+    all.extend(ipam.routes.iter().cloned());
+    let dns = ipam.dns.clone().or_else(|| {
+        dns.map(|d| {
+            serde_json::json!({
+                "nameservers": d.nameservers, "domain": d.domain, "search": d.search, "options": d.options,
+            })
+        })
+    });
+    (all, dns)
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, CniError> {
@@ -351,5 +378,34 @@ mod tests {
         .expect("parse");
         let r = ranges(conf.ipam.as_ref().expect("ipam"));
         assert_eq!((r[0].gateway.as_str(), r[1].gateway.as_str()), ("10.0.0.1", ""));
+    }
+
+    #[test]
+    fn a_pools_routes_come_first_and_the_configs_dns_wins() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","ipam":{"pool":"rail0","routes":[{"dst":"10.0.0.0/8","gw":"10.0.0.1"}]}}"#,
+            std::path::Path::new("/nonexistent"),
+        )
+        .expect("parse");
+        let ipam = conf.ipam.as_ref().expect("ipam");
+        let pool_routes = vec![pb::Route { dst: "198.19.0.0/16".into(), gw: String::new() }];
+        let pool_dns =
+            pb::Dns { nameservers: vec!["198.18.0.53".into()], domain: "rail".into(), ..Default::default() };
+        let (routes, dns) = pool_extras(ipam, pool_routes.clone(), Some(pool_dns.clone()));
+        assert_eq!(
+            routes,
+            vec![
+                cni::Route { dst: "198.19.0.0/16".into(), gw: None },
+                cni::Route { dst: "10.0.0.0/8".into(), gw: Some("10.0.0.1".into()) },
+            ]
+        );
+        assert_eq!(
+            dns,
+            Some(
+                serde_json::json!({"nameservers": ["198.18.0.53"], "domain": "rail", "search": [], "options": []})
+            )
+        );
+        let own = IpamConf { dns: Some(serde_json::json!({"nameservers": ["10.0.0.53"]})), ..ipam.clone() };
+        assert_eq!(pool_extras(&own, pool_routes, Some(pool_dns)).1, own.dns);
     }
 }

@@ -21,7 +21,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" if n == 0 => Ok(Duration::ZERO),
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        // An IPPool's cooldown comes through here too: a huge count must not overflow.
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long")),
         _ => Err(format!("{s:?} is not a duration like 15s or 500ms (units: ms, s, m)")),
     }
 }
@@ -134,5 +135,6 @@ mod tests {
             Err("\"5\" is not a duration like 15s or 500ms (units: ms, s, m)".into())
         );
         assert_eq!(parse_duration("s"), Err("\"s\" is not a duration like 15s or 500ms".into()));
+        assert_eq!(parse_duration("999999999999999999m"), Err("\"999999999999999999m\" is too long".into()));
     }
 }

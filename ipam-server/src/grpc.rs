@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rust_ipam_proto::v1 as pb;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::allocator::{
     self, AllocError, AllocateRequest, Attachment, FieldPrefix, LeaseFilter, Leases, PodRef, PoolUsage,
@@ -18,6 +18,7 @@ use crate::allocator::{
 };
 use crate::authz::{Authz, Caller};
 use crate::engine::EngineError;
+use crate::pools::{LookupError, Pool, Pools};
 use crate::reconcile::{self, PassError, Reconciler};
 use crate::role::{NotServing, Serving};
 
@@ -34,6 +35,7 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
         AllocError::NotFound { .. } => Status::not_found(msg),
+        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => Status::resource_exhausted(msg),
     }
 }
 
@@ -122,16 +124,67 @@ fn check_address(field: &str, value: &str) -> Result<IpAddr, Status> {
     allocator::parse_address(field, value).map_err(status)
 }
 
-fn check_allocate(r: pb::AllocateRequest) -> Result<AllocateRequest, Status> {
-    let attachment = check_attachment(r.attachment)?;
-    let ranges = check_ranges(r.ranges)?;
+/// The network and ranges an Allocate works on, and the pool that gave them.
+type Resolved = (String, Vec<RangeSpec>, Option<Arc<Pool>>);
+
+/// The request's network and ranges: its own, or those of the pool it names (which is
+/// returned too, for its routes, DNS and cooldown).
+fn check_pool_or_ranges(r: &mut pb::AllocateRequest, pools: &Pools) -> Result<Resolved, Status> {
+    if r.pool.is_empty() {
+        return Ok((std::mem::take(&mut r.network), check_ranges(std::mem::take(&mut r.ranges))?, None));
+    }
+    if let Some(first) = r.ranges.first() {
+        return Err(invalid(
+            "ranges",
+            &first.range,
+            &format!("must be empty when pool {:?} is set: the pool gives the ranges", r.pool),
+        ));
+    }
+    if !r.network.is_empty() && r.network != r.pool {
+        return Err(invalid(
+            "network",
+            &r.network,
+            &format!(
+                "must be empty or the pool's name {:?}: a pool's addresses are unique in its own network",
+                r.pool
+            ),
+        ));
+    }
+    let pool = pools.get(&r.pool).map_err(|e| match e {
+        LookupError::Unknown(_) => Status::not_found(e.to_string()),
+        LookupError::NotLoaded(_) => Status::unavailable(e.to_string()),
+        LookupError::Invalid(_) => Status::failed_precondition(e.to_string()),
+    })?;
+    Ok((pool.name.clone(), pool.ranges.clone(), Some(pool)))
+}
+
+fn check_allocate(
+    mut r: pb::AllocateRequest,
+    pools: &Pools,
+) -> Result<(AllocateRequest, Option<Arc<Pool>>), Status> {
+    let attachment = check_attachment(r.attachment.take())?;
+    let (network, ranges, pool) = check_pool_or_ranges(&mut r, pools)?;
     let requested = r
         .requested_addresses
         .iter()
         .enumerate()
         .map(|(i, a)| check_address(&format!("requested_addresses[{i}]"), a))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(AllocateRequest { attachment: Arc::new(attachment), network: r.network.into(), ranges, requested })
+    let req =
+        AllocateRequest { attachment: Arc::new(attachment), network: network.into(), ranges, requested };
+    Ok((req, pool))
+}
+
+/// A pool's routes and DNS as the response carries them.
+fn pb_pool_extras(pool: &Pool) -> (Vec<pb::Route>, Option<pb::Dns>) {
+    let routes = pool.routes.iter().map(|r| pb::Route { dst: r.dst.clone(), gw: r.gw.clone() }).collect();
+    let dns = pool.dns.as_ref().map(|d| pb::Dns {
+        nameservers: d.nameservers.clone(),
+        domain: d.domain.clone(),
+        search: d.search.clone(),
+        options: d.options.clone(),
+    });
+    (routes, dns)
 }
 
 pub(crate) fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
@@ -257,13 +310,28 @@ pub struct IpamService {
     serving: Serving,
     identity: String,
     authz: Arc<Authz>,
+    pools: Pools,
 }
 
 impl IpamService {
     /// Serves allocation while this replica leads; `identity` names it in Status; `authz`
     /// decides who may do what.
     pub fn new(serving: Serving, identity: String, authz: Arc<Authz>) -> IpamService {
-        IpamService { serving, identity, authz }
+        IpamService { serving, identity, authz, pools: Pools::empty() }
+    }
+
+    /// Resolves the pools Allocate names in `pools`.
+    pub fn with_pools(self, pools: Pools) -> IpamService {
+        IpamService { pools, ..self }
+    }
+
+    /// The cooldown of the pool whose network `network` is, if it is one: set before a
+    /// release too, so a release before the first allocation since the start cools.
+    fn pool_cooldown(&self, network: &str) -> Option<u64> {
+        if network.is_empty() {
+            return None;
+        }
+        self.pools.get(network).ok().map(|p| p.cooldown_ms())
     }
 
     /// The attachment's key, once the node the request names (if any) is the caller's.
@@ -288,13 +356,23 @@ impl pb::ipam_server::Ipam for IpamService {
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let caller = self.authz.caller("Allocate", &request).await?;
-        let mut req = check_allocate(request.into_inner())?;
+        let (mut req, pool) = check_allocate(request.into_inner(), &self.pools)?;
         let node = caller.node_for(&req.attachment.node);
         caller.may_act_for("Allocate", &node, &self.authz)?;
         if node != req.attachment.node {
             Arc::make_mut(&mut req.attachment).node = node;
         }
         let who = caller.clone();
+        let cooldown_ms = pool.as_ref().map(|p| p.cooldown_ms());
+        let per_node = pool.as_ref().and_then(|p| p.per_node.map(|pn| (pn, p.ranges.clone())));
+        if per_node.is_some() && req.attachment.node.is_empty() {
+            let name = pool.as_ref().map(|p| p.name.as_str()).unwrap_or_default();
+            return Err(invalid(
+                "attachment.node",
+                "",
+                &format!("is required: pool {name:?} gives each node its own block"),
+            ));
+        }
         let got = self
             .serving
             .ready_engine()
@@ -303,19 +381,35 @@ impl pb::ipam_server::Ipam for IpamService {
                 let held = a.check(&req.network, &req.attachment.container_id, &req.attachment.ifname);
                 match foreign_node(&held, &who) {
                     Some(node) => Guarded::Foreign(node),
-                    None => Guarded::Done(a.allocate(&req, now)),
+                    None => {
+                        if let Some(ms) = cooldown_ms {
+                            a.set_cooldown(&req.network, ms);
+                        }
+                        let got = match &per_node {
+                            None => a.allocate(&req, now),
+                            Some((pn, ranges)) => crate::pools::allocate_in_blocks(a, &req, *pn, ranges, now),
+                        };
+                        Guarded::Done(got.map(|l| (l, a.take_cooldown_overrides())))
+                    }
                 }
             })
             .await
             .map_err(engine_status)?
             .or_deny("Allocate", &caller, &self.authz)?
             .map_err(status)?;
+        let (got, overrides) = got;
+        for o in &overrides {
+            warn!(address = %o.address, network = %o.network, released_unix_ms = o.released_unix_ms,
+                  cooldown_until_unix_ms = o.until_unix_ms,
+                  "handing out an address before its cooldown has passed: its range has no other free address");
+        }
         for l in &got {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname,
                 pod = %format_args!("{}/{}", l.holder.pod.namespace, l.holder.pod.name), "allocated");
         }
         let leases = got.into_iter().map(pb_lease).collect();
-        Ok(Response::new(pb::AllocateResponse { leases }))
+        let (routes, dns) = pool.as_deref().map(pb_pool_extras).unwrap_or_default();
+        Ok(Response::new(pb::AllocateResponse { leases, routes, dns }))
     }
 
     async fn release(
@@ -327,13 +421,19 @@ impl pb::ipam_server::Ipam for IpamService {
         let (cid, ifname) = self.own_attachment("Release", &caller, r.attachment)?;
         let network = r.network;
         let who = caller.clone();
+        let cooldown_ms = self.pool_cooldown(&network);
         let released = self
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
+            .call(move |a, now| match foreign_node(&a.check(&network, &cid, &ifname), &who) {
                 Some(node) => Guarded::Foreign(node),
-                None => Guarded::Done(a.release(&network, &cid, &ifname)),
+                None => {
+                    if let Some(ms) = cooldown_ms {
+                        a.set_cooldown(&network, ms);
+                    }
+                    Guarded::Done(a.release(&network, &cid, &ifname, now))
+                }
             })
             .await
             .map_err(engine_status)?
@@ -391,11 +491,17 @@ impl pb::ipam_server::Ipam for IpamService {
         }
         caller.may_act_for("Gc", &r.node, &self.authz)?;
         let (network, node) = (r.network, r.node);
+        let cooldown_ms = self.pool_cooldown(&network);
         let released = self
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| a.gc(&network, &node, &valid))
+            .call(move |a, now| {
+                if let Some(ms) = cooldown_ms {
+                    a.set_cooldown(&network, ms);
+                }
+                a.gc(&network, &node, &valid, now)
+            })
             .await
             .map_err(engine_status)?;
         for l in &released {
@@ -585,7 +691,7 @@ impl pb::admin_server::Admin for AdminService {
             .serving
             .ready_engine()
             .await?
-            .call(move |a, _| a.release_address(&network, ip))
+            .call(move |a, now| a.release_address(&network, ip, now))
             .await
             .map_err(engine_status)?
             .map_err(status)?;

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod import;
 pub mod k8s;
 pub mod metrics;
+pub mod pools;
 pub mod reconcile;
 pub mod role;
 pub mod server;

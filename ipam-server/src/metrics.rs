@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::allocator::PoolUsage;
+use crate::pools::PoolStats;
 
 // Labels are static strings: counting a request allocates nothing.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,6 +34,11 @@ struct Rpc {
 struct Pool {
     network: String,
     range: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IpPool {
+    pool: String,
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -54,6 +60,12 @@ pub struct Metrics {
     pool_used: Family<Pool, FloatGauge>,
     pool_excluded: Family<Pool, FloatGauge>,
     pool_free: Family<Pool, FloatGauge>,
+    ippool_size: Family<IpPool, FloatGauge>,
+    ippool_used: Family<IpPool, FloatGauge>,
+    ippool_free: Family<IpPool, FloatGauge>,
+    ippool_cooldown_holds: Family<IpPool, Gauge>,
+    ippool_valid: Family<IpPool, Gauge>,
+    ippool_blocks: Family<IpPool, Gauge>,
 }
 
 /// Builds [`Metrics`]: modules register their own metrics in sub-registries first.
@@ -89,6 +101,12 @@ impl Metrics {
             pool_used: Family::default(),
             pool_excluded: Family::default(),
             pool_free: Family::default(),
+            ippool_size: Family::default(),
+            ippool_used: Family::default(),
+            ippool_free: Family::default(),
+            ippool_cooldown_holds: Family::default(),
+            ippool_valid: Family::default(),
+            ippool_blocks: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -115,6 +133,28 @@ impl Metrics {
             m.pool_excluded.clone(),
         );
         registry.register("pool_free", "Addresses a pool can still hand out", m.pool_free.clone());
+        registry.register(
+            "ippool_size",
+            "Addresses of an IPPool's ranges, excluded ones included",
+            m.ippool_size.clone(),
+        );
+        registry.register("ippool_used", "Addresses of an IPPool held", m.ippool_used.clone());
+        registry.register("ippool_free", "Addresses an IPPool can still hand out", m.ippool_free.clone());
+        registry.register(
+            "ippool_cooldown_holds",
+            "Released addresses of an IPPool whose cooldown has not passed",
+            m.ippool_cooldown_holds.clone(),
+        );
+        registry.register(
+            "ippool_blocks",
+            "Per-node blocks of an IPPool that hold addresses",
+            m.ippool_blocks.clone(),
+        );
+        registry.register(
+            "ippool_valid",
+            "1 when the server uses an IPPool, 0 when it is invalid",
+            m.ippool_valid.clone(),
+        );
         MetricsBuilder { metrics: m }
     }
 
@@ -140,7 +180,7 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges set from the allocator's current state.
-    pub fn render(&self, pools: &[PoolUsage], leases: usize, serving: bool) -> String {
+    pub fn render(&self, pools: &[PoolUsage], ippools: &[PoolStats], leases: usize, serving: bool) -> String {
         self.leases.set(leases as i64);
         self.serving.set(i64::from(serving));
         for f in [&self.pool_size, &self.pool_used, &self.pool_excluded, &self.pool_free] {
@@ -152,6 +192,25 @@ impl Metrics {
             self.pool_used.get_or_create(&l).set(p.used as f64);
             self.pool_excluded.get_or_create(&l).set(p.excluded as f64);
             self.pool_free.get_or_create(&l).set(p.free as f64);
+        }
+        for f in [&self.ippool_size, &self.ippool_used, &self.ippool_free] {
+            f.clear();
+        }
+        self.ippool_cooldown_holds.clear();
+        self.ippool_valid.clear();
+        self.ippool_blocks.clear();
+        for p in ippools {
+            let l = IpPool { pool: p.name.clone() };
+            self.ippool_valid.get_or_create(&l).set(i64::from(p.error.is_none()));
+            if p.error.is_none() {
+                self.ippool_size.get_or_create(&l).set(p.totals.size as f64);
+                self.ippool_used.get_or_create(&l).set(p.totals.used as f64);
+                self.ippool_free.get_or_create(&l).set(p.totals.free as f64);
+                self.ippool_cooldown_holds.get_or_create(&l).set(p.cooldown_holds as i64);
+                if !p.blocks.is_empty() {
+                    self.ippool_blocks.get_or_create(&l).set(p.blocks.len() as i64);
+                }
+            }
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

@@ -25,6 +25,7 @@ use crate::authz::Authz;
 use crate::engine::Engine;
 use crate::grpc::{AdminService, IpamService};
 use crate::metrics::Metrics;
+use crate::pools::Pools;
 use crate::reconcile::Reconciler;
 use crate::role::{Role, Serving};
 use crate::tls::{HANDSHAKE_TIMEOUT, ServerTls};
@@ -152,6 +153,7 @@ pub async fn serve(
     listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
     reconciler: Arc<Reconciler>,
+    pools: Pools,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (metrics, metrics_listener) = metrics;
@@ -184,7 +186,8 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
     let authz = listeners.authz.clone().unwrap_or_else(Authz::off);
-    let ipam = IpamServer::new(IpamService::new(serving.clone(), identity, authz.clone()));
+    let ipam =
+        IpamServer::new(IpamService::new(serving.clone(), identity, authz.clone()).with_pools(pools.clone()));
     let admin =
         AdminServer::new(AdminService::new(serving.clone(), authz).with_reconciler(reconciler.clone()));
     let reconcile_timer = reconciler.spawn_timer(serving.clone());
@@ -212,7 +215,7 @@ pub async fn serve(
         info!(%endpoint, "serving metrics and probes");
         let mut stop = stop_rx.clone();
         tokio::spawn(
-            serve_http(l, metrics_tls, serving.clone(), metrics.clone(), async move {
+            serve_http(l, metrics_tls, serving.clone(), metrics.clone(), pools.clone(), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .instrument(info_span!("metrics", %endpoint)),
@@ -314,17 +317,23 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     serving: Serving,
     metrics: Arc<Metrics>,
+    pools: Pools,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         // A follower has no pools to show, but its RPC counters and leader state are real.
         "/metrics" => match serving.engine() {
-            Ok(engine) => match engine.call(|a, _| (a.pools(None), a.lease_count())).await {
-                Ok((pools, leases)) => {
-                    typed(StatusCode::OK, OPENMETRICS, metrics.render(&pools, leases, true))
+            Ok(engine) => match engine
+                .call(move |a, now| {
+                    (a.pools(None), crate::pools::stats(a, &pools.snapshot(), now), a.lease_count())
+                })
+                .await
+            {
+                Ok((ranges, ippools, leases)) => {
+                    typed(StatusCode::OK, OPENMETRICS, metrics.render(&ranges, &ippools, leases, true))
                 }
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             },
-            Err(_) => typed(StatusCode::OK, OPENMETRICS, metrics.render(&[], 0, false)),
+            Err(_) => typed(StatusCode::OK, OPENMETRICS, metrics.render(&[], &[], 0, false)),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         // Ready only on the leader whose engine answers: state loaded and the store usable,
@@ -348,6 +357,7 @@ async fn serve_http(
     tls: Option<Arc<ServerTls>>,
     serving: Serving,
     metrics: Arc<Metrics>,
+    pools: Pools,
     shutdown: impl Future<Output = ()>,
 ) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -362,10 +372,10 @@ async fn serve_http(
                     continue;
                 }
             };
-            let (serving, metrics) = (serving.clone(), metrics.clone());
+            let (serving, metrics, pools) = (serving.clone(), metrics.clone(), pools.clone());
             let svc = service_fn(move |req| {
-                let (serving, metrics) = (serving.clone(), metrics.clone());
-                async move { Ok::<_, Infallible>(handle(req, serving, metrics).await) }
+                let (serving, metrics, pools) = (serving.clone(), metrics.clone(), pools.clone());
+                async move { Ok::<_, Infallible>(handle(req, serving, metrics, pools).await) }
             });
             let mut stop = stop_rx.clone();
             let acceptor = tls.as_ref().map(|t| t.acceptor());
@@ -527,12 +537,13 @@ pub async fn serve_single(
     listeners: Listeners,
     metrics: (Arc<Metrics>, Option<TcpListener>),
     reconciler: Arc<Reconciler>,
+    pools: Pools,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (serving, role) = Serving::fixed(engine.clone());
     // The one replica leads for as long as it runs.
     metrics.0.set_leader(true);
-    let served = serve(serving, identity, listeners, metrics, reconciler, shutdown).await;
+    let served = serve(serving, identity, listeners, metrics, reconciler, pools, shutdown).await;
     // The role holds an engine handle however many views of it are still alive.
     let _ = role.send(Role::Stopping);
     drain(engine).await?;

@@ -42,6 +42,7 @@ impl Server {
             listeners.into(),
             (metrics, Some(metrics_listener)),
             Reconciler::disabled(),
+            ipam_server::pools::Pools::empty(),
             async {
                 let _ = stopped.await;
             },
@@ -88,6 +89,7 @@ fn alloc_req(cid: &str, pod: &str, ranges: Vec<pb::Range>) -> pb::AllocateReques
         network: String::new(),
         ranges,
         requested_addresses: vec![],
+        pool: String::new(),
     }
 }
 

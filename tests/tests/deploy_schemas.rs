@@ -1,7 +1,8 @@
 //! `deploy/`'s objects against what they must match: the rendered manifests (base and mTLS
 //! overlay) and the hand-applied ones against the Kubernetes schemas (PyPI's
 //! `kubernetes-validate --strict`, offline), the CRD-typed examples against our generated
-//! CRDs, and those examples against what the server writes for the example NAD.
+//! CRDs, those examples against what the server writes for the example NAD, and the
+//! example IPPool against the server's own check and the NAD that names it.
 //!
 //! Needs `kubectl` (for kustomize) and `kubernetes-validate` (`pip install
 //! kubernetes-validate==1.37.0`) for the first test; without them it prints `SKIP` (and
@@ -16,7 +17,7 @@ use ipam_server::allocator::{
     AllocateRequest, Allocator, Attachment, Change, FieldPrefix, PodRef, RangeInput, RangeSpec,
 };
 use ipam_server::k8s::crd::{
-    IPLease, IPLeaseSpec, RangePool, RangePoolSpec, RangePoolStatus, lease_name, pool_name,
+    IPLease, IPLeaseSpec, IPPool, RangePool, RangePoolSpec, RangePoolStatus, lease_name, pool_name,
 };
 use rust_ipam_e2e::deploy::{
     KUBECTL, MTLS_OVERLAY, NAMESPACE, THICK_OVERLAY, example, missing, nad_ipam, output_text, read, render,
@@ -103,6 +104,8 @@ const KNOWN_KEYWORDS: &[&str] = &[
     "minimum",
     "maximum",
     "enum",
+    "pattern",
+    "minItems",
     "x-kubernetes-preserve-unknown-fields",
 ];
 
@@ -171,7 +174,19 @@ fn check_schema(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             errs.push(format!("{path}: {v} is above the maximum {max}"));
         }
     }
+    if let (Some(pattern), Some(text)) = (s.get("pattern").and_then(Value::as_str), v.as_str()) {
+        // The API server's patterns are ECMA-262; ours are plain enough for the regex crate.
+        let re = regex::Regex::new(pattern).unwrap_or_else(|e| panic!("{path}: pattern {pattern:?}: {e}"));
+        if !re.is_match(text) {
+            errs.push(format!("{path}: {v} does not match the pattern {pattern:?}"));
+        }
+    }
     if let Some(items) = v.as_array() {
+        if let Some(min) = s.get("minItems").and_then(Value::as_u64)
+            && (items.len() as u64) < min
+        {
+            errs.push(format!("{path}: {} items, the schema wants at least {min}", items.len()));
+        }
         if let Some(item_schema) = s.get("items") {
             for (i, item) in items.iter().enumerate() {
                 check_schema(item_schema, item, &format!("{path}[{i}]"), errs);
@@ -283,12 +298,37 @@ fn nad_crd() -> Value {
 
 #[test]
 fn crd_typed_examples_validate_against_the_generated_crds() {
-    for (file, kind) in [("iplease.yaml", "IPLease"), ("rangepool.yaml", "RangePool")] {
+    for (file, kind) in
+        [("iplease.yaml", "IPLease"), ("rangepool.yaml", "RangePool"), ("ippool.yaml", "IPPool")]
+    {
         let errs = validate_against_crd(&crd_for(kind), &example(file));
         assert!(errs.is_empty(), "deploy/examples/{file}: {errs:#?}");
     }
-    let errs = validate_against_crd(&nad_crd(), &example("network-attachment-definition.yaml"));
-    assert!(errs.is_empty(), "deploy/examples/network-attachment-definition.yaml: {errs:#?}");
+    for file in ["network-attachment-definition.yaml", "network-attachment-definition-pool.yaml"] {
+        let errs = validate_against_crd(&nad_crd(), &example(file));
+        assert!(errs.is_empty(), "deploy/examples/{file}: {errs:#?}");
+    }
+
+    // An IPPool's schema refuses a cooldown that is not a duration and a pool without ranges.
+    let pool_crd = crd_for("IPPool");
+    let pool = example("ippool.yaml");
+    let broken_pool = |edit: &dyn Fn(&mut Value)| {
+        let mut obj = pool.clone();
+        edit(&mut obj);
+        validate_against_crd(&pool_crd, &obj)
+    };
+    assert_eq!(
+        broken_pool(&|o| o["spec"]["cooldown"] = json!("30 seconds")),
+        [r#".spec.cooldown: "30 seconds" does not match the pattern "^(0|[0-9]+(ms|s|m))$""#]
+    );
+    assert_eq!(
+        broken_pool(&|o| o["spec"]["ranges"] = json!([])),
+        [".spec.ranges: 0 items, the schema wants at least 1"]
+    );
+    assert_eq!(
+        broken_pool(&|o| o["metadata"]["namespace"] = json!("rust-ipam")),
+        ["metadata.namespace is set on a cluster-scoped resource"]
+    );
 
     // The check refuses what the API server refuses, naming the field.
     let crd = crd_for("IPLease");
@@ -327,11 +367,51 @@ fn crd_typed_examples_validate_against_the_generated_crds() {
     );
     let mut odd = crd.clone();
     odd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["address"]
-        ["pattern"] = json!("^[0-9.]+$");
+        ["maxLength"] = json!(39);
     assert_eq!(
         validate_against_crd(&odd, &lease),
-        [r#".spec.address: schema keyword "pattern" is not supported by this check"#]
+        [r#".spec.address: schema keyword "maxLength" is not supported by this check"#]
     );
+}
+
+#[test]
+fn the_example_pool_is_valid_and_the_pool_nad_names_it() {
+    let pool: IPPool = serde_json::from_value(example("ippool.yaml")).expect("an IPPool");
+    let name = pool.metadata.name.clone().expect("a name");
+    let checked = ipam_server::pools::check(&name, &pool.spec).expect("the server takes the example pool");
+    assert_eq!(checked.ranges_text(), "198.18.0.10-198.18.0.254/24,fd00:18::/64");
+    assert_eq!(checked.cooldown, std::time::Duration::from_secs(30));
+
+    let nad = example("network-attachment-definition-pool.yaml");
+    let config = nad["spec"]["config"].as_str().expect("spec.config");
+    let conf = ipam_cni::config::NetConf::parse(config.as_bytes(), Path::new("/nonexistent/rust-ipam.conf"))
+        .unwrap_or_else(|e| panic!("the plugin refuses the pool NAD: {e:?}"));
+    assert_eq!(conf.name, nad["metadata"]["name"], "the CNI network is named like the NAD");
+    let ipam = conf.ipam.expect("ipam");
+    assert_eq!((ipam.pool.as_str(), ipam.network_name.as_str()), (name.as_str(), name.as_str()));
+    assert!(ipam.ranges.is_empty());
+}
+
+#[test]
+fn the_eight_rail_example_is_eight_valid_per_node_pools() {
+    let docs = yaml_docs(&read("deploy/examples/rails.yaml"));
+    assert_eq!(docs.len(), 8);
+    let crd = crd_for("IPPool");
+    for (i, doc) in docs.iter().enumerate() {
+        let errs = validate_against_crd(&crd, doc);
+        assert!(errs.is_empty(), "deploy/examples/rails.yaml document {i}: {errs:#?}");
+        let pool: IPPool = serde_json::from_value(doc.clone()).expect("an IPPool");
+        assert_eq!(pool.metadata.name.as_deref(), Some(format!("rail{i}").as_str()));
+        let checked = ipam_server::pools::check(&format!("rail{i}"), &pool.spec).expect("valid");
+        let per_node = checked.per_node.expect("per-node blocks");
+        assert_eq!((per_node.prefix, per_node.gateway_index), (28, Some(1)));
+        // The first node's block on this rail: .1 the gateway, .2 to .14 for pods.
+        let range = &checked.ranges[0];
+        let first: ipnetwork::IpNetwork = format!("198.18.{}.0/28", 16 * i).parse().expect("cidr");
+        let block = per_node.block_range(first, range).expect("block");
+        assert_eq!(block.gateway(), Some(format!("198.18.{}.1", 16 * i).parse().expect("ip")));
+        assert_eq!(block.size() - block.excluded_count(), 13);
+    }
 }
 
 #[test]

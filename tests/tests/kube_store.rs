@@ -140,7 +140,7 @@ async fn a_deposed_leaders_writes_are_rejected_not_applied() {
 
     // The old leader, unaware, releases c1 (a DEL that reached it late): its delete carries
     // the old resourceVersion and is refused; the moved lease stays.
-    old.call(|a, _| a.release("", "c1", "net1")).await.expect("answered, with what the store says");
+    old.call(|a, now| a.release("", "c1", "net1", now)).await.expect("answered, with what the store says");
     assert_eq!(
         stored(&ns).await,
         vec![("198.18.1.1".into(), "c2".into()), ("198.18.1.2".into(), "c3".into())]
@@ -187,7 +187,7 @@ async fn a_restart_rebuilds_the_bitmaps_from_paged_lists() {
     }
     // The 1200 requests reach the engine in any order: c7 holds whichever address it got.
     let c7 = got[7];
-    e.call(|a, _| a.release("", "c7", "net1")).await.expect("release");
+    e.call(|a, now| a.release("", "c7", "net1", now)).await.expect("release");
     drop(e);
     // 1199 objects: three list pages of 500.
     let (again, _g) = engine(&ns).await;
@@ -302,7 +302,7 @@ async fn a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch() {
     let mirror = KubeStore::start_mirror(client.clone(), &ns.name);
     // Written while the mirror lists or watches: the watch brings both either way.
     let late = allocate(&e, "198.18.32.0/24", "late", "late").await.expect("engine").expect("allocate");
-    let freed = e.call(|a, _| a.release("", "c3", "net1")).await.expect("engine");
+    let freed = e.call(|a, now| a.release("", "c3", "net1", now)).await.expect("engine");
     assert_eq!(freed.len(), 1);
     drop(e);
     // A new leader takes over a third of the lease TTL or more after the old one's last
@@ -329,7 +329,7 @@ async fn a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch() {
     assert!(loaded.contains(&(late.to_string(), "late".to_string())), "{loaded:?}");
     assert_eq!(loaded, stored(&ns).await);
     // Its delete carries the resourceVersion and uid the watch delivered, and applies.
-    let freed = again.call(|a, _| a.release("", "late", "net1")).await.expect("engine");
+    let freed = again.call(|a, now| a.release("", "late", "net1", now)).await.expect("engine");
     assert_eq!(freed.len(), 1);
     assert!(!stored(&ns).await.iter().any(|(_, cid)| cid == "late"));
     drop(again);

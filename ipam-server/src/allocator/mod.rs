@@ -25,7 +25,7 @@ use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
 use by_address::ByAddress;
-pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, parse_address};
+pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, ip_to_u128, parse_address, u128_to_ip};
 
 /// Errors of the allocator, each naming what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +45,30 @@ pub enum AllocError {
     /// Nobody holds the address.
     #[error("address {address} is not held in network \"{network}\"")]
     NotFound { network: String, address: IpAddr },
+    /// Every per-node block of a range is another node's.
+    #[error(
+        "no free /{prefix} block for node {node:?} in {range} (network \"{network}\"): all {blocks} blocks hold other nodes' addresses"
+    )]
+    NoFreeBlock { network: String, node: String, range: String, prefix: u8, blocks: u128 },
+    /// A node's block has no free address.
+    #[error(transparent)]
+    BlockExhausted(Box<BlockFull>),
+}
+
+/// A node's per-node block with no free address, with the node's and the pool's counts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "block {block} of node {node:?} in network \"{network}\" is exhausted: size {size}, held {held}, excluded {excluded} (the whole pool: size {pool_size}, held {pool_held})"
+)]
+pub struct BlockFull {
+    pub network: String,
+    pub node: String,
+    pub block: String,
+    pub size: u128,
+    pub held: u128,
+    pub excluded: u128,
+    pub pool_size: u128,
+    pub pool_held: u128,
 }
 
 /// A shared, immutable string: leases share their network, range and pod strings.
@@ -156,6 +180,16 @@ pub struct PoolUsage {
     pub free: u128,
 }
 
+/// Size and use of several ranges together (an IPPool's ranges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolTotals {
+    /// Addresses the ranges may hand out (excluded ones included, as in [`PoolUsage`]).
+    pub size: u128,
+    pub used: u128,
+    pub excluded: u128,
+    pub free: u128,
+}
+
 /// Which leases to list; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseFilter {
@@ -208,7 +242,11 @@ impl RangePool {
 
     /// Lowest address that is neither held nor excluded.
     pub fn first_free(&self) -> Option<IpAddr> {
-        let mut from = 0;
+        self.first_free_from(0)
+    }
+
+    /// Lowest address at offset `from` or above that is neither held nor excluded.
+    fn first_free_from(&self, mut from: u128) -> Option<IpAddr> {
         loop {
             let off = self.held.first_zero_from(from)?;
             match self.spec.exclusion_at(off) {
@@ -373,6 +411,11 @@ struct Network {
     by_attachment: ShardedMap<AttachKey, Held>,
     by_pod: ShardedMap<PodKey, Held>,
     keys: KeyHasher,
+    /// Cooldown of released addresses (ms; 0: none): the IPPool's, set by the caller.
+    cooldown_ms: u64,
+    /// When each address released under a cooldown was released (ms since the epoch).
+    /// Kept until the cooldown has passed; only in memory.
+    cooling: HashMap<IpAddr, i64>,
 }
 
 fn unindex<K, Q>(map: &mut ShardedMap<K, Held>, key: &Q, ip: IpAddr)
@@ -397,11 +440,16 @@ impl Network {
             by_attachment: ShardedMap::default(),
             by_pod: ShardedMap::default(),
             keys: KeyHasher::default(),
+            cooldown_ms: 0,
+            cooling: HashMap::new(),
         }
     }
 
     fn insert(&mut self, lease: Arc<Lease>) {
         let ip = lease.address;
+        if !self.cooling.is_empty() {
+            self.cooling.remove(&ip);
+        }
         for pool in self.pools.values_mut() {
             pool.mark(ip, true);
         }
@@ -464,6 +512,56 @@ pub struct Allocator {
     networks: HashMap<String, Network>,
     journal: Vec<Change>,
     lease_count: usize,
+    /// Addresses handed out before their cooldown had passed, since the last
+    /// [`Allocator::take_cooldown_overrides`]: the caller logs them.
+    overrides: Vec<CooldownOverride>,
+}
+
+/// An address handed out during its cooldown because its range had no other free address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CooldownOverride {
+    pub network: Str,
+    pub address: IpAddr,
+    /// When it was released (ms since the epoch).
+    pub released_unix_ms: i64,
+    /// When its cooldown would have passed.
+    pub until_unix_ms: i64,
+}
+
+/// What a range offers next: a free address, or (under a cooldown, when every free address
+/// is cooling) the one released longest ago.
+enum Pick {
+    Free(IpAddr),
+    Cooling { ip: IpAddr, released: i64 },
+}
+
+/// End of the cooldown of an address released at `released`.
+fn cool_until(released: i64, cooldown_ms: u64) -> i64 {
+    released.saturating_add(i64::try_from(cooldown_ms).unwrap_or(i64::MAX))
+}
+
+/// The lowest free address of `pool` that is not cooling at `now`; when every free address
+/// is, the one whose cooldown ends first. Each step past the first lands on a cooling
+/// address, so the walk is bounded by the number of them.
+fn pick_free(pool: &RangePool, cooling: &HashMap<IpAddr, i64>, cooldown_ms: u64, now: i64) -> Option<Pick> {
+    if cooldown_ms == 0 || cooling.is_empty() {
+        return pool.first_free().map(Pick::Free);
+    }
+    let mut from = 0;
+    let mut oldest: Option<(i64, IpAddr)> = None;
+    while let Some(ip) = pool.first_free_from(from) {
+        match cooling.get(&ip) {
+            Some(&released) if now < cool_until(released, cooldown_ms) => {
+                if oldest.is_none_or(|(r, _)| released < r) {
+                    oldest = Some((released, ip));
+                }
+                let Some(next) = pool.spec.offset(ip).and_then(|o| o.checked_add(1)) else { break };
+                from = next;
+            }
+            _ => return Some(Pick::Free(ip)),
+        }
+    }
+    oldest.map(|(released, ip)| Pick::Cooling { ip, released })
 }
 
 /// The network named `name`, created empty if new.
@@ -471,10 +569,19 @@ fn network_mut<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> &'
     networks.entry_ref(name).or_insert_with(|| Network::new(name.into()))
 }
 
-/// Removes one lease and journals it.
-fn delete(net: &mut Network, journal: &mut Vec<Change>, count: &mut usize, ip: IpAddr) -> Option<Arc<Lease>> {
+/// Removes one lease and journals it; under a cooldown the address starts cooling at `now`.
+fn delete(
+    net: &mut Network,
+    journal: &mut Vec<Change>,
+    count: &mut usize,
+    ip: IpAddr,
+    now_unix_ms: i64,
+) -> Option<Arc<Lease>> {
     let lease = net.remove(ip)?;
     *count -= 1;
+    if net.cooldown_ms > 0 {
+        net.cooling.insert(ip, now_unix_ms);
+    }
     journal.push(Change::DeleteLease { network: net.name.clone(), address: ip });
     Some(lease)
 }
@@ -547,8 +654,13 @@ impl Allocator {
     /// lowest free one. All or nothing.
     pub fn allocate(&mut self, req: &AllocateRequest, now_unix_ms: i64) -> Result<Leases, AllocError> {
         let a = &req.attachment;
-        let Allocator { networks, journal, lease_count } = self;
+        let Allocator { networks, journal, lease_count, overrides } = self;
         let net = network_mut(networks, &req.network);
+        if net.cooldown_ms > 0 && !net.cooling.is_empty() {
+            let cd = net.cooldown_ms;
+            net.cooling.retain(|_, released| now_unix_ms < cool_until(*released, cd));
+        }
+        let overrides_before = overrides.len();
 
         // Which range each requested address belongs to.
         let mut wanted: SmallVec<[Option<IpAddr>; 4]> = smallvec::smallvec![None; req.ranges.len()];
@@ -622,15 +734,27 @@ impl Allocator {
                     }
                     (None, None) => {
                         let pool = &net.pools[spec.key()];
-                        pool.first_free().ok_or_else(|| {
-                            let u = pool.usage(&net.name);
-                            AllocError::Exhausted {
-                                range: spec.display().to_string(),
-                                size: u.size,
-                                held: u.used,
-                                excluded: u.excluded,
+                        match pick_free(pool, &net.cooling, net.cooldown_ms, now_unix_ms) {
+                            Some(Pick::Free(ip)) => ip,
+                            Some(Pick::Cooling { ip, released }) => {
+                                overrides.push(CooldownOverride {
+                                    network: net.name.clone(),
+                                    address: ip,
+                                    released_unix_ms: released,
+                                    until_unix_ms: cool_until(released, net.cooldown_ms),
+                                });
+                                ip
                             }
-                        })?
+                            None => {
+                                let u = pool.usage(&net.name);
+                                return Err(AllocError::Exhausted {
+                                    range: spec.display().to_string(),
+                                    size: u.size,
+                                    held: u.used,
+                                    excluded: u.excluded,
+                                });
+                            }
+                        }
                     }
                 };
                 let lease = Arc::new(Lease {
@@ -651,8 +775,13 @@ impl Allocator {
         })();
         if let Err(e) = result {
             for lease in new_leases {
+                // Back to cooling where it came from: nothing was handed out.
+                if let Some(o) = overrides[overrides_before..].iter().find(|o| o.address == lease.address) {
+                    net.cooling.insert(lease.address, o.released_unix_ms);
+                }
                 net.remove(lease.address);
             }
+            overrides.truncate(overrides_before);
             return Err(e);
         }
 
@@ -673,13 +802,16 @@ impl Allocator {
         Ok(chosen.iter().map(|ip| net.leases[ip].clone()).collect())
     }
 
-    /// Releases what an attachment holds in a network; nothing held is not an error.
-    pub fn release(&mut self, network: &str, container_id: &str, ifname: &str) -> Leases {
+    /// Releases what an attachment holds in a network; nothing held is not an error. Under
+    /// a cooldown the addresses cool from `now_unix_ms`.
+    pub fn release(&mut self, network: &str, container_id: &str, ifname: &str, now_unix_ms: i64) -> Leases {
         let Some(net) = self.networks.get_mut(network) else {
             return Leases::new();
         };
         let held = net.held_by(container_id, ifname);
-        held.into_iter().filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip)).collect()
+        held.into_iter()
+            .filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms))
+            .collect()
     }
 
     /// What an attachment holds in a network.
@@ -692,7 +824,13 @@ impl Allocator {
 
     /// Releases every attachment lease of `network` allocated from `node` whose attachment
     /// is not in `valid`. Manual reservations and other nodes' leases stay.
-    pub fn gc(&mut self, network: &str, node: &str, valid: &HashSet<(String, String)>) -> Vec<Arc<Lease>> {
+    pub fn gc(
+        &mut self,
+        network: &str,
+        node: &str,
+        valid: &HashSet<(String, String)>,
+        now_unix_ms: i64,
+    ) -> Vec<Arc<Lease>> {
         let Some(net) = self.networks.get_mut(network) else {
             return Vec::new();
         };
@@ -706,7 +844,10 @@ impl Allocator {
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();
-        stale.into_iter().filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip)).collect()
+        stale
+            .into_iter()
+            .filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms))
+            .collect()
     }
 
     /// Holds an address by hand so it is never handed out.
@@ -776,12 +917,164 @@ impl Allocator {
         }
     }
 
-    /// Frees one address whoever holds it.
-    pub fn release_address(&mut self, network: &str, ip: IpAddr) -> Result<Arc<Lease>, AllocError> {
+    /// Frees one address whoever holds it (under a cooldown it cools from `now_unix_ms`).
+    pub fn release_address(
+        &mut self,
+        network: &str,
+        ip: IpAddr,
+        now_unix_ms: i64,
+    ) -> Result<Arc<Lease>, AllocError> {
         self.networks
             .get_mut(network)
-            .and_then(|net| delete(net, &mut self.journal, &mut self.lease_count, ip))
+            .and_then(|net| delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms))
             .ok_or_else(|| AllocError::NotFound { network: network.into(), address: ip })
+    }
+
+    /// Sets the cooldown of `network` (an IPPool's): an address released there is not handed
+    /// out again for `cooldown_ms` unless its range has no other free address. 0 turns it
+    /// off and forgets what was cooling. Only memory: a restart forgets cooldowns.
+    pub fn set_cooldown(&mut self, network: &str, cooldown_ms: u64) {
+        if cooldown_ms == 0 && !self.networks.contains_key(network) {
+            return;
+        }
+        let net = network_mut(&mut self.networks, network);
+        net.cooldown_ms = cooldown_ms;
+        if cooldown_ms == 0 {
+            net.cooling = HashMap::new();
+        }
+    }
+
+    /// Addresses of `network` whose cooldown has not passed at `now_unix_ms`.
+    pub fn cooldown_holds(&self, network: &str, now_unix_ms: i64) -> usize {
+        self.networks.get(network).map_or(0, |net| {
+            net.cooling.values().filter(|r| now_unix_ms < cool_until(**r, net.cooldown_ms)).count()
+        })
+    }
+
+    /// The addresses handed out during their cooldown since the last call, to be logged.
+    pub fn take_cooldown_overrides(&mut self) -> Vec<CooldownOverride> {
+        std::mem::take(&mut self.overrides)
+    }
+
+    /// Size and use of `ranges` in `network` together (an IPPool's), whether or not an
+    /// allocation has made their pools yet. Sums saturate: two IPv6 ranges can hold more
+    /// addresses than a u128 counts.
+    pub fn usage_of(&self, network: &str, ranges: &[RangeSpec]) -> PoolTotals {
+        let mut t = PoolTotals::default();
+        let net = self.networks.get(network);
+        for spec in ranges {
+            let (size, excluded) = (spec.size(), spec.excluded_count());
+            let used = match net.and_then(|n| n.pools.get(spec.key())) {
+                Some(pool) => pool.held.count(),
+                None => net.map_or(0, |n| n.leases.addresses().filter(|ip| spec.allows(*ip)).count() as u128),
+            };
+            t.size = t.size.saturating_add(size);
+            t.used = t.used.saturating_add(used);
+            t.excluded = t.excluded.saturating_add(excluded);
+            t.free = t.free.saturating_add(size - excluded - used);
+        }
+        t
+    }
+
+    /// The block of prefix length `prefix` within `within` that belongs to `node` in
+    /// `network`: the lowest block holding an address of one of the node's attachments;
+    /// for a node holding none, the lowest block holding no attachment's address at all.
+    /// Derived from the leases alone, so it survives restarts and leader changes with
+    /// them, and a block whose last lease goes is free again. Manual reservations claim
+    /// no block.
+    pub fn node_block(
+        &self,
+        network: &str,
+        within: ipnetwork::IpNetwork,
+        prefix: u8,
+        node: &str,
+    ) -> Result<ipnetwork::IpNetwork, AllocError> {
+        let family = Family::of(within.ip());
+        let bits: u8 = if family == Family::V4 { 32 } else { 128 };
+        if prefix <= within.prefix() || prefix > bits {
+            return Err(AllocError::Invalid {
+                field: "perNodePrefix".into(),
+                value: prefix.to_string(),
+                reason: format!("is not longer than {within}'s prefix and at most {bits}"),
+            });
+        }
+        let shift = u32::from(bits - prefix);
+        let (first, last) = (ip_to_u128(within.network()), ip_to_u128(within.broadcast()));
+        let blocks = ((last - first) >> shift) + 1;
+        let block = |i: u128| {
+            let ip = u128_to_ip(family, first + (i << shift));
+            ipnetwork::IpNetwork::new(ip, prefix).unwrap_or(within)
+        };
+        let mut taken = std::collections::BTreeSet::new();
+        if let Some(net) = self.networks.get(network) {
+            let held = net
+                .leases
+                .from(Bound::Included(within.network()))
+                .take_while(|l| Family::of(l.address) == family && ip_to_u128(l.address) <= last);
+            for l in held.filter(|l| !l.is_manual()) {
+                let i = (ip_to_u128(l.address) - first) >> shift;
+                if l.holder.node == node {
+                    return Ok(block(i));
+                }
+                taken.insert(i);
+            }
+        }
+        // The lowest index not taken: `taken` is sorted, so walk it.
+        let mut free = 0u128;
+        for i in taken {
+            if i != free {
+                break;
+            }
+            free += 1;
+        }
+        if free >= blocks {
+            return Err(AllocError::NoFreeBlock {
+                network: network.to_string(),
+                node: node.to_string(),
+                range: within.to_string(),
+                prefix,
+                blocks,
+            });
+        }
+        Ok(block(free))
+    }
+
+    /// The per-node blocks of prefix length `prefix` within `within` that hold attachment
+    /// addresses in `network`, lowest first: each block, the node holding it (the first
+    /// found, should two) and how many addresses it holds.
+    pub fn node_blocks(
+        &self,
+        network: &str,
+        within: ipnetwork::IpNetwork,
+        prefix: u8,
+    ) -> Vec<(ipnetwork::IpNetwork, String, u128)> {
+        let Some(net) = self.networks.get(network) else { return Vec::new() };
+        let family = Family::of(within.ip());
+        let bits: u8 = if family == Family::V4 { 32 } else { 128 };
+        if prefix <= within.prefix() || prefix > bits {
+            return Vec::new();
+        }
+        let shift = u32::from(bits - prefix);
+        let (first, last) = (ip_to_u128(within.network()), ip_to_u128(within.broadcast()));
+        let mut out: Vec<(ipnetwork::IpNetwork, String, u128)> = Vec::new();
+        let mut current: Option<u128> = None;
+        let held = net
+            .leases
+            .from(Bound::Included(within.network()))
+            .take_while(|l| Family::of(l.address) == family && ip_to_u128(l.address) <= last);
+        for l in held.filter(|l| !l.is_manual()) {
+            let i = (ip_to_u128(l.address) - first) >> shift;
+            match (current, out.last_mut()) {
+                (Some(c), Some(entry)) if c == i => entry.2 += 1,
+                _ => {
+                    let ip = u128_to_ip(family, first + (i << shift));
+                    let block = ipnetwork::IpNetwork::new(ip, prefix).unwrap_or(within);
+                    out.push((block, l.holder.node.clone(), 1));
+                    current = Some(i);
+                }
+            }
+        }
+        out
     }
 
     /// Who holds an address.

@@ -31,7 +31,8 @@ pub enum Family {
 }
 
 impl Family {
-    fn of(ip: IpAddr) -> Family {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
@@ -56,7 +57,8 @@ pub fn ip_to_u128(ip: IpAddr) -> u128 {
     }
 }
 
-fn u128_to_ip(family: Family, v: u128) -> IpAddr {
+/// An address from its integer (see [`ip_to_u128`]).
+pub fn u128_to_ip(family: Family, v: u128) -> IpAddr {
     match family {
         Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
         Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
@@ -220,6 +222,28 @@ impl RangeSpec {
         Ok(spec)
     }
 
+    /// Refuses a gateway outside the range's network and an exclusion that shares no
+    /// address with it (parsing takes both, as Whereabouts does; a pool is checked more
+    /// strictly).
+    pub fn check_contained(&self, prefix: FieldPrefix<'_>) -> Result<(), AllocError> {
+        if let Some(gw) = self.gateway
+            && !self.network.contains(gw)
+        {
+            let field = prefix.field("gateway");
+            return Err(invalid(field, &self.input.gateway, format!("is outside range {}", self.network)));
+        }
+        let (lo, hi) = (ip_to_u128(self.network.network()), ip_to_u128(self.network.broadcast()));
+        for (i, ex) in self.input.exclude.iter().enumerate() {
+            if let Some((a, b)) = parse_exclusion(ex.trim())
+                && (ip_to_u128(b) < lo || ip_to_u128(a) > hi)
+            {
+                let field = prefix.field(&format!("exclude[{i}]"));
+                return Err(invalid(field, ex, format!("is outside range {}", self.network)));
+            }
+        }
+        Ok(())
+    }
+
     /// The range as configured.
     pub fn input(&self) -> &RangeInput {
         &self.input
@@ -269,6 +293,37 @@ impl RangeSpec {
                 self.network.prefix()
             )
         }
+    }
+
+    /// How many addresses cutting the range into blocks of prefix length `prefix` keeps
+    /// from being handed out beyond its own exclusions: each block's network and last
+    /// address, and the address `gateway_index` from its start. Counted, not listed (a
+    /// range may hold 2^56 blocks).
+    pub fn block_reserved(&self, prefix: u8, gateway_index: Option<u32>) -> u128 {
+        let bits: u32 = if self.family == Family::V4 { 32 } else { 128 };
+        let Some(shift) = bits.checked_sub(u32::from(prefix)).filter(|s| *s < bits) else { return 0 };
+        let base = ip_to_u128(self.network.network());
+        let bs = 1u128 << shift;
+        let mut offsets = vec![0, bs - 1];
+        if let Some(gi) = gateway_index.map(u128::from).filter(|gi| *gi < bs && !offsets.contains(gi)) {
+            offsets.push(gi);
+        }
+        // Addresses x <= y with (x - base) % bs == r, counted from base.
+        let upto = |y: u128, r: u128| if y < base + r { 0 } else { (y - base - r) / bs + 1 };
+        let between = |lo: u128, hi: u128, r: u128| upto(hi, r) - if lo == 0 { 0 } else { upto(lo - 1, r) };
+        let mut n = 0;
+        for r in offsets {
+            n += between(self.first, self.last, r);
+            for (lo, hi) in &self.excluded {
+                n -= between(self.first + lo, self.first + hi, r);
+            }
+        }
+        n
+    }
+
+    /// The range's network (the CIDR, host bits cleared by the prefix).
+    pub fn network(&self) -> IpNetwork {
+        IpNetwork::new(self.network.network(), self.network.prefix()).unwrap_or(self.network)
     }
 
     /// Address family.

@@ -138,8 +138,8 @@ fn dual_stack_request_gets_one_address_per_range() {
         )
         .expect("allocate");
     assert_eq!(addrs(&got), vec![ip("10.1.0.1"), ip("fd00:50::1")]);
-    assert_eq!(al.release("", "a", "net1").len(), 2);
-    assert!(al.release("", "a", "net1").is_empty(), "release is idempotent");
+    assert_eq!(al.release("", "a", "net1", 1).len(), 2);
+    assert!(al.release("", "a", "net1", 1).is_empty(), "release is idempotent");
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn gc_keeps_valid_attachments_and_manual_reservations() {
     al.reserve("", ip("10.0.0.100"), "router", 1).expect("reserve");
     let valid: HashSet<(String, String)> = [("b".to_string(), "net1".to_string())].into();
     let freed: Vec<String> =
-        al.gc("", "node-a", &valid).iter().map(|l| l.holder.container_id.to_string()).collect();
+        al.gc("", "node-a", &valid, 1).iter().map(|l| l.holder.container_id.to_string()).collect();
     assert_eq!(freed, vec!["a", "c"]);
     let left: Vec<IpAddr> = al.leases(&LeaseFilter::default()).iter().map(|l| l.address).collect();
     assert_eq!(left, vec![ip("10.0.0.2"), ip("10.0.0.4"), ip("10.0.0.100")]);
@@ -248,9 +248,9 @@ fn manual_reservation_blocks_allocation_and_release_address_frees_it() {
     assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
     let pools = al.pools(None);
     assert_eq!((pools[0].size, pools[0].used, pools[0].free), (2, 2, 0));
-    assert_eq!(al.release_address("", ip("10.0.0.1")).expect("held").note, "broken NIC");
+    assert_eq!(al.release_address("", ip("10.0.0.1"), 1).expect("held").note, "broken NIC");
     assert_eq!(
-        al.release_address("", ip("10.0.0.1")).expect_err("gone").to_string(),
+        al.release_address("", ip("10.0.0.1"), 1).expect_err("gone").to_string(),
         "address 10.0.0.1 is not held in network \"\""
     );
     assert_eq!(al.pools(Some(""))[0].free, 1);
@@ -413,6 +413,9 @@ fn outcome(e: &AllocError) -> Outcome {
         AllocError::Conflict { .. } => Outcome::Conflict,
         AllocError::Exhausted { .. } => Outcome::Exhausted,
         AllocError::NotFound { .. } => unreachable!("allocate never answers NotFound"),
+        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => {
+            unreachable!("allocate never answers per-node block errors")
+        }
     }
 }
 
@@ -615,14 +618,14 @@ proptest! {
                 }
                 Op::Release { net, cid, ifname } => {
                     let (net, cid, ifname) = (nets[net as usize], format!("c{cid}"), format!("net{ifname}"));
-                    al.release(net, &cid, &ifname);
+                    al.release(net, &cid, &ifname, 7);
                     model.retain(|(n, _), h| !(n == net && h.as_ref().is_some_and(|h| h.0 == cid && h.1 == ifname)));
                 }
                 Op::Gc { net, valid } => {
                     let net = nets[net as usize];
                     let valid: HashSet<(String, String)> = valid.iter().map(|(c, i)| (format!("c{c}"), format!("net{i}"))).collect();
                     // Every attachment of the model is on node "" (one node).
-                    al.gc(net, "", &valid);
+                    al.gc(net, "", &valid, 7);
                     model.retain(|(n, _), h| n != net || h.as_ref().is_none_or(|h| valid.contains(&(h.0.clone(), h.1.clone()))));
                 }
                 Op::Reserve { net, addr } => {
@@ -636,7 +639,7 @@ proptest! {
                 }
                 Op::ReleaseAddress { net, addr } => {
                     let (net, a) = (nets[net as usize], cands[addr % cands.len()]);
-                    let got = al.release_address(net, a);
+                    let got = al.release_address(net, a, 7);
                     prop_assert_eq!(got.is_ok(), model.remove(&(net.to_string(), a)).is_some());
                 }
                 Op::Restart => {
@@ -674,4 +677,167 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_released_address_cools_down_before_it_is_handed_out_again() {
+    let mut al = Allocator::new();
+    // 10.0.0.1 to 10.0.0.6; the gateway 10.0.0.1 is never handed out.
+    let r = spec("10.0.0.0/29", &[], "10.0.0.1");
+    al.set_cooldown("rail0", 30_000);
+    let take = |al: &mut Allocator, cid: &str, now: i64| {
+        addrs(
+            &al.allocate(&req(att(cid, "net1", cid), "rail0", vec![r.clone()], &[]), now).expect("allocate"),
+        )[0]
+    };
+    assert_eq!(take(&mut al, "a", 1_000), ip("10.0.0.2"));
+    assert_eq!(take(&mut al, "b", 1_000), ip("10.0.0.3"));
+    assert_eq!(addrs(&al.release("rail0", "a", "net1", 2_000)), vec![ip("10.0.0.2")]);
+    assert_eq!(al.cooldown_holds("rail0", 2_000), 1);
+    // 10.0.0.2 cools until 32000: the next lowest free address goes out instead.
+    assert_eq!(take(&mut al, "c", 31_999), ip("10.0.0.4"));
+    assert!(al.take_cooldown_overrides().is_empty());
+    assert_eq!(al.cooldown_holds("rail0", 31_999), 1);
+    assert_eq!(al.cooldown_holds("rail0", 32_000), 0);
+    // At 32000 it has passed: lowest first again.
+    assert_eq!(take(&mut al, "d", 32_000), ip("10.0.0.2"));
+    assert_eq!(al.cooldown_holds("rail0", 32_000), 0);
+}
+
+#[test]
+fn a_full_range_hands_out_the_address_cooling_longest_and_says_so() {
+    let mut al = Allocator::new();
+    // Two usable addresses: 10.0.0.1 and 10.0.0.2.
+    let r = spec("10.0.0.0/30", &[], "");
+    al.set_cooldown("p", 60_000);
+    let take = |al: &mut Allocator, cid: &str, now: i64| {
+        al.allocate(&req(att(cid, "net1", cid), "p", vec![r.clone()], &[]), now).map(|l| addrs(&l)[0])
+    };
+    assert_eq!(take(&mut al, "a", 0), Ok(ip("10.0.0.1")));
+    assert_eq!(take(&mut al, "b", 0), Ok(ip("10.0.0.2")));
+    al.release("p", "b", "net1", 1_000);
+    al.release("p", "a", "net1", 2_000);
+    assert_eq!(al.cooldown_holds("p", 2_000), 2);
+    // Both cool; 10.0.0.2 was released first, so its cooldown ends first.
+    assert_eq!(take(&mut al, "c", 5_000), Ok(ip("10.0.0.2")));
+    assert_eq!(
+        al.take_cooldown_overrides(),
+        vec![CooldownOverride {
+            network: "p".into(),
+            address: ip("10.0.0.2"),
+            released_unix_ms: 1_000,
+            until_unix_ms: 61_000,
+        }]
+    );
+    assert!(al.take_cooldown_overrides().is_empty(), "taken once");
+    assert_eq!(take(&mut al, "d", 5_000), Ok(ip("10.0.0.1")));
+    assert_eq!(al.take_cooldown_overrides().len(), 1);
+    assert_eq!(
+        take(&mut al, "e", 5_000).expect_err("full").to_string(),
+        "range 10.0.0.0/30 is exhausted: size 2, held 2, excluded 0"
+    );
+}
+
+#[test]
+fn cooldown_is_per_network_and_zero_forgets_it() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/29", &[], "");
+    let take = |al: &mut Allocator, net: &str, cid: &str, now: i64| {
+        addrs(&al.allocate(&req(att(cid, "net1", cid), net, vec![r.clone()], &[]), now).expect("allocate"))[0]
+    };
+    al.set_cooldown("cool", 10_000);
+    for net in ["cool", "plain"] {
+        assert_eq!(take(&mut al, net, "a", 0), ip("10.0.0.1"));
+        al.release(net, "a", "net1", 100);
+    }
+    // Without a cooldown the address comes straight back.
+    assert_eq!(take(&mut al, "plain", "b", 200), ip("10.0.0.1"));
+    assert_eq!(take(&mut al, "cool", "b", 200), ip("10.0.0.2"));
+    // A static request takes a cooling address (it was asked for by name).
+    let got = al
+        .allocate(&req(att("s", "net1", "s"), "cool", vec![r.clone()], &["10.0.0.1"]), 300)
+        .expect("static");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.1")]);
+    al.release("cool", "s", "net1", 400);
+    al.set_cooldown("cool", 0);
+    assert_eq!(al.cooldown_holds("cool", 400), 0);
+    assert_eq!(take(&mut al, "cool", "c", 500), ip("10.0.0.1"));
+    // A failed all-or-nothing request leaves an address it took from cooling cooling.
+    let pair = spec("10.8.0.0/30", &[], "");
+    let tiny = spec("10.9.0.0/30", &[], "");
+    al.set_cooldown("c2", 10_000);
+    for cid in ["x1", "x2", "t1", "t2"] {
+        let r = if cid.starts_with('x') { pair.clone() } else { tiny.clone() };
+        al.allocate(&req(att(cid, "net1", cid), "c2", vec![r], &[]), 600).expect("fill");
+    }
+    al.release("c2", "x1", "net1", 700);
+    let err =
+        al.allocate(&req(att("u", "net1", "u"), "c2", vec![pair, tiny], &[]), 800).expect_err("tiny is full");
+    assert_eq!(err.to_string(), "range 10.9.0.0/30 is exhausted: size 2, held 2, excluded 0");
+    assert_eq!(al.cooldown_holds("c2", 800), 1);
+    assert!(al.take_cooldown_overrides().is_empty());
+}
+
+#[test]
+fn usage_of_sums_a_pools_ranges_before_and_after_allocation() {
+    let mut al = Allocator::new();
+    let v4 = spec("10.0.0.0/29", &["10.0.0.6"], "10.0.0.1");
+    let v6 = spec("fd00::/125", &[], "");
+    let both = [v4.clone(), v6.clone()];
+    assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 0, excluded: 2, free: 10 });
+    al.reserve("p", ip("10.0.0.3"), "router", 1).expect("reserve");
+    assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 1, excluded: 2, free: 9 });
+    al.allocate(&req(att("a", "net1", "a"), "p", vec![v4, v6], &[]), 1).expect("allocate");
+    assert_eq!(al.usage_of("p", &both), PoolTotals { size: 12, used: 3, excluded: 2, free: 7 });
+    // Found by the ippools fuzz target: ::/0 and one more range count past u128.
+    let huge = [spec("::/0", &[], ""), spec("fd00::/64", &[], "")];
+    let t = al.usage_of("p", &huge);
+    assert_eq!((t.size, t.free), (u128::MAX, u128::MAX));
+}
+
+#[test]
+fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
+    let mut al = Allocator::new();
+    let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
+    let block = |al: &Allocator, node: &str| al.node_block("rail0", within, 28, node).map(|b| b.to_string());
+    assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
+    let on = |node: &str, cid: &str| Attachment { node: node.into(), ..att(cid, "net1", cid) };
+    let take = |al: &mut Allocator, node: &str, cid: &str, cidr: &str| {
+        addrs(
+            &al.allocate(&req(on(node, cid), "rail0", vec![spec(cidr, &[], "")], &[]), 1).expect("allocate"),
+        )[0]
+    };
+    assert_eq!(take(&mut al, "n1", "a", "198.18.0.0/28"), ip("198.18.0.1"));
+    assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
+    assert_eq!(block(&al, "n2"), Ok("198.18.0.16/28".into()));
+    take(&mut al, "n2", "b", "198.18.0.16/28");
+    // A manual reservation claims no block.
+    al.reserve("rail0", ip("198.18.0.40"), "router", 1).expect("reserve");
+    assert_eq!(block(&al, "n3"), Ok("198.18.0.32/28".into()));
+    take(&mut al, "n3", "c", "198.18.0.32/28");
+    take(&mut al, "n4", "d", "198.18.0.48/28");
+    assert_eq!(
+        block(&al, "n5").expect_err("full").to_string(),
+        "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks hold other nodes' addresses"
+    );
+    take(&mut al, "n2", "b2", "198.18.0.16/28");
+    let blocks: Vec<(String, String, u128)> =
+        al.node_blocks("rail0", within, 28).into_iter().map(|(b, n, u)| (b.to_string(), n, u)).collect();
+    assert_eq!(
+        blocks,
+        [
+            ("198.18.0.0/28", "n1", 1),
+            ("198.18.0.16/28", "n2", 2),
+            ("198.18.0.32/28", "n3", 1),
+            ("198.18.0.48/28", "n4", 1)
+        ]
+        .map(|(b, n, u)| (b.to_string(), n.to_string(), u))
+    );
+    // n1's last lease goes: its block is free for the next node.
+    al.release("rail0", "a", "net1", 2);
+    assert_eq!(block(&al, "n5"), Ok("198.18.0.0/28".into()));
+    // Every lease of another network or family is ignored; IPv6 works alike.
+    let v6: ipnetwork::IpNetwork = "fd00::/120".parse().expect("cidr");
+    assert_eq!(al.node_block("rail0", v6, 124, "n1").map(|b| b.to_string()), Ok("fd00::/124".into()));
+    assert!(al.node_block("rail0", within, 26, "n1").is_err(), "a block must be smaller than the range");
 }

@@ -176,6 +176,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 network: who.network.clone(),
                 ranges,
                 requested_addresses: ip,
+                pool: String::new(),
             };
             let leases = replicas
                 .call(|ch| {

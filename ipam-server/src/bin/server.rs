@@ -9,11 +9,12 @@ use ipam_server::authz::{Authz, AuthzConfig};
 use ipam_server::cli::parse_duration;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
+use ipam_server::pools::Pools;
 use ipam_server::reconcile::ReconcileMetrics;
 use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
 use ipam_server::tls::{Alpn, ServerTls, TlsFiles};
-use tracing::info;
+use tracing::{Instrument as _, info};
 
 /// Cluster-wide IPAM for Kubernetes secondary networks: a gRPC allocation server.
 #[derive(Debug, Parser)]
@@ -116,8 +117,13 @@ struct Args {
     /// the TTL.
     #[arg(long, env = "RUST_IPAM_RENEW_EVERY", default_value = "500ms", value_parser = parse_duration)]
     renew_every: std::time::Duration,
-    /// How often the leader writes pool usage into each RangePool's status (only what
-    /// changed).
+    /// Directory of IPPool objects (YAML, as `kubectl apply` takes them) for the embedded
+    /// store: read at start, on SIGHUP and when a file changes. With the kube store pools
+    /// are IPPool objects in the API server instead.
+    #[arg(long, env = "RUST_IPAM_POOLS_DIR")]
+    pools_dir: Option<PathBuf>,
+    /// How often the leader writes pool usage into each RangePool's and IPPool's status
+    /// (only what changed).
     #[arg(long, env = "RUST_IPAM_POOL_STATUS_EVERY", default_value = "10s", value_parser = parse_duration)]
     pool_status_every: std::time::Duration,
     /// The gRPC endpoint followers name to clients when this replica leads. Default:
@@ -220,7 +226,7 @@ enum Command {
     /// Write the CustomResourceDefinitions (one YAML file per CRD) into a directory, or
     /// print them as one multi-document YAML stream.
     Crds {
-        /// Directory to write `ipleases.yaml` and `rangepools.yaml` into.
+        /// Directory to write `ipleases.yaml`, `rangepools.yaml` and `ippools.yaml` into.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -440,10 +446,24 @@ async fn run_kube(
           advertise = %election.me.endpoint, "rust-ipam-server electing a leader");
     let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Starting);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let elect = tokio::spawn(leader::run(client, election, metrics.0.clone(), role_tx, stop_rx));
-    let served =
-        server::serve(Serving::new(role_rx), identity, listeners, metrics, reconciler, shutdown_signal())
-            .await;
+    let pools = Pools::new();
+    let follow_pools = tokio::spawn(
+        ipam_server::k8s::ippools::follow(kube::Api::all(client.clone()), pools.clone())
+            .instrument(tracing::info_span!("ippools")),
+    );
+    let elect =
+        tokio::spawn(leader::run(client, election, metrics.0.clone(), pools.clone(), role_tx, stop_rx));
+    let served = server::serve(
+        Serving::new(role_rx),
+        identity,
+        listeners,
+        metrics,
+        reconciler,
+        pools,
+        shutdown_signal(),
+    )
+    .await;
+    follow_pools.abort();
     let _ = stop_tx.send(true);
     if let Some(engine) = elect.await.context("the election task panicked")? {
         server::drain(engine).await?;
@@ -551,6 +571,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     listeners.authz = authz;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     if use_kube(&args) {
+        if let Some(dir) = &args.pools_dir {
+            anyhow::bail!(
+                "--pools-dir {} is for the embedded store: with the kube store, pools are IPPool objects",
+                dir.display()
+            );
+        }
         return run_kube(&args, identity, listeners, (metrics, metrics_listener), reconcile_metrics).await;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -562,16 +588,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let reconciler = reconciler(&args, client, reconcile_metrics);
+    let pools = if args.pools_dir.is_some() { Pools::new() } else { Pools::empty() };
+    let watch_pools = args.pools_dir.clone().map(|dir| {
+        info!(dir = %dir.display(), every = ?ipam_server::pools::dir::POLL, "reading pools (again on SIGHUP and on change)");
+        // Before serving, so an early ADD does not find the pools missing.
+        pools.replace(ipam_server::pools::dir::load(&dir));
+        tokio::spawn(
+            ipam_server::pools::dir::watch(dir, pools.clone()).instrument(tracing::info_span!("pools-dir")),
+        )
+    });
     info!(%identity, store = engine.store(), "rust-ipam-server ready");
-    server::serve_single(
+    let served = server::serve_single(
         engine,
         identity,
         listeners,
         (metrics, metrics_listener),
         reconciler,
+        pools,
         shutdown_signal(),
     )
-    .await
+    .await;
+    if let Some(w) = watch_pools {
+        w.abort();
+    }
+    served
 }
 
 fn main() -> anyhow::Result<ExitCode> {

@@ -5,7 +5,8 @@
 //! server itself refuses a second holder: creating an existing name fails with
 //! AlreadyExists, whichever server tries. Every object stays a few hundred bytes whatever
 //! the range size. One [`RangePool`] per range keeps the range as configured and its usage
-//! in status.
+//! in status. An [`IPPool`] is a pool NADs name: ranges, routes, DNS and a cooldown kept
+//! outside the NADs, with its usage in status.
 
 // Each `printcolumn(...)` repeats the same keys, which this lint takes for a mistake.
 #![allow(clippy::duplicated_attributes)]
@@ -136,6 +137,147 @@ impl RangePoolSpec {
             gateway: self.gateway.clone(),
         }
     }
+}
+
+/// A pool of addresses that NADs name (`"ipam": {"type": "rust-ipam", "pool": "rail0"}`):
+/// its ranges, their exclusions and gateways, and the routes and DNS every attachment gets.
+/// The pool's name is the network its addresses are unique in, so every NAD naming it
+/// shares them. Cluster-scoped; the leader writes its usage and validity into status.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "ipam.rust-ipam.io",
+    version = "v1alpha1",
+    kind = "IPPool",
+    plural = "ippools",
+    shortname = "ipool",
+    status = "IPPoolStatus",
+    printcolumn(name = "Ranges", type_ = "string", json_path = ".status.ranges"),
+    printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
+    printcolumn(name = "Used", type_ = "string", json_path = ".status.used"),
+    printcolumn(name = "Free", type_ = "string", json_path = ".status.free"),
+    printcolumn(
+        name = "Valid",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Valid\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolSpec {
+    /// One address is allocated from each range (two ranges: dual stack).
+    #[schemars(length(min = 1))]
+    pub ranges: Vec<PoolRange>,
+    /// Routes every attachment of the pool gets (CNI result routes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<PoolRoute>,
+    /// DNS settings every attachment of the pool gets (CNI result dns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<PoolDns>,
+    /// How long a released address is not handed out again (`30s`, `500ms`, `5m`; `0` or
+    /// unset: none), unless its range has no other free address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(regex(pattern = r"^(0|[0-9]+(ms|s|m))$"))]
+    pub cooldown: String,
+    /// Per-node subnets: every range is cut into blocks of this prefix length (`28`: a /28
+    /// per node), and a node's pods get addresses from its own block. A node's block is the
+    /// one holding its pods' addresses; a node holding none takes the lowest free one.
+    /// Ranges then take no range_start, range_end or gateway (see gatewayIndex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub per_node_prefix: Option<u8>,
+    /// With perNodePrefix: the gateway of each node's block, as an index from the block's
+    /// first address (`1`: the first usable one); never handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub gateway_index: Option<u32>,
+}
+
+/// One range of a pool, with the keys and meaning of a NAD's inline ipam config
+/// (Whereabouts' keys).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PoolRange {
+    /// CIDR (`198.18.0.0/24`) or `first-last/prefix`.
+    pub range: String,
+    /// First address handed out (default: network address + 1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub range_start: String,
+    /// Last address handed out (default: last address - 1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub range_end: String,
+    /// Addresses or CIDRs never handed out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Gateway of the range: never handed out, returned with each address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
+}
+
+/// A route, as CNI writes it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PoolRoute {
+    /// Destination CIDR.
+    pub dst: String,
+    /// Next hop; unset: the interface's gateway.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gw: String,
+}
+
+/// DNS settings, as CNI writes them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PoolDns {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+/// What the leader last saw of a pool. Counts are decimal strings (an IPv6 range outgrows
+/// JSON's integers); they are summed over the pool's ranges.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IPPoolStatus {
+    /// The ranges, comma-separated (for `kubectl get`).
+    pub ranges: String,
+    pub size: String,
+    pub used: String,
+    pub excluded: String,
+    pub free: String,
+    /// Released addresses whose cooldown has not passed.
+    pub cooldown_holds: String,
+    /// `Valid`: whether the server uses the pool, and if not why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PoolCondition>,
+    /// With perNodePrefix: the blocks holding addresses, and whose they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<NodeBlock>,
+}
+
+/// A node's block of a per-node pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct NodeBlock {
+    pub node: String,
+    /// The block's CIDR.
+    pub block: String,
+    /// Addresses held in it (a decimal string, as the other counts).
+    pub used: String,
+}
+
+/// A status condition, in the shape Kubernetes conditions take.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PoolCondition {
+    /// `Valid`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` or `False`.
+    pub status: String,
+    /// A CamelCase word: `Valid` or `Invalid`.
+    pub reason: String,
+    /// What is wrong, naming the field and the value.
+    pub message: String,
 }
 
 /// The object name of `address` in `network`: readable, a valid DNS subdomain, and
@@ -282,7 +424,11 @@ pub fn crd_yaml() -> Vec<(&'static str, String)> {
     let header =
         "# Generated from ipam-server/src/k8s/crd.rs by `rust-ipam-server crds --out crds`; do not edit.\n";
     let render = |crd| format!("{header}{}", serde_yaml::to_string(&crd).unwrap_or_default());
-    vec![("ipleases.yaml", render(IPLease::crd())), ("rangepools.yaml", render(RangePool::crd()))]
+    vec![
+        ("ipleases.yaml", render(IPLease::crd())),
+        ("rangepools.yaml", render(RangePool::crd())),
+        ("ippools.yaml", render(IPPool::crd())),
+    ]
 }
 
 #[cfg(test)]

@@ -17,11 +17,12 @@ use tokio::sync::Notify;
 use tokio::sync::watch;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
-use super::crd::{RangePool, RangePoolStatus, pool_name};
+use super::crd::{IPPool, IPPoolStatus, NodeBlock, PoolCondition, RangePool, RangePoolStatus, pool_name};
 use super::lease_lock::{Attempt, LeaseLock, LockError};
 use super::store::{Fence, KubeStore, WritesInFlight};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::pools::{PoolStats, Pools};
 use crate::role::{Peer, Role};
 
 /// How the election runs.
@@ -94,6 +95,7 @@ pub async fn run(
     client: Client,
     election: Election,
     metrics: Arc<Metrics>,
+    pools: Pools,
     role: watch::Sender<Role>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<Engine> {
@@ -212,7 +214,7 @@ pub async fn run(
                         Ok(Ok(engine)) => {
                             info!(store = engine.store(), "state loaded; serving as leader");
                             l.status = Some(tokio::spawn(
-                                pool_status(client.clone(), election.clone(), engine.clone())
+                                pool_status(client.clone(), election.clone(), engine.clone(), pools.clone())
                                     .instrument(info_span!("pool-status")),
                             ));
                             l.engine = Some(engine.clone());
@@ -269,13 +271,77 @@ async fn step_down(
     engine
 }
 
-/// Keeps each RangePool's status at its usage, writing only what changed. It runs beside
-/// allocation and never holds it up.
-async fn pool_status(client: Client, election: Election, engine: Engine) {
-    let api: Api<RangePool> = Api::namespaced(client, &election.namespace);
+/// The status of an IPPool as `stats` describes it.
+pub fn ippool_status(stats: &PoolStats) -> IPPoolStatus {
+    let t = &stats.totals;
+    let condition = match &stats.error {
+        None => PoolCondition {
+            type_: "Valid".into(),
+            status: "True".into(),
+            reason: "Valid".into(),
+            message: String::new(),
+        },
+        Some(e) => PoolCondition {
+            type_: "Valid".into(),
+            status: "False".into(),
+            reason: "Invalid".into(),
+            message: e.clone(),
+        },
+    };
+    IPPoolStatus {
+        ranges: stats.ranges.clone(),
+        size: t.size.to_string(),
+        used: t.used.to_string(),
+        excluded: t.excluded.to_string(),
+        free: t.free.to_string(),
+        cooldown_holds: stats.cooldown_holds.to_string(),
+        conditions: vec![condition],
+        blocks: stats
+            .blocks
+            .iter()
+            .map(|(block, node, used)| NodeBlock {
+                node: node.clone(),
+                block: block.clone(),
+                used: used.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Keeps each RangePool's and IPPool's status at its usage (and an IPPool's validity),
+/// writing only what changed. It runs beside allocation and never holds it up.
+async fn pool_status(client: Client, election: Election, engine: Engine, ippools: Pools) {
+    let api: Api<RangePool> = Api::namespaced(client.clone(), &election.namespace);
+    let ippool_api: Api<IPPool> = Api::all(client);
     let mut written: HashMap<String, RangePoolStatus> = HashMap::new();
+    let mut written_ip: HashMap<String, IPPoolStatus> = HashMap::new();
+    let mut set_seen = ippools.snapshot();
     loop {
-        let Ok(pools) = engine.call(|a, _| a.pools(None)).await else { return };
+        let set = ippools.snapshot();
+        if !Arc::ptr_eq(&set, &set_seen) {
+            // A pool deleted and made again has no status, whatever was written before.
+            written_ip.clear();
+            set_seen = set.clone();
+        }
+        let Ok((pools, stats)) =
+            engine.call(move |a, now| (a.pools(None), crate::pools::stats(a, &set, now))).await
+        else {
+            return;
+        };
+        for s in &stats {
+            let status = ippool_status(s);
+            if written_ip.get(&s.name) == Some(&status) {
+                continue;
+            }
+            let patch = Patch::Merge(serde_json::json!({ "status": status }));
+            match ippool_api.patch_status(&s.name, &PatchParams::default(), &patch).await {
+                Ok(_) => {
+                    written_ip.insert(s.name.clone(), status);
+                }
+                // A pool of the pools directory has no object; nor has one just deleted.
+                Err(e) => warn!(pool = %s.name, error = %e, "could not update IPPool status"),
+            }
+        }
         for p in pools {
             let name = pool_name(&p.network, &p.range);
             let status = RangePoolStatus {

@@ -1,8 +1,9 @@
 //! Running in a Kubernetes cluster: the custom resources, the store built on them, leader
-//! election among replicas, the pods reconcile reads and Whereabouts' objects the import
-//! reads. Every list goes through [`for_each_page`].
+//! election among replicas, the IPPools NADs name, the pods reconcile reads and
+//! Whereabouts' objects the import reads. Every list goes through [`for_each_page`].
 
 pub mod crd;
+pub mod ippools;
 pub mod leader;
 pub mod lease_lock;
 pub mod mirror;

@@ -134,13 +134,18 @@ pub fn past_grace(lease: &Lease, cutoff_unix_ms: i64) -> bool {
 /// holder (container, interface, pod with UID, node), same creation time, past the grace
 /// cutoff. Runs on the engine thread, so nothing can change between the check and the
 /// release. Returns the freed lease.
-pub fn release_if_unchanged(a: &mut Allocator, seen: &Lease, cutoff_unix_ms: i64) -> Option<Arc<Lease>> {
+pub fn release_if_unchanged(
+    a: &mut Allocator,
+    seen: &Lease,
+    cutoff_unix_ms: i64,
+    now_unix_ms: i64,
+) -> Option<Arc<Lease>> {
     let current = a.get(&seen.network, seen.address).ok()?;
     let unchanged = current.holder == seen.holder && current.created_unix_ms == seen.created_unix_ms;
     if !unchanged || !past_grace(&current, cutoff_unix_ms) {
         return None;
     }
-    a.release_address(&seen.network, seen.address).ok()
+    a.release_address(&seen.network, seen.address, now_unix_ms).ok()
 }
 
 /// What a pass did with a stale lease.
@@ -345,7 +350,7 @@ async fn decide(
         return Action::WouldFree;
     }
     let seen = lease.clone();
-    match engine.call(move |a, _| release_if_unchanged(a, &seen, cutoff)).await {
+    match engine.call(move |a, now| release_if_unchanged(a, &seen, cutoff, now)).await {
         Ok(Some(_)) => {
             info!(network = %lease.network, address = %lease.address, pod = %pod_of(&lease),
                 container_id = %holder.container_id, ifname = %holder.ifname, node = %holder.node,

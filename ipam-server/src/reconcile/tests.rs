@@ -207,16 +207,16 @@ fn the_conditional_release_frees_only_the_lease_that_was_judged() {
     let cutoff = 100;
     // Another holder now (the pod came back in a new sandbox): kept.
     let other = Lease { holder: holder("c2", "ns", "p", "u2"), ..old.clone() };
-    assert_eq!(release_if_unchanged(&mut a, &other, cutoff), None);
+    assert_eq!(release_if_unchanged(&mut a, &other, cutoff, 1), None);
     // Same holder, another creation time (released and taken again): kept.
     let retaken = Lease { created_unix_ms: 11, ..old.clone() };
-    assert_eq!(release_if_unchanged(&mut a, &retaken, cutoff), None);
+    assert_eq!(release_if_unchanged(&mut a, &retaken, cutoff, 1), None);
     // Too young for this cutoff: kept.
-    assert_eq!(release_if_unchanged(&mut a, &old, 10), None);
+    assert_eq!(release_if_unchanged(&mut a, &old, 10, 1), None);
     assert_eq!(a.lease_count(), 1);
     assert_eq!(a.drain_journal().count(), 1, "only the adopt was journaled");
     // Exactly the judged lease, old enough: freed and journaled.
-    let freed = release_if_unchanged(&mut a, &old, cutoff).expect("freed");
+    let freed = release_if_unchanged(&mut a, &old, cutoff, 1).expect("freed");
     assert_eq!(*freed, old);
     assert_eq!(a.lease_count(), 0);
     let journal: Vec<Change> = a.drain_journal().collect();
@@ -225,7 +225,7 @@ fn the_conditional_release_frees_only_the_lease_that_was_judged() {
         vec![Change::DeleteLease { network: "".into(), address: "10.0.0.1".parse().expect("ip") }]
     );
     // Already gone: nothing.
-    assert_eq!(release_if_unchanged(&mut a, &old, cutoff), None);
+    assert_eq!(release_if_unchanged(&mut a, &old, cutoff, 1), None);
 }
 
 /// The leases of the pass tests: which pods exist, what each lease is.
@@ -437,7 +437,7 @@ async fn reconciler_counts_passes_and_refuses_without_pods() {
     r.run(&engine, true, None).await.expect("dry run");
     let real = r.run(&engine, false, None).await.expect("pass");
     assert_eq!(real.grace, GRACE);
-    let text = metrics.render(&[], 0, true);
+    let text = metrics.render(&[], &[], 0, true);
     for line in [
         "rustipam_reconcile_runs_total{mode=\"dry-run\",result=\"ok\"} 1",
         "rustipam_reconcile_runs_total{mode=\"real\",result=\"ok\"} 1",

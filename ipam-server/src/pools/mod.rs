@@ -1,0 +1,715 @@
+//! IPPools: the pools a NAD names (`"ipam": {"type": "rust-ipam", "pool": "rail0"}`),
+//! checked into what the allocator takes, and the set the gRPC layer resolves names in.
+//!
+//! A pool's name is its network: every NAD naming the pool shares its addresses (and a NAD
+//! with inline ranges and `network_name` equal to the name shares them too). The set comes
+//! from the API server (`k8s/ippools.rs`, listed and watched) or from a directory of YAML
+//! files ([`dir`]); each source replaces the whole set when it changes. An invalid pool is
+//! kept in the set with its error, so an allocation naming it is refused with that error
+//! instead of "unknown pool", and status and metrics can show it.
+
+pub mod dir;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use tracing::{info, warn};
+
+use crate::allocator::{
+    AllocError, AllocateRequest, Allocator, BlockFull, FieldPrefix, Leases, PoolTotals, RangeInput, RangeSpec,
+};
+use crate::k8s::crd::{IPPoolSpec, PoolDns, PoolRoute};
+
+/// A pool as the allocator uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// The pool's name, which is also its network.
+    pub name: String,
+    /// The ranges, checked; one address is allocated from each.
+    pub ranges: Vec<RangeSpec>,
+    pub routes: Vec<PoolRoute>,
+    pub dns: Option<PoolDns>,
+    /// Released addresses are not handed out again for this long (zero: no cooldown).
+    pub cooldown: Duration,
+    /// Per-node subnets, if the pool has them.
+    pub per_node: Option<PerNode>,
+}
+
+/// How a pool is cut into per-node blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerNode {
+    /// Prefix length of a node's block.
+    pub prefix: u8,
+    /// The gateway of a block: this index from its first address.
+    pub gateway_index: Option<u32>,
+}
+
+impl PerNode {
+    /// The range a node allocates from: its block, with the pool range's exclusions (clipped
+    /// to the block) and the block's gateway.
+    pub fn block_range(&self, block: IpNetwork, pool_range: &RangeSpec) -> Result<RangeSpec, AllocError> {
+        let family = crate::allocator::Family::of(block.ip());
+        let gateway = self.gateway_index.map_or_else(String::new, |i| {
+            let ip = crate::allocator::ip_to_u128(block.network()) + u128::from(i);
+            crate::allocator::u128_to_ip(family, ip).to_string()
+        });
+        let input = RangeInput {
+            range: block.to_string(),
+            exclude: pool_range.input().exclude.clone(),
+            gateway,
+            ..RangeInput::default()
+        };
+        RangeSpec::parse(&input, FieldPrefix(""))
+    }
+}
+
+impl Pool {
+    /// The ranges as `kubectl get` shows them: `198.18.0.0/24,fd00::/64`.
+    pub fn ranges_text(&self) -> String {
+        self.ranges.iter().map(RangeSpec::display).collect::<Vec<_>>().join(",")
+    }
+
+    /// The cooldown in milliseconds, as the allocator takes it.
+    pub fn cooldown_ms(&self) -> u64 {
+        u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Why a pool cannot be used, naming the pool, the field and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// A field of the spec is wrong.
+    #[error("pool {pool:?} is invalid: {error}")]
+    Invalid {
+        pool: String,
+        #[source]
+        error: AllocError,
+    },
+    /// The object could not be read as an IPPool at all (a file of the pools directory).
+    #[error("{source_name}: {reason}")]
+    Unreadable { source_name: String, reason: String },
+}
+
+fn field_error(pool: &str, field: String, value: &str, reason: impl Into<String>) -> PoolError {
+    PoolError::Invalid {
+        pool: pool.to_string(),
+        error: AllocError::Invalid { field, value: value.to_string(), reason: reason.into() },
+    }
+}
+
+/// A cooldown as the spec writes it: `30s`, `500ms`, `5m`, `0` or empty.
+fn parse_cooldown(pool: &str, v: &str) -> Result<Duration, PoolError> {
+    if v.is_empty() {
+        return Ok(Duration::ZERO);
+    }
+    crate::cli::parse_duration(v)
+        .map_err(|_| field_error(pool, "spec.cooldown".into(), v, "is not a duration like 30s, 500ms or 5m"))
+}
+
+/// Checks a spec into a [`Pool`]; the error names the first wrong field.
+pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
+    if spec.ranges.is_empty() {
+        return Err(field_error(name, "spec.ranges".into(), "", "is empty: at least one range is required"));
+    }
+    let mut ranges = Vec::with_capacity(spec.ranges.len());
+    for (i, r) in spec.ranges.iter().enumerate() {
+        let prefix = format!("spec.ranges[{i}].");
+        let input = RangeInput {
+            range: r.range.clone(),
+            range_start: r.range_start.clone(),
+            range_end: r.range_end.clone(),
+            exclude: r.exclude.clone(),
+            gateway: r.gateway.clone(),
+        };
+        let invalid = |error| PoolError::Invalid { pool: name.to_string(), error };
+        let parsed = RangeSpec::parse(&input, FieldPrefix(&prefix)).map_err(invalid)?;
+        parsed.check_contained(FieldPrefix(&prefix)).map_err(invalid)?;
+        ranges.push(parsed);
+    }
+    for (i, r) in spec.routes.iter().enumerate() {
+        if r.dst.trim().parse::<IpNetwork>().is_err() {
+            return Err(field_error(name, format!("spec.routes[{i}].dst"), &r.dst, "is not a CIDR"));
+        }
+        if !r.gw.is_empty() && r.gw.trim().parse::<IpAddr>().is_err() {
+            return Err(field_error(name, format!("spec.routes[{i}].gw"), &r.gw, "is not an IP address"));
+        }
+    }
+    if let Some(dns) = &spec.dns {
+        for (i, ns) in dns.nameservers.iter().enumerate() {
+            if ns.trim().parse::<IpAddr>().is_err() {
+                return Err(field_error(
+                    name,
+                    format!("spec.dns.nameservers[{i}]"),
+                    ns,
+                    "is not an IP address",
+                ));
+            }
+        }
+    }
+    let per_node = check_per_node(name, spec, &ranges)?;
+    Ok(Pool {
+        name: name.to_string(),
+        ranges,
+        routes: spec.routes.clone(),
+        dns: spec.dns.clone(),
+        cooldown: parse_cooldown(name, &spec.cooldown)?,
+        per_node,
+    })
+}
+
+/// perNodePrefix and gatewayIndex: a block must fit every range and hold its gateway
+/// with room to spare; the ranges then describe no bounds or gateway of their own.
+fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result<Option<PerNode>, PoolError> {
+    let Some(prefix) = spec.per_node_prefix else {
+        if let Some(i) = spec.gateway_index {
+            return Err(field_error(name, "spec.gatewayIndex".into(), &i.to_string(), "needs perNodePrefix"));
+        }
+        return Ok(None);
+    };
+    let field = || "spec.perNodePrefix".to_string();
+    for (i, r) in ranges.iter().enumerate() {
+        let net = r.network();
+        let bits: u8 = if net.is_ipv4() { 32 } else { 128 };
+        if prefix <= net.prefix() || prefix > bits {
+            return Err(field_error(
+                name,
+                field(),
+                &prefix.to_string(),
+                format!(
+                    "does not cut spec.ranges[{i}].range {net} into blocks (it must be longer than /{} and at most /{bits})",
+                    net.prefix()
+                ),
+            ));
+        }
+        // The block's network and last addresses are never handed out, nor its gateway.
+        let usable = (1u128 << (bits - prefix)).saturating_sub(2);
+        if usable < 1 + u128::from(spec.gateway_index.is_some()) {
+            return Err(field_error(
+                name,
+                field(),
+                &prefix.to_string(),
+                "leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)",
+            ));
+        }
+        if let Some(gi) = spec.gateway_index
+            && (gi == 0 || u128::from(gi) > usable)
+        {
+            return Err(field_error(
+                name,
+                "spec.gatewayIndex".into(),
+                &gi.to_string(),
+                format!("is not a usable address of a /{prefix} block (1 to {usable})"),
+            ));
+        }
+        let input = &spec.ranges[i];
+        for (key, set) in [
+            ("range_start", !input.range_start.is_empty()),
+            ("range_end", !input.range_end.is_empty()),
+            ("gateway", !input.gateway.is_empty()),
+        ] {
+            if set {
+                let value = match key {
+                    "range_start" => &input.range_start,
+                    "range_end" => &input.range_end,
+                    _ => &input.gateway,
+                };
+                return Err(field_error(
+                    name,
+                    format!("spec.ranges[{i}].{key}"),
+                    value,
+                    "is not taken with perNodePrefix (blocks are whole; a block's gateway is gatewayIndex)",
+                ));
+            }
+        }
+    }
+    Ok(Some(PerNode { prefix, gateway_index: spec.gateway_index }))
+}
+
+/// Every pool a source holds, by name: usable, or the reason it is not.
+#[derive(Debug, Clone, Default)]
+pub struct PoolSet {
+    pub pools: BTreeMap<String, Result<Arc<Pool>, PoolError>>,
+    /// What the source could not read at all (no name to file it under).
+    pub unreadable: Vec<PoolError>,
+    /// Whether a source has filled it (else the pools are not known yet).
+    pub loaded: bool,
+}
+
+impl PoolSet {
+    /// The set of these specs, each checked.
+    pub fn from_specs<'a>(specs: impl IntoIterator<Item = (&'a str, &'a IPPoolSpec)>) -> PoolSet {
+        let pools = specs.into_iter().map(|(n, s)| (n.to_string(), check(n, s).map(Arc::new))).collect();
+        PoolSet { pools, unreadable: Vec::new(), loaded: true }
+    }
+
+    /// The usable pools.
+    pub fn valid(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values().filter_map(|p| p.as_ref().ok())
+    }
+}
+
+/// Why a pool name cannot be allocated from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("pool {0:?} does not exist (no IPPool of that name)")]
+    Unknown(String),
+    #[error("the IPPools have not been read yet (looking for pool {0:?}); try again")]
+    NotLoaded(String),
+    #[error(transparent)]
+    Invalid(Box<PoolError>),
+}
+
+/// The current pools, shared by the source that fills them and the services that read
+/// them. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Pools {
+    current: Arc<RwLock<Arc<PoolSet>>>,
+}
+
+impl Pools {
+    /// Pools a source will fill; until it has, lookups answer [`LookupError::NotLoaded`].
+    pub fn new() -> Pools {
+        Pools::default()
+    }
+
+    /// No pools, and none will come (no source configured).
+    pub fn empty() -> Pools {
+        let pools = Pools::default();
+        pools.replace(PoolSet { loaded: true, ..PoolSet::default() });
+        pools
+    }
+
+    /// The set as it is now.
+    pub fn snapshot(&self) -> Arc<PoolSet> {
+        // A writer that panicked left a whole set behind: still the last one it swapped in.
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The usable pool named `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<Pool>, LookupError> {
+        let set = self.snapshot();
+        match set.pools.get(name) {
+            None if !set.loaded => Err(LookupError::NotLoaded(name.to_string())),
+            None => Err(LookupError::Unknown(name.to_string())),
+            Some(Ok(p)) => Ok(p.clone()),
+            Some(Err(e)) => Err(LookupError::Invalid(Box::new(e.clone()))),
+        }
+    }
+
+    /// Replaces the set, logging what changed: a pool that became usable, changed, went
+    /// away or is invalid (once per distinct error, not at every reload).
+    pub fn replace(&self, set: PoolSet) {
+        let old = self.snapshot();
+        for (name, p) in &set.pools {
+            let before = old.pools.get(name);
+            match p {
+                Ok(pool) if before.is_none_or(|b| b.as_ref().ok() != Some(pool)) => {
+                    info!(pool = %name, ranges = %pool.ranges_text(), cooldown = ?pool.cooldown, "pool ready");
+                }
+                Err(e) if before.is_none_or(|b| b.as_ref().err() != Some(e)) => {
+                    warn!(pool = %name, error = %e, "pool is invalid and not used");
+                }
+                _ => {}
+            }
+        }
+        for name in old.pools.keys().filter(|n| !set.pools.contains_key(*n)) {
+            info!(pool = %name, "pool removed");
+        }
+        for e in set.unreadable.iter().filter(|e| !old.unreadable.contains(e)) {
+            warn!(error = %e, "pool definition cannot be read and is not used");
+        }
+        let set = PoolSet { loaded: true, ..set };
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+    }
+}
+
+/// Allocates for `req` (whose network is the pool's) from its node's block of each of
+/// `pool_ranges`: the blocks the node's addresses are in, or the lowest free ones. An
+/// exhausted block is named with the node's and the pool's counts. Runs on the engine
+/// thread, so choosing a block and holding an address in it are one step.
+///
+/// A pod back on another node (same name and interface, a new sandbox) gets an address
+/// of the new node's block; the address it held in the old node's block is released once
+/// the new one is held (kept, it would make the old block look like the new node's).
+pub fn allocate_in_blocks(
+    a: &mut Allocator,
+    req: &AllocateRequest,
+    per_node: PerNode,
+    pool_ranges: &[RangeSpec],
+    now_unix_ms: i64,
+) -> Result<Leases, AllocError> {
+    let node = &req.attachment.node;
+    let mut blocks = Vec::with_capacity(pool_ranges.len());
+    for r in pool_ranges {
+        let block = a.node_block(&req.network, r.network(), per_node.prefix, node)?;
+        blocks.push(per_node.block_range(block, r)?);
+    }
+    let in_blocks = AllocateRequest { ranges: blocks, ..req.clone() };
+    let got = a.allocate(&in_blocks, now_unix_ms);
+    if got.is_ok() {
+        let held = a.check(&req.network, &req.attachment.container_id, &req.attachment.ifname);
+        for l in held.iter().filter(|l| !in_blocks.ranges.iter().any(|b| b.allows(l.address))) {
+            // It is held (just checked), so this cannot fail.
+            let _ = a.release_address(&req.network, l.address, now_unix_ms);
+        }
+    }
+    got.map_err(|e| match e {
+        AllocError::Exhausted { range, size, held, excluded } => {
+            let pool = a.usage_of(&req.network, pool_ranges);
+            AllocError::BlockExhausted(Box::new(BlockFull {
+                network: req.network.to_string(),
+                node: node.clone(),
+                block: range,
+                size,
+                held,
+                excluded,
+                pool_size: pool.size,
+                pool_held: pool.used,
+            }))
+        }
+        e => e,
+    })
+}
+
+/// One pool's state, for status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    pub name: String,
+    /// The ranges as `kubectl get` shows them ("" for an invalid pool).
+    pub ranges: String,
+    pub totals: PoolTotals,
+    /// Released addresses whose cooldown has not passed.
+    pub cooldown_holds: usize,
+    /// Why the pool is not used; `None`: it is.
+    pub error: Option<String>,
+    /// Per-node pools: the blocks holding addresses, (block, node, held), lowest first.
+    pub blocks: Vec<(String, String, u128)>,
+}
+
+/// Size and use of `pool`: per-node blocks count their network, last and gateway
+/// addresses as excluded (they are never handed out).
+fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
+    let mut t = alloc.usage_of(&pool.name, &pool.ranges);
+    if let Some(pn) = pool.per_node {
+        let reserved = pool
+            .ranges
+            .iter()
+            .map(|r| r.block_reserved(pn.prefix, pn.gateway_index))
+            .fold(0u128, u128::saturating_add);
+        t.excluded = t.excluded.saturating_add(reserved);
+        t.free = t.free.saturating_sub(reserved);
+    }
+    t
+}
+
+/// Usage of every pool of `set` at `now_unix_ms` (an invalid pool with zeros and its
+/// error), by name. Runs on the engine thread.
+pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStats> {
+    set.pools
+        .iter()
+        .map(|(name, p)| match p {
+            Ok(pool) => PoolStats {
+                name: name.clone(),
+                ranges: pool.ranges_text(),
+                totals: totals(alloc, pool),
+                cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
+                error: None,
+                blocks: pool.per_node.map_or_else(Vec::new, |pn| {
+                    pool.ranges
+                        .iter()
+                        .flat_map(|r| alloc.node_blocks(name, r.network(), pn.prefix))
+                        .map(|(b, node, held)| (b.to_string(), node, held))
+                        .collect()
+                }),
+            },
+            Err(e) => PoolStats {
+                name: name.clone(),
+                ranges: String::new(),
+                totals: PoolTotals::default(),
+                cooldown_holds: 0,
+                error: Some(e.to_string()),
+                blocks: Vec::new(),
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::PoolRange;
+
+    fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
+        IPPoolSpec { ranges, ..IPPoolSpec::default() }
+    }
+
+    fn range(r: &str) -> PoolRange {
+        PoolRange { range: r.into(), ..Default::default() }
+    }
+
+    fn err(s: &IPPoolSpec) -> String {
+        check("rail0", s).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_valid_pool_keeps_its_ranges_routes_dns_and_cooldown() {
+        let s = IPPoolSpec {
+            ranges: vec![
+                PoolRange {
+                    gateway: "198.18.0.1".into(),
+                    exclude: vec!["198.18.0.0/30".into()],
+                    ..range("198.18.0.0/24")
+                },
+                PoolRange {
+                    range_start: "fd00::10".into(),
+                    range_end: "fd00::20".into(),
+                    ..range("fd00::/64")
+                },
+            ],
+            routes: vec![PoolRoute { dst: "198.19.0.0/16".into(), gw: "198.18.0.1".into() }],
+            dns: Some(PoolDns { nameservers: vec!["198.18.0.53".into()], ..Default::default() }),
+            cooldown: "30s".into(),
+            ..IPPoolSpec::default()
+        };
+        let p = check("rail0", &s).expect("valid");
+        assert_eq!(p.ranges_text(), "198.18.0.0/24,fd00::10-fd00::20/64");
+        assert_eq!(p.cooldown_ms(), 30_000);
+        assert_eq!(p.ranges[0].gateway(), Some("198.18.0.1".parse().expect("ip")));
+        assert_eq!(p.routes.len(), 1);
+    }
+
+    #[test]
+    fn invalid_pools_name_the_pool_the_field_and_the_value() {
+        assert_eq!(
+            err(&spec(vec![])),
+            r#"pool "rail0" is invalid: spec.ranges "" is empty: at least one range is required"#
+        );
+        assert_eq!(
+            err(&spec(vec![range("198.18.0.0/33")])),
+            r#"pool "rail0" is invalid: spec.ranges[0].range "198.18.0.0/33" is not a CIDR or first-last/prefix range"#
+        );
+        assert_eq!(
+            err(&spec(vec![
+                range("198.18.0.0/24"),
+                PoolRange { range_start: "198.18.1.5".into(), ..range("198.18.2.0/24") }
+            ])),
+            r#"pool "rail0" is invalid: spec.ranges[1].range_start "198.18.1.5" is outside range 198.18.2.0/24"#
+        );
+        assert_eq!(
+            err(&spec(vec![PoolRange { exclude: vec!["198.18.9.0/28".into()], ..range("198.18.0.0/24") }])),
+            r#"pool "rail0" is invalid: spec.ranges[0].exclude[0] "198.18.9.0/28" is outside range 198.18.0.0/24"#
+        );
+        assert_eq!(
+            err(&spec(vec![PoolRange { gateway: "fd00::1".into(), ..range("198.18.0.0/24") }])),
+            r#"pool "rail0" is invalid: spec.ranges[0].gateway "fd00::1" is not an IPv4 address (range 198.18.0.0/24 is IPv4)"#
+        );
+        let with = |f: &dyn Fn(&mut IPPoolSpec)| {
+            let mut s = spec(vec![range("198.18.0.0/24")]);
+            f(&mut s);
+            err(&s)
+        };
+        assert_eq!(
+            with(&|s| s.cooldown = "30 seconds".into()),
+            r#"pool "rail0" is invalid: spec.cooldown "30 seconds" is not a duration like 30s, 500ms or 5m"#
+        );
+        assert_eq!(
+            with(&|s| s.cooldown = "999999999999999999m".into()),
+            r#"pool "rail0" is invalid: spec.cooldown "999999999999999999m" is not a duration like 30s, 500ms or 5m"#
+        );
+        assert_eq!(
+            with(&|s| s.routes = vec![PoolRoute { dst: "default".into(), gw: String::new() }]),
+            r#"pool "rail0" is invalid: spec.routes[0].dst "default" is not a CIDR"#
+        );
+        assert_eq!(
+            with(&|s| s.routes = vec![PoolRoute { dst: "0.0.0.0/0".into(), gw: "gw".into() }]),
+            r#"pool "rail0" is invalid: spec.routes[0].gw "gw" is not an IP address"#
+        );
+        assert_eq!(
+            with(&|s| s.dns = Some(PoolDns { nameservers: vec!["dns.example".into()], ..Default::default() })),
+            r#"pool "rail0" is invalid: spec.dns.nameservers[0] "dns.example" is not an IP address"#
+        );
+    }
+
+    #[test]
+    fn lookups_tell_unknown_from_invalid() {
+        let good = spec(vec![range("198.18.0.0/24")]);
+        let bad = spec(vec![range("nonsense")]);
+        let pools = Pools::new();
+        pools.replace(PoolSet::from_specs([("good", &good), ("bad", &bad)]));
+        assert_eq!(pools.get("good").expect("usable").name, "good");
+        assert_eq!(
+            pools.get("bad").expect_err("invalid").to_string(),
+            r#"pool "bad" is invalid: spec.ranges[0].range "nonsense" is not a CIDR or first-last/prefix range"#
+        );
+        assert_eq!(
+            pools.get("gone").expect_err("unknown").to_string(),
+            r#"pool "gone" does not exist (no IPPool of that name)"#
+        );
+        assert_eq!(pools.snapshot().valid().count(), 1);
+        assert_eq!(
+            Pools::new().get("good").expect_err("not loaded").to_string(),
+            r#"the IPPools have not been read yet (looking for pool "good"); try again"#
+        );
+    }
+
+    #[test]
+    fn per_node_blocks_are_checked_and_a_block_gets_its_gateway() {
+        let per_node = |prefix: u8, gw: Option<u32>, r: PoolRange| IPPoolSpec {
+            ranges: vec![r],
+            per_node_prefix: Some(prefix),
+            gateway_index: gw,
+            ..IPPoolSpec::default()
+        };
+        let p = check("rail0", &per_node(28, Some(1), range("198.18.0.0/24"))).expect("valid");
+        let pn = p.per_node.expect("per node");
+        let block = pn.block_range("198.18.0.16/28".parse().expect("cidr"), &p.ranges[0]).expect("block");
+        assert_eq!(
+            (block.display(), block.gateway()),
+            ("198.18.0.16/28", Some("198.18.0.17".parse().expect("ip")))
+        );
+        // 14 usable addresses less the gateway.
+        assert_eq!(block.size() - block.excluded_count(), 13);
+        assert_eq!(
+            err(&per_node(24, None, range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.perNodePrefix "24" does not cut spec.ranges[0].range 198.18.0.0/24 into blocks (it must be longer than /24 and at most /32)"#
+        );
+        assert_eq!(
+            err(&per_node(30, Some(3), range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.gatewayIndex "3" is not a usable address of a /30 block (1 to 2)"#
+        );
+        assert_eq!(
+            err(&per_node(31, None, range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.perNodePrefix "31" leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)"#
+        );
+        assert_eq!(
+            err(&per_node(28, None, PoolRange { gateway: "198.18.0.1".into(), ..range("198.18.0.0/24") })),
+            r#"pool "rail0" is invalid: spec.ranges[0].gateway "198.18.0.1" is not taken with perNodePrefix (blocks are whole; a block's gateway is gatewayIndex)"#
+        );
+        let mut no_prefix = spec(vec![range("198.18.0.0/24")]);
+        no_prefix.gateway_index = Some(1);
+        assert_eq!(err(&no_prefix), r#"pool "rail0" is invalid: spec.gatewayIndex "1" needs perNodePrefix"#);
+    }
+
+    #[test]
+    fn each_node_allocates_from_its_own_block() {
+        let spec = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &spec).expect("valid");
+        let pn = pool.per_node.expect("per node");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            let req = AllocateRequest {
+                attachment: Arc::new(crate::allocator::Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    node: node.into(),
+                    ..Default::default()
+                }),
+                network: "rail0".into(),
+                ranges: Vec::new(),
+                requested: Vec::new(),
+            };
+            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+                .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
+                .map_err(|e| e.to_string())
+        };
+        // A /29 block: .1 is the gateway, .2 to .6 go to pods.
+        assert_eq!(take(&mut a, "n1", "a1"), Ok(("198.18.0.2".into(), 29, Some("198.18.0.1".into()))));
+        assert_eq!(take(&mut a, "n2", "b1"), Ok(("198.18.0.10".into(), 29, Some("198.18.0.9".into()))));
+        assert_eq!(take(&mut a, "n1", "a2"), Ok(("198.18.0.3".into(), 29, Some("198.18.0.1".into()))));
+        for cid in ["a3", "a4", "a5"] {
+            take(&mut a, "n1", cid).expect("room in n1's block");
+        }
+        assert_eq!(
+            take(&mut a, "n1", "a6"),
+            Err(r#"block 198.18.0.0/29 of node "n1" in network "rail0" is exhausted: size 6, held 5, excluded 1 (the whole pool: size 30, held 6)"#.into())
+        );
+        take(&mut a, "n3", "c1").expect("third block");
+        take(&mut a, "n4", "d1").expect("fourth block");
+        assert_eq!(
+            take(&mut a, "n5", "e1"),
+            Err(r#"no free /29 block for node "n5" in 198.18.0.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#.into())
+        );
+    }
+
+    #[test]
+    fn a_per_node_pool_counts_each_blocks_reserved_addresses_as_excluded() {
+        let with = |exclude: Vec<String>| IPPoolSpec {
+            ranges: vec![PoolRange { exclude, ..range("198.18.0.0/27") }],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let set = PoolSet::from_specs([("a", &with(vec![])), ("b", &with(vec!["198.18.0.8/30".into()]))]);
+        let got = stats(&Allocator::new(), &set, 0);
+        // Four /29 blocks of 5 addresses each; the range's own first and last are not in size.
+        assert_eq!(got[0].totals, PoolTotals { size: 30, used: 0, excluded: 10, free: 20 });
+        // .8 and .9 were excluded anyway; .10 and .11 are lost to pods.
+        assert_eq!(got[1].totals, PoolTotals { size: 30, used: 0, excluded: 12, free: 18 });
+        let v6 = IPPoolSpec {
+            ranges: vec![range("fd00::/64")],
+            per_node_prefix: Some(120),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let set = PoolSet::from_specs([("v6", &v6)]);
+        let t = stats(&Allocator::new(), &set, 0)[0].totals;
+        // 2^56 blocks of 253 addresses.
+        assert_eq!(t.size - t.excluded, (1u128 << 56) * 253);
+    }
+
+    #[test]
+    fn a_pod_back_on_another_node_moves_to_that_nodes_block() {
+        let spec = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &spec).expect("valid");
+        let pn = pool.per_node.expect("per node");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            let req = AllocateRequest {
+                attachment: Arc::new(crate::allocator::Attachment {
+                    container_id: cid.into(),
+                    ifname: "net1".into(),
+                    pod: crate::allocator::PodRef {
+                        namespace: "ml".into(),
+                        name: "train-0".into(),
+                        uid: cid.into(),
+                    },
+                    node: node.into(),
+                }),
+                network: "rail0".into(),
+                ranges: Vec::new(),
+                requested: Vec::new(),
+            };
+            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+                .map(|l| l[0].address.to_string())
+                .expect("allocate")
+        };
+        assert_eq!(take(&mut a, "n1", "sandbox-1"), "198.18.0.2");
+        // The same pod, recreated on n2: n2's block, and nothing left in n1's.
+        assert_eq!(take(&mut a, "n2", "sandbox-2"), "198.18.0.10");
+        let held: Vec<String> =
+            a.check("rail0", "sandbox-2", "net1").iter().map(|l| l.address.to_string()).collect();
+        assert_eq!(held, ["198.18.0.10"]);
+        assert_eq!(a.lease_count(), 1);
+        let within = pool.ranges[0].network();
+        assert_eq!(
+            a.node_block("rail0", within, 29, "n3").map(|b| b.to_string()),
+            Ok("198.18.0.0/29".into())
+        );
+        // Back on the same node in a new sandbox: the same address, moved to it.
+        assert_eq!(take(&mut a, "n2", "sandbox-3"), "198.18.0.10");
+        assert_eq!(a.lease_count(), 1);
+    }
+}

@@ -1,0 +1,567 @@
+//! IPPools end to end through the `rust-ipam` plugin binary: NADs naming a pool
+//! (`"pool": "rail0"`) against a server on the embedded store with `--pools-dir`, and
+//! against the real kube-apiserver (`rust_ipam_e2e::envtest`) with the server as its
+//! ServiceAccount under deploy/'s RBAC. What is asserted is what the plugin printed, what
+//! the API server holds and the error text: two NADs naming one pool never share an
+//! address, the pool's gateway, routes and DNS are in the result, an unknown or invalid
+//! pool is a CNI error naming it, a released address waits out the pool's cooldown (and is
+//! handed out anyway, logged, when nothing else is free), the leader writes usage and
+//! validity into the IPPool's status, and the schema refuses what it can. Per-node blocks
+//! (`perNodePrefix`, `gatewayIndex`): two rails on simulated nodes (the plugin's
+//! `node_name`), each node its own block and gateway on every rail, kept across a restart,
+//! a full block and a full pool named with their counts.
+
+use std::time::{Duration, Instant};
+
+use ipam_server::k8s::crd::{IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute};
+use kube::api::{Api, PostParams};
+use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
+use rust_ipam_e2e::fixtures::lease_objects;
+use rust_ipam_e2e::{CniOutput, ServerOptions, ServerProcess, run_ipam_plugin};
+use serde_json::{Value, json};
+
+/// A NAD named `nad` whose ipam section is `ipam` (plus type and server).
+fn nad(nad: &str, server: &str, mut ipam: Value) -> Value {
+    ipam["type"] = json!("rust-ipam");
+    ipam["server"] = json!(server);
+    json!({"cniVersion": "1.0.0", "name": nad, "type": "macvlan", "master": "eth1", "ipam": ipam})
+}
+
+fn pod(name: &str) -> String {
+    format!("K8S_POD_NAMESPACE=ml;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}")
+}
+
+/// ADD for container `cid` (pod of the same name); the result, which must be a success.
+fn add(cid: &str, conf: &Value) -> Value {
+    let out = run_ipam_plugin("ADD", cid, &pod(cid), conf);
+    assert_eq!(out.code, 0, "ADD {cid}: {} {}", out.out, out.stderr);
+    out.out
+}
+
+/// The first address of an ADD's result, without prefix.
+fn first_ip(result: &Value) -> String {
+    let a = result["ips"][0]["address"].as_str().expect("an address");
+    a.split('/').next().expect("address").to_string()
+}
+
+fn del(cid: &str, conf: &Value) {
+    let out = run_ipam_plugin("DEL", cid, &pod(cid), conf);
+    assert_eq!(out.code, 0, "DEL {cid}: {} {}", out.out, out.stderr);
+}
+
+/// An ADD that must fail: (CNI error code, message).
+fn refused(cid: &str, conf: &Value) -> (u64, String) {
+    let CniOutput { code, out, stderr } = run_ipam_plugin("ADD", cid, &pod(cid), conf);
+    assert_eq!(code, 1, "ADD {cid} should fail: {out} {stderr}");
+    (out["code"].as_u64().expect("code"), out["msg"].as_str().expect("msg").to_string())
+}
+
+const POOLS: &str = "\
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail0
+spec:
+  ranges:
+  - range: 198.18.10.0/28
+    gateway: 198.18.10.1
+    exclude: [198.18.10.2/31]
+  - range: fd00:10::/125
+  routes:
+  - dst: 198.19.0.0/16
+    gw: 198.18.10.1
+  dns:
+    nameservers: [198.18.10.53]
+    search: [rail.example]
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: bad
+spec:
+  ranges:
+  - range: 198.18.12.0/24
+    range_start: 198.18.11.200
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: cool
+spec:
+  ranges:
+  - range: 198.18.13.0/29
+  cooldown: 2s
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: tight
+spec:
+  ranges:
+  - range: 198.18.14.0/30
+  cooldown: 60m
+";
+
+/// The value of metric `name` with labels `labels` in a Prometheus text exposition.
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_from_a_directory_through_the_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools");
+    std::fs::create_dir(&pools).expect("pools dir");
+    std::fs::write(pools.join("pools.yaml"), POOLS).expect("write pools");
+    let log = dir.path().join("server.log");
+    let opts = ServerOptions {
+        args: vec!["--pools-dir".into(), pools.display().to_string()],
+        log_level: "info".into(),
+        log_file: Some(log.clone()),
+        ..ServerOptions::default()
+    };
+    let server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("server");
+    let ep = server.endpoint.as_str();
+    let (a, b) = (nad("rail0-a", ep, json!({"pool": "rail0"})), nad("rail0-b", ep, json!({"pool": "rail0"})));
+
+    // Two NADs naming one pool share its addresses: never the same one twice.
+    let first = add("c1", &a);
+    assert_eq!(
+        first,
+        json!({"cniVersion": "1.0.0",
+            "ips": [{"address": "198.18.10.4/28", "gateway": "198.18.10.1"}, {"address": "fd00:10::1/125"}],
+            "routes": [{"dst": "198.19.0.0/16", "gw": "198.18.10.1"}],
+            "dns": {"nameservers": ["198.18.10.53"], "search": ["rail.example"]}})
+    );
+    let got: Vec<String> =
+        [("c2", &b), ("c3", &a), ("c4", &b)].iter().map(|(cid, conf)| first_ip(&add(cid, conf))).collect();
+    assert_eq!(got, ["198.18.10.5", "198.18.10.6", "198.18.10.7"]);
+    // The same attachment through the other NAD: the same address (one network).
+    assert_eq!(first_ip(&add("c1", &b)), "198.18.10.4");
+
+    // An unknown pool, an invalid one, and a NAD that names a pool and ranges.
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "nope"}))),
+        (100, r#"pool "nope" does not exist (no IPPool of that name)"#.into())
+    );
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "bad"}))),
+        (
+            100,
+            r#"pool "bad" is invalid: spec.ranges[0].range_start "198.18.11.200" is outside range 198.18.12.0/24"#
+                .into()
+        )
+    );
+    assert_eq!(
+        refused("c9", &nad("x", ep, json!({"pool": "rail0", "range": "198.18.10.0/28"}))),
+        (
+            7,
+            r#"ipam sets both "pool" ("rail0") and "range": the pool gives the ranges, gateway and network; remove one"#
+                .into()
+        )
+    );
+
+    // Cooldown: a released address waits 2 s; then it is the lowest free one again.
+    let cool = nad("cool", ep, json!({"pool": "cool"}));
+    assert_eq!(first_ip(&add("k1", &cool)), "198.18.13.1");
+    del("k1", &cool);
+    let released = Instant::now();
+    assert_eq!(first_ip(&add("k2", &cool)), "198.18.13.2", "198.18.13.1 is cooling");
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    assert_eq!(metric(&text, r#"rustipam_ippool_cooldown_holds{pool="cool"}"#), Some(1.0), "{text}");
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(released.elapsed())).await;
+    assert_eq!(first_ip(&add("k3", &cool)), "198.18.13.1", "its cooldown has passed");
+
+    // A pool with nothing else free hands out a cooling address, and the log says so.
+    let tight = nad("tight", ep, json!({"pool": "tight"}));
+    assert_eq!(first_ip(&add("t1", &tight)), "198.18.14.1");
+    assert_eq!(first_ip(&add("t2", &tight)), "198.18.14.2");
+    del("t1", &tight);
+    assert_eq!(first_ip(&add("t3", &tight)), "198.18.14.1");
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("before its cooldown has passed") && l.contains("address=198.18.14.1")),
+        "{logged}"
+    );
+
+    // Per-pool metrics: 4 attachments of rail0 hold two addresses each; 3 are excluded.
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    let m = |name: &str| metric(&text, name);
+    assert_eq!(m(r#"rustipam_ippool_size{pool="rail0"}"#), Some(20.0), "{text}");
+    assert_eq!(m(r#"rustipam_ippool_used{pool="rail0"}"#), Some(8.0));
+    assert_eq!(m(r#"rustipam_ippool_free{pool="rail0"}"#), Some(9.0));
+    assert_eq!(m(r#"rustipam_ippool_valid{pool="rail0"}"#), Some(1.0));
+    assert_eq!(m(r#"rustipam_ippool_valid{pool="bad"}"#), Some(0.0));
+    assert_eq!(m(r#"rustipam_ippool_used{pool="bad"}"#), None);
+
+    // After a restart the cooldown is known from the first release: 198.18.13.1 (k3's)
+    // cools though nothing has been allocated from the pool since the start.
+    let mut server = server;
+    server.terminate().expect("stop");
+    let server = ServerProcess::start_with(&dir.path().join("data"), &opts).await.expect("restart");
+    let ep = server.endpoint.as_str();
+    let cool = nad("cool", ep, json!({"pool": "cool"}));
+    del("k3", &cool);
+    assert_eq!(first_ip(&add("k4", &cool)), "198.18.13.3", "198.18.13.1 cools, 198.18.13.2 is k2's");
+
+    // A pool written while the server runs is used without a restart.
+    let late = nad("late", ep, json!({"pool": "late"}));
+    std::fs::write(pools.join("late.yaml"), POOLS.split("---").next().expect("doc").replace("rail0", "late"))
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_ipam_plugin("ADD", "l1", &pod("l1"), &late);
+        if out.code == 0 {
+            assert_eq!(first_ip(&out.out), "198.18.10.4", "its own network: rail0's addresses are not seen");
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool late not read within 10 s: {}", out.out);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A change the poll cannot see (same size, same modification time) is read on SIGHUP.
+    let file = pools.join("late.yaml");
+    let mtime = std::fs::metadata(&file).and_then(|m| m.modified()).expect("mtime");
+    let text = std::fs::read_to_string(&file).expect("read").replace("name: late", "name: hupp");
+    std::fs::write(&file, text).expect("write");
+    std::fs::File::options().write(true).open(&file).and_then(|f| f.set_modified(mtime)).expect("set mtime");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let hupp = nad("hupp", ep, json!({"pool": "hupp"}));
+    assert_eq!(refused("h1", &hupp), (100, r#"pool "hupp" does not exist (no IPPool of that name)"#.into()));
+    let hup =
+        std::process::Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run_ipam_plugin("ADD", "h1", &pod("h1"), &hupp).code != 0 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the pools directory");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused("l2", &late), (100, r#"pool "late" does not exist (no IPPool of that name)"#.into()));
+}
+
+/// Two rails, one IPPool each: a /29 block per node, its gateway at index 1.
+const RAILS: &str = "\
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail0
+spec:
+  ranges:
+  - range: 198.18.40.0/27
+  perNodePrefix: 29
+  gatewayIndex: 1
+---
+apiVersion: ipam.rust-ipam.io/v1alpha1
+kind: IPPool
+metadata:
+  name: rail1
+spec:
+  ranges:
+  - range: 198.18.41.0/27
+  perNodePrefix: 29
+  gatewayIndex: 1
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_blocks_through_the_plugin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools");
+    std::fs::create_dir(&pools).expect("pools dir");
+    std::fs::write(pools.join("rails.yaml"), RAILS).expect("write pools");
+    let opts = ServerOptions {
+        args: vec!["--pools-dir".into(), pools.display().to_string()],
+        ..ServerOptions::default()
+    };
+    let data = dir.path().join("data");
+    let mut server = ServerProcess::start_with(&data, &opts).await.expect("server");
+    // A pod's interface on each rail, on a simulated node (the plugin's node_name).
+    let on = |ep: &str, rail: &str, node: &str| nad(rail, ep, json!({"pool": rail, "node_name": node}));
+    let pod_on = |ep: &str, cid: &str, node: &str| -> Vec<Value> {
+        ["rail0", "rail1"].iter().map(|rail| add(&format!("{cid}-{rail}"), &on(ep, rail, node))).collect()
+    };
+    let ep = server.endpoint.clone();
+    let p1 = pod_on(&ep, "p1", "n1");
+    assert_eq!(p1[0]["ips"], json!([{"address": "198.18.40.2/29", "gateway": "198.18.40.1"}]));
+    assert_eq!(p1[1]["ips"], json!([{"address": "198.18.41.2/29", "gateway": "198.18.41.1"}]));
+    let p2 = pod_on(&ep, "p2", "n2");
+    assert_eq!(p2[0]["ips"], json!([{"address": "198.18.40.10/29", "gateway": "198.18.40.9"}]));
+    assert_eq!(p2[1]["ips"], json!([{"address": "198.18.41.10/29", "gateway": "198.18.41.9"}]));
+    let p3 = pod_on(&ep, "p3", "n1");
+    assert_eq!(p3.iter().map(first_ip).collect::<Vec<_>>(), ["198.18.40.3", "198.18.41.3"]);
+
+    // The blocks are derived from the stored leases: a restart keeps them.
+    server.terminate().expect("stop");
+    let server = ServerProcess::start_with(&data, &opts).await.expect("restart");
+    let ep = server.endpoint.clone();
+    let p4 = pod_on(&ep, "p4", "n2");
+    assert_eq!(p4.iter().map(first_ip).collect::<Vec<_>>(), ["198.18.40.11", "198.18.41.11"]);
+
+    // A node's block full: its own error, with the node's and the pool's counts.
+    for i in 4..7 {
+        add(&format!("q{i}"), &on(&ep, "rail0", "n1"));
+    }
+    assert_eq!(
+        refused("q7", &on(&ep, "rail0", "n1")),
+        (
+            100,
+            r#"block 198.18.40.0/29 of node "n1" in network "rail0" is exhausted: size 6, held 5, excluded 1 (the whole pool: size 30, held 7)"#
+                .into()
+        )
+    );
+    // Four blocks: two more nodes fit, a fifth does not.
+    add("r3", &on(&ep, "rail0", "n3"));
+    add("r4", &on(&ep, "rail0", "n4"));
+    assert_eq!(
+        refused("r5", &on(&ep, "rail0", "n5")),
+        (
+            100,
+            r#"no free /29 block for node "n5" in 198.18.40.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#
+                .into()
+        )
+    );
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail0"}"#), Some(4.0), "{text}");
+    assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail1"}"#), Some(2.0), "{text}");
+    // rail1: four blocks of five addresses for pods, four held.
+    assert_eq!(metric(&text, r#"rustipam_ippool_free{pool="rail1"}"#), Some(16.0), "{text}");
+    // A pod recreated on another node (same name, new sandbox) moves to that node's block;
+    // its address in the old node's block is given back.
+    let moved = |cid: &str, node: &str| {
+        let out = run_ipam_plugin("ADD", cid, &pod("mover"), &on(&ep, "rail1", node));
+        assert_eq!(out.code, 0, "{} {}", out.out, out.stderr);
+        first_ip(&out.out)
+    };
+    assert_eq!(moved("mover-1", "n1"), "198.18.41.4");
+    assert_eq!(moved("mover-2", "n3"), "198.18.41.18");
+    assert_eq!(first_ip(&add("after-move", &on(&ep, "rail1", "n1"))), "198.18.41.4", "n1's .4 is free again");
+    // n2 releases both of its rail0 addresses: its block goes to n5.
+    for cid in ["p2-rail0", "p4-rail0"] {
+        del(cid, &on(&ep, "rail0", "n2"));
+    }
+    assert_eq!(first_ip(&add("r5", &on(&ep, "rail0", "n5"))), "198.18.40.10");
+}
+
+fn range(r: &str) -> PoolRange {
+    PoolRange { range: r.into(), ..PoolRange::default() }
+}
+
+fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
+    IPPoolSpec { ranges, ..IPPoolSpec::default() }
+}
+
+/// Waits until the status of IPPool `name` satisfies `ok`; the last status seen.
+async fn wait_status(api: &Api<IPPool>, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let obj = api.get(name).await.expect("get IPPool");
+        let status = serde_json::to_value(&obj.status).expect("json");
+        if ok(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "status of {name} is still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_from_the_api_server_through_the_plugin() {
+    const TEST: &str = "pools_from_the_api_server_through_the_plugin";
+    let Some(env) = envtest::shared(TEST) else { return };
+    let ns = env.namespace("pools").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    let pools: Api<IPPool> = Api::all(admin.clone());
+    // IPPools are cluster-scoped: names of this test's namespace, so runs never meet.
+    let name = |p: &str| format!("{}-{p}", ns.name);
+    let (rail, bad, cool, late) = (name("rail"), name("bad"), name("cool"), name("late"));
+
+    // What the schema refuses, the API server refuses, naming the field.
+    let mut wrong = spec(vec![range("198.18.20.0/28")]);
+    wrong.cooldown = "30 seconds".into();
+    let e = pools.create(&PostParams::default(), &IPPool::new(&name("x"), wrong)).await.expect_err("pattern");
+    assert!(e.to_string().contains("spec.cooldown"), "{e}");
+    let e = pools
+        .create(&PostParams::default(), &IPPool::new(&name("y"), spec(vec![])))
+        .await
+        .expect_err("empty");
+    assert!(e.to_string().contains("spec.ranges"), "{e}");
+
+    // Pools made before the server starts, and one after.
+    let mut rail_spec = spec(vec![PoolRange { gateway: "198.18.20.1".into(), ..range("198.18.20.0/28") }]);
+    rail_spec.routes = vec![PoolRoute { dst: "198.19.0.0/16".into(), gw: String::new() }];
+    rail_spec.dns = Some(PoolDns { nameservers: vec!["198.18.20.53".into()], ..PoolDns::default() });
+    pools.create(&PostParams::default(), &IPPool::new(&rail, rail_spec)).await.expect("create rail");
+    let bad_spec =
+        spec(vec![PoolRange { exclude: vec!["198.18.99.0/28".into()], ..range("198.18.21.0/28") }]);
+    pools.create(&PostParams::default(), &IPPool::new(&bad, bad_spec)).await.expect("create bad");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
+    let opts = ServerOptions::kube_replica(
+        "solo",
+        &cfg,
+        &ns.name,
+        dir.path().join("solo.log"),
+        &[
+            "--lease-ttl",
+            "3s",
+            "--renew-every",
+            "500ms",
+            "--pool-status-every",
+            "200ms",
+            "--reconcile-every",
+            "0",
+        ],
+    );
+    let server =
+        ServerProcess::start_with(&dir.path().join("data"), &ServerOptions { wait_serving: true, ..opts })
+            .await
+            .expect("server");
+    let ep = server.endpoint.as_str();
+
+    let mut cool_spec = spec(vec![range("198.18.22.0/29")]);
+    cool_spec.cooldown = "2s".into();
+    pools.create(&PostParams::default(), &IPPool::new(&cool, cool_spec)).await.expect("create cool");
+
+    // Two NADs naming the pool: distinct addresses, each an IPLease in the pool's network.
+    let (a, b) = (nad("rail-a", ep, json!({"pool": rail})), nad("rail-b", ep, json!({"pool": rail})));
+    let first = add("r1", &a);
+    assert_eq!(
+        first,
+        json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.20.2/28", "gateway": "198.18.20.1"}],
+            "routes": [{"dst": "198.19.0.0/16"}], "dns": {"nameservers": ["198.18.20.53"]}})
+    );
+    let got: Vec<String> =
+        [("r2", &b), ("r3", &a), ("r4", &b)].iter().map(|(cid, conf)| first_ip(&add(cid, conf))).collect();
+    assert_eq!(got, ["198.18.20.3", "198.18.20.4", "198.18.20.5"]);
+    let server_client = ns.client(SERVER_ACCOUNT).await.expect("client");
+    let mut stored: Vec<(String, String)> = lease_objects(&server_client, &ns.name)
+        .await
+        .into_iter()
+        .map(|l| (l.address, l.container_id))
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [("198.18.20.2", "r1"), ("198.18.20.3", "r2"), ("198.18.20.4", "r3"), ("198.18.20.5", "r4")]
+            .map(|(a, c)| (a.to_string(), c.to_string()))
+    );
+    let lease_list =
+        envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await.expect("list");
+    assert!(lease_list.iter().all(|l| l["spec"]["network"] == json!(rail)), "{lease_list:?}");
+
+    // Unknown and invalid pools.
+    assert_eq!(
+        refused("r9", &nad("x", ep, json!({"pool": name("nope")}))),
+        (100, format!("pool {:?} does not exist (no IPPool of that name)", name("nope")))
+    );
+    let msg = format!(
+        "pool {bad:?} is invalid: spec.ranges[0].exclude[0] \"198.18.99.0/28\" is outside range 198.18.21.0/28"
+    );
+    assert_eq!(refused("r9", &nad("x", ep, json!({"pool": bad}))), (100, msg.clone()));
+
+    // Cooldown across release and allocate, on a pool made while the server runs.
+    let c = nad("cool", ep, json!({"pool": cool}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "k1", &pod("k1"), &c).code != 0 {
+        assert!(Instant::now() < deadline, "pool {cool} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(first_ip(&add("k1", &c)), "198.18.22.1");
+    del("k1", &c);
+    let released = Instant::now();
+    assert_eq!(first_ip(&add("k2", &c)), "198.18.22.2", "198.18.22.1 is cooling");
+    // k2 holds one address, the other cools (a status written between the DEL and the ADD
+    // shows none used).
+    wait_status(&pools, &cool, |s| s["cooldownHolds"] == "1" && s["used"] == "1").await;
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(released.elapsed())).await;
+    assert_eq!(first_ip(&add("k3", &c)), "198.18.22.1", "its cooldown has passed");
+
+    // Status on the objects: usage, and why a pool is not used.
+    let status = wait_status(&pools, &rail, |s| s["used"] == "4").await;
+    assert_eq!(
+        status,
+        json!({"ranges": "198.18.20.0/28", "size": "14", "used": "4", "excluded": "1", "free": "9",
+            "cooldownHolds": "0", "conditions": [{"type": "Valid", "status": "True", "reason": "Valid", "message": ""}]})
+    );
+    let status = wait_status(&pools, &bad, |s| !s["conditions"].is_null()).await;
+    assert_eq!(
+        status["conditions"],
+        json!([{"type": "Valid", "status": "False", "reason": "Invalid", "message": msg}])
+    );
+
+    // Per-node blocks on the kube store: each node its own /29, the gateway at index 1.
+    let blocks = name("blocks");
+    let block_spec = IPPoolSpec {
+        ranges: vec![range("198.18.24.0/27")],
+        per_node_prefix: Some(29),
+        gateway_index: Some(1),
+        ..IPPoolSpec::default()
+    };
+    pools.create(&PostParams::default(), &IPPool::new(&blocks, block_spec)).await.expect("create blocks");
+    let on = |node: &str| nad("blocks", ep, json!({"pool": blocks, "node_name": node}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "b1", &pod("b1"), &on("n1")).code != 0 {
+        assert!(Instant::now() < deadline, "pool {blocks} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got =
+        [("b1", "n1"), ("b2", "n2"), ("b3", "n1")].map(|(cid, node)| add(cid, &on(node))["ips"][0].clone());
+    assert_eq!(
+        got,
+        [
+            json!({"address": "198.18.24.2/29", "gateway": "198.18.24.1"}),
+            json!({"address": "198.18.24.10/29", "gateway": "198.18.24.9"}),
+            json!({"address": "198.18.24.3/29", "gateway": "198.18.24.1"}),
+        ]
+    );
+    let leases =
+        envtest::list(&admin, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease").await.expect("list");
+    let mut by_node: Vec<(String, String)> = leases
+        .iter()
+        .filter(|l| l["spec"]["network"] == json!(blocks))
+        .map(|l| {
+            (
+                l["spec"]["address"].as_str().unwrap_or_default().into(),
+                l["spec"]["node"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    by_node.sort();
+    assert_eq!(
+        by_node,
+        [("198.18.24.10", "n2"), ("198.18.24.2", "n1"), ("198.18.24.3", "n1")]
+            .map(|(a, n)| (a.to_string(), n.to_string()))
+    );
+    // The blocks in the pool's status.
+    let status = wait_status(&pools, &blocks, |s| s["used"] == "3").await;
+    assert_eq!(
+        status["blocks"],
+        json!([{"node": "n1", "block": "198.18.24.0/29", "used": "2"}, {"node": "n2", "block": "198.18.24.8/29", "used": "1"}])
+    );
+
+    // Deleting a pool makes it unknown.
+    pools
+        .create(&PostParams::default(), &IPPool::new(&late, spec(vec![range("198.18.23.0/29")])))
+        .await
+        .expect("late");
+    pools.delete(&late, &Default::default()).await.expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_ipam_plugin("ADD", "z1", &pod("z1"), &nad("late", ep, json!({"pool": late})));
+        if out.code == 1
+            && out.out["msg"] == json!(format!("pool {late:?} does not exist (no IPPool of that name)"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool {late} still used: {}", out.out);
+        // It may have been seen and taken before the delete arrived: give it back.
+        if out.code == 0 {
+            del("z1", &nad("late", ep, json!({"pool": late})));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
