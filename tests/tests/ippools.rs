@@ -17,7 +17,7 @@ use ipam_server::k8s::crd::{IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute};
 use kube::api::{Api, PostParams};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
 use rust_ipam_e2e::fixtures::lease_objects;
-use rust_ipam_e2e::{CniOutput, ServerOptions, ServerProcess, run_ipam_plugin};
+use rust_ipam_e2e::{CniOutput, ServerOptions, ServerProcess, run_ipam_plugin, workspace_bin};
 use serde_json::{Value, json};
 
 /// A NAD named `nad` whose ipam section is `ipam` (plus type and server).
@@ -564,4 +564,24 @@ async fn pools_from_the_api_server_through_the_plugin() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `--pools-dir` is the embedded store's: with the kube store the server refuses to start,
+/// naming the flag, before it binds a port or reads the kubeconfig.
+#[test]
+fn a_pools_dir_is_refused_with_the_kube_store() {
+    let bin = workspace_bin("rust-ipam-server").expect("server binary");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(bin)
+        .args(["--store", "kube", "--kubeconfig", "/nonexistent/kubeconfig", "--pools-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run the server");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "--pools-dir {} is for the embedded store: with the kube store, pools are IPPool objects",
+        dir.path().display()
+    );
+    assert!(err.contains(&want), "{err}");
 }

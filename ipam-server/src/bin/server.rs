@@ -537,6 +537,13 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Before anything is bound or asked of the API server.
+    if let (true, Some(dir)) = (use_kube(&args), &args.pools_dir) {
+        anyhow::bail!(
+            "--pools-dir {} is for the embedded store: with the kube store, pools are IPPool objects",
+            dir.display()
+        );
+    }
     let mut registry = Metrics::builder();
     let reconcile_metrics = ReconcileMetrics::register(registry.sub_registry("reconcile"));
     let authz = if args.authorize {
@@ -571,12 +578,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     listeners.authz = authz;
     let identity = args.identity.clone().unwrap_or_else(|| default_identity(&listeners));
     if use_kube(&args) {
-        if let Some(dir) = &args.pools_dir {
-            anyhow::bail!(
-                "--pools-dir {} is for the embedded store: with the kube store, pools are IPPool objects",
-                dir.display()
-            );
-        }
         return run_kube(&args, identity, listeners, (metrics, metrics_listener), reconcile_metrics).await;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
