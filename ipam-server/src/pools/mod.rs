@@ -593,8 +593,8 @@ mod tests {
         assert_eq!(err(&no_prefix), r#"pool "rail0" is invalid: spec.gatewayIndex "1" needs perNodePrefix"#);
     }
 
-    #[test]
-    fn each_node_allocates_from_its_own_block() {
+    /// Pool rail0: a /27 cut into /29 blocks, each block's gateway at index 1.
+    fn rail_pool() -> (Pool, PerNode) {
         let spec = IPPoolSpec {
             ranges: vec![range("198.18.0.0/27")],
             per_node_prefix: Some(29),
@@ -603,20 +603,36 @@ mod tests {
         };
         let pool = check("rail0", &spec).expect("valid");
         let pn = pool.per_node.expect("per node");
+        (pool, pn)
+    }
+
+    /// An Allocate in rail0 for `cid`'s net1 on `node`, of pod ml/train-0 when `pod` is set.
+    fn block_request(node: &str, cid: &str, pod: bool) -> AllocateRequest {
+        let pod = match pod {
+            true => {
+                crate::allocator::PodRef { namespace: "ml".into(), name: "train-0".into(), uid: cid.into() }
+            }
+            false => crate::allocator::PodRef::default(),
+        };
+        AllocateRequest {
+            attachment: Arc::new(crate::allocator::Attachment {
+                container_id: cid.into(),
+                ifname: "net1".into(),
+                pod,
+                node: node.into(),
+            }),
+            network: "rail0".into(),
+            ranges: Vec::new(),
+            requested: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_node_allocates_from_its_own_block() {
+        let (pool, pn) = rail_pool();
         let mut a = Allocator::new();
         let take = |a: &mut Allocator, node: &str, cid: &str| {
-            let req = AllocateRequest {
-                attachment: Arc::new(crate::allocator::Attachment {
-                    container_id: cid.into(),
-                    ifname: "net1".into(),
-                    node: node.into(),
-                    ..Default::default()
-                }),
-                network: "rail0".into(),
-                ranges: Vec::new(),
-                requested: Vec::new(),
-            };
-            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+            allocate_in_blocks(a, &block_request(node, cid, false), pn, &pool.ranges, 1)
                 .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
                 .map_err(|e| e.to_string())
         };
@@ -667,32 +683,10 @@ mod tests {
 
     #[test]
     fn a_pod_back_on_another_node_moves_to_that_nodes_block() {
-        let spec = IPPoolSpec {
-            ranges: vec![range("198.18.0.0/27")],
-            per_node_prefix: Some(29),
-            gateway_index: Some(1),
-            ..IPPoolSpec::default()
-        };
-        let pool = check("rail0", &spec).expect("valid");
-        let pn = pool.per_node.expect("per node");
+        let (pool, pn) = rail_pool();
         let mut a = Allocator::new();
         let take = |a: &mut Allocator, node: &str, cid: &str| {
-            let req = AllocateRequest {
-                attachment: Arc::new(crate::allocator::Attachment {
-                    container_id: cid.into(),
-                    ifname: "net1".into(),
-                    pod: crate::allocator::PodRef {
-                        namespace: "ml".into(),
-                        name: "train-0".into(),
-                        uid: cid.into(),
-                    },
-                    node: node.into(),
-                }),
-                network: "rail0".into(),
-                ranges: Vec::new(),
-                requested: Vec::new(),
-            };
-            allocate_in_blocks(a, &req, pn, &pool.ranges, 1)
+            allocate_in_blocks(a, &block_request(node, cid, true), pn, &pool.ranges, 1)
                 .map(|l| l[0].address.to_string())
                 .expect("allocate")
         };
