@@ -131,6 +131,16 @@ type Resolved = (String, Vec<RangeSpec>, Option<Arc<Pool>>);
 /// returned too, for its routes, DNS and cooldown).
 fn check_pool_or_ranges(r: &mut pb::AllocateRequest, pools: &Pools) -> Result<Resolved, Status> {
     if r.pool.is_empty() {
+        if r.network.ends_with(crate::allocator::BLOCKS_SUFFIX) {
+            return Err(invalid(
+                "network",
+                &r.network,
+                &format!(
+                    "ends in {:?}, which names the per-node block assignments of a pool",
+                    crate::allocator::BLOCKS_SUFFIX
+                ),
+            ));
+        }
         return Ok((std::mem::take(&mut r.network), check_ranges(std::mem::take(&mut r.ranges))?, None));
     }
     if let Some(first) = r.ranges.first() {
@@ -223,6 +233,7 @@ impl From<reconcile::Reason> for pb::ReconcileReason {
         match r {
             reconcile::Reason::PodGone => pb::ReconcileReason::PodGone,
             reconcile::Reason::PodReplaced => pb::ReconcileReason::PodReplaced,
+            reconcile::Reason::NodeGone => pb::ReconcileReason::NodeGone,
         }
     }
 }
@@ -253,6 +264,7 @@ impl TryFrom<pb::ReconcileReason> for reconcile::Reason {
         match r {
             pb::ReconcileReason::PodGone => Ok(reconcile::Reason::PodGone),
             pb::ReconcileReason::PodReplaced => Ok(reconcile::Reason::PodReplaced),
+            pb::ReconcileReason::NodeGone => Ok(reconcile::Reason::NodeGone),
             pb::ReconcileReason::Unspecified => Err(UnspecifiedValue(r.as_str_name())),
         }
     }
@@ -320,7 +332,7 @@ impl IpamService {
         IpamService { serving, identity, authz, pools: Pools::empty() }
     }
 
-    /// Resolves the pools Allocate names in `pools`.
+    /// Resolves the pools Allocate names in `pools` (and checks their selectors there).
     pub fn with_pools(self, pools: Pools) -> IpamService {
         IpamService { pools, ..self }
     }
@@ -362,9 +374,20 @@ impl pb::ipam_server::Ipam for IpamService {
         if node != req.attachment.node {
             Arc::make_mut(&mut req.attachment).node = node;
         }
+        if let Some(p) = &pool {
+            p.admit(self.pools.labels(), &req.attachment.node, &req.attachment.pod.namespace).map_err(
+                |r| match r.is_transient() {
+                    true => Status::unavailable(r.to_string()),
+                    false => Status::failed_precondition(r.to_string()),
+                },
+            )?;
+        }
         let who = caller.clone();
         let cooldown_ms = pool.as_ref().map(|p| p.cooldown_ms());
-        let per_node = pool.as_ref().and_then(|p| p.per_node.map(|pn| (pn, p.ranges.clone())));
+        let per_node = pool.as_ref().filter(|p| p.per_node.is_some()).map(|p| {
+            let rails = crate::pools::rail_siblings(&self.pools.snapshot(), p);
+            (p.clone(), rails)
+        });
         if per_node.is_some() && req.attachment.node.is_empty() {
             let name = pool.as_ref().map(|p| p.name.as_str()).unwrap_or_default();
             return Err(invalid(
@@ -387,7 +410,9 @@ impl pb::ipam_server::Ipam for IpamService {
                         }
                         let got = match &per_node {
                             None => a.allocate(&req, now),
-                            Some((pn, ranges)) => crate::pools::allocate_in_blocks(a, &req, *pn, ranges, now),
+                            Some((pool, rails)) => {
+                                crate::pools::allocate_in_blocks(a, &req, pool, rails, now)
+                            }
                         };
                         Guarded::Done(got.map(|l| (l, a.take_cooldown_overrides())))
                     }
@@ -771,7 +796,7 @@ mod tests {
     #[test]
     fn reconcile_reasons_and_actions_convert_both_ways() {
         use reconcile::{Action, Reason};
-        for r in [Reason::PodGone, Reason::PodReplaced] {
+        for r in [Reason::PodGone, Reason::PodReplaced, Reason::NodeGone] {
             assert_eq!(Reason::try_from(pb::ReconcileReason::from(r)), Ok(r));
         }
         let actions = [

@@ -66,6 +66,7 @@ pub struct Metrics {
     ippool_cooldown_holds: Family<IpPool, Gauge>,
     ippool_valid: Family<IpPool, Gauge>,
     ippool_blocks: Family<IpPool, Gauge>,
+    ippool_rail_unaligned: Family<IpPool, Gauge>,
 }
 
 /// Builds [`Metrics`]: modules register their own metrics in sub-registries first.
@@ -107,6 +108,7 @@ impl Metrics {
             ippool_cooldown_holds: Family::default(),
             ippool_valid: Family::default(),
             ippool_blocks: Family::default(),
+            ippool_rail_unaligned: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -149,6 +151,11 @@ impl Metrics {
             "ippool_blocks",
             "Per-node blocks of an IPPool that hold addresses",
             m.ippool_blocks.clone(),
+        );
+        registry.register(
+            "ippool_rail_unaligned",
+            "Allocations of an IPPool that could not take the host index the pod has on the other rails of its rail group, since this replica started leading",
+            m.ippool_rail_unaligned.clone(),
         );
         registry.register(
             "ippool_valid",
@@ -199,6 +206,7 @@ impl Metrics {
         self.ippool_cooldown_holds.clear();
         self.ippool_valid.clear();
         self.ippool_blocks.clear();
+        self.ippool_rail_unaligned.clear();
         for p in ippools {
             let l = IpPool { pool: p.name.clone() };
             self.ippool_valid.get_or_create(&l).set(i64::from(p.error.is_none()));
@@ -209,6 +217,11 @@ impl Metrics {
                 self.ippool_cooldown_holds.get_or_create(&l).set(p.cooldown_holds as i64);
                 if !p.blocks.is_empty() {
                     self.ippool_blocks.get_or_create(&l).set(p.blocks.len() as i64);
+                }
+                if p.unaligned > 0 {
+                    self.ippool_rail_unaligned
+                        .get_or_create(&l)
+                        .set(i64::try_from(p.unaligned).unwrap_or(i64::MAX));
                 }
             }
         }

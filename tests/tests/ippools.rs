@@ -11,13 +11,20 @@
 //! `node_name`), each node its own block and gateway on every rail, kept across a restart,
 //! a full block and a full pool named with their counts.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ipam_server::k8s::crd::{IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute};
+use ipam_server::k8s::crd::{
+    IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute, PoolSelector, SelectorRequirement,
+};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT};
 use rust_ipam_e2e::fixtures::lease_objects;
 use rust_ipam_e2e::{CniOutput, ServerOptions, ServerProcess, run_ipam_plugin, workspace_bin};
+use rust_ipam_proto::v1 as pb;
+use rust_ipam_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
 
 /// A NAD named `nad` whose ipam section is `ipam` (plus type and server).
@@ -293,7 +300,7 @@ async fn per_node_blocks_through_the_plugin() {
     let p3 = pod_on(&ep, "p3", "n1");
     assert_eq!(p3.iter().map(first_ip).collect::<Vec<_>>(), ["198.18.40.3", "198.18.41.3"]);
 
-    // The blocks are derived from the stored leases: a restart keeps them.
+    // The blocks are recorded with the leases: a restart keeps them.
     server.terminate().expect("stop");
     let server = ServerProcess::start_with(&data, &opts).await.expect("restart");
     let ep = server.endpoint.clone();
@@ -315,14 +322,12 @@ async fn per_node_blocks_through_the_plugin() {
     // Four blocks: two more nodes fit, a fifth does not.
     add("r3", &on(&ep, "rail0", "n3"));
     add("r4", &on(&ep, "rail0", "n4"));
-    assert_eq!(
-        refused("r5", &on(&ep, "rail0", "n5")),
-        (
-            100,
-            r#"no free /29 block for node "n5" in 198.18.40.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#
-                .into()
-        )
+    let no_block = (
+        100,
+        r#"no free /29 block for node "n5" in 198.18.40.0/27 (network "rail0"): all 4 blocks are other nodes'"#
+            .into(),
     );
+    assert_eq!(refused("r5", &on(&ep, "rail0", "n5")), no_block);
     let (_, text) = server.http_get("/metrics").await.expect("metrics");
     assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail0"}"#), Some(4.0), "{text}");
     assert_eq!(metric(&text, r#"rustipam_ippool_blocks{pool="rail1"}"#), Some(2.0), "{text}");
@@ -338,11 +343,13 @@ async fn per_node_blocks_through_the_plugin() {
     assert_eq!(moved("mover-1", "n1"), "198.18.41.4");
     assert_eq!(moved("mover-2", "n3"), "198.18.41.18");
     assert_eq!(first_ip(&add("after-move", &on(&ep, "rail1", "n1"))), "198.18.41.4", "n1's .4 is free again");
-    // n2 releases both of its rail0 addresses: its block goes to n5.
+    // n2 releases both of its rail0 addresses: its block stays n2's (only reconcile gives
+    // a deleted Node's block back), and n2's next pod gets the block's first address again.
     for cid in ["p2-rail0", "p4-rail0"] {
         del(cid, &on(&ep, "rail0", "n2"));
     }
-    assert_eq!(first_ip(&add("r5", &on(&ep, "rail0", "n5"))), "198.18.40.10");
+    assert_eq!(refused("r5", &on(&ep, "rail0", "n5")), no_block);
+    assert_eq!(first_ip(&add("p5-rail0", &on(&ep, "rail0", "n2"))), "198.18.40.10");
 }
 
 fn range(r: &str) -> PoolRange {
@@ -584,4 +591,287 @@ fn a_pools_dir_is_refused_with_the_kube_store() {
         dir.path().display()
     );
     assert!(err.contains(&want), "{err}");
+}
+
+/// ADD of pod `pod`'s sandbox (container ID = the pod's name) in namespace `ns` on NAD
+/// `conf`: (exit code, the result or error).
+fn add_in(ns: &str, pod: &str, conf: &Value) -> CniOutput {
+    let args = format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}");
+    run_ipam_plugin("ADD", pod, &args, conf)
+}
+
+/// One node's pod on every rail of `rails` (in that order): its addresses by rail, each
+/// with its gateway.
+fn pod_on_rails(ns: &str, pod: &str, rails: &[(usize, Value)]) -> BTreeMap<usize, (String, String)> {
+    rails
+        .iter()
+        .map(|(i, conf)| {
+            let out = add_in(ns, pod, conf);
+            assert_eq!(out.code, 0, "ADD {pod} on rail{i}: {} {}", out.out, out.stderr);
+            let ip = &out.out["ips"][0];
+            let text = |v: &Value| v.as_str().expect("a string").to_string();
+            (*i, (text(&ip["address"]), text(&ip["gateway"])))
+        })
+        .collect()
+}
+
+/// Node `name` with `labels`, made as a kubelet registers one.
+async fn make_node(admin: &kube::Client, name: &str, labels: &[(&str, &str)]) {
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    Api::<Node>::all(admin.clone()).create(&PostParams::default(), &node).await.expect("create node");
+}
+
+/// One real reconcile pass through the Admin API: (reason, action) of each entry.
+async fn reconcile(ep: &str) -> Vec<(i32, i32, String)> {
+    let ch = rust_ipam_proto::connect(ep, Duration::from_secs(5)).await.expect("connect");
+    let r = AdminClient::new(ch)
+        .reconcile(pb::ReconcileRequest { dry_run: false, grace_seconds: None })
+        .await
+        .expect("reconcile")
+        .into_inner();
+    // Only the blocks' entries: the pods of this test are never made, so their leases are
+    // stale too (and younger than the grace period).
+    r.entries
+        .iter()
+        .filter(|e| e.reason == pb::ReconcileReason::NodeGone as i32)
+        .map(|e| (e.reason, e.action, e.lease.clone().unwrap_or_default().node))
+        .collect()
+}
+
+/// deploy/examples/rails.yaml on the real API server, on simulated nodes through the plugin
+/// (the plugin's `node_name`): each node's /28 and gateway on every rail, the same host
+/// index on every rail (in any order of ADDs, and the fallback when an address is taken),
+/// the blocks recorded as IPLeases and kept across a restart while the node holds nothing,
+/// and given back by reconcile once the Node is deleted; a pool's nodeSelector and
+/// namespaceSelector, with the errors naming the pool and the selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
+    const TEST: &str = "the_eight_rail_example_selectors_and_node_blocks_on_the_api_server";
+    let Some(env) = envtest::shared(TEST) else { return };
+    let ns = env.namespace("rails").await.expect("namespace");
+    let other = env.namespace("other").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    let pools: Api<IPPool> = Api::all(admin.clone());
+    // IPPools, Nodes and rail groups are cluster-wide: named after this test's namespace.
+    let name = |p: &str| format!("{}-{p}", ns.name);
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/rails.yaml"))
+            .expect("deploy/examples/rails.yaml");
+    let mut rails = 0;
+    for doc in serde_yaml::Deserializer::from_str(&example) {
+        let mut pool: IPPool = serde::Deserialize::deserialize(doc).expect("an IPPool");
+        assert_eq!(pool.spec.rail_group, "spectrum-x");
+        pool.metadata.name = Some(name(&format!("rail{rails}")));
+        pool.spec.rail_group = name("spectrum-x");
+        pools.create(&PostParams::default(), &pool).await.expect("create rail");
+        rails += 1;
+    }
+    assert_eq!(rails, 8);
+    let mut gated = spec(vec![range("198.18.200.0/28")]);
+    gated.node_selector = Some(PoolSelector {
+        match_labels: [("example.com/gpu".to_string(), "true".to_string())].into(),
+        ..PoolSelector::default()
+    });
+    gated.namespace_selector = Some(PoolSelector {
+        match_expressions: vec![SelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "In".into(),
+            values: vec![ns.name.clone()],
+        }],
+        ..PoolSelector::default()
+    });
+    pools.create(&PostParams::default(), &IPPool::new(&name("gated"), gated)).await.expect("create gated");
+    let (node_a, node_b, node_c, node_d) = (name("a"), name("b"), name("c"), name("d"));
+    make_node(&admin, &node_a, &[("example.com/gpu", "true")]).await;
+    make_node(&admin, &node_b, &[]).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT);
+    let opts = ServerOptions {
+        wait_serving: true,
+        ..ServerOptions::kube_replica(
+            "solo",
+            &cfg,
+            &ns.name,
+            dir.path().join("solo.log"),
+            &["--reconcile-every", "0", "--node-block-grace", "1s"],
+        )
+    };
+    let data = dir.path().join("data");
+    let mut server = ServerProcess::start_with(&data, &opts).await.expect("server");
+    let ep = server.endpoint.clone();
+    let rail_nads = |ep: &str, node: &str, order: &[usize]| -> Vec<(usize, Value)> {
+        order
+            .iter()
+            .map(|i| {
+                (
+                    *i,
+                    nad(
+                        &format!("rail{i}"),
+                        ep,
+                        json!({"pool": name(&format!("rail{i}")), "node_name": node}),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let up: Vec<usize> = (0..8).collect();
+    let down: Vec<usize> = (0..8).rev().collect();
+    // Each rail i is 198.18.(16 i).0/20; a node's block is a /28 of it, its gateway at .1.
+    let on_block = |got: &BTreeMap<usize, (String, String)>, block: u32, host: u32| {
+        for (i, (addr, gw)) in got {
+            let base = 16 * *i as u32;
+            let (third, fourth) = (base + block * 16 / 256, block * 16 % 256);
+            assert_eq!(addr, &format!("198.18.{third}.{}/28", fourth + host), "rail{i}: {got:?}");
+            assert_eq!(gw, &format!("198.18.{third}.{}", fourth + 1), "rail{i}: {got:?}");
+        }
+    };
+    // Node a's first pod: a's block (the first) on every rail, host index 2 everywhere.
+    on_block(&pod_on_rails(&ns.name, "a1", &rail_nads(&ep, &node_a, &up)), 0, 2);
+    // The next pod, rails in the other order: index 3 everywhere (2 is a1's).
+    on_block(&pod_on_rails(&ns.name, "a2", &rail_nads(&ep, &node_a, &down)), 0, 3);
+    // Node b: the second block of every rail.
+    on_block(&pod_on_rails(&ns.name, "b1", &rail_nads(&ep, &node_b, &up)), 1, 2);
+    // a3 takes index 4 on rail0; then rail3's .4 is reserved by hand: rail3 falls back to
+    // the lowest free address, the other rails stay aligned, and the fallback is counted.
+    let a3_rail0 = pod_on_rails(&ns.name, "a3", &rail_nads(&ep, &node_a, &[0]));
+    on_block(&a3_rail0, 0, 4);
+    let ch = rust_ipam_proto::connect(&ep, Duration::from_secs(5)).await.expect("connect");
+    AdminClient::new(ch)
+        .reserve(pb::ReserveRequest {
+            network: name("rail3"),
+            address: "198.18.48.4".into(),
+            note: "router".into(),
+        })
+        .await
+        .expect("reserve");
+    let a3 = pod_on_rails(&ns.name, "a3", &rail_nads(&ep, &node_a, &up[1..]));
+    let mut aligned = a3.clone();
+    let rail3 = aligned.remove(&3).expect("rail3");
+    on_block(&aligned, 0, 4);
+    assert_eq!(rail3, ("198.18.48.5/28".to_string(), "198.18.48.1".to_string()));
+    let (_, text) = server.http_get("/metrics").await.expect("metrics");
+    let unaligned =
+        |pool: &str| metric(&text, &format!("rustipam_ippool_rail_unaligned{{pool=\"{}\"}}", name(pool)));
+    assert_eq!((unaligned("rail3"), unaligned("rail0")), (Some(1.0), None), "{text}");
+
+    // The blocks are IPLeases of their own network, naming the node.
+    let server_client = ns.client(SERVER_ACCOUNT).await.expect("client");
+    let markers = envtest::list(&server_client, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease")
+        .await
+        .expect("list");
+    let mut blocks: Vec<(String, String, String)> = markers
+        .iter()
+        .filter(|l| l["spec"]["network"].as_str().is_some_and(|n| n.ends_with("/node-blocks")))
+        .map(|l| {
+            let s = &l["spec"];
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (text(&s["network"]), text(&s["address"]), text(&s["node"]))
+        })
+        .filter(|(n, _, _)| n == &format!("{}/node-blocks", name("rail0")))
+        .collect();
+    blocks.sort();
+    let rail0_blocks = format!("{}/node-blocks", name("rail0"));
+    assert_eq!(
+        blocks,
+        [
+            (rail0_blocks.clone(), "198.18.0.0".to_string(), node_a.clone()),
+            (rail0_blocks, "198.18.0.16".into(), node_b.clone())
+        ]
+    );
+
+    // b1 goes: node b holds nothing, yet keeps its blocks, across a restart too.
+    let b_args = format!("K8S_POD_NAMESPACE={};K8S_POD_NAME=b1;K8S_POD_UID=uid-b1", ns.name);
+    for (i, conf) in rail_nads(&ep, &node_b, &up) {
+        let out = run_ipam_plugin("DEL", "b1", &b_args, &conf);
+        assert_eq!(out.code, 0, "DEL b1 on rail{i}: {} {}", out.out, out.stderr);
+    }
+    server.terminate().expect("stop");
+    let server = ServerProcess::start_with(&data, &opts).await.expect("restart");
+    let ep = server.endpoint.clone();
+    make_node(&admin, &node_c, &[]).await;
+    on_block(&pod_on_rails(&ns.name, "c1", &rail_nads(&ep, &node_c, &up)), 2, 2);
+
+    // Node b is deleted: the first pass starts its grace period, one after it gives its
+    // eight blocks back, and the next new node takes them.
+    Api::<Node>::all(admin.clone()).delete(&node_b, &Default::default()).await.expect("delete node");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let node_gone = pb::ReconcileReason::NodeGone as i32;
+    let young = pb::ReconcileAction::KeptYoung as i32;
+    loop {
+        // The server sees the deletion through its watch of the Nodes.
+        let entries = reconcile(&ep).await;
+        if entries.len() == 8 {
+            assert!(entries.iter().all(|e| *e == (node_gone, young, node_b.clone())), "{entries:?}");
+            break;
+        }
+        let log = std::fs::read_to_string(dir.path().join("solo.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "node b's blocks never judged: {entries:?}\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let freed = pb::ReconcileAction::Freed as i32;
+    assert_eq!(reconcile(&ep).await, vec![(node_gone, freed, node_b.clone()); 8]);
+    assert!(reconcile(&ep).await.is_empty());
+    make_node(&admin, &node_d, &[]).await;
+    on_block(&pod_on_rails(&ns.name, "d1", &rail_nads(&ep, &node_d, &up)), 1, 2);
+
+    // The gated pool: node a in this namespace only.
+    let gate = |node: &str| nad("gated", &ep, json!({"pool": name("gated"), "node_name": node}));
+    let ok = add_in(&ns.name, "g1", &gate(&node_a));
+    assert_eq!((ok.code, first_ip(&ok.out)), (0, "198.18.200.1".into()), "{}", ok.stderr);
+    let error =
+        |out: CniOutput| (out.code, out.out["code"].as_u64(), out.out["msg"].as_str().map(String::from));
+    assert_eq!(
+        error(add_in(&ns.name, "g2", &gate(&node_c))),
+        (
+            1,
+            Some(100),
+            Some(format!(
+                "pool {:?} does not admit node {node_c:?}: its nodeSelector example.com/gpu=true does not select it (labels: none)",
+                name("gated")
+            ))
+        )
+    );
+    assert_eq!(
+        error(add_in(&other.name, "g3", &gate(&node_a))),
+        (
+            1,
+            Some(100),
+            Some(format!(
+                "pool {:?} does not admit namespace {:?}: its namespaceSelector kubernetes.io/metadata.name in ({}) does not select it (labels: kubernetes.io/metadata.name={})",
+                name("gated"),
+                other.name,
+                ns.name,
+                other.name
+            ))
+        )
+    );
+    assert_eq!(
+        error(add_in(&ns.name, "g4", &gate(&name("nowhere")))),
+        (
+            1,
+            Some(100),
+            Some(format!(
+                "pool {:?} has a nodeSelector (example.com/gpu=true), and there is no node {:?}",
+                name("gated"),
+                name("nowhere")
+            ))
+        )
+    );
+    // Nothing was held for the refused ADDs.
+    let gated_leases = envtest::list(&server_client, Some(&ns.name), "ipam.rust-ipam.io/v1alpha1", "IPLease")
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|l| l["spec"]["network"] == json!(name("gated")))
+        .count();
+    assert_eq!(gated_leases, 1);
 }

@@ -799,7 +799,9 @@ fn usage_of_sums_a_pools_ranges_before_and_after_allocation() {
 fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
     let mut al = Allocator::new();
     let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
-    let block = |al: &Allocator, node: &str| al.node_block("rail0", within, 28, node).map(|b| b.to_string());
+    let block = |al: &Allocator, node: &str| {
+        al.node_block("rail0", within, 28, node, None).map(|(b, _)| b.to_string())
+    };
     assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
     let on = |node: &str, cid: &str| Attachment { node: node.into(), ..att(cid, "net1", cid) };
     let take = |al: &mut Allocator, node: &str, cid: &str, cidr: &str| {
@@ -818,7 +820,7 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
     take(&mut al, "n4", "d", "198.18.0.48/28");
     assert_eq!(
         block(&al, "n5").expect_err("full").to_string(),
-        "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks hold other nodes' addresses"
+        "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks are other nodes'"
     );
     take(&mut al, "n2", "b2", "198.18.0.16/28");
     let blocks: Vec<(String, String, u128)> =
@@ -838,6 +840,52 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
     assert_eq!(block(&al, "n5"), Ok("198.18.0.0/28".into()));
     // Every lease of another network or family is ignored; IPv6 works alike.
     let v6: ipnetwork::IpNetwork = "fd00::/120".parse().expect("cidr");
-    assert_eq!(al.node_block("rail0", v6, 124, "n1").map(|b| b.to_string()), Ok("fd00::/124".into()));
-    assert!(al.node_block("rail0", within, 26, "n1").is_err(), "a block must be smaller than the range");
+    assert_eq!(
+        al.node_block("rail0", v6, 124, "n1", None).map(|(b, _)| b.to_string()),
+        Ok("fd00::/124".into())
+    );
+    assert!(
+        al.node_block("rail0", within, 26, "n1", None).is_err(),
+        "a block must be smaller than the range"
+    );
+}
+
+#[test]
+fn an_assigned_block_stays_the_nodes_until_it_is_given_back() {
+    let mut al = Allocator::new();
+    let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
+    let block = |al: &Allocator, node: &str, prefer: Option<u128>| {
+        al.node_block("rail0", within, 28, node, prefer).map(|(b, new)| (b.to_string(), new))
+    };
+    assert_eq!(block(&al, "n1", Some(2)), Ok(("198.18.0.32/28".into(), true)));
+    al.assign_block("rail0", "198.18.0.32/28".parse().expect("cidr"), "n1", 5);
+    // Recorded as a manual lease of the blocks network, so the stores persist it.
+    let marker = al.get("rail0/node-blocks", ip("198.18.0.32")).expect("marker");
+    assert!(marker.is_manual());
+    assert_eq!((marker.holder.node.as_str(), marker.prefix_len), ("n1", 28));
+    assert_eq!(block(&al, "n1", None), Ok(("198.18.0.32/28".into(), false)));
+    // No lease is held in it, yet no other node gets it, even when it prefers it.
+    assert_eq!(block(&al, "n2", Some(2)), Ok(("198.18.0.0/28".into(), true)));
+    assert_eq!(
+        al.node_blocks("rail0", within, 28)
+            .into_iter()
+            .map(|(b, n, u)| (b.to_string(), n, u))
+            .collect::<Vec<_>>(),
+        [("198.18.0.32/28".to_string(), "n1".to_string(), 0)]
+    );
+    assert_eq!(
+        al.assigned_blocks().into_iter().map(|(net, b, n, u)| (net, b.to_string(), n, u)).collect::<Vec<_>>(),
+        [("rail0".to_string(), "198.18.0.32/28".to_string(), "n1".to_string(), 0)]
+    );
+    // A restart rebuilds it from the leases like any other.
+    let leases: Vec<Lease> = al.leases(&LeaseFilter::default()).iter().map(|l| (**l).clone()).collect();
+    let (again, problems) = Allocator::restore(Vec::new(), leases);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        again.node_block("rail0", within, 28, "n1", None).map(|(b, _)| b.to_string()),
+        Ok("198.18.0.32/28".into())
+    );
+    al.unassign_block("rail0", "198.18.0.32/28".parse().expect("cidr"), 6).expect("assigned");
+    assert_eq!(block(&al, "n2", Some(2)), Ok(("198.18.0.32/28".into(), true)));
+    assert!(al.assigned_blocks().is_empty());
 }

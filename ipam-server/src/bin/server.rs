@@ -10,6 +10,7 @@ use ipam_server::cli::parse_duration;
 use ipam_server::engine::Engine;
 use ipam_server::metrics::Metrics;
 use ipam_server::pools::Pools;
+use ipam_server::pools::selector::Labels;
 use ipam_server::reconcile::ReconcileMetrics;
 use ipam_server::server::{self, Bound, Listen, Listeners};
 use ipam_server::store::embedded::EmbeddedStore;
@@ -98,7 +99,8 @@ struct Args {
     #[arg(long, env = "RUST_IPAM_STORE", default_value = "auto", global = true)]
     store: StoreKind,
     /// Kubeconfig file for the kube store (with `--store embedded`: only for reconcile to
-    /// read pods). Default: the in-cluster service account.
+    /// read pods and pool selectors to read Node and Namespace labels). Default: the
+    /// in-cluster service account.
     #[arg(long, env = "RUST_IPAM_KUBECONFIG", global = true)]
     kubeconfig: Option<PathBuf>,
     /// Namespace of the lease objects and the leader Lease. Default: $POD_NAMESPACE, else
@@ -141,6 +143,11 @@ struct Args {
     #[arg(long, value_name = "DURATION", env = "RUST_IPAM_RECONCILE_GRACE", default_value = "10m",
           value_parser = parse_duration)]
     reconcile_grace: std::time::Duration,
+    /// How long a Node must be missing from the API server before reconcile gives its
+    /// per-node blocks back (once no address in them is held).
+    #[arg(long, value_name = "DURATION", env = "RUST_IPAM_NODE_BLOCK_GRACE", default_value = "10m",
+          value_parser = parse_duration)]
+    node_block_grace: std::time::Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -409,13 +416,27 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 fn reconciler(
     args: &Args,
     client: Option<kube::Client>,
+    labels: Option<&Labels>,
     metrics: ReconcileMetrics,
 ) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
     use ipam_server::k8s::pods::KubePods;
+    use ipam_server::reconcile::blocks::NodeBlocks;
     use ipam_server::reconcile::{PodSource, Reconciler};
     let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
-    info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(), "stale-lease reconcile");
-    Reconciler::new(pods, args.reconcile_every, args.reconcile_grace, metrics)
+    info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(),
+          node_block_grace = ?args.node_block_grace, "stale-lease reconcile");
+    let blocks = labels.map(|l| NodeBlocks::new(l.clone(), args.node_block_grace));
+    Reconciler::with_blocks(pods, args.reconcile_every, args.reconcile_grace, metrics, blocks)
+}
+
+/// Follows the Nodes' and Namespaces' labels (pool selectors, deleted nodes' blocks).
+fn follow_labels(client: &kube::Client) -> (Labels, tokio::task::JoinHandle<()>) {
+    let labels = Labels::followed();
+    let task = tokio::spawn(
+        ipam_server::k8s::labels::follow(client.clone(), labels.clone())
+            .instrument(tracing::info_span!("labels")),
+    );
+    (labels, task)
 }
 
 /// Runs with the kube store: elects a leader, serves while leading, follows otherwise.
@@ -429,7 +450,8 @@ async fn run_kube(
     use ipam_server::k8s::leader::{self, Election};
     use ipam_server::role::{Peer, Role, Serving};
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    let reconciler = reconciler(args, Some(client.clone()), reconcile_metrics);
+    let (labels, follow_labels) = follow_labels(&client);
+    let reconciler = reconciler(args, Some(client.clone()), Some(&labels), reconcile_metrics);
     let election = Election {
         namespace: args.namespace.clone().unwrap_or_else(default_namespace),
         lease_name: args.lease_name.clone(),
@@ -446,7 +468,7 @@ async fn run_kube(
           advertise = %election.me.endpoint, "rust-ipam-server electing a leader");
     let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Starting);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let pools = Pools::new();
+    let pools = Pools::new().with_labels(labels);
     let follow_pools = tokio::spawn(
         ipam_server::k8s::ippools::follow(kube::Api::all(client.clone()), pools.clone())
             .instrument(tracing::info_span!("ippools")),
@@ -464,6 +486,7 @@ async fn run_kube(
     )
     .await;
     follow_pools.abort();
+    follow_labels.abort();
     let _ = stop_tx.send(true);
     if let Some(engine) = elect.await.context("the election task panicked")? {
         server::drain(engine).await?;
@@ -588,8 +611,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Some(kube_client(Some(path)).await?),
         None => None,
     };
-    let reconciler = reconciler(&args, client, reconcile_metrics);
-    let pools = if args.pools_dir.is_some() { Pools::new() } else { Pools::empty() };
+    let follow = client.as_ref().map(follow_labels);
+    let reconciler = reconciler(&args, client, follow.as_ref().map(|(l, _)| l), reconcile_metrics);
+    let mut pools = if args.pools_dir.is_some() { Pools::new() } else { Pools::empty() };
+    if let Some((labels, _)) = &follow {
+        pools = pools.with_labels(labels.clone());
+    }
     let watch_pools = args.pools_dir.clone().map(|dir| {
         info!(dir = %dir.display(), every = ?ipam_server::pools::dir::POLL, "reading pools (again on SIGHUP and on change)");
         // Before serving, so an early ADD does not find the pools missing.
@@ -611,6 +638,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await;
     if let Some(w) = watch_pools {
         w.abort();
+    }
+    if let Some((_, task)) = follow {
+        task.abort();
     }
     served
 }

@@ -11,6 +11,7 @@
 // Each `printcolumn(...)` repeats the same keys, which this lint takes for a mistake.
 #![allow(clippy::duplicated_attributes)]
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -190,6 +191,44 @@ pub struct IPPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub gateway_index: Option<u32>,
+    /// Pools of one rail group (one pool per rail of a GPU node's NICs, all with
+    /// perNodePrefix) are aligned: a node gets the same block index in each, and a pod
+    /// attached to several of them the same host index in each of its node's blocks, when
+    /// that address is free; else the lowest free one (logged, and counted in
+    /// `rustipam_rail_unaligned_total`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rail_group: String,
+    /// The nodes whose pods may allocate from the pool, by the Node's labels (unset: all).
+    /// A pod on another node gets a CNI error naming the pool and the selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<PoolSelector>,
+    /// The namespaces whose pods may allocate from the pool, by the Namespace's labels
+    /// (unset: all; `kubernetes.io/metadata.name` selects by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<PoolSelector>,
+}
+
+/// A label selector, as Kubernetes writes them: every label of `matchLabels` and every
+/// requirement of `matchExpressions` must hold. An empty selector selects everything.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+/// One requirement of a label selector.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SelectorRequirement {
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    #[schemars(regex(pattern = r"^(In|NotIn|Exists|DoesNotExist)$"))]
+    pub operator: String,
+    /// For `In` and `NotIn`: at least one; for `Exists` and `DoesNotExist`: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
 }
 
 /// One range of a pool, with the keys and meaning of a NAD's inline ipam config

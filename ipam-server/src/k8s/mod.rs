@@ -4,6 +4,7 @@
 
 pub mod crd;
 pub mod ippools;
+pub mod labels;
 pub mod leader;
 pub mod lease_lock;
 pub mod mirror;
@@ -39,6 +40,92 @@ where
         match page.metadata.continue_.filter(|t| !t.is_empty()) {
             Some(token) => params = params.continue_token(&token),
             None => return Ok(version.unwrap_or_default()),
+        }
+    }
+}
+
+/// What [`list_and_watch`] hands on: every object after a (re)list, then each change.
+#[derive(Debug)]
+pub enum Seen<T> {
+    Listed(Vec<T>),
+    Applied(T),
+    Deleted(T),
+}
+
+/// Pause after a failed list or watch call before the next.
+const FOLLOW_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Lists the objects (paged), then watches from the list's resourceVersion, forever,
+/// handing what it sees to `seen`: a watch that ends is resumed where it stopped, one
+/// whose history is gone (410) lists anew. `what` names the objects in the log.
+pub async fn list_and_watch<T, L, LFut, W, WFut, S>(
+    what: &str,
+    mut list: L,
+    mut watch: W,
+    mut seen: impl FnMut(Seen<T>),
+) where
+    T: kube::Resource + Clone,
+    L: FnMut(ListParams) -> LFut,
+    LFut: Future<Output = Result<ObjectList<T>, kube::Error>>,
+    W: FnMut(kube::api::WatchParams, String) -> WFut,
+    WFut: Future<Output = Result<S, kube::Error>>,
+    S: futures::Stream<Item = Result<kube::api::WatchEvent<T>, kube::Error>>,
+{
+    use futures::StreamExt as _;
+    use kube::api::WatchEvent;
+    loop {
+        let mut objects = Vec::new();
+        let mut version = match for_each_page(500, &mut list, |o| objects.push(o)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the {what} failed; retrying");
+                tokio::time::sleep(FOLLOW_RETRY).await;
+                continue;
+            }
+        };
+        tracing::info!(count = objects.len(), "{what} listed; watching");
+        seen(Seen::Listed(objects));
+        loop {
+            let params = kube::api::WatchParams::default().timeout(290);
+            let events = match watch(params, version.clone()).await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the {what} failed; retrying");
+                    tokio::time::sleep(FOLLOW_RETRY).await;
+                    continue;
+                }
+            };
+            let mut events = std::pin::pin!(events);
+            let mut gone = false;
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                        version = o.meta().resource_version.clone().unwrap_or(version);
+                        seen(Seen::Applied(o));
+                    }
+                    Ok(WatchEvent::Deleted(o)) => {
+                        version = o.meta().resource_version.clone().unwrap_or(version);
+                        seen(Seen::Deleted(o));
+                    }
+                    Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
+                    Ok(WatchEvent::Error(s)) if s.code == 410 => {
+                        gone = true;
+                        break;
+                    }
+                    Ok(WatchEvent::Error(s)) => {
+                        tracing::debug!(code = s.code, message = %s.message, "the {what} watch ended with an error");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the {what} watch broke off");
+                        break;
+                    }
+                }
+            }
+            if gone {
+                tracing::info!("the {what} watch's history is gone; listing anew");
+                break;
+            }
         }
     }
 }

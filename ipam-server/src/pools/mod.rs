@@ -9,6 +9,7 @@
 //! instead of "unknown pool", and status and metrics can show it.
 
 pub mod dir;
+pub mod selector;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,9 +20,11 @@ use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
 use crate::allocator::{
-    AllocError, AllocateRequest, Allocator, BlockFull, FieldPrefix, Leases, PoolTotals, RangeInput, RangeSpec,
+    AllocError, AllocateRequest, Allocator, BlockCut, BlockFull, FieldPrefix, Leases, PoolTotals, RangeInput,
+    RangeSpec,
 };
-use crate::k8s::crd::{IPPoolSpec, PoolDns, PoolRoute};
+use crate::k8s::crd::{IPPoolSpec, PoolDns, PoolRoute, PoolSelector};
+use selector::{Labels, Selector};
 
 /// A pool as the allocator uses it.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +39,12 @@ pub struct Pool {
     pub cooldown: Duration,
     /// Per-node subnets, if the pool has them.
     pub per_node: Option<PerNode>,
+    /// The rail group the pool is aligned with ("": none).
+    pub rail_group: String,
+    /// The nodes whose pods may allocate from it (`None`: all).
+    pub node_selector: Option<Selector>,
+    /// The namespaces whose pods may allocate from it (`None`: all).
+    pub namespace_selector: Option<Selector>,
 }
 
 /// How a pool is cut into per-node blocks.
@@ -70,6 +79,18 @@ impl Pool {
     /// The ranges as `kubectl get` shows them: `198.18.0.0/24,fd00::/64`.
     pub fn ranges_text(&self) -> String {
         self.ranges.iter().map(RangeSpec::display).collect::<Vec<_>>().join(",")
+    }
+
+    /// Whether an attachment on `node` of a pod in `namespace` may allocate from the pool,
+    /// by its selectors and the labels in `labels`.
+    pub fn admit(&self, labels: &Labels, node: &str, namespace: &str) -> Result<(), selector::Refusal> {
+        if let Some(s) = &self.node_selector {
+            labels.admit(&self.name, selector::Kind::Node, s, node)?;
+        }
+        if let Some(s) = &self.namespace_selector {
+            labels.admit(&self.name, selector::Kind::Namespace, s, namespace)?;
+        }
+        Ok(())
     }
 
     /// The cooldown in milliseconds, as the allocator takes it.
@@ -150,6 +171,20 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
         }
     }
     let per_node = check_per_node(name, spec, &ranges)?;
+    if !spec.rail_group.is_empty() && per_node.is_none() {
+        return Err(field_error(
+            name,
+            "spec.railGroup".into(),
+            &spec.rail_group,
+            "needs perNodePrefix (rails are aligned by their per-node blocks)",
+        ));
+    }
+    let selector = |field: &str, s: &Option<PoolSelector>| {
+        s.as_ref()
+            .map(|s| Selector::check(field, s))
+            .transpose()
+            .map_err(|(field, value, reason)| field_error(name, field, &value, reason))
+    };
     Ok(Pool {
         name: name.to_string(),
         ranges,
@@ -157,6 +192,9 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
         dns: spec.dns.clone(),
         cooldown: parse_cooldown(name, &spec.cooldown)?,
         per_node,
+        rail_group: spec.rail_group.clone(),
+        node_selector: selector("spec.nodeSelector", &spec.node_selector)?,
+        namespace_selector: selector("spec.namespaceSelector", &spec.namespace_selector)?,
     })
 }
 
@@ -267,6 +305,8 @@ pub enum LookupError {
 #[derive(Debug, Clone, Default)]
 pub struct Pools {
     current: Arc<RwLock<Arc<PoolSet>>>,
+    /// The Nodes' and Namespaces' labels the pools' selectors are checked against.
+    labels: Labels,
 }
 
 impl Pools {
@@ -280,6 +320,17 @@ impl Pools {
         let pools = Pools::default();
         pools.replace(PoolSet { loaded: true, ..PoolSet::default() });
         pools
+    }
+
+    /// Checks the pools' selectors against `labels` (by default: no labels are read, so a
+    /// pool with a selector admits nobody and says why).
+    pub fn with_labels(self, labels: Labels) -> Pools {
+        Pools { labels, ..self }
+    }
+
+    /// The labels selectors are checked against.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
     }
 
     /// The set as it is now.
@@ -326,30 +377,146 @@ impl Pools {
     }
 }
 
-/// Allocates for `req` (whose network is the pool's) from its node's block of each of
-/// `pool_ranges`: the blocks the node's addresses are in, or the lowest free ones. An
-/// exhausted block is named with the node's and the pool's counts. Runs on the engine
+/// The other pools of `pool`'s rail group in `set` (none without a group).
+pub fn rail_siblings(set: &PoolSet, pool: &Pool) -> Vec<Arc<Pool>> {
+    if pool.rail_group.is_empty() {
+        return Vec::new();
+    }
+    set.valid()
+        .filter(|p| p.rail_group == pool.rail_group && p.name != pool.name && p.per_node.is_some())
+        .cloned()
+        .collect()
+}
+
+/// A sibling rail's side of one range: its cut, the node's block there (if it has one)
+/// and that block's range.
+struct Rail {
+    network: String,
+    cut: BlockCut,
+    block: Option<(ipnetwork::IpNetwork, RangeSpec)>,
+}
+
+impl Rail {
+    /// `sibling`'s first range of `family`, and `node`'s block in it.
+    fn of(a: &Allocator, sibling: &Pool, family: bool, node: &str) -> Option<Rail> {
+        let pn = sibling.per_node?;
+        let range = sibling.ranges.iter().find(|r| r.network().is_ipv4() == family)?;
+        let cut = BlockCut::new(range.network(), pn.prefix).ok()?;
+        let block = a
+            .node_block_of(&sibling.name, &cut, node)
+            .and_then(|b| Some((b, pn.block_range(b, range).ok()?)));
+        Some(Rail { network: sibling.name.clone(), cut, block })
+    }
+}
+
+/// How many addresses of a block are tried for one free on every rail.
+const ALIGN_TRIES: u128 = 4096;
+
+/// The address of `block` (in `cut`, allowed by `spec`) to ask for so `req`'s pod has the
+/// same host index on every rail of `rails`: the index its sandbox holds on a rail, else
+/// the lowest index free in `block` and in the node's block of every rail. `None`: no
+/// preference; `Err`: the index the sandbox holds elsewhere is not free here (the reason).
+fn aligned_address(
+    a: &Allocator,
+    req: &AllocateRequest,
+    cut: &BlockCut,
+    block: ipnetwork::IpNetwork,
+    spec: &RangeSpec,
+    rails: &[Rail],
+    now: i64,
+) -> Result<Option<IpAddr>, String> {
+    let cid = &req.attachment.container_id;
+    for rail in rails {
+        let Some((theirs, _)) = &rail.block else { continue };
+        let held = a.leases_in(&rail.network, *theirs).find(|l| &l.holder.container_id == cid);
+        if let Some(l) = held {
+            let host = rail.cut.host_index(l.address);
+            return match cut.at(block, host) {
+                Some(ip) if a.is_free(&req.network, spec, ip, now) => Ok(Some(ip)),
+                Some(ip) => Err(format!(
+                    "host index {host} ({ip}) is not free in block {block}, though the sandbox holds {} in network {:?}",
+                    l.address, rail.network
+                )),
+                None => Err(format!("host index {host} is outside block {block}")),
+            };
+        }
+    }
+    let size = 1u128 << (if block.is_ipv4() { 32 } else { 128 } - u32::from(block.prefix()));
+    for host in 0..size.min(ALIGN_TRIES) {
+        let Some(ip) = cut.at(block, host) else { break };
+        if !a.is_free(&req.network, spec, ip, now) {
+            continue;
+        }
+        let free_on_every_rail = rails.iter().all(|r| match &r.block {
+            None => true,
+            Some((theirs, spec)) => {
+                r.cut.at(*theirs, host).is_some_and(|ip| a.is_free(&r.network, spec, ip, now))
+            }
+        });
+        if free_on_every_rail {
+            return Ok(Some(ip));
+        }
+    }
+    Ok(None)
+}
+
+/// Allocates for `req` (whose network is `pool`'s, a per-node pool) from its node's block
+/// of each of the pool's ranges: the block assigned to the node, else a new one (the
+/// block index the node has on the other rails of `rails` when free, else the lowest
+/// free), recorded as the node's in the same write as the address. Within the block, a
+/// pod on several rails of one group gets the same host index on each when that address
+/// is free (see [`aligned_address`]); when it is not, the lowest free address (logged).
+/// An exhausted block is named with the node's and the pool's counts. Runs on the engine
 /// thread, so choosing a block and holding an address in it are one step.
 ///
 /// A pod back on another node (same name and interface, a new sandbox) gets an address
 /// of the new node's block; the address it held in the old node's block is released once
-/// the new one is held (kept, it would make the old block look like the new node's).
+/// the new one is held.
 pub fn allocate_in_blocks(
     a: &mut Allocator,
     req: &AllocateRequest,
-    per_node: PerNode,
-    pool_ranges: &[RangeSpec],
+    pool: &Pool,
+    rails: &[Arc<Pool>],
     now_unix_ms: i64,
 ) -> Result<Leases, AllocError> {
+    let Some(per_node) = pool.per_node else { return a.allocate(req, now_unix_ms) };
     let node = &req.attachment.node;
-    let mut blocks = Vec::with_capacity(pool_ranges.len());
-    for r in pool_ranges {
-        let block = a.node_block(&req.network, r.network(), per_node.prefix, node)?;
-        blocks.push(per_node.block_range(block, r)?);
+    // Asked-for addresses (static IPs) and what the pod holds already come first.
+    let aligning = !rails.is_empty() && req.requested.is_empty() && !a.holds(&req.network, &req.attachment);
+    let mut blocks = Vec::with_capacity(pool.ranges.len());
+    let mut ranges = Vec::with_capacity(pool.ranges.len());
+    let mut requested = req.requested.clone();
+    for r in &pool.ranges {
+        let cut = BlockCut::new(r.network(), per_node.prefix)?;
+        let rails: Vec<Rail> = match aligning {
+            true => rails.iter().filter_map(|s| Rail::of(a, s, r.network().is_ipv4(), node)).collect(),
+            false => Vec::new(),
+        };
+        let prefer =
+            rails.iter().find_map(|rail| rail.block.as_ref().map(|(b, _)| rail.cut.index(b.network())));
+        let (block, _) = a.node_block(&req.network, r.network(), per_node.prefix, node, prefer)?;
+        let spec = per_node.block_range(block, r)?;
+        if aligning {
+            match aligned_address(a, req, &cut, block, &spec, &rails, now_unix_ms) {
+                Ok(Some(ip)) => requested.push(ip),
+                Ok(None) => {}
+                Err(why) => {
+                    a.count_unaligned(&pool.name);
+                    warn!(pool = %pool.name, rail_group = %pool.rail_group, node = %node,
+                          container_id = %req.attachment.container_id, ifname = %req.attachment.ifname,
+                          reason = %why, "cannot align this rail with the pod's others; taking the lowest free address");
+                }
+            }
+        }
+        blocks.push(block);
+        ranges.push(spec);
     }
-    let in_blocks = AllocateRequest { ranges: blocks, ..req.clone() };
+    let in_blocks = AllocateRequest { ranges, requested, ..req.clone() };
     let got = a.allocate(&in_blocks, now_unix_ms);
     if got.is_ok() {
+        for block in &blocks {
+            a.assign_block(&req.network, *block, node, now_unix_ms);
+        }
         let held = a.check(&req.network, &req.attachment.container_id, &req.attachment.ifname);
         for l in held.iter().filter(|l| !in_blocks.ranges.iter().any(|b| b.allows(l.address))) {
             // It is held (just checked), so this cannot fail.
@@ -358,7 +525,7 @@ pub fn allocate_in_blocks(
     }
     got.map_err(|e| match e {
         AllocError::Exhausted { range, size, held, excluded } => {
-            let pool = a.usage_of(&req.network, pool_ranges);
+            let usage = a.usage_of(&req.network, &pool.ranges);
             AllocError::BlockExhausted(Box::new(BlockFull {
                 network: req.network.to_string(),
                 node: node.clone(),
@@ -366,8 +533,8 @@ pub fn allocate_in_blocks(
                 size,
                 held,
                 excluded,
-                pool_size: pool.size,
-                pool_held: pool.used,
+                pool_size: usage.size,
+                pool_held: usage.used,
             }))
         }
         e => e,
@@ -383,6 +550,8 @@ pub struct PoolStats {
     pub totals: PoolTotals,
     /// Released addresses whose cooldown has not passed.
     pub cooldown_holds: usize,
+    /// Allocations that could not take the pod's host index of its other rails.
+    pub unaligned: u64,
     /// Why the pool is not used; `None`: it is.
     pub error: Option<String>,
     /// Per-node pools: the blocks holding addresses, (block, node, held), lowest first.
@@ -416,6 +585,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 ranges: pool.ranges_text(),
                 totals: totals(alloc, pool),
                 cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
+                unaligned: alloc.unaligned(name),
                 error: None,
                 blocks: pool.per_node.map_or_else(Vec::new, |pn| {
                     pool.ranges
@@ -430,6 +600,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 ranges: String::new(),
                 totals: PoolTotals::default(),
                 cooldown_holds: 0,
+                unaligned: 0,
                 error: Some(e.to_string()),
                 blocks: Vec::new(),
             },
@@ -594,16 +765,14 @@ mod tests {
     }
 
     /// Pool rail0: a /27 cut into /29 blocks, each block's gateway at index 1.
-    fn rail_pool() -> (Pool, PerNode) {
+    fn rail_pool() -> Pool {
         let spec = IPPoolSpec {
             ranges: vec![range("198.18.0.0/27")],
             per_node_prefix: Some(29),
             gateway_index: Some(1),
             ..IPPoolSpec::default()
         };
-        let pool = check("rail0", &spec).expect("valid");
-        let pn = pool.per_node.expect("per node");
-        (pool, pn)
+        check("rail0", &spec).expect("valid")
     }
 
     /// An Allocate in rail0 for `cid`'s net1 on `node`, of pod ml/train-0 when `pod` is set.
@@ -629,10 +798,10 @@ mod tests {
 
     #[test]
     fn each_node_allocates_from_its_own_block() {
-        let (pool, pn) = rail_pool();
+        let pool = rail_pool();
         let mut a = Allocator::new();
         let take = |a: &mut Allocator, node: &str, cid: &str| {
-            allocate_in_blocks(a, &block_request(node, cid, false), pn, &pool.ranges, 1)
+            allocate_in_blocks(a, &block_request(node, cid, false), &pool, &[], 1)
                 .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
                 .map_err(|e| e.to_string())
         };
@@ -651,7 +820,7 @@ mod tests {
         take(&mut a, "n4", "d1").expect("fourth block");
         assert_eq!(
             take(&mut a, "n5", "e1"),
-            Err(r#"no free /29 block for node "n5" in 198.18.0.0/27 (network "rail0"): all 4 blocks hold other nodes' addresses"#.into())
+            Err(r#"no free /29 block for node "n5" in 198.18.0.0/27 (network "rail0"): all 4 blocks are other nodes'"#.into())
         );
     }
 
@@ -683,10 +852,10 @@ mod tests {
 
     #[test]
     fn a_pod_back_on_another_node_moves_to_that_nodes_block() {
-        let (pool, pn) = rail_pool();
+        let pool = rail_pool();
         let mut a = Allocator::new();
         let take = |a: &mut Allocator, node: &str, cid: &str| {
-            allocate_in_blocks(a, &block_request(node, cid, true), pn, &pool.ranges, 1)
+            allocate_in_blocks(a, &block_request(node, cid, true), &pool, &[], 1)
                 .map(|l| l[0].address.to_string())
                 .expect("allocate")
         };
@@ -696,14 +865,73 @@ mod tests {
         let held: Vec<String> =
             a.check("rail0", "sandbox-2", "net1").iter().map(|l| l.address.to_string()).collect();
         assert_eq!(held, ["198.18.0.10"]);
-        assert_eq!(a.lease_count(), 1);
+        // One address, and the two nodes' block markers.
+        assert_eq!(a.lease_count(), 3);
+        // n1's block stays n1's, though it holds nothing now.
         let within = pool.ranges[0].network();
         assert_eq!(
-            a.node_block("rail0", within, 29, "n3").map(|b| b.to_string()),
-            Ok("198.18.0.0/29".into())
+            a.node_block("rail0", within, 29, "n3", None).map(|(b, _)| b.to_string()),
+            Ok("198.18.0.16/29".into())
         );
         // Back on the same node in a new sandbox: the same address, moved to it.
         assert_eq!(take(&mut a, "n2", "sandbox-3"), "198.18.0.10");
-        assert_eq!(a.lease_count(), 1);
+        assert_eq!(a.lease_count(), 3);
+    }
+
+    /// Rail `name` of rail group "spectrum": `cidr` cut into /29 blocks, gateway at index 1.
+    fn rail(name: &str, cidr: &str) -> Arc<Pool> {
+        let spec = IPPoolSpec {
+            ranges: vec![range(cidr)],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            rail_group: "spectrum".into(),
+            ..IPPoolSpec::default()
+        };
+        Arc::new(check(name, &spec).expect("valid"))
+    }
+
+    #[test]
+    fn a_pod_gets_the_same_host_index_and_a_node_the_same_block_on_every_rail() {
+        let rails = [rail("rail0", "198.18.0.0/27"), rail("rail1", "198.18.1.0/27")];
+        let mut set = PoolSet::default();
+        for r in &rails {
+            set.pools.insert(r.name.clone(), Ok(r.clone()));
+        }
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, rail: usize, node: &str, cid: &str| {
+            let pool = &rails[rail];
+            let mut req = block_request(node, cid, false);
+            req.network = pool.name.as_str().into();
+            allocate_in_blocks(a, &req, pool, &rail_siblings(&set, pool), 1).map(|l| l[0].address.to_string())
+        };
+        // Pod a on rail0 first: host index 2 (1 is the gateway).
+        assert_eq!(take(&mut a, 0, "n1", "a"), Ok("198.18.0.2".into()));
+        // Pod b starts on rail1: index 2 is free there but taken on rail0, so 3.
+        assert_eq!(take(&mut a, 1, "n1", "b"), Ok("198.18.1.3".into()));
+        assert_eq!(take(&mut a, 1, "n1", "a"), Ok("198.18.1.2".into()));
+        assert_eq!(take(&mut a, 0, "n1", "b"), Ok("198.18.0.3".into()));
+        // A node new on rail1 takes the block index it has on rail0 (the third), not the
+        // lowest free one (the second).
+        a.assign_block("rail0", "198.18.0.16/29".parse().expect("cidr"), "n2", 1);
+        assert_eq!(take(&mut a, 1, "n2", "c"), Ok("198.18.1.18".into()));
+        assert_eq!(take(&mut a, 0, "n2", "c"), Ok("198.18.0.18".into()));
+        // The index pod d holds on rail0 is reserved on rail1: the lowest free address there,
+        // counted.
+        assert_eq!(take(&mut a, 0, "n1", "d"), Ok("198.18.0.4".into()));
+        a.reserve("rail1", "198.18.1.4".parse().expect("ip"), "router", 1).expect("reserve");
+        assert_eq!(take(&mut a, 1, "n1", "d"), Ok("198.18.1.5".into()));
+        assert_eq!((a.unaligned("rail1"), a.unaligned("rail0")), (1, 0));
+        // Asking again changes nothing: the pod holds its address.
+        assert_eq!(take(&mut a, 1, "n1", "d"), Ok("198.18.1.5".into()));
+        assert_eq!(a.unaligned("rail1"), 1);
+    }
+
+    #[test]
+    fn a_rail_group_needs_per_node_blocks() {
+        let s = IPPoolSpec { rail_group: "spectrum".into(), ..spec(vec![range("198.18.0.0/24")]) };
+        assert_eq!(
+            err(&s),
+            r#"pool "rail0" is invalid: spec.railGroup "spectrum" needs perNodePrefix (rails are aligned by their per-node blocks)"#
+        );
     }
 }

@@ -21,6 +21,8 @@
 //! and leases without a pod (imports without a podref) are never looked at. A dry run
 //! takes the same steps up to (not including) the release, so it lists what a real pass
 //! would free.
+//!
+//! The same pass gives deleted nodes' per-node blocks back ([`blocks`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,6 +35,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::{Instrument as _, debug, info, info_span, warn};
+
+pub mod blocks;
 
 use crate::allocator::{Allocator, Lease, LeaseFilter, Str};
 use crate::engine::{Engine, EngineError};
@@ -80,6 +84,8 @@ pub enum Reason {
     PodGone,
     /// A pod of that namespace/name exists with another UID than the lease recorded.
     PodReplaced,
+    /// A per-node block's Node is gone (the lease is the block's marker).
+    NodeGone,
 }
 
 impl Reason {
@@ -88,6 +94,7 @@ impl Reason {
         match self {
             Reason::PodGone => "pod-gone",
             Reason::PodReplaced => "pod-replaced",
+            Reason::NodeGone => "node-gone",
         }
     }
 }
@@ -457,6 +464,8 @@ pub struct Reconciler {
     /// Grace period of timer passes and of RPCs that name none.
     grace: Duration,
     metrics: ReconcileMetrics,
+    /// Gives deleted nodes' blocks back, when the Nodes are read.
+    blocks: Option<blocks::NodeBlocks>,
     running: tokio::sync::Mutex<()>,
 }
 
@@ -473,7 +482,18 @@ impl Reconciler {
         grace: Duration,
         metrics: ReconcileMetrics,
     ) -> Arc<Reconciler> {
-        Arc::new(Reconciler { pods, every, grace, metrics, running: tokio::sync::Mutex::new(()) })
+        Reconciler::with_blocks(pods, every, grace, metrics, None)
+    }
+
+    /// As [`Reconciler::new`], and each pass also gives deleted nodes' blocks back.
+    pub fn with_blocks(
+        pods: Option<Arc<dyn PodSource>>,
+        every: Duration,
+        grace: Duration,
+        metrics: ReconcileMetrics,
+        blocks: Option<blocks::NodeBlocks>,
+    ) -> Arc<Reconciler> {
+        Arc::new(Reconciler { pods, every, grace, metrics, blocks, running: tokio::sync::Mutex::new(()) })
     }
 
     /// A reconciler without pods and without a timer. Its metrics are registered nowhere:
@@ -497,7 +517,11 @@ impl Reconciler {
         let Some(pods) = &self.pods else { return Err(PassError::NoPods) };
         let opts = PassOptions { dry_run, grace: grace.unwrap_or(self.grace) };
         let _one_at_a_time = self.running.lock().await;
-        let outcome = pass(engine, pods.as_ref(), opts, now_unix_ms()).await;
+        let now = now_unix_ms();
+        let mut outcome = pass(engine, pods.as_ref(), opts, now).await;
+        if let (Ok(report), Some(blocks)) = (&mut outcome, &self.blocks) {
+            report.entries.extend(blocks.pass(engine, dry_run, now).await);
+        }
         self.metrics.observe(dry_run, &outcome);
         match &outcome {
             Ok(r) => info!(dry_run, grace = ?opts.grace, leases = r.leases_checked, pods = r.pods_listed,

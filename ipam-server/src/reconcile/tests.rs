@@ -535,3 +535,74 @@ fn table_is_aligned_with_a_header() {
     assert_eq!(age_text(Duration::from_secs(3 * 86_400)), "3d");
     assert_eq!(age_text(Duration::from_secs(600)), "10m");
 }
+
+#[tokio::test]
+async fn a_deleted_nodes_block_goes_back_after_the_grace_period_once_empty() {
+    use crate::pools::selector::{Kind, LabelMap, Labels};
+    let (engine, _) = engine_with(Vec::new()).await;
+    let cidr = |s: &str| s.parse::<ipnetwork::IpNetwork>().expect("cidr");
+    // n1 and n2 each have a block of rail0; n2 still holds an address in its block.
+    engine
+        .call(move |a, now| {
+            a.assign_block("rail0", cidr("198.18.0.0/29"), "n1", now);
+            a.assign_block("rail0", cidr("198.18.0.8/29"), "n2", now);
+            let on_n2 = Attachment { node: "n2".into(), ..Attachment::default() };
+            let mut l =
+                lease("198.18.0.10", Arc::new(Attachment { container_id: "c2".into(), ..on_n2 }), now);
+            l.network = "rail0".into();
+            a.adopt(l).expect("adopt");
+        })
+        .await
+        .expect("engine");
+    let labels = Labels::followed();
+    let blocks = blocks::NodeBlocks::new(labels.clone(), Duration::from_secs(60));
+    let t0 = 1_000_000;
+    // Before the Nodes are read, nothing is judged.
+    assert!(blocks.pass(&engine, false, t0).await.is_empty());
+    let nodes =
+        |names: &[&str]| -> LabelMap { names.iter().map(|n| (n.to_string(), BTreeMap::new())).collect() };
+    labels.replace(Kind::Node, nodes(&["n1", "n2"]));
+    assert!(blocks.pass(&engine, false, t0).await.is_empty(), "both nodes exist");
+    labels.replace(Kind::Node, nodes(&[]));
+    let judged = |entries: Vec<Entry>| -> Vec<(String, &'static str, &'static str)> {
+        entries.iter().map(|e| (e.lease.holder.node.clone(), e.reason.as_str(), e.action.as_str())).collect()
+    };
+    let at = |s: &[(&str, &'static str)]| -> Vec<(String, &'static str, &'static str)> {
+        s.iter().map(|(n, a)| (n.to_string(), "node-gone", *a)).collect()
+    };
+    // Gone, but not for the grace period yet.
+    assert_eq!(
+        judged(blocks.pass(&engine, false, t0).await),
+        at(&[("n1", "kept-young"), ("n2", "kept-young")])
+    );
+    // n1 comes back before the grace period passes: its clock starts again.
+    labels.replace(Kind::Node, nodes(&["n1"]));
+    assert_eq!(judged(blocks.pass(&engine, false, t0 + 30_000).await), at(&[("n2", "kept-young")]));
+    labels.replace(Kind::Node, nodes(&[]));
+    assert_eq!(
+        judged(blocks.pass(&engine, true, t0 + 61_000).await),
+        at(&[("n1", "kept-young"), ("n2", "kept-pod-live")])
+    );
+    // n1 has been gone since t0 + 61 s again; n2 since t0.
+    assert_eq!(
+        judged(blocks.pass(&engine, false, t0 + 120_000).await),
+        at(&[("n1", "kept-young"), ("n2", "kept-pod-live")])
+    );
+    assert_eq!(
+        judged(blocks.pass(&engine, false, t0 + 121_000).await),
+        at(&[("n1", "freed"), ("n2", "kept-pod-live")])
+    );
+    let left = engine.call(|a, _| a.assigned_blocks()).await.expect("engine");
+    assert_eq!(
+        left.iter().map(|(_, b, n, _)| (b.to_string(), n.as_str())).collect::<Vec<_>>(),
+        [("198.18.0.8/29".to_string(), "n2")]
+    );
+    // n2's address goes (its pod's lease freed): the block follows at the next pass.
+    engine
+        .call(|a, now| a.release_address("rail0", "198.18.0.10".parse().expect("ip"), now))
+        .await
+        .expect("engine")
+        .expect("held");
+    assert_eq!(judged(blocks.pass(&engine, false, t0 + 122_000).await), at(&[("n2", "freed")]));
+    assert!(engine.call(|a, _| a.assigned_blocks()).await.expect("engine").is_empty());
+}
