@@ -35,7 +35,7 @@ pub fn status(e: AllocError) -> Status {
         AllocError::Held { .. } => Status::already_exists(msg),
         AllocError::Conflict { .. } => Status::failed_precondition(msg),
         AllocError::NotFound { .. } => Status::not_found(msg),
-        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => Status::resource_exhausted(msg),
+        AllocError::NoFreeBlock(_) | AllocError::BlockExhausted(_) => Status::resource_exhausted(msg),
     }
 }
 

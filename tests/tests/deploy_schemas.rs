@@ -404,10 +404,11 @@ fn the_eight_rail_example_is_eight_valid_per_node_pools() {
         assert_eq!(pool.metadata.name.as_deref(), Some(format!("rail{i}").as_str()));
         let checked = ipam_server::pools::check(&format!("rail{i}"), &pool.spec).expect("valid");
         let per_node = checked.per_node.expect("per-node blocks");
-        assert_eq!((per_node.prefix, per_node.gateway_index), (28, Some(1)));
+        assert_eq!((per_node.cut, per_node.gateway_index), (ipam_server::pools::Cut::Prefix(28), Some(1)));
+        assert_eq!(checked.rail_group, "spectrum-x");
         // The first node's block on this rail: .1 the gateway, .2 to .14 for pods.
         let range = &checked.ranges[0];
-        let first: ipnetwork::IpNetwork = format!("198.18.{}.0/28", 16 * i).parse().expect("cidr");
+        let first: ipam_server::allocator::Block = format!("198.18.{}.0/28", 16 * i).parse().expect("block");
         let block = per_node.block_range(first, range).expect("block");
         assert_eq!(block.gateway(), Some(format!("198.18.{}.1", 16 * i).parse().expect("ip")));
         assert_eq!(block.size() - block.excluded_count(), 13);

@@ -374,10 +374,16 @@ async fn wait_status(api: &Api<IPPool>, name: &str, ok: impl Fn(&Value) -> bool)
     }
 }
 
+/// IPPools are cluster-scoped, and every server writes the status of every pool it sees:
+/// two tests' servers on the one API server would overwrite each other's pool status. The
+/// tests that run a server on the API server take turns.
+static ONE_SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_from_the_api_server_through_the_plugin() {
     const TEST: &str = "pools_from_the_api_server_through_the_plugin";
     let Some(env) = envtest::shared(TEST) else { return };
+    let _turn = ONE_SERVER.lock().await;
     let ns = env.namespace("pools").await.expect("namespace");
     let admin = ns.admin_client().await.expect("admin client");
     let pools: Api<IPPool> = Api::all(admin.clone());
@@ -655,6 +661,7 @@ async fn reconcile(ep: &str) -> Vec<(i32, i32, String)> {
 async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
     const TEST: &str = "the_eight_rail_example_selectors_and_node_blocks_on_the_api_server";
     let Some(env) = envtest::shared(TEST) else { return };
+    let _turn = ONE_SERVER.lock().await;
     let ns = env.namespace("rails").await.expect("namespace");
     let other = env.namespace("other").await.expect("namespace");
     let admin = ns.admin_client().await.expect("admin client");

@@ -6,6 +6,7 @@
 //! persists; the caller answers only after that commit.
 
 pub mod bitmap;
+pub mod blocks;
 mod by_address;
 pub mod range;
 mod sharded;
@@ -24,6 +25,7 @@ use sharded::{Shard, ShardedMap, shard_of_hash};
 use smallvec::SmallVec;
 
 use bitmap::SparseBitmap;
+pub use blocks::{BLOCKS_SUFFIX, Block, BlockCut, blocks_network};
 use by_address::ByAddress;
 pub use range::{Family, FieldPrefix, RangeInput, RangeSpec, ip_to_u128, parse_address, u128_to_ip};
 
@@ -46,13 +48,25 @@ pub enum AllocError {
     #[error("address {address} is not held in network \"{network}\"")]
     NotFound { network: String, address: IpAddr },
     /// Every per-node block of a range is another node's.
-    #[error(
-        "no free /{prefix} block for node {node:?} in {range} (network \"{network}\"): all {blocks} blocks are other nodes'"
-    )]
-    NoFreeBlock { network: String, node: String, range: String, prefix: u8, blocks: u128 },
+    #[error(transparent)]
+    NoFreeBlock(Box<NoBlock>),
     /// A node's block has no free address.
     #[error(transparent)]
     BlockExhausted(Box<BlockFull>),
+}
+
+/// Every per-node block of a range is another node's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no free {kind} block for node {node:?} in {range} (network \"{network}\"): all {blocks} blocks are other nodes'"
+)]
+pub struct NoBlock {
+    pub network: String,
+    pub node: String,
+    pub range: String,
+    /// `/28` or `8-address`.
+    pub kind: String,
+    pub blocks: u128,
 }
 
 /// A node's per-node block with no free address, with the node's and the pool's counts.
@@ -589,72 +603,6 @@ fn delete(
     Some(lease)
 }
 
-/// The suffix of the network holding the per-node block assignments of a network.
-pub const BLOCKS_SUFFIX: &str = "/node-blocks";
-
-/// The network whose manual leases record which node each per-node block of `network`
-/// belongs to: one lease per block, on the block's first address, holding the node.
-pub fn blocks_network(network: &str) -> String {
-    format!("{network}{BLOCKS_SUFFIX}")
-}
-
-/// A range cut into blocks of one prefix length.
-#[derive(Debug, Clone, Copy)]
-pub struct BlockCut {
-    pub within: ipnetwork::IpNetwork,
-    pub prefix: u8,
-    shift: u32,
-    first: u128,
-    last: u128,
-    /// How many blocks the range holds.
-    pub blocks: u128,
-}
-
-impl BlockCut {
-    /// `within` cut into blocks of prefix length `prefix`, which must be longer than
-    /// `within`'s and at most the family's.
-    pub fn new(within: ipnetwork::IpNetwork, prefix: u8) -> Result<BlockCut, AllocError> {
-        let bits: u8 = if within.is_ipv4() { 32 } else { 128 };
-        if prefix <= within.prefix() || prefix > bits {
-            return Err(AllocError::Invalid {
-                field: "perNodePrefix".into(),
-                value: prefix.to_string(),
-                reason: format!("is not longer than {within}'s prefix and at most {bits}"),
-            });
-        }
-        let shift = u32::from(bits - prefix);
-        let (first, last) = (ip_to_u128(within.network()), ip_to_u128(within.broadcast()));
-        Ok(BlockCut { within, prefix, shift, first, last, blocks: ((last - first) >> shift) + 1 })
-    }
-
-    /// Whether `ip` is in the cut range.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        Family::of(ip) == Family::of(self.within.ip()) && (self.first..=self.last).contains(&ip_to_u128(ip))
-    }
-
-    /// The index of the block holding `ip` (which the range must contain).
-    pub fn index(&self, ip: IpAddr) -> u128 {
-        (ip_to_u128(ip) - self.first) >> self.shift
-    }
-
-    /// Block number `i`.
-    pub fn block(&self, i: u128) -> ipnetwork::IpNetwork {
-        let ip = u128_to_ip(Family::of(self.within.ip()), self.first + (i << self.shift));
-        ipnetwork::IpNetwork::new(ip, self.prefix).unwrap_or(self.within)
-    }
-
-    /// The host index of `ip` within its block.
-    pub fn host_index(&self, ip: IpAddr) -> u128 {
-        (ip_to_u128(ip) - self.first) & ((1u128 << self.shift) - 1)
-    }
-
-    /// The address at host index `host` of block `block` (`None` past its end).
-    pub fn at(&self, block: ipnetwork::IpNetwork, host: u128) -> Option<IpAddr> {
-        (host < (1u128 << self.shift))
-            .then(|| u128_to_ip(Family::of(self.within.ip()), ip_to_u128(block.network()) + host))
-    }
-}
-
 impl Allocator {
     /// An empty allocator.
     pub fn new() -> Allocator {
@@ -1063,184 +1011,6 @@ impl Allocator {
             t.free = t.free.saturating_add(size - excluded - used);
         }
         t
-    }
-
-    /// The block of prefix length `prefix` within `within` that belongs to `node` in
-    /// `network`, and whether it is newly chosen: the block assigned to the node (its
-    /// marker in [`blocks_network`]), else the lowest block holding an address of one of
-    /// the node's attachments (pools from before markers), else `prefer` (an index of a
-    /// block, counted from `within`'s first) when no other node has it, else the lowest
-    /// block neither assigned nor holding another node's address. Manual reservations
-    /// claim no block.
-    pub fn node_block(
-        &self,
-        network: &str,
-        within: ipnetwork::IpNetwork,
-        prefix: u8,
-        node: &str,
-        prefer: Option<u128>,
-    ) -> Result<(ipnetwork::IpNetwork, bool), AllocError> {
-        let cut = BlockCut::new(within, prefix)?;
-        let mut taken = std::collections::BTreeSet::new();
-        for (i, owner) in self.block_markers(network, &cut) {
-            if owner == node {
-                return Ok((cut.block(i), false));
-            }
-            taken.insert(i);
-        }
-        for l in self.leases_within(network, &cut).filter(|l| !l.is_manual()) {
-            let i = cut.index(l.address);
-            if l.holder.node == node {
-                return Ok((cut.block(i), true));
-            }
-            taken.insert(i);
-        }
-        if let Some(i) = prefer.filter(|i| *i < cut.blocks && !taken.contains(i)) {
-            return Ok((cut.block(i), true));
-        }
-        // The lowest index not taken: `taken` is sorted, so walk it.
-        let mut free = 0u128;
-        for i in taken {
-            if i != free {
-                break;
-            }
-            free += 1;
-        }
-        if free >= cut.blocks {
-            return Err(AllocError::NoFreeBlock {
-                network: network.to_string(),
-                node: node.to_string(),
-                range: within.to_string(),
-                prefix,
-                blocks: cut.blocks,
-            });
-        }
-        Ok((cut.block(free), true))
-    }
-
-    /// The block of `cut` that is `node`'s in `network`, if it has one: assigned to it,
-    /// else holding one of its attachments' addresses. Assigns nothing.
-    pub fn node_block_of(&self, network: &str, cut: &BlockCut, node: &str) -> Option<ipnetwork::IpNetwork> {
-        let assigned = self.block_markers(network, cut).find(|(_, n)| *n == node).map(|(i, _)| i);
-        let held = || {
-            self.leases_within(network, cut)
-                .find(|l| !l.is_manual() && l.holder.node == node)
-                .map(|l| cut.index(l.address))
-        };
-        assigned.or_else(held).map(|i| cut.block(i))
-    }
-
-    /// The leases of `network` in `block`, lowest first.
-    pub fn leases_in<'a>(
-        &'a self,
-        network: &str,
-        block: ipnetwork::IpNetwork,
-    ) -> impl Iterator<Item = &'a Arc<Lease>> + 'a {
-        self.networks.get(network).into_iter().flat_map(move |net| {
-            net.leases.from(Bound::Included(block.network())).take_while(move |l| block.contains(l.address))
-        })
-    }
-
-    /// Records `block` of `network` as `node`'s (a manual lease on the block's first address
-    /// in [`blocks_network`], persisted with the leases), unless it is already recorded.
-    pub fn assign_block(&mut self, network: &str, block: ipnetwork::IpNetwork, node: &str, now_unix_ms: i64) {
-        let markers = blocks_network(network);
-        let net = network_mut(&mut self.networks, &markers);
-        if net.leases.get(&block.network()).is_some() {
-            return;
-        }
-        let lease = Arc::new(Lease {
-            address: block.network(),
-            network: net.name.clone(),
-            range: Arc::from(block.to_string()),
-            prefix_len: block.prefix(),
-            gateway: None,
-            holder: Arc::new(Attachment { node: node.to_string(), ..Attachment::default() }),
-            created_unix_ms: now_unix_ms,
-            note: format!("per-node block {block} of node {node} in network \"{network}\""),
-        });
-        net.insert(lease.clone());
-        self.lease_count += 1;
-        self.journal.push(Change::PutLease(lease));
-    }
-
-    /// The blocks assigned to nodes in every network: (network, block, node, held): the
-    /// addresses of attachments held in the block.
-    pub fn assigned_blocks(&self) -> Vec<(String, ipnetwork::IpNetwork, String, u128)> {
-        let mut out = Vec::new();
-        for net in self.networks.values() {
-            let Some(network) = net.name.strip_suffix(BLOCKS_SUFFIX) else { continue };
-            for m in net.leases.from(Bound::Unbounded) {
-                let Ok(block) = ipnetwork::IpNetwork::new(m.address, m.prefix_len) else { continue };
-                let held = self.networks.get(network).map_or(0, |n| {
-                    n.leases
-                        .from(Bound::Included(block.network()))
-                        .take_while(|l| block.contains(l.address))
-                        .filter(|l| !l.is_manual())
-                        .count() as u128
-                });
-                out.push((network.to_string(), block, m.holder.node.clone(), held));
-            }
-        }
-        out.sort();
-        out
-    }
-
-    /// Gives `block` of `network` back: its marker goes, so another node may take it.
-    pub fn unassign_block(
-        &mut self,
-        network: &str,
-        block: ipnetwork::IpNetwork,
-        now_unix_ms: i64,
-    ) -> Result<Arc<Lease>, AllocError> {
-        self.release_address(&blocks_network(network), block.network(), now_unix_ms)
-    }
-
-    /// The block markers of `network` within `cut`'s range: (block index, node).
-    fn block_markers<'a>(
-        &'a self,
-        network: &str,
-        cut: &'a BlockCut,
-    ) -> impl Iterator<Item = (u128, &'a str)> + 'a {
-        self.networks.get(blocks_network(network).as_str()).into_iter().flat_map(move |net| {
-            net.leases
-                .from(Bound::Included(cut.within.network()))
-                .take_while(move |l| cut.contains(l.address))
-                .filter(move |l| l.prefix_len == cut.prefix)
-                .map(move |l| (cut.index(l.address), l.holder.node.as_str()))
-        })
-    }
-
-    /// The leases of `network` within `cut`'s range, lowest first.
-    fn leases_within<'a>(
-        &'a self,
-        network: &str,
-        cut: &'a BlockCut,
-    ) -> impl Iterator<Item = &'a Arc<Lease>> + 'a {
-        self.networks.get(network).into_iter().flat_map(move |net| {
-            net.leases
-                .from(Bound::Included(cut.within.network()))
-                .take_while(move |l| cut.contains(l.address))
-        })
-    }
-
-    /// The per-node blocks of prefix length `prefix` within `within` in `network` that are
-    /// assigned or hold attachment addresses, lowest first: each block, its node (the
-    /// assigned one, else the first found holding an address there) and how many
-    /// addresses it holds.
-    pub fn node_blocks(
-        &self,
-        network: &str,
-        within: ipnetwork::IpNetwork,
-        prefix: u8,
-    ) -> Vec<(ipnetwork::IpNetwork, String, u128)> {
-        let Ok(cut) = BlockCut::new(within, prefix) else { return Vec::new() };
-        let mut blocks: BTreeMap<u128, (String, u128)> =
-            self.block_markers(network, &cut).map(|(i, node)| (i, (node.to_string(), 0))).collect();
-        for l in self.leases_within(network, &cut).filter(|l| !l.is_manual()) {
-            blocks.entry(cut.index(l.address)).or_insert_with(|| (l.holder.node.clone(), 0)).1 += 1;
-        }
-        blocks.into_iter().map(|(i, (node, held))| (cut.block(i), node, held)).collect()
     }
 
     /// Whether `ip` could be handed out from `spec` in `network` at `now`: allowed by the

@@ -413,7 +413,7 @@ fn outcome(e: &AllocError) -> Outcome {
         AllocError::Conflict { .. } => Outcome::Conflict,
         AllocError::Exhausted { .. } => Outcome::Exhausted,
         AllocError::NotFound { .. } => unreachable!("allocate never answers NotFound"),
-        AllocError::NoFreeBlock { .. } | AllocError::BlockExhausted(_) => {
+        AllocError::NoFreeBlock(_) | AllocError::BlockExhausted(_) => {
             unreachable!("allocate never answers per-node block errors")
         }
     }
@@ -800,7 +800,8 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
     let mut al = Allocator::new();
     let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
     let block = |al: &Allocator, node: &str| {
-        al.node_block("rail0", within, 28, node, None).map(|(b, _)| b.to_string())
+        al.node_block("rail0", &BlockCut::by_prefix(within, 28).expect("cut"), node, None)
+            .map(|(b, _)| b.to_string())
     };
     assert_eq!(block(&al, "n1"), Ok("198.18.0.0/28".into()));
     let on = |node: &str, cid: &str| Attachment { node: node.into(), ..att(cid, "net1", cid) };
@@ -823,8 +824,11 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
         "no free /28 block for node \"n5\" in 198.18.0.0/26 (network \"rail0\"): all 4 blocks are other nodes'"
     );
     take(&mut al, "n2", "b2", "198.18.0.16/28");
-    let blocks: Vec<(String, String, u128)> =
-        al.node_blocks("rail0", within, 28).into_iter().map(|(b, n, u)| (b.to_string(), n, u)).collect();
+    let blocks: Vec<(String, String, u128)> = al
+        .node_blocks("rail0", &BlockCut::by_prefix(within, 28).expect("cut"))
+        .into_iter()
+        .map(|(b, n, u)| (b.to_string(), n, u))
+        .collect();
     assert_eq!(
         blocks,
         [
@@ -841,13 +845,11 @@ fn a_node_keeps_its_block_and_a_new_node_takes_the_lowest_free_one() {
     // Every lease of another network or family is ignored; IPv6 works alike.
     let v6: ipnetwork::IpNetwork = "fd00::/120".parse().expect("cidr");
     assert_eq!(
-        al.node_block("rail0", v6, 124, "n1", None).map(|(b, _)| b.to_string()),
+        al.node_block("rail0", &BlockCut::by_prefix(v6, 124).expect("cut"), "n1", None)
+            .map(|(b, _)| b.to_string()),
         Ok("fd00::/124".into())
     );
-    assert!(
-        al.node_block("rail0", within, 26, "n1", None).is_err(),
-        "a block must be smaller than the range"
-    );
+    assert!(BlockCut::by_prefix(within, 26).is_err(), "a block must be smaller than the range");
 }
 
 #[test]
@@ -855,10 +857,11 @@ fn an_assigned_block_stays_the_nodes_until_it_is_given_back() {
     let mut al = Allocator::new();
     let within: ipnetwork::IpNetwork = "198.18.0.0/26".parse().expect("cidr");
     let block = |al: &Allocator, node: &str, prefer: Option<u128>| {
-        al.node_block("rail0", within, 28, node, prefer).map(|(b, new)| (b.to_string(), new))
+        al.node_block("rail0", &BlockCut::by_prefix(within, 28).expect("cut"), node, prefer)
+            .map(|(b, new)| (b.to_string(), new))
     };
     assert_eq!(block(&al, "n1", Some(2)), Ok(("198.18.0.32/28".into(), true)));
-    al.assign_block("rail0", "198.18.0.32/28".parse().expect("cidr"), "n1", 5);
+    al.assign_block("rail0", "198.18.0.32/28".parse().expect("block"), "n1", 5);
     // Recorded as a manual lease of the blocks network, so the stores persist it.
     let marker = al.get("rail0/node-blocks", ip("198.18.0.32")).expect("marker");
     assert!(marker.is_manual());
@@ -867,7 +870,7 @@ fn an_assigned_block_stays_the_nodes_until_it_is_given_back() {
     // No lease is held in it, yet no other node gets it, even when it prefers it.
     assert_eq!(block(&al, "n2", Some(2)), Ok(("198.18.0.0/28".into(), true)));
     assert_eq!(
-        al.node_blocks("rail0", within, 28)
+        al.node_blocks("rail0", &BlockCut::by_prefix(within, 28).expect("cut"))
             .into_iter()
             .map(|(b, n, u)| (b.to_string(), n, u))
             .collect::<Vec<_>>(),
@@ -882,10 +885,12 @@ fn an_assigned_block_stays_the_nodes_until_it_is_given_back() {
     let (again, problems) = Allocator::restore(Vec::new(), leases);
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(
-        again.node_block("rail0", within, 28, "n1", None).map(|(b, _)| b.to_string()),
+        again
+            .node_block("rail0", &BlockCut::by_prefix(within, 28).expect("cut"), "n1", None)
+            .map(|(b, _)| b.to_string()),
         Ok("198.18.0.32/28".into())
     );
-    al.unassign_block("rail0", "198.18.0.32/28".parse().expect("cidr"), 6).expect("assigned");
+    al.unassign_block("rail0", "198.18.0.32/28".parse().expect("block"), 6).expect("assigned");
     assert_eq!(block(&al, "n2", Some(2)), Ok(("198.18.0.32/28".into(), true)));
     assert!(al.assigned_blocks().is_empty());
 }

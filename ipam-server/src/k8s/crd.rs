@@ -186,6 +186,12 @@ pub struct IPPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 128))]
     pub per_node_prefix: Option<u8>,
+    /// Per-node runs of addresses (nv-ipam's IPPool): every range's addresses (range_start
+    /// to range_end) are cut into runs of this many, and a node's pods get addresses from
+    /// its own run, with the range's prefix length and gateway. Not with perNodePrefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_node_block_size: Option<u32>,
     /// With perNodePrefix: the gateway of each node's block, as an index from the block's
     /// first address (`1`: the first usable one); never handed out.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,8 +20,8 @@ use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
 use crate::allocator::{
-    AllocError, AllocateRequest, Allocator, BlockCut, BlockFull, FieldPrefix, Leases, PoolTotals, RangeInput,
-    RangeSpec,
+    AllocError, AllocateRequest, Allocator, Block, BlockCut, BlockFull, FieldPrefix, Leases, PoolTotals,
+    RangeInput, RangeSpec,
 };
 use crate::k8s::crd::{IPPoolSpec, PoolDns, PoolRoute, PoolSelector};
 use selector::{Labels, Selector};
@@ -49,27 +49,56 @@ pub struct Pool {
 
 /// How a pool is cut into per-node blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Subnets of this prefix length (`perNodePrefix`), each with its own gateway.
+    Prefix(u8),
+    /// Runs of this many addresses (`perNodeBlockSize`), sharing the range's prefix and
+    /// gateway.
+    Size(u32),
+}
+
+/// A pool's per-node blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PerNode {
-    /// Prefix length of a node's block.
-    pub prefix: u8,
-    /// The gateway of a block: this index from its first address.
+    pub cut: Cut,
+    /// With [`Cut::Prefix`]: the gateway of a block, this index from its first address.
     pub gateway_index: Option<u32>,
 }
 
 impl PerNode {
-    /// The range a node allocates from: its block, with the pool range's exclusions (clipped
-    /// to the block) and the block's gateway.
-    pub fn block_range(&self, block: IpNetwork, pool_range: &RangeSpec) -> Result<RangeSpec, AllocError> {
-        let family = crate::allocator::Family::of(block.ip());
-        let gateway = self.gateway_index.map_or_else(String::new, |i| {
-            let ip = crate::allocator::ip_to_u128(block.network()) + u128::from(i);
-            crate::allocator::u128_to_ip(family, ip).to_string()
-        });
-        let input = RangeInput {
-            range: block.to_string(),
-            exclude: pool_range.input().exclude.clone(),
-            gateway,
-            ..RangeInput::default()
+    /// How `pool_range` is cut.
+    pub fn cut_of(&self, pool_range: &RangeSpec) -> Result<BlockCut, AllocError> {
+        match self.cut {
+            Cut::Prefix(p) => BlockCut::by_prefix(pool_range.network(), p),
+            Cut::Size(n) => BlockCut::by_size(pool_range, u128::from(n)),
+        }
+    }
+
+    /// The range a node allocates from: its block, with the pool range's exclusions
+    /// (clipped to the block), and the block's gateway (a subnet's, at gatewayIndex) or
+    /// the range's (a run of addresses shares the range's prefix and gateway).
+    pub fn block_range(&self, block: Block, pool_range: &RangeSpec) -> Result<RangeSpec, AllocError> {
+        let input = match self.cut {
+            Cut::Prefix(_) => {
+                let family = crate::allocator::Family::of(block.first);
+                let gateway = self.gateway_index.map_or_else(String::new, |i| {
+                    let ip = crate::allocator::ip_to_u128(block.first) + u128::from(i);
+                    crate::allocator::u128_to_ip(family, ip).to_string()
+                });
+                RangeInput {
+                    range: block.to_string(),
+                    exclude: pool_range.input().exclude.clone(),
+                    gateway,
+                    ..RangeInput::default()
+                }
+            }
+            Cut::Size(_) => RangeInput {
+                range: pool_range.network().to_string(),
+                range_start: block.first.to_string(),
+                range_end: block.last.to_string(),
+                exclude: pool_range.input().exclude.clone(),
+                gateway: pool_range.input().gateway.clone(),
+            },
         };
         RangeSpec::parse(&input, FieldPrefix(""))
     }
@@ -176,7 +205,7 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
             name,
             "spec.railGroup".into(),
             &spec.rail_group,
-            "needs perNodePrefix (rails are aligned by their per-node blocks)",
+            "needs perNodePrefix or perNodeBlockSize (rails are aligned by their per-node blocks)",
         ));
     }
     let selector = |field: &str, s: &Option<PoolSelector>| {
@@ -198,14 +227,57 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
     })
 }
 
-/// perNodePrefix and gatewayIndex: a block must fit every range and hold its gateway
-/// with room to spare; the ranges then describe no bounds or gateway of their own.
+/// perNodePrefix (with gatewayIndex) or perNodeBlockSize: a block must fit every range and
+/// hold an address to hand out (a subnet's network and last addresses and its gateway are
+/// never handed out); a range cut into subnets then describes no bounds or gateway of its
+/// own.
 fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result<Option<PerNode>, PoolError> {
-    let Some(prefix) = spec.per_node_prefix else {
-        if let Some(i) = spec.gateway_index {
-            return Err(field_error(name, "spec.gatewayIndex".into(), &i.to_string(), "needs perNodePrefix"));
+    let prefix = match (spec.per_node_prefix, spec.per_node_block_size) {
+        (Some(_), Some(n)) => {
+            return Err(field_error(
+                name,
+                "spec.perNodeBlockSize".into(),
+                &n.to_string(),
+                "is not taken with perNodePrefix (a block is one or the other)",
+            ));
         }
-        return Ok(None);
+        (None, Some(n)) => {
+            if let Some(i) = spec.gateway_index {
+                return Err(field_error(
+                    name,
+                    "spec.gatewayIndex".into(),
+                    &i.to_string(),
+                    "needs perNodePrefix (blocks of perNodeBlockSize share their range's gateway)",
+                ));
+            }
+            for (i, r) in ranges.iter().enumerate() {
+                if n == 0 || u128::from(n) > r.size() {
+                    return Err(field_error(
+                        name,
+                        "spec.perNodeBlockSize".into(),
+                        &n.to_string(),
+                        format!(
+                            "is not between 1 and the size of spec.ranges[{i}] {} ({})",
+                            r.display(),
+                            r.size()
+                        ),
+                    ));
+                }
+            }
+            return Ok(Some(PerNode { cut: Cut::Size(n), gateway_index: None }));
+        }
+        (None, None) => {
+            if let Some(i) = spec.gateway_index {
+                return Err(field_error(
+                    name,
+                    "spec.gatewayIndex".into(),
+                    &i.to_string(),
+                    "needs perNodePrefix",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(p), None) => p,
     };
     let field = || "spec.perNodePrefix".to_string();
     for (i, r) in ranges.iter().enumerate() {
@@ -243,17 +315,12 @@ fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result
             ));
         }
         let input = &spec.ranges[i];
-        for (key, set) in [
-            ("range_start", !input.range_start.is_empty()),
-            ("range_end", !input.range_end.is_empty()),
-            ("gateway", !input.gateway.is_empty()),
+        for (key, value) in [
+            ("range_start", &input.range_start),
+            ("range_end", &input.range_end),
+            ("gateway", &input.gateway),
         ] {
-            if set {
-                let value = match key {
-                    "range_start" => &input.range_start,
-                    "range_end" => &input.range_end,
-                    _ => &input.gateway,
-                };
+            if !value.is_empty() {
                 return Err(field_error(
                     name,
                     format!("spec.ranges[{i}].{key}"),
@@ -263,7 +330,7 @@ fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result
             }
         }
     }
-    Ok(Some(PerNode { prefix, gateway_index: spec.gateway_index }))
+    Ok(Some(PerNode { cut: Cut::Prefix(prefix), gateway_index: spec.gateway_index }))
 }
 
 /// Every pool a source holds, by name: usable, or the reason it is not.
@@ -393,7 +460,7 @@ pub fn rail_siblings(set: &PoolSet, pool: &Pool) -> Vec<Arc<Pool>> {
 struct Rail {
     network: String,
     cut: BlockCut,
-    block: Option<(ipnetwork::IpNetwork, RangeSpec)>,
+    block: Option<(Block, RangeSpec)>,
 }
 
 impl Rail {
@@ -401,7 +468,7 @@ impl Rail {
     fn of(a: &Allocator, sibling: &Pool, family: bool, node: &str) -> Option<Rail> {
         let pn = sibling.per_node?;
         let range = sibling.ranges.iter().find(|r| r.network().is_ipv4() == family)?;
-        let cut = BlockCut::new(range.network(), pn.prefix).ok()?;
+        let cut = pn.cut_of(range).ok()?;
         let block = a
             .node_block_of(&sibling.name, &cut, node)
             .and_then(|b| Some((b, pn.block_range(b, range).ok()?)));
@@ -420,7 +487,7 @@ fn aligned_address(
     a: &Allocator,
     req: &AllocateRequest,
     cut: &BlockCut,
-    block: ipnetwork::IpNetwork,
+    block: Block,
     spec: &RangeSpec,
     rails: &[Rail],
     now: i64,
@@ -441,8 +508,7 @@ fn aligned_address(
             };
         }
     }
-    let size = 1u128 << (if block.is_ipv4() { 32 } else { 128 } - u32::from(block.prefix()));
-    for host in 0..size.min(ALIGN_TRIES) {
+    for host in 0..cut.size().min(ALIGN_TRIES) {
         let Some(ip) = cut.at(block, host) else { break };
         if !a.is_free(&req.network, spec, ip, now) {
             continue;
@@ -487,14 +553,13 @@ pub fn allocate_in_blocks(
     let mut ranges = Vec::with_capacity(pool.ranges.len());
     let mut requested = req.requested.clone();
     for r in &pool.ranges {
-        let cut = BlockCut::new(r.network(), per_node.prefix)?;
+        let cut = per_node.cut_of(r)?;
         let rails: Vec<Rail> = match aligning {
             true => rails.iter().filter_map(|s| Rail::of(a, s, r.network().is_ipv4(), node)).collect(),
             false => Vec::new(),
         };
-        let prefer =
-            rails.iter().find_map(|rail| rail.block.as_ref().map(|(b, _)| rail.cut.index(b.network())));
-        let (block, _) = a.node_block(&req.network, r.network(), per_node.prefix, node, prefer)?;
+        let prefer = rails.iter().find_map(|rail| rail.block.as_ref().map(|(b, _)| rail.cut.index(b.first)));
+        let (block, _) = a.node_block(&req.network, &cut, node, prefer)?;
         let spec = per_node.block_range(block, r)?;
         if aligning {
             match aligned_address(a, req, &cut, block, &spec, &rails, now_unix_ms) {
@@ -558,15 +623,29 @@ pub struct PoolStats {
     pub blocks: Vec<(String, String, u128)>,
 }
 
-/// Size and use of `pool`: per-node blocks count their network, last and gateway
-/// addresses as excluded (they are never handed out).
+/// The addresses at the end of `r` that no block of `n` addresses holds, less those
+/// excluded anyway (a rest of more than 65536 addresses counts whole).
+fn rest_reserved(r: &RangeSpec, n: u32) -> u128 {
+    let rest = r.size() % u128::from(n);
+    if rest > 1 << 16 {
+        return rest;
+    }
+    (r.size() - rest..r.size()).filter(|o| r.allows(r.addr(*o))).count() as u128
+}
+
+/// Size and use of `pool`: per-node subnets count their network, last and gateway
+/// addresses as excluded (they are never handed out), runs of addresses the rest of a
+/// range no run holds.
 fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
     let mut t = alloc.usage_of(&pool.name, &pool.ranges);
     if let Some(pn) = pool.per_node {
         let reserved = pool
             .ranges
             .iter()
-            .map(|r| r.block_reserved(pn.prefix, pn.gateway_index))
+            .map(|r| match pn.cut {
+                Cut::Prefix(p) => r.block_reserved(p, pn.gateway_index),
+                Cut::Size(n) => rest_reserved(r, n),
+            })
             .fold(0u128, u128::saturating_add);
         t.excluded = t.excluded.saturating_add(reserved);
         t.free = t.free.saturating_sub(reserved);
@@ -590,7 +669,8 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 blocks: pool.per_node.map_or_else(Vec::new, |pn| {
                     pool.ranges
                         .iter()
-                        .flat_map(|r| alloc.node_blocks(name, r.network(), pn.prefix))
+                        .filter_map(|r| pn.cut_of(r).ok())
+                        .flat_map(|cut| alloc.node_blocks(name, &cut))
                         .map(|(b, node, held)| (b.to_string(), node, held))
                         .collect()
                 }),
@@ -870,7 +950,8 @@ mod tests {
         // n1's block stays n1's, though it holds nothing now.
         let within = pool.ranges[0].network();
         assert_eq!(
-            a.node_block("rail0", within, 29, "n3", None).map(|(b, _)| b.to_string()),
+            a.node_block("rail0", &BlockCut::by_prefix(within, 29).expect("cut"), "n3", None)
+                .map(|(b, _)| b.to_string()),
             Ok("198.18.0.16/29".into())
         );
         // Back on the same node in a new sandbox: the same address, moved to it.
@@ -912,7 +993,7 @@ mod tests {
         assert_eq!(take(&mut a, 0, "n1", "b"), Ok("198.18.0.3".into()));
         // A node new on rail1 takes the block index it has on rail0 (the third), not the
         // lowest free one (the second).
-        a.assign_block("rail0", "198.18.0.16/29".parse().expect("cidr"), "n2", 1);
+        a.assign_block("rail0", "198.18.0.16/29".parse().expect("block"), "n2", 1);
         assert_eq!(take(&mut a, 1, "n2", "c"), Ok("198.18.1.18".into()));
         assert_eq!(take(&mut a, 0, "n2", "c"), Ok("198.18.0.18".into()));
         // The index pod d holds on rail0 is reserved on rail1: the lowest free address there,
@@ -931,7 +1012,59 @@ mod tests {
         let s = IPPoolSpec { rail_group: "spectrum".into(), ..spec(vec![range("198.18.0.0/24")]) };
         assert_eq!(
             err(&s),
-            r#"pool "rail0" is invalid: spec.railGroup "spectrum" needs perNodePrefix (rails are aligned by their per-node blocks)"#
+            r#"pool "rail0" is invalid: spec.railGroup "spectrum" needs perNodePrefix or perNodeBlockSize (rails are aligned by their per-node blocks)"#
+        );
+    }
+
+    #[test]
+    fn runs_of_addresses_per_node_share_the_ranges_prefix_and_gateway() {
+        let sized = |n: u32| IPPoolSpec {
+            ranges: vec![PoolRange { gateway: "198.18.0.1".into(), ..range("198.18.0.0/24") }],
+            per_node_block_size: Some(n),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &sized(8)).expect("valid");
+        assert_eq!(pool.per_node, Some(PerNode { cut: Cut::Size(8), gateway_index: None }));
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            allocate_in_blocks(a, &block_request(node, cid, false), &pool, &[], 1)
+                .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
+                .map_err(|e| e.to_string())
+        };
+        // n1 has .1 to .8, whose .1 is the range's gateway; n2 has .9 to .16.
+        assert_eq!(take(&mut a, "n1", "a"), Ok(("198.18.0.2".into(), 24, Some("198.18.0.1".into()))));
+        assert_eq!(take(&mut a, "n2", "b"), Ok(("198.18.0.9".into(), 24, Some("198.18.0.1".into()))));
+        for cid in ["a2", "a3", "a4", "a5", "a6", "a7"] {
+            take(&mut a, "n1", cid).expect("room in n1's run");
+        }
+        assert_eq!(
+            take(&mut a, "n1", "a8"),
+            Err(r#"block 198.18.0.1-198.18.0.8/24 of node "n1" in network "rail0" is exhausted: size 8, held 7, excluded 1 (the whole pool: size 254, held 8)"#.into())
+        );
+        // 31 runs of 8; the last 6 addresses are in none.
+        let t = stats(&a, &PoolSet::from_specs([("rail0", &sized(8))]), 0)[0].totals;
+        assert_eq!((t.size, t.excluded), (254, 1 + 6));
+        let blocks = stats(&a, &PoolSet::from_specs([("rail0", &sized(8))]), 0)[0].blocks.clone();
+        assert_eq!(
+            blocks,
+            [
+                ("198.18.0.1-198.18.0.8".to_string(), "n1".to_string(), 7),
+                ("198.18.0.9-198.18.0.16".into(), "n2".into(), 1)
+            ]
+        );
+        assert_eq!(
+            err(&sized(255)),
+            r#"pool "rail0" is invalid: spec.perNodeBlockSize "255" is not between 1 and the size of spec.ranges[0] 198.18.0.0/24 (254)"#
+        );
+        let both = IPPoolSpec { per_node_prefix: Some(28), ..sized(8) };
+        assert_eq!(
+            err(&both),
+            r#"pool "rail0" is invalid: spec.perNodeBlockSize "8" is not taken with perNodePrefix (a block is one or the other)"#
+        );
+        let gi = IPPoolSpec { gateway_index: Some(1), ..sized(8) };
+        assert_eq!(
+            err(&gi),
+            r#"pool "rail0" is invalid: spec.gatewayIndex "1" needs perNodePrefix (blocks of perNodeBlockSize share their range's gateway)"#
         );
     }
 }

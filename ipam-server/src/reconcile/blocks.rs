@@ -38,7 +38,7 @@ fn markers(a: &Allocator) -> Vec<Seen> {
     a.assigned_blocks()
         .into_iter()
         .filter_map(|(network, block, _, held)| {
-            let marker = a.get(&crate::allocator::blocks_network(&network), block.network()).ok()?;
+            let marker = a.get(&crate::allocator::blocks_network(&network), block.first).ok()?;
             Some(Seen { marker, held })
         })
         .collect()
@@ -52,7 +52,7 @@ fn free_if_unchanged(a: &mut Allocator, seen: &Lease, now_unix_ms: i64) -> bool 
         return false;
     }
     let Some(network) = seen.network.strip_suffix(BLOCKS_SUFFIX) else { return false };
-    let Ok(block) = ipnetwork::IpNetwork::new(seen.address, seen.prefix_len) else { return false };
+    let Ok(block) = seen.range.parse::<crate::allocator::Block>() else { return false };
     if a.leases_in(network, block).any(|l| !l.is_manual()) {
         return false;
     }
@@ -95,7 +95,7 @@ impl NodeBlocks {
                 reason: Reason::NodeGone,
                 action: Action::KeptYoung,
                 age: Duration::from_millis(gone_for.max(0) as u64),
-                detail: format!("block {}/{} of node {node}", s.marker.address, s.marker.prefix_len),
+                detail: format!("block {} of node {node}", s.marker.range),
                 failed_at: None,
             };
             entry.action = if gone_for < duration_ms(self.grace) {

@@ -540,7 +540,7 @@ fn table_is_aligned_with_a_header() {
 async fn a_deleted_nodes_block_goes_back_after_the_grace_period_once_empty() {
     use crate::pools::selector::{Kind, LabelMap, Labels};
     let (engine, _) = engine_with(Vec::new()).await;
-    let cidr = |s: &str| s.parse::<ipnetwork::IpNetwork>().expect("cidr");
+    let cidr = |s: &str| s.parse::<crate::allocator::Block>().expect("block");
     // n1 and n2 each have a block of rail0; n2 still holds an address in its block.
     engine
         .call(move |a, now| {
