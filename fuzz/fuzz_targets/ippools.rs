@@ -1,7 +1,7 @@
 //! IPPools as a pools directory file holds them (YAML, several documents), checked as the
 //! server checks them; every usable pool then allocates for three attachments on two nodes
-//! (through its per-node blocks when it has them), releases one under its cooldown, and
-//! reports its usage as status and metrics do. Bad pools must be refused with a message
+//! (through its per-node blocks when it has them, aligned with its rail group's), releases
+//! one under its cooldown, and reports its usage as status and metrics do. Bad pools must be refused with a message
 //! naming what was wrong, never a panic; the block and count arithmetic must hold for any
 //! range and prefix the checks let through.
 #![no_main]
@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use ipam_server::allocator::{AllocateRequest, Allocator, Attachment};
-use ipam_server::pools::{allocate_in_blocks, dir, stats};
+use ipam_server::pools::{allocate_in_blocks, dir, rail_siblings, stats};
 use libfuzzer_sys::fuzz_target;
 use rust_ipam_fuzz::check_message;
 
@@ -41,10 +41,7 @@ fuzz_target!(|data: &[u8]| {
                 ranges: pool.ranges.clone(),
                 requested: Vec::new(),
             };
-            let got = match pool.per_node {
-                Some(pn) => allocate_in_blocks(&mut alloc, &req, pn, &pool.ranges, 1),
-                None => alloc.allocate(&req, 1),
-            };
+            let got = allocate_in_blocks(&mut alloc, &req, pool, &rail_siblings(&set, pool), 1);
             match got {
                 Ok(leases) => assert_eq!(leases.len(), pool.ranges.len(), "one address per range"),
                 Err(e) => check_message(&e.to_string()),

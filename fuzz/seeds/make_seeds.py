@@ -164,6 +164,13 @@ put("ippools", "edges", "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nm
     "spec:\n  ranges:\n  - range: 198.18.0.0/30\n    exclude: [198.18.0.1]\n  cooldown: 60m\n---\n"
     "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: bad\n"
     "spec:\n  ranges:\n  - range: 198.18.12.0/24\n    range_start: 198.18.11.200\n")
+put("ippools", "runs-rails-selectors",
+    "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: run0\n"
+    "spec:\n  ranges:\n  - range: 198.18.0.0/24\n    gateway: 198.18.0.1\n  perNodeBlockSize: 7\n"
+    "  railGroup: g\n---\n"
+    "apiVersion: ipam.rust-ipam.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: run1\n"
+    "spec:\n  ranges:\n  - range: 198.18.1.0/24\n  perNodePrefix: 29\n  gatewayIndex: 1\n  railGroup: g\n"
+    "  nodeSelector:\n    matchLabels: {gpu: \"true\"}\n    matchExpressions:\n    - {key: zone, operator: In, values: [a]}\n")
 
 # --- gRPC requests: method byte, u16 LE length, protobuf ------------------------------
 def varint(n):
