@@ -41,6 +41,12 @@ struct IpPool {
     pool: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IpPoolNode {
+    pool: String,
+    node: String,
+}
+
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// The registry and the server-wide metrics.
@@ -67,6 +73,8 @@ pub struct Metrics {
     ippool_valid: Family<IpPool, Gauge>,
     ippool_blocks: Family<IpPool, Gauge>,
     ippool_rail_unaligned: Family<IpPool, Gauge>,
+    ippool_node_used: Family<IpPoolNode, FloatGauge>,
+    ippool_node_free: Family<IpPoolNode, FloatGauge>,
 }
 
 /// Builds [`Metrics`]: modules register their own metrics in sub-registries first.
@@ -109,6 +117,8 @@ impl Metrics {
             ippool_valid: Family::default(),
             ippool_blocks: Family::default(),
             ippool_rail_unaligned: Family::default(),
+            ippool_node_used: Family::default(),
+            ippool_node_free: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -156,6 +166,16 @@ impl Metrics {
             "ippool_rail_unaligned",
             "Allocations of an IPPool that could not take the host index the pod has on the other rails of its rail group, since this replica started leading",
             m.ippool_rail_unaligned.clone(),
+        );
+        registry.register(
+            "ippool_node_used",
+            "Addresses held in a node's per-node blocks of an IPPool",
+            m.ippool_node_used.clone(),
+        );
+        registry.register(
+            "ippool_node_free",
+            "Addresses a node's per-node blocks of an IPPool can still hand out",
+            m.ippool_node_free.clone(),
         );
         registry.register(
             "ippool_valid",
@@ -207,6 +227,8 @@ impl Metrics {
         self.ippool_valid.clear();
         self.ippool_blocks.clear();
         self.ippool_rail_unaligned.clear();
+        self.ippool_node_used.clear();
+        self.ippool_node_free.clear();
         for p in ippools {
             let l = IpPool { pool: p.name.clone() };
             self.ippool_valid.get_or_create(&l).set(i64::from(p.error.is_none()));
@@ -217,6 +239,17 @@ impl Metrics {
                 self.ippool_cooldown_holds.get_or_create(&l).set(p.cooldown_holds as i64);
                 if !p.blocks.is_empty() {
                     self.ippool_blocks.get_or_create(&l).set(p.blocks.len() as i64);
+                }
+                let mut per_node: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+                for b in &p.blocks {
+                    let n = per_node.entry(b.node.as_str()).or_default();
+                    n.0 += b.used as f64;
+                    n.1 += b.free as f64;
+                }
+                for (node, (used, free)) in per_node {
+                    let l = IpPoolNode { pool: p.name.clone(), node: node.to_string() };
+                    self.ippool_node_used.get_or_create(&l).set(used);
+                    self.ippool_node_free.get_or_create(&l).set(free);
                 }
                 if p.unaligned > 0 {
                     self.ippool_rail_unaligned

@@ -553,7 +553,10 @@ async fn pools_from_the_api_server_through_the_plugin() {
     let status = wait_status(&pools, &blocks, |s| s["used"] == "3").await;
     assert_eq!(
         status["blocks"],
-        json!([{"node": "n1", "block": "198.18.24.0/29", "used": "2"}, {"node": "n2", "block": "198.18.24.8/29", "used": "1"}])
+        json!([
+            {"node": "n1", "block": "198.18.24.0/29", "used": "2", "free": "3"},
+            {"node": "n2", "block": "198.18.24.8/29", "used": "1", "free": "4"}
+        ])
     );
 
     // Deleting a pool makes it unknown.
@@ -708,7 +711,7 @@ async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
             &cfg,
             &ns.name,
             dir.path().join("solo.log"),
-            &["--reconcile-every", "0", "--node-block-grace", "1s"],
+            &["--reconcile-every", "0", "--node-block-grace", "1s", "--pool-status-every", "200ms"],
         )
     };
     let data = dir.path().join("data");
@@ -768,6 +771,20 @@ async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
     let unaligned =
         |pool: &str| metric(&text, &format!("rustipam_ippool_rail_unaligned{{pool=\"{}\"}}", name(pool)));
     assert_eq!((unaligned("rail3"), unaligned("rail0")), (Some(1.0), None), "{text}");
+    // Per node: a's /28 of rail0 holds a1, a2 and a3, and has 10 of its 13 left.
+    let of_node = |m: &str, node: &str| {
+        metric(&text, &format!("rustipam_ippool_node_{m}{{pool=\"{}\",node=\"{node}\"}}", name("rail0")))
+    };
+    assert_eq!((of_node("used", &node_a), of_node("free", &node_a)), (Some(3.0), Some(10.0)), "{text}");
+    let status =
+        wait_status(&pools, &name("rail0"), |s| s["blocks"].as_array().is_some_and(|b| b.len() == 2)).await;
+    assert_eq!(
+        status["blocks"],
+        json!([
+            {"node": node_a, "block": "198.18.0.0/28", "used": "3", "free": "10"},
+            {"node": node_b, "block": "198.18.0.16/28", "used": "1", "free": "12"}
+        ])
+    );
 
     // The blocks are IPLeases of their own network, naming the node.
     let server_client = ns.client(SERVER_ACCOUNT).await.expect("client");

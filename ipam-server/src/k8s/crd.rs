@@ -296,7 +296,8 @@ pub struct IPPoolStatus {
     /// `Valid`: whether the server uses the pool, and if not why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<PoolCondition>,
-    /// With perNodePrefix: the blocks holding addresses, and whose they are.
+    /// With per-node blocks: the blocks recorded for nodes or holding addresses, whose they
+    /// are and their use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<NodeBlock>,
 }
@@ -309,6 +310,9 @@ pub struct NodeBlock {
     pub block: String,
     /// Addresses held in it (a decimal string, as the other counts).
     pub used: String,
+    /// Addresses it can still hand out.
+    #[serde(default)]
+    pub free: String,
 }
 
 /// A status condition, in the shape Kubernetes conditions take.

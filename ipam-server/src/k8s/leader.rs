@@ -299,10 +299,11 @@ pub fn ippool_status(stats: &PoolStats) -> IPPoolStatus {
         blocks: stats
             .blocks
             .iter()
-            .map(|(block, node, used)| NodeBlock {
-                node: node.clone(),
-                block: block.clone(),
-                used: used.to_string(),
+            .map(|b| NodeBlock {
+                node: b.node.clone(),
+                block: b.block.clone(),
+                used: b.used.to_string(),
+                free: b.free.to_string(),
             })
             .collect(),
     }

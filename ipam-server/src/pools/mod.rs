@@ -606,6 +606,17 @@ pub fn allocate_in_blocks(
     })
 }
 
+/// One per-node block's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockStats {
+    pub block: String,
+    pub node: String,
+    /// Addresses held in it.
+    pub used: u128,
+    /// Addresses it can still hand out (not held, excluded or its gateway).
+    pub free: u128,
+}
+
 /// One pool's state, for status and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
@@ -619,8 +630,8 @@ pub struct PoolStats {
     pub unaligned: u64,
     /// Why the pool is not used; `None`: it is.
     pub error: Option<String>,
-    /// Per-node pools: the blocks holding addresses, (block, node, held), lowest first.
-    pub blocks: Vec<(String, String, u128)>,
+    /// Per-node pools: the blocks recorded or holding addresses, lowest first.
+    pub blocks: Vec<BlockStats>,
 }
 
 /// The addresses at the end of `r` that no block of `n` addresses holds, less those
@@ -653,6 +664,19 @@ fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
     t
 }
 
+/// The blocks of `pool` (cut as `pn` says) that are recorded or hold addresses.
+fn block_stats(alloc: &Allocator, pool: &Pool, pn: PerNode) -> Vec<BlockStats> {
+    let mut out = Vec::new();
+    for r in &pool.ranges {
+        let Ok(cut) = pn.cut_of(r) else { continue };
+        for (block, node, used) in alloc.node_blocks(&pool.name, &cut) {
+            let usable = pn.block_range(block, r).map_or(0, |b| b.size() - b.excluded_count());
+            out.push(BlockStats { block: block.to_string(), node, used, free: usable.saturating_sub(used) });
+        }
+    }
+    out
+}
+
 /// Usage of every pool of `set` at `now_unix_ms` (an invalid pool with zeros and its
 /// error), by name. Runs on the engine thread.
 pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStats> {
@@ -666,14 +690,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
                 unaligned: alloc.unaligned(name),
                 error: None,
-                blocks: pool.per_node.map_or_else(Vec::new, |pn| {
-                    pool.ranges
-                        .iter()
-                        .filter_map(|r| pn.cut_of(r).ok())
-                        .flat_map(|cut| alloc.node_blocks(name, &cut))
-                        .map(|(b, node, held)| (b.to_string(), node, held))
-                        .collect()
-                }),
+                blocks: pool.per_node.map_or_else(Vec::new, |pn| block_stats(alloc, pool, pn)),
             },
             Err(e) => PoolStats {
                 name: name.clone(),
@@ -1045,13 +1062,9 @@ mod tests {
         let t = stats(&a, &PoolSet::from_specs([("rail0", &sized(8))]), 0)[0].totals;
         assert_eq!((t.size, t.excluded), (254, 1 + 6));
         let blocks = stats(&a, &PoolSet::from_specs([("rail0", &sized(8))]), 0)[0].blocks.clone();
-        assert_eq!(
-            blocks,
-            [
-                ("198.18.0.1-198.18.0.8".to_string(), "n1".to_string(), 7),
-                ("198.18.0.9-198.18.0.16".into(), "n2".into(), 1)
-            ]
-        );
+        let brief: Vec<(&str, &str, u128, u128)> =
+            blocks.iter().map(|b| (b.block.as_str(), b.node.as_str(), b.used, b.free)).collect();
+        assert_eq!(brief, [("198.18.0.1-198.18.0.8", "n1", 7, 0), ("198.18.0.9-198.18.0.16", "n2", 1, 7)]);
         assert_eq!(
             err(&sized(255)),
             r#"pool "rail0" is invalid: spec.perNodeBlockSize "255" is not between 1 and the size of spec.ranges[0] 198.18.0.0/24 (254)"#
