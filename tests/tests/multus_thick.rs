@@ -407,6 +407,20 @@ async fn dra_devices_through_the_daemon() {
         status[2]["device-info"],
         json!({"type": "pci", "version": "1.1.0", "pci": {"pci-address": devices[1]}})
     );
+    // The daemon writes the pod's events after answering: one AddedInterface per interface.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = envtest::list(&admin, Some(&team), "v1", "Event").await.expect("events");
+        let added = events
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == "dra" && e["reason"] == "AddedInterface")
+            .count();
+        if added == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{added} AddedInterface events, not 3: {events:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = tokio::task::block_in_place(|| node.shim("DEL", "dra", &pod_ns.path(0)));
     assert_eq!(out.code, 0, "DEL: {}", out.out);
     assert_eq!(

@@ -277,8 +277,35 @@ impl ObjectSource for WatchCache {
         Ok(())
     }
 
+    /// Written after the answer, not before: an event is what a pod's describe shows, not
+    /// part of its network, and the ADD need not wait for nine API writes. A failure is
+    /// logged.
     fn pod_events(&self, events: &[super::source::PodEvent<'_>]) -> Result<(), SourceError> {
-        self.handle.block_on(super::source::create_events(&self.client, events))
+        let owned: Vec<(String, String, String, String, String, String)> = events
+            .iter()
+            .map(|e| {
+                let s = |v: &str| v.to_string();
+                (s(e.namespace), s(e.name), s(e.uid), s(e.kind), s(e.reason), e.message.clone())
+            })
+            .collect();
+        let client = self.client.clone();
+        self.handle.spawn(async move {
+            let events: Vec<super::source::PodEvent<'_>> = owned
+                .iter()
+                .map(|(namespace, name, uid, kind, reason, message)| super::source::PodEvent {
+                    namespace,
+                    name,
+                    uid,
+                    kind,
+                    reason,
+                    message: message.clone(),
+                })
+                .collect();
+            if let Err(e) = super::source::create_events(&client, &events).await {
+                tracing::warn!(error = %e, "writing pod events failed");
+            }
+        });
+        Ok(())
     }
 
     fn resource_claim(&self, namespace: &str, name: &str) -> Result<Option<serde_json::Value>, SourceError> {
