@@ -401,6 +401,26 @@ async fn pools_from_the_api_server_through_the_plugin() {
         .await
         .expect_err("empty");
     assert!(e.to_string().contains("spec.ranges"), "{e}");
+    // The rules across fields (CEL), each naming the fields.
+    let mut both = spec(vec![range("198.18.20.0/24")]);
+    both.per_node_prefix = Some(28);
+    both.per_node_block_size = Some(8);
+    let e =
+        pools.create(&PostParams::default(), &IPPool::new(&name("z"), both)).await.expect_err("both cuts");
+    assert!(
+        e.to_string().contains("spec.perNodePrefix and spec.perNodeBlockSize are not taken together"),
+        "{e}"
+    );
+    let mut loose_rail = spec(vec![range("198.18.20.0/24")]);
+    loose_rail.rail_group = "g".into();
+    let e = pools
+        .create(&PostParams::default(), &IPPool::new(&name("z"), loose_rail))
+        .await
+        .expect_err("railGroup");
+    assert!(
+        e.to_string().contains("spec.railGroup needs spec.perNodePrefix or spec.perNodeBlockSize"),
+        "{e}"
+    );
 
     // Pools made before the server starts, and one after.
     let mut rail_spec = spec(vec![PoolRange { gateway: "198.18.20.1".into(), ..range("198.18.20.0/28") }]);
@@ -684,6 +704,13 @@ async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
         rails += 1;
     }
     assert_eq!(rails, 8);
+    // The other example pool, which the API server (and its CEL rules) must take too.
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/ippool.yaml"))
+            .expect("deploy/examples/ippool.yaml");
+    let mut pool: IPPool = serde_yaml::from_str(&example).expect("an IPPool");
+    pool.metadata.name = Some(name("example"));
+    pools.create(&PostParams::default(), &pool).await.expect("create the example pool");
     let mut gated = spec(vec![range("198.18.200.0/28")]);
     gated.node_selector = Some(PoolSelector {
         match_labels: [("example.com/gpu".to_string(), "true".to_string())].into(),
@@ -776,15 +803,13 @@ async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
         metric(&text, &format!("rustipam_ippool_node_{m}{{pool=\"{}\",node=\"{node}\"}}", name("rail0")))
     };
     assert_eq!((of_node("used", &node_a), of_node("free", &node_a)), (Some(3.0), Some(10.0)), "{text}");
-    let status =
-        wait_status(&pools, &name("rail0"), |s| s["blocks"].as_array().is_some_and(|b| b.len() == 2)).await;
-    assert_eq!(
-        status["blocks"],
-        json!([
-            {"node": node_a, "block": "198.18.0.0/28", "used": "3", "free": "10"},
-            {"node": node_b, "block": "198.18.0.16/28", "used": "1", "free": "12"}
-        ])
-    );
+    // The same in the pool's status, once the leader has written it (wait_status fails
+    // with the last status seen).
+    let blocks = json!([
+        {"node": node_a, "block": "198.18.0.0/28", "used": "3", "free": "10"},
+        {"node": node_b, "block": "198.18.0.16/28", "used": "1", "free": "12"}
+    ]);
+    wait_status(&pools, &name("rail0"), |s| s["blocks"] == blocks).await;
 
     // The blocks are IPLeases of their own network, naming the node.
     let server_client = ns.client(SERVER_ACCOUNT).await.expect("client");

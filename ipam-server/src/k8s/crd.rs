@@ -152,6 +152,14 @@ impl RangePoolSpec {
     plural = "ippools",
     shortname = "ipool",
     status = "IPPoolStatus",
+    validation = kube::core::Rule::new("!(has(self.spec.perNodePrefix) && has(self.spec.perNodeBlockSize))")
+        .message("spec.perNodePrefix and spec.perNodeBlockSize are not taken together (a block is one or the other)"),
+    validation = kube::core::Rule::new("!has(self.spec.gatewayIndex) || has(self.spec.perNodePrefix)")
+        .message("spec.gatewayIndex needs spec.perNodePrefix"),
+    validation = kube::core::Rule::new(
+        "!has(self.spec.railGroup) || has(self.spec.perNodePrefix) || has(self.spec.perNodeBlockSize)"
+    )
+    .message("spec.railGroup needs spec.perNodePrefix or spec.perNodeBlockSize"),
     printcolumn(name = "Ranges", type_ = "string", json_path = ".status.ranges"),
     printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
     printcolumn(name = "Used", type_ = "string", json_path = ".status.used"),
