@@ -177,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ranges,
                 requested_addresses: ip,
                 pool: String::new(),
+                ipam_claim: String::new(),
             };
             let leases = replicas
                 .call(|ch| {

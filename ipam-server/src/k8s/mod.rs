@@ -1,9 +1,11 @@
 //! Running in a Kubernetes cluster: the custom resources, the store built on them, leader
-//! election among replicas, the IPPools NADs name, the pods reconcile reads and
+//! election among replicas, the IPPools NADs name, the StatefulSets and IPAMClaims addresses
+//! are kept for, the pods reconcile reads and
 //! Whereabouts' objects the import reads. Every list goes through [`for_each_page`].
 
 pub mod crd;
 pub mod ippools;
+pub mod keep;
 pub mod labels;
 pub mod leader;
 pub mod lease_lock;

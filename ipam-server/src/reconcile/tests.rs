@@ -125,6 +125,7 @@ fn holder(cid: &str, ns: &str, pod: &str, uid: &str) -> Arc<Attachment> {
         ifname: "net1".into(),
         pod: PodRef { namespace: ns.into(), name: pod.into(), uid: uid.into() },
         node: "node-a".into(),
+        ..Default::default()
     })
 }
 
