@@ -276,6 +276,7 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
     let mut pause = RETRY;
+    let mut warned = false;
     let backoff = |pause: &mut Duration| {
         let now = *pause;
         *pause = (*pause * 2).min(MAX_RETRY);
@@ -295,12 +296,20 @@ where
         let mut version = match listed {
             Ok(v) => v,
             Err(e) => {
-                warn!(error = %e, "listing the {what} failed; retrying");
+                // Warned once: without the IPAMClaim CRD the list fails for as long as
+                // the server runs, and claims are then only ever refused at ADD.
+                if warned {
+                    debug!(error = %e, "listing the {what} failed; retrying");
+                } else {
+                    warn!(error = %e, "listing the {what} failed; retrying (further failures at debug level)");
+                    warned = true;
+                }
                 tokio::time::sleep(backoff(&mut pause)).await;
                 continue;
             }
         };
         pause = RETRY;
+        warned = false;
         info!(objects = all.len(), "{what} listed; watching");
         apply(Change::Listed(all));
         loop {
