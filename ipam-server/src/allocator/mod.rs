@@ -779,7 +779,8 @@ impl Allocator {
         }
 
         let mut existing = net.held_by(&a.container_id, &a.ifname);
-        let mut moved_from_pod = false;
+        // A sandbox ADDed again after its DEL kept its lease: it holds it again, not kept.
+        let mut moved_from_pod = existing.iter().any(|ip| net.leases.get(ip).is_some_and(|l| l.holder.kept));
         if existing.is_empty()
             && a.has_owner_key()
             && let Some(v) = net.by_pod.get(&net.keys.pod(a))
@@ -886,7 +887,8 @@ impl Allocator {
 
         *lease_count += new_leases.len();
         if moved_from_pod {
-            // The pod came back in a new sandbox: its leases follow it.
+            // The pod came back in a new sandbox (or a kept one came back): its leases
+            // follow it.
             for ip in existing {
                 if let Some(old) = net.remove(ip) {
                     let mut lease = (*old).clone();

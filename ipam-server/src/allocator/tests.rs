@@ -1021,3 +1021,41 @@ fn gc_keeps_what_owners_want_and_leaves_kept_leases_alone() {
     assert_eq!(addrs(&out.kept), vec![ip("10.0.0.1")]);
     assert!(al.get("", ip("10.0.0.2")).expect("kept").holder.kept, "kept before, still kept");
 }
+
+#[test]
+fn a_sandbox_added_again_after_its_del_holds_its_kept_address_again() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(owned("c1", "web-0", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.release_keeping("", "c1", "net1", 2, &|_| true);
+    let got = al.allocate(&req(owned("c1", "web-0", web()), "", vec![r], &[]), 3).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.1")]);
+    assert!(!got[0].holder.kept);
+    assert_eq!(al.lease_count(), 1);
+}
+
+#[test]
+fn owner_and_kept_survive_the_stores_json() {
+    let lease = Lease {
+        address: ip("10.0.0.1"),
+        network: "n".into(),
+        range: "10.0.0.0/24".into(),
+        prefix_len: 24,
+        gateway: None,
+        holder: Arc::new(Attachment { kept: true, ..owned("c1", "web-0", web()) }),
+        created_unix_ms: 1,
+        note: String::new(),
+    };
+    let json = serde_json::to_string(&lease).expect("json");
+    assert_eq!(serde_json::from_str::<Lease>(&json).expect("back"), lease);
+    let claim = Lease {
+        holder: Arc::new(owned("c2", "launcher", Some(Owner::Claim { name: "vm.net1".into() }))),
+        ..lease
+    };
+    let json = serde_json::to_string(&claim).expect("json");
+    assert_eq!(serde_json::from_str::<Lease>(&json).expect("back"), claim);
+    // A lease written before owners existed reads as owned by nobody.
+    let old = r#"{"address":"10.0.0.1","network":"n","range":"","prefix_len":24,"container_id":"c","ifname":"net1","pod":{"namespace":"a","name":"b"},"node":"x","created_unix_ms":1}"#;
+    let old: Lease = serde_json::from_str(old).expect("old lease");
+    assert_eq!((old.holder.owner.clone(), old.holder.kept), (None, false));
+}

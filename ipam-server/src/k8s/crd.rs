@@ -615,4 +615,26 @@ mod tests {
         let bad = IPLeaseSpec { ifname: String::new(), ..spec };
         assert!(bad.to_lease(&name).is_err());
     }
+
+    #[test]
+    fn owners_and_kept_survive_the_round_trip() {
+        let set = Owner::StatefulSet { name: "trainer".into(), uid: "s-1".into() };
+        for (owner, kind) in [(set, "StatefulSet"), (Owner::Claim { name: "vm.net1".into() }, "IPAMClaim")] {
+            let mut l = lease();
+            l.holder = Arc::new(Attachment { owner: Some(owner), kept: true, ..(*l.holder).clone() });
+            let spec = IPLeaseSpec::from(&l);
+            assert_eq!(spec.owner.as_ref().map(|o| o.kind.as_str()), Some(kind));
+            assert!(spec.kept);
+            let name = lease_name("Rail_0", l.address);
+            assert_eq!(spec.to_lease(&name).expect("valid"), l);
+            let bad = IPLeaseSpec {
+                owner: Some(LeaseOwner { kind: "Deployment".into(), name: "x".into(), uid: String::new() }),
+                ..spec
+            };
+            assert_eq!(
+                bad.to_lease(&name).expect_err("bad").to_string(),
+                "spec.owner.kind \"Deployment\" is not StatefulSet or IPAMClaim"
+            );
+        }
+    }
 }
