@@ -13,6 +13,8 @@
 //!   runs, then the source's DEL) and a restart (a pod of another name), gets it in
 //!   `status.ips`, and lets go when it is deleted; a claim that does not exist, or exists
 //!   only in another namespace, is a CNI error naming it and nothing is allocated.
+//! - The embedded store keeps with `--kubeconfig`, and without it frees at DEL and refuses
+//!   a claim, saying why.
 
 use std::time::{Duration, Instant};
 
@@ -309,4 +311,59 @@ async fn an_ipamclaim_owns_its_address_across_migration_and_restart() {
     settle().await;
     assert_eq!(reconcile(ep).await, vec![a.clone()]);
     assert!(lease_specs(&admin, &ns.name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_keeps_with_a_kubeconfig_and_nothing_without() {
+    let Some((ns, apps, admin)) =
+        cluster("the_embedded_store_keeps_with_a_kubeconfig_and_nothing_without").await
+    else {
+        return;
+    };
+    let set = create_set(&admin, &apps, "web", 2).await;
+    let uid = create_pod(&admin, &apps, "web-0", Some(("web", &set))).await;
+    let args = pod_args(&apps, "web-0", &uid);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ns.kubeconfig(SERVER_ACCOUNT).display().to_string();
+    let start = |data: &str, extra: Vec<String>| {
+        let opts = ServerOptions {
+            args: [
+                vec!["--store".to_string(), "embedded".into(), "--reconcile-every".into(), "0".into()],
+                extra,
+            ]
+            .concat(),
+            log_level: "info".into(),
+            log_file: Some(dir.path().join(format!("{data}.log"))),
+            ..ServerOptions::default()
+        };
+        let data = dir.path().join(data);
+        async move { ServerProcess::start_with(&data, &opts).await.expect("server") }
+    };
+
+    // With --kubeconfig: kept, and the same address again.
+    let server = start("with", vec!["--kubeconfig".into(), cfg]).await;
+    let c = conf(&server.endpoint, "node-a", None);
+    settle().await;
+    let a = add("e1", &args, &c);
+    del("e1", &args, &c);
+    let l = listed(&server.endpoint, &a).await.expect("kept");
+    assert_eq!((l.owner.as_str(), l.kept), ("statefulset/web", true));
+    assert_eq!(add("e2", &args, &c), a);
+    drop(server);
+
+    // Without: freed at DEL, and a claim is refused, naming why.
+    let server = start("without", vec![]).await;
+    let c = conf(&server.endpoint, "node-a", None);
+    let a = add("e1", &args, &c);
+    del("e1", &args, &c);
+    assert!(listed(&server.endpoint, &a).await.is_none());
+    let CniOutput { code, out, stderr } =
+        run_ipam_plugin("ADD", "e3", &args, &conf(&server.endpoint, "node-a", Some("vm-a.net1")));
+    assert_eq!(code, 1, "{out} {stderr}");
+    assert_eq!(
+        out["msg"],
+        json!(
+            "ipam-claim-reference \"vm-a.net1\": this server has no Kubernetes API to read IPAMClaims (run it in a cluster or with --kubeconfig)"
+        )
+    );
 }
