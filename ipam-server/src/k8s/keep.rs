@@ -8,18 +8,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{CustomResource, Resource, ResourceExt as _};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, info_span, warn};
+
+use super::Seen as Change;
 
 use crate::allocator::{Lease, Owner, PodRef};
 use crate::keep::{KeepError, Keeper, SetState, set_keeps, split_ordinal};
@@ -59,10 +59,6 @@ pub fn ipamclaim_crd_yaml() -> String {
                   a cluster installs the CRD from its own project.\n";
     format!("{header}{}", serde_yaml::to_string(&IPAMClaim::crd()).unwrap_or_default())
 }
-
-/// Pause after a failed list or watch before the next; doubled up to [`MAX_RETRY`].
-const RETRY: Duration = Duration::from_secs(1);
-const MAX_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Seen {
@@ -124,8 +120,8 @@ impl KubeKeeper {
                             s.sets = all.iter().filter_map(set_state).collect();
                             s.sets_listed = true;
                         }
-                        Change::Put(o) => s.sets.extend(set_state(&o)),
-                        Change::Gone(o) => {
+                        Change::Applied(o) => s.sets.extend(set_state(&o)),
+                        Change::Deleted(o) => {
                             s.sets.remove(&(o.namespace().unwrap_or_default(), o.name_any()));
                         }
                     }
@@ -143,8 +139,8 @@ impl KubeKeeper {
                         s.claims = all.iter().filter_map(claim_key).collect();
                         s.claims_listed = true;
                     }
-                    Change::Put(o) => s.claims.extend(claim_key(&o)),
-                    Change::Gone(o) => {
+                    Change::Applied(o) => s.claims.extend(claim_key(&o)),
+                    Change::Deleted(o) => {
                         s.claims.remove(&(o.namespace().unwrap_or_default(), o.name_any()));
                     }
                 }
@@ -260,99 +256,23 @@ impl Keeper for KubeKeeper {
     }
 }
 
-/// What a followed list changed.
-enum Change<K> {
-    /// A complete list: replaces everything.
-    Listed(Vec<K>),
-    Put(K),
-    Gone(K),
-}
-
-/// Lists `api`'s objects, then watches from the list's resourceVersion, forever, handing
-/// each change to `apply`: a watch that ends is resumed where it stopped, one whose
-/// history is gone (410) lists anew. Failures are retried with a growing pause.
-async fn follow<K>(api: Api<K>, what: &'static str, mut apply: impl FnMut(Change<K>))
+/// Follows `api`'s objects forever through [`super::list_and_watch`], handing each change
+/// to `apply`.
+async fn follow<K>(api: Api<K>, what: &'static str, apply: impl FnMut(Change<K>))
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let mut pause = RETRY;
-    let mut warned = false;
-    let backoff = |pause: &mut Duration| {
-        let now = *pause;
-        *pause = (*pause * 2).min(MAX_RETRY);
-        now
-    };
-    loop {
-        let mut all = Vec::new();
-        let listed = super::for_each_page(
-            500,
-            |lp| {
-                let api = &api;
-                async move { api.list(&lp).await }
-            },
-            |o: K| all.push(o),
-        )
-        .await;
-        let mut version = match listed {
-            Ok(v) => v,
-            Err(e) => {
-                // Warned once: without the IPAMClaim CRD the list fails for as long as
-                // the server runs, and claims are then only ever refused at ADD.
-                if warned {
-                    debug!(error = %e, "listing the {what} failed; retrying");
-                } else {
-                    warn!(error = %e, "listing the {what} failed; retrying (further failures at debug level)");
-                    warned = true;
-                }
-                tokio::time::sleep(backoff(&mut pause)).await;
-                continue;
-            }
-        };
-        pause = RETRY;
-        warned = false;
-        info!(objects = all.len(), "{what} listed; watching");
-        apply(Change::Listed(all));
-        loop {
-            let params = WatchParams::default().timeout(290);
-            let events = match api.watch(&params, &version).await {
-                Ok(events) => events,
-                Err(e) => {
-                    warn!(error = %e, "watching the {what} failed; retrying");
-                    tokio::time::sleep(backoff(&mut pause)).await;
-                    continue;
-                }
-            };
-            let mut events = std::pin::pin!(events);
-            let mut gone = false;
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
-                        version = o.resource_version().unwrap_or(version);
-                        apply(Change::Put(o));
-                    }
-                    Ok(WatchEvent::Deleted(o)) => {
-                        version = o.resource_version().unwrap_or(version);
-                        apply(Change::Gone(o));
-                    }
-                    Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
-                    Ok(WatchEvent::Error(s)) if s.code == 410 => {
-                        gone = true;
-                        break;
-                    }
-                    Ok(WatchEvent::Error(s)) => {
-                        debug!(code = s.code, message = %s.message, "the {what} watch ended with an error");
-                        break;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "the {what} watch broke off");
-                        break;
-                    }
-                }
-            }
-            if gone {
-                info!("the {what} watch's history is gone; listing anew");
-                break;
-            }
-        }
-    }
+    super::list_and_watch(
+        what,
+        |lp| {
+            let api = &api;
+            async move { api.list(&lp).await }
+        },
+        |wp, version| {
+            let api = &api;
+            async move { api.watch(&wp, &version).await }
+        },
+        apply,
+    )
+    .await
 }
