@@ -348,6 +348,19 @@ async fn the_embedded_store_keeps_with_a_kubeconfig_and_nothing_without() {
     del("e1", &args, &c);
     let l = listed(&server.endpoint, &a).await.expect("kept");
     assert_eq!((l.owner.as_str(), l.kept), ("statefulset/web", true));
+    // As an operator sees it.
+    let ctl = rust_ipam_e2e::workspace_bin("rust-ipam-ctl").expect("rust-ipam-ctl");
+    let out =
+        std::process::Command::new(ctl).args(["--server", &server.endpoint, "leases"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!(
+            "{a}/24\tnetwork=\"\"\trange=198.18.40.0/24\tpod={apps}/web-0 container=e1 ifname=net1 owner=statefulset/web kept"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(add("e2", &args, &c), a);
     drop(server);
 
