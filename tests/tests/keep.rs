@@ -159,9 +159,33 @@ async fn create_pod(admin: &kube::Client, ns: &str, name: &str, set: Option<(&st
     stored["metadata"]["uid"].as_str().expect("uid").to_string()
 }
 
-/// Lets the server's watch of StatefulSets and IPAMClaims see a change just made.
+/// Gives the server's first lists of StatefulSets and IPAMClaims time to arrive, so the
+/// test runs on them rather than on the "not listed yet" rule (which keeps everything).
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+/// Waits until a dry-run pass would free `address`: the server's watch has seen the
+/// change that lets its owner go.
+async fn wait_would_free(endpoint: &str, address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ch = connect(endpoint, Duration::from_secs(5)).await.expect("connect");
+        let r = AdminClient::new(ch)
+            .reconcile(pb::ReconcileRequest { dry_run: true, grace_seconds: Some(0) })
+            .await
+            .expect("dry run")
+            .into_inner();
+        let would = r.entries.iter().any(|e| {
+            e.action == pb::ReconcileAction::WouldFree as i32
+                && e.lease.as_ref().is_some_and(|l| l.address == address)
+        });
+        if would {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a pass would still not free {address} after 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +252,7 @@ async fn a_statefulset_pod_keeps_its_address_while_the_set_wants_its_ordinal() {
 
     // Scaled to 1: web-1's DEL frees its address, and a pass frees web-2's kept one.
     scale(&admin, &apps, "web", 1).await;
-    settle().await;
+    wait_would_free(ep, &b).await;
     del("w1-c", &pod_args(&apps, "web-1", &uid), &node_b);
     envtest::delete_pod(&admin, &apps, "web-1").await.expect("delete");
     let leases = lease_specs(&admin, &ns.name).await;
@@ -242,7 +266,7 @@ async fn a_statefulset_pod_keeps_its_address_while_the_set_wants_its_ordinal() {
     envtest::delete_pod(&admin, &apps, "db-0").await.expect("delete");
     assert_eq!(reconcile(ep).await, Vec::<String>::new());
     sets(&admin, &apps).delete("db", &Default::default()).await.expect("delete the set");
-    settle().await;
+    wait_would_free(ep, &d).await;
     assert_eq!(reconcile(ep).await, vec![d.clone()]);
     let leases = lease_specs(&admin, &ns.name).await;
     assert!(leases.is_empty(), "{leases:?}");
@@ -308,7 +332,7 @@ async fn an_ipamclaim_owns_its_address_across_migration_and_restart() {
 
     // The claim is deleted: a pass frees the address.
     claims.delete("vm-a.net1", &Default::default()).await.expect("delete the claim");
-    settle().await;
+    wait_would_free(ep, &a).await;
     assert_eq!(reconcile(ep).await, vec![a.clone()]);
     assert!(lease_specs(&admin, &ns.name).await.is_empty());
 }
