@@ -13,8 +13,9 @@
 //!   runs, then the source's DEL) and a restart (a pod of another name), gets it in
 //!   `status.ips`, and lets go when it is deleted; a claim that does not exist, or exists
 //!   only in another namespace, is a CNI error naming it and nothing is allocated.
-//! - The embedded store keeps with `--kubeconfig`, and without it frees at DEL and refuses
-//!   a claim, saying why.
+//! - The embedded store keeps with `--kubeconfig` (`rust-ipam-ctl leases` shows it), frees
+//!   at DEL with `--keep-statefulset-addresses=false`, and without a kubeconfig frees at DEL
+//!   and refuses a claim, saying why.
 
 use std::time::{Duration, Instant};
 
@@ -365,7 +366,7 @@ async fn the_embedded_store_keeps_with_a_kubeconfig_and_nothing_without() {
     };
 
     // With --kubeconfig: kept, and the same address again.
-    let server = start("with", vec!["--kubeconfig".into(), cfg]).await;
+    let server = start("with", vec!["--kubeconfig".into(), cfg.clone()]).await;
     let c = conf(&server.endpoint, "node-a", None);
     settle().await;
     let a = add("e1", &args, &c);
@@ -386,6 +387,17 @@ async fn the_embedded_store_keeps_with_a_kubeconfig_and_nothing_without() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(add("e2", &args, &c), a);
+    drop(server);
+
+    // Turned off: freed at DEL like any pod's.
+    let server =
+        start("off", vec!["--kubeconfig".into(), cfg.clone(), "--keep-statefulset-addresses=false".into()])
+            .await;
+    let c = conf(&server.endpoint, "node-a", None);
+    let a = add("e1", &args, &c);
+    assert_eq!(listed(&server.endpoint, &a).await.expect("held").owner, "");
+    del("e1", &args, &c);
+    assert!(listed(&server.endpoint, &a).await.is_none());
     drop(server);
 
     // Without: freed at DEL, and a claim is refused, naming why.
