@@ -130,6 +130,7 @@ fn request(spec: &RangeSpec, container_id: &str, pod: &str) -> AllocateRequest {
             ifname: IFNAME.into(),
             pod: PodRef { namespace: "bench".into(), name: pod.into(), uid: String::new() },
             node: "node-1".into(),
+            ..Default::default()
         }),
         network: NETWORK.into(),
         ranges: vec![spec.clone()],

@@ -41,6 +41,8 @@ pub fn lease_spec(
         node: tool.into(),
         created_unix_ms: 0,
         note: String::new(),
+        owner: None,
+        kept: false,
     }
 }
 

@@ -118,6 +118,9 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// GC: `cni.dev/valid-attachments` (or the older `cni.dev/attachments`).
     pub valid_attachments: Vec<(String, String)>,
+    /// `args.cni["ipam-claim-reference"]`: the IPAMClaim that owns the addresses (the
+    /// network selection element's key, which rust-multus passes on there).
+    pub ipam_claim: String,
 }
 
 impl NetworkConfig for NetConf {
@@ -125,6 +128,9 @@ impl NetworkConfig for NetConf {
         &self.cni_version
     }
 }
+
+/// The `args.cni` key naming an IPAMClaim: the network selection element's own key.
+pub const IPAM_CLAIM_ARG: &str = "ipam-claim-reference";
 
 fn invalid(msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::INVALID_CONFIG, msg)
@@ -158,6 +164,14 @@ impl NetConf {
             obj.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get("ips")),
             "args.cni.ips",
         )?);
+        let ipam_claim = match obj.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get(IPAM_CLAIM_ARG))
+        {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(invalid(format!("args.cni.{IPAM_CLAIM_ARG} is {other}, not a string")));
+            }
+        };
         let prev_result = obj.get("prevResult").cloned().filter(|p| !p.is_null());
         let mut valid_attachments = Vec::new();
         for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
@@ -177,7 +191,7 @@ impl NetConf {
             None | Some(Value::Null) => None,
             Some(raw) => Some(IpamConf::from_value(raw, node_file)?),
         };
-        Ok(NetConf { cni_version, name, ipam, static_ips, prev_result, valid_attachments })
+        Ok(NetConf { cni_version, name, ipam, static_ips, prev_result, valid_attachments, ipam_claim })
     }
 }
 
@@ -489,6 +503,19 @@ mod tests {
     }
 
     #[test]
+    fn the_ipam_claim_comes_from_args_cni() {
+        let c = parse(
+            r#"{"cniVersion":"1.1.0","name":"n","ipam":{"type":"rust-ipam","range":"10.0.0.0/24"},
+              "args":{"cni":{"ipam-claim-reference":"vm-a.net1"}}}"#,
+        )
+        .expect("parse");
+        assert_eq!(c.ipam_claim, "vm-a.net1");
+        let e = parse(r#"{"cniVersion":"1.1.0","args":{"cni":{"ipam-claim-reference":7}}}"#)
+            .expect_err("a number");
+        assert_eq!(e.msg, "args.cni.ipam-claim-reference is 7, not a string");
+    }
+
+    #[test]
     fn static_ips_gc_lists_and_prev_result_are_read() {
         let c = parse(
             r#"{"cniVersion":"1.1.0","name":"n","ipam":{"type":"rust-ipam","range":"10.0.0.0/24",
@@ -500,6 +527,7 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(c.static_ips, vec!["10.0.0.7/24", "10.0.0.8"]);
+        assert_eq!(c.ipam_claim, "");
         assert!(c.prev_result.is_some());
         assert_eq!(c.valid_attachments, vec![("c1".into(), "net1".into()), ("c2".into(), "eth0".into())]);
         assert_eq!(c.ipam.expect("ipam").servers.len(), 2);

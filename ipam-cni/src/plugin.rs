@@ -182,6 +182,7 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
         ranges: ranges(ipam),
         requested_addresses: requested,
         pool: ipam.pool.clone(),
+        ipam_claim: c.conf.ipam_claim.clone(),
     };
     let bearer = c.bearer.clone();
     let answer = c

@@ -18,6 +18,7 @@ use crate::allocator::{
 };
 use crate::authz::{Authz, Caller};
 use crate::engine::EngineError;
+use crate::keep::{self, KeepError, Keeper};
 use crate::pools::{LookupError, Pool, Pools};
 use crate::reconcile::{self, PassError, Reconciler};
 use crate::role::{NotServing, Serving};
@@ -85,6 +86,7 @@ fn check_attachment(a: Option<pb::Attachment>) -> Result<Attachment, Status> {
         ifname: a.ifname,
         pod: PodRef { namespace: pod.namespace, name: pod.name, uid: pod.uid },
         node: a.node,
+        ..Default::default()
     })
 }
 
@@ -214,6 +216,8 @@ pub(crate) fn pb_lease(l: Arc<allocator::Lease>) -> pb::Lease {
         node: l.holder.node.clone(),
         created_unix_ms: l.created_unix_ms,
         note: l.note.clone(),
+        owner: l.holder.owner.as_ref().map(allocator::Owner::describe).unwrap_or_default(),
+        kept: l.holder.kept,
     }
 }
 
@@ -316,6 +320,17 @@ fn deny_foreign(rpc: &'static str, caller: &Caller, node: &str, authz: &Authz) -
     authz.deny(rpc, caller, &format!("may not act on leases recorded for node {node:?}"))
 }
 
+/// The status a client gets when the owner of an attachment cannot be decided.
+fn keep_status(e: KeepError) -> Status {
+    let msg = e.to_string();
+    match e {
+        KeepError::ClaimNotFound { .. } => Status::not_found(msg),
+        KeepError::ClaimName { .. } | KeepError::NoNamespace(_) => Status::invalid_argument(msg),
+        KeepError::NoApi(_) => Status::failed_precondition(msg),
+        KeepError::Api { .. } => Status::unavailable(msg),
+    }
+}
+
 /// The `rustipam.v1.Ipam` service.
 #[derive(Debug, Clone)]
 pub struct IpamService {
@@ -323,13 +338,26 @@ pub struct IpamService {
     identity: String,
     authz: Arc<Authz>,
     pools: Pools,
+    keeper: Option<Arc<dyn Keeper>>,
 }
 
 impl IpamService {
     /// Serves allocation while this replica leads; `identity` names it in Status; `authz`
     /// decides who may do what.
     pub fn new(serving: Serving, identity: String, authz: Arc<Authz>) -> IpamService {
-        IpamService { serving, identity, authz, pools: Pools::empty() }
+        IpamService { serving, identity, authz, pools: Pools::empty(), keeper: None }
+    }
+
+    /// Keeps the addresses of StatefulSet pods and IPAMClaims as `keeper` decides
+    /// (without one, nothing is kept and a claim reference is refused).
+    pub fn with_keeper(self, keeper: Arc<dyn Keeper>) -> IpamService {
+        IpamService { keeper: Some(keeper), ..self }
+    }
+
+    /// The keep rule the engine applies at release: clones of what it needs.
+    fn keep_rule(&self) -> impl Fn(&allocator::Lease) -> bool + Send + 'static {
+        let keeper = self.keeper.clone();
+        move |l| keep::keeps(keeper.as_ref(), l)
     }
 
     /// Resolves the pools Allocate names in `pools` (and checks their selectors there).
@@ -368,7 +396,9 @@ impl pb::ipam_server::Ipam for IpamService {
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let caller = self.authz.caller("Allocate", &request).await?;
-        let (mut req, pool) = check_allocate(request.into_inner(), &self.pools)?;
+        let mut r = request.into_inner();
+        let claim = std::mem::take(&mut r.ipam_claim);
+        let (mut req, pool) = check_allocate(r, &self.pools)?;
         let node = caller.node_for(&req.attachment.node);
         caller.may_act_for("Allocate", &node, &self.authz)?;
         if node != req.attachment.node {
@@ -396,6 +426,17 @@ impl pb::ipam_server::Ipam for IpamService {
                 &format!("is required: pool {name:?} gives each node its own block"),
             ));
         }
+        // Decided before the engine call, which then only compares: nothing is taken when
+        // the claim is missing, and a plain pod reads nothing here.
+        let owner = match &self.keeper {
+            Some(k) => k.owner(&req.attachment.pod, &claim).await.map_err(keep_status)?,
+            None if !claim.is_empty() => return Err(keep_status(KeepError::NoApi(claim))),
+            None => None,
+        };
+        if owner.is_some() {
+            Arc::make_mut(&mut req.attachment).owner = owner;
+        }
+        let claim_ns = req.attachment.pod.namespace.clone();
         let got = self
             .serving
             .ready_engine()
@@ -432,6 +473,10 @@ impl pb::ipam_server::Ipam for IpamService {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname,
                 pod = %format_args!("{}/{}", l.holder.pod.namespace, l.holder.pod.name), "allocated");
         }
+        if let (false, Some(k)) = (claim.is_empty(), &self.keeper) {
+            let ips = got.iter().map(|l| format!("{}/{}", l.address, l.prefix_len)).collect();
+            k.claim_allocated(&claim_ns, &claim, ips).await;
+        }
         let leases = got.into_iter().map(pb_lease).collect();
         let (routes, dns) = pool.as_deref().map(pb_pool_extras).unwrap_or_default();
         Ok(Response::new(pb::AllocateResponse { leases, routes, dns }))
@@ -447,6 +492,7 @@ impl pb::ipam_server::Ipam for IpamService {
         let network = r.network;
         let who = caller.clone();
         let cooldown_ms = self.pool_cooldown(&network);
+        let keep = self.keep_rule();
         let released = self
             .serving
             .ready_engine()
@@ -457,16 +503,23 @@ impl pb::ipam_server::Ipam for IpamService {
                     if let Some(ms) = cooldown_ms {
                         a.set_cooldown(&network, ms);
                     }
-                    Guarded::Done(a.release(&network, &cid, &ifname, now))
+                    Guarded::Done(a.release_keeping(&network, &cid, &ifname, now, &keep))
                 }
             })
             .await
             .map_err(engine_status)?
             .or_deny("Release", &caller, &self.authz)?;
-        for l in &released {
+        for l in &released.freed {
             info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname, "released");
         }
-        Ok(Response::new(pb::ReleaseResponse { released: released.into_iter().map(pb_lease).collect() }))
+        for l in &released.kept {
+            info!(address = %l.address, network = %l.network, container_id = %l.holder.container_id, ifname = %l.holder.ifname,
+                pod = %format_args!("{}/{}", l.holder.pod.namespace, l.holder.pod.name),
+                owner = %l.holder.owner.as_ref().map(allocator::Owner::describe).unwrap_or_default(), "kept for its owner");
+        }
+        Ok(Response::new(pb::ReleaseResponse {
+            released: released.freed.into_iter().map(pb_lease).collect(),
+        }))
     }
 
     async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
@@ -517,6 +570,7 @@ impl pb::ipam_server::Ipam for IpamService {
         caller.may_act_for("Gc", &r.node, &self.authz)?;
         let (network, node) = (r.network, r.node);
         let cooldown_ms = self.pool_cooldown(&network);
+        let keep = self.keep_rule();
         let released = self
             .serving
             .ready_engine()
@@ -525,7 +579,7 @@ impl pb::ipam_server::Ipam for IpamService {
                 if let Some(ms) = cooldown_ms {
                     a.set_cooldown(&network, ms);
                 }
-                a.gc(&network, &node, &valid, now)
+                a.gc_keeping(&network, &node, &valid, now, &keep).freed
             })
             .await
             .map_err(engine_status)?;

@@ -251,6 +251,7 @@ fn import_pool(obj: &Object, alloc: &mut Allocator, now_unix_ms: i64) -> Vec<Row
                 ifname: a.ifname.clone(),
                 pod,
                 node: String::new(),
+                ..Default::default()
             }),
             created_unix_ms: now_unix_ms,
             note: String::new(),

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod grpc;
 pub mod import;
 pub mod k8s;
+pub mod keep;
 pub mod metrics;
 pub mod pools;
 pub mod reconcile;

@@ -186,8 +186,12 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
     let authz = listeners.authz.clone().unwrap_or_else(Authz::off);
-    let ipam =
-        IpamServer::new(IpamService::new(serving.clone(), identity, authz.clone()).with_pools(pools.clone()));
+    let mut ipam_service =
+        IpamService::new(serving.clone(), identity, authz.clone()).with_pools(pools.clone());
+    if let Some(keeper) = reconciler.keeper() {
+        ipam_service = ipam_service.with_keeper(keeper);
+    }
+    let ipam = IpamServer::new(ipam_service);
     let admin =
         AdminServer::new(AdminService::new(serving.clone(), authz).with_reconciler(reconciler.clone()));
     let reconcile_timer = reconciler.spawn_timer(serving.clone());

@@ -90,6 +90,7 @@ fn alloc_req(cid: &str, pod: &str, ranges: Vec<pb::Range>) -> pb::AllocateReques
         ranges,
         requested_addresses: vec![],
         pool: String::new(),
+        ..Default::default()
     }
 }
 

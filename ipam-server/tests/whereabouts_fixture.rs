@@ -101,6 +101,7 @@ fn replaying_the_recorded_adds_gives_whereabouts_addresses() {
                 ifname: ifname.into(),
                 pod: PodRef { namespace: namespace.into(), name: name.into(), uid: String::new() },
                 node: String::new(),
+                ..Default::default()
             }),
             network: network.into(),
             ranges: vec![spec],

@@ -41,6 +41,7 @@ pub fn allocate_request(cid: &str, pod: Option<pb::PodRef>, node: &str, range: &
         ranges: vec![pb::Range { range: range.into(), ..Default::default() }],
         requested_addresses: Vec::new(),
         pool: String::new(),
+        ..Default::default()
     }
 }
 

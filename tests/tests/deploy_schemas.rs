@@ -441,6 +441,7 @@ fn examples_are_what_the_server_writes_for_the_example_nad() {
         ifname: s.ifname.clone(),
         pod: PodRef { namespace: pod_ns.into(), name: pod_name.into(), uid: s.pod_uid.clone() },
         node: s.node.clone(),
+        ..Default::default()
     };
     let mut alloc = Allocator::new();
     let spec = RangeSpec::parse(&input, FieldPrefix("")).expect("the NAD's range parses");

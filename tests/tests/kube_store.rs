@@ -52,6 +52,7 @@ fn attachment(cid: &str, pod: &str) -> Arc<Attachment> {
         ifname: "net1".into(),
         pod: PodRef { namespace: "ml".into(), name: pod.into(), uid: format!("uid-{pod}") },
         node: "node-a".into(),
+        ..Default::default()
     })
 }
 

@@ -379,6 +379,33 @@ async fn a_failing_delegate_undoes_the_networks_before_it() {
     assert!(node.pod_annotations("broken").get("k8s.v1.cni.cncf.io/network-status").is_none());
 }
 
+/// A selection's `ipam-claim-reference` reaches the server through the delegate's
+/// `args.cni` and rust-ipam: this server (no Kubernetes API) refuses it naming the claim,
+/// and the ADD is undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipam_claim_reference_reaches_the_server() {
+    if skip("an_ipam_claim_reference_reaches_the_server", PLUGINS) {
+        return;
+    }
+    let mut node = Node::new("claim", &["claim0"]);
+    let server = start_server(&mut node).await;
+    node.nad("backend", "claim0", "198.18.31.0/24", "backend");
+    node.pod("vm", r#"[{"name":"backend","ipam-claim-reference":"vm-a.net1"}]"#);
+    let pods = Netns::new(&["mvm"]);
+    let (code, out, err) = node.multus("ADD", &pods.path(0), "vm", &node.conf());
+    assert_eq!(code, 1, "ADD must fail: {out} {err}");
+    let msg = out["msg"].as_str().expect("CNI error JSON");
+    assert!(
+        msg.starts_with(r#"error adding container to network "team/backend" (net1): "#)
+            && msg.contains(
+                r#"ipam-claim-reference "vm-a.net1": this server has no Kubernetes API to read IPAMClaims"#
+            ),
+        "{out}"
+    );
+    assert!(!link_exists(pods.name(0), "net1") && !link_exists(pods.name(0), "eth0"));
+    assert_eq!(leases(&server.endpoint).await, vec![]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn del_without_the_api_cleans_up_from_the_cache() {
     if skip("del_without_the_api_cleans_up_from_the_cache", PLUGINS) {

@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
                 ifname: "net1".into(),
                 pod: PodRef { namespace: "growth".into(), name: id, uid: String::new() },
                 node: "node-1".into(),
+                ..Default::default()
             }),
             network: "".into(),
             ranges: vec![spec.clone()],

@@ -221,6 +221,7 @@ fn preload(data_dir: &Path, network: &str, range: &str, count: u32) -> anyhow::R
             ifname: IFNAME.into(),
             pod: PodRef { namespace: "grpc-load".into(), name: id, uid: String::new() },
             node: NODE.into(),
+            ..Default::default()
         };
         changes.push(Change::PutLease(Arc::new(Lease {
             address: spec.addr(u128::from(n)),

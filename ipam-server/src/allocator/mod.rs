@@ -103,6 +103,30 @@ pub struct PodRef {
     pub uid: String,
 }
 
+/// Who an address belongs to beyond the sandbox that holds it: a sandbox's DEL does not
+/// free it while the owner still wants it (see `crate::keep`). Set only after the server
+/// checked it against the API (the pod's controller, the claim's existence).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Owner {
+    /// The pod is this StatefulSet's (its controller reference, with the set's UID): the
+    /// address is kept for the pod's name (and interface) while the set wants the ordinal.
+    StatefulSet { name: String, uid: String },
+    /// An IPAMClaim of the pod's namespace: the address is the claim's, whichever pod
+    /// names it, until the claim is deleted.
+    Claim { name: String },
+}
+
+impl Owner {
+    /// `statefulset/NAME` or `ipamclaim/NAME`, as leases show it.
+    pub fn describe(&self) -> String {
+        match self {
+            Owner::StatefulSet { name, .. } => format!("statefulset/{name}"),
+            Owner::Claim { name } => format!("ipamclaim/{name}"),
+        }
+    }
+}
+
 /// One interface of one sandbox: who holds a lease. One allocation is shared by the leases
 /// it holds and by the indexes that find them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +135,38 @@ pub struct Attachment {
     pub ifname: String,
     pub pod: PodRef,
     pub node: String,
+    /// Who the address belongs to beyond this sandbox, if anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    /// The sandbox is gone (its DEL came) and the address is kept for the owner's next
+    /// one: the fields above name the last holder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
+}
+
+impl Attachment {
+    /// The key of the second index, which a new sandbox finds its predecessor's
+    /// addresses by: (namespace, claim name, "", true) for a claim's, else (namespace, pod
+    /// name, interface, false).
+    fn owner_key(&self) -> (&str, &str, &str, bool) {
+        match &self.owner {
+            Some(Owner::Claim { name }) => (&self.pod.namespace, name, "", true),
+            _ => (&self.pod.namespace, &self.pod.name, &self.ifname, false),
+        }
+    }
+
+    /// Whether this attachment is indexed by its owner key at all.
+    fn has_owner_key(&self) -> bool {
+        matches!(self.owner, Some(Owner::Claim { .. })) || !self.pod.name.is_empty()
+    }
+
+    /// Whether `self`, a new sandbox, may take over what `old` (found under the same owner
+    /// key) holds: the same owner, or an old holder that had none (a pod's plain
+    /// move to a new sandbox). A pod that is not the StatefulSet's never takes its
+    /// ordinal's address.
+    fn may_take_from(&self, old: &Attachment) -> bool {
+        old.owner.is_none() || old.owner == self.owner
+    }
 }
 
 /// The holder of manual reservations: nobody.
@@ -151,6 +207,9 @@ impl Lease {
         let h = &self.holder;
         if self.is_manual() {
             format!("a manual reservation ({})", self.note)
+        } else if h.kept {
+            let owner = h.owner.as_ref().map(Owner::describe).unwrap_or_default();
+            format!("{owner} (kept since pod {}/{} interface {} left)", h.pod.namespace, h.pod.name, h.ifname)
         } else if h.pod.name.is_empty() {
             format!("container {} interface {}", h.container_id, h.ifname)
         } else {
@@ -340,6 +399,7 @@ struct PodIfRef<'a> {
     namespace: &'a str,
     name: &'a str,
     ifname: &'a str,
+    claim: bool,
 }
 
 impl std::hash::Hash for PodKey {
@@ -356,11 +416,7 @@ impl std::hash::Hash for PodIfRef<'_> {
 
 impl PartialEq for PodKey {
     fn eq(&self, other: &PodKey) -> bool {
-        let (a, b) = (&self.holder, &other.holder);
-        self.hash == other.hash
-            && a.pod.namespace == b.pod.namespace
-            && a.pod.name == b.pod.name
-            && a.ifname == b.ifname
+        self.hash == other.hash && self.holder.owner_key() == other.holder.owner_key()
     }
 }
 
@@ -368,11 +424,7 @@ impl Eq for PodKey {}
 
 impl Equivalent<PodKey> for PodIfRef<'_> {
     fn equivalent(&self, k: &PodKey) -> bool {
-        let h = &k.holder;
-        self.hash == k.hash
-            && h.pod.namespace == self.namespace
-            && h.pod.name == self.name
-            && h.ifname == self.ifname
+        self.hash == k.hash && k.holder.owner_key() == (self.namespace, self.name, self.ifname, self.claim)
     }
 }
 
@@ -409,8 +461,9 @@ impl KeyHasher {
         AttachRef { hash: self.0.hash_one((container_id, ifname)), container_id, ifname }
     }
 
-    fn pod<'a>(&self, namespace: &'a str, name: &'a str, ifname: &'a str) -> PodIfRef<'a> {
-        PodIfRef { hash: self.0.hash_one((namespace, name, ifname)), namespace, name, ifname }
+    fn pod<'a>(&self, h: &'a Attachment) -> PodIfRef<'a> {
+        let (namespace, name, ifname, claim) = h.owner_key();
+        PodIfRef { hash: self.0.hash_one((namespace, name, ifname, claim)), namespace, name, ifname, claim }
     }
 }
 
@@ -471,8 +524,8 @@ impl Network {
             let h = &lease.holder;
             let hash = self.keys.attach(&h.container_id, &h.ifname).hash;
             self.by_attachment.entry(AttachKey { hash, holder: h.clone() }).or_default().push(ip);
-            if !h.pod.name.is_empty() {
-                let hash = self.keys.pod(&h.pod.namespace, &h.pod.name, &h.ifname).hash;
+            if h.has_owner_key() {
+                let hash = self.keys.pod(h).hash;
                 self.by_pod.entry(PodKey { hash, holder: h.clone() }).or_default().push(ip);
             }
         }
@@ -487,8 +540,8 @@ impl Network {
         if !lease.is_manual() {
             let h = &lease.holder;
             unindex(&mut self.by_attachment, &self.keys.attach(&h.container_id, &h.ifname), ip);
-            if !h.pod.name.is_empty() {
-                unindex(&mut self.by_pod, &self.keys.pod(&h.pod.namespace, &h.pod.name, &h.ifname), ip);
+            if h.has_owner_key() {
+                unindex(&mut self.by_pod, &self.keys.pod(h), ip);
             }
         }
         Some(lease)
@@ -584,6 +637,29 @@ fn pick_free(pool: &RangePool, cooling: &HashMap<IpAddr, i64>, cooldown_ms: u64,
 /// The network named `name`, created empty if new.
 fn network_mut<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> &'a mut Network {
     networks.entry_ref(name).or_insert_with(|| Network::new(name.into()))
+}
+
+/// Marks the lease at `ip` kept (its sandbox is gone) and journals it; `None` when nothing
+/// is held there. A lease already kept is returned unchanged and nothing is journaled.
+fn mark_kept(net: &mut Network, journal: &mut Vec<Change>, ip: IpAddr) -> Option<Arc<Lease>> {
+    let old = net.leases.get(&ip)?.clone();
+    if old.holder.kept {
+        return Some(old);
+    }
+    net.remove(ip);
+    let mut lease = (*old).clone();
+    lease.holder = Arc::new(Attachment { kept: true, ..(*old.holder).clone() });
+    let lease = Arc::new(lease);
+    net.insert(lease.clone());
+    journal.push(Change::PutLease(lease.clone()));
+    Some(lease)
+}
+
+/// What a release did: the leases freed and those kept for their owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    pub freed: Leases,
+    pub kept: Leases,
 }
 
 /// Removes one lease and journals it; under a cooldown the address starts cooling at `now`.
@@ -703,13 +779,20 @@ impl Allocator {
         }
 
         let mut existing = net.held_by(&a.container_id, &a.ifname);
-        let mut moved_from_pod = false;
+        // A sandbox ADDed again after its DEL kept its lease: it holds it again, not kept.
+        let mut moved_from_pod = existing.iter().any(|ip| net.leases.get(ip).is_some_and(|l| l.holder.kept));
         if existing.is_empty()
-            && !a.pod.name.is_empty()
-            && let Some(v) = net.by_pod.get(&net.keys.pod(&a.pod.namespace, &a.pod.name, &a.ifname))
+            && a.has_owner_key()
+            && let Some(v) = net.by_pod.get(&net.keys.pod(a))
         {
-            existing = v.clone();
-            moved_from_pod = true;
+            // Another pod of the same name that was not the owner's (or the other way
+            // round) shares the key but takes nothing.
+            existing = v
+                .iter()
+                .copied()
+                .filter(|ip| net.leases.get(ip).is_some_and(|l| a.may_take_from(&l.holder)))
+                .collect();
+            moved_from_pod = !existing.is_empty();
         }
         // Lowest first, so the choice does not depend on the order leases were taken.
         existing.sort_unstable();
@@ -804,7 +887,8 @@ impl Allocator {
 
         *lease_count += new_leases.len();
         if moved_from_pod {
-            // The pod came back in a new sandbox: its leases follow it.
+            // The pod came back in a new sandbox (or a kept one came back): its leases
+            // follow it.
             for ip in existing {
                 if let Some(old) = net.remove(ip) {
                     let mut lease = (*old).clone();
@@ -822,13 +906,35 @@ impl Allocator {
     /// Releases what an attachment holds in a network; nothing held is not an error. Under
     /// a cooldown the addresses cool from `now_unix_ms`.
     pub fn release(&mut self, network: &str, container_id: &str, ifname: &str, now_unix_ms: i64) -> Leases {
+        self.release_keeping(network, container_id, ifname, now_unix_ms, &|_| false).freed
+    }
+
+    /// [`Allocator::release`], except that a lease with an owner for which `keep` says so
+    /// is kept for the owner's next sandbox (marked [`Attachment::kept`]) instead of freed.
+    /// A lease already kept is freed only when `keep` no longer says so.
+    pub fn release_keeping(
+        &mut self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+        now_unix_ms: i64,
+        keep: &dyn Fn(&Lease) -> bool,
+    ) -> Released {
         let Some(net) = self.networks.get_mut(network) else {
-            return Leases::new();
+            return Released::default();
         };
-        let held = net.held_by(container_id, ifname);
-        held.into_iter()
-            .filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms))
-            .collect()
+        let mut out = Released::default();
+        for ip in net.held_by(container_id, ifname) {
+            match net.leases.get(&ip) {
+                Some(l) if l.holder.owner.is_some() && keep(l) => {
+                    if let Some(k) = mark_kept(net, &mut self.journal, ip) {
+                        out.kept.push(k);
+                    }
+                }
+                _ => out.freed.extend(delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms)),
+            }
+        }
+        out
     }
 
     /// What an attachment holds in a network.
@@ -849,14 +955,16 @@ impl Allocator {
         self.unaligned.get(network).copied().unwrap_or(0)
     }
 
-    /// Whether `attachment` (its sandbox, or its pod under the same interface name) holds
-    /// an address in `network`.
+    /// Whether `attachment` (its sandbox, or its pod under the same interface name, or its
+    /// owner, when it may take what the owner holds) holds an address in `network`.
     pub fn holds(&self, network: &str, attachment: &Attachment) -> bool {
         let Some(net) = self.networks.get(network) else { return false };
         let a = attachment;
         net.by_attachment.get(&net.keys.attach(&a.container_id, &a.ifname)).is_some()
-            || (!a.pod.name.is_empty()
-                && net.by_pod.get(&net.keys.pod(&a.pod.namespace, &a.pod.name, &a.ifname)).is_some())
+            || (a.has_owner_key()
+                && net.by_pod.get(&net.keys.pod(a)).is_some_and(|held| {
+                    held.iter().any(|ip| net.leases.get(ip).is_some_and(|l| a.may_take_from(&l.holder)))
+                }))
     }
 
     /// Releases every attachment lease of `network` allocated from `node` whose attachment
@@ -868,23 +976,44 @@ impl Allocator {
         valid: &HashSet<(String, String)>,
         now_unix_ms: i64,
     ) -> Vec<Arc<Lease>> {
+        self.gc_keeping(network, node, valid, now_unix_ms, &|_| false).freed.into_vec()
+    }
+
+    /// [`Allocator::gc`], keeping (as [`Allocator::release_keeping`] does) the leases of
+    /// owners `keep` says so for. Leases already kept are not the runtime's to judge (it
+    /// never knew their sandbox is wanted again) and are left alone.
+    pub fn gc_keeping(
+        &mut self,
+        network: &str,
+        node: &str,
+        valid: &HashSet<(String, String)>,
+        now_unix_ms: i64,
+        keep: &dyn Fn(&Lease) -> bool,
+    ) -> Released {
         let Some(net) = self.networks.get_mut(network) else {
-            return Vec::new();
+            return Released::default();
         };
         let mut stale: Vec<IpAddr> = net
             .by_attachment
             .iter()
             .filter(|(k, _)| {
                 k.holder.node == node
+                    && !k.holder.kept
                     && !valid.contains(&(k.holder.container_id.clone(), k.holder.ifname.clone()))
             })
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
         stale.sort();
-        stale
-            .into_iter()
-            .filter_map(|ip| delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms))
-            .collect()
+        let mut out = Released::default();
+        for ip in stale {
+            match net.leases.get(&ip) {
+                Some(l) if l.holder.owner.is_some() && keep(l) => {
+                    out.kept.extend(mark_kept(net, &mut self.journal, ip));
+                }
+                _ => out.freed.extend(delete(net, &mut self.journal, &mut self.lease_count, ip, now_unix_ms)),
+            }
+        }
+        out
     }
 
     /// Holds an address by hand so it is never handed out.

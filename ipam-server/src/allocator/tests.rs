@@ -29,6 +29,7 @@ fn att(cid: &str, ifname: &str, pod: &str) -> Attachment {
         ifname: ifname.into(),
         pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: format!("uid-{cid}") },
         node: "node-a".into(),
+        ..Default::default()
     }
 }
 
@@ -595,6 +596,7 @@ proptest! {
                         ifname: ifname.clone(),
                         pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: String::new() },
                         node: String::new(),
+                        ..Default::default()
                     };
                     let r = AllocateRequest {
                         attachment: Arc::new(a),
@@ -893,4 +895,167 @@ fn an_assigned_block_stays_the_nodes_until_it_is_given_back() {
     al.unassign_block("rail0", "198.18.0.32/28".parse().expect("block"), 6).expect("assigned");
     assert_eq!(block(&al, "n2", Some(2)), Ok(("198.18.0.32/28".into(), true)));
     assert!(al.assigned_blocks().is_empty());
+}
+
+fn owned(cid: &str, pod: &str, owner: Option<Owner>) -> Attachment {
+    Attachment { owner, ..att(cid, "net1", pod) }
+}
+
+fn web() -> Option<Owner> {
+    Some(Owner::StatefulSet { name: "web".into(), uid: "set-1".into() })
+}
+
+#[test]
+fn a_kept_address_goes_back_to_the_owners_next_sandbox() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(att("x", "net1", "other"), "", vec![r.clone()], &[]), 1).expect("allocate");
+    let got = al.allocate(&req(owned("c1", "web-3", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
+    al.drain_journal().for_each(drop);
+
+    let out = al.release_keeping("", "c1", "net1", 2, &|_| true);
+    assert!(out.freed.is_empty());
+    assert_eq!(addrs(&out.kept), vec![ip("10.0.0.2")]);
+    assert!(out.kept[0].holder.kept);
+    assert_eq!(al.lease_count(), 2);
+    assert_eq!(al.drain_journal().collect::<Vec<_>>(), vec![Change::PutLease(out.kept[0].clone())]);
+    assert!(
+        al.get("", ip("10.0.0.2")).expect("held").who().contains("statefulset/web (kept since pod ns/web-3")
+    );
+    // A second DEL of the same sandbox changes nothing.
+    assert_eq!(al.release_keeping("", "c1", "net1", 3, &|_| true).kept.len(), 1);
+    assert_eq!(al.journal_len(), 0);
+
+    let got = al.allocate(&req(owned("c2", "web-3", web()), "", vec![r], &[]), 4).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
+    assert!(!got[0].holder.kept);
+    assert_eq!(got[0].holder.container_id, "c2");
+    assert!(
+        al.release_keeping("", "c1", "net1", 5, &|_| false).freed.is_empty(),
+        "the old sandbox holds nothing"
+    );
+}
+
+#[test]
+fn the_new_pods_add_before_the_old_sandboxs_del_keeps_the_address() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    let first =
+        al.allocate(&req(owned("old", "web-0", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    let moved = al
+        .allocate(
+            &req(Attachment { node: "node-b".into(), ..owned("new", "web-0", web()) }, "", vec![r], &[]),
+            2,
+        )
+        .expect("allocate");
+    assert_eq!(addrs(&moved), addrs(&first));
+    assert_eq!(moved[0].holder.node, "node-b");
+    // The old sandbox's DEL, on the other node, finds nothing of its own.
+    let out = al.release_keeping("", "old", "net1", 3, &|_| false);
+    assert!(out.freed.is_empty() && out.kept.is_empty());
+    assert_eq!(al.get("", first[0].address).expect("held").holder.container_id, "new");
+}
+
+#[test]
+fn a_pod_that_is_not_the_sets_never_takes_its_ordinals_address() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(owned("c1", "web-3", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    // Still held by the set's sandbox, and then kept: neither goes to the impostor.
+    let other = Some(Owner::StatefulSet { name: "web".into(), uid: "set-2".into() });
+    let got = al.allocate(&req(owned("imp", "web-3", None), "", vec![r.clone()], &[]), 2).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.2")]);
+    al.release("", "imp", "net1", 3);
+    al.release_keeping("", "c1", "net1", 4, &|_| true);
+    let got =
+        al.allocate(&req(owned("imp2", "web-3", other), "", vec![r.clone()], &[]), 5).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.2")], "another set of the same name");
+    let got = al.allocate(&req(owned("c2", "web-3", web()), "", vec![r], &[]), 6).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.1")], "the set's own pod");
+}
+
+#[test]
+fn a_kept_address_is_freed_once_the_owner_lets_go() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(owned("c1", "web-3", web()), "", vec![r], &[]), 1).expect("allocate");
+    al.release_keeping("", "c1", "net1", 2, &|_| true);
+    let out = al.release_keeping("", "c1", "net1", 3, &|_| false);
+    assert_eq!(addrs(&out.freed), vec![ip("10.0.0.1")]);
+    assert_eq!(al.lease_count(), 0);
+}
+
+#[test]
+fn a_claims_address_follows_the_claim_across_pods() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    let claim = Some(Owner::Claim { name: "vm-a.net1".into() });
+    let src = al.allocate(&req(owned("src", "launcher-a", claim.clone()), "n", vec![r.clone()], &[]), 1);
+    let src = src.expect("allocate");
+    // Migration: the target pod's ADD while the source runs.
+    let dst = al.allocate(&req(owned("dst", "launcher-b", claim.clone()), "n", vec![r.clone()], &[]), 2);
+    assert_eq!(addrs(&dst.expect("allocate")), addrs(&src));
+    assert!(al.release_keeping("n", "src", "net1", 3, &|_| true).kept.is_empty(), "the source holds nothing");
+    let out = al.release_keeping("n", "dst", "net1", 4, &|_| true);
+    assert_eq!(addrs(&out.kept), addrs(&src));
+    // A restart: a third pod of another name.
+    let again =
+        al.allocate(&req(owned("c3", "launcher-c", claim), "n", vec![r.clone()], &[]), 5).expect("allocate");
+    assert_eq!(addrs(&again), addrs(&src));
+    // A pod without the claim does not get it.
+    let plain = al.allocate(&req(att("p", "net1", "launcher-a"), "n", vec![r], &[]), 6).expect("allocate");
+    assert_ne!(addrs(&plain), addrs(&src));
+}
+
+#[test]
+fn gc_keeps_what_owners_want_and_leaves_kept_leases_alone() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(owned("a", "web-0", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.allocate(&req(owned("b", "web-1", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.allocate(&req(att("c", "net1", "plain"), "", vec![r], &[]), 1).expect("allocate");
+    al.release_keeping("", "b", "net1", 2, &|_| true);
+    let out = al.gc_keeping("", "node-a", &HashSet::new(), 3, &|l| l.holder.pod.name == "web-0");
+    assert_eq!(addrs(&out.freed), vec![ip("10.0.0.3")]);
+    assert_eq!(addrs(&out.kept), vec![ip("10.0.0.1")]);
+    assert!(al.get("", ip("10.0.0.2")).expect("kept").holder.kept, "kept before, still kept");
+}
+
+#[test]
+fn a_sandbox_added_again_after_its_del_holds_its_kept_address_again() {
+    let mut al = Allocator::new();
+    let r = spec("10.0.0.0/24", &[], "");
+    al.allocate(&req(owned("c1", "web-0", web()), "", vec![r.clone()], &[]), 1).expect("allocate");
+    al.release_keeping("", "c1", "net1", 2, &|_| true);
+    let got = al.allocate(&req(owned("c1", "web-0", web()), "", vec![r], &[]), 3).expect("allocate");
+    assert_eq!(addrs(&got), vec![ip("10.0.0.1")]);
+    assert!(!got[0].holder.kept);
+    assert_eq!(al.lease_count(), 1);
+}
+
+#[test]
+fn owner_and_kept_survive_the_stores_json() {
+    let lease = Lease {
+        address: ip("10.0.0.1"),
+        network: "n".into(),
+        range: "10.0.0.0/24".into(),
+        prefix_len: 24,
+        gateway: None,
+        holder: Arc::new(Attachment { kept: true, ..owned("c1", "web-0", web()) }),
+        created_unix_ms: 1,
+        note: String::new(),
+    };
+    let json = serde_json::to_string(&lease).expect("json");
+    assert_eq!(serde_json::from_str::<Lease>(&json).expect("back"), lease);
+    let claim = Lease {
+        holder: Arc::new(owned("c2", "launcher", Some(Owner::Claim { name: "vm.net1".into() }))),
+        ..lease
+    };
+    let json = serde_json::to_string(&claim).expect("json");
+    assert_eq!(serde_json::from_str::<Lease>(&json).expect("back"), claim);
+    // A lease written before owners existed reads as owned by nobody.
+    let old = r#"{"address":"10.0.0.1","network":"n","range":"","prefix_len":24,"container_id":"c","ifname":"net1","pod":{"namespace":"a","name":"b"},"node":"x","created_unix_ms":1}"#;
+    let old: Lease = serde_json::from_str(old).expect("old lease");
+    assert_eq!((old.holder.owner.clone(), old.holder.kept), (None, false));
 }

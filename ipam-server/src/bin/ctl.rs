@@ -139,6 +139,12 @@ fn print_lease(l: &pb::Lease) {
     } else {
         format!("pod={pod} container={} ifname={}", l.container_id, l.ifname)
     };
+    // Only for an owned lease, so the lines of every other lease read as before.
+    let holder = match (l.owner.as_str(), l.kept) {
+        ("", _) => holder,
+        (owner, false) => format!("{holder} owner={owner}"),
+        (owner, true) => format!("{holder} owner={owner} kept"),
+    };
     println!("{}/{}\tnetwork={:?}\trange={}\t{holder}", l.address, l.prefix_len, l.network, l.range);
 }
 
@@ -177,6 +183,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ranges,
                 requested_addresses: ip,
                 pool: String::new(),
+                ipam_claim: String::new(),
             };
             let leases = replicas
                 .call(|ch| {

@@ -148,6 +148,12 @@ struct Args {
     #[arg(long, value_name = "DURATION", env = "RUST_IPAM_NODE_BLOCK_GRACE", default_value = "10m",
           value_parser = parse_duration)]
     node_block_grace: std::time::Duration,
+    /// Keep a StatefulSet pod's address for its next sandbox while the set wants the
+    /// ordinal (`false`: free it at DEL like any pod's). Needs the Kubernetes API (kube
+    /// store, or --kubeconfig with the embedded store).
+    #[arg(long, value_name = "BOOL", env = "RUST_IPAM_KEEP_STATEFULSET_ADDRESSES", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    keep_statefulset_addresses: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -419,14 +425,26 @@ fn reconciler(
     labels: Option<&Labels>,
     metrics: ReconcileMetrics,
 ) -> std::sync::Arc<ipam_server::reconcile::Reconciler> {
+    use ipam_server::k8s::keep::KubeKeeper;
     use ipam_server::k8s::pods::KubePods;
+    use ipam_server::keep::Keeper;
     use ipam_server::reconcile::blocks::NodeBlocks;
     use ipam_server::reconcile::{PodSource, Reconciler};
+    let keeper = client.clone().map(|c| {
+        let k = KubeKeeper::new(c, args.keep_statefulset_addresses);
+        k.spawn();
+        std::sync::Arc::new(k) as std::sync::Arc<dyn Keeper>
+    });
     let pods = client.map(|c| std::sync::Arc::new(KubePods::new(c)) as std::sync::Arc<dyn PodSource>);
     info!(every = ?args.reconcile_every, grace = ?args.reconcile_grace, pods = pods.is_some(),
           node_block_grace = ?args.node_block_grace, "stale-lease reconcile");
+    info!(
+        statefulsets = keeper.is_some() && args.keep_statefulset_addresses,
+        ipamclaims = keeper.is_some(),
+        "keeping addresses for their owners"
+    );
     let blocks = labels.map(|l| NodeBlocks::new(l.clone(), args.node_block_grace));
-    Reconciler::with_blocks(pods, args.reconcile_every, args.reconcile_grace, metrics, blocks)
+    Reconciler::keeping(pods, keeper, args.reconcile_every, args.reconcile_grace, metrics, blocks)
 }
 
 /// Follows the Nodes' and Namespaces' labels (pool selectors, deleted nodes' blocks).

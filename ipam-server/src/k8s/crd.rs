@@ -19,7 +19,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::allocator::{Attachment, Lease, PodRef, RangeInput};
+use crate::allocator::{Attachment, Lease, Owner, PodRef, RangeInput};
 
 /// One held address.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -36,6 +36,8 @@ use crate::allocator::{Attachment, Lease, PodRef, RangeInput};
     printcolumn(name = "Interface", type_ = "string", json_path = ".spec.ifname"),
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
     printcolumn(name = "Note", type_ = "string", json_path = ".spec.note", priority = 1),
+    printcolumn(name = "Owner", type_ = "string", json_path = ".spec.owner.name", priority = 1),
+    printcolumn(name = "Kept", type_ = "boolean", json_path = ".spec.kept", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -70,6 +72,53 @@ pub struct IPLeaseSpec {
     /// Reason of a manual reservation.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// Who the address belongs to beyond the sandbox: its StatefulSet (kept for the pod's
+    /// name and interface while the set wants the ordinal) or an IPAMClaim (kept until
+    /// the claim is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<LeaseOwner>,
+    /// The holder's sandbox is gone and the address is kept for the owner's next one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
+}
+
+/// The owner of a lease (see [`Owner`]), in the pod's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct LeaseOwner {
+    /// `StatefulSet` or `IPAMClaim`.
+    pub kind: String,
+    pub name: String,
+    /// The StatefulSet's UID.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+}
+
+impl From<&Owner> for LeaseOwner {
+    fn from(o: &Owner) -> LeaseOwner {
+        match o {
+            Owner::StatefulSet { name, uid } => {
+                LeaseOwner { kind: "StatefulSet".into(), name: name.clone(), uid: uid.clone() }
+            }
+            Owner::Claim { name } => {
+                LeaseOwner { kind: "IPAMClaim".into(), name: name.clone(), uid: String::new() }
+            }
+        }
+    }
+}
+
+impl LeaseOwner {
+    /// The owner as the allocator takes it.
+    fn to_owner(&self) -> Result<Owner, BadObject> {
+        match self.kind.as_str() {
+            "StatefulSet" => Ok(Owner::StatefulSet { name: self.name.clone(), uid: self.uid.clone() }),
+            "IPAMClaim" => Ok(Owner::Claim { name: self.name.clone() }),
+            other => Err(BadObject::Field {
+                field: "owner.kind",
+                value: other.to_string(),
+                reason: "is not StatefulSet or IPAMClaim".into(),
+            }),
+        }
+    }
 }
 
 /// One range as configured, with its usage in status.
@@ -406,6 +455,8 @@ impl From<&Lease> for IPLeaseSpec {
             node: h.node.clone(),
             created_unix_ms: l.created_unix_ms,
             note: l.note.clone(),
+            owner: h.owner.as_ref().map(LeaseOwner::from),
+            kept: h.kept,
         }
     }
 }
@@ -467,6 +518,8 @@ impl IPLeaseSpec {
                 ifname: self.ifname.clone(),
                 pod: PodRef { namespace, name: pod, uid: self.pod_uid.clone() },
                 node: self.node.clone(),
+                owner: self.owner.as_ref().map(LeaseOwner::to_owner).transpose()?,
+                kept: self.kept,
             }),
             created_unix_ms: self.created_unix_ms,
             note: self.note.clone(),
@@ -504,6 +557,7 @@ mod tests {
                 ifname: "net1".into(),
                 pod: PodRef { namespace: "ml".into(), name: "trainer-0".into(), uid: "u-1".into() },
                 node: "gpu-7".into(),
+                ..Default::default()
             }),
             created_unix_ms: 1_700_000_000_000,
             note: String::new(),
@@ -568,5 +622,27 @@ mod tests {
         );
         let bad = IPLeaseSpec { ifname: String::new(), ..spec };
         assert!(bad.to_lease(&name).is_err());
+    }
+
+    #[test]
+    fn owners_and_kept_survive_the_round_trip() {
+        let set = Owner::StatefulSet { name: "trainer".into(), uid: "s-1".into() };
+        for (owner, kind) in [(set, "StatefulSet"), (Owner::Claim { name: "vm.net1".into() }, "IPAMClaim")] {
+            let mut l = lease();
+            l.holder = Arc::new(Attachment { owner: Some(owner), kept: true, ..(*l.holder).clone() });
+            let spec = IPLeaseSpec::from(&l);
+            assert_eq!(spec.owner.as_ref().map(|o| o.kind.as_str()), Some(kind));
+            assert!(spec.kept);
+            let name = lease_name("Rail_0", l.address);
+            assert_eq!(spec.to_lease(&name).expect("valid"), l);
+            let bad = IPLeaseSpec {
+                owner: Some(LeaseOwner { kind: "Deployment".into(), name: "x".into(), uid: String::new() }),
+                ..spec
+            };
+            assert_eq!(
+                bad.to_lease(&name).expect_err("bad").to_string(),
+                "spec.owner.kind \"Deployment\" is not StatefulSet or IPAMClaim"
+            );
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! Running in a Kubernetes cluster: the custom resources, the store built on them, leader
-//! election among replicas, the IPPools NADs name, the pods reconcile reads and
+//! election among replicas, the IPPools NADs name, the StatefulSets and IPAMClaims addresses
+//! are kept for, the pods reconcile reads and
 //! Whereabouts' objects the import reads. Every list goes through [`for_each_page`].
 
 pub mod crd;
 pub mod ippools;
+pub mod keep;
 pub mod labels;
 pub mod leader;
 pub mod lease_lock;
@@ -54,6 +56,8 @@ pub enum Seen<T> {
 
 /// Pause after a failed list or watch call before the next.
 const FOLLOW_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest pause between lists that keep failing.
+const FOLLOW_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Lists the objects (paged), then watches from the list's resourceVersion, forever,
 /// handing what it sees to `seen`: a watch that ends is resumed where it stopped, one
@@ -73,16 +77,25 @@ pub async fn list_and_watch<T, L, LFut, W, WFut, S>(
 {
     use futures::StreamExt as _;
     use kube::api::WatchEvent;
+    // Lists that keep failing (a CRD that is not installed, RBAC without the verb) back
+    // off and warn once, then at debug level until one succeeds.
+    let mut pause = FOLLOW_RETRY;
     loop {
         let mut objects = Vec::new();
         let mut version = match for_each_page(500, &mut list, |o| objects.push(o)).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(error = %e, "listing the {what} failed; retrying");
-                tokio::time::sleep(FOLLOW_RETRY).await;
+                if pause == FOLLOW_RETRY {
+                    tracing::warn!(error = %e, "listing the {what} failed; retrying (further failures at debug level)");
+                } else {
+                    tracing::debug!(error = %e, "listing the {what} failed; retrying");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(FOLLOW_RETRY_MAX);
                 continue;
             }
         };
+        pause = FOLLOW_RETRY;
         tracing::info!(count = objects.len(), "{what} listed; watching");
         seen(Seen::Listed(objects));
         loop {

@@ -886,6 +886,7 @@ mod tests {
                 ifname: "net1".into(),
                 pod,
                 node: node.into(),
+                ..Default::default()
             }),
             network: "rail0".into(),
             ranges: Vec::new(),

@@ -18,7 +18,11 @@
 //!    took the lease back meanwhile holds it under another container ID, so it is kept.
 //!
 //! Leases younger than the grace period are reported and never freed; manual reservations
-//! and leases without a pod (imports without a podref) are never looked at. A dry run
+//! and leases without a pod (imports without a podref) are never looked at, and neither
+//! are leases whose owner (a StatefulSet that still wants the ordinal, an IPAMClaim that
+//! exists: see [`crate::keep`]) keeps them, asked when the leases are read and again in
+//! the conditional release. A kept lease whose owner lets go is judged like any other: its
+//! pod is gone (or replaced), so it is freed. A dry run
 //! takes the same steps up to (not including) the release, so it lists what a real pass
 //! would free.
 //!
@@ -40,6 +44,7 @@ pub mod blocks;
 
 use crate::allocator::{Allocator, Lease, LeaseFilter, Str};
 use crate::engine::{Engine, EngineError};
+use crate::keep::{self, Keeper};
 use crate::role::Serving;
 
 /// A pod as the API server lists it: all reconcile needs to know.
@@ -147,9 +152,20 @@ pub fn release_if_unchanged(
     cutoff_unix_ms: i64,
     now_unix_ms: i64,
 ) -> Option<Arc<Lease>> {
+    release_unless_kept(a, seen, None, cutoff_unix_ms, now_unix_ms)
+}
+
+/// [`release_if_unchanged`], also keeping the lease when `keeper` says its owner wants it.
+pub fn release_unless_kept(
+    a: &mut Allocator,
+    seen: &Lease,
+    keeper: Option<&Arc<dyn Keeper>>,
+    cutoff_unix_ms: i64,
+    now_unix_ms: i64,
+) -> Option<Arc<Lease>> {
     let current = a.get(&seen.network, seen.address).ok()?;
     let unchanged = current.holder == seen.holder && current.created_unix_ms == seen.created_unix_ms;
-    if !unchanged || !past_grace(&current, cutoff_unix_ms) {
+    if !unchanged || !past_grace(&current, cutoff_unix_ms) || keep::keeps(keeper, &current) {
         return None;
     }
     a.release_address(&seen.network, seen.address, now_unix_ms).ok()
@@ -260,9 +276,20 @@ pub async fn pass(
     opts: PassOptions,
     now_unix_ms: i64,
 ) -> Result<Report, PassError> {
+    pass_keeping(engine, pods, None, opts, now_unix_ms).await
+}
+
+/// [`pass`], leaving alone the leases `keeper` keeps for their owners.
+pub async fn pass_keeping(
+    engine: &Engine,
+    pods: &dyn PodSource,
+    keeper: Option<&Arc<dyn Keeper>>,
+    opts: PassOptions,
+    now_unix_ms: i64,
+) -> Result<Report, PassError> {
     let cutoff = now_unix_ms.saturating_sub(duration_ms(opts.grace));
     // Leases first: see the module docs.
-    let leases = read_leases(engine).await?;
+    let leases = read_leases(engine, keeper).await?;
     let listed = pods.list().await.map_err(PassError::ListPods)?;
     let mut report = Report {
         dry_run: opts.dry_run,
@@ -285,7 +312,7 @@ pub async fn pass(
             detail: String::new(),
             failed_at: None,
         };
-        entry.action = decide(engine, pods, &mut entry, opts, cutoff).await;
+        entry.action = decide(engine, pods, keeper, &mut entry, opts, cutoff).await;
         report.entries.push(entry);
     }
     Ok(report)
@@ -295,17 +322,22 @@ pub async fn pass(
 /// [`Allocator::leases_after`]), so allocations wait for one page, not for every lease.
 const SNAPSHOT_PAGE: usize = 4096;
 
-/// Every lease held for a pod, read page by page in (network, address) order.
-async fn read_leases(engine: &Engine) -> Result<Vec<Arc<Lease>>, EngineError> {
+/// Every lease held for a pod and not kept for its owner, read page by page in (network,
+/// address) order.
+async fn read_leases(
+    engine: &Engine,
+    keeper: Option<&Arc<dyn Keeper>>,
+) -> Result<Vec<Arc<Lease>>, EngineError> {
     let mut out = Vec::new();
     let mut after: Option<(Str, IpAddr)> = None;
     loop {
         let from = after.take();
+        let keeper = keeper.cloned();
         let page = engine
             .call(move |a, _| {
                 let from = from.as_ref().map(|(net, ip)| (&**net, *ip));
                 let mut page = a.leases_after(&LeaseFilter::default(), from, SNAPSHOT_PAGE);
-                page.leases.retain(|l| names_a_pod(l));
+                page.leases.retain(|l| names_a_pod(l) && !keep::keeps(keeper.as_ref(), l));
                 page
             })
             .await?;
@@ -321,6 +353,7 @@ async fn read_leases(engine: &Engine) -> Result<Vec<Arc<Lease>>, EngineError> {
 async fn decide(
     engine: &Engine,
     pods: &dyn PodSource,
+    keeper: Option<&Arc<dyn Keeper>>,
     entry: &mut Entry,
     opts: PassOptions,
     cutoff: i64,
@@ -357,7 +390,8 @@ async fn decide(
         return Action::WouldFree;
     }
     let seen = lease.clone();
-    match engine.call(move |a, now| release_if_unchanged(a, &seen, cutoff, now)).await {
+    let keeper = keeper.cloned();
+    match engine.call(move |a, now| release_unless_kept(a, &seen, keeper.as_ref(), cutoff, now)).await {
         Ok(Some(_)) => {
             info!(network = %lease.network, address = %lease.address, pod = %pod_of(&lease),
                 container_id = %holder.container_id, ifname = %holder.ifname, node = %holder.node,
@@ -459,6 +493,9 @@ impl ReconcileMetrics {
 #[derive(Debug)]
 pub struct Reconciler {
     pods: Option<Arc<dyn PodSource>>,
+    /// Whose leases are kept past their pods (see [`crate::keep`]); the gRPC services
+    /// take the same one from here.
+    keeper: Option<Arc<dyn Keeper>>,
     /// Time between timer passes; zero: no timer.
     every: Duration,
     /// Grace period of timer passes and of RPCs that name none.
@@ -493,7 +530,33 @@ impl Reconciler {
         metrics: ReconcileMetrics,
         blocks: Option<blocks::NodeBlocks>,
     ) -> Arc<Reconciler> {
-        Arc::new(Reconciler { pods, every, grace, metrics, blocks, running: tokio::sync::Mutex::new(()) })
+        Reconciler::keeping(pods, None, every, grace, metrics, blocks)
+    }
+
+    /// [`Reconciler::with_blocks`], leaving alone the leases `keeper` keeps for their
+    /// owners.
+    pub fn keeping(
+        pods: Option<Arc<dyn PodSource>>,
+        keeper: Option<Arc<dyn Keeper>>,
+        every: Duration,
+        grace: Duration,
+        metrics: ReconcileMetrics,
+        blocks: Option<blocks::NodeBlocks>,
+    ) -> Arc<Reconciler> {
+        Arc::new(Reconciler {
+            pods,
+            keeper,
+            every,
+            grace,
+            metrics,
+            blocks,
+            running: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The keeper passes consult, which Allocate, Release and GC use too.
+    pub fn keeper(&self) -> Option<Arc<dyn Keeper>> {
+        self.keeper.clone()
     }
 
     /// A reconciler without pods and without a timer. Its metrics are registered nowhere:
@@ -518,7 +581,7 @@ impl Reconciler {
         let opts = PassOptions { dry_run, grace: grace.unwrap_or(self.grace) };
         let _one_at_a_time = self.running.lock().await;
         let now = now_unix_ms();
-        let mut outcome = pass(engine, pods.as_ref(), opts, now).await;
+        let mut outcome = pass_keeping(engine, pods.as_ref(), self.keeper.as_ref(), opts, now).await;
         if let (Ok(report), Some(blocks)) = (&mut outcome, &self.blocks) {
             report.entries.extend(blocks.pass(engine, dry_run, now).await);
         }

@@ -125,6 +125,7 @@ fn holder(cid: &str, ns: &str, pod: &str, uid: &str) -> Arc<Attachment> {
         ifname: "net1".into(),
         pod: PodRef { namespace: ns.into(), name: pod.into(), uid: uid.into() },
         node: "node-a".into(),
+        ..Default::default()
     })
 }
 
@@ -605,4 +606,70 @@ async fn a_deleted_nodes_block_goes_back_after_the_grace_period_once_empty() {
         .expect("held");
     assert_eq!(judged(blocks.pass(&engine, false, t0 + 122_000).await), at(&[("n2", "freed")]));
     assert!(engine.call(|a, _| a.assigned_blocks()).await.expect("engine").is_empty());
+}
+
+/// A keeper whose answer a test sets: whether owners want their leases.
+#[derive(Debug, Default)]
+struct FakeKeeper(std::sync::atomic::AtomicBool);
+
+impl Keeper for FakeKeeper {
+    fn owner<'a>(
+        &'a self,
+        _: &'a PodRef,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::allocator::Owner>, crate::keep::KeepError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn keeps(&self, _: &Lease) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn claim_allocated<'a>(&'a self, _: &'a str, _: &'a str, _: Vec<String>) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test]
+async fn a_pass_leaves_what_the_owner_keeps_and_frees_it_once_the_owner_lets_go() {
+    let old = now_ms() - HOUR_MS;
+    let set = crate::allocator::Owner::StatefulSet { name: "web".into(), uid: "s".into() };
+    let kept = Arc::new(Attachment {
+        owner: Some(set),
+        kept: true,
+        ..(*holder("c-web", "ns", "web-0", "u")).clone()
+    });
+    let (engine, _) = engine_with(vec![
+        lease("10.0.0.1", kept, old),
+        lease("10.0.0.2", holder("c-gone", "ns", "gone", "u"), old),
+    ])
+    .await;
+    let pods = FakePods::with(&[]);
+    let fake = Arc::new(FakeKeeper::default());
+    fake.0.store(true, Ordering::SeqCst);
+    let keeper: Arc<dyn Keeper> = fake.clone();
+    let opts = PassOptions { dry_run: false, grace: GRACE };
+    let r = pass_keeping(&engine, &pods, Some(&keeper), opts, now_ms()).await.expect("pass");
+    assert_eq!(summary(&r), vec![("10.0.0.2".to_string(), "pod-gone", "freed")]);
+    assert_eq!(held(&engine).await, vec![("10.0.0.1".to_string(), "c-web".to_string())]);
+    fake.0.store(false, Ordering::SeqCst);
+    let r = pass_keeping(&engine, &pods, Some(&keeper), opts, now_ms()).await.expect("pass");
+    assert_eq!(summary(&r), vec![("10.0.0.1".to_string(), "pod-gone", "freed")]);
+    assert!(held(&engine).await.is_empty());
+}
+
+#[test]
+fn the_conditional_release_keeps_what_the_owner_wants() {
+    let mut a = Allocator::new();
+    let set = crate::allocator::Owner::StatefulSet { name: "web".into(), uid: "s".into() };
+    let l = lease(
+        "10.0.0.1",
+        Arc::new(Attachment { owner: Some(set), ..(*holder("c", "ns", "web-0", "u")).clone() }),
+        10,
+    );
+    a.adopt(l.clone()).expect("adopt");
+    let fake = Arc::new(FakeKeeper::default());
+    fake.0.store(true, Ordering::SeqCst);
+    let keeper: Arc<dyn Keeper> = fake.clone();
+    assert_eq!(release_unless_kept(&mut a, &l, Some(&keeper), 100, 1), None);
+    fake.0.store(false, Ordering::SeqCst);
+    assert!(release_unless_kept(&mut a, &l, Some(&keeper), 100, 1).is_some());
 }

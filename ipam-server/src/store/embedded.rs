@@ -149,6 +149,7 @@ mod tests {
                 ifname: "net1".into(),
                 pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
                 node: "n1".into(),
+                ..Default::default()
             }),
             created_unix_ms: 42,
             note: "".into(),

@@ -34,9 +34,15 @@ pub struct NetworkSelection {
     pub mac: Option<String>,
     /// Gateways for the pod's default route through this network.
     pub default_route: Vec<IpAddr>,
-    /// Extra `args.cni` keys for the delegate.
+    /// Extra `args.cni` keys for the delegate: the annotation's `cni-args`, and its
+    /// `ipam-claim-reference` under that same key (see [`IPAM_CLAIM_KEY`]).
     pub cni_args: Map<String, Value>,
 }
+
+/// The selection key naming an IPAMClaim (k8snetworkplumbingwg/ipamclaims). Multus has no
+/// place for it in a delegate's config, so it goes into `args.cni` under the same key,
+/// where an IPAM plugin reads it (rust-ipam does) beside the other `cni-args`.
+pub const IPAM_CLAIM_KEY: &str = "ipam-claim-reference";
 
 /// Why an annotation was refused; each message names the entry and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +95,8 @@ struct RawSelection {
     default_route: Vec<String>,
     #[serde(default, rename = "cni-args")]
     cni_args: Option<Map<String, Value>>,
+    #[serde(default, rename = "ipam-claim-reference")]
+    ipam_claim_reference: String,
 }
 
 /// Parses the annotation of a pod in `pod_namespace`.
@@ -161,6 +169,16 @@ pub fn parse(value: &str, pod_namespace: &str) -> Result<Vec<NetworkSelection>, 
                 "{what}: only one network may set default-route (no ECMP default routes)"
             )));
         }
+        let mut cni_args = r.cni_args.unwrap_or_default();
+        if !r.ipam_claim_reference.is_empty() {
+            if !valid_object_name(&r.ipam_claim_reference) {
+                return Err(err(format!(
+                    "{what}: ipam-claim-reference {:?} is not an object name (the claim is in the pod's namespace)",
+                    r.ipam_claim_reference
+                )));
+            }
+            cni_args.insert(IPAM_CLAIM_KEY.into(), Value::String(r.ipam_claim_reference));
+        }
         out.push(NetworkSelection {
             namespace,
             name: r.name,
@@ -169,7 +187,7 @@ pub fn parse(value: &str, pod_namespace: &str) -> Result<Vec<NetworkSelection>, 
             ips: r.ips,
             mac,
             default_route,
-            cni_args: r.cni_args.unwrap_or_default(),
+            cni_args,
         });
     }
     Ok(out)
@@ -213,6 +231,7 @@ fn parse_item(item: &str) -> Result<RawSelection, AnnotationError> {
         mac: String::new(),
         default_route: Vec::new(),
         cni_args: None,
+        ipam_claim_reference: String::new(),
     })
 }
 
@@ -256,6 +275,18 @@ mod tests {
         assert_eq!(v[0].mac.as_deref(), Some("c2:11:22:33:44:55"));
         assert_eq!(v[0].default_route, vec!["10.1.1.1".parse::<IpAddr>().expect("ip")]);
         assert_eq!(v[0].cni_args.get("mtu"), Some(&json!(9000)));
+    }
+
+    #[test]
+    fn an_ipam_claim_reference_goes_to_the_cni_args() {
+        let v = parse(r#"[{"name":"a","ipam-claim-reference":"vm-a.net1","cni-args":{"mtu":9000}}]"#, "x")
+            .expect("valid");
+        assert_eq!(v[0].cni_args.get("ipam-claim-reference"), Some(&json!("vm-a.net1")));
+        assert_eq!(v[0].cni_args.get("mtu"), Some(&json!(9000)));
+        assert_eq!(
+            refused(r#"[{"name":"a","ipam-claim-reference":"other/claim"}]"#),
+            "k8s.v1.cni.cncf.io/networks: network 1 (\"a\"): ipam-claim-reference \"other/claim\" is not an object name (the claim is in the pod's namespace)"
+        );
     }
 
     #[test]
