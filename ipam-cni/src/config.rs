@@ -121,6 +121,9 @@ pub struct NetConf {
     /// `args.cni["ipam-claim-reference"]`: the IPAMClaim that owns the addresses (the
     /// network selection element's key, which rust-multus passes on there).
     pub ipam_claim: String,
+    /// `allowPersistentIPs` (KubeVirt's switch on a NAD): without `ipam_claim`, the server
+    /// reads the claim from the pod's network selection element.
+    pub allow_persistent_ips: bool,
 }
 
 impl NetworkConfig for NetConf {
@@ -172,6 +175,11 @@ impl NetConf {
                 return Err(invalid(format!("args.cni.{IPAM_CLAIM_ARG} is {other}, not a string")));
             }
         };
+        let allow_persistent_ips = match obj.get("allowPersistentIPs") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(invalid(format!("allowPersistentIPs is {other}, not true or false"))),
+        };
         let prev_result = obj.get("prevResult").cloned().filter(|p| !p.is_null());
         let mut valid_attachments = Vec::new();
         for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
@@ -191,7 +199,16 @@ impl NetConf {
             None | Some(Value::Null) => None,
             Some(raw) => Some(IpamConf::from_value(raw, node_file)?),
         };
-        Ok(NetConf { cni_version, name, ipam, static_ips, prev_result, valid_attachments, ipam_claim })
+        Ok(NetConf {
+            cni_version,
+            name,
+            ipam,
+            static_ips,
+            prev_result,
+            valid_attachments,
+            ipam_claim,
+            allow_persistent_ips,
+        })
     }
 }
 
@@ -513,6 +530,10 @@ mod tests {
         let e = parse(r#"{"cniVersion":"1.1.0","args":{"cni":{"ipam-claim-reference":7}}}"#)
             .expect_err("a number");
         assert_eq!(e.msg, "args.cni.ipam-claim-reference is 7, not a string");
+        let c = parse(r#"{"cniVersion":"1.1.0","allowPersistentIPs":true}"#).expect("parse");
+        assert!(c.allow_persistent_ips);
+        let e = parse(r#"{"cniVersion":"1.1.0","allowPersistentIPs":"yes"}"#).expect_err("not a bool");
+        assert_eq!(e.msg, r#"allowPersistentIPs is "yes", not true or false"#);
     }
 
     #[test]

@@ -183,6 +183,7 @@ async fn add(c: &mut Call<'_>) -> Result<CniResult, CniError> {
         requested_addresses: requested,
         pool: ipam.pool.clone(),
         ipam_claim: c.conf.ipam_claim.clone(),
+        claim_from_pod: c.conf.allow_persistent_ips,
     };
     let bearer = c.bearer.clone();
     let answer = c

@@ -325,8 +325,10 @@ fn keep_status(e: KeepError) -> Status {
     let msg = e.to_string();
     match e {
         KeepError::ClaimNotFound { .. } => Status::not_found(msg),
-        KeepError::ClaimName { .. } | KeepError::NoNamespace(_) => Status::invalid_argument(msg),
-        KeepError::NoApi(_) => Status::failed_precondition(msg),
+        KeepError::ClaimName { .. } | KeepError::NoNamespace(_) | KeepError::Annotation { .. } => {
+            Status::invalid_argument(msg)
+        }
+        KeepError::NoApi(_) | KeepError::NoApiForPod => Status::failed_precondition(msg),
         KeepError::Api { .. } => Status::unavailable(msg),
     }
 }
@@ -397,7 +399,8 @@ impl pb::ipam_server::Ipam for IpamService {
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let caller = self.authz.caller("Allocate", &request).await?;
         let mut r = request.into_inner();
-        let claim = std::mem::take(&mut r.ipam_claim);
+        let mut claim = std::mem::take(&mut r.ipam_claim);
+        let claim_from_pod = r.claim_from_pod;
         let (mut req, pool) = check_allocate(r, &self.pools)?;
         let node = caller.node_for(&req.attachment.node);
         caller.may_act_for("Allocate", &node, &self.authz)?;
@@ -428,6 +431,14 @@ impl pb::ipam_server::Ipam for IpamService {
         }
         // Decided before the engine call, which then only compares: nothing is taken when
         // the claim is missing, and a plain pod reads nothing here.
+        if claim.is_empty() && claim_from_pod {
+            claim = match &self.keeper {
+                Some(k) => {
+                    k.claim_of_pod(&req.attachment.pod, &req.attachment.ifname).await.map_err(keep_status)?
+                }
+                None => return Err(keep_status(KeepError::NoApiForPod)),
+            };
+        }
         let owner = match &self.keeper {
             Some(k) => k.owner(&req.attachment.pod, &claim).await.map_err(keep_status)?,
             None if !claim.is_empty() => return Err(keep_status(KeepError::NoApi(claim))),

@@ -89,11 +89,19 @@ pub enum KeepError {
     /// A claim needs the pod's namespace, which the request did not carry.
     #[error("ipam-claim-reference {0:?} needs the pod's namespace (K8S_POD_NAMESPACE)")]
     NoNamespace(String),
+    /// The pod's networks annotation cannot be read for its claim.
+    #[error("pod {pod}: its k8s.v1.cni.cncf.io/networks annotation {reason}")]
+    Annotation { pod: String, reason: String },
     /// This server has no Kubernetes API to check a claim with.
     #[error(
         "ipam-claim-reference {0:?}: this server has no Kubernetes API to read IPAMClaims (run it in a cluster or with --kubeconfig)"
     )]
     NoApi(String),
+    /// The NAD has allowPersistentIPs, and this server cannot read the pod's claim.
+    #[error(
+        "the network has allowPersistentIPs: this server has no Kubernetes API to read the pod's IPAMClaim (run it in a cluster or with --kubeconfig)"
+    )]
+    NoApiForPod,
     /// Reading the pod or the claim failed.
     #[error("{what}: {source}")]
     Api {
@@ -114,6 +122,14 @@ pub trait Keeper: Send + Sync + std::fmt::Debug {
         claim: &'a str,
     ) -> BoxFuture<'a, Result<Option<Owner>, KeepError>>;
 
+    /// The `ipam-claim-reference` of `pod`'s network selection element for interface
+    /// `ifname` (see [`claim_in_networks`]); "" when it names none or the pod is gone.
+    fn claim_of_pod<'a>(
+        &'a self,
+        pod: &'a PodRef,
+        ifname: &'a str,
+    ) -> BoxFuture<'a, Result<String, KeepError>>;
+
     /// Whether the owner of `lease` still wants it. From memory only: called on the engine
     /// thread, with every allocation waiting.
     fn keeps(&self, lease: &Lease) -> bool;
@@ -128,6 +144,36 @@ pub trait Keeper: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, ()>;
 }
 
+/// The `ipam-claim-reference` of the element of a networks annotation
+/// (`k8s.v1.cni.cncf.io/networks`) that gives interface `ifname`: the element whose
+/// `interface` it is, else the one Multus names so by position (`net1` for the first).
+/// "" when no element gives it or the element names no claim, and for the
+/// comma-separated form, which cannot name one. The error says what is wrong.
+pub fn claim_in_networks(annotation: &str, ifname: &str) -> Result<String, String> {
+    let text = annotation.trim();
+    if !text.starts_with('[') {
+        return Ok(String::new());
+    }
+    let elements: Vec<serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!("is not a JSON list of network selection elements: {e}"))?;
+    for (i, e) in elements.iter().enumerate() {
+        let given = e.get("interface").and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+        let name = given.map_or_else(|| format!("net{}", i + 1), str::to_string);
+        if name != ifname {
+            continue;
+        }
+        return match e.get(CLAIM_KEY) {
+            None | Some(serde_json::Value::Null) => Ok(String::new()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(format!("element {i} has {CLAIM_KEY} {other}, not a string")),
+        };
+    }
+    Ok(String::new())
+}
+
+/// The network selection element's key naming an IPAMClaim.
+pub const CLAIM_KEY: &str = "ipam-claim-reference";
+
 /// The keep rule for a lease with an owner: `keeper`'s, or never without one.
 pub fn keeps(keeper: Option<&Arc<dyn Keeper>>, lease: &Lease) -> bool {
     lease.holder.owner.is_some() && keeper.is_some_and(|k| k.keeps(lease))
@@ -137,6 +183,24 @@ pub fn keeps(keeper: Option<&Arc<dyn Keeper>>, lease: &Lease) -> bool {
 mod tests {
     use super::*;
     use crate::allocator::Attachment;
+
+    #[test]
+    fn the_claim_of_an_interface_is_read_from_its_selection_element() {
+        let a = r#"[{"name": "default/tenantblue", "ipam-claim-reference": "vm1.tenantblue"},
+                    {"name": "storage", "interface": "stor0", "ipam-claim-reference": "vm1.storage"},
+                    {"name": "plain"}]"#;
+        assert_eq!(claim_in_networks(a, "net1"), Ok("vm1.tenantblue".into()));
+        assert_eq!(claim_in_networks(a, "stor0"), Ok("vm1.storage".into()));
+        // The second element has its own name, so net2 is nobody's; net3 names no claim.
+        assert_eq!(claim_in_networks(a, "net2"), Ok(String::new()));
+        assert_eq!(claim_in_networks(a, "net3"), Ok(String::new()));
+        assert_eq!(claim_in_networks("tenantblue,storage@stor0", "net1"), Ok(String::new()));
+        assert_eq!(
+            claim_in_networks(r#"[{"name": "x", "ipam-claim-reference": 7}]"#, "net1"),
+            Err("element 0 has ipam-claim-reference 7, not a string".into())
+        );
+        assert!(claim_in_networks("[{", "net1").expect_err("bad JSON").starts_with("is not a JSON list"));
+    }
 
     #[test]
     fn ordinals_are_read_as_the_controller_writes_them() {

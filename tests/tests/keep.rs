@@ -331,6 +331,38 @@ async fn an_ipamclaim_owns_its_address_across_migration_and_restart() {
     }
     assert_eq!(lease_specs(&admin, &ns.name).await.len(), 1, "only the claim's address is held");
 
+    // Stock Multus does not pass ipam-claim-reference on: with allowPersistentIPs on the
+    // NAD (KubeVirt's switch) the server reads it from the pod's selection element for the
+    // interface (net1: the first element), as OVN-Kubernetes does.
+    let persistent = |node: &str| {
+        let mut c = conf(ep, node, None);
+        c["allowPersistentIPs"] = json!(true);
+        c
+    };
+    let launcher = |name: &str, claim: Option<&str>| {
+        let mut element = json!({"name": "rail"});
+        if let Some(c) = claim {
+            element["ipam-claim-reference"] = json!(c);
+        }
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name,
+            "annotations": {"k8s.v1.cni.cncf.io/networks": json!([element]).to_string()}},
+            "spec": {"containers": [{"name": "compute", "image": "registry.k8s.io/pause:3.10"}]}})
+    };
+    envtest::create(&admin, Some(&apps), launcher("virt-launcher-vm-a-multus", Some("vm-a.net1")))
+        .await
+        .expect("pod");
+    envtest::create(&admin, Some(&apps), launcher("virt-launcher-plain", None)).await.expect("pod");
+    let via_multus = pod_args(&apps, "virt-launcher-vm-a-multus", "u-multus");
+    assert_eq!(add("multus", &via_multus, &persistent("node-c")), a, "the claim's address");
+    assert_eq!(lease_specs(&admin, &ns.name).await[&a]["containerId"], json!("multus"));
+    del("multus", &via_multus, &persistent("node-c"));
+    assert_eq!(lease_specs(&admin, &ns.name).await[&a]["kept"], json!(true));
+    let plain = pod_args(&apps, "virt-launcher-plain", "u-plain");
+    let other = add("plain", &plain, &persistent("node-c"));
+    assert_ne!(other, a);
+    assert_eq!(lease_specs(&admin, &ns.name).await[&other].get("owner"), None, "no claim, no owner");
+    del("plain", &plain, &persistent("node-c"));
+
     // The claim is deleted: a pass frees the address.
     claims.delete("vm-a.net1", &Default::default()).await.expect("delete the claim");
     wait_would_free(ep, &a).await;

@@ -182,8 +182,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 network: who.network.clone(),
                 ranges,
                 requested_addresses: ip,
-                pool: String::new(),
-                ipam_claim: String::new(),
+                ..Default::default()
             };
             let leases = replicas
                 .call(|ch| {

@@ -223,6 +223,31 @@ impl Keeper for KubeKeeper {
         })
     }
 
+    fn claim_of_pod<'a>(
+        &'a self,
+        pod: &'a PodRef,
+        ifname: &'a str,
+    ) -> BoxFuture<'a, Result<String, KeepError>> {
+        Box::pin(async move {
+            if pod.namespace.is_empty() || pod.name.is_empty() {
+                return Ok(String::new());
+            }
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+            let meta = api.get_metadata_opt(&pod.name).await.map_err(|e| KeepError::Api {
+                what: format!("reading pod {}/{}", pod.namespace, pod.name),
+                source: e.into(),
+            })?;
+            let annotation = meta
+                .and_then(|m| m.metadata.annotations)
+                .and_then(|mut a| a.remove("k8s.v1.cni.cncf.io/networks"))
+                .unwrap_or_default();
+            crate::keep::claim_in_networks(&annotation, ifname).map_err(|reason| KeepError::Annotation {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                reason,
+            })
+        })
+    }
+
     fn keeps(&self, lease: &Lease) -> bool {
         let h = &lease.holder;
         let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());

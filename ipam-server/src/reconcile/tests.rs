@@ -620,6 +620,13 @@ impl Keeper for FakeKeeper {
     ) -> BoxFuture<'a, Result<Option<crate::allocator::Owner>, crate::keep::KeepError>> {
         Box::pin(async { Ok(None) })
     }
+    fn claim_of_pod<'a>(
+        &'a self,
+        _: &'a PodRef,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<String, crate::keep::KeepError>> {
+        Box::pin(async { Ok(String::new()) })
+    }
     fn keeps(&self, _: &Lease) -> bool {
         self.0.load(Ordering::SeqCst)
     }
