@@ -578,6 +578,64 @@ async fn pools_from_the_api_server_through_the_plugin() {
             {"node": "n2", "block": "198.18.24.8/29", "used": "1", "free": "4"}
         ])
     );
+    // n1's block full: its own error, with the node's and the pool's counts.
+    for cid in ["b4", "b5", "b6"] {
+        add(cid, &on("n1"));
+    }
+    assert_eq!(
+        refused("b7", &on("n1")),
+        (
+            100,
+            format!(
+                "block 198.18.24.0/29 of node \"n1\" in network \"{blocks}\" is exhausted: size 6, held 5, excluded 1 (the whole pool: size 30, held 6)"
+            )
+        )
+    );
+
+    // perNodeBlockSize (nv-ipam's IPPool): runs of 4 addresses from .1, with the range's
+    // prefix length and gateway; three runs in a /28 (.13 and .14 are in none).
+    let runs = name("runs");
+    let runs_spec = IPPoolSpec {
+        ranges: vec![PoolRange { gateway: "198.18.25.1".into(), ..range("198.18.25.0/28") }],
+        per_node_block_size: Some(4),
+        ..IPPoolSpec::default()
+    };
+    pools.create(&PostParams::default(), &IPPool::new(&runs, runs_spec)).await.expect("create runs");
+    let on_run = |node: &str| nad("runs", ep, json!({"pool": runs, "node_name": node}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "r1", &pod("r1"), &on_run("n1")).code != 0 {
+        assert!(Instant::now() < deadline, "pool {runs} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = [("r1", "n1"), ("r2", "n2"), ("r3", "n3"), ("r4", "n1")]
+        .map(|(cid, node)| add(cid, &on_run(node))["ips"][0].clone());
+    assert_eq!(
+        got,
+        [
+            json!({"address": "198.18.25.2/28", "gateway": "198.18.25.1"}),
+            json!({"address": "198.18.25.5/28", "gateway": "198.18.25.1"}),
+            json!({"address": "198.18.25.9/28", "gateway": "198.18.25.1"}),
+            json!({"address": "198.18.25.3/28", "gateway": "198.18.25.1"}),
+        ]
+    );
+    assert_eq!(
+        refused("r5", &on_run("n4")),
+        (
+            100,
+            format!(
+                "no free 4-address block for node \"n4\" in 198.18.25.0/28 (network \"{runs}\"): all 3 blocks are other nodes'"
+            )
+        )
+    );
+    let status = wait_status(&pools, &runs, |s| s["used"] == "4").await;
+    assert_eq!(
+        status["blocks"],
+        json!([
+            {"node": "n1", "block": "198.18.25.1-198.18.25.4", "used": "2", "free": "1"},
+            {"node": "n2", "block": "198.18.25.5-198.18.25.8", "used": "1", "free": "3"},
+            {"node": "n3", "block": "198.18.25.9-198.18.25.12", "used": "1", "free": "3"}
+        ])
+    );
 
     // Deleting a pool makes it unknown.
     pools
