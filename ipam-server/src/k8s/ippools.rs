@@ -22,34 +22,23 @@ fn publish(pools: &Pools, objects: &BTreeMap<String, IPPoolSpec>) {
 /// set (the leader's status writes come back as events too).
 pub async fn follow(api: Api<IPPool>, pools: Pools) {
     let mut objects = BTreeMap::new();
-    super::list_and_watch(
-        "IPPools",
-        |lp| {
-            let api = &api;
-            async move { api.list(&lp).await }
-        },
-        |wp, version| {
-            let api = &api;
-            async move { api.watch(&wp, &version).await }
-        },
-        |seen| match seen {
-            Seen::Listed(all) => {
-                objects = all.into_iter().map(|o| (o.name_any(), o.spec)).collect();
+    super::follow_objects(api, "IPPools", |seen| match seen {
+        Seen::Listed(all) => {
+            objects = all.into_iter().map(|o| (o.name_any(), o.spec)).collect();
+            publish(&pools, &objects);
+        }
+        Seen::Applied(o) => {
+            let name = o.name_any();
+            if objects.get(&name) != Some(&o.spec) {
+                objects.insert(name, o.spec);
                 publish(&pools, &objects);
             }
-            Seen::Applied(o) => {
-                let name = o.name_any();
-                if objects.get(&name) != Some(&o.spec) {
-                    objects.insert(name, o.spec);
-                    publish(&pools, &objects);
-                }
+        }
+        Seen::Deleted(o) => {
+            if objects.remove(&o.name_any()).is_some() {
+                publish(&pools, &objects);
             }
-            Seen::Deleted(o) => {
-                if objects.remove(&o.name_any()).is_some() {
-                    publish(&pools, &objects);
-                }
-            }
-        },
-    )
+        }
+    })
     .await;
 }

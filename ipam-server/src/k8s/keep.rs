@@ -13,9 +13,8 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{CustomResource, Resource, ResourceExt as _};
+use kube::{CustomResource, ResourceExt as _};
 use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument as _, info_span, warn};
 
@@ -113,7 +112,7 @@ impl KubeKeeper {
             let seen = self.seen.clone();
             let api: Api<StatefulSet> = Api::all(self.client.clone());
             tokio::spawn(
-                follow(api, "StatefulSets", move |change| {
+                super::follow_objects(api, "StatefulSets", move |change| {
                     let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
                     match change {
                         Change::Listed(all) => {
@@ -132,7 +131,7 @@ impl KubeKeeper {
         let seen = self.seen.clone();
         let api: Api<IPAMClaim> = Api::all(self.client.clone());
         tokio::spawn(
-            follow(api, "IPAMClaims", move |change| {
+            super::follow_objects(api, "IPAMClaims", move |change| {
                 let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
                 match change {
                     Change::Listed(all) => {
@@ -279,25 +278,4 @@ impl Keeper for KubeKeeper {
             }
         })
     }
-}
-
-/// Follows `api`'s objects forever through [`super::list_and_watch`], handing each change
-/// to `apply`.
-async fn follow<K>(api: Api<K>, what: &'static str, apply: impl FnMut(Change<K>))
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    super::list_and_watch(
-        what,
-        |lp| {
-            let api = &api;
-            async move { api.list(&lp).await }
-        },
-        |wp, version| {
-            let api = &api;
-            async move { api.watch(&wp, &version).await }
-        },
-        apply,
-    )
-    .await
 }

@@ -142,3 +142,23 @@ pub async fn list_and_watch<T, L, LFut, W, WFut, S>(
         }
     }
 }
+
+/// [`list_and_watch`] of `api`'s objects, whole, handing each change to `apply`.
+pub async fn follow_objects<K>(api: kube::Api<K>, what: &str, apply: impl FnMut(Seen<K>))
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    list_and_watch(
+        what,
+        |lp| {
+            let api = &api;
+            async move { api.list(&lp).await }
+        },
+        |wp, version| {
+            let api = &api;
+            async move { api.watch(&wp, &version).await }
+        },
+        apply,
+    )
+    .await
+}

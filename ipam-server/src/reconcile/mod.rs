@@ -519,22 +519,11 @@ impl Reconciler {
         grace: Duration,
         metrics: ReconcileMetrics,
     ) -> Arc<Reconciler> {
-        Reconciler::with_blocks(pods, every, grace, metrics, None)
+        Reconciler::keeping(pods, None, every, grace, metrics, None)
     }
 
-    /// As [`Reconciler::new`], and each pass also gives deleted nodes' blocks back.
-    pub fn with_blocks(
-        pods: Option<Arc<dyn PodSource>>,
-        every: Duration,
-        grace: Duration,
-        metrics: ReconcileMetrics,
-        blocks: Option<blocks::NodeBlocks>,
-    ) -> Arc<Reconciler> {
-        Reconciler::keeping(pods, None, every, grace, metrics, blocks)
-    }
-
-    /// [`Reconciler::with_blocks`], leaving alone the leases `keeper` keeps for their
-    /// owners.
+    /// As [`Reconciler::new`], leaving alone the leases `keeper` keeps for their owners,
+    /// and with `blocks`, giving deleted nodes' per-node blocks back in each pass.
     pub fn keeping(
         pods: Option<Arc<dyn PodSource>>,
         keeper: Option<Arc<dyn Keeper>>,
