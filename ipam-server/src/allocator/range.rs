@@ -121,15 +121,14 @@ impl RangeSpec {
         let family = Family::of(network.ip());
         let net_first = ip_to_u128(network.network());
         let net_last = ip_to_u128(network.broadcast());
-        if net_last - net_first < 2 {
-            return Err(invalid(
-                range_field,
-                raw,
-                "has no usable addresses (the network and last addresses are never handed out)",
-            ));
-        }
-        let mut first = net_first + 1;
-        let mut last = net_last - 1;
+        // The network and last addresses are never handed out, but in a /31 or /32 (/127,
+        // /128) every address is a host's (RFC 3021 point-to-point links).
+        let (lo, hi) = match net_last - net_first < 2 {
+            true => (net_first, net_last),
+            false => (net_first + 1, net_last - 1),
+        };
+        let mut first = lo;
+        let mut last = hi;
         let in_network = |field: String, ip: IpAddr, value: &str| -> Result<u128, AllocError> {
             if Family::of(ip) != family {
                 return Err(invalid(
@@ -150,12 +149,12 @@ impl RangeSpec {
         if !input.range_start.trim().is_empty() {
             let f = prefix.field("range_start");
             let ip = parse_address(&f, &input.range_start)?;
-            first = (net_first + 1).max(in_network(f, ip, &input.range_start)?);
+            first = lo.max(in_network(f, ip, &input.range_start)?);
         }
         if !input.range_end.trim().is_empty() {
             let f = prefix.field("range_end");
             let ip = parse_address(&f, &input.range_end)?;
-            last = (net_last - 1).min(in_network(f, ip, &input.range_end)?);
+            last = hi.min(in_network(f, ip, &input.range_end)?);
         }
         if first > last {
             return Err(invalid(
@@ -297,14 +296,15 @@ impl RangeSpec {
 
     /// How many addresses cutting the range into blocks of prefix length `prefix` keeps
     /// from being handed out beyond its own exclusions: each block's network and last
-    /// address, and the address `gateway_index` from its start. Counted, not listed (a
+    /// address (not in a /31 or /32 block), and the address `gateway_index` from its start. Counted, not listed (a
     /// range may hold 2^56 blocks).
     pub fn block_reserved(&self, prefix: u8, gateway_index: Option<u32>) -> u128 {
         let bits: u32 = if self.family == Family::V4 { 32 } else { 128 };
         let Some(shift) = bits.checked_sub(u32::from(prefix)).filter(|s| *s < bits) else { return 0 };
         let base = ip_to_u128(self.network.network());
         let bs = 1u128 << shift;
-        let mut offsets = vec![0, bs - 1];
+        // A /31 or /32 block (point-to-point) hands out its network and last address too.
+        let mut offsets = if bs > 2 { vec![0, bs - 1] } else { Vec::new() };
         if let Some(gi) = gateway_index.map(u128::from).filter(|gi| *gi < bs && !offsets.contains(gi)) {
             offsets.push(gi);
         }
@@ -483,10 +483,9 @@ mod tests {
         assert_eq!(err(r("10.0.0.0/33")), r#"range "10.0.0.0/33" is not a CIDR or first-last/prefix range"#);
         assert_eq!(err(r("banana")), r#"range "banana" is not a CIDR or first-last/prefix range"#);
         assert_eq!(err(r("")), r#"range "" is empty: a CIDR or first-last/prefix is required"#);
-        assert_eq!(
-            err(r("10.0.0.0/31")),
-            r#"range "10.0.0.0/31" has no usable addresses (the network and last addresses are never handed out)"#
-        );
+        // Point-to-point: every address of a /31 or /32 is usable.
+        let p2p = |range: &str| RangeSpec::parse(&r(range), FieldPrefix("")).map(|s| s.size());
+        assert_eq!((p2p("10.0.0.0/31"), p2p("10.0.0.7/32"), p2p("fd00::/127")), (Ok(2), Ok(1), Ok(2)));
         assert_eq!(
             err(RangeInput { range_start: "10.0.1.5".into(), ..r("10.0.0.0/24") }),
             r#"range_start "10.0.1.5" is outside range 10.0.0.0/24"#

@@ -294,24 +294,27 @@ fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result
                 ),
             ));
         }
-        // The block's network and last addresses are never handed out, nor its gateway.
-        let usable = (1u128 << (bits - prefix)).saturating_sub(2);
+        // A block's network and last addresses are never handed out, nor its gateway;
+        // a /31 or /32 block (point-to-point) has no network or last address to spare.
+        let size = 1u128 << (bits - prefix);
+        let (lowest, usable) = if size <= 2 { (0, size) } else { (1, size - 2) };
+        let highest = lowest + usable - 1;
         if usable < 1 + u128::from(spec.gateway_index.is_some()) {
             return Err(field_error(
                 name,
                 field(),
                 &prefix.to_string(),
-                "leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)",
+                "leaves no address of a block to hand out once its gateway is taken",
             ));
         }
         if let Some(gi) = spec.gateway_index
-            && (gi == 0 || u128::from(gi) > usable)
+            && (u128::from(gi) < lowest || u128::from(gi) > highest)
         {
             return Err(field_error(
                 name,
                 "spec.gatewayIndex".into(),
                 &gi.to_string(),
-                format!("is not a usable address of a /{prefix} block (1 to {usable})"),
+                format!("is not a usable address of a /{prefix} block ({lowest} to {highest})"),
             ));
         }
         let input = &spec.ranges[i];
@@ -660,8 +663,42 @@ fn totals(alloc: &Allocator, pool: &Pool) -> PoolTotals {
             .fold(0u128, u128::saturating_add);
         t.excluded = t.excluded.saturating_add(reserved);
         t.free = t.free.saturating_sub(reserved);
+        if let Cut::Prefix(p) = pn.cut {
+            for r in &pool.ranges {
+                add_point_to_point_edges(alloc, &pool.name, r, p, pn.gateway_index, &mut t);
+            }
+        }
     }
     t
+}
+
+/// Counts the range's own network and last address into `t` when its blocks are /31s or
+/// /32s (/127s, /128s): the range leaves them out, but they are a block's hosts there.
+fn add_point_to_point_edges(
+    alloc: &Allocator,
+    network: &str,
+    r: &RangeSpec,
+    prefix: u8,
+    gateway_index: Option<u32>,
+    t: &mut PoolTotals,
+) {
+    let net = r.network();
+    let Ok(cut) = BlockCut::by_prefix(net, prefix) else { return };
+    // A /31 or /32 range counts every address of its own already.
+    let bits: u8 = if net.is_ipv4() { 32 } else { 128 };
+    if cut.size() > 2 || net.prefix() + 1 >= bits {
+        return;
+    }
+    for edge in [net.network(), net.broadcast()] {
+        t.size = t.size.saturating_add(1);
+        if alloc.get(network, edge).is_ok() {
+            t.used = t.used.saturating_add(1);
+        } else if gateway_index.is_some_and(|gi| cut.host_index(edge) == u128::from(gi)) {
+            t.excluded = t.excluded.saturating_add(1);
+        } else {
+            t.free = t.free.saturating_add(1);
+        }
+    }
 }
 
 /// The blocks of `pool` (cut as `pn` says) that are recorded or hold addresses.
@@ -849,8 +886,8 @@ mod tests {
             r#"pool "rail0" is invalid: spec.gatewayIndex "3" is not a usable address of a /30 block (1 to 2)"#
         );
         assert_eq!(
-            err(&per_node(31, None, range("198.18.0.0/24"))),
-            r#"pool "rail0" is invalid: spec.perNodePrefix "31" leaves no address of a block to hand out (a block's network and last addresses, and its gateway, are never handed out)"#
+            err(&per_node(32, Some(1), range("198.18.0.0/24"))),
+            r#"pool "rail0" is invalid: spec.perNodePrefix "32" leaves no address of a block to hand out once its gateway is taken"#
         );
         assert_eq!(
             err(&per_node(28, None, PoolRange { gateway: "198.18.0.1".into(), ..range("198.18.0.0/24") })),
@@ -1079,6 +1116,35 @@ mod tests {
         assert_eq!(
             err(&gi),
             r#"pool "rail0" is invalid: spec.gatewayIndex "1" needs perNodePrefix (blocks of perNodeBlockSize share their range's gateway)"#
+        );
+    }
+
+    #[test]
+    fn a_point_to_point_block_per_node_gives_the_pod_the_address_beside_its_gateway() {
+        // A /31 per node, its gateway the second address.
+        let v4 = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/29")],
+            per_node_prefix: Some(31),
+            gateway_index: Some(1),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &v4).expect("valid");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            allocate_in_blocks(a, &block_request(node, cid, false), &pool, &[], 1)
+                .map(|l| (l[0].address.to_string(), l[0].prefix_len, l[0].gateway.map(|g| g.to_string())))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(take(&mut a, "n1", "a"), Ok(("198.18.0.0".into(), 31, Some("198.18.0.1".into()))));
+        assert_eq!(take(&mut a, "n2", "b"), Ok(("198.18.0.2".into(), 31, Some("198.18.0.3".into()))));
+        assert!(take(&mut a, "n1", "a2").expect_err("one address per node").contains("is exhausted"));
+        // Four /31s of one address each for pods: all eight addresses count, the /29's
+        // network and last too.
+        let t = stats(&a, &PoolSet::from_specs([("rail0", &v4)]), 0)[0].totals;
+        assert_eq!((t.size, t.excluded, t.used, t.free), (8, 4, 2, 2));
+        assert_eq!(
+            err(&IPPoolSpec { gateway_index: Some(2), ..v4 }),
+            r#"pool "rail0" is invalid: spec.gatewayIndex "2" is not a usable address of a /31 block (0 to 1)"#
         );
     }
 }
