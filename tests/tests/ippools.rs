@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ipam_server::k8s::crd::{
-    IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute, PoolSelector, SelectorRequirement,
+    IPPool, IPPoolSpec, PoolDns, PoolRange, PoolRoute, PoolSelector, SelectorRequirement, StaticAllocation,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -627,6 +627,34 @@ async fn pools_from_the_api_server_through_the_plugin() {
             )
         )
     );
+    // staticAllocations: n1's /30 by hand, with its own gateway; n2 skips it.
+    let fixed = name("fixed");
+    let fixed_spec = IPPoolSpec {
+        ranges: vec![range("198.18.26.0/28")],
+        per_node_prefix: Some(30),
+        gateway_index: Some(1),
+        static_allocations: vec![StaticAllocation {
+            node_name: "n1".into(),
+            prefix: "198.18.26.0/30".into(),
+            gateway: "198.18.26.2".into(),
+        }],
+        ..IPPoolSpec::default()
+    };
+    pools.create(&PostParams::default(), &IPPool::new(&fixed, fixed_spec)).await.expect("create fixed");
+    let on_fixed = |node: &str| nad("fixed", ep, json!({"pool": fixed, "node_name": node}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", "f2", &pod("f2"), &on_fixed("n2")).code != 0 {
+        assert!(Instant::now() < deadline, "pool {fixed} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        [("f2", "n2"), ("f1", "n1")].map(|(cid, node)| add(cid, &on_fixed(node))["ips"][0].clone()),
+        [
+            json!({"address": "198.18.26.6/30", "gateway": "198.18.26.5"}),
+            json!({"address": "198.18.26.1/30", "gateway": "198.18.26.2"}),
+        ]
+    );
+
     let status = wait_status(&pools, &runs, |s| s["used"] == "4").await;
     assert_eq!(
         status["blocks"],

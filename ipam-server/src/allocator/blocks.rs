@@ -205,7 +205,20 @@ impl Allocator {
         node: &str,
         prefer: Option<u128>,
     ) -> Result<(Block, bool), AllocError> {
-        let mut taken = BTreeSet::new();
+        self.node_block_avoiding(network, cut, node, prefer, &BTreeSet::new())
+    }
+
+    /// [`Allocator::node_block`], never choosing a new block among `reserved` (block
+    /// indexes given to other nodes by hand).
+    pub fn node_block_avoiding(
+        &self,
+        network: &str,
+        cut: &BlockCut,
+        node: &str,
+        prefer: Option<u128>,
+        reserved: &BTreeSet<u128>,
+    ) -> Result<(Block, bool), AllocError> {
+        let mut taken = reserved.clone();
         for (i, owner) in self.block_markers(network, cut) {
             if owner == node {
                 return Ok((cut.block(i), false));

@@ -261,6 +261,11 @@ pub struct IPPoolSpec {
     /// `rustipam_rail_unaligned_total`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rail_group: String,
+    /// With perNodePrefix: blocks given to nodes by hand (nv-ipam's CIDRPool
+    /// `staticAllocations`). No other node gets them; a block's `gateway` replaces
+    /// gatewayIndex's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub static_allocations: Vec<StaticAllocation>,
     /// The nodes whose pods may allocate from the pool, by the Node's labels (unset: all).
     /// A pod on another node gets a CNI error naming the pool and the selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,6 +274,18 @@ pub struct IPPoolSpec {
     /// (unset: all; `kubernetes.io/metadata.name` selects by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<PoolSelector>,
+}
+
+/// A per-node block given to a node by hand.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticAllocation {
+    pub node_name: String,
+    /// The block: a CIDR of perNodePrefix's length inside one of the ranges.
+    pub prefix: String,
+    /// The block's gateway (default: the one gatewayIndex gives).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
 }
 
 /// A label selector, as Kubernetes writes them: every label of `matchLabels` and every

@@ -45,6 +45,19 @@ pub struct Pool {
     pub node_selector: Option<Selector>,
     /// The namespaces whose pods may allocate from it (`None`: all).
     pub namespace_selector: Option<Selector>,
+    /// Blocks given to nodes by hand (`staticAllocations`).
+    pub statics: Vec<StaticBlock>,
+}
+
+/// A block given to a node by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticBlock {
+    pub node: String,
+    /// Which of the pool's ranges holds it.
+    pub range: usize,
+    pub block: Block,
+    /// Its own gateway, replacing gatewayIndex's.
+    pub gateway: Option<IpAddr>,
 }
 
 /// How a pool is cut into per-node blocks.
@@ -78,13 +91,24 @@ impl PerNode {
     /// (clipped to the block), and the block's gateway (a subnet's, at gatewayIndex) or
     /// the range's (a run of addresses shares the range's prefix and gateway).
     pub fn block_range(&self, block: Block, pool_range: &RangeSpec) -> Result<RangeSpec, AllocError> {
+        self.block_range_with(block, pool_range, None)
+    }
+
+    /// [`PerNode::block_range`] with `gateway` (a static block's) in place of gatewayIndex's.
+    pub fn block_range_with(
+        &self,
+        block: Block,
+        pool_range: &RangeSpec,
+        gateway: Option<IpAddr>,
+    ) -> Result<RangeSpec, AllocError> {
         let input = match self.cut {
             Cut::Prefix(_) => {
                 let family = crate::allocator::Family::of(block.first);
-                let gateway = self.gateway_index.map_or_else(String::new, |i| {
+                let by_index = self.gateway_index.map(|i| {
                     let ip = crate::allocator::ip_to_u128(block.first) + u128::from(i);
-                    crate::allocator::u128_to_ip(family, ip).to_string()
+                    crate::allocator::u128_to_ip(family, ip)
                 });
+                let gateway = gateway.or(by_index).map_or_else(String::new, |g| g.to_string());
                 RangeInput {
                     range: block.to_string(),
                     exclude: pool_range.input().exclude.clone(),
@@ -105,6 +129,14 @@ impl PerNode {
 }
 
 impl Pool {
+    /// The range a node allocates from in `block` of range `range`: with a static block's
+    /// gateway when it is one.
+    pub fn block_spec(&self, per_node: PerNode, block: Block, range: usize) -> Result<RangeSpec, AllocError> {
+        let gateway =
+            self.statics.iter().find(|s| s.range == range && s.block == block).and_then(|s| s.gateway);
+        per_node.block_range_with(block, &self.ranges[range], gateway)
+    }
+
     /// The ranges as `kubectl get` shows them: `198.18.0.0/24,fd00::/64`.
     pub fn ranges_text(&self) -> String {
         self.ranges.iter().map(RangeSpec::display).collect::<Vec<_>>().join(",")
@@ -214,6 +246,7 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
             .transpose()
             .map_err(|(field, value, reason)| field_error(name, field, &value, reason))
     };
+    let statics = check_statics(name, spec, &ranges, per_node)?;
     Ok(Pool {
         name: name.to_string(),
         ranges,
@@ -224,6 +257,7 @@ pub fn check(name: &str, spec: &IPPoolSpec) -> Result<Pool, PoolError> {
         rail_group: spec.rail_group.clone(),
         node_selector: selector("spec.nodeSelector", &spec.node_selector)?,
         namespace_selector: selector("spec.namespaceSelector", &spec.namespace_selector)?,
+        statics,
     })
 }
 
@@ -334,6 +368,88 @@ fn check_per_node(name: &str, spec: &IPPoolSpec, ranges: &[RangeSpec]) -> Result
         }
     }
     Ok(Some(PerNode { cut: Cut::Prefix(prefix), gateway_index: spec.gateway_index }))
+}
+
+/// staticAllocations: each a whole block of perNodePrefix's length in one of the ranges,
+/// each block and each node (per range) once, a gateway inside its block.
+fn check_statics(
+    name: &str,
+    spec: &IPPoolSpec,
+    ranges: &[RangeSpec],
+    per_node: Option<PerNode>,
+) -> Result<Vec<StaticBlock>, PoolError> {
+    let mut out: Vec<StaticBlock> = Vec::new();
+    for (i, s) in spec.static_allocations.iter().enumerate() {
+        let at = |key: &str| format!("spec.staticAllocations[{i}].{key}");
+        let Some(pn @ PerNode { cut: Cut::Prefix(prefix), .. }) = per_node else {
+            return Err(field_error(name, at("prefix"), &s.prefix, "needs perNodePrefix"));
+        };
+        if s.node_name.trim().is_empty() {
+            return Err(field_error(name, at("nodeName"), &s.node_name, "is empty"));
+        }
+        let net: IpNetwork = s
+            .prefix
+            .trim()
+            .parse()
+            .map_err(|_| field_error(name, at("prefix"), &s.prefix, "is not a CIDR"))?;
+        if net.prefix() != prefix || net.ip() != net.network() {
+            return Err(field_error(
+                name,
+                at("prefix"),
+                &s.prefix,
+                format!("is not a block of the pool: a /{prefix} starting at its first address"),
+            ));
+        }
+        let Some(range) = ranges.iter().position(|r| r.network().contains(net.network())) else {
+            return Err(field_error(name, at("prefix"), &s.prefix, "is in none of spec.ranges"));
+        };
+        let block = Block { first: net.network(), last: net.broadcast(), prefix: Some(prefix) };
+        if let Some(other) =
+            out.iter().find(|o| o.block == block || (o.range == range && o.node == s.node_name))
+        {
+            let why = match other.block == block {
+                true => format!("is given to node {:?} already", other.node),
+                false => format!("is a second block of node {:?} in that range", other.node),
+            };
+            return Err(field_error(name, at("prefix"), &s.prefix, why));
+        }
+        let gateway = match s.gateway.trim() {
+            "" => None,
+            g => {
+                let ip: IpAddr = g
+                    .parse()
+                    .map_err(|_| field_error(name, at("gateway"), &s.gateway, "is not an IP address"))?;
+                if !net.contains(ip) {
+                    return Err(field_error(
+                        name,
+                        at("gateway"),
+                        &s.gateway,
+                        format!("is outside the block {net}"),
+                    ));
+                }
+                Some(ip)
+            }
+        };
+        let static_block = StaticBlock { node: s.node_name.trim().to_string(), range, block, gateway };
+        // The block's range must take its gateway and leave an address for a pod.
+        let probe = Pool {
+            name: name.to_string(),
+            ranges: ranges.to_vec(),
+            routes: Vec::new(),
+            dns: None,
+            cooldown: Duration::ZERO,
+            per_node: Some(pn),
+            rail_group: String::new(),
+            node_selector: None,
+            namespace_selector: None,
+            statics: vec![static_block.clone()],
+        };
+        probe
+            .block_spec(pn, block, range)
+            .map_err(|e| field_error(name, at("gateway"), &s.gateway, e.to_string()))?;
+        out.push(static_block);
+    }
+    Ok(out)
 }
 
 /// Every pool a source holds, by name: usable, or the reason it is not.
@@ -470,11 +586,11 @@ impl Rail {
     /// `sibling`'s first range of `family`, and `node`'s block in it.
     fn of(a: &Allocator, sibling: &Pool, family: bool, node: &str) -> Option<Rail> {
         let pn = sibling.per_node?;
-        let range = sibling.ranges.iter().find(|r| r.network().is_ipv4() == family)?;
-        let cut = pn.cut_of(range).ok()?;
+        let i = sibling.ranges.iter().position(|r| r.network().is_ipv4() == family)?;
+        let cut = pn.cut_of(&sibling.ranges[i]).ok()?;
         let block = a
             .node_block_of(&sibling.name, &cut, node)
-            .and_then(|b| Some((b, pn.block_range(b, range).ok()?)));
+            .and_then(|b| Some((b, sibling.block_spec(pn, b, i).ok()?)));
         Some(Rail { network: sibling.name.clone(), cut, block })
     }
 }
@@ -529,6 +645,32 @@ fn aligned_address(
     Ok(None)
 }
 
+/// `mine`'s block, unless another node holds it (it held it before the pool gave it by
+/// hand): then an error naming both.
+fn static_block_of(
+    a: &Allocator,
+    network: &str,
+    cut: &BlockCut,
+    mine: &StaticBlock,
+) -> Result<Block, AllocError> {
+    let holder = a
+        .node_blocks(network, cut)
+        .into_iter()
+        .find(|(b, node, _)| *b == mine.block && *node != mine.node)
+        .map(|(_, node, _)| node);
+    match holder {
+        None => Ok(mine.block),
+        Some(other) => Err(AllocError::Invalid {
+            field: "spec.staticAllocations".into(),
+            value: format!("{} {}", mine.node, mine.block),
+            reason: format!(
+                "gives the block to node {:?}, but node {other:?} holds it; free it there first",
+                mine.node
+            ),
+        }),
+    }
+}
+
 /// Allocates for `req` (whose network is `pool`'s, a per-node pool) from its node's block
 /// of each of the pool's ranges: the block assigned to the node, else a new one (the
 /// block index the node has on the other rails of `rails` when free, else the lowest
@@ -555,15 +697,22 @@ pub fn allocate_in_blocks(
     let mut blocks = Vec::with_capacity(pool.ranges.len());
     let mut ranges = Vec::with_capacity(pool.ranges.len());
     let mut requested = req.requested.clone();
-    for r in &pool.ranges {
+    for (i, r) in pool.ranges.iter().enumerate() {
         let cut = per_node.cut_of(r)?;
         let rails: Vec<Rail> = match aligning {
             true => rails.iter().filter_map(|s| Rail::of(a, s, r.network().is_ipv4(), node)).collect(),
             false => Vec::new(),
         };
         let prefer = rails.iter().find_map(|rail| rail.block.as_ref().map(|(b, _)| rail.cut.index(b.first)));
-        let (block, _) = a.node_block(&req.network, &cut, node, prefer)?;
-        let spec = per_node.block_range(block, r)?;
+        let statics = pool.statics.iter().filter(|s| s.range == i);
+        let block = match statics.clone().find(|s| s.node == *node) {
+            Some(mine) => static_block_of(a, &req.network, &cut, mine)?,
+            None => {
+                let reserved = statics.map(|s| cut.index(s.block.first)).collect();
+                a.node_block_avoiding(&req.network, &cut, node, prefer, &reserved)?.0
+            }
+        };
+        let spec = pool.block_spec(per_node, block, i)?;
         if aligning {
             match aligned_address(a, req, &cut, block, &spec, &rails, now_unix_ms) {
                 Ok(Some(ip)) => requested.push(ip),
@@ -704,10 +853,10 @@ fn add_point_to_point_edges(
 /// The blocks of `pool` (cut as `pn` says) that are recorded or hold addresses.
 fn block_stats(alloc: &Allocator, pool: &Pool, pn: PerNode) -> Vec<BlockStats> {
     let mut out = Vec::new();
-    for r in &pool.ranges {
+    for (i, r) in pool.ranges.iter().enumerate() {
         let Ok(cut) = pn.cut_of(r) else { continue };
         for (block, node, used) in alloc.node_blocks(&pool.name, &cut) {
-            let usable = pn.block_range(block, r).map_or(0, |b| b.size() - b.excluded_count());
+            let usable = pool.block_spec(pn, block, i).map_or(0, |b| b.size() - b.excluded_count());
             out.push(BlockStats { block: block.to_string(), node, used, free: usable.saturating_sub(used) });
         }
     }
@@ -1145,6 +1294,57 @@ mod tests {
         assert_eq!(
             err(&IPPoolSpec { gateway_index: Some(2), ..v4 }),
             r#"pool "rail0" is invalid: spec.gatewayIndex "2" is not a usable address of a /31 block (0 to 1)"#
+        );
+    }
+
+    #[test]
+    fn a_static_block_is_its_nodes_alone_with_its_own_gateway() {
+        let with = |statics: Vec<(&str, &str, &str)>| IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            static_allocations: statics
+                .into_iter()
+                .map(|(node, prefix, gateway)| crate::k8s::crd::StaticAllocation {
+                    node_name: node.into(),
+                    prefix: prefix.into(),
+                    gateway: gateway.into(),
+                })
+                .collect(),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &with(vec![("n9", "198.18.0.0/29", "198.18.0.6")])).expect("valid");
+        let mut a = Allocator::new();
+        let take = |a: &mut Allocator, node: &str, cid: &str| {
+            allocate_in_blocks(a, &block_request(node, cid, false), &pool, &[], 1)
+                .map(|l| (l[0].address.to_string(), l[0].gateway.map(|g| g.to_string())))
+                .map_err(|e| e.to_string())
+        };
+        // n1 skips the first block, n9's by hand; n9 gets it with its own gateway.
+        assert_eq!(take(&mut a, "n1", "a"), Ok(("198.18.0.10".into(), Some("198.18.0.9".into()))));
+        assert_eq!(take(&mut a, "n9", "z"), Ok(("198.18.0.1".into(), Some("198.18.0.6".into()))));
+        // A block another node held before it was given by hand stays that node's: refused.
+        let late = check("rail0", &with(vec![("n9", "198.18.0.8/29", "")])).expect("valid");
+        assert_eq!(
+            allocate_in_blocks(&mut a, &block_request("n9", "z2", false), &late, &[], 1).map_err(|e| e.to_string()),
+            Err(r#"spec.staticAllocations "n9 198.18.0.8/29" gives the block to node "n9", but node "n1" holds it; free it there first"#.into())
+        );
+        let bad = |statics| err(&with(statics));
+        assert_eq!(
+            bad(vec![("n1", "198.18.0.4/29", "")]),
+            r#"pool "rail0" is invalid: spec.staticAllocations[0].prefix "198.18.0.4/29" is not a block of the pool: a /29 starting at its first address"#
+        );
+        assert_eq!(
+            bad(vec![("n1", "198.18.9.0/29", "")]),
+            r#"pool "rail0" is invalid: spec.staticAllocations[0].prefix "198.18.9.0/29" is in none of spec.ranges"#
+        );
+        assert_eq!(
+            bad(vec![("n1", "198.18.0.0/29", ""), ("n2", "198.18.0.0/29", "")]),
+            r#"pool "rail0" is invalid: spec.staticAllocations[1].prefix "198.18.0.0/29" is given to node "n1" already"#
+        );
+        assert_eq!(
+            bad(vec![("n1", "198.18.0.0/29", "198.18.0.9")]),
+            r#"pool "rail0" is invalid: spec.staticAllocations[0].gateway "198.18.0.9" is outside the block 198.18.0.0/29"#
         );
     }
 }
