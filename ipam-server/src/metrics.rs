@@ -75,6 +75,8 @@ pub struct Metrics {
     ippool_rail_unaligned: Family<IpPool, Gauge>,
     ippool_node_used: Family<IpPoolNode, FloatGauge>,
     ippool_node_free: Family<IpPoolNode, FloatGauge>,
+    ippool_node_size: Family<IpPoolNode, FloatGauge>,
+    ippool_node_cooldown_holds: Family<IpPoolNode, Gauge>,
 }
 
 /// Builds [`Metrics`]: modules register their own metrics in sub-registries first.
@@ -119,6 +121,8 @@ impl Metrics {
             ippool_rail_unaligned: Family::default(),
             ippool_node_used: Family::default(),
             ippool_node_free: Family::default(),
+            ippool_node_size: Family::default(),
+            ippool_node_cooldown_holds: Family::default(),
         };
         let registry = &mut m.registry;
         registry.register("requests", "gRPC requests by method and status code", m.requests.clone());
@@ -178,6 +182,16 @@ impl Metrics {
             m.ippool_node_free.clone(),
         );
         registry.register(
+            "ippool_node_size",
+            "Addresses a node's per-node blocks of an IPPool hand out (held or free)",
+            m.ippool_node_size.clone(),
+        );
+        registry.register(
+            "ippool_node_cooldown_holds",
+            "Released addresses in a node's per-node blocks of an IPPool whose cooldown has not passed",
+            m.ippool_node_cooldown_holds.clone(),
+        );
+        registry.register(
             "ippool_valid",
             "1 when the server uses an IPPool, 0 when it is invalid",
             m.ippool_valid.clone(),
@@ -229,6 +243,8 @@ impl Metrics {
         self.ippool_rail_unaligned.clear();
         self.ippool_node_used.clear();
         self.ippool_node_free.clear();
+        self.ippool_node_size.clear();
+        self.ippool_node_cooldown_holds.clear();
         for p in ippools {
             let l = IpPool { pool: p.name.clone() };
             self.ippool_valid.get_or_create(&l).set(i64::from(p.error.is_none()));
@@ -240,16 +256,20 @@ impl Metrics {
                 if !p.blocks.is_empty() {
                     self.ippool_blocks.get_or_create(&l).set(p.blocks.len() as i64);
                 }
-                let mut per_node: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+                let mut per_node: std::collections::BTreeMap<&str, (f64, f64, f64, i64)> = Default::default();
                 for b in &p.blocks {
                     let n = per_node.entry(b.node.as_str()).or_default();
                     n.0 += b.used as f64;
                     n.1 += b.free as f64;
+                    n.2 += b.size as f64;
+                    n.3 += i64::try_from(b.cooldown_holds).unwrap_or(i64::MAX);
                 }
-                for (node, (used, free)) in per_node {
+                for (node, (used, free, size, cooling)) in per_node {
                     let l = IpPoolNode { pool: p.name.clone(), node: node.to_string() };
                     self.ippool_node_used.get_or_create(&l).set(used);
                     self.ippool_node_free.get_or_create(&l).set(free);
+                    self.ippool_node_size.get_or_create(&l).set(size);
+                    self.ippool_node_cooldown_holds.get_or_create(&l).set(cooling);
                 }
                 if p.unaligned > 0 {
                     self.ippool_rail_unaligned

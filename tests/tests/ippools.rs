@@ -574,8 +574,8 @@ async fn pools_from_the_api_server_through_the_plugin() {
     assert_eq!(
         status["blocks"],
         json!([
-            {"node": "n1", "block": "198.18.24.0/29", "used": "2", "free": "3"},
-            {"node": "n2", "block": "198.18.24.8/29", "used": "1", "free": "4"}
+            {"node": "n1", "block": "198.18.24.0/29", "used": "2", "free": "3", "size": "5", "cooldownHolds": "0"},
+            {"node": "n2", "block": "198.18.24.8/29", "used": "1", "free": "4", "size": "5", "cooldownHolds": "0"}
         ])
     );
     // n1's block full: its own error, with the node's and the pool's counts.
@@ -659,9 +659,9 @@ async fn pools_from_the_api_server_through_the_plugin() {
     assert_eq!(
         status["blocks"],
         json!([
-            {"node": "n1", "block": "198.18.25.1-198.18.25.4", "used": "2", "free": "1"},
-            {"node": "n2", "block": "198.18.25.5-198.18.25.8", "used": "1", "free": "3"},
-            {"node": "n3", "block": "198.18.25.9-198.18.25.12", "used": "1", "free": "3"}
+            {"node": "n1", "block": "198.18.25.1-198.18.25.4", "used": "2", "free": "1", "size": "3", "cooldownHolds": "0"},
+            {"node": "n2", "block": "198.18.25.5-198.18.25.8", "used": "1", "free": "3", "size": "4", "cooldownHolds": "0"},
+            {"node": "n3", "block": "198.18.25.9-198.18.25.12", "used": "1", "free": "3", "size": "4", "cooldownHolds": "0"}
         ])
     );
 
@@ -888,12 +888,16 @@ async fn the_eight_rail_example_selectors_and_node_blocks_on_the_api_server() {
     let of_node = |m: &str, node: &str| {
         metric(&text, &format!("rustipam_ippool_node_{m}{{pool=\"{}\",node=\"{node}\"}}", name("rail0")))
     };
-    assert_eq!((of_node("used", &node_a), of_node("free", &node_a)), (Some(3.0), Some(10.0)), "{text}");
+    assert_eq!(
+        ["used", "free", "size", "cooldown_holds"].map(|m| of_node(m, &node_a)),
+        [Some(3.0), Some(10.0), Some(13.0), Some(0.0)],
+        "{text}"
+    );
     // The same in the pool's status, once the leader has written it (wait_status fails
     // with the last status seen).
     let blocks = json!([
-        {"node": node_a, "block": "198.18.0.0/28", "used": "3", "free": "10"},
-        {"node": node_b, "block": "198.18.0.16/28", "used": "1", "free": "12"}
+        {"node": node_a, "block": "198.18.0.0/28", "used": "3", "free": "10", "size": "13", "cooldownHolds": "0"},
+        {"node": node_b, "block": "198.18.0.16/28", "used": "1", "free": "12", "size": "13", "cooldownHolds": "0"}
     ]);
     wait_status(&pools, &name("rail0"), |s| s["blocks"] == blocks).await;
 

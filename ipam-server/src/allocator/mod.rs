@@ -1117,6 +1117,16 @@ impl Allocator {
         })
     }
 
+    /// Released addresses of `network` in `block` whose cooldown has not passed at `now`.
+    pub fn cooldown_holds_in(&self, network: &str, block: Block, now_unix_ms: i64) -> usize {
+        self.networks.get(network).map_or(0, |net| {
+            net.cooling
+                .iter()
+                .filter(|(ip, r)| block.contains(**ip) && now_unix_ms < cool_until(**r, net.cooldown_ms))
+                .count()
+        })
+    }
+
     /// The addresses handed out during their cooldown since the last call, to be logged.
     pub fn take_cooldown_overrides(&mut self) -> Vec<CooldownOverride> {
         std::mem::take(&mut self.overrides)

@@ -378,6 +378,7 @@ pub struct IPPoolStatus {
 
 /// A node's block of a per-node pool.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct NodeBlock {
     pub node: String,
     /// The block's CIDR.
@@ -387,6 +388,12 @@ pub struct NodeBlock {
     /// Addresses it can still hand out.
     #[serde(default)]
     pub free: String,
+    /// Addresses it hands out at all (held or free).
+    #[serde(default)]
+    pub size: String,
+    /// Released addresses in it whose cooldown has not passed.
+    #[serde(default)]
+    pub cooldown_holds: String,
 }
 
 /// A status condition, in the shape Kubernetes conditions take.

@@ -304,6 +304,8 @@ pub fn ippool_status(stats: &PoolStats) -> IPPoolStatus {
                 block: b.block.clone(),
                 used: b.used.to_string(),
                 free: b.free.to_string(),
+                size: b.size.to_string(),
+                cooldown_holds: b.cooldown_holds.to_string(),
             })
             .collect(),
     }

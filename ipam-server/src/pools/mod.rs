@@ -767,6 +767,10 @@ pub struct BlockStats {
     pub used: u128,
     /// Addresses it can still hand out (not held, excluded or its gateway).
     pub free: u128,
+    /// Addresses it hands out at all (held or free).
+    pub size: u128,
+    /// Released addresses in it whose cooldown has not passed.
+    pub cooldown_holds: usize,
 }
 
 /// One pool's state, for status and metrics.
@@ -851,13 +855,20 @@ fn add_point_to_point_edges(
 }
 
 /// The blocks of `pool` (cut as `pn` says) that are recorded or hold addresses.
-fn block_stats(alloc: &Allocator, pool: &Pool, pn: PerNode) -> Vec<BlockStats> {
+fn block_stats(alloc: &Allocator, pool: &Pool, pn: PerNode, now_unix_ms: i64) -> Vec<BlockStats> {
     let mut out = Vec::new();
     for (i, r) in pool.ranges.iter().enumerate() {
         let Ok(cut) = pn.cut_of(r) else { continue };
         for (block, node, used) in alloc.node_blocks(&pool.name, &cut) {
-            let usable = pool.block_spec(pn, block, i).map_or(0, |b| b.size() - b.excluded_count());
-            out.push(BlockStats { block: block.to_string(), node, used, free: usable.saturating_sub(used) });
+            let size = pool.block_spec(pn, block, i).map_or(0, |b| b.size() - b.excluded_count());
+            out.push(BlockStats {
+                block: block.to_string(),
+                node,
+                used,
+                free: size.saturating_sub(used),
+                size,
+                cooldown_holds: alloc.cooldown_holds_in(&pool.name, block, now_unix_ms),
+            });
         }
     }
     out
@@ -876,7 +887,7 @@ pub fn stats(alloc: &Allocator, set: &PoolSet, now_unix_ms: i64) -> Vec<PoolStat
                 cooldown_holds: alloc.cooldown_holds(name, now_unix_ms),
                 unaligned: alloc.unaligned(name),
                 error: None,
-                blocks: pool.per_node.map_or_else(Vec::new, |pn| block_stats(alloc, pool, pn)),
+                blocks: pool.per_node.map_or_else(Vec::new, |pn| block_stats(alloc, pool, pn, now_unix_ms)),
             },
             Err(e) => PoolStats {
                 name: name.clone(),
@@ -1346,5 +1357,31 @@ mod tests {
             bad(vec![("n1", "198.18.0.0/29", "198.18.0.9")]),
             r#"pool "rail0" is invalid: spec.staticAllocations[0].gateway "198.18.0.9" is outside the block 198.18.0.0/29"#
         );
+    }
+
+    #[test]
+    fn per_node_counts_take_each_blocks_size_and_cooldown_holds() {
+        let spec = IPPoolSpec {
+            ranges: vec![range("198.18.0.0/27")],
+            per_node_prefix: Some(29),
+            gateway_index: Some(1),
+            cooldown: "30s".into(),
+            ..IPPoolSpec::default()
+        };
+        let pool = check("rail0", &spec).expect("valid");
+        let mut a = Allocator::new();
+        a.set_cooldown("rail0", pool.cooldown_ms());
+        for cid in ["a", "b"] {
+            allocate_in_blocks(&mut a, &block_request("n1", cid, false), &pool, &[], 1).expect("allocate");
+        }
+        a.release("rail0", "a", "net1", 1_000);
+        let set = PoolSet::from_specs([("rail0", &spec)]);
+        let counts = |now| {
+            let b = &stats(&a, &set, now)[0].blocks[0];
+            (b.node.clone(), b.size, b.used, b.free, b.cooldown_holds)
+        };
+        // A /29 hands out five addresses (less its network, last and gateway).
+        assert_eq!(counts(2_000), ("n1".to_string(), 5, 1, 4, 1));
+        assert_eq!(counts(31_000), ("n1".to_string(), 5, 1, 4, 0));
     }
 }
