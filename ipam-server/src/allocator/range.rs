@@ -99,6 +99,17 @@ fn invalid(field: String, value: &str, reason: impl Into<String>) -> AllocError 
 }
 
 /// Parses a bare address or an address with a prefix (the prefix is dropped).
+/// The first and last address `network` hands out by default: all but its network and
+/// last address, except in a /31 or /32 (/127, /128), where every address is a host's
+/// (RFC 3021 point-to-point links).
+fn host_bounds(network: &IpNetwork) -> (u128, u128) {
+    let (first, last) = (ip_to_u128(network.network()), ip_to_u128(network.broadcast()));
+    match last - first < 2 {
+        true => (first, last),
+        false => (first + 1, last - 1),
+    }
+}
+
 pub fn parse_address(field: &str, value: &str) -> Result<IpAddr, AllocError> {
     let v = value.trim();
     let parsed = match v.split_once('/') {
@@ -119,14 +130,7 @@ impl RangeSpec {
         let (network, dash_bounds) = parse_range(raw)
             .ok_or_else(|| invalid(range_field.clone(), raw, "is not a CIDR or first-last/prefix range"))?;
         let family = Family::of(network.ip());
-        let net_first = ip_to_u128(network.network());
-        let net_last = ip_to_u128(network.broadcast());
-        // The network and last addresses are never handed out, but in a /31 or /32 (/127,
-        // /128) every address is a host's (RFC 3021 point-to-point links).
-        let (lo, hi) = match net_last - net_first < 2 {
-            true => (net_first, net_last),
-            false => (net_first + 1, net_last - 1),
-        };
+        let (lo, hi) = host_bounds(&network);
         let mut first = lo;
         let mut last = hi;
         let in_network = |field: String, ip: IpAddr, value: &str| -> Result<u128, AllocError> {
@@ -278,8 +282,7 @@ impl RangeSpec {
     }
 
     fn render_display(&self) -> String {
-        let nf = ip_to_u128(self.network.network()) + 1;
-        let nl = ip_to_u128(self.network.broadcast()) - 1;
+        let (nf, nl) = host_bounds(&self.network);
         let net = IpNetwork::new(self.network.network(), self.network.prefix())
             .map_or_else(|_| self.network.to_string(), |n| n.to_string());
         if self.first == nf && self.last == nl {
@@ -486,6 +489,12 @@ mod tests {
         // Point-to-point: every address of a /31 or /32 is usable.
         let p2p = |range: &str| RangeSpec::parse(&r(range), FieldPrefix("")).map(|s| s.size());
         assert_eq!((p2p("10.0.0.0/31"), p2p("10.0.0.7/32"), p2p("fd00::/127")), (Ok(2), Ok(1), Ok(2)));
+        // The fuzzer's: a /128 at the very bottom (and a /32 at the very top) of the space.
+        assert_eq!((p2p("::/128"), p2p("255.255.255.255/32")), (Ok(1), Ok(1)));
+        assert_eq!(
+            RangeSpec::parse(&r("::/128"), FieldPrefix("")).map(|s| s.display().to_string()),
+            Ok("::/128".into())
+        );
         assert_eq!(
             err(RangeInput { range_start: "10.0.1.5".into(), ..r("10.0.0.0/24") }),
             r#"range_start "10.0.1.5" is outside range 10.0.0.0/24"#
