@@ -360,6 +360,16 @@ fn spec(ranges: Vec<PoolRange>) -> IPPoolSpec {
     IPPoolSpec { ranges, ..IPPoolSpec::default() }
 }
 
+/// Waits (10 s at most) until an ADD of container `cid` on `conf`, naming pool `pool`,
+/// succeeds: the server has seen the pool made while it runs.
+async fn wait_for_pool(pool: &str, cid: &str, conf: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_ipam_plugin("ADD", cid, &pod(cid), conf).code != 0 {
+        assert!(Instant::now() < deadline, "pool {pool} not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the status of IPPool `name` satisfies `ok`; the last status seen.
 async fn wait_status(api: &Api<IPPool>, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -498,11 +508,7 @@ async fn pools_from_the_api_server_through_the_plugin() {
 
     // Cooldown across release and allocate, on a pool made while the server runs.
     let c = nad("cool", ep, json!({"pool": cool}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while run_ipam_plugin("ADD", "k1", &pod("k1"), &c).code != 0 {
-        assert!(Instant::now() < deadline, "pool {cool} not seen within 10 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_pool(&cool, "k1", &c).await;
     assert_eq!(first_ip(&add("k1", &c)), "198.18.22.1");
     del("k1", &c);
     let released = Instant::now();
@@ -536,11 +542,7 @@ async fn pools_from_the_api_server_through_the_plugin() {
     };
     pools.create(&PostParams::default(), &IPPool::new(&blocks, block_spec)).await.expect("create blocks");
     let on = |node: &str| nad("blocks", ep, json!({"pool": blocks, "node_name": node}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while run_ipam_plugin("ADD", "b1", &pod("b1"), &on("n1")).code != 0 {
-        assert!(Instant::now() < deadline, "pool {blocks} not seen within 10 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_pool(&blocks, "b1", &on("n1")).await;
     let got =
         [("b1", "n1"), ("b2", "n2"), ("b3", "n1")].map(|(cid, node)| add(cid, &on(node))["ips"][0].clone());
     assert_eq!(
@@ -602,11 +604,7 @@ async fn pools_from_the_api_server_through_the_plugin() {
     };
     pools.create(&PostParams::default(), &IPPool::new(&runs, runs_spec)).await.expect("create runs");
     let on_run = |node: &str| nad("runs", ep, json!({"pool": runs, "node_name": node}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while run_ipam_plugin("ADD", "r1", &pod("r1"), &on_run("n1")).code != 0 {
-        assert!(Instant::now() < deadline, "pool {runs} not seen within 10 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_pool(&runs, "r1", &on_run("n1")).await;
     let got = [("r1", "n1"), ("r2", "n2"), ("r3", "n3"), ("r4", "n1")]
         .map(|(cid, node)| add(cid, &on_run(node))["ips"][0].clone());
     assert_eq!(
@@ -642,11 +640,7 @@ async fn pools_from_the_api_server_through_the_plugin() {
     };
     pools.create(&PostParams::default(), &IPPool::new(&fixed, fixed_spec)).await.expect("create fixed");
     let on_fixed = |node: &str| nad("fixed", ep, json!({"pool": fixed, "node_name": node}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while run_ipam_plugin("ADD", "f2", &pod("f2"), &on_fixed("n2")).code != 0 {
-        assert!(Instant::now() < deadline, "pool {fixed} not seen within 10 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_pool(&fixed, "f2", &on_fixed("n2")).await;
     assert_eq!(
         [("f2", "n2"), ("f1", "n1")].map(|(cid, node)| add(cid, &on_fixed(node))["ips"][0].clone()),
         [
