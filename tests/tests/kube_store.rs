@@ -20,14 +20,28 @@ use rust_ipam_e2e::kube_standin::KubeStandin;
 use serde_json::{Value, json};
 
 /// An engine on `client`'s API server whose fence is open for an hour: a server that
-/// believes it leads.
-async fn engine_on(client: kube::Client, namespace: &str) -> (Engine, Fence) {
+/// believes it leads. It lists the leases from the API server's watch cache, or from etcd
+/// `page` objects a page.
+async fn engine_paged(client: kube::Client, namespace: &str, page: Option<u32>) -> (Engine, Fence) {
     let fence = Fence::new();
     fence.open_until(Instant::now() + Duration::from_secs(3600));
-    // Small pages, so the 1199 leases of the restart test take three.
-    let store = KubeStore::new(client, namespace, tokio::runtime::Handle::current(), fence.clone())
-        .with_page_size(500);
+    let mut store = KubeStore::new(client, namespace, tokio::runtime::Handle::current(), fence.clone());
+    if let Some(page) = page {
+        store = store.with_page_size(page);
+    }
     (Engine::start(Box::new(store), Metrics::new()).await.expect("load from the API server"), fence)
+}
+
+async fn engine_on(client: kube::Client, namespace: &str) -> (Engine, Fence) {
+    engine_paged(client, namespace, None).await
+}
+
+/// Before a new engine loads what was just written. A new leader lists the leases from the
+/// API server's watch cache, which trails etcd by milliseconds; in a cluster another
+/// replica leads a third of the TTL or more after the last write (src/k8s/store.rs), so the
+/// cache has it by then. A test that loads at once could read the cache just behind.
+async fn cache_catches_up() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// An engine in `ns` of the test API server, as the server's ServiceAccount.
@@ -133,6 +147,7 @@ async fn a_deposed_leaders_writes_are_rejected_not_applied() {
 
     // A new leader loads the store; the pod comes back in a new sandbox and its lease moves
     // (the object is updated, so its resourceVersion changes).
+    cache_catches_up().await;
     let (new, _g) = engine(&ns).await;
     let moved = allocate(&new, "198.18.1.0/24", "c2", "trainer").await.expect("engine").expect("allocate");
     assert_eq!(moved, first);
@@ -171,9 +186,12 @@ async fn a_fenced_server_writes_nothing_and_stops() {
     assert!(e.is_stopped());
 }
 
+/// Once from the watch cache (what a new leader with no mirror does) and once from etcd
+/// in pages (what a replica does whose own writes just landed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_rebuilds_the_bitmaps_from_paged_lists() {
-    let Some(ns) = namespace("a_restart_rebuilds_the_bitmaps_from_paged_lists").await else { return };
+async fn a_restart_rebuilds_the_bitmaps_from_the_cache_and_from_paged_lists() {
+    const TEST: &str = "a_restart_rebuilds_the_bitmaps_from_the_cache_and_from_paged_lists";
+    let Some(ns) = namespace(TEST).await else { return };
     let (e, _f) = engine(&ns).await;
     let mut tasks = Vec::new();
     for i in 0..1200 {
@@ -190,19 +208,27 @@ async fn a_restart_rebuilds_the_bitmaps_from_paged_lists() {
     let c7 = got[7];
     e.call(|a, now| a.release("", "c7", "net1", now)).await.expect("release");
     drop(e);
-    // 1199 objects: three list pages of 500.
-    let (again, _g) = engine(&ns).await;
-    let leases = again.call(|a, _| a.leases(&LeaseFilter::default())).await.expect("engine");
-    let mut from_memory: Vec<(String, String)> =
-        leases.iter().map(|l| (l.address.to_string(), l.holder.container_id.clone())).collect();
-    from_memory.sort();
-    assert_eq!(from_memory.len(), 1199);
-    assert_eq!(from_memory, stored(&ns).await);
-    let pools = again.call(|a, _| a.pools(None)).await.expect("engine");
-    assert_eq!((pools.len(), pools[0].used, pools[0].free), (1, 1199, 4094 - 1199));
-    // The freed address is the only free one below the 1199 held, so it comes first again.
-    let next = allocate(&again, "198.18.16.0/20", "new", "new").await.expect("engine").expect("allocate");
-    assert_eq!(next, c7);
+    cache_catches_up().await;
+    let client = ns.client(SERVER_ACCOUNT).await.expect("server client");
+    // 1199 objects: at once, then in three pages of 500.
+    for page in [None, Some(500)] {
+        let (again, _g) = engine_paged(client.clone(), &ns.name, page).await;
+        let leases = again.call(|a, _| a.leases(&LeaseFilter::default())).await.expect("engine");
+        let mut from_memory: Vec<(String, String)> =
+            leases.iter().map(|l| (l.address.to_string(), l.holder.container_id.clone())).collect();
+        from_memory.sort();
+        assert_eq!(from_memory.len(), 1199, "listed with pages {page:?}");
+        assert_eq!(from_memory, stored(&ns).await, "listed with pages {page:?}");
+        let pools = again.call(|a, _| a.pools(None)).await.expect("engine");
+        assert_eq!((pools.len(), pools[0].used, pools[0].free), (1, 1199, 4094 - 1199));
+        // The freed address is the only free one below the 1199 held, so it comes first
+        // again; released, so the next load finds the same 1199.
+        let next = allocate(&again, "198.18.16.0/20", "new", "new").await.expect("engine").expect("allocate");
+        assert_eq!(next, c7);
+        again.call(|a, now| a.release("", "new", "net1", now)).await.expect("release");
+        drop(again);
+        cache_catches_up().await;
+    }
 }
 
 /// Stand-in: the real API server refuses `"prefixLen": "wide"` and a missing spec by the
@@ -272,6 +298,7 @@ async fn a_copy_under_another_name_and_an_unreadable_address_are_skipped() {
     banana["spec"]["address"] = json!("banana");
     envtest::create(&admin, Some(&ns.name), banana).await.expect("banana");
 
+    cache_catches_up().await;
     let (e, _g) = engine(&ns).await;
     assert_eq!(e.call(|a, _| a.lease_count()).await.expect("engine"), 3);
     // .4 looks free in memory, but its name is taken: the create is refused, memory marks

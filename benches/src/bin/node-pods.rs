@@ -3,13 +3,17 @@
 //! from the first create to all Running, every address then checked inside each pod's
 //! sandbox against its network-status (no address twice).
 //!
-//! Five runs in the same process, one after the other per round, the pods deleted between:
-//! thin rust-multus with the reference `host-local` (node-local, the floor), and with
-//! `rust-ipam` against a server on the embedded store and on the kube store (a real
-//! kube-apiserver, the server under the ServiceAccount and RBAC of deploy/); then thick
-//! mode (`rust-multus-shim` + `rust-multus-daemon`, tests/src/node.rs' `set_thick`) with
-//! `rust-ipam` on the embedded and on the kube store. Prints a markdown table with each
-//! time and its ratio to the floor of the same round.
+//! Five runs in the same process per round, the pods deleted between: thin rust-multus with
+//! the reference `host-local` (node-local, the floor), and with `rust-ipam` against a
+//! server on the embedded store and on the kube store (a real kube-apiserver, the server
+//! under the ServiceAccount and RBAC of deploy/); then thick mode (`rust-multus-shim` +
+//! `rust-multus-daemon`, tests/src/node.rs' `set_thick`) with `rust-ipam` on the embedded
+//! and on the kube store.
+//!
+//! One round on a shared 2-core machine swings by more than the rows differ, so: each
+//! round starts with a different row (the order rotates, no row always runs just after
+//! another's teardown), each run waits until the CPUs are idle (`--settle-idle`), and the
+//! summary gives each row's median ratio to the floor of its own round over all rounds.
 //!
 //! Needs root and what the node tests need (README: "A real node for the tests").
 
@@ -34,9 +38,13 @@ struct Args {
     /// Rounds of the five runs.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Before each run, wait (up to 120 s) until this share of the CPU time over one second
+    /// is idle, so a run does not start inside the previous one's teardown. 0 waits not.
+    #[arg(long, default_value_t = 0.85)]
+    settle_idle: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ipam {
     HostLocal,
     Embedded,
@@ -48,6 +56,8 @@ enum Ipam {
 }
 
 impl Ipam {
+    const ALL: [Ipam; 5] = [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube, Ipam::Thick, Ipam::ThickKube];
+
     fn label(self) -> &'static str {
         match self {
             Ipam::HostLocal => "rust-multus + host-local (node-local, the floor)",
@@ -125,6 +135,41 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
     Ok(out.running)
 }
 
+/// CPU time counters from /proc/stat's first line: (idle incl. iowait, total).
+fn cpu_times() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    if fields.len() < 5 {
+        bail!("/proc/stat's cpu line has {} fields: {line}", fields.len());
+    }
+    Ok((fields[3] + fields[4], fields.iter().sum()))
+}
+
+/// Waits until at least `share` of the CPU time over one second is idle, for at most
+/// 120 s; returns how long it waited and the idle share it saw last.
+async fn settle(share: f64) -> anyhow::Result<(Duration, f64)> {
+    let started = std::time::Instant::now();
+    loop {
+        let (idle0, total0) = cpu_times()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (idle1, total1) = cpu_times()?;
+        let idle = (idle1 - idle0) as f64 / (total1 - total0).max(1) as f64;
+        if idle >= share || started.elapsed() > Duration::from_secs(120) {
+            return Ok((started.elapsed(), idle));
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -133,21 +178,43 @@ async fn main() -> anyhow::Result<()> {
     }
     let Some(node) = Node::shared("node-pods") else { bail!("no node on this machine (see SKIP above)") };
     println!("{} pods × {} macvlan NADs, from the first create to all Running\n", args.pods, args.nads);
-    println!("| round | IPAM | to all Running | vs floor |");
-    println!("|---|---|---|---|");
+    println!("| round | order | IPAM | idle at start | to all Running | vs floor |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios: std::collections::BTreeMap<Ipam, Vec<f64>> = Default::default();
     for round in 0..args.rounds {
-        let mut floor = None;
-        for ipam in [Ipam::HostLocal, Ipam::Embedded, Ipam::Kube, Ipam::Thick, Ipam::ThickKube] {
-            let took = run(node, &args, ipam, round).await?;
-            let floor = *floor.get_or_insert(took);
+        let mut order = Ipam::ALL;
+        order.rotate_left(round % Ipam::ALL.len());
+        let mut took = Vec::new();
+        for (i, ipam) in order.into_iter().enumerate() {
+            let (waited, idle) = settle(args.settle_idle).await?;
+            eprintln!(
+                "round {}: {ipam:?} after {:.0} s waiting for idle CPUs",
+                round + 1,
+                waited.as_secs_f64()
+            );
+            took.push((i + 1, ipam, idle, run(node, &args, ipam, round).await?));
+        }
+        took.sort_by_key(|t| t.1);
+        let floor = took[0].3.as_secs_f64();
+        for (i, ipam, idle, t) in took {
+            let ratio = t.as_secs_f64() / floor;
+            ratios.entry(ipam).or_default().push(ratio);
             println!(
-                "| {} | {} | {:.1} s | {:.2}x |",
+                "| {} | {i} | {} | {:.0}% | {:.1} s | {ratio:.2}x |",
                 round + 1,
                 ipam.label(),
-                took.as_secs_f64(),
-                took.as_secs_f64() / floor.as_secs_f64()
+                idle * 100.0,
+                t.as_secs_f64()
             );
         }
+    }
+    println!("\nOver {} rounds, each ratio to the floor of its own round:\n", args.rounds);
+    println!("| IPAM | median | lowest | highest |");
+    println!("|---|---|---|---|");
+    for (ipam, r) in ratios {
+        let low = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = r.iter().copied().fold(0.0, f64::max);
+        println!("| {} | {:.2}x | {low:.2}x | {high:.2}x |", ipam.label(), median(r));
     }
     Ok(())
 }

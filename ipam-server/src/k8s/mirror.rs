@@ -83,11 +83,12 @@ impl Drop for LeaseMirror {
 }
 
 impl LeaseMirror {
-    /// Starts listing `api` (`page` objects a page) and watching it, on the current runtime.
-    pub fn start(api: Api<DynamicObject>, page: u32) -> Arc<LeaseMirror> {
+    /// Starts listing `api` (at once, from the API server's watch cache) and watching it, on
+    /// the current runtime.
+    pub fn start(api: Api<DynamicObject>) -> Arc<LeaseMirror> {
         let objects = Arc::new(Mutex::new(HashMap::new()));
         let (tx, state) = watch::channel(State::Listing);
-        let task = tokio::spawn(follow(api, page, objects.clone(), tx));
+        let task = tokio::spawn(follow(api, objects.clone(), tx));
         Arc::new(LeaseMirror { objects, state, task })
     }
 
@@ -125,7 +126,6 @@ impl LeaseMirror {
 /// resumed where it stopped, one whose history is gone (410) lists anew.
 async fn follow(
     api: Api<DynamicObject>,
-    page: u32,
     objects: Arc<Mutex<HashMap<String, Entry>>>,
     state: watch::Sender<State>,
 ) {
@@ -135,16 +135,9 @@ async fn follow(
     loop {
         let started = std::time::Instant::now();
         let mut fresh = HashMap::new();
-        let listed = super::for_each_page(
-            page,
-            |lp| {
-                let api = &api;
-                async move { api.list(&lp).await }
-            },
-            |obj| {
-                fresh.insert(obj.name_any(), entry(&obj));
-            },
-        )
+        let listed = super::for_each_cached(&api, |obj: DynamicObject| {
+            fresh.insert(obj.name_any(), entry(&obj));
+        })
         .await;
         let mut version = match listed {
             Ok(v) => v,

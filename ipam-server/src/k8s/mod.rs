@@ -46,6 +46,109 @@ where
     }
 }
 
+/// Lists all of `api`'s objects in one response served from the API server's watch cache
+/// (`resourceVersion=0`), handing each to `each` as it is decoded, so what is held is the
+/// response text and one object, not every object decoded at once. Returns the list's
+/// resourceVersion, where a watch of what changed since starts.
+///
+/// The watch cache trails etcd by its watch's delay (milliseconds), so a caller must be
+/// safe with a view that old: the lease store is, because every write it makes is
+/// conditional (see `store`). For 100,000 IPLeases on a real API server this takes 5 s
+/// where [`for_each_page`] from etcd takes 17 s: a paged list is read from etcd (a
+/// continued page cannot come from the cache), and the API server encodes the same JSON
+/// either way (docs/benchmarks.md). A list of every object at once from etcd would need
+/// the API server to hold them all; from its cache it already does.
+pub async fn for_each_cached<K>(api: &kube::Api<K>, each: impl FnMut(K)) -> Result<String, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned,
+{
+    let request = kube::core::Request::new(api.resource_url())
+        .list(&ListParams::default().match_any())
+        .map_err(kube::Error::BuildRequest)?;
+    let text = api.clone().into_client().request_text(request).await?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    let version =
+        serde::Deserializer::deserialize_map(&mut de, cached::List { each, item: std::marker::PhantomData })
+            .and_then(|v| de.end().map(|()| v))
+            .map_err(kube::Error::SerdeError)?;
+    Ok(version)
+}
+
+/// The decoding of [`for_each_cached`]'s response, one item at a time.
+mod cached {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// A list response: its `metadata.resourceVersion` is returned, its `items` handed on.
+    pub(super) struct List<K, F> {
+        pub(super) each: F,
+        pub(super) item: PhantomData<K>,
+    }
+
+    impl<'de, K: DeserializeOwned, F: FnMut(K)> Visitor<'de> for List<K, F> {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a Kubernetes list")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<String, A::Error> {
+            #[derive(serde::Deserialize, Default)]
+            #[serde(rename_all = "camelCase")]
+            struct Meta {
+                #[serde(default)]
+                resource_version: String,
+            }
+            let mut version = String::new();
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "items" => map.next_value_seed(Items { each: &mut self.each, item: PhantomData })?,
+                    "metadata" => version = map.next_value::<Meta>()?.resource_version,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(version)
+        }
+    }
+
+    /// The `items` array (or `null`), each element handed on as soon as it is decoded.
+    struct Items<'a, K, F> {
+        each: &'a mut F,
+        item: PhantomData<K>,
+    }
+
+    impl<'de, K: DeserializeOwned, F: FnMut(K)> DeserializeSeed<'de> for Items<'_, K, F> {
+        type Value = ();
+
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de, K: DeserializeOwned, F: FnMut(K)> Visitor<'de> for Items<'_, K, F> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("the list's items")
+        }
+
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(item) = seq.next_element::<K>()? {
+                (self.each)(item);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// What [`list_and_watch`] hands on: every object after a (re)list, then each change.
 #[derive(Debug)]
 pub enum Seen<T> {

@@ -33,8 +33,10 @@ use crate::store::{
     CommitError, LeaseStore, Loaded, PipelinedStore, Refusal, StoreError, WriteOutcome, WriteReport,
 };
 
-/// Objects per list page while loading (by default): an IPLease is under 1 KiB, so a page stays a few
-/// MiB while a leader with 100,000 leases needs 50 round trips instead of 200.
+/// Objects per list page when listing from etcd: an IPLease is under 1 KiB, so a page
+/// stays a few MiB while 100,000 leases need 50 round trips instead of 200. A new leader
+/// with no mirror lists the leases at once from the API server's watch cache instead
+/// ([`super::for_each_cached`]); see [`KubeStore::load`].
 const PAGE: u32 = 2000;
 /// Objects written at once.
 const IN_FLIGHT: usize = 64;
@@ -145,8 +147,8 @@ pub struct KubeStore {
     next_tail: u64,
     /// Bounds the writes in flight (and so the connections to the API server).
     permits: Arc<tokio::sync::Semaphore>,
-    /// Objects per list page.
-    page: u32,
+    /// Objects per list page; `None`: the leases are listed from the watch cache.
+    page: Option<u32>,
     /// The replica's warm copy of the leases: loaded from instead of listing.
     mirror: Option<Arc<LeaseMirror>>,
     /// The replica's writes in flight, this store's and earlier ones'.
@@ -211,7 +213,7 @@ impl KubeStore {
             tails: Arc::default(),
             next_tail: 0,
             permits: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
-            page: PAGE,
+            page: None,
             mirror: None,
             in_flight: WritesInFlight::default(),
         }
@@ -219,9 +221,10 @@ impl KubeStore {
 }
 
 impl KubeStore {
-    /// Loads with pages of `objects` instead of the default.
+    /// Loads the leases page by page from etcd, `objects` a page, instead of at once from the
+    /// API server's watch cache.
     pub fn with_page_size(mut self, objects: u32) -> KubeStore {
-        self.page = objects.max(1);
+        self.page = Some(objects.max(1));
         self
     }
 
@@ -243,7 +246,7 @@ impl KubeStore {
     /// replica loads from when it leads; on the current runtime.
     pub fn start_mirror(client: Client, namespace: &str) -> Arc<LeaseMirror> {
         let res = ApiResource::erase::<IPLease>(&());
-        LeaseMirror::start(Api::namespaced_with(client, namespace, &res), PAGE)
+        LeaseMirror::start(Api::namespaced_with(client, namespace, &res))
     }
 }
 
@@ -436,7 +439,7 @@ impl LeaseStore for KubeStore {
             // Earlier writes that just landed may not have reached the mirror yet.
             let waited = self.in_flight.settled().await;
             let mut out = Loaded::default();
-            list_each(&this.raw_pools, self.page, "list range pools", |obj| {
+            list_each(&this.raw_pools, PAGE, "list range pools", |obj| {
                 let name = obj.name_any();
                 let spec = obj.data.get("spec").cloned().unwrap_or_default();
                 match serde_json::from_value::<RangePoolSpec>(spec) {
@@ -467,7 +470,8 @@ impl LeaseStore for KubeStore {
                 }
             }
             let mut seen = HashMap::new();
-            list_each(&this.raw_leases, self.page, "list leases", |obj| {
+            let started = Instant::now();
+            let each = |obj: DynamicObject| {
                 let name = obj.name_any();
                 match decode_lease(&obj) {
                     Ok(l) => {
@@ -481,8 +485,20 @@ impl LeaseStore for KubeStore {
                     // show the truth, and a misnamed one holds nothing.
                     Err(e) => out.problems.push(LoadProblem { what: format!("IPLease {name}"), error: e }),
                 }
-            })
-            .await?;
+            };
+            // From the watch cache, which may trail etcd by milliseconds: safe, as a
+            // mirror's copy is (every write is conditional), and the previous leader's last
+            // writes are a third of the TTL old by the time another replica leads. Except
+            // this replica's own writes that just landed: then from etcd.
+            match self.page.or(waited.then_some(PAGE)) {
+                Some(page) => list_each(&this.raw_leases, page, "list leases", each).await?,
+                None => {
+                    super::for_each_cached(&this.raw_leases, each)
+                        .await
+                        .map_err(|e| StoreError::new("list leases", e))?;
+                }
+            }
+            info!(leases = out.leases.len(), secs = started.elapsed().as_secs_f64(), "leases listed");
             *this.seen() = seen;
             Ok(out)
         })
