@@ -66,11 +66,19 @@ where
         .list(&ListParams::default().match_any())
         .map_err(kube::Error::BuildRequest)?;
     let text = api.clone().into_client().request_text(request).await?;
-    let mut de = serde_json::Deserializer::from_str(&text);
+    each_listed(&text, each).map_err(kube::Error::SerdeError)
+}
+
+/// Decodes a list response, handing each item to `each` as it is decoded; returns the
+/// list's resourceVersion.
+fn each_listed<K: serde::de::DeserializeOwned>(
+    text: &str,
+    each: impl FnMut(K),
+) -> serde_json::Result<String> {
+    let mut de = serde_json::Deserializer::from_str(text);
     let version =
-        serde::Deserializer::deserialize_map(&mut de, cached::List { each, item: std::marker::PhantomData })
-            .and_then(|v| de.end().map(|()| v))
-            .map_err(kube::Error::SerdeError)?;
+        serde::Deserializer::deserialize_map(&mut de, cached::List { each, item: std::marker::PhantomData })?;
+    de.end()?;
     Ok(version)
 }
 
@@ -264,4 +272,38 @@ where
         apply,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::each_listed;
+
+    fn names(text: &str) -> serde_json::Result<(String, Vec<String>)> {
+        let mut names = Vec::new();
+        let version =
+            each_listed(text, |o: kube::api::DynamicObject| names.push(o.metadata.name.unwrap_or_default()))?;
+        Ok((version, names))
+    }
+
+    #[test]
+    fn a_list_response_is_decoded_item_by_item_in_any_key_order() {
+        let text = r#"{"kind":"IPLeaseList","apiVersion":"ipam.rust-ipam.io/v1alpha1",
+            "items":[{"metadata":{"name":"a"},"spec":{"x":1}},{"metadata":{"name":"b"}}],
+            "metadata":{"resourceVersion":"42","continue":""}}"#;
+        assert_eq!(names(text).unwrap(), ("42".to_string(), vec!["a".to_string(), "b".to_string()]));
+        let empty = r#"{"metadata":{"resourceVersion":"7"},"items":null}"#;
+        assert_eq!(names(empty).unwrap(), ("7".to_string(), vec![]));
+        assert_eq!(names(r#"{"items":[]}"#).unwrap(), (String::new(), vec![]));
+    }
+
+    #[test]
+    fn a_broken_response_is_an_error_naming_where() {
+        let cut = r#"{"metadata":{"resourceVersion":"42"},"items":[{"metadata":{"name":"a"}},{"metad"#;
+        assert!(names(cut).unwrap_err().to_string().contains("EOF while parsing"));
+        let not_items = r#"{"items":{"a":1}}"#;
+        assert!(names(not_items).unwrap_err().to_string().contains("the list's items"));
+        let trailing = r#"{"items":[]} {"#;
+        assert!(names(trailing).unwrap_err().to_string().contains("trailing characters"));
+        assert!(names("[]").unwrap_err().to_string().contains("a Kubernetes list"));
+    }
 }
