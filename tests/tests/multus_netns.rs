@@ -420,8 +420,10 @@ async fn del_without_the_api_cleans_up_from_the_cache() {
     let conf = node.conf();
     let (code, out, err) = node.multus("ADD", &pods.path(0), "lonely", &conf);
     assert_eq!(code, 0, "ADD: {out} {err}");
-    assert_eq!(addresses(pod, "net1"), vec!["198.18.30.1/24"]);
-    assert_eq!(addresses(pod, "extra"), vec!["198.18.30.2/24"]);
+    // Added at once (rustMultus.parallelAdd): the first two addresses, in either order.
+    let mut got = [addresses(pod, "net1"), addresses(pod, "extra")].concat();
+    got.sort();
+    assert_eq!(got, vec!["198.18.30.1/24", "198.18.30.2/24"]);
     assert_eq!(leases(&server.endpoint).await.len(), 2);
 
     // The API goes away (the objects directory with it).
@@ -773,10 +775,10 @@ async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
                {"name": format!("{team}/fast"), "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
     );
     let multus = |uid: &str| multus_args(&team, uid);
-    assert_eq!(
-        delegate_calls(&bin),
-        vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]
-    );
+    // Added at once (rustMultus.parallelAdd), so in either order.
+    let mut adds = delegate_calls(&bin);
+    adds.sort();
+    assert_eq!(adds, vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]);
     // The pod's events, as Multus writes them.
     let mut events: Vec<(String, String, String, String)> = envtest::list(&admin, Some(&team), "v1", "Event")
         .await
@@ -869,6 +871,7 @@ async fn kube_source_without_the_api_deletes_from_the_cache_and_add_retries_late
 const FLAKY_NET: &str = r#"#!/bin/sh
 cat >/dev/null
 d=$(dirname "$0")
+if [ "$CNI_COMMAND" = ADD ] && [ -e "$d/slow" ]; then echo "begin $CNI_IFNAME" >> "$d/calls.log"; sleep 0.5; fi
 echo "$CNI_COMMAND $CNI_IFNAME" >> "$d/calls.log"
 if [ "$CNI_COMMAND" = DEL ] && [ -e "$d/fail-$CNI_IFNAME" ]; then
   printf '{"cniVersion":"1.0.0","code":11,"msg":"cannot delete %s"}' "$CNI_IFNAME"; exit 1
@@ -891,12 +894,12 @@ fn run_here(command: &str, conf: &Value, bin: &Path) -> (i32, Value) {
     (out.code, out.out)
 }
 
-#[test]
-fn del_tries_every_delegate_and_reports_every_failure() {
+/// A node of shell plugins (FLAKY_NET) in `dir`: the cluster network and NADs `a` and `b`,
+/// all `flaky`, for a pod `flaky` in `POD_NS`; the config for it, with `extra` laid over it.
+fn flaky_node(dir: &Path, extra: Value) -> (PathBuf, Value) {
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempfile::tempdir().expect("tempdir");
     let (bin, objects, confdir) =
-        (dir.path().join("bin"), dir.path().join("objects"), dir.path().join("conf"));
+        (dir.join("bin"), dir.join("objects"), dir.join("conf"));
     for d in [&bin, &objects, &confdir] {
         std::fs::create_dir(d).expect("mkdir");
     }
@@ -912,9 +915,53 @@ fn del_tries_every_delegate_and_reports_every_failure() {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "flaky", "namespace": POD_NS,
         "annotations": {"k8s.v1.cni.cncf.io/networks": "a,b"}}});
     std::fs::write(objects.join("pod.json"), pod.to_string()).expect("pod");
+    let mut conf = json!({"cniVersion": "1.0.0", "name": "m", "clusterNetwork": "cluster-net", "confDir": confdir,
+        "cniDir": dir.join("cache"), "binDir": bin, "rustMultus": {"objectsDir": objects}});
+    if let (Some(c), Some(e)) = (conf["rustMultus"].as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    (bin, conf)
+}
+
+fn calls_of(bin: &Path) -> Vec<String> {
+    std::fs::read_to_string(bin.join("calls.log")).expect("log").lines().map(str::to_string).collect()
+}
+
+/// The networks of one ADD are added at once: every delegate has begun before any has
+/// answered (each takes 0.5 s). `parallelAdd: false` adds them one after another, as Multus.
+#[test]
+fn the_networks_of_an_add_are_added_at_once_unless_configured_otherwise() {
+    for parallel in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = if parallel { json!({}) } else { json!({"parallelAdd": false}) };
+        let (bin, conf) = flaky_node(dir.path(), extra);
+        std::fs::write(bin.join("slow"), "").expect("marker");
+        assert_eq!(
+            run_here("ADD", &conf, &bin),
+            (0, json!({"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}))
+        );
+        let calls = calls_of(&bin);
+        if parallel {
+            let begun: Vec<&str> = calls[..3].iter().map(String::as_str).filter(|c| c.starts_with("begin")).collect();
+            assert_eq!(begun.len(), 3, "all three begin before one answers: {calls:?}");
+            assert_eq!(calls.len(), 6, "{calls:?}");
+        } else {
+            assert_eq!(
+                calls,
+                ["begin eth0", "ADD eth0", "begin net1", "ADD net1", "begin net2", "ADD net2"],
+                "one after another"
+            );
+        }
+        let status = dir.path().join("cache").join("cid-flaky");
+        assert!(status.exists(), "the ADD is cached");
+    }
+}
+
+#[test]
+fn del_tries_every_delegate_and_reports_every_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, conf) = flaky_node(dir.path(), json!({}));
     let cache = dir.path().join("cache");
-    let conf = json!({"cniVersion": "1.0.0", "name": "m", "clusterNetwork": "cluster-net", "confDir": confdir,
-        "cniDir": cache, "binDir": bin, "rustMultus": {"objectsDir": objects}});
     assert_eq!(
         run_here("ADD", &conf, &bin),
         (0, json!({"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}))
@@ -927,14 +974,12 @@ fn del_tries_every_delegate_and_reports_every_failure() {
         out,
         json!({"cniVersion": "1.0.0", "code": 11, "msg": "error deleting 2 of 3 networks: network \"team/b\" (net2): cannot delete net2 / network \"cluster-net\" (eth0): cannot delete eth0"})
     );
-    let calls = || {
-        std::fs::read_to_string(bin.join("calls.log"))
-            .expect("log")
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(calls(), ["ADD eth0", "ADD net1", "ADD net2", "DEL net2", "DEL net1", "DEL eth0"]);
+    let calls = || calls_of(&bin);
+    // The ADDs ran at once (parallelAdd), in any order; DEL goes in reverse order.
+    let mut adds = calls()[..3].to_vec();
+    adds.sort();
+    assert_eq!(adds, ["ADD eth0", "ADD net1", "ADD net2"]);
+    assert_eq!(calls()[3..], ["DEL net2", "DEL net1", "DEL eth0"]);
     assert!(cache.join("cid-flaky").exists(), "the cache stays for the runtime's retry");
     std::fs::remove_file(bin.join("fail-eth0")).expect("rm");
     std::fs::remove_file(bin.join("fail-net2")).expect("rm");

@@ -270,13 +270,49 @@ fn add_networks(
     devices::assign(&mut delegates, &pod.namespace, &pod.name, &devices)
         .map_err(|e| warn(events, "NoDeviceFound", e))?;
     let path = conf.plugin_path(&inv.path);
-    let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
-    for idx in 0..delegates.len() {
+    let add_one = |idx: usize| {
         let d = &delegates[idx];
         let ifname = d.ifname(&inv.ifname, idx);
         let args = delegate::cni_args(pod, &inv.args, &d.ip_request, &d.mac_request);
         let a = attachment(inv, conf, &path, &ifname, args, caps(conf, d, idx));
-        let added = delegate::add(d, &a).and_then(|r| default_route(inv, conf, d, &ifname, r));
+        delegate::add(d, &a).and_then(|r| default_route(inv, conf, d, &ifname, r))
+    };
+    // Each network has its own interface, result file and IPAM call, so they can be added
+    // at once: an ADD then waits for its slowest network instead of the sum of them (eight
+    // IPAM round trips to an API server, one after another, in sequence). A default-route
+    // request moves routes between the pod's interfaces, so it keeps Multus' order.
+    let routes_move =
+        delegates.iter().any(|d| d.gateway_request.is_some() || d.filter_v4_gateway || d.filter_v6_gateway);
+    let outcomes: Vec<Result<AddResult, CniError>> = if conf.parallel_add && !routes_move {
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..delegates.len()).map(|idx| s.spawn(move || add_one(idx))).collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(CniError::new(ErrorCode::PLUGIN_FAILED, "adding the network panicked"))
+                    })
+                })
+                .collect()
+        })
+    } else {
+        // One after another, up to the first that fails.
+        let mut outcomes = Vec::with_capacity(delegates.len());
+        for idx in 0..delegates.len() {
+            let added = add_one(idx);
+            let failed = added.is_err();
+            outcomes.push(added);
+            if failed {
+                break;
+            }
+        }
+        outcomes
+    };
+    let tried = outcomes.len();
+    let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
+    for (idx, added) in outcomes.into_iter().enumerate() {
+        let d = &delegates[idx];
+        let ifname = d.ifname(&inv.ifname, idx);
         match added {
             Ok(r) => {
                 let ips: Vec<String> = match &r {
@@ -291,7 +327,8 @@ fn add_networks(
                 results.push(r);
             }
             Err(e) => {
-                rollback(inv, conf, pod, &delegates[..=idx], &path, log);
+                // Every network that was tried, the ones after this too when they ran at once.
+                rollback(inv, conf, pod, &delegates[..tried], &path, log);
                 let e = CniError::new(
                     e.code,
                     format!("error adding container to network {:?} ({ifname}): {}", d.name, e.msg),
