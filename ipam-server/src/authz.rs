@@ -12,7 +12,9 @@
 //!   unix:///run/rust-ipam/admin.sock`).
 //!
 //! A node may allocate, check and release only attachments on its own node (the request's
-//! node and the node recorded on the lease) and GC only its own node. Admin RPCs need an
+//! node and the node recorded on the lease) and GC only its own node. Where the pod's
+//! namespace decides what it gets (an IPPool with a namespaceSelector), the pod must be
+//! on the caller's node too: the API server is asked ([`Authz::pod_on_callers_node`]). Admin RPCs need an
 //! identity on `--admin` (a ServiceAccount user name, or a certificate's CN or DNS name);
 //! admins may do everything. Refusals are PERMISSION_DENIED naming the identity and the
 //! node, logged and counted; a call without a valid identity is UNAUTHENTICATED.
@@ -207,6 +209,61 @@ impl Authz {
     pub async fn admin<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Caller, Status> {
         let caller = self.caller(rpc, request).await?;
         if caller.admin { Ok(caller) } else { Err(self.deny(rpc, &caller, "is not an admin (--admin)")) }
+    }
+
+    /// Ok if the pod `namespace`/`name` (of `uid`, when given) is on the node the caller
+    /// acts for, as the API server says; always for an admin or with authorization off.
+    /// For a request whose pod decides what it gets: a node could otherwise name a pod of
+    /// another namespace, on another node, that a pool admits. Refused PERMISSION_DENIED
+    /// naming the pod and both nodes; UNAVAILABLE when the API server cannot be asked.
+    pub async fn pod_on_callers_node(
+        &self,
+        rpc: &'static str,
+        caller: &Caller,
+        node: &str,
+        pod: &crate::allocator::PodRef,
+    ) -> Result<(), Status> {
+        if !self.config.enabled || caller.admin {
+            return Ok(());
+        }
+        let who = format!("pod {}/{}", pod.namespace, pod.name);
+        if pod.namespace.is_empty() || pod.name.is_empty() {
+            return Err(self.deny(
+                rpc,
+                caller,
+                &format!("names no pod ({who}), so its namespace is unproven"),
+            ));
+        }
+        let Some(client) = &self.client else {
+            return Err(Status::failed_precondition(format!(
+                "{rpc}: checking that {who} is on node {node} needs the Kubernetes API (kube store or --kubeconfig)"
+            )));
+        };
+        let api = Api::<Pod>::namespaced(client.clone(), &pod.namespace);
+        let found = tokio::time::timeout(REVIEW_TIMEOUT, api.get_opt(&pod.name))
+            .await
+            .map_err(|_| ReviewError::TimedOut)
+            .and_then(|r| r.map_err(ReviewError::Api))
+            .map_err(|e| Status::unavailable(format!("{rpc}: cannot read {who}: {e}")))?;
+        let Some(found) = found else {
+            return Err(self.deny(rpc, caller, &format!("may not allocate for {who}: there is no such pod")));
+        };
+        if !pod.uid.is_empty() && found.metadata.uid.as_deref() != Some(pod.uid.as_str()) {
+            return Err(self.deny(
+                rpc,
+                caller,
+                &format!("may not allocate for {who}: its UID is not {:?}", pod.uid),
+            ));
+        }
+        match found.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty()) {
+            Some(on) if on == node => Ok(()),
+            Some(on) => Err(self.deny(
+                rpc,
+                caller,
+                &format!("may not allocate for {who}: it is on node {on}, not {node}"),
+            )),
+            None => Err(self.deny(rpc, caller, &format!("may not allocate for {who}: it is on no node yet"))),
+        }
     }
 
     async fn token_caller(&self, rpc: &'static str, token: &str) -> Result<Caller, Status> {

@@ -408,6 +408,10 @@ impl pb::ipam_server::Ipam for IpamService {
             Arc::make_mut(&mut req.attachment).node = node;
         }
         if let Some(p) = &pool {
+            if p.namespace_selector.is_some() {
+                let a = &req.attachment;
+                self.authz.pod_on_callers_node("Allocate", &caller, &a.node, &a.pod).await?;
+            }
             p.admit(self.pools.labels(), &req.attachment.node, &req.attachment.pod.namespace).map_err(
                 |r| match r.is_transient() {
                     true => Status::unavailable(r.to_string()),

@@ -345,3 +345,102 @@ async fn the_servers_own_user_on_a_unix_socket_is_an_admin() {
     let s = refused(AdminClient::new(tcp).list_pools(pb::ListPoolsRequest::default()).await);
     assert_eq!(s.code(), Code::Unauthenticated);
 }
+
+/// A pool with a namespaceSelector gives addresses by the pod's namespace, so a node may
+/// allocate from it only for a pod the API server places on that node: otherwise a node
+/// could name a pod of an admitted namespace that runs elsewhere (or does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_selected_pool_serves_a_node_only_its_own_pods() {
+    const TEST: &str = "a_namespace_selected_pool_serves_a_node_only_its_own_pods";
+    let Some(env) = envtest::shared(TEST) else { return };
+    let ns = env.namespace("authzsel").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    // IPPools are cluster-wide: named after this test's namespace.
+    let pool = format!("{}-sel", ns.name);
+    let obj = json!({"apiVersion": "ipam.rust-ipam.io/v1alpha1", "kind": "IPPool", "metadata": {"name": pool},
+        "spec": {"ranges": [{"range": "10.78.0.0/24"}],
+                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}});
+    create(&admin, None, obj).await.expect("IPPool");
+    for (pod, node) in [("mine", "node-a"), ("theirs", "node-b")] {
+        let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+                         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}});
+        create(&admin, Some(&ns.name), obj).await.expect("pod");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = authorize_args(&ns);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut opts = ServerOptions::kube_replica(
+        "authzsel",
+        &ns.kubeconfig(SERVER_ACCOUNT),
+        &ns.name,
+        dir.path().join("s.log"),
+        &extra,
+    );
+    opts.wait_serving = true;
+    let server = ServerProcess::start_with(dir.path(), &opts).await.expect("server");
+    let who = format!("system:serviceaccount:{}:{NODE_ACCOUNT}", ns.name);
+    let token_a = node_token(&ns, "node-a-agent", "node-a").await;
+    let mut a = ipam(&server.endpoint, Some(&token_a)).await;
+    let for_pod = |cid: &str, pod: &str| pb::AllocateRequest {
+        attachment: Some(pb::Attachment {
+            container_id: cid.into(),
+            ifname: "net1".into(),
+            pod: Some(pb::PodRef { namespace: ns.name.clone(), name: pod.into(), uid: String::new() }),
+            node: "node-a".into(),
+        }),
+        pool: pool.clone(),
+        ..Default::default()
+    };
+
+    // Its own pod: served, once the server has read the pool and the namespace's labels.
+    let started = std::time::Instant::now();
+    let got = loop {
+        match a.allocate(for_pod("c-mine", "mine")).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if started.elapsed() < Duration::from_secs(30) && s.code() != Code::PermissionDenied => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("node-a allocating for its own pod: {s:?}"),
+        }
+    };
+    assert_eq!(got.leases[0].address, "10.78.0.1");
+
+    // A pod of the admitted namespace on node-b, and a pod that does not exist: refused,
+    // naming the pod and the nodes, and nothing is held for them.
+    let s = refused(a.allocate(for_pod("c-theirs", "theirs")).await);
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert_eq!(
+        s.message(),
+        format!(
+            "Allocate: {who} (node node-a) may not allocate for pod {}/theirs: it is on node node-b, not node-a",
+            ns.name
+        )
+    );
+    let s = refused(a.allocate(for_pod("c-ghost", "ghost")).await);
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert_eq!(
+        s.message(),
+        format!(
+            "Allocate: {who} (node node-a) may not allocate for pod {}/ghost: there is no such pod",
+            ns.name
+        )
+    );
+    let mut wrong_uid = for_pod("c-mine2", "mine");
+    if let Some(p) = wrong_uid.attachment.as_mut().and_then(|a| a.pod.as_mut()) {
+        p.uid = "not-its-uid".into();
+    }
+    let s = refused(a.allocate(wrong_uid).await);
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().ends_with(r#"its UID is not "not-its-uid""#), "{}", s.message());
+
+    let ch = connect(&server.endpoint, Duration::from_secs(5)).await.expect("connect");
+    let admin_token = account_token(&ns, ADMIN_ACCOUNT).await;
+    let mut admin_rpc = AdminClient::with_interceptor(ch, Bearer::new(Some(&admin_token)).expect("bearer"));
+    let held = admin_rpc
+        .list_leases(pb::ListLeasesRequest { network: Some(pool.clone()), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner();
+    let cids: Vec<&str> = held.leases.iter().map(|l| l.container_id.as_str()).collect();
+    assert_eq!(cids, ["c-mine"], "only the served pod holds an address");
+}

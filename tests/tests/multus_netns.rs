@@ -898,8 +898,7 @@ fn run_here(command: &str, conf: &Value, bin: &Path) -> (i32, Value) {
 /// all `flaky`, for a pod `flaky` in `POD_NS`; the config for it, with `extra` laid over it.
 fn flaky_node(dir: &Path, extra: Value) -> (PathBuf, Value) {
     use std::os::unix::fs::PermissionsExt as _;
-    let (bin, objects, confdir) =
-        (dir.join("bin"), dir.join("objects"), dir.join("conf"));
+    let (bin, objects, confdir) = (dir.join("bin"), dir.join("objects"), dir.join("conf"));
     for d in [&bin, &objects, &confdir] {
         std::fs::create_dir(d).expect("mkdir");
     }
@@ -942,7 +941,8 @@ fn the_networks_of_an_add_are_added_at_once_unless_configured_otherwise() {
         );
         let calls = calls_of(&bin);
         if parallel {
-            let begun: Vec<&str> = calls[..3].iter().map(String::as_str).filter(|c| c.starts_with("begin")).collect();
+            let begun: Vec<&str> =
+                calls[..3].iter().map(String::as_str).filter(|c| c.starts_with("begin")).collect();
             assert_eq!(begun.len(), 3, "all three begin before one answers: {calls:?}");
             assert_eq!(calls.len(), 6, "{calls:?}");
         } else {
