@@ -58,6 +58,22 @@ fn authorize_args(ns: &TestNamespace) -> Vec<String> {
     .to_vec()
 }
 
+/// A server on the kube store in `ns` under `--authorize`, as deploy/'s ServiceAccount,
+/// serving; its data and log in `dir`.
+async fn kube_server(ns: &TestNamespace, identity: &str, dir: &std::path::Path) -> ServerProcess {
+    let extra = authorize_args(ns);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut opts = ServerOptions::kube_replica(
+        identity,
+        &ns.kubeconfig(SERVER_ACCOUNT),
+        &ns.name,
+        dir.join("s.log"),
+        &extra,
+    );
+    opts.wait_serving = true;
+    ServerProcess::start_with(dir, &opts).await.expect("server")
+}
+
 type Ipam = IpamClient<InterceptedService<Channel, Bearer>>;
 
 async fn ipam(endpoint: &str, token: Option<&str>) -> Ipam {
@@ -99,17 +115,7 @@ async fn nodes_act_only_for_their_own_node_and_admin_needs_an_admin() {
     };
     let ns = env.namespace("authz").await.expect("namespace");
     let dir = tempfile::tempdir().expect("tempdir");
-    let extra = authorize_args(&ns);
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut opts = ServerOptions::kube_replica(
-        "authz",
-        &ns.kubeconfig(SERVER_ACCOUNT),
-        &ns.name,
-        dir.path().join("s.log"),
-        &extra,
-    );
-    opts.wait_serving = true;
-    let server = ServerProcess::start_with(dir.path(), &opts).await.expect("server");
+    let server = kube_server(&ns, "authz", dir.path()).await;
     let who = format!("system:serviceaccount:{}:{NODE_ACCOUNT}", ns.name);
 
     let token_a = node_token(&ns, "node-a-agent", "node-a").await;
@@ -367,17 +373,7 @@ async fn a_namespace_selected_pool_serves_a_node_only_its_own_pods() {
         create(&admin, Some(&ns.name), obj).await.expect("pod");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let extra = authorize_args(&ns);
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut opts = ServerOptions::kube_replica(
-        "authzsel",
-        &ns.kubeconfig(SERVER_ACCOUNT),
-        &ns.name,
-        dir.path().join("s.log"),
-        &extra,
-    );
-    opts.wait_serving = true;
-    let server = ServerProcess::start_with(dir.path(), &opts).await.expect("server");
+    let server = kube_server(&ns, "authzsel", dir.path()).await;
     let who = format!("system:serviceaccount:{}:{NODE_ACCOUNT}", ns.name);
     let token_a = node_token(&ns, "node-a-agent", "node-a").await;
     let mut a = ipam(&server.endpoint, Some(&token_a)).await;
