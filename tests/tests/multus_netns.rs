@@ -420,7 +420,7 @@ async fn del_without_the_api_cleans_up_from_the_cache() {
     let conf = node.conf();
     let (code, out, err) = node.multus("ADD", &pods.path(0), "lonely", &conf);
     assert_eq!(code, 0, "ADD: {out} {err}");
-    // Added at once (rustMultus.parallelAdd): the first two addresses, in either order.
+    // Added at once (rustMultus.parallelNetworks): the first two addresses, in either order.
     let mut got = [addresses(pod, "net1"), addresses(pod, "extra")].concat();
     got.sort();
     assert_eq!(got, vec!["198.18.30.1/24", "198.18.30.2/24"]);
@@ -775,7 +775,7 @@ async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
                {"name": format!("{team}/fast"), "interface": "net1", "ips": ["10.1.0.5"], "mac": "02:00:00:00:00:01", "dns": {}}])
     );
     let multus = |uid: &str| multus_args(&team, uid);
-    // Added at once (rustMultus.parallelAdd), so in either order.
+    // Added at once (rustMultus.parallelNetworks), so in either order.
     let mut adds = delegate_calls(&bin);
     adds.sort();
     assert_eq!(adds, vec![format!("ADD eth0 {}", multus(&uid)), format!("ADD net1 {}", multus(&uid))]);
@@ -812,10 +812,9 @@ async fn kube_source_reads_nads_and_pods_and_patches_network_status() {
     let (code, out, err) = multus_blocking("DEL", &team, bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 0, "DEL: {out} {err}");
     assert_eq!(status_of().await, None);
-    assert_eq!(
-        delegate_calls(&bin)[2..],
-        [format!("DEL net1 {}", multus("")), format!("DEL eth0 {}", multus(""))]
-    );
+    let mut dels = delegate_calls(&bin)[2..].to_vec();
+    dels.sort();
+    assert_eq!(dels, [format!("DEL eth0 {}", multus("")), format!("DEL net1 {}", multus(""))]);
 
     // A NAD the pod names but nobody made: refused, naming it, nothing added.
     let pod2 = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web",
@@ -852,9 +851,12 @@ async fn kube_source_without_the_api_deletes_from_the_cache_and_add_retries_late
     standin.set_down(true);
     let (code, out, err) = multus_blocking("DEL", "team", bin.clone(), netns.clone(), conf.clone()).await;
     assert_eq!(code, 0, "DEL without the API: {out} {err}");
+    // Deleted at once (rustMultus.parallelNetworks), so in either order.
+    let mut dels = delegate_calls(&bin)[2..].to_vec();
+    dels.sort();
     assert_eq!(
-        delegate_calls(&bin)[2..],
-        [format!("DEL net1 {}", multus_args("team", "")), format!("DEL eth0 {}", multus_args("team", ""))]
+        dels,
+        [format!("DEL eth0 {}", multus_args("team", "")), format!("DEL net1 {}", multus_args("team", ""))]
     );
     assert!(err.contains("clearing k8s.v1.cni.cncf.io/network-status of team/web"), "warning: {err}");
     // ADD without the API: try again later, naming what failed.
@@ -871,7 +873,7 @@ async fn kube_source_without_the_api_deletes_from_the_cache_and_add_retries_late
 const FLAKY_NET: &str = r#"#!/bin/sh
 cat >/dev/null
 d=$(dirname "$0")
-if [ "$CNI_COMMAND" = ADD ] && [ -e "$d/slow" ]; then echo "begin $CNI_IFNAME" >> "$d/calls.log"; sleep 0.5; fi
+if [ -e "$d/slow" ]; then echo "begin $CNI_COMMAND $CNI_IFNAME" >> "$d/calls.log"; sleep 0.5; fi
 echo "$CNI_COMMAND $CNI_IFNAME" >> "$d/calls.log"
 if [ "$CNI_COMMAND" = DEL ] && [ -e "$d/fail-$CNI_IFNAME" ]; then
   printf '{"cniVersion":"1.0.0","code":11,"msg":"cannot delete %s"}' "$CNI_IFNAME"; exit 1
@@ -926,34 +928,36 @@ fn calls_of(bin: &Path) -> Vec<String> {
     std::fs::read_to_string(bin.join("calls.log")).expect("log").lines().map(str::to_string).collect()
 }
 
-/// The networks of one ADD are added at once: every delegate has begun before any has
-/// answered (each takes 0.5 s). `parallelAdd: false` adds them one after another, as Multus.
+/// The networks of one ADD or DEL are taken at once: every delegate has begun before any
+/// has answered (each takes 0.5 s). `parallelNetworks: false` takes them one after
+/// another, as Multus: ADD in the pod's order, DEL in reverse.
 #[test]
-fn the_networks_of_an_add_are_added_at_once_unless_configured_otherwise() {
+fn the_networks_of_a_pod_are_added_and_deleted_at_once_unless_configured_otherwise() {
     for parallel in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let extra = if parallel { json!({}) } else { json!({"parallelAdd": false}) };
+        let extra = if parallel { json!({}) } else { json!({"parallelNetworks": false}) };
         let (bin, conf) = flaky_node(dir.path(), extra);
         std::fs::write(bin.join("slow"), "").expect("marker");
         assert_eq!(
             run_here("ADD", &conf, &bin),
             (0, json!({"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}))
         );
+        assert!(dir.path().join("cache").join("cid-flaky").exists(), "the ADD is cached");
+        assert_eq!(run_here("DEL", &conf, &bin), (0, Value::Null));
         let calls = calls_of(&bin);
+        assert_eq!(calls.len(), 12, "{calls:?}");
         if parallel {
-            let begun: Vec<&str> =
-                calls[..3].iter().map(String::as_str).filter(|c| c.starts_with("begin")).collect();
-            assert_eq!(begun.len(), 3, "all three begin before one answers: {calls:?}");
-            assert_eq!(calls.len(), 6, "{calls:?}");
+            for (phase, verb) in [(&calls[..6], "ADD"), (&calls[6..], "DEL")] {
+                let begun = phase[..3].iter().filter(|c| c.starts_with(&format!("begin {verb}"))).count();
+                assert_eq!(begun, 3, "every {verb} begins before one answers: {calls:?}");
+            }
         } else {
-            assert_eq!(
-                calls,
-                ["begin eth0", "ADD eth0", "begin net1", "ADD net1", "begin net2", "ADD net2"],
-                "one after another"
-            );
+            let one_by_one = |verb: &str, ifs: [&str; 3]| -> Vec<String> {
+                ifs.iter().flat_map(|i| [format!("begin {verb} {i}"), format!("{verb} {i}")]).collect()
+            };
+            assert_eq!(calls[..6], one_by_one("ADD", ["eth0", "net1", "net2"]), "ADD in order");
+            assert_eq!(calls[6..], one_by_one("DEL", ["net2", "net1", "eth0"]), "DEL in reverse");
         }
-        let status = dir.path().join("cache").join("cid-flaky");
-        assert!(status.exists(), "the ADD is cached");
     }
 }
 
@@ -975,16 +979,19 @@ fn del_tries_every_delegate_and_reports_every_failure() {
         json!({"cniVersion": "1.0.0", "code": 11, "msg": "error deleting 2 of 3 networks: network \"team/b\" (net2): cannot delete net2 / network \"cluster-net\" (eth0): cannot delete eth0"})
     );
     let calls = || calls_of(&bin);
-    // The ADDs ran at once (parallelAdd), in any order; DEL goes in reverse order.
-    let mut adds = calls()[..3].to_vec();
-    adds.sort();
-    assert_eq!(adds, ["ADD eth0", "ADD net1", "ADD net2"]);
-    assert_eq!(calls()[3..], ["DEL net2", "DEL net1", "DEL eth0"]);
+    // ADD and DEL ran each network at once (parallelNetworks), in any order; the failures
+    // are reported in reverse order all the same.
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(calls()[..3].to_vec()), ["ADD eth0", "ADD net1", "ADD net2"]);
+    assert_eq!(sorted(calls()[3..].to_vec()), ["DEL eth0", "DEL net1", "DEL net2"]);
     assert!(cache.join("cid-flaky").exists(), "the cache stays for the runtime's retry");
     std::fs::remove_file(bin.join("fail-eth0")).expect("rm");
     std::fs::remove_file(bin.join("fail-net2")).expect("rm");
     assert_eq!(run_here("DEL", &conf, &bin), (0, Value::Null));
-    assert_eq!(calls()[6..], ["DEL net2", "DEL net1", "DEL eth0"]);
+    assert_eq!(sorted(calls()[6..].to_vec()), ["DEL eth0", "DEL net1", "DEL net2"]);
     assert!(!cache.join("cid-flaky").exists());
 }
 

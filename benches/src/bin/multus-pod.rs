@@ -31,7 +31,7 @@ struct Args {
     /// NADs (net1..netM) per pod.
     #[arg(long, default_value_t = 8)]
     nads: usize,
-    /// Add a pod's networks one after another (`rustMultus.parallelAdd: false`, as Multus
+    /// Add a pod's networks one after another (`rustMultus.parallelNetworks: false`, as Multus
     /// does) instead of at once.
     #[arg(long)]
     sequential: bool,
@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
     let base = |cache: &str| {
         json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "rust-multus",
             "clusterNetwork": "cluster-net", "confDir": dir.path().join("conf"), "binDir": bin_dir,
-            "cniDir": dir.path().join(cache), "rustMultus": {"parallelAdd": !args.sequential}})
+            "cniDir": dir.path().join(cache), "rustMultus": {"parallelNetworks": !args.sequential}})
     };
     let mut thin = base("cache-thin");
     thin["kubeconfig"] = json!(ns.kubeconfig(envtest::NODE_ACCOUNT));

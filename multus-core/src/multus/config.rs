@@ -53,10 +53,10 @@ pub struct MultusConf {
     pub pod_resources_socket: PathBuf,
     /// `rustMultus.deviceInfoDir`: where device plugins leave device-info files.
     pub device_info_dir: PathBuf,
-    /// `rustMultus.parallelAdd` (default true): the networks of one ADD are added at once,
-    /// one thread each, unless one asks for the default route; false adds them one after
-    /// another, as Multus does.
-    pub parallel_add: bool,
+    /// `rustMultus.parallelNetworks` (default true): the networks of one ADD or DEL are
+    /// added or deleted at once, one thread each, unless one asks for the default route;
+    /// false takes them one after another, as Multus does.
+    pub parallel_networks: bool,
     /// GC: `cni.dev/valid-attachments`, as (container ID, ifname).
     pub valid_attachments: Vec<(String, String)>,
     /// Pods and NADs from a source the caller already holds (the thick daemon's watch
@@ -100,7 +100,7 @@ struct RustMultus {
     objects_dir: Option<String>,
     pod_resources_socket: Option<String>,
     device_info_dir: Option<String>,
-    parallel_add: Option<bool>,
+    parallel_networks: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,7 +153,7 @@ impl MultusConf {
             objects_dir: None,
             pod_resources_socket: None,
             device_info_dir: None,
-            parallel_add: None,
+            parallel_networks: None,
         });
         for (key, v) in [
             ("objectsDir", &own.objects_dir),
@@ -198,7 +198,7 @@ impl MultusConf {
                 .unwrap_or_else(|| super::devices::DEFAULT_POD_RESOURCES_SOCKET.into()),
             device_info_dir: path(own.device_info_dir)
                 .unwrap_or_else(|| super::devices::DEFAULT_DEVICE_INFO_DIR.into()),
-            parallel_add: own.parallel_add.unwrap_or(true),
+            parallel_networks: own.parallel_networks.unwrap_or(true),
             valid_attachments,
             objects: None,
         })

@@ -277,37 +277,8 @@ fn add_networks(
         let a = attachment(inv, conf, &path, &ifname, args, caps(conf, d, idx));
         delegate::add(d, &a).and_then(|r| default_route(inv, conf, d, &ifname, r))
     };
-    // Each network has its own interface, result file and IPAM call, so they can be added
-    // at once: an ADD then waits for its slowest network instead of the sum of them (eight
-    // IPAM round trips to an API server, one after another, in sequence). A default-route
-    // request moves routes between the pod's interfaces, so it keeps Multus' order.
-    let routes_move =
-        delegates.iter().any(|d| d.gateway_request.is_some() || d.filter_v4_gateway || d.filter_v6_gateway);
-    let outcomes: Vec<Result<AddResult, CniError>> = if conf.parallel_add && !routes_move {
-        std::thread::scope(|s| {
-            let threads: Vec<_> = (0..delegates.len()).map(|idx| s.spawn(move || add_one(idx))).collect();
-            threads
-                .into_iter()
-                .map(|t| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(CniError::new(ErrorCode::PLUGIN_FAILED, "adding the network panicked"))
-                    })
-                })
-                .collect()
-        })
-    } else {
-        // One after another, up to the first that fails.
-        let mut outcomes = Vec::with_capacity(delegates.len());
-        for idx in 0..delegates.len() {
-            let added = add_one(idx);
-            let failed = added.is_err();
-            outcomes.push(added);
-            if failed {
-                break;
-            }
-        }
-        outcomes
-    };
+    let order: Vec<usize> = (0..delegates.len()).collect();
+    let outcomes = each_network(conf, &delegates, &order, true, add_one);
     let tried = outcomes.len();
     let mut results: Vec<AddResult> = Vec::with_capacity(delegates.len());
     for (idx, added) in outcomes.into_iter().enumerate() {
@@ -455,7 +426,49 @@ fn rollback(
     }
 }
 
-/// Deletes every delegate in reverse order, past failures; all of them are reported.
+/// Runs `f` for the networks at the indexes of `order`, returning each outcome in that
+/// order. At once, one thread each (`rustMultus.parallelNetworks`): each network has its
+/// own interface, result file and IPAM call, so a pod's ADD or DEL waits for its slowest
+/// network instead of the sum of them (eight IPAM round trips to an API server, one after
+/// another). A `default-route` request moves routes between the pod's interfaces, so such
+/// a pod keeps Multus' order; then `stop` ends the run at the first failure.
+fn each_network<T: Send>(
+    conf: &MultusConf,
+    delegates: &[Delegate],
+    order: &[usize],
+    stop: bool,
+    f: impl Fn(usize) -> Result<T, CniError> + Sync,
+) -> Vec<Result<T, CniError>> {
+    let routes_move =
+        delegates.iter().any(|d| d.gateway_request.is_some() || d.filter_v4_gateway || d.filter_v6_gateway);
+    if conf.parallel_networks && !routes_move {
+        let f = &f;
+        return std::thread::scope(|s| {
+            let threads: Vec<_> = order.iter().map(|&idx| s.spawn(move || f(idx))).collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(CniError::new(ErrorCode::PLUGIN_FAILED, "the network's call panicked"))
+                    })
+                })
+                .collect()
+        });
+    }
+    let mut outcomes = Vec::with_capacity(order.len());
+    for &idx in order {
+        let outcome = f(idx);
+        let failed = outcome.is_err();
+        outcomes.push(outcome);
+        if failed && stop {
+            break;
+        }
+    }
+    outcomes
+}
+
+/// Deletes every delegate (at once, or in reverse order), past failures; all of them are
+/// reported, in reverse order.
 fn del_all(
     inv: &Env,
     conf: &MultusConf,
@@ -463,14 +476,20 @@ fn del_all(
     delegates: &[Delegate],
     path: &[PathBuf],
 ) -> Result<(), CniError> {
-    let mut errors = ErrorList::new();
-    for (idx, d) in delegates.iter().enumerate().rev() {
+    let order: Vec<usize> = (0..delegates.len()).rev().collect();
+    let del_one = |idx: usize| {
+        let d = &delegates[idx];
         let ifname = d.ifname(&inv.ifname, idx);
         let args = delegate::cni_args(pod, &inv.args, &[], "");
         let a = attachment(inv, conf, path, &ifname, args, caps(conf, d, idx));
-        if let Err(e) = delegate::del(d, &a) {
-            // Multus reports which networks failed, not the delegates' details.
-            errors.push(CniError::new(e.code, format!("network {:?} ({ifname}): {}", d.name, e.msg)));
+        // Multus reports which networks failed, not the delegates' details.
+        delegate::del(d, &a)
+            .map_err(|e| CniError::new(e.code, format!("network {:?} ({ifname}): {}", d.name, e.msg)))
+    };
+    let mut errors = ErrorList::new();
+    for outcome in each_network(conf, delegates, &order, false, del_one) {
+        if let Err(e) = outcome {
+            errors.push(e);
         }
     }
     let failed = errors.len();
