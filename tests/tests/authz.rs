@@ -403,24 +403,17 @@ async fn a_namespace_selected_pool_serves_a_node_only_its_own_pods() {
 
     // A pod of the admitted namespace on node-b, and a pod that does not exist: refused,
     // naming the pod and the nodes, and nothing is held for them.
-    let s = refused(a.allocate(for_pod("c-theirs", "theirs")).await);
-    assert_eq!(s.code(), Code::PermissionDenied);
-    assert_eq!(
-        s.message(),
-        format!(
-            "Allocate: {who} (node node-a) may not allocate for pod {}/theirs: it is on node node-b, not node-a",
-            ns.name
-        )
-    );
-    let s = refused(a.allocate(for_pod("c-ghost", "ghost")).await);
-    assert_eq!(s.code(), Code::PermissionDenied);
-    assert_eq!(
-        s.message(),
-        format!(
-            "Allocate: {who} (node node-a) may not allocate for pod {}/ghost: there is no such pod",
-            ns.name
-        )
-    );
+    for (cid, pod, why) in [
+        ("c-theirs", "theirs", "it is on node node-b, not node-a"),
+        ("c-ghost", "ghost", "there is no such pod"),
+    ] {
+        let s = refused(a.allocate(for_pod(cid, pod)).await);
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(
+            s.message(),
+            format!("Allocate: {who} (node node-a) may not allocate for pod {}/{pod}: {why}", ns.name)
+        );
+    }
     let mut wrong_uid = for_pod("c-mine2", "mine");
     if let Some(p) = wrong_uid.attachment.as_mut().and_then(|a| a.pod.as_mut()) {
         p.uid = "not-its-uid".into();

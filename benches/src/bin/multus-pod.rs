@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use rust_ipam_benches::{max, median, min};
 use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::netns::{CNI_DIR, Netns, ip};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, free_port, workspace_bin};
@@ -116,20 +117,6 @@ struct Mode {
     del: Vec<f64>,
     add_requests: Vec<f64>,
     del_requests: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
 }
 
 async fn setup_nads(ns: &TestNamespace, nads: usize, server: &str) -> anyhow::Result<()> {

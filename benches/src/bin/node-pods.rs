@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use rust_ipam_benches::{max, median, min};
 use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::node::{self, Node};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
@@ -161,15 +162,6 @@ async fn settle(share: f64) -> anyhow::Result<(Duration, f64)> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -212,9 +204,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| IPAM | median | lowest | highest |");
     println!("|---|---|---|---|");
     for (ipam, r) in ratios {
-        let low = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = r.iter().copied().fold(0.0, f64::max);
-        println!("| {} | {:.2}x | {low:.2}x | {high:.2}x |", ipam.label(), median(r));
+        println!("| {} | {:.2}x | {:.2}x | {:.2}x |", ipam.label(), median(&r), min(&r), max(&r));
     }
     Ok(())
 }
