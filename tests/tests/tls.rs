@@ -24,6 +24,30 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
+/// The server's log once `done` holds for it, waiting up to 5 s (else failing, saying it
+/// did not log `what`): the server logs an event in its own task, after the client may
+/// already have seen its effect.
+async fn log_until(log: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(log).expect("log");
+        if done(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "the server did not log {what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Handshakes the server refused for a certificate from a CA it does not trust.
+fn unknown_issuers(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("TLS handshake failed") && l.contains("invalid peer certificate: UnknownIssuer")
+        })
+        .count()
+}
+
 fn client(ca: &Ca, identity: Option<&(String, String)>) -> ClientTls {
     ClientTls {
         ca: ca.pem.clone().into_bytes(),
@@ -133,11 +157,10 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
     };
     plaintext.expect_err("plaintext to the TLS listener fails");
-    let log = std::fs::read_to_string(file("server.log")).expect("log");
-    assert!(
-        log.contains("TLS handshake failed") && log.contains("invalid peer certificate: UnknownIssuer"),
-        "the server logs refused handshakes and why:\n{log}"
-    );
+    // The server logs refused handshakes and why.
+    let log =
+        log_until(&file("server.log"), "the rogue certificate refused", |l| unknown_issuers(l) > 0).await;
+    let refused_before = unknown_issuers(&log);
     // The plugin with the rogue certificate gives up with "try again later" (11).
     std::fs::write(file("rogue.crt"), &rogue.0).expect("write");
     std::fs::write(file("rogue.key"), &rogue.1).expect("write");
@@ -147,14 +170,13 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
     assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
     let msg = out["msg"].as_str().unwrap_or_default();
     assert!(msg.starts_with("no rust-ipam server answered within 3s; last error: https://"), "{msg}");
-    // The server's alert when it reaches the client first, else the closed connection (the
-    // kernel may report the close as a reset when the alert crosses the client's write).
-    assert!(
-        ["received fatal alert: UnknownCA", "connection closed", "Connection reset by peer"]
-            .iter()
-            .any(|m| msg.contains(m)),
-        "{msg}"
-    );
+    // What the client saw last varies with timing (the server's alert, the closed
+    // connection as a reset or a broken pipe, or on a starved machine the attempt's own
+    // deadline); what holds is that the server refused the plugin's certificate.
+    log_until(&file("server.log"), "the plugin's certificate refused", |l| {
+        unknown_issuers(l) > refused_before
+    })
+    .await;
     // A config that names TLS files it cannot read says which.
     let (code, out) = plugin("ADD", "cid-x", &conf("10.77.0.0/24", json!({"tls_ca": "/nonexistent/ca.crt"})));
     assert_eq!((code, out["code"].as_u64()), (1, Some(7)), "{out}");
@@ -251,15 +273,7 @@ async fn mutual_tls_admits_the_nodes_ca_and_admin_stays_on_its_listeners() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     status(&ep, &client(&server_ca, Some(&node))).await.expect_err("the old CA no longer matches");
-    // The server logs the change just after it swaps the configuration in, so a client
-    // can get through first: wait for the line rather than read the log once.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = std::fs::read_to_string(file("server.log")).expect("log");
-        if log.contains("TLS files changed: new connections use them") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no reload logged: {log}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Logged just after the new configuration is swapped in.
+    let reload = "TLS files changed: new connections use them";
+    log_until(&file("server.log"), reload, |l| l.contains(reload)).await;
 }
