@@ -101,3 +101,36 @@ pub fn min(v: &[f64]) -> f64 {
 pub fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
+
+/// `--pin-control-plane`: puts etcd and kube-apiserver (every thread) on the machine's last
+/// CPU, and this process, with every thread and process it starts from now on, on the
+/// others. A cluster's control plane has cores of its own; on a machine this small it
+/// otherwise takes its CPU from whatever the measured path runs, so a path that costs the
+/// node CPU is charged twice. CPUs are assumed numbered 0..N (as on this machine's VMs).
+/// Returns "node CPUs 0-N, control plane CPU N" for the output.
+pub fn pin_control_plane(env: &rust_ipam_e2e::envtest::Envtest) -> anyhow::Result<String> {
+    use rust_ipam_e2e::envtest::Component;
+    let cpus = std::thread::available_parallelism().context("counting CPUs")?.get();
+    if cpus < 2 {
+        anyhow::bail!("--pin-control-plane needs at least 2 CPUs, this process may use {cpus}");
+    }
+    let last = (cpus - 1).to_string();
+    let rest = if cpus == 2 { "0".to_string() } else { format!("0-{}", cpus - 2) };
+    let pin = |cpus: &str, pid: u32, what: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("taskset")
+            .args(["--all-tasks", "--cpu-list", "--pid", cpus, &pid.to_string()])
+            .output()
+            .context("running taskset (util-linux)")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "taskset {cpus} {what} (pid {pid}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    pin(&last, env.pid(Component::Etcd), "etcd")?;
+    pin(&last, env.pid(Component::ApiServer), "kube-apiserver")?;
+    pin(&rest, std::process::id(), "this process")?;
+    Ok(format!("node CPUs {rest}, control plane CPU {last}"))
+}

@@ -88,6 +88,10 @@ struct Args {
     /// lists) and time its start to serving. Prints both with the servers' memory.
     #[arg(long, requires = "envtest", value_name = "LEASES")]
     leader_start: Option<u32>,
+    /// With `--envtest`: etcd and kube-apiserver on the last CPU, the server and the
+    /// clients on the others, as where the control plane has cores of its own.
+    #[arg(long, requires = "envtest")]
+    pin_control_plane: bool,
     /// Before starting the server (on the embedded store), write this many attachment
     /// leases of `--network` into its store, lowest addresses of `--range` first.
     #[arg(long, value_name = "LEASES", conflicts_with_all = ["server", "kube_standin_ms", "envtest"])]
@@ -173,6 +177,9 @@ async fn spawn_server(args: &Args) -> anyhow::Result<SpawnedServer> {
     };
     let namespace = if args.envtest {
         let env = envtest::shared("grpc-load --envtest").context("kube-apiserver and etcd are needed")?;
+        if args.pin_control_plane {
+            info!(cpus = %rust_ipam_benches::pin_control_plane(env)?, "pinned");
+        }
         let ns = env.namespace("grpc-load").await?;
         opts.args =
             ["--kubeconfig", &ns.kubeconfig(SERVER_ACCOUNT).display().to_string(), "--namespace", &ns.name]

@@ -43,6 +43,11 @@ struct Args {
     /// is idle, so a run does not start inside the previous one's teardown. 0 waits not.
     #[arg(long, default_value_t = 0.85)]
     settle_idle: f64,
+    /// etcd and kube-apiserver on the last CPU; the node (containerd, the kubelet, the
+    /// pods, the CNI plugins, rust-ipam-server) on the others, as on a worker node whose
+    /// control plane runs elsewhere.
+    #[arg(long)]
+    pin_control_plane: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -167,6 +172,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.nads > node::MASTERS {
         bail!("--nads {} is more than the node's {} host links", args.nads, node::MASTERS);
+    }
+    if args.pin_control_plane {
+        // Before the node starts, so that everything it starts inherits the node's CPUs.
+        let Some(env) = envtest::shared("node-pods") else {
+            bail!("no API server on this machine (see SKIP above)")
+        };
+        println!("pinned: {}\n", rust_ipam_benches::pin_control_plane(env)?);
     }
     let Some(node) = Node::shared("node-pods") else { bail!("no node on this machine (see SKIP above)") };
     println!("{} pods × {} macvlan NADs, from the first create to all Running\n", args.pods, args.nads);
