@@ -105,8 +105,9 @@ pub fn max(v: &[f64]) -> f64 {
 /// `--pin-control-plane`: puts etcd and kube-apiserver (every thread) on the machine's last
 /// CPU, and this process, with every thread and process it starts from now on, on the
 /// others. A cluster's control plane has cores of its own; on a machine this small it
-/// otherwise takes its CPU from whatever the measured path runs, so a path that costs the
-/// node CPU is charged twice. CPUs are assumed numbered 0..N (as on this machine's VMs).
+/// otherwise shares them with the measured path, so every CPU second the path spends on the
+/// node is also taken from the API server. CPUs are assumed numbered 0..N (as on this
+/// machine's VMs).
 /// Returns "node CPUs 0-N, control plane CPU N" for the output.
 pub fn pin_control_plane(env: &rust_ipam_e2e::envtest::Envtest) -> anyhow::Result<String> {
     use rust_ipam_e2e::envtest::Component;
