@@ -531,6 +531,23 @@ impl Node {
         pod: impl Fn(&str) -> Value,
         within: Duration,
     ) -> anyhow::Result<PodsRun> {
+        let (names, running) = self.start_pods_with(client, ns, prefix, count, pod, within).await?;
+        let pods = self.check_pods(client, ns, &names).await?;
+        Ok(PodsRun { running, pods })
+    }
+
+    /// The first half of [`Node::run_pods_with`]: creates the pods `{prefix}-0..count` at
+    /// once and waits until all are Running; their names and the time from the first create
+    /// to all Running.
+    pub async fn start_pods_with(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        prefix: &str,
+        count: usize,
+        pod: impl Fn(&str) -> Value,
+        within: Duration,
+    ) -> anyhow::Result<(Vec<String>, Duration)> {
         let started = Instant::now();
         let mut creates = tokio::task::JoinSet::new();
         for i in 0..count {
@@ -542,9 +559,19 @@ impl Node {
         }
         let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
         self.wait_running(client, ns, &names, within).await?;
-        let running = started.elapsed();
+        Ok((names, started.elapsed()))
+    }
+
+    /// The second half of [`Node::run_pods_with`]: checks each pod of `names` from inside
+    /// its sandbox ([`Node::check_pod`]) and that no address is on two of them.
+    pub async fn check_pods(
+        &self,
+        client: &kube::Client,
+        ns: &str,
+        names: &[String],
+    ) -> anyhow::Result<Vec<PodCheck>> {
         let mut pods = Vec::new();
-        for name in &names {
+        for name in names {
             pods.push(self.check_pod(client, ns, name).await?);
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
@@ -560,7 +587,7 @@ impl Node {
                 }
             }
         }
-        Ok(PodsRun { running, pods })
+        Ok(pods)
     }
 
     /// Waits until every pod of `names` in `ns` is Running; the failures' reasons if not.

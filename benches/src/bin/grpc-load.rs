@@ -24,7 +24,7 @@ use ipam_server::allocator::{Attachment, Change, FieldPrefix, Lease, PodRef, Ran
 use ipam_server::k8s::crd::IPLease;
 use ipam_server::store::LeaseStore as _;
 use ipam_server::store::embedded::EmbeddedStore;
-use rust_ipam_benches::{IFNAME, lease_spec, new_histogram, raw_creates};
+use rust_ipam_benches::{IFNAME, ProcCpu, lease_spec, new_histogram, raw_creates};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use rust_ipam_e2e::{ServerOptions, ServerProcess, fixtures};
@@ -368,9 +368,8 @@ async fn list_until(
 struct Row {
     /// With `--list-while`: what the lister did meanwhile (`None`: the level ran alone).
     listed: Option<Listed>,
-    /// With `--envtest`: raw IPLease creates at the same concurrency, and the API writes
-    /// per op of ours.
-    raw: Option<(Box<Row>, f64)>,
+    /// With `--envtest`: raw IPLease creates at the same concurrency beside ours.
+    raw: Option<VsRaw>,
     clients: usize,
     requests: u64,
     ops_per_sec: f64,
@@ -380,11 +379,61 @@ struct Row {
     errors: u64,
 }
 
+/// Raw IPLease creates at a level's concurrency, and the CPU each of those and each of our
+/// ops cost.
+#[derive(Debug)]
+struct VsRaw {
+    raw: Box<Row>,
+    /// API requests (every verb and resource) per op of ours.
+    requests_per_op: f64,
+    /// API writes on rust-ipam's resources per op of ours.
+    writes_per_op: f64,
+    /// CPU milliseconds per raw create, and per op of ours.
+    raw_cpu: Cpu,
+    ours_cpu: Cpu,
+}
+
+/// CPU time by who spent it: kube-apiserver and etcd together, our server, and this
+/// process (the raw kube clients or the gRPC load clients).
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    api: f64,
+    server: f64,
+    load: f64,
+}
+
+impl Cpu {
+    /// CPU seconds spent between two snapshots.
+    fn between(after: &ProcCpu, before: &ProcCpu) -> Cpu {
+        let spent = after.since(before);
+        let of = |names: &[&str]| -> f64 {
+            names.iter().filter_map(|n| spent.get(*n)).map(|(own, reaped)| own + reaped).sum()
+        };
+        // Command names as /proc gives them: cut at 15 characters.
+        Cpu {
+            api: of(&["kube-apiserver", "etcd"]),
+            server: of(&["rust-ipam-serve"]),
+            load: of(&["grpc-load"]),
+        }
+    }
+
+    fn plus(self, o: Cpu) -> Cpu {
+        Cpu { api: self.api + o.api, server: self.server + o.server, load: self.load + o.load }
+    }
+
+    /// Milliseconds per one of `count`.
+    fn ms_each(self, count: f64) -> Cpu {
+        let each = |s: f64| s * 1000.0 / count.max(1.0);
+        Cpu { api: each(self.api), server: each(self.server), load: each(self.load) }
+    }
+}
+
 async fn run_level(
     endpoint: &str,
     args: &Args,
     level: usize,
     clients: usize,
+    duration: Duration,
     run_id: &str,
     list: bool,
 ) -> anyhow::Result<Row> {
@@ -409,7 +458,7 @@ async fn run_level(
         network: args.network.clone(),
         range: args.range.clone(),
         release_after: args.release_after,
-        deadline: started + Duration::from_secs(args.duration_secs),
+        deadline: started + duration,
         max_requests: args.requests,
         started: AtomicU64::new(0),
     });
@@ -457,27 +506,41 @@ fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) ->
     }
 }
 
+/// Raw IPLease creates: what they saw, how long they ran, and the CPU seconds
+/// kube-apiserver and etcd spent meanwhile.
+struct RawStretch {
+    hist: Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+    cpu: Cpu,
+}
+
 /// The API server's limit at `clients`: each client creates IPLeases over its own kube
-/// client (keep-alive connections) as fast as it is answered, for the level's duration.
+/// client (keep-alive connections) as fast as it is answered, for `duration`. `slice`
+/// tells a level's stretches apart (their names and addresses do not meet).
 async fn raw_level(
     ns: &TestNamespace,
-    args: &Args,
     level: usize,
+    slice: usize,
     clients: usize,
+    duration: Duration,
     run_id: &str,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<RawStretch> {
     let mut apis = Vec::with_capacity(clients);
     for _ in 0..clients {
         let client = ns.client(SERVER_ACCOUNT).await?;
         apis.push(kube::Api::<IPLease>::namespaced(client, &ns.name));
     }
+    let cpu_before = ProcCpu::now()?;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.duration_secs);
+    let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for (i, api) in apis.into_iter().enumerate() {
-        // A /16 per client and level, apart from what the server allocates in --range.
-        let base = 0xC612_0000u32.wrapping_add(((level * 1024 + i) as u32 & 0x3fff) << 16);
-        let prefix = format!("raw-{run_id}-{level}-{i}");
+        // A /16 per client, stretch and level, apart from what the server allocates in
+        // --range (at most RAW_CLIENTS clients a level).
+        let base =
+            0xC612_0000u32.wrapping_add((((level * 2 + slice) * RAW_CLIENTS + i) as u32 & 0x3fff) << 16);
+        let prefix = format!("raw-{run_id}-{level}-{slice}-{i}");
         tasks.spawn(async move {
             let mut hist = new_histogram()?;
             let errors =
@@ -492,8 +555,16 @@ async fn raw_level(
         hist.add(&h).context("merging latency histograms")?;
         errors += e;
     }
-    Ok(row(clients, &hist, errors, started.elapsed()))
+    let elapsed = started.elapsed();
+    Ok(RawStretch { hist, errors, elapsed, cpu: Cpu::between(&ProcCpu::now()?, &cpu_before) })
 }
+
+/// Seconds raw creates and ours run, unmeasured, before the first level with `--envtest`.
+const WARM_UP_SECS: u64 = 2;
+
+/// The most clients a level may have with `--envtest` (each raw client takes a /16 of
+/// 198.18.0.0/15 and up, per stretch).
+const RAW_CLIENTS: usize = 256;
 
 /// `--leader-start`: `count` leases straight into the store, then a new leader's start.
 async fn leader_start(spawned: &mut SpawnedServer, args: &Args, count: u32) -> anyhow::Result<()> {
@@ -637,19 +708,13 @@ fn rss(pid: u32) -> anyhow::Result<String> {
     Ok(format!("{} ({})", field("VmRSS:"), field("VmHWM:")))
 }
 
-/// Writes (create, update, patch, delete) the API server has served on rust-ipam's
-/// resources, from its own `apiserver_request_total` counters.
-async fn api_writes(admin: &kube::Client) -> anyhow::Result<f64> {
-    let req = http::Request::get("/metrics").body(Vec::new())?;
-    let text = admin.request_text(req).await.context("reading the API server's metrics")?;
-    let mut total = 0.0;
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let writes = ["verb=\"POST\"", "verb=\"PUT\"", "verb=\"PATCH\"", "verb=\"DELETE\""];
-        if line.contains("group=\"ipam.rust-ipam.io\"") && writes.iter().any(|w| line.contains(w)) {
-            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        }
-    }
-    Ok(total)
+/// The requests the API server has served in all and the writes (create, update, patch,
+/// delete) on rust-ipam's resources among them, from its own `apiserver_request_total`.
+async fn api_counts(admin: &kube::Client) -> anyhow::Result<(f64, f64)> {
+    let counts = rust_ipam_benches::api_requests(admin).await?;
+    let writes =
+        counts.iter().filter(|(r, _)| r.is_write() && r.group == "ipam.rust-ipam.io").map(|(_, n)| n);
+    Ok((counts.values().sum(), writes.sum()))
 }
 
 fn print_table(rows: &[Row]) {
@@ -690,15 +755,17 @@ fn print_table(rows: &[Row]) {
     }
     if rows.iter().any(|r| r.raw.is_some()) {
         println!(
-            "| clients | raw creates/s | raw p99 ms | ops/s | p50 ms | p99 ms | max ms | errors | ops/s vs raw | p99 vs raw | API writes/op |"
+            "| clients | raw creates/s | raw p99 ms | ops/s | p50 ms | p99 ms | max ms | errors | ops/s vs raw | p99 vs raw | API requests/op | API writes/op | CPU ms/raw create: API, clients | CPU ms/op: API, server, clients |"
         );
         println!(
-            "|--------:|--------------:|-----------:|------:|-------:|-------:|-------:|-------:|-------------:|-----------:|--------------:|"
+            "|--------:|--------------:|-----------:|------:|-------:|-------:|-------:|-------:|-------------:|-----------:|------:|--------------:|------:|------:|"
         );
         for r in rows {
-            let Some((raw, writes)) = &r.raw else { continue };
+            let Some(VsRaw { raw, requests_per_op, writes_per_op, raw_cpu, ours_cpu }) = &r.raw else {
+                continue;
+            };
             println!(
-                "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}, {:.2} | {:.2}, {:.2}, {:.2} |",
                 r.clients,
                 raw.ops_per_sec,
                 raw.p99_ms,
@@ -709,7 +776,13 @@ fn print_table(rows: &[Row]) {
                 r.errors + raw.errors,
                 r.ops_per_sec / raw.ops_per_sec,
                 r.p99_ms / raw.p99_ms,
-                writes
+                requests_per_op,
+                writes_per_op,
+                raw_cpu.api,
+                raw_cpu.load,
+                ours_cpu.api,
+                ours_cpu.server,
+                ours_cpu.load
             );
         }
         return;
@@ -745,6 +818,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.duration_secs == 0 {
         bail!("--duration-secs must be at least 1");
     }
+    if args.envtest && args.clients.iter().any(|&c| c > RAW_CLIENTS) {
+        bail!("--clients {:?}: at most {RAW_CLIENTS} with --envtest", args.clients);
+    }
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut spawned = None;
     let endpoint = match &args.server {
@@ -768,18 +844,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(ns) => Some(ns.admin_client().await?),
             None => None,
         };
+        let duration = Duration::from_secs(args.duration_secs);
+        if let (Some(ns), Some(&clients)) = (namespace, args.clients.first()) {
+            // A fresh API server answers its first creates of a resource slowly, and a
+            // fresh server creates its range's RangePool first: neither is what a level
+            // measures, so both sides warm up unmeasured (as one more level's names).
+            let (warm_up, level) = (Duration::from_secs(WARM_UP_SECS), args.clients.len());
+            raw_level(ns, level, 0, clients, warm_up, &run_id).await?;
+            run_level(&endpoint, &args, level, clients, warm_up, &run_id, false).await?;
+        }
         for (level, &clients) in args.clients.iter().enumerate() {
-            let raw = match namespace {
-                Some(ns) => Some(raw_level(ns, &args, level, clients, &run_id).await?),
-                None => None,
-            };
-            let writes_before = match &admin {
-                Some(a) => api_writes(a).await?,
-                None => 0.0,
-            };
             if args.list_while {
                 for list in [false, true] {
-                    let row = run_level(&endpoint, &args, level, clients, &run_id, list).await?;
+                    let row = run_level(&endpoint, &args, level, clients, duration, &run_id, list).await?;
                     if let Some(l) = &row.listed {
                         info!(clients, leases_listed = l.leases, passes = l.passes, "lister done");
                     }
@@ -794,13 +871,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 continue;
             }
-            let mut row = run_level(&endpoint, &args, level, clients, &run_id, false).await?;
-            if let (Some(raw), Some(a)) = (raw, &admin) {
-                let writes = api_writes(a).await? - writes_before;
-                let ops = (row.requests - row.errors).max(1) as f64;
-                info!(clients, raw_per_sec = raw.ops_per_sec as u64, "raw creates");
-                row.raw = Some((Box::new(raw), writes / ops));
-            }
+            let (Some(ns), Some(admin)) = (namespace, &admin) else {
+                let row = run_level(&endpoint, &args, level, clients, duration, &run_id, false).await?;
+                info!(clients, ops_per_sec = row.ops_per_sec as u64, p99_ms = row.p99_ms, "level done");
+                rows.push(row);
+                continue;
+            };
+            // Raw creates for half the duration before ours and half after: the API server
+            // gets slower as its store grows, and this way both sides see it at the same
+            // size on average (ours always second was measured at 15% more API CPU per
+            // create than raw; ours first, at less).
+            let half = Duration::from_secs_f64(args.duration_secs as f64 / 2.0);
+            let mut raw = raw_level(ns, level, 0, clients, half, &run_id).await?;
+            let counts_before = api_counts(admin).await?;
+            let cpu_before = ProcCpu::now()?;
+            let mut row = run_level(&endpoint, &args, level, clients, duration, &run_id, false).await?;
+            let cpu = Cpu::between(&ProcCpu::now()?, &cpu_before);
+            let counts = api_counts(admin).await?;
+            let after = raw_level(ns, level, 1, clients, half, &run_id).await?;
+            raw.hist.add(&after.hist).context("merging latency histograms")?;
+            let raw_row =
+                self::row(clients, &raw.hist, raw.errors + after.errors, raw.elapsed + after.elapsed);
+            // Less the one request that read the counters before.
+            let (requests, writes) = (counts.0 - counts_before.0 - 1.0, counts.1 - counts_before.1);
+            let ops = (row.requests - row.errors).max(1) as f64;
+            let creates = (raw_row.requests - raw_row.errors).max(1) as f64;
+            info!(clients, raw_per_sec = raw_row.ops_per_sec as u64, "raw creates");
+            row.raw = Some(VsRaw {
+                raw: Box::new(raw_row),
+                requests_per_op: requests / ops,
+                writes_per_op: writes / ops,
+                raw_cpu: raw.cpu.plus(after.cpu).ms_each(creates),
+                ours_cpu: cpu.ms_each(ops),
+            });
             info!(clients, ops_per_sec = row.ops_per_sec as u64, p99_ms = row.p99_ms, "level done");
             rows.push(row);
         }

@@ -102,13 +102,7 @@ fn call(
 
 /// Requests the API server has served so far (every verb and resource).
 async fn api_requests(admin: &kube::Client) -> anyhow::Result<f64> {
-    let req = http::Request::get("/metrics").body(Vec::new())?;
-    let text = admin.request_text(req).await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(rust_ipam_benches::api_requests(admin).await?.values().sum())
 }
 
 #[derive(Default)]

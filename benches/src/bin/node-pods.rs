@@ -17,11 +17,12 @@
 //!
 //! Needs root and what the node tests need (README: "A real node for the tests").
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use rust_ipam_benches::{max, median, min};
+use rust_ipam_benches::{ApiRequest, ProcCpu, api_requests, api_requests_since, max, median, min};
 use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::node::{self, Node};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
@@ -95,8 +96,79 @@ async fn nads(ns: &TestNamespace, count: usize, ipam: Value) -> anyhow::Result<(
     Ok(())
 }
 
+/// Where the CPU time and the API requests of one run went, from its first pod create to
+/// all Running.
+struct Spent {
+    /// CPU seconds on all CPUs together, busy and in all.
+    busy: f64,
+    total: f64,
+    /// CPU seconds by what spent them, in the table's column order.
+    cpu: Vec<f64>,
+    /// The three processes (by name) that spent most outside the columns.
+    others: Vec<(String, f64)>,
+    requests: BTreeMap<ApiRequest, f64>,
+}
+
+/// Whose CPU time a column of the "where the time went" table counts, by command name as
+/// /proc/PID/stat gives it (cut at 15 characters).
+enum Whose {
+    /// These processes' own time and that of the children they reaped.
+    Tree(&'static [&'static str]),
+    /// This process's own time only.
+    Own(&'static str),
+    /// The time of the children this process reaped (a CNI plugin's time lands in the
+    /// runtime that ran and waited for it).
+    Reaped(&'static str),
+}
+
+const CPU_COLUMNS: [(&str, Whose); 8] = [
+    ("kube-apiserver", Whose::Tree(&["kube-apiserver"])),
+    ("etcd", Whose::Tree(&["etcd"])),
+    ("kubelet", Whose::Tree(&["kubelet"])),
+    ("containerd", Whose::Own("containerd")),
+    ("CNI plugins (run by containerd)", Whose::Reaped("containerd")),
+    ("shims, runc, pause", Whose::Tree(&["containerd-shim", "pause"])),
+    ("rust-ipam-server", Whose::Tree(&["rust-ipam-serve"])),
+    ("rust-multus-daemon and its plugins", Whose::Tree(&["rust-multus-dae"])),
+];
+
+impl Spent {
+    fn measure(
+        cpu: (&ProcCpu, &ProcCpu),
+        stat: ((u64, u64), (u64, u64)),
+        requests: BTreeMap<ApiRequest, f64>,
+    ) -> Spent {
+        let by_name = cpu.1.since(cpu.0);
+        let get = |name: &str| by_name.get(name).copied().unwrap_or_default();
+        let columns = CPU_COLUMNS
+            .iter()
+            .map(|(_, whose)| match whose {
+                Whose::Tree(names) => names.iter().map(|n| get(n).0 + get(n).1).sum(),
+                Whose::Own(name) => get(name).0,
+                Whose::Reaped(name) => get(name).1,
+            })
+            .collect();
+        let counted = |name: &str| {
+            CPU_COLUMNS.iter().any(|(_, w)| match w {
+                Whose::Tree(names) => names.contains(&name),
+                Whose::Own(n) | Whose::Reaped(n) => *n == name,
+            })
+        };
+        let mut others: Vec<(String, f64)> = by_name
+            .iter()
+            .filter(|(name, _)| !counted(name))
+            .map(|(name, (own, reaped))| (name.clone(), own + reaped))
+            .collect();
+        others.sort_by(|a, b| b.1.total_cmp(&a.1));
+        others.truncate(3);
+        let ((idle0, total0), (idle1, total1)) = stat;
+        let total = (total1 - total0) as f64 / 100.0;
+        Spent { busy: total - (idle1 - idle0) as f64 / 100.0, total, cpu: columns, others, requests }
+    }
+}
+
 /// One run: a fresh namespace and server, the pods to Running and checked, then deleted.
-async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Result<Duration> {
+async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Result<(Duration, Spent)> {
     let ns = node.envtest.namespace(&format!("bench-{round}")).await?;
     let data = tempfile::tempdir()?;
     let server = match ipam {
@@ -122,23 +194,34 @@ async fn run(node: &Node, args: &Args, ipam: Ipam, round: usize) -> anyhow::Resu
         Some(s) => json!({"type": "rust-ipam", "server": s.endpoint}),
     };
     nads(&ns, args.nads, conf).await?;
-    let networks: Vec<String> = (0..args.nads).map(|i| format!("nad{i}")).collect();
+    let networks = (0..args.nads).map(|i| format!("nad{i}")).collect::<Vec<_>>().join(",");
     let admin = ns.admin_client().await?;
     tokio::task::block_in_place(|| node.set_thick(ipam.thick()))?;
-    let out = node
-        .run_pods(&admin, &ns.name, "p", args.pods, Some(&networks.join(",")), Duration::from_secs(300))
+    let (requests0, cpu0, stat0) = (api_requests(&admin).await?, ProcCpu::now()?, cpu_times()?);
+    let (names, running) = node
+        .start_pods_with(
+            &admin,
+            &ns.name,
+            "p",
+            args.pods,
+            |n| Node::pod(n, Some(&networks)),
+            Duration::from_secs(300),
+        )
         .await
         .with_context(|| format!("{} round {round}", ipam.label()))?;
-    for p in &out.pods {
+    let (cpu1, stat1) = (ProcCpu::now()?, cpu_times()?);
+    let requests = api_requests_since(&api_requests(&admin).await?, &requests0);
+    let spent = Spent::measure((&cpu0, &cpu1), (stat0, stat1), requests);
+    let pods = node.check_pods(&admin, &ns.name, &names).await?;
+    for p in &pods {
         let attached = p.status.len();
         if attached != args.nads + 1 {
             bail!("{} has {attached} networks in its network-status, not {}", p.name, args.nads + 1);
         }
     }
-    let names: Vec<String> = out.pods.iter().map(|p| p.name.clone()).collect();
     node.delete_pods(&admin, &ns.name, &names, Duration::from_secs(300)).await?;
     tokio::task::block_in_place(|| node.set_thick(false))?;
-    Ok(out.running)
+    Ok((running, spent))
 }
 
 /// CPU time counters from /proc/stat's first line: (idle incl. iowait, total).
@@ -184,7 +267,8 @@ async fn main() -> anyhow::Result<()> {
     println!("{} pods × {} macvlan NADs, from the first create to all Running\n", args.pods, args.nads);
     println!("| round | order | IPAM | idle at start | to all Running | vs floor |");
     println!("|---|---|---|---|---|---|");
-    let mut ratios: std::collections::BTreeMap<Ipam, Vec<f64>> = Default::default();
+    let mut ratios: BTreeMap<Ipam, Vec<f64>> = Default::default();
+    let mut spending = Vec::new();
     for round in 0..args.rounds {
         let mut order = Ipam::ALL;
         order.rotate_left(round % Ipam::ALL.len());
@@ -196,7 +280,9 @@ async fn main() -> anyhow::Result<()> {
                 round + 1,
                 waited.as_secs_f64()
             );
-            took.push((i + 1, ipam, idle, run(node, &args, ipam, round).await?));
+            let (running, spent) = run(node, &args, ipam, round).await?;
+            took.push((i + 1, ipam, idle, running));
+            spending.push((round + 1, ipam, spent));
         }
         took.sort_by_key(|t| t.1);
         let floor = took[0].3.as_secs_f64();
@@ -218,5 +304,41 @@ async fn main() -> anyhow::Result<()> {
     for (ipam, r) in ratios {
         println!("| {} | {:.2}x | {:.2}x | {:.2}x |", ipam.label(), median(&r), min(&r), max(&r));
     }
+    print_spending(&spending);
     Ok(())
+}
+
+/// The "where the time went" table: each run's CPU seconds by process and its API requests,
+/// from the first pod create to all Running.
+fn print_spending(runs: &[(usize, Ipam, Spent)]) {
+    println!(
+        "\nWhere the CPU time and the API requests went, from the first create to all Running (CPU seconds; the machine has {} CPUs):\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let labels: Vec<&str> = CPU_COLUMNS.iter().map(|c| c.0).collect();
+    println!(
+        "| round | IPAM | busy of all | {} | the rest (largest processes in it) | API requests (writes) | most requested |",
+        labels.join(" | ")
+    );
+    println!("|---|---|---|{}---|---|---|", "---|".repeat(labels.len()));
+    for (round, ipam, s) in runs {
+        let named: f64 = s.cpu.iter().sum();
+        let cpu: Vec<String> = s.cpu.iter().map(|c| format!("{c:.1}")).collect();
+        let writes: f64 = s.requests.iter().filter(|(r, _)| r.is_write()).map(|(_, n)| n).sum();
+        let mut top: Vec<(&ApiRequest, &f64)> = s.requests.iter().collect();
+        top.sort_by(|a, b| b.1.total_cmp(a.1));
+        let top: Vec<String> = top.iter().take(4).map(|(r, n)| format!("{r} {n:.0}")).collect();
+        let others: Vec<String> = s.others.iter().map(|(n, c)| format!("{n} {c:.1}")).collect();
+        println!(
+            "| {round} | {} | {:.1} of {:.1} | {} | {:.1} ({}) | {:.0} ({writes:.0}) | {} |",
+            ipam.label(),
+            s.busy,
+            s.total,
+            cpu.join(" | "),
+            s.busy - named,
+            others.join(", "),
+            s.requests.values().sum::<f64>(),
+            top.join(", ")
+        );
+    }
 }
