@@ -78,7 +78,8 @@ struct Args {
     kube_standin_ms: Option<u64>,
     /// Start the server on the kube store against a real kube-apiserver and etcd (found as
     /// the tests find them: $KUBEBUILDER_ASSETS, /usr/local/kubebuilder/bin, PATH), and
-    /// measure raw IPLease creates at each level too.
+    /// measure raw IPLease creates at each level too: half the duration before ours and
+    /// half after, both sides warmed up first, with the CPU each op costs by process.
     #[arg(long, conflicts_with_all = ["server", "kube_standin_ms"])]
     envtest: bool,
     /// Instead of load levels: write this many IPLeases straight to the API server (64 at
@@ -506,8 +507,8 @@ fn row(clients: usize, hist: &Histogram<u64>, errors: u64, elapsed: Duration) ->
     }
 }
 
-/// Raw IPLease creates: what they saw, how long they ran, and the CPU seconds
-/// kube-apiserver and etcd spent meanwhile.
+/// One stretch of raw IPLease creates: what they saw, how long they ran, and the CPU
+/// seconds spent meanwhile.
 struct RawStretch {
     hist: Histogram<u64>,
     errors: u64,
