@@ -207,9 +207,9 @@ pub fn api_requests_since(
         .collect()
 }
 
-/// Clock ticks per second in /proc's CPU times (USER_HZ: 100 on Linux, whatever the
-/// kernel's own tick rate).
-const USER_HZ: f64 = 100.0;
+/// Clock ticks per second in /proc/stat's and /proc/PID/stat's CPU times (USER_HZ: 100 on
+/// Linux, whatever the kernel's own tick rate).
+pub const USER_HZ: f64 = 100.0;
 
 /// The CPU time of every process at one moment, from /proc/PID/stat: by pid, its start
 /// time (so a reused pid is another process), its command name (kernel workers, whose

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use rust_ipam_benches::{ApiRequest, ProcCpu, api_requests, api_requests_since, max, median, min};
+use rust_ipam_benches::{ApiRequest, ProcCpu, USER_HZ, api_requests, api_requests_since, max, median, min};
 use rust_ipam_e2e::envtest::{self, TestNamespace};
 use rust_ipam_e2e::node::{self, Node};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
@@ -162,8 +162,8 @@ impl Spent {
         others.sort_by(|a, b| b.1.total_cmp(&a.1));
         others.truncate(3);
         let ((idle0, total0), (idle1, total1)) = stat;
-        let total = (total1 - total0) as f64 / 100.0;
-        Spent { busy: total - (idle1 - idle0) as f64 / 100.0, total, cpu: columns, others, requests }
+        let total = (total1 - total0) as f64 / USER_HZ;
+        Spent { busy: total - (idle1 - idle0) as f64 / USER_HZ, total, cpu: columns, others, requests }
     }
 }
 
