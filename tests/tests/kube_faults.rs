@@ -77,7 +77,7 @@ where
     let ended = Instant::now();
     load.wait_answers(ended, 20, BACK_WITHIN + Duration::from_secs(10), &format!("after the {tag}")).await;
     let back = load.first_answer_after(ended).expect("answered") - ended;
-    let outcomes = load.stop();
+    let mut outcomes = load.stop();
 
     let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     for f in &failures {
@@ -94,10 +94,16 @@ where
         let code = f.result.as_ref().err().and_then(|e| e.out["code"].as_u64()).unwrap_or_default();
         *codes.entry((f.command, code)).or_default() += 1;
     }
-    // The DELs a runtime would repeat, now that the fault is over.
-    for cid in pending_dels(&outcomes) {
-        cni_load::call("DEL", &servers, &cid)
-            .unwrap_or_else(|e| panic!("{tag}: DEL {cid} after the fault: {e:?}"));
+    let failed = failures.len();
+    // The DELs a runtime would repeat, now that the fault is over. They count: a pod whose
+    // DEL failed during the fault holds nothing once the repeat is answered.
+    let repeated = pending_dels(&outcomes);
+    for cid in &repeated {
+        let result = cni_load::call("DEL", &servers, cid);
+        if let Err(e) = &result {
+            panic!("{tag}: DEL {cid} after the fault: {e:?}");
+        }
+        outcomes.push(Outcome { at: Instant::now(), command: "DEL", cid: cid.clone(), result });
     }
     let held = held(&outcomes);
     let mut by_address: BTreeMap<&str, &str> = BTreeMap::new();
@@ -118,6 +124,13 @@ where
             stored.get(cid)
         );
     }
+    for cid in &repeated {
+        assert!(
+            !stored.contains_key(cid),
+            "{tag}: {cid}'s DEL was answered after the fault; the API server still holds {:?} for it",
+            stored.get(cid)
+        );
+    }
     // What the API server holds beyond that: creates a deposed leader sent before the fault
     // that landed after the new leader loaded (a known leak, README: the kube store).
     let late: Vec<(&String, &String)> = stored
@@ -130,8 +143,9 @@ where
     }
     let adds = outcomes.iter().filter(|o| o.command == "ADD").count();
     println!(
-        "{tag}: {adds} ADDs, {} calls failed (by command and CNI code: {codes:?}), {} leases held, fault {:?}, answered again {back:?} after it",
-        failures.len(),
+        "{tag}: {adds} ADDs, {} calls failed (by command and CNI code: {codes:?}), {} DELs repeated after it, {} leases held, fault {:?}, answered again {back:?} after it",
+        failed,
+        repeated.len(),
         held.len(),
         ended - began
     );
