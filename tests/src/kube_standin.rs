@@ -19,7 +19,9 @@
 //! `/status` subresource that only changes `status`, and lists a resource across every
 //! namespace at `/api/v1/PLURAL` and `/apis/GROUP/VERSION/PLURAL`. Tests create and delete
 //! pods with [`KubeStandin::create_pod`] and [`KubeStandin::delete_pod`], and can hold the
-//! answer to a list at a point they choose with [`KubeStandin::hold_next_list`]. Served over
+//! answer to a list at a point they choose with [`KubeStandin::hold_next_list`], or have
+//! creates answered with a timeout and applied later ([`KubeStandin::answer_creates_late`]).
+//! Served over
 //! plain HTTP on loopback; a kubeconfig pointing at it comes from [`KubeStandin::kubeconfig`].
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +52,8 @@ struct State {
     next_snapshot: u64,
     /// Lists (by request path) whose answer waits for the test.
     holds: HashMap<String, PendingHold>,
+    /// Creates still to answer with a timeout and apply late, and how late.
+    late_creates: (usize, Duration),
 }
 
 /// Snapshots of paginated lists kept at once; older continue tokens expire (410).
@@ -165,6 +169,14 @@ impl KubeStandin {
     /// Makes every request fail with 503 (true) or be served again (false).
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Answers the next `count` creates with 504 Timeout at once and applies each one
+    /// `after` later (refused then, unanswered, if its name was taken meanwhile): an API
+    /// server whose request timeout fired while etcd still committed the write. A real
+    /// server shows this only by chance.
+    pub fn answer_creates_late(&self, count: usize, after: Duration) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).late_creates = (count, after);
     }
 
     /// The objects of a collection, e.g. `/apis/ipam.rust-ipam.io/v1alpha1/namespaces/ns/ipleases`.
@@ -324,7 +336,7 @@ fn now_rfc3339() -> String {
 
 async fn handle(
     req: Request<Incoming>,
-    state: &Mutex<State>,
+    state: &Arc<Mutex<State>>,
     down: &AtomicBool,
     served: &Served,
 ) -> Response<Full<Bytes>> {
@@ -355,6 +367,28 @@ async fn handle(
     let json_body: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
     if !body.is_empty() && json_body.is_none() {
         return failure(StatusCode::BAD_REQUEST, "BadRequest", "the body is not JSON".into()).http();
+    }
+    if parts.method == Method::POST && name.is_none() && sub.is_none() {
+        let late = {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            match st.late_creates {
+                (n, after) if n > 0 => {
+                    st.late_creates.0 -= 1;
+                    Some(after)
+                }
+                _ => None,
+            }
+        };
+        if let Some(after) = late {
+            let (state, headers) = (state.clone(), parts.headers.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                serve(&mut st, &Method::POST, &headers, &collection, None, None, json_body, &query);
+            });
+            let why = "Timeout: request did not complete within requested timeout".to_string();
+            return failure(StatusCode::GATEWAY_TIMEOUT, "Timeout", why).http();
+        }
     }
     let is_list = parts.method == Method::GET && name.is_none();
     let (resp, hold) = {

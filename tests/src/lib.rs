@@ -4,6 +4,7 @@
 pub mod cni_load;
 pub mod deploy;
 pub mod device_plugin;
+pub mod engine;
 pub mod envtest;
 pub mod fixtures;
 pub mod kube_standin;

@@ -1,40 +1,21 @@
 //! The kube lease store through the real kube client against a real kube-apiserver
 //! (`rust_ipam_e2e::envtest`), as the server's ServiceAccount with deploy/'s RBAC: the API
 //! server enforces AlreadyExists, resourceVersion and uid preconditions and pagination.
-//! One test keeps the stand-in (`rust_ipam_e2e::kube_standin`), for objects the real
-//! server's schema refuses; it says why.
+//! Two tests keep the stand-in (`rust_ipam_e2e::kube_standin`): for objects the real
+//! server's schema refuses, and for a create answered with a timeout and applied later;
+//! each says why.
 
-use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipam_server::allocator::{
-    AllocateRequest, Attachment, FieldPrefix, LeaseFilter, PodRef, RangeInput, RangeSpec,
-};
+use ipam_server::allocator::LeaseFilter;
 use ipam_server::engine::{Engine, EngineError};
 use ipam_server::k8s::store::{Fence, KubeStore};
 use ipam_server::metrics::Metrics;
+use rust_ipam_e2e::engine::{allocate, kube_engine, kube_engine_paged};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
 use rust_ipam_e2e::fixtures::{iplease, ipleases_path, lease_objects, objects};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use serde_json::{Value, json};
-
-/// An engine on `client`'s API server whose fence is open for an hour: a server that
-/// believes it leads. It lists the leases from the API server's watch cache, or from etcd
-/// `page` objects a page.
-async fn engine_paged(client: kube::Client, namespace: &str, page: Option<u32>) -> (Engine, Fence) {
-    let fence = Fence::new();
-    fence.open_until(Instant::now() + Duration::from_secs(3600));
-    let mut store = KubeStore::new(client, namespace, tokio::runtime::Handle::current(), fence.clone());
-    if let Some(page) = page {
-        store = store.with_page_size(page);
-    }
-    (Engine::start(Box::new(store), Metrics::new()).await.expect("load from the API server"), fence)
-}
-
-async fn engine_on(client: kube::Client, namespace: &str) -> (Engine, Fence) {
-    engine_paged(client, namespace, None).await
-}
 
 /// Before a new engine loads what was just written. A new leader lists the leases from the
 /// API server's watch cache, which trails etcd by milliseconds; in a cluster another
@@ -46,43 +27,13 @@ async fn cache_catches_up() {
 
 /// An engine in `ns` of the test API server, as the server's ServiceAccount.
 async fn engine(ns: &TestNamespace) -> (Engine, Fence) {
-    engine_on(ns.client(SERVER_ACCOUNT).await.expect("server client"), &ns.name).await
+    kube_engine(ns.client(SERVER_ACCOUNT).await.expect("server client"), &ns.name).await
 }
 
 /// The test API server and a fresh namespace, or `None` after SKIP.
 async fn namespace(test: &str) -> Option<TestNamespace> {
     let env = envtest::shared(test)?;
     Some(env.namespace("kube-store").await.expect("namespace"))
-}
-
-fn range(cidr: &str) -> RangeSpec {
-    RangeSpec::parse(&RangeInput { range: cidr.into(), ..Default::default() }, FieldPrefix(""))
-        .expect("range")
-}
-
-fn attachment(cid: &str, pod: &str) -> Arc<Attachment> {
-    Arc::new(Attachment {
-        container_id: cid.into(),
-        ifname: "net1".into(),
-        pod: PodRef { namespace: "ml".into(), name: pod.into(), uid: format!("uid-{pod}") },
-        node: "node-a".into(),
-        ..Default::default()
-    })
-}
-
-async fn allocate(
-    e: &Engine,
-    cidr: &str,
-    cid: &str,
-    pod: &str,
-) -> Result<Result<IpAddr, String>, EngineError> {
-    let req = AllocateRequest {
-        attachment: attachment(cid, pod),
-        network: "".into(),
-        ranges: vec![range(cidr)],
-        requested: vec![],
-    };
-    e.call(move |a, now| a.allocate(&req, now).map(|l| l[0].address).map_err(|e| e.to_string())).await
 }
 
 /// (address, container ID) of every lease object in `ns`, sorted.
@@ -212,7 +163,7 @@ async fn a_restart_rebuilds_the_bitmaps_from_the_cache_and_from_paged_lists() {
     let client = ns.client(SERVER_ACCOUNT).await.expect("server client");
     // 1199 objects: at once, then in three pages of 500.
     for page in [None, Some(500)] {
-        let (again, _g) = engine_paged(client.clone(), &ns.name, page).await;
+        let (again, _g) = kube_engine_paged(client.clone(), &ns.name, page).await;
         let leases = again.call(|a, _| a.leases(&LeaseFilter::default())).await.expect("engine");
         let mut from_memory: Vec<(String, String)> =
             leases.iter().map(|l| (l.address.to_string(), l.holder.container_id.clone())).collect();
@@ -240,7 +191,7 @@ async fn hand_edited_nonsense_is_skipped_and_never_causes_a_duplicate() {
     let standin = KubeStandin::start().await.expect("stand-in");
     let config = kube::Config::new(standin.url.parse().expect("stand-in URL"));
     let client = || kube::Client::try_from(config.clone()).expect("kube client");
-    let (e, _f) = engine_on(client(), "rust-ipam").await;
+    let (e, _f) = kube_engine(client(), "rust-ipam").await;
     for i in 1..=3 {
         allocate(&e, "198.18.3.0/24", &format!("c{i}"), &format!("p{i}"))
             .await
@@ -260,7 +211,7 @@ async fn hand_edited_nonsense_is_skipped_and_never_causes_a_duplicate() {
     standin.put_raw(&leases, iplease("no-spec", Value::Null));
     standin.put_raw(&leases, iplease("198.18.3.6", json!({"address": "198.18.3.6", "prefixLen": "wide"})));
 
-    let (e, _g) = engine_on(client(), "rust-ipam").await;
+    let (e, _g) = kube_engine(client(), "rust-ipam").await;
     let n = e.call(|a, _| a.lease_count()).await.expect("engine");
     assert_eq!(n, 3, "only the three readable, properly named leases load");
     // .4 and .6 look free in memory, but their names are taken: the creates are refused,
@@ -389,4 +340,31 @@ async fn a_new_leader_loads_from_its_mirror_and_lists_when_it_cannot_watch() {
         .expect("the load waited for a mirror that cannot watch")
         .expect("load by listing");
     assert_eq!(held(third).await, stored(&ns).await);
+}
+
+/// A create answered 504 Timeout and applied a moment later: the API server's request
+/// timeout fired while etcd still committed the write. The stand-in injects it; a real
+/// server shows it only by chance (a loaded etcd, a restart). The write is settled, not
+/// given up: the pod is told the address its object holds, no second object is left for
+/// it, and memory agrees with the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_timeout_and_applied_later_leaves_one_object_for_its_pod() {
+    let standin = KubeStandin::start().await.expect("stand-in");
+    let config = kube::Config::new(standin.url.parse().expect("stand-in URL"));
+    let client = kube::Client::try_from(config).expect("kube client");
+    let (e, _f) = kube_engine(client.clone(), "rust-ipam").await;
+    let late = Duration::from_millis(300);
+    standin.answer_creates_late(1, late);
+    let first = allocate(&e, "198.18.4.0/24", "c1", "p1").await.expect("engine").expect("allocate");
+    tokio::time::sleep(late * 2).await;
+    let second = allocate(&e, "198.18.4.0/24", "c2", "p2").await.expect("engine").expect("allocate");
+    assert_ne!(first, second);
+    let mut held: Vec<(String, String)> =
+        lease_objects(&client, "rust-ipam").await.into_iter().map(|o| (o.container_id, o.address)).collect();
+    held.sort();
+    assert_eq!(
+        held,
+        vec![("c1".to_string(), first.to_string()), ("c2".to_string(), second.to_string())],
+        "each pod holds what it was told, once"
+    );
 }

@@ -40,6 +40,13 @@ use crate::store::{
 const PAGE: u32 = 2000;
 /// Objects written at once.
 const IN_FLIGHT: usize = 64;
+/// First pause before a lease write whose outcome is unknown is sent again; it doubles up
+/// to [`UNSETTLED_RETRY_MAX`].
+const UNSETTLED_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+const UNSETTLED_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(800);
+/// How long a lease write whose outcome is unknown is tried again, at most: an API server
+/// restart takes a few seconds; longer, the engine reloads (reading etcd) instead.
+const UNSETTLED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Says whether this server may still write: the leader's lease, as far as it knows, has
 /// not run out. Writes stop before the lease can expire, so a new leader never races them.
@@ -80,32 +87,43 @@ impl Fence {
     }
 }
 
-/// The lease writes a replica has in flight, across the stores it makes. When its engine
-/// stops (fenced off while the API server was frozen) and it leads again, the new store
-/// must not load before the old one's writes have landed or failed: a create held in a
-/// frozen API server lands when it resumes, and a load taken before that misses it, so a
-/// retried ADD would get a second address while the first stays stored.
+/// The lease writes a replica has in flight, across the stores it makes, and whether one
+/// ended with its outcome unknown. When its engine stops (fenced off while the API server
+/// was frozen) and it leads again, the new store must not load before the old one's writes
+/// have landed or failed: a create held in a frozen API server lands when it resumes, and a
+/// load taken before that misses it, so a retried ADD would get a second address while the
+/// first stays stored. A write whose outcome is unknown (etcd restarted under it) may have
+/// landed where the mirror and the watch cache do not show it yet, for the same result: the
+/// next load after one reads etcd itself.
 #[derive(Debug, Clone)]
-pub struct WritesInFlight(Arc<tokio::sync::watch::Sender<usize>>);
+pub struct WritesInFlight {
+    count: Arc<tokio::sync::watch::Sender<usize>>,
+    unknown: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Default for WritesInFlight {
     fn default() -> WritesInFlight {
-        WritesInFlight(Arc::new(tokio::sync::watch::channel(0).0))
+        WritesInFlight { count: Arc::new(tokio::sync::watch::channel(0).0), unknown: Arc::default() }
     }
 }
 
 impl WritesInFlight {
     /// Counts one write until the returned guard is dropped.
     fn start(&self) -> WriteGuard {
-        self.0.send_modify(|n| *n += 1);
+        self.count.send_modify(|n| *n += 1);
         WriteGuard(self.clone())
     }
 
-    /// Waits until no write is in flight; true if it had to wait.
+    /// Waits until no write is in flight. True if the next load must read etcd itself: it
+    /// had to wait, or a write ended with its outcome unknown since the last such load.
     async fn settled(&self) -> bool {
-        let mut rx = self.0.subscribe();
+        let unknown = self.unknown.load(std::sync::atomic::Ordering::SeqCst);
+        let mut rx = self.count.subscribe();
         if *rx.borrow_and_update() == 0 {
-            return false;
+            if unknown {
+                info!("a write's outcome was unknown: loading from etcd, not from a copy that may trail it");
+            }
+            return unknown;
         }
         let n = *rx.borrow();
         info!(writes = n, "waiting for this replica's earlier writes before loading");
@@ -113,14 +131,26 @@ impl WritesInFlight {
         let _ = rx.wait_for(|n| *n == 0).await;
         true
     }
+
+    /// A load read etcd after every write so far had settled.
+    fn loaded_from_etcd(&self) {
+        self.unknown.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// One write in flight.
 struct WriteGuard(WritesInFlight);
 
+impl WriteGuard {
+    /// The write ended with its outcome unknown.
+    fn unknown(&self) {
+        self.0.unknown.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        self.0.0.send_modify(|n| *n -= 1);
+        self.0.count.send_modify(|n| *n -= 1);
     }
 }
 
@@ -191,6 +221,13 @@ fn api_code(e: &kube::Error) -> Option<u16> {
         kube::Error::Api(s) => Some(s.code),
         _ => None,
     }
+}
+
+/// Whether a failed call may still have been applied, now or later: no answer (a broken
+/// connection, a timeout, an answer that could not be read), or an answer saying the
+/// API server or etcd could not decide (5xx, 429 Too Many Requests).
+fn unanswered(e: &kube::Error) -> bool {
+    api_code(e).is_none_or(|c| c >= 500 || c == 429)
 }
 
 impl KubeStore {
@@ -292,6 +329,71 @@ impl Inner {
         }
     }
 
+    /// Creates a lease's object, or replaces it if this server read it. A call that may or
+    /// may not have applied (no answer, or the API server or etcd could not say: 5xx, 429)
+    /// is read back; while the object is missing or cannot be read, the create is sent
+    /// again, for as long as this server may write and at most [`UNSETTLED_FOR`]. Giving
+    /// up at once would have the engine reload, from an API server that may be down, or
+    /// choose another address for the pod while the first create may still land, holding
+    /// an address nobody was told. A second create of the same lease is harmless: the
+    /// first to land wins, the other is refused and read back as ours.
+    async fn put_lease(&self, index: usize, l: &Lease) -> Outcome {
+        let name = lease_name(&l.network, l.address);
+        let mut pause = UNSETTLED_RETRY;
+        let give_up = Instant::now() + UNSETTLED_FOR;
+        // Whether an attempt may have applied. Later answers do not settle it: a restarted
+        // API server refuses everything (403) until its authorizer has synced.
+        let mut unsure = false;
+        loop {
+            let mut obj = IPLease::new(&name, IPLeaseSpec::from(l));
+            let known = self.seen().get(&name).cloned();
+            let result = match &known {
+                // An update (the pod moved to a new sandbox): only over what we read.
+                Some(s) => {
+                    obj.meta_mut().resource_version = Some(s.resource_version.clone());
+                    obj.meta_mut().uid = Some(s.uid.clone());
+                    self.leases.replace(&name, &PostParams::default(), &obj).await
+                }
+                None => self.leases.create(&PostParams::default(), &obj).await,
+            };
+            let e = match result {
+                Ok(created) => {
+                    if let Some(s) = Seen::of(created.meta()) {
+                        self.seen().insert(name, s);
+                    }
+                    return Outcome::Done;
+                }
+                Err(e) => e,
+            };
+            let reason = match api_code(&e) {
+                Some(409) if known.is_none() => "another holder's object exists".to_string(),
+                Some(409) => "the object changed since it was read".to_string(),
+                Some(404) => "the object was deleted meanwhile".to_string(),
+                _ => format!("write failed: {e}"),
+            };
+            let outcome = match self.refuse(index, &l.network, l.address, reason).await {
+                // Our own earlier write (an answer lost in transit) already holds it.
+                Outcome::Refused(r) if r.truth.as_ref() == Some(l) => return Outcome::Done,
+                o => o,
+            };
+            unsure |= unanswered(&e);
+            let unsettled = unsure
+                && match &outcome {
+                    Outcome::Failed(_) => true,
+                    // Missing now, but a create may still land; an update of an object
+                    // that is gone is refused for good.
+                    Outcome::Refused(r) => r.truth.is_none() && known.is_none(),
+                    Outcome::Done => false,
+                };
+            if !unsettled || self.fence.check().is_err() || Instant::now() > give_up {
+                return outcome;
+            }
+            debug!(lease = %name, error = %e, "a lease write's outcome is unknown; writing it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(UNSETTLED_RETRY_MAX);
+        }
+    }
+
     async fn write(&self, index: usize, change: &Change) -> Outcome {
         match change {
             Change::PutPool { network, range } => {
@@ -304,41 +406,7 @@ impl Inner {
                     Err(e) => Outcome::Failed(StoreError::new("create pool", format!("{name}: {e}"))),
                 }
             }
-            Change::PutLease(l) => {
-                let name = lease_name(&l.network, l.address);
-                let mut obj = IPLease::new(&name, IPLeaseSpec::from(&**l));
-                let known = self.seen().get(&name).cloned();
-                let result = match &known {
-                    // An update (the pod moved to a new sandbox): only over what we read.
-                    Some(s) => {
-                        obj.meta_mut().resource_version = Some(s.resource_version.clone());
-                        obj.meta_mut().uid = Some(s.uid.clone());
-                        self.leases.replace(&name, &PostParams::default(), &obj).await
-                    }
-                    None => self.leases.create(&PostParams::default(), &obj).await,
-                };
-                match result {
-                    Ok(created) => {
-                        if let Some(s) = Seen::of(created.meta()) {
-                            self.seen().insert(name, s);
-                        }
-                        Outcome::Done
-                    }
-                    Err(e) => {
-                        let reason = match api_code(&e) {
-                            Some(409) if known.is_none() => "another holder's object exists".to_string(),
-                            Some(409) => "the object changed since it was read".to_string(),
-                            Some(404) => "the object was deleted meanwhile".to_string(),
-                            _ => format!("write failed: {e}"),
-                        };
-                        match self.refuse(index, &l.network, l.address, reason).await {
-                            // Our own earlier write (an answer lost in transit) already holds it.
-                            Outcome::Refused(r) if r.truth.as_ref() == Some(&**l) => Outcome::Done,
-                            o => o,
-                        }
-                    }
-                }
-            }
+            Change::PutLease(l) => self.put_lease(index, l).await,
             Change::DeleteLease { network, address } => {
                 let name = lease_name(network, *address);
                 let Some(known) = self.seen().get(&name).cloned() else {
@@ -436,8 +504,9 @@ impl LeaseStore for KubeStore {
     fn load(&self) -> Result<Loaded, StoreError> {
         let this = &*self.inner;
         this.rt.block_on(async {
-            // Earlier writes that just landed may not have reached the mirror yet.
-            let waited = self.in_flight.settled().await;
+            // Earlier writes that just landed, or whose outcome is unknown, may not have
+            // reached the mirror or the watch cache yet.
+            let from_etcd = self.in_flight.settled().await;
             let mut out = Loaded::default();
             list_each(&this.raw_pools, PAGE, "list range pools", |obj| {
                 let name = obj.name_any();
@@ -450,7 +519,7 @@ impl LeaseStore for KubeStore {
                 }
             })
             .await?;
-            if let Some(mirror) = self.mirror.as_ref().filter(|_| !waited) {
+            if let Some(mirror) = self.mirror.as_ref().filter(|_| !from_etcd) {
                 let started = Instant::now();
                 match mirror.snapshot().await {
                     Ok(snapshot) => {
@@ -489,8 +558,8 @@ impl LeaseStore for KubeStore {
             // From the watch cache, which may trail etcd by milliseconds: safe, as a
             // mirror's copy is (every write is conditional), and the previous leader's last
             // writes are a third of the TTL old by the time another replica leads. Except
-            // this replica's own writes that just landed: then from etcd.
-            match self.page.or(waited.then_some(PAGE)) {
+            // this replica's own writes that just landed or may have: then from etcd.
+            match self.page.or(from_etcd.then_some(PAGE)) {
                 Some(page) => list_each(&this.raw_leases, page, "list leases", each).await?,
                 None => {
                     super::for_each_cached(&this.raw_leases, each)
@@ -498,7 +567,15 @@ impl LeaseStore for KubeStore {
                         .map_err(|e| StoreError::new("list leases", e))?;
                 }
             }
-            info!(leases = out.leases.len(), secs = started.elapsed().as_secs_f64(), "leases listed");
+            info!(
+                leases = out.leases.len(),
+                secs = started.elapsed().as_secs_f64(),
+                from_etcd,
+                "leases listed"
+            );
+            if from_etcd {
+                self.in_flight.loaded_from_etcd();
+            }
             *this.seen() = seen;
             Ok(out)
         })
@@ -579,6 +656,9 @@ impl PipelinedStore for KubeStore {
                     }
                 }
                 // Settled before it is reported: a reload the report leads to finds it done.
+                if matches!(outcome, Outcome::Failed(_)) {
+                    counted.unknown();
+                }
                 drop(counted);
                 report(id, outcome);
             });
@@ -605,6 +685,18 @@ mod tests {
         assert!(!waiting.is_finished(), "one write is still in flight");
         drop(b);
         assert!(waiting.await.expect("join"), "it waited");
+        assert!(!writes.settled().await);
+    }
+
+    #[tokio::test]
+    async fn after_a_write_of_unknown_outcome_loads_read_etcd_until_one_has() {
+        let writes = WritesInFlight::default();
+        let w = writes.start();
+        w.unknown();
+        drop(w);
+        assert!(writes.settled().await, "the write may have landed where a copy does not show it");
+        assert!(writes.settled().await, "still so: no load has read etcd since");
+        writes.loaded_from_etcd();
         assert!(!writes.settled().await);
     }
 }
