@@ -10,10 +10,14 @@
 //!   printed as `LEAK`: creates a deposed leader sent that landed late, a known leak);
 //! - ADDs answered again within [`BACK_WITHIN`] of the fault's end (printed).
 //!
+//! Three more drive the engine on the kube store directly, under a fault: a lease write
+//! across an API server restart, a write whose outcome stayed unknown (the next load reads
+//! etcd, not the mirror), and a write queued behind its object when the fence closes.
+//!
 //! The faults break the API server for everyone, so the tests take turns.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ipam_server::engine::Engine;
@@ -70,7 +74,28 @@ async fn replicas(
 
 /// Runs the load across `fault` (which returns when the fault is over), then checks what
 /// the module's doc says. Returns how long after the fault's end ADDs were answered again.
-async fn across<F>(ns: &TestNamespace, servers: Vec<String>, tag: &str, fault: F) -> Duration
+/// The replicas' log lines (`*.log` in `dir`) that mention any of `needles`, prefixed with
+/// their file's name.
+fn log_lines(dir: &Path, needles: &[&str]) -> String {
+    let mut out = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    for f in files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy().to_string();
+        for line in std::fs::read_to_string(&f).unwrap_or_default().lines() {
+            if needles.iter().any(|n| line.contains(n)) {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    out
+}
+
+async fn across<F>(ns: &TestNamespace, servers: Vec<String>, tag: &str, logs: &Path, fault: F) -> Duration
 where
     F: std::future::Future<Output = ()>,
 {
@@ -124,8 +149,9 @@ where
     for (cid, a) in &held {
         assert!(
             stored.get(cid).is_some_and(|s| s.contains(a)),
-            "{tag}: {cid} was told {a}; the API server holds {:?} for it",
-            stored.get(cid)
+            "{tag}: {cid} was told {a}; the API server holds {:?} for it; the replicas logged:\n{}",
+            stored.get(cid),
+            log_lines(logs, &[cid, a])
         );
     }
     for cid in &repeated {
@@ -143,7 +169,12 @@ where
         .filter(|(cid, a)| held.get(*cid) != Some(*a))
         .collect();
     if !late.is_empty() {
-        println!("{tag}: LEAK: {} lease objects held beyond what the pods were told: {late:?}", late.len());
+        let needles: Vec<&str> = late.iter().flat_map(|(c, a)| [c.as_str(), a.as_str()]).collect();
+        println!(
+            "{tag}: LEAK: {} lease objects held beyond what the pods were told: {late:?}; the replicas logged:\n{}",
+            late.len(),
+            log_lines(logs, &needles)
+        );
     }
     let adds = outcomes.iter().filter(|o| o.command == "ADD").count();
     println!(
@@ -166,7 +197,7 @@ async fn api_server_restarted() {
     let _turn = TURN.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (ns, a, b) = replicas(env, "apirestart", dir.path()).await;
-    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server restart", async {
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server restart", dir.path(), async {
         env.restart(Component::ApiServer).await.expect("API server back");
     })
     .await;
@@ -182,7 +213,7 @@ async fn etcd_restarted() {
     let _turn = TURN.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (ns, a, b) = replicas(env, "etcdrestart", dir.path()).await;
-    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "etcd restart", async {
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "etcd restart", dir.path(), async {
         env.restart(Component::Etcd).await.expect("etcd back");
     })
     .await;
@@ -194,7 +225,7 @@ async fn api_server_frozen_longer_than_the_lease() {
     let _turn = TURN.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (ns, a, b) = replicas(env, "apifreeze", dir.path()).await;
-    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server freeze", async {
+    across(&ns, vec![a.endpoint.clone(), b.endpoint.clone()], "API server freeze", dir.path(), async {
         env.signal(Component::ApiServer, "STOP").expect("SIGSTOP");
         tokio::time::sleep(FREEZE).await;
         env.signal(Component::ApiServer, "CONT").expect("SIGCONT");
@@ -213,7 +244,7 @@ async fn leader_frozen_longer_than_its_lease() {
     let (ns, leader, follower) = replicas(env, "leaderfreeze", dir.path()).await;
     let pid = leader.pid().to_string();
     let servers = vec![leader.endpoint.clone(), follower.endpoint.clone()];
-    across(&ns, servers, "leader freeze", async {
+    across(&ns, servers, "leader freeze", dir.path(), async {
         assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
         tokio::time::sleep(FREEZE).await;
         assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
@@ -227,17 +258,14 @@ async fn leader_frozen_longer_than_its_lease() {
     }
 }
 
-/// Kills the API server; returns the task starting it again, once the old one refuses
-/// connections.
-async fn api_server_down(env: &'static Envtest) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let restart = tokio::spawn(env.restart(Component::ApiServer));
+/// Waits until the API server's port refuses connections: the process is gone.
+async fn api_server_gone(env: &Envtest) {
     let api = env.url.trim_start_matches("https://").to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(&api).await.is_ok() {
         assert!(Instant::now() < deadline, "the API server still answers 10 s after it was killed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    restart
 }
 
 /// A lease write the API server cannot answer (it is killed under the engine) is sent again
@@ -256,7 +284,8 @@ async fn a_lease_write_under_an_api_server_restart_lands_once_it_is_back() {
     let (e, _fence) = kube_engine(client.clone(), &ns.name).await;
     let cidr = "198.18.5.0/24";
     let first = allocate(&e, cidr, "c1", "p1").await.expect("engine").expect("allocate");
-    let restart = api_server_down(env).await;
+    let restart = tokio::spawn(env.restart(Component::ApiServer));
+    api_server_gone(env).await;
     let second = allocate(&e, cidr, "c2", "p2").await.expect("engine").expect("allocate across the restart");
     restart.await.expect("join").expect("API server back");
     let third = allocate(&e, cidr, "c3", "p3").await.expect("engine").expect("allocate after the restart");
@@ -301,11 +330,13 @@ async fn after_a_write_of_unknown_outcome_the_next_load_reads_etcd_not_the_mirro
     relay.freeze();
     // Stored, and never seen by the mirror.
     allocate(&e, cidr, "c2", "p2").await.expect("engine").expect("allocate");
-    let restart = api_server_down(env).await;
+    // Down until the write has given up.
+    env.signal(Component::ApiServer, "KILL").expect("SIGKILL");
+    api_server_gone(env).await;
     fence.open_until(Instant::now() + Duration::from_millis(500));
     let lost = allocate(&e, cidr, "c3", "p3").await;
-    assert!(lost.is_err(), "a write that could not be sent before the fence closed fails: {lost:?}");
-    restart.await.expect("join").expect("API server back");
+    assert!(lost.is_err(), "a write the API server never answered before the fence closed fails: {lost:?}");
+    env.restart(Component::ApiServer).await.expect("API server back");
     // The replica's next term.
     fence.open_until(Instant::now() + Duration::from_secs(3600));
     let e = Engine::start(Box::new(store()), Metrics::new()).await.expect("engine");
@@ -323,5 +354,45 @@ async fn after_a_write_of_unknown_outcome_the_next_load_reads_etcd_not_the_mirro
         held,
         vec![("c1".to_string(), "198.18.6.1".to_string()), ("c2".to_string(), "198.18.6.2".to_string())],
         "the load read etcd: c2's lease is there although the mirror never saw it"
+    );
+}
+
+/// A write that waits behind an earlier write to its object is not sent once the fence has
+/// closed: by then another replica may lead, and a write landing late could undo its work
+/// (a deposed leader's delete or create after the new leader loaded). The API server is
+/// frozen (SIGSTOP) under a create; the release queued behind it must never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_queued_behind_its_object_is_not_sent_after_the_fence_closed() {
+    let test = "a_write_queued_behind_its_object_is_not_sent_after_the_fence_closed";
+    let Some(env) = envtest::shared(test) else { return };
+    let _turn = TURN.lock().await;
+    let ns = env.namespace("queued").await.expect("namespace");
+    let (e, fence) = kube_engine(ns.client(SERVER_ACCOUNT).await.expect("server client"), &ns.name).await;
+    env.signal(Component::ApiServer, "STOP").expect("SIGSTOP");
+    let add = tokio::spawn({
+        let e = e.clone();
+        async move { allocate(&e, "198.18.7.0/24", "c1", "p1").await }
+    });
+    // The create is out, held by the frozen API server; then the delete queues behind it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let del = tokio::spawn({
+        let e = e.clone();
+        async move { e.call(|a, now| a.release("", "c1", "net1", now).len()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fence.close();
+    env.signal(Component::ApiServer, "CONT").expect("SIGCONT");
+    let added = add.await.expect("join").expect("engine").expect("allocate");
+    let released = del.await.expect("join");
+    assert!(released.is_err(), "the release was not written, so not answered as done: {released:?}");
+    // Time for a delete sent by mistake to land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = ns.admin_client().await.expect("admin client");
+    let stored: Vec<(String, String)> =
+        lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
+    assert_eq!(
+        stored,
+        vec![("c1".to_string(), added.to_string())],
+        "nothing was sent after the fence closed"
     );
 }

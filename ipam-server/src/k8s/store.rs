@@ -640,6 +640,11 @@ impl PipelinedStore for KubeStore {
                     // Held only while writing: a write waiting for its object holds none.
                     let _permit = permits.acquire_owned().await;
                     match (before_applied, lease_key(&change)) {
+                        // It waited for its object (or a permit) past the fence: another
+                        // replica may lead now, and a write sent late could undo its work.
+                        _ if let Err(why) = inner.fence.check() => {
+                            Outcome::Failed(StoreError::new("write", format!("{name}: not sent: {why}")))
+                        }
                         (true, _) => inner.write(id, &change).await,
                         (false, Some((network, address))) => {
                             inner.refuse(id, network, address, "an earlier write to it failed".into()).await
