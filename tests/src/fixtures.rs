@@ -109,6 +109,14 @@ pub async fn lease_objects(client: &kube::Client, namespace: &str) -> Vec<LeaseO
     objects(client, namespace, "IPLease").await.iter().map(LeaseObject::of).collect()
 }
 
+/// (container ID, address) of every IPLease object in `namespace`, listed by `client`, sorted.
+pub async fn held_by_container(client: &kube::Client, namespace: &str) -> Vec<(String, String)> {
+    let mut held: Vec<(String, String)> =
+        lease_objects(client, namespace).await.into_iter().map(|o| (o.container_id, o.address)).collect();
+    held.sort();
+    held
+}
+
 /// The device-plugin resource name of the VFs [`dra_rail_claim`] allocates.
 pub const DRA_VF_RESOURCE: &str = "example.com/rail_vf";
 

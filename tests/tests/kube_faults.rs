@@ -26,7 +26,7 @@ use ipam_server::metrics::Metrics;
 use rust_ipam_e2e::cni_load::{self, Load, Outcome, held, pending_dels};
 use rust_ipam_e2e::engine::{allocate, kube_engine};
 use rust_ipam_e2e::envtest::{self, Component, Envtest, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::fixtures::{lease_objects, status};
+use rust_ipam_e2e::fixtures::{held_by_container, lease_objects, status};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
 use tokio::sync::Mutex;
 
@@ -290,9 +290,7 @@ async fn a_lease_write_under_an_api_server_restart_lands_once_it_is_back() {
     restart.await.expect("join").expect("API server back");
     let third = allocate(&e, cidr, "c3", "p3").await.expect("engine").expect("allocate after the restart");
     let admin = ns.admin_client().await.expect("admin client");
-    let mut stored: Vec<(String, String)> =
-        lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
-    stored.sort();
+    let stored = held_by_container(&admin, &ns.name).await;
     let want: Vec<(String, String)> = [("c1", first), ("c2", second), ("c3", third)]
         .iter()
         .map(|(c, a)| (c.to_string(), a.to_string()))
@@ -388,8 +386,7 @@ async fn a_write_queued_behind_its_object_is_not_sent_after_the_fence_closed() {
     // Time for a delete sent by mistake to land.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let admin = ns.admin_client().await.expect("admin client");
-    let stored: Vec<(String, String)> =
-        lease_objects(&admin, &ns.name).await.into_iter().map(|o| (o.container_id, o.address)).collect();
+    let stored = held_by_container(&admin, &ns.name).await;
     assert_eq!(
         stored,
         vec![("c1".to_string(), added.to_string())],

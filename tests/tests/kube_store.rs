@@ -13,7 +13,7 @@ use ipam_server::k8s::store::{Fence, KubeStore};
 use ipam_server::metrics::Metrics;
 use rust_ipam_e2e::engine::{allocate, kube_engine, kube_engine_paged};
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::fixtures::{iplease, ipleases_path, lease_objects, objects};
+use rust_ipam_e2e::fixtures::{held_by_container, iplease, ipleases_path, lease_objects, objects};
 use rust_ipam_e2e::kube_standin::KubeStandin;
 use serde_json::{Value, json};
 
@@ -359,11 +359,8 @@ async fn a_create_answered_with_a_timeout_and_applied_later_leaves_one_object_fo
     tokio::time::sleep(late * 2).await;
     let second = allocate(&e, "198.18.4.0/24", "c2", "p2").await.expect("engine").expect("allocate");
     assert_ne!(first, second);
-    let mut held: Vec<(String, String)> =
-        lease_objects(&client, "rust-ipam").await.into_iter().map(|o| (o.container_id, o.address)).collect();
-    held.sort();
     assert_eq!(
-        held,
+        held_by_container(&client, "rust-ipam").await,
         vec![("c1".to_string(), first.to_string()), ("c2".to_string(), second.to_string())],
         "each pod holds what it was told, once"
     );
