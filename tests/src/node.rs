@@ -13,7 +13,10 @@
 //! socket, runc's state, the kubelet's root and logs, the CNI bin and conf directories, the
 //! host links the NADs hang off, all under one temporary directory. Some paths are fixed
 //! by the programs and shared with the machine (`/run/containerd/s`, `/var/lib/cni`,
-//! `/var/run/netns/cni-*`, `/var/lib/kubelet/pod-resources`); only one node runs at a time.
+//! `/var/run/netns/cni-*`, `/var/lib/kubelet/pod-resources`), and the host links' names are
+//! fixed, so only one node runs on a machine at a time: a node starts only once it holds
+//! [`node_lock`], which its watchdog keeps until the teardown has ended. A second test
+//! binary (or a second checkout's tests) waits for the first one's node to be gone.
 //!
 //! Nothing outlives the test binary: a watchdog shell waits for it to exit, however it
 //! exits, and then kills the kubelet, every container of this containerd and containerd,
@@ -187,6 +190,7 @@ impl Node {
         }
         std::fs::write(dir.join("started"), "")?;
         watchdog(&dir, &programs)?;
+        wait_for_lock(&dir)?;
 
         // The plugins: ours (the workspace's build) and the reference plugins containerd
         // and the cluster network need, by symbolic link.
@@ -217,6 +221,11 @@ impl Node {
         daemon_conf.as_object_mut().map(|o| o.remove("kubeconfig"));
         std::fs::write(dir.join("multus-daemon.json"), serde_json::to_vec_pretty(&daemon_conf)?)?;
 
+        // Holding the lock, a link of these names is a node's whose teardown never ran (its
+        // watchdog killed with it): ours to replace.
+        for link in (0..MASTERS).map(master).chain([CLUSTER_BRIDGE.to_string()]) {
+            let _ = Command::new("ip").args(["link", "del", &link]).stderr(Stdio::null()).status();
+        }
         for i in 0..MASTERS {
             let (m, peer) = (master(i), format!("{}p", master(i)));
             run("ip", &["link", "add", &m, "type", "veth", "peer", "name", &peer])?;
@@ -977,12 +986,54 @@ for ns in $(find /var/run/netns -maxdepth 1 -name 'cni-*' -newer '{d}/started');
     )
 }
 
-/// Starts the shell that tears the node down once this process has exited.
+/// The machine-wide lock file a node holds from before it starts until its teardown has
+/// ended (see the module's documentation).
+fn node_lock() -> PathBuf {
+    std::env::temp_dir().join("rust-ipam-e2e-node.lock")
+}
+
+/// How long a node waits for another process's node to be torn down.
+const LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits until the watchdog of the node in `dir` holds [`node_lock`] (it writes `locked`),
+/// saying once on stderr that it waits, and fails naming the lock when that takes longer
+/// than [`LOCK_WAIT`].
+fn wait_for_lock(dir: &Path) -> anyhow::Result<()> {
+    let (start, mut said) = (Instant::now(), false);
+    while !dir.join("locked").exists() {
+        if let Ok(status) = std::fs::read_to_string(dir.join("lock-failed")) {
+            bail!(
+                "taking {} failed (flock exited {}; 1: another node held it for more than {} s)",
+                node_lock().display(),
+                status.trim(),
+                LOCK_WAIT.as_secs()
+            );
+        }
+        if start.elapsed() > LOCK_WAIT + Duration::from_secs(10) {
+            bail!("the node's watchdog neither took {} nor failed to", node_lock().display());
+        }
+        if !said && start.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "waiting for another process's test node to be torn down ({} is held)",
+                node_lock().display()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Starts the shell that takes [`node_lock`] for the node, then tears the node down once
+/// this process has exited, and lets the lock go when it ends.
 fn watchdog(dir: &Path, programs: &Programs) -> anyhow::Result<()> {
     let d = dir.display();
     let masters: Vec<String> = (0..MASTERS).map(master).collect();
     let script = format!(
         r#"exec >/dev/null 2>&1
+exec 9>>'{lock}'
+flock -w {wait} 9 || {{ echo $? >'{d}/lock-failed.new'; mv '{d}/lock-failed.new' '{d}/lock-failed'; exit 1; }}
+: >'{d}/locked'
 while kill -0 {parent}; do sleep 0.5; done
 kill -KILL $(cat '{d}/kubelet.pid') $(cat '{d}/containerd.pid') $(cat '{d}/multus-daemon.pid')
 {gone}
@@ -991,6 +1042,8 @@ for l in {masters} {bridge}; do ip link del "$l"; done
 for c in /sys/fs/cgroup/*/kubepods; do find "$c" -depth -type d -exec rmdir {{}} \; ; done
 rm -f /var/lib/cni/results/multus-cni-network-* /var/lib/cni/results/cni-loopback-*
 rm -rf '{d}'"#,
+        lock = node_lock().display(),
+        wait = LOCK_WAIT.as_secs(),
         parent = std::process::id(),
         gone = containers_gone(dir, &programs.runc),
         masters = masters.join(" "),
