@@ -58,6 +58,7 @@ pub struct Metrics {
     commit_seconds: Histogram,
     batch_size: Histogram,
     commit_failures: Counter,
+    late_leases: Counter,
     leases: Gauge,
     serving: Gauge,
     leader: Gauge,
@@ -105,6 +106,7 @@ impl Metrics {
             commit_seconds: latency(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             commit_failures: Counter::default(),
+            late_leases: Counter::default(),
             leases: Gauge::default(),
             serving: Gauge::default(),
             leader: Gauge::default(),
@@ -134,6 +136,11 @@ impl Metrics {
         );
         registry.register("store_batch_requests", "Requests answered by one commit", m.batch_size.clone());
         registry.register("store_commit_failures", "Store commits that failed", m.commit_failures.clone());
+        registry.register(
+            "late_leases_adopted",
+            "Lease objects that landed after this replica loaded as leader (a previous leader's late creates), taken into memory",
+            m.late_leases.clone(),
+        );
         registry.register("leases", "Addresses held, all networks", m.leases.clone());
         registry.register("serving", "1 when this replica allocates", m.serving.clone());
         registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
@@ -213,6 +220,11 @@ impl Metrics {
         if !ok {
             self.commit_failures.inc();
         }
+    }
+
+    /// Counts one lease object taken into memory after it landed late.
+    pub fn count_late_lease(&self) {
+        self.late_leases.inc();
     }
 
     /// Records whether this replica holds the leader lease.

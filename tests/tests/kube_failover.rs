@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rust_ipam_e2e::envtest::{self, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::fixtures::{allocate_request, lease_objects, objects, pod, status};
+use rust_ipam_e2e::fixtures::{allocate_request, lease_objects, leases, objects, pod, status};
 use rust_ipam_e2e::{ServerOptions, ServerProcess, run_ipam_plugin};
 use rust_ipam_proto::v1 as pb;
 use rust_ipam_proto::v1::ipam_client::IpamClient;
@@ -295,4 +295,88 @@ async fn a_leader_cut_off_from_the_api_stops_serving_before_another_takes_over()
     assert!(stopped < started, "the cut-off leader served until {stopped:?}, the other from {started:?}");
     let (code, body) = cut.http_get("/readyz").await.expect("readyz");
     assert_eq!(code, 503, "the cut-off replica is not ready: {body}");
+}
+
+/// A create the previous leader sent before it was deposed can land after the new leader
+/// loaded: the API server held it while etcd was down (kube_faults' etcd restart meets this
+/// now and then). Here the test's admin client writes that late object for a pod the leader
+/// has already given an address, at another address. The leader takes it into memory (its
+/// ListLeases shows it, the metric counts it, its own creates are not counted), and the
+/// pod's release frees both objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_object_that_lands_after_the_leader_loaded_is_held_and_freed_with_its_pod() {
+    let test = "a_lease_object_that_lands_after_the_leader_loaded_is_held_and_freed_with_its_pod";
+    let Some(env) = envtest::shared(test) else { return };
+    let ns = env.namespace("latelease").await.expect("namespace");
+    let admin = ns.admin_client().await.expect("admin client");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leader = ServerProcess::start_with(
+        &dir.path().join("a"),
+        &options(&ns, "replica-a", dir.path().join("a.log")),
+    )
+    .await
+    .expect("replica");
+    let ch = connect(&leader.endpoint, Duration::from_secs(2)).await.expect("connect");
+    let mut ipam = IpamClient::new(ch);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut own = Vec::new();
+    for cid in ["own-0", "own-1", "late-pod"] {
+        own.push(allocate(std::slice::from_ref(&leader.endpoint), cid, deadline).await.expect("allocated").0);
+    }
+    assert_eq!(own, ["198.18.0.1", "198.18.0.2", "198.18.0.3"]);
+
+    // What the previous leader had allocated for late-pod before its ADD was retried here.
+    let late = json!({"network": "", "address": "198.18.0.9", "range": "198.18.0.0/16", "prefixLen": 16,
+        "containerId": "late-pod", "ifname": "net1", "podRef": "ha/late-pod", "node": "node-a", "createdUnixMs": 1});
+    envtest::create(&admin, Some(&ns.name), rust_ipam_e2e::fixtures::iplease("198.18.0.9", late))
+        .await
+        .expect("the late create");
+    let filter = pb::ListLeasesRequest { container_id: "late-pod".into(), ..Default::default() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: Vec<String> =
+            leases(&leader.endpoint, filter.clone()).await.into_iter().map(|l| l.address).collect();
+        if held == ["198.18.0.3", "198.18.0.9"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader holds {held:?} for late-pod 10 s after the late create"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = leader.http_get("/metrics").await.expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l == "rustipam_late_leases_adopted_total 1"),
+        "one late object counted, the leader's own creates not: {}",
+        metrics.lines().filter(|l| l.contains("late_leases")).collect::<Vec<_>>().join("\n")
+    );
+    // The address is held: the next pod gets 198.18.0.4, and .9 is skipped when reached.
+    for (i, want) in ["198.18.0.4", "198.18.0.5", "198.18.0.6", "198.18.0.7", "198.18.0.8", "198.18.0.10"]
+        .iter()
+        .enumerate()
+    {
+        let got = allocate(std::slice::from_ref(&leader.endpoint), &format!("next-{i}"), deadline).await;
+        assert_eq!(got.expect("allocated").0, *want);
+    }
+
+    let release = pb::ReleaseRequest {
+        attachment: Some(pb::Attachment {
+            container_id: "late-pod".into(),
+            ifname: "net1".into(),
+            ..Default::default()
+        }),
+        network: String::new(),
+    };
+    let released = ipam.release(release).await.expect("release").into_inner().released;
+    let mut freed: Vec<String> = released.into_iter().map(|l| l.address).collect();
+    freed.sort();
+    assert_eq!(freed, ["198.18.0.3", "198.18.0.9"]);
+    let left: Vec<String> = lease_objects(&admin, &ns.name)
+        .await
+        .into_iter()
+        .filter(|o| o.container_id == "late-pod")
+        .map(|o| o.address)
+        .collect();
+    assert!(left.is_empty(), "the API server still holds {left:?} for late-pod after its release");
 }

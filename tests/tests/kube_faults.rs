@@ -6,8 +6,9 @@
 //! must be refused). Each fault ends with:
 //! - every failure the plugin saw a clean CNI error (exit 1, a code and a message);
 //! - no address told to two pods; every acknowledged, unreleased lease in the API server,
-//!   for its pod, once the DELs the runtime would repeat are done (objects beyond those are
-//!   printed as `LEAK`: creates a deposed leader sent that landed late, a known leak);
+//!   for its pod, once the DELs the runtime would repeat are done; objects beyond those
+//!   (creates a deposed leader sent that landed late) are printed, held by the leader
+//!   within 10 s and freed by their pod's DEL;
 //! - ADDs answered again within [`BACK_WITHIN`] of the fault's end (printed).
 //!
 //! Three more drive the engine on the kube store directly, under a fault: a lease write
@@ -26,8 +27,9 @@ use ipam_server::metrics::Metrics;
 use rust_ipam_e2e::cni_load::{self, Load, Outcome, held, pending_dels};
 use rust_ipam_e2e::engine::{allocate, kube_engine};
 use rust_ipam_e2e::envtest::{self, Component, Envtest, SERVER_ACCOUNT, TestNamespace};
-use rust_ipam_e2e::fixtures::{held_by_container, lease_objects, status};
+use rust_ipam_e2e::fixtures::{held_by_container, lease_objects, leases, status};
 use rust_ipam_e2e::{ServerOptions, ServerProcess};
+use rust_ipam_proto::v1 as pb;
 use tokio::sync::Mutex;
 
 /// One fault at a time.
@@ -93,6 +95,20 @@ fn log_lines(dir: &Path, needles: &[&str]) -> String {
         }
     }
     out
+}
+
+/// The endpoint of the replica that serves, within 10 s.
+async fn leader_of(servers: &[String]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for s in servers {
+            if status(s).await.is_some_and(|st| st.serving) {
+                return s.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no replica serves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn across<F>(ns: &TestNamespace, servers: Vec<String>, tag: &str, logs: &Path, fault: F) -> Duration
@@ -162,18 +178,51 @@ where
         );
     }
     // What the API server holds beyond that: creates a deposed leader sent before the fault
-    // that landed after the new leader loaded (a known leak, README: the kube store).
-    let late: Vec<(&String, &String)> = stored
-        .iter()
-        .flat_map(|(cid, addrs)| addrs.iter().map(move |a| (cid, a)))
-        .filter(|(cid, a)| held.get(*cid) != Some(*a))
-        .collect();
+    // that landed after the new leader loaded. The leader must hold them too, so the pod's
+    // DEL (or the runtime's GC, once the pod is gone) frees them.
+    let mut late: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+    for (cid, addrs) in &stored {
+        for a in addrs.iter().filter(|a| held.get(cid) != Some(*a)) {
+            late.entry(cid).or_default().push(a);
+        }
+    }
     if !late.is_empty() {
-        let needles: Vec<&str> = late.iter().flat_map(|(c, a)| [c.as_str(), a.as_str()]).collect();
+        let needles: Vec<&str> =
+            late.iter().flat_map(|(c, a)| a.iter().map(|a| a.as_str()).chain([c.as_str()])).collect();
         println!(
-            "{tag}: LEAK: {} lease objects held beyond what the pods were told: {late:?}; the replicas logged:\n{}",
-            late.len(),
+            "{tag}: {} lease objects landed late, beyond what the pods were told: {late:?}; the replicas logged:\n{}",
+            late.values().map(Vec::len).sum::<usize>(),
             log_lines(logs, &needles)
+        );
+        let leader = leader_of(&servers).await;
+        for (cid, addrs) in &late {
+            let filter = pb::ListLeasesRequest { container_id: cid.to_string(), ..Default::default() };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let known: Vec<String> =
+                    leases(&leader, filter.clone()).await.into_iter().map(|l| l.address).collect();
+                if addrs.iter().all(|a| known.contains(a)) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{tag}: {cid}'s objects at {addrs:?} landed late; 10 s on the leader holds only {known:?} for it"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Err(e) = cni_load::call("DEL", &servers, cid) {
+                panic!("{tag}: DEL {cid} of a late object: {e:?}");
+            }
+        }
+        let left: Vec<(String, String)> = lease_objects(&admin, &ns.name)
+            .await
+            .into_iter()
+            .filter(|o| late.contains_key(&o.container_id))
+            .map(|o| (o.container_id, o.address))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{tag}: after the DELs of the pods with late objects the API server holds {left:?}"
         );
     }
     let adds = outcomes.iter().filter(|o| o.command == "ADD").count();

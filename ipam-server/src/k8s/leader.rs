@@ -19,7 +19,7 @@ use tracing::{Instrument as _, error, info, info_span, warn};
 
 use super::crd::{IPPool, IPPoolStatus, NodeBlock, PoolCondition, RangePool, RangePoolStatus, pool_name};
 use super::lease_lock::{Attempt, LeaseLock, LockError};
-use super::store::{Fence, KubeStore, WritesInFlight};
+use super::store::{Fence, KubeStore, LateLeases, WritesInFlight};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::pools::{PoolStats, Pools};
@@ -70,6 +70,10 @@ struct Leading {
     loading: Option<tokio::task::JoinHandle<Result<Engine, crate::store::StoreError>>>,
     engine: Option<Engine>,
     status: Option<tokio::task::JoinHandle<()>>,
+    /// The lease objects arriving since the loading store was made, and then the task
+    /// taking those that landed late into the engine's memory.
+    late: Option<LateLeases>,
+    adopter: Option<AbortOnDrop>,
 }
 
 impl Leading {
@@ -83,6 +87,8 @@ impl Leading {
         if let Some(s) = self.status.take() {
             s.abort();
         }
+        // It holds an engine handle: the engine drains only once every handle is dropped.
+        self.adopter = None;
         let _ = role.send(next);
         self.engine.take()
     }
@@ -137,7 +143,14 @@ pub async fn run(
                     info!(identity = %election.me.identity, "acquired the leader lease; loading state");
                     metrics.set_leader(true);
                     let _ = role.send(Role::Starting);
-                    Leading { fence: Fence::new(), loading: None, engine: None, status: None }
+                    Leading {
+                        fence: Fence::new(),
+                        loading: None,
+                        engine: None,
+                        status: None,
+                        late: None,
+                        adopter: None,
+                    }
                 });
                 l.fence.open_until(attempt + election.write_window());
                 // (Re)load when there is no engine, or the one there stopped (fenced after
@@ -151,6 +164,7 @@ pub async fn run(
                     )
                     .with_mirror(mirror.clone())
                     .with_writes_in_flight(writes.clone());
+                    l.late = store.late_leases();
                     let m = metrics.clone();
                     l.loading = Some(tokio::spawn(
                         async move { Engine::start(Box::new(store), m).await }.instrument(info_span!("load")),
@@ -217,6 +231,12 @@ pub async fn run(
                                 pool_status(client.clone(), election.clone(), engine.clone(), pools.clone())
                                     .instrument(info_span!("pool-status")),
                             ));
+                            l.adopter = l.late.take().map(|late| {
+                                AbortOnDrop(tokio::spawn(
+                                    late.adopt(engine.clone(), metrics.clone())
+                                        .instrument(info_span!("late-leases")),
+                                ))
+                            });
                             l.engine = Some(engine.clone());
                             let _ = role.send(Role::Leader(engine));
                         }

@@ -15,6 +15,11 @@
 //! resumed (or, when the API server no longer has that history, once it has listed anew).
 //! While it cannot be offered (a watch the API server refuses, e.g. RBAC without `watch`),
 //! a new leader lists the leases itself, as without a mirror.
+//!
+//! On the leader the mirror also says which objects arrive ([`LeaseMirror::arrivals`]):
+//! a create the old leader sent before it was deposed can land after the new leader
+//! loaded (the API server held it while etcd was down), and the leader takes such an
+//! object into memory (`LateLeases` in [`super::store`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +28,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use kube::ResourceExt as _;
 use kube::api::{Api, DynamicObject, WatchEvent, WatchParams};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
 use super::store::{Seen, decode_lease};
@@ -31,6 +36,8 @@ use crate::allocator::{Lease, LoadProblem};
 
 /// Pause after a failed list or watch call before the next.
 const RETRY: Duration = Duration::from_secs(1);
+/// Arrivals a subscriber may fall behind by before it is told it lagged.
+const ARRIVALS: usize = 4096;
 
 /// One object as last seen.
 #[derive(Debug, Clone)]
@@ -45,6 +52,32 @@ fn entry(obj: &DynamicObject) -> Entry {
     match decode_lease(obj) {
         Ok(l) => Entry::Lease(l, Seen::of(&obj.metadata)),
         Err(e) => Entry::Unreadable(e),
+    }
+}
+
+/// A lease object that appeared: created (a watch event) or found by a list that followed
+/// an interrupted watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Arrival {
+    pub(super) name: String,
+    pub(super) uid: String,
+    pub(super) network: String,
+    pub(super) address: std::net::IpAddr,
+}
+
+impl Arrival {
+    fn of(name: &str, e: &Entry) -> Option<Arrival> {
+        match e {
+            Entry::Lease(l, Some(seen)) => Some(Arrival {
+                name: name.to_string(),
+                uid: seen.uid.clone(),
+                network: l.network.to_string(),
+                address: l.address,
+            }),
+            // Not adoptable: an object that cannot be read holds nothing until a load or a
+            // refused write reads it.
+            _ => None,
+        }
     }
 }
 
@@ -73,6 +106,7 @@ enum State {
 pub struct LeaseMirror {
     objects: Arc<Mutex<HashMap<String, Entry>>>,
     state: watch::Receiver<State>,
+    arrivals: broadcast::Sender<Arrival>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -88,8 +122,21 @@ impl LeaseMirror {
     pub fn start(api: Api<DynamicObject>) -> Arc<LeaseMirror> {
         let objects = Arc::new(Mutex::new(HashMap::new()));
         let (tx, state) = watch::channel(State::Listing);
-        let task = tokio::spawn(follow(api, objects.clone(), tx));
-        Arc::new(LeaseMirror { objects, state, task })
+        let arrivals = broadcast::Sender::new(ARRIVALS);
+        let task = tokio::spawn(follow(api, objects.clone(), tx, arrivals.clone()));
+        Arc::new(LeaseMirror { objects, state, arrivals, task })
+    }
+
+    /// The lease objects that appear from now on. A receiver that falls behind by more than
+    /// [`ARRIVALS`] is told it lagged; [`LeaseMirror::present`] then says what is there.
+    pub(super) fn arrivals(&self) -> broadcast::Receiver<Arrival> {
+        self.arrivals.subscribe()
+    }
+
+    /// Every readable lease object in the copy now, as arrivals.
+    pub(super) fn present(&self) -> Vec<Arrival> {
+        let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        objects.iter().filter_map(|(name, e)| Arrival::of(name, e)).collect()
     }
 
     /// The copy, once it follows the API server (waiting while it lists); or why it does
@@ -128,10 +175,20 @@ async fn follow(
     api: Api<DynamicObject>,
     objects: Arc<Mutex<HashMap<String, Entry>>>,
     state: watch::Sender<State>,
+    arrivals: broadcast::Sender<Arrival>,
 ) {
     let set = |v: State| {
         state.send_if_modified(|s| std::mem::replace(s, v.clone()) != v);
     };
+    // Only while someone listens (a leader): a follower's mirror sends nothing.
+    let arrived = |name: &str, e: &Entry| {
+        if arrivals.receiver_count() > 0
+            && let Some(a) = Arrival::of(name, e)
+        {
+            let _ = arrivals.send(a);
+        }
+    };
+    let mut listed_before = false;
     loop {
         let started = std::time::Instant::now();
         let mut fresh = HashMap::new();
@@ -149,7 +206,19 @@ async fn follow(
             }
         };
         let count = fresh.len();
-        *objects.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        {
+            let mut objects = objects.lock().unwrap_or_else(|e| e.into_inner());
+            // What appeared while no watch ran arrives too (not the first list: nobody has
+            // loaded before it).
+            if listed_before {
+                fresh
+                    .iter()
+                    .filter(|(name, _)| !objects.contains_key(*name))
+                    .for_each(|(n, e)| arrived(n, e));
+            }
+            *objects = fresh;
+        }
+        listed_before = true;
         set(State::Current);
         info!(leases = count, secs = started.elapsed().as_secs_f64(), "lease mirror listed; watching");
         // Watch until the history is gone.
@@ -172,7 +241,13 @@ async fn follow(
             while let Some(event) = events.next().await {
                 let mut objects = objects.lock().unwrap_or_else(|e| e.into_inner());
                 match event {
-                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                    Ok(WatchEvent::Added(o)) => {
+                        version = o.resource_version().unwrap_or(version);
+                        let (name, e) = (o.name_any(), entry(&o));
+                        arrived(&name, &e);
+                        objects.insert(name, e);
+                    }
+                    Ok(WatchEvent::Modified(o)) => {
                         version = o.resource_version().unwrap_or(version);
                         objects.insert(o.name_any(), entry(&o));
                     }

@@ -27,8 +27,10 @@ use serde::Deserialize as _;
 use tracing::{debug, info, warn};
 
 use super::crd::{IPLease, IPLeaseSpec, RangePool, RangePoolSpec, lease_name, pool_name};
-use super::mirror::LeaseMirror;
-use crate::allocator::{Attachment, Change, Lease, LoadProblem};
+use super::mirror::{Arrival, LeaseMirror};
+use crate::allocator::{Allocator, Attachment, Change, Lease, LoadProblem};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::store::{
     CommitError, LeaseStore, Loaded, PipelinedStore, Refusal, StoreError, WriteOutcome, WriteReport,
 };
@@ -157,7 +159,7 @@ impl Drop for WriteGuard {
 /// Identity of one object as last seen: the preconditions of the next write to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Seen {
-    uid: String,
+    pub(super) uid: String,
     resource_version: String,
 }
 
@@ -285,6 +287,148 @@ impl KubeStore {
         let res = ApiResource::erase::<IPLease>(&());
         LeaseMirror::start(Api::namespaced_with(client, namespace, &res))
     }
+
+    /// The lease objects that appear from now on, for [`LateLeases::adopt`] once this
+    /// store's engine has loaded: taken before the load, so none that lands meanwhile is
+    /// missed. `None` without a mirror.
+    pub fn late_leases(&self) -> Option<LateLeases> {
+        let mirror = self.mirror.clone()?;
+        Some(LateLeases {
+            inner: self.inner.clone(),
+            tails: self.tails.clone(),
+            arrivals: mirror.arrivals(),
+            mirror,
+        })
+    }
+}
+
+/// Lease objects that land after the leader loaded: a create the previous leader sent
+/// before it was deposed, held by the API server (etcd was down) and applied later. The
+/// fence cannot stop it (it was sent in time) and the create's precondition is only that
+/// the name is free. Without this the new leader holds the address free in memory; the
+/// pod that asked (and was told another address by the new leader after a retry) holds a
+/// second address that its DEL does not free, until the reconcile pass after the pod is
+/// gone; another pod given the address is refused and choosing again costs a round trip.
+///
+/// So the leader takes such an object into memory as the API server holds it, unless
+/// memory has the address already (its next write there is refused and reads the truth).
+/// The decision runs as an engine job, so no write of this replica to the object is in
+/// flight or starts meanwhile, and reads the object back first: an arrival can also be an
+/// object this replica wrote itself (its answer had not come yet) or deleted since.
+#[derive(Debug)]
+pub struct LateLeases {
+    inner: Arc<Inner>,
+    tails: Arc<Mutex<HashMap<String, Tail>>>,
+    mirror: Arc<LeaseMirror>,
+    arrivals: tokio::sync::broadcast::Receiver<Arrival>,
+}
+
+/// What the leader made of one arrival.
+#[derive(Debug, PartialEq, Eq)]
+enum Adoption {
+    /// Taken into memory.
+    Adopted,
+    /// This replica knows it, writes it, or holds its address: nothing to do.
+    Known,
+    /// It is gone again.
+    Gone,
+    /// It does not read as a lease: it holds nothing (as at a load).
+    Unreadable(String),
+    /// Reading it back failed: tried again after [`UNREAD_RETRY`].
+    Unread(String),
+}
+
+/// Pause before an arrival that could not be read back is tried again.
+const UNREAD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the engine waits to read an arrival back.
+const READ_BACK: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl LateLeases {
+    /// Takes the objects that arrive into `engine`'s memory (see [`LateLeases`]), until the
+    /// engine stops. Counted in `metrics`.
+    pub async fn adopt(mut self, engine: Engine, metrics: Arc<Metrics>) {
+        use tokio::sync::broadcast::error::RecvError;
+        let stopped = engine.stopped();
+        let mut stopped = std::pin::pin!(stopped);
+        let mut retry: Vec<Arrival> = Vec::new();
+        loop {
+            let candidates = tokio::select! {
+                () = &mut stopped => return,
+                () = tokio::time::sleep(UNREAD_RETRY), if !retry.is_empty() => std::mem::take(&mut retry),
+                arrived = self.arrivals.recv() => match arrived {
+                    Ok(a) => vec![a],
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "fell behind the lease arrivals; comparing every object with memory");
+                        self.mirror.present()
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            for a in candidates {
+                // Most arrivals are this replica's own creates, in flight or answered: the
+                // engine never sees those (a write's object is known before its entry in
+                // `tails` goes).
+                let writing = self.tails.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&a.name);
+                if writing || self.inner.seen().get(&a.name).is_some_and(|s| s.uid == a.uid) {
+                    continue;
+                }
+                let (inner, tails, arrival) = (self.inner.clone(), self.tails.clone(), a.clone());
+                let job = move |alloc: &mut Allocator, _: i64| adopt_one(&inner, &tails, alloc, &arrival);
+                match engine.call(job).await {
+                    Ok(Adoption::Adopted) => metrics.count_late_lease(),
+                    Ok(Adoption::Unread(why)) => {
+                        warn!(lease = %a.name, %why, "could not read an arrived lease object back; trying again");
+                        retry.push(a);
+                    }
+                    Ok(Adoption::Unreadable(why)) => {
+                        warn!(lease = %a.name, %why, "an arrived lease object does not read as a lease; it holds nothing")
+                    }
+                    Ok(Adoption::Known | Adoption::Gone) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+/// One arrival, decided on the engine thread (see [`LateLeases`]).
+fn adopt_one(
+    inner: &Inner,
+    tails: &Mutex<HashMap<String, Tail>>,
+    alloc: &mut Allocator,
+    a: &Arrival,
+) -> Adoption {
+    let in_flight = tails.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&a.name);
+    if in_flight || alloc.get(&a.network, a.address).is_ok() {
+        return Adoption::Known;
+    }
+    // The engine waits for this read: an API server that does not answer must not hold it.
+    let read =
+        inner.rt.block_on(async { tokio::time::timeout(READ_BACK, inner.raw_leases.get_opt(&a.name)).await });
+    let obj = match read {
+        Ok(Ok(Some(obj))) => obj,
+        Ok(Ok(None)) => return Adoption::Gone,
+        Ok(Err(e)) => return Adoption::Unread(e.to_string()),
+        Err(_) => return Adoption::Unread(format!("no answer within {READ_BACK:?}")),
+    };
+    let Some(seen) = Seen::of(&obj.metadata) else {
+        return Adoption::Unreadable("it has no uid or resourceVersion".into());
+    };
+    if inner.seen().get(&a.name).is_some_and(|s| s.uid == seen.uid) {
+        return Adoption::Known;
+    }
+    let lease = match decode_lease(&obj) {
+        Ok(l) => l,
+        Err(why) => return Adoption::Unreadable(why),
+    };
+    warn!(
+        lease = %a.name,
+        holder = %lease.who(),
+        "a lease object landed after this replica loaded (a create the previous leader sent); holding it"
+    );
+    alloc.sync_from_store(&a.network, a.address, Some(lease));
+    inner.seen().insert(a.name.clone(), seen);
+    Adoption::Adopted
 }
 
 impl Inner {
