@@ -223,7 +223,7 @@ impl Node {
 
         // Holding the lock, a link of these names is a node's whose teardown never ran (its
         // watchdog killed with it): ours to replace.
-        for link in (0..MASTERS).map(master).chain([CLUSTER_BRIDGE.to_string()]) {
+        for link in host_links() {
             let _ = Command::new("ip").args(["link", "del", &link]).stderr(Stdio::null()).status();
         }
         for i in 0..MASTERS {
@@ -986,6 +986,12 @@ for ns in $(find /var/run/netns -maxdepth 1 -name 'cni-*' -newer '{d}/started');
     )
 }
 
+/// The host links a node makes (the NADs' masters) or its cluster network's bridge plugin
+/// makes, and its teardown deletes.
+fn host_links() -> Vec<String> {
+    (0..MASTERS).map(master).chain([CLUSTER_BRIDGE.to_string()]).collect()
+}
+
 /// The machine-wide lock file a node holds from before it starts until its teardown has
 /// ended (see the module's documentation).
 fn node_lock() -> PathBuf {
@@ -1028,7 +1034,6 @@ fn wait_for_lock(dir: &Path) -> anyhow::Result<()> {
 /// this process has exited, and lets the lock go when it ends.
 fn watchdog(dir: &Path, programs: &Programs) -> anyhow::Result<()> {
     let d = dir.display();
-    let masters: Vec<String> = (0..MASTERS).map(master).collect();
     let script = format!(
         r#"exec >/dev/null 2>&1
 exec 9>>'{lock}'
@@ -1038,7 +1043,7 @@ while kill -0 {parent}; do sleep 0.5; done
 kill -KILL $(cat '{d}/kubelet.pid') $(cat '{d}/containerd.pid') $(cat '{d}/multus-daemon.pid')
 {gone}
 grep -o ' {d}[^ ]*' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
-for l in {masters} {bridge}; do ip link del "$l"; done
+for l in {links}; do ip link del "$l"; done
 for c in /sys/fs/cgroup/*/kubepods; do find "$c" -depth -type d -exec rmdir {{}} \; ; done
 rm -f /var/lib/cni/results/multus-cni-network-* /var/lib/cni/results/cni-loopback-*
 rm -rf '{d}'"#,
@@ -1046,8 +1051,7 @@ rm -rf '{d}'"#,
         wait = LOCK_WAIT.as_secs(),
         parent = std::process::id(),
         gone = containers_gone(dir, &programs.runc),
-        masters = masters.join(" "),
-        bridge = CLUSTER_BRIDGE,
+        links = host_links().join(" "),
     );
     Command::new("bash")
         .arg("-c")
